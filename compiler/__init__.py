@@ -1,0 +1,1 @@
+"""The scenec compiler: semantic checks, geometry, IR passes, lowering to plans. Never imports torch."""

@@ -1,0 +1,79 @@
+"""Files that scenes name (images, masks, schedules): resolved inside the root, opened safely."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.load import LoadedScene
+from scenec.spec.paths import PathProblem
+
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 MP; larger is refused before decoding (decompression bombs)
+MAX_SCHEDULE_BYTES = 1 << 20
+
+
+def resolve_file(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what: str = "file") -> Path | None:
+    """Resolve a path-valued field; report problems at the value's position."""
+    pos = ls.pos(path)
+    try:
+        p = ls.resolve(path, value)
+    except PathProblem as e:
+        diags.error(pos, e.message, e.hint)
+        return None
+    if not p.exists():
+        diags.error(pos, f"{what} `{value}` not found", hint=f"looked for {p}")
+        return None
+    if not p.is_file():
+        diags.error(pos, f"{what} `{value}` is not a regular file")
+        return None
+    return p
+
+
+def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what: str = "image") -> Image.Image | None:
+    """Open an image named by a scene, refusing non-images and decompression bombs; fully loaded."""
+    p = resolve_file(ls, path, value, diags, what)
+    if p is None:
+        return None
+    pos = ls.pos(path)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                diags.error(pos, f"{what} `{value}` is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                                 "(decompression bomb?)")
+                return None
+            im.load()
+            return im.copy()
+    except Image.DecompressionBombError:
+        diags.error(pos, f"{what} `{value}` is too large to decode (decompression bomb?)")
+    except (OSError, SyntaxError, ValueError) as e:
+        diags.error(pos, f"{what} `{value}` is not a readable image ({type(e).__name__}: {e})".rstrip())
+    return None
+
+
+def sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what: str = "file") -> Any:
+    p = resolve_file(ls, path, value, diags, what)
+    if p is None:
+        return None
+    pos = ls.pos(path)
+    if p.stat().st_size > MAX_SCHEDULE_BYTES:
+        diags.error(pos, f"{what} `{value}` is larger than {MAX_SCHEDULE_BYTES} bytes")
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        diags.error(pos, f"{what} `{value}` is not valid JSON: {e}")
+        return None

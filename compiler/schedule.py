@@ -1,0 +1,170 @@
+"""θ schedules and step programs: small pure functions, numpy only.
+
+θ(t) is the weight of the entity prompts against the background prompt over sampling progress
+t ∈ [0, 1] (0 = first step, 1 = last), as in "Controllable Coupled Image Generation via Diffusion
+Models" (arXiv 2506.06826, §3: θ rises from 0 to 1, background first, subject later).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scenec.spec import models as m
+
+
+def progress(steps: int) -> np.ndarray:
+    """Sampling progress t_i = i / (N − 1) of each step (a single step is at t = 0)."""
+    if steps == 1:
+        return np.zeros(1)
+    return np.arange(steps, dtype=np.float64) / (steps - 1)
+
+
+def _ramp(t: np.ndarray, center: float, width: float) -> np.ndarray:
+    return np.clip((t - (center - width / 2)) / width, 0.0, 1.0)
+
+
+def theta_step(t: np.ndarray, center: float) -> np.ndarray:
+    """Step schedule: θ = 0 before ``center``, 1 from it on."""
+    return (t >= center).astype(np.float64)
+
+
+def theta_linear(t: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear ramp from 0 to 1 across [center − width/2, center + width/2]."""
+    return _ramp(t, center, width)
+
+
+def theta_sin(t: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Half-cosine ramp (smooth at both ends) across the same interval as the linear ramp."""
+    return 0.5 - 0.5 * np.cos(math.pi * _ramp(t, center, width))
+
+
+def theta_arctan(t: np.ndarray, center: float, scale: float) -> np.ndarray:
+    """arctan((t − center)/scale), rescaled so that θ(0) = 0 and θ(1) = 1 exactly."""
+    f = np.arctan((t - center) / scale)
+    lo, hi = math.atan((0 - center) / scale), math.atan((1 - center) / scale)
+    return np.clip((f - lo) / (hi - lo), 0.0, 1.0)
+
+
+def theta_table(schedule: Any, steps: int, values: list[float] | None = None) -> np.ndarray:
+    """θ at every step index for a parsed schedule (``values`` for file schedules, already read)."""
+    t = progress(steps)
+    if isinstance(schedule, m.StepSchedule):
+        return theta_step(t, schedule.center)
+    if isinstance(schedule, m.RampSchedule):
+        fn = theta_linear if schedule.shape == "linear" else theta_sin
+        return fn(t, schedule.center, schedule.width)
+    if isinstance(schedule, m.ArctanSchedule):
+        return theta_arctan(t, schedule.center, schedule.scale)
+    if isinstance(schedule, m.ValuesSchedule):
+        return np.asarray(schedule.values, dtype=np.float64)
+    if isinstance(schedule, m.FileSchedule):
+        if values is None:
+            raise ValueError("file schedule not read")
+        return np.asarray(values, dtype=np.float64)
+    raise TypeError(f"unknown schedule {schedule!r}")
+
+
+def schedule_problems(values: list[float] | np.ndarray, steps: int) -> list[str]:
+    """What is wrong with an explicit θ table (empty when it is valid)."""
+    out = []
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) != steps:
+        out.append(f"schedule has {len(v) if v.ndim == 1 else v.shape} values, the sampler has {steps} steps")
+    if v.size and (np.any(~np.isfinite(v)) or v.min() < 0 or v.max() > 1):
+        out.append("θ values must lie in [0, 1]")
+    if v.ndim == 1 and v.size > 1:
+        bad = np.nonzero(np.diff(v) < 0)[0]
+        if bad.size:
+            i = int(bad[0])
+            out.append(f"θ must be non-decreasing, but step {i + 1} has {v[i + 1]:g} after {v[i]:g}")
+    return out
+
+
+def level_to_index(level: float, steps: int) -> int:
+    """Noise level ℓ ∈ [0, 1] (1 = pure noise) → step index round((1 − ℓ)·N) in 0..N."""
+    return int(round((1.0 - level) * steps))
+
+
+# --- step programs ------------------------------------------------------------------------------
+
+@dataclass
+class Cow:
+    """A reference condition's schedule in step indices (COW, arXiv 2306.08247, Alg. 1)."""
+
+    index: int  # the condition's index in the job
+    start: int  # window start (higher noise)
+    end: int  # window end
+    cycles: int
+    preserve: int | None
+    eta: float
+
+
+@dataclass
+class ProgramInputs:
+    steps: int
+    until: float = 1.0
+    theta: np.ndarray | None = None
+    conditions: list[Cow] = field(default_factory=list)
+    fork_at: int | None = None  # shared-prefix length of the job's group
+
+
+def build_program(p: ProgramInputs) -> list[dict]:
+    """Unroll a job's sampling into ops (see docs/plan-format.md).
+
+    Plain: denoise 0→1→…→N. With references (COW): sample down to the window's start, then per cycle
+    paste + denoise across the window; between cycles re-noise from the window's end back to its
+    start (closed form); after the cycles sample to the end, pasting once more at ``preserve``.
+    """
+    n = p.steps
+    t = progress(n)
+    ops: list[dict] = []
+
+    def denoise(i: int, eta: float = 0.0) -> None:
+        if p.fork_at is not None and i == p.fork_at and not any(o["op"] == "fork" for o in ops):
+            ops.append({"op": "fork"})
+        ops.append({"op": "denoise", "from": i, "to": i + 1, "regional": bool(t[i] < p.until or p.until >= 1.0),
+                    "theta": None if p.theta is None else float(p.theta[i]), "eta": eta})
+
+    active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
+    if not active:
+        for i in range(n):
+            denoise(i)
+        if p.fork_at is not None and p.fork_at >= n and not any(o["op"] == "fork" for o in ops):
+            ops.append({"op": "fork"})
+        return ops
+    # conditions run their windows together; the union of windows is cycled
+    start = min(c.start for c in active)
+    end = max(c.end for c in active)
+    cycles = max(c.cycles for c in active)
+    eta = max(c.eta for c in active)
+    for i in range(start):
+        denoise(i)
+    for cyc in range(cycles):
+        for i in range(start, end):
+            for c in active:
+                if c.start <= i < c.end and cyc < c.cycles:
+                    ops.append({"op": "paste", "condition": c.index, "at": i})
+            denoise(i, eta)
+        if cyc < cycles - 1:
+            ops.append({"op": "renoise", "from": end, "to": start})
+    preserve = {c.preserve: c.index for c in p.conditions if c.preserve is not None}
+    for i in range(end, n):
+        if i in preserve:
+            ops.append({"op": "paste", "condition": preserve[i], "at": i})
+        denoise(i)
+    return ops
+
+
+def shared_prefix(thetas: list[np.ndarray]) -> int:
+    """Leading steps where θ = 0 for every variant: those compute the same thing and can be shared."""
+    if not thetas:
+        return 0
+    n = min(len(x) for x in thetas)
+    k = 0
+    while k < n and all(x[k] == 0.0 for x in thetas):
+        k += 1
+    return k

@@ -1,0 +1,1 @@
+"""The scenec runtime: reads plans and executes them on diffusers backends."""

@@ -1,0 +1,3 @@
+from scenec.cli import main
+
+main()

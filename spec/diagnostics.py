@@ -1,0 +1,113 @@
+"""Diagnostics: problems in scene files, as data.
+
+Every problem carries the file, line and column where it was written (1-based), a severity and a
+message, and prints as ``FILE:LINE:COL: error: MESSAGE``. Checks append to a ``Diagnostics`` list
+instead of raising, so a user sees every problem at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+@dataclass(frozen=True, order=True)
+class Pos:
+    """A source position: file, 1-based line and column."""
+
+    file: str
+    line: int = 1
+    col: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    pos: Pos
+    message: str
+    severity: str = "error"  # "error" | "warning"
+    hint: str | None = None
+
+    def format(self) -> str:
+        text = f"{self.pos}: {self.severity}: {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass
+class Diagnostics:
+    """An ordered collection of diagnostics; duplicates (same position and message) are dropped."""
+
+    items: list[Diagnostic] = field(default_factory=list)
+
+    def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error") -> None:
+        d = Diagnostic(pos, message, severity, hint)
+        if d not in self.items:
+            self.items.append(d)
+
+    def error(self, pos: Pos, message: str, hint: str | None = None) -> None:
+        self.add(pos, message, hint=hint)
+
+    def warning(self, pos: Pos, message: str, hint: str | None = None) -> None:
+        self.add(pos, message, hint=hint, severity="warning")
+
+    def extend(self, other: Iterable[Diagnostic]) -> None:
+        for d in other:
+            if d not in self.items:
+                self.items.append(d)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.items if d.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.items if d.severity == "warning"]
+
+    def has_errors(self) -> bool:
+        return any(d.severity == "error" for d in self.items)
+
+    def sorted(self) -> list[Diagnostic]:
+        return sorted(self.items, key=lambda d: (d.pos.file, d.pos.line, d.pos.col, d.message))
+
+    def __iter__(self) -> Iterator[Diagnostic]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class SceneError(Exception):
+    """Raised when a scene cannot go further; carries every diagnostic found so far."""
+
+    def __init__(self, diagnostics: Diagnostics | Iterable[Diagnostic]):
+        if not isinstance(diagnostics, Diagnostics):
+            d = Diagnostics()
+            d.extend(diagnostics)
+            diagnostics = d
+        self.diagnostics = diagnostics
+        super().__init__("\n".join(x.format() for x in diagnostics.sorted()))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the closest valid choice, or None."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"did you mean `{match[0]}`?" if match else None
+
+
+def display_path(path: Path | str, base: Path | None = None) -> str:
+    """The path as a user typed it when possible: relative to the working directory if inside it."""
+    p = Path(path)
+    base = base or Path.cwd()
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except (ValueError, OSError):
+        return str(p)

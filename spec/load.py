@@ -1,0 +1,329 @@
+"""Loading a scene: YAML with positions → includes → defs/`use` → pydantic models.
+
+``load_scene`` returns a ``LoadedScene`` (the model plus where every value was written) or raises
+``SceneError`` carrying every problem found, each at FILE:LINE:COL.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import models as m
+from .diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from .paths import PathProblem, find_project_root, resolve_inside
+from .yamlload import SourceMap, load_yaml
+
+MAX_INCLUDE_DEPTH = 16
+
+
+@dataclass
+class LoadedScene:
+    scene: m.Scene
+    smap: SourceMap
+    file: Path  # absolute path of the scene file
+    display: str  # how diagnostics name it
+    root: Path  # project root
+    files: dict[str, Path] = field(default_factory=dict)  # display name -> absolute path, includes too
+    warnings: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.scene.name or self.file.stem
+
+    def pos(self, path: tuple) -> Pos:
+        return self.smap.value(path)
+
+    def key_pos(self, path: tuple) -> Pos:
+        return self.smap.key(path)
+
+    def base_dir(self, path: tuple) -> Path:
+        """Directory of the file in which the value at ``path`` was written (paths are relative to it)."""
+        pos = self.smap.value(path)
+        f = self.files.get(pos.file, self.file)
+        return f.parent
+
+    def resolve(self, path: tuple, value: str) -> Path:
+        """Resolve a path-valued field; raises PathProblem."""
+        return resolve_inside(value, self.base_dir(path), self.root)
+
+
+@dataclass
+class _Def:
+    data: dict
+    smap: SourceMap
+    path: tuple  # where the def lives in its own file
+    file: str
+
+
+def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScene:
+    """Load and structurally validate a scene file; raise SceneError with all problems found."""
+    own = diags is None
+    diags = diags if diags is not None else Diagnostics()
+    path = Path(path)
+    display = display_path(path)
+    if not path.is_file():
+        diags.error(Pos(display), "no such scene file" if not path.exists() else "not a regular file")
+        raise SceneError(diags)
+    root = find_project_root(path)
+    loaded = load_yaml(path, display, diags)
+    if loaded is None:
+        raise SceneError(diags)
+    data, smap = loaded
+    files = {display: path.resolve()}
+
+    included: dict[str, _Def] = {}
+    _load_includes(data, smap, path.resolve(), display, root, diags, included, files, stack=[path.resolve()])
+
+    own_defs = data.get("defs", {}).get("entities", {}) if isinstance(data.get("defs"), dict) else {}
+    if not isinstance(own_defs, dict):
+        own_defs = {}
+    _apply_use(data, smap, own_defs, included, diags)
+
+    scene = _validate(m.Scene, data, smap, diags)
+    if scene is None or diags.has_errors():
+        raise SceneError(diags)
+    result = LoadedScene(scene=scene, smap=smap, file=path.resolve(), display=display, root=root, files=files)
+    result.warnings = diags.warnings
+    return result
+
+
+def _load_includes(data, smap, file: Path, display: str, root: Path, diags: Diagnostics,
+                   out: dict[str, _Def], files: dict[str, Path], stack: list[Path]) -> None:
+    incs = data.get("include")
+    if not isinstance(incs, list):
+        return  # wrong types are reported by validation
+    for i, inc in enumerate(incs):
+        if not isinstance(inc, str):
+            continue
+        pos = smap.value(("include", i))
+        try:
+            target = resolve_inside(inc, file.parent, root)
+        except PathProblem as e:
+            diags.error(pos, e.message, e.hint)
+            continue
+        if target in stack:
+            chain = " -> ".join(display_path(p) for p in [*stack[stack.index(target):], target])
+            diags.error(pos, f"include cycle: {chain}")
+            continue
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            diags.error(pos, f"includes nested deeper than {MAX_INCLUDE_DEPTH}")
+            continue
+        if not target.is_file():
+            diags.error(pos, f"included file `{inc}` not found")
+            continue
+        inc_display = display_path(target)
+        loaded = load_yaml(target, inc_display, diags)
+        if loaded is None:
+            continue
+        idata, ismap = loaded
+        files[inc_display] = target
+        if _validate(m.Library, idata, ismap, diags) is None:
+            continue
+        _load_includes(idata, ismap, target, inc_display, root, diags, out, files, stack + [target])
+        for name, d in (idata.get("defs") or {}).get("entities", {}).items():
+            if name in out and out[name].file != inc_display:
+                prev = out[name]
+                diags.error(ismap.key(("defs", "entities", name)),
+                            f"`{name}` is defined by two includes (also at {prev.smap.key(prev.path)})",
+                            hint="rename one, or define it in the scene itself, whose defs win")
+                continue
+            out[name] = _Def(d, ismap, ("defs", "entities", name), inc_display)
+
+
+def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def], diags: Diagnostics) -> None:
+    ents = data.get("entities")
+    if not isinstance(ents, list):
+        return
+    for i, ent in enumerate(ents):
+        if not isinstance(ent, dict) or "use" not in ent:
+            continue
+        name = ent["use"]
+        if not isinstance(name, str):
+            continue
+        if name in own_defs and isinstance(own_defs[name], dict):
+            d = _Def(own_defs[name], smap, ("defs", "entities", name), "")
+        elif name in included:
+            d = included[name]
+        else:
+            choices = list(own_defs) + list(included)
+            diags.error(smap.value(("entities", i, "use")), f"unknown def `{name}` in `use`",
+                        hint=did_you_mean(name, choices) or ("defs available: " + ", ".join(sorted(choices)) if choices
+                                                              else "define it under `defs.entities`"))
+            continue
+        if not isinstance(d.data, dict):
+            continue
+        merged = copy.deepcopy(d.data)
+        merged.update(ent)
+        ents[i] = merged
+        smap.graft(d.smap, d.path, ("entities", i))
+
+
+# --- pydantic errors → diagnostics -----------------------------------------------------------
+
+def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnostics):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            _report(model, err, data, smap, diags)
+        return None
+
+
+def _data_path(loc: tuple, data: Any) -> tuple:
+    """Drop the parts of a pydantic location that are not in the data (union tags, type names)."""
+    out = []
+    cur = data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and part not in cur and loc[-1] == part:
+            out.append(part)  # a missing or unknown key: keep it, the report needs its name
+            cur = None
+    return tuple(out)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"boolean `{str(v).lower()}`"
+    if isinstance(v, str):
+        s = v if len(v) <= 40 else v[:37] + "..."
+        return f"string `{s}`"
+    if isinstance(v, (int, float)):
+        return f"number `{v}`"
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+    "string_type": "a string", "bool_type": "true or false", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "literal_error": None,
+}
+
+
+def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) -> None:
+    loc = tuple(err["loc"])
+    typ = err["type"]
+    path = _data_path(loc, data)
+    value = err.get("input")
+    if typ == "extra_forbidden":
+        key = path[-1] if path else loc[-1]
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = did_you_mean(key, allowed) if allowed else None
+        if hint is None and allowed:
+            hint = "allowed here: " + ", ".join(allowed)
+        diags.error(smap.key(path), f"unknown key `{key}`", hint)
+        return
+    if typ == "missing":
+        key = loc[-1]
+        parent = path[:-1] if path and path[-1] == key else path
+        diags.error(smap.value(parent), f"missing required key `{key}`")
+        return
+    pos = smap.value(path)
+    where = ".".join(str(p) for p in path) or "document"
+    if typ in _TYPE_WORDS and _TYPE_WORDS[typ]:
+        msg = f"`{where}` must be {_TYPE_WORDS[typ]}, found {_describe(value)}"
+        diags.error(pos, msg)
+        return
+    if typ == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+        diags.error(pos, f"`{where}` must be one of {', '.join(choices)}; found {_describe(value)}",
+                    did_you_mean(value, choices) if isinstance(value, str) else None)
+        return
+    if typ == "string_pattern_mismatch":
+        pat = err.get("ctx", {}).get("pattern", "")
+        allowed = "lowercase letters, digits, `_` and `-`" if pat == m.ID_PATTERN else \
+            "lowercase letters, digits, `.`, `_` and `-`"
+        diags.error(pos, f"`{value}` is not a valid {'id' if pat == m.ID_PATTERN else 'name'}: use {allowed}")
+        return
+    if typ in ("shape_kind", "schedule_kind"):
+        diags.error(pos, err["msg"])
+        return
+    if typ in ("too_short", "too_long"):
+        ctx = err.get("ctx", {})
+        n = ctx.get("min_length") if typ == "too_short" else ctx.get("max_length")
+        word = "at least" if typ == "too_short" else "at most"
+        items = "character" if isinstance(value, str) else "item"
+        diags.error(pos, f"`{where}` must have {word} {n} {items}{'s' if n != 1 else ''}, found {ctx.get('actual_length', len(value) if hasattr(value, '__len__') else '?')}")
+        return
+    msg = err["msg"]
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg[len("Input should be "):]
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    else:
+        msg = msg[:1].lower() + msg[1:]
+    diags.error(pos, f"`{where}` {msg}; found {_describe(value)}")
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model reached by following a pydantic location (best effort)."""
+    cur: Any = model
+    for part in loc:
+        cur = _unwrap(cur, part)
+        if cur is None:
+            return []
+    cur = _unwrap(cur, None)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _unwrap(tp: Any, part: Any) -> Any:
+    """One step down a type: into a model's field, a list's item, a dict's value, or a union's tag."""
+    for _ in range(8):
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            args = typing.get_args(tp)
+            tag = next((a.tag for a in args[1:] if hasattr(a, "tag") and isinstance(getattr(a, "tag"), str)), None)
+            tp = args[0]
+            if tag is not None and part is not None and part == tag:
+                return tp
+            continue
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            for a in args:
+                inner = a
+                a_args = typing.get_args(a)
+                if typing.get_origin(a) is typing.Annotated:
+                    tag = next((x.tag for x in a_args[1:] if hasattr(x, "tag")), None)
+                    if tag == part:
+                        return a_args[0]
+                    inner = a_args[0]
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    if part is None or part in inner.model_fields:
+                        return inner if part is None else inner.model_fields[part].annotation
+            if len(args) == 1:
+                tp = args[0]
+                continue
+            return None
+        if origin in (list, tuple):
+            if part is None or isinstance(part, int):
+                return typing.get_args(tp)[0] if part is not None else tp
+            return None
+        if origin is dict:
+            return typing.get_args(tp)[1] if part is not None else tp
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if part is None:
+                return tp
+            f = tp.model_fields.get(part)
+            return f.annotation if f else None
+        return tp if part is None else None
+    return None

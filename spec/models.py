@@ -1,0 +1,304 @@
+"""Pydantic models of scene language v1 (``shared/scene-language-v1.md``).
+
+The models are the single source of the JSON Schema in ``schemas/scene.schema.json``. They check
+structure only (keys, types, ranges); meaning (references between ids, geometry, files) is checked
+by the compiler's ``check`` pass, which reports at the same source positions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+ID_PATTERN = r"^[a-z0-9_-]+$"
+NAME_PATTERN = r"^[a-z0-9._-]+$"
+
+Id = Annotated[str, Field(pattern=ID_PATTERN, min_length=1, max_length=64)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+MAX_CANVAS = 8192
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+class _ShapeBase(_Node):
+    units: Literal["norm", "px"] | None = Field(
+        None, description="Coordinate units: `norm` (fractions of the canvas, the default) or `px`. "
+        "Children of a boolean op inherit it.")
+
+
+class BoxShape(_ShapeBase):
+    box: Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1]")]
+
+
+class PolygonShape(_ShapeBase):
+    polygon: Annotated[list[Point], Field(min_length=3, description="[[x, y], ...]: at least 3 points, simple")]
+
+
+class EllipseSpec(_Node):
+    center: Point
+    radii: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)]
+
+
+class EllipseShape(_ShapeBase):
+    ellipse: EllipseSpec
+
+
+class MaskShape(_ShapeBase):
+    mask: Annotated[str, Field(min_length=1, description="image file: white = inside; scaled to the canvas")]
+
+
+class UnionShape(_ShapeBase):
+    union: Annotated[list["Shape"], Field(min_length=1)]
+
+
+class IntersectionShape(_ShapeBase):
+    intersection: Annotated[list["Shape"], Field(min_length=1)]
+
+
+class DifferenceShape(_ShapeBase):
+    difference: Annotated[list["Shape"], Field(min_length=1, description="the first minus the rest")]
+
+
+SHAPE_KINDS = ("box", "polygon", "ellipse", "mask", "union", "intersection", "difference")
+
+
+def _shape_tag(v: Any) -> str | None:
+    if isinstance(v, dict):
+        for k in SHAPE_KINDS:
+            if k in v:
+                return k.capitalize()
+        return None
+    for k in SHAPE_KINDS:
+        if hasattr(v, k):
+            return k.capitalize()
+    return None
+
+
+Shape = Annotated[
+    Union[
+        Annotated[BoxShape, Tag("Box")],
+        Annotated[PolygonShape, Tag("Polygon")],
+        Annotated[EllipseShape, Tag("Ellipse")],
+        Annotated[MaskShape, Tag("Mask")],
+        Annotated[UnionShape, Tag("Union")],
+        Annotated[IntersectionShape, Tag("Intersection")],
+        Annotated[DifferenceShape, Tag("Difference")],
+    ],
+    Discriminator(
+        _shape_tag,
+        custom_error_type="shape_kind",
+        custom_error_message="a shape needs exactly one of: " + ", ".join(SHAPE_KINDS),
+    ),
+]
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+class StepSchedule(_Node):
+    shape: Literal["step"]
+    center: Unit
+
+
+class RampSchedule(_Node):
+    shape: Literal["linear", "sin"]
+    center: Unit
+    width: Annotated[float, Field(gt=0.0, le=2.0)]
+
+
+class ArctanSchedule(_Node):
+    shape: Literal["arctan"]
+    center: Unit
+    scale: Annotated[float, Field(gt=0.0)]
+
+
+class ValuesSchedule(_Node):
+    values: Annotated[list[Unit], Field(min_length=1, description="θ per step; one per sampler step")]
+
+
+class FileSchedule(_Node):
+    file: Annotated[str, Field(min_length=1, description="a JSON schedule written by `scenec tune`")]
+
+
+def _schedule_tag(v: Any) -> str | None:
+    if isinstance(v, dict):
+        if "values" in v:
+            return "Values"
+        if "file" in v:
+            return "File"
+        s = v.get("shape")
+        if s == "step":
+            return "Step"
+        if s in ("linear", "sin"):
+            return "Ramp"
+        if s == "arctan":
+            return "Arctan"
+        return None
+    return {StepSchedule: "Step", RampSchedule: "Ramp", ArctanSchedule: "Arctan",
+            ValuesSchedule: "Values", FileSchedule: "File"}.get(type(v))
+
+
+Schedule = Annotated[
+    Union[
+        Annotated[StepSchedule, Tag("Step")],
+        Annotated[RampSchedule, Tag("Ramp")],
+        Annotated[ArctanSchedule, Tag("Arctan")],
+        Annotated[ValuesSchedule, Tag("Values")],
+        Annotated[FileSchedule, Tag("File")],
+    ],
+    Discriminator(
+        _schedule_tag,
+        custom_error_type="schedule_kind",
+        custom_error_message="a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}",
+    ),
+]
+
+DEFAULT_SCHEDULE = RampSchedule(shape="sin", center=0.4, width=0.3)
+
+
+# --- scene parts ------------------------------------------------------------------------------
+
+class Canvas(_Node):
+    width: Annotated[int, Field(ge=16, le=MAX_CANVAS)]
+    height: Annotated[int, Field(ge=16, le=MAX_CANVAS)]
+
+
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class Sampler(_Node):
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description="default: the model's")
+    guidance: Annotated[float, Field(ge=0.0)] | None = Field(
+        None, description="Flux guidance embedding; CFG scale for CFG models. Default: the model's")
+    true_cfg: Annotated[float, Field(ge=1.0)] = Field(
+        1.0, description="> 1 runs a negative pass (negative prompts take effect)")
+    seed: Seed | Annotated[list[Seed], Field(min_length=1)] = Field(0, description="an int, or a list: one image per seed")
+
+
+class Background(_Node):
+    prompt: str = ""
+    negative: str = ""
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="start from this image; only entity regions change (inpainting fusion)")
+
+
+class Modulation(_Node):
+    """SOW attention modulation (scene option; see docs/language.md)."""
+
+    suppress: Annotated[float, Field(ge=0.0)] = Field(2.0, description="logit bias against condition region → outside")
+    enhance: Annotated[float, Field(ge=0.0)] = Field(2.0, description="logit bias for related region → condition region")
+    decay: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.8, description="multiplier per cycle")
+    distance: Annotated[float, Field(ge=0.0)] = Field(1.0, description="fall-off with distance from the region's centre")
+    threshold: Unit = Field(0.5, description="stop once this share of attention reaches the centre")
+
+
+class Reference(_Node):
+    image: Annotated[str, Field(min_length=1)]
+    fit: Literal["contain", "cover", "stretch"] = "contain"
+    window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.7, 0.5], description="noise levels (1 = pure noise) between which cycles run")
+    cycles: Annotated[int, Field(ge=0, le=100)] = 10
+    preserve: Unit | None = Field(None, description="noise level of the last region replacement; null = none")
+    eta: Unit = Field(1.0, description="stochasticity of the steps inside cycles (COW: 1)")
+    related: Shape | None = None
+    modulation: Modulation | Literal[False] = Field(
+        default_factory=Modulation, description="SOW attention modulation; false turns it off")
+
+
+class EntityFields(_Node):
+    """The fields an entity and an entity def share."""
+
+    prompt: str | None = None
+    negative: str | None = None
+    shape: Shape | None = None
+    feather: Annotated[float, Field(ge=0.0, le=0.5)] | None = None
+    z: float | None = None
+    reference: Reference | None = None
+
+
+class Entity(EntityFields):
+    id: Id
+    use: Id | None = Field(None, description="start from defs.entities.<use>, then override")
+    prompt: str  # required once defs are applied
+
+
+class EntityDef(EntityFields):
+    pass
+
+
+class Variant(_Node):
+    id: Id
+    entities: list[Id] | None = None
+    prompt: str | None = None
+    negative: str | None = None
+
+
+class Group(_Node):
+    id: Id
+    schedule: Schedule = Field(default=DEFAULT_SCHEDULE, description="θ(t); default {shape: sin, center: 0.4, width: 0.3}")
+    variants: Annotated[list[Variant], Field(min_length=1)]
+
+
+class Defs(_Node):
+    entities: dict[Id, EntityDef] = Field(default_factory=dict)
+
+
+class Output(_Node):
+    dir: Annotated[str, Field(min_length=1)] = "out"
+    name: Annotated[str, Field(min_length=1)] = "{scene}-{group}-{variant}-{seed}"
+
+
+class Attention(_Node):
+    image_self: Literal["open", "restricted"] = Field(
+        "open", description="image–image attention: open (EliGen) or restricted to the same region (InstantX)")
+    blocks: Literal["all", "double", "single"] = Field("all", description="which transformer blocks use the regional mask")
+    until: Unit = Field(1.0, description="regional masking only while sampling progress < until")
+    pad_prompts: Annotated[int, Field(ge=1, le=512)] | None = Field(
+        None, description="pad each entity prompt to this many tokens (512 matches EliGen exactly)")
+
+
+class Scene(_Node):
+    """A scene file (scene language v1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, title="scenec scene (language v1)")
+
+    scenec: Literal[1] = Field(description="the language version")
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)] | None = Field(None, description="default: the file's stem")
+    model: Annotated[str, Field(min_length=1)] | None = None
+    canvas: Canvas
+    sampler: Sampler = Field(default_factory=Sampler)
+    background: Background = Field(default_factory=Background)
+    entities: list[Entity] = Field(default_factory=list)
+    groups: list[Group] = Field(default_factory=list)
+    defs: Defs = Field(default_factory=Defs)
+    include: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    output: Output = Field(default_factory=Output)
+    attention: Attention = Field(default_factory=Attention)
+
+
+class Library(_Node):
+    """An included file: only `scenec`, `defs` and `include` are read; other scene keys are ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    scenec: Literal[1]
+    defs: Defs = Field(default_factory=Defs)
+    include: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    name: Any = None
+    model: Any = None
+    canvas: Any = None
+    sampler: Any = None
+    background: Any = None
+    entities: Any = None
+    groups: Any = None
+    output: Any = None
+    attention: Any = None
+
+
+SCENE_KEYS = tuple(Scene.model_fields)

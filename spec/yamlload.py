@@ -1,0 +1,202 @@
+"""YAML with source positions, for untrusted files.
+
+PyYAML's ``SafeLoader`` composes the node graph (no arbitrary tags, no Python objects); we then
+build plain Python data ourselves so that every key and value keeps its line and column, and so
+that limits hold: file size, node count after alias expansion (alias bombs), nesting depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .diagnostics import Diagnostics, Pos
+
+MAX_FILE_BYTES = 1 << 20  # 1 MiB: a scene is text a person writes
+MAX_NODES = 50_000  # counted with aliases expanded, so a billion-laughs file stops early
+MAX_DEPTH = 64
+
+Path_ = tuple  # a path into the data: keys and list indices
+
+
+@dataclass
+class SourceMap:
+    """Where each value (and each mapping key) of a document was written."""
+
+    values: dict[tuple, Pos] = field(default_factory=dict)
+    keys: dict[tuple, Pos] = field(default_factory=dict)
+
+    def value(self, path: tuple, default: Pos | None = None) -> Pos:
+        """Position of the value at ``path``, or of its nearest ancestor that has one."""
+        p = tuple(path)
+        while p:
+            if p in self.values:
+                return self.values[p]
+            p = p[:-1]
+        return self.values.get((), default or Pos("<unknown>"))
+
+    def key(self, path: tuple) -> Pos:
+        """Position of the key naming ``path`` (falls back to the value's position)."""
+        p = tuple(path)
+        while p:
+            if p in self.keys:
+                return self.keys[p]
+            if p in self.values:
+                return self.values[p]
+            p = p[:-1]
+        return self.value(())
+
+    def graft(self, other: "SourceMap", src: tuple, dst: tuple) -> None:
+        """Copy positions under ``src`` in ``other`` to ``dst`` here (used when applying defs)."""
+        n = len(src)
+        for table, mine in ((other.values, self.values), (other.keys, self.keys)):
+            for p, pos in table.items():
+                if p[:n] == src:
+                    mine.setdefault(dst + p[n:], pos)
+
+
+class _Limit(Exception):
+    def __init__(self, pos: Pos, message: str):
+        self.pos, self.message = pos, message
+
+
+def _pos(file: str, mark: Any) -> Pos:
+    return Pos(file, mark.line + 1, mark.column + 1)
+
+
+_constructor = yaml.SafeLoader.__new__(yaml.SafeLoader)
+yaml.constructor.SafeConstructor.__init__(_constructor)
+
+
+class _Builder:
+    def __init__(self, file: str, diags: Diagnostics):
+        self.file, self.diags = file, diags
+        self.smap = SourceMap()
+        self.count = 0
+
+    def build(self, node: yaml.Node, path: tuple, depth: int = 0) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _Limit(_pos(self.file, node.start_mark),
+                         f"document expands to more than {MAX_NODES} nodes (alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise _Limit(_pos(self.file, node.start_mark), f"nesting deeper than {MAX_DEPTH} levels")
+        self.smap.values.setdefault(path, _pos(self.file, node.start_mark))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return _constructor.construct_object(node, deep=True)
+            except yaml.YAMLError as e:
+                self.diags.error(_pos(self.file, node.start_mark), f"invalid scalar: {getattr(e, 'problem', e)}")
+                return None
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(child, path + (i,), depth + 1) for i, child in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            out: dict = {}
+            for knode, vnode in self._pairs(node):
+                kpos = _pos(self.file, knode.start_mark)
+                if not isinstance(knode, yaml.ScalarNode):
+                    self.diags.error(kpos, "mapping keys must be plain strings")
+                    continue
+                key = _constructor.construct_object(knode)
+                if not isinstance(key, str):
+                    key = str(key) if isinstance(key, (int, float, bool)) or key is None else repr(key)
+                if key in out:
+                    self.diags.error(kpos, f"duplicate key `{key}`", hint="each key may appear once in a mapping")
+                    continue
+                self.smap.keys[path + (key,)] = kpos
+                out[key] = self.build(vnode, path + (key,), depth + 1)
+            return out
+        raise _Limit(_pos(self.file, node.start_mark), f"unsupported YAML node {type(node).__name__}")
+
+    def _pairs(self, node: yaml.MappingNode):
+        """Key/value pairs with YAML merge keys (``<<: *anchor``) expanded; explicit keys win."""
+        merged: list = []
+        own: list = []
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                sources = v.value if isinstance(v, yaml.SequenceNode) else [v]
+                for s in sources:
+                    if isinstance(s, yaml.MappingNode):
+                        merged.extend(self._pairs(s))
+                    else:
+                        self.diags.error(_pos(self.file, s.start_mark), "`<<` merges only mappings")
+            else:
+                own.append((k, v))
+        names = {k.value for k, _ in own if isinstance(k, yaml.ScalarNode)}
+        seen: set = set()
+        kept = []
+        for k, v in merged:
+            if isinstance(k, yaml.ScalarNode) and (k.value in names or k.value in seen):
+                continue
+            seen.add(getattr(k, "value", None))
+            kept.append((k, v))
+        return own + kept
+
+
+def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, SourceMap] | None:
+    """Parse one YAML file; problems go to ``diags`` and the result is None when nothing usable."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        diags.error(Pos(display), f"cannot read file: {e.strerror or e}")
+        return None
+    if size > MAX_FILE_BYTES:
+        diags.error(Pos(display), f"file is {size} bytes, over the limit of {MAX_FILE_BYTES}")
+        return None
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        diags.error(Pos(display), f"file is not UTF-8 text (byte {e.start})")
+        return None
+    except OSError as e:
+        diags.error(Pos(display), f"cannot read file: {e.strerror or e}")
+        return None
+    try:
+        docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        pos = _pos(display, mark) if mark else Pos(display)
+        msg = e.problem or str(e)
+        if e.context:
+            msg = f"{e.context}: {msg}" if msg else e.context
+        diags.error(pos, f"invalid YAML: {msg}")
+        return None
+    except yaml.YAMLError as e:  # pragma: no cover - unmarked errors are rare
+        diags.error(Pos(display), f"invalid YAML: {e}")
+        return None
+    except RecursionError:
+        diags.error(Pos(display), "invalid YAML: nesting too deep")
+        return None
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        diags.error(Pos(display), "file is empty", hint="a scene needs at least `scenec: 1` and `canvas`")
+        return None
+    if len(docs) > 1:
+        diags.error(_pos(display, docs[1].start_mark), "a scene file holds one YAML document, found more")
+        return None
+    root = docs[0]
+    if not isinstance(root, yaml.MappingNode):
+        diags.error(_pos(display, root.start_mark), f"the document must be a mapping of keys, found {_kind(root)}")
+        return None
+    builder = _Builder(display, diags)
+    try:
+        data = builder.build(root, ())
+    except _Limit as e:
+        diags.error(e.pos, e.message)
+        return None
+    except RecursionError:
+        diags.error(_pos(display, root.start_mark), "nesting too deep")
+        return None
+    return data, builder.smap
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.ScalarNode):
+        return "a scalar value"
+    return type(node).__name__
