@@ -57,3 +57,20 @@ def _has_symlink(p: Path, root: Path) -> bool:
     except OSError:
         return False
     return False
+
+
+def project_config(root: Path) -> dict:
+    """The `[project]` table of the root's scenec.toml ({} when absent); ValueError when invalid."""
+    import tomllib
+
+    f = root / PROJECT_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = tomllib.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"invalid {PROJECT_FILE}: {e}") from None
+    proj = data.get("project", {})
+    if not isinstance(proj, dict):
+        raise ValueError(f"invalid {PROJECT_FILE}: `project` must be a table")
+    return proj

@@ -1,0 +1,122 @@
+"""Stable text form of the IR (``scenec explain``), for people and for golden tests."""
+
+from __future__ import annotations
+
+import json
+
+from .caps import grid_size
+from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
+
+
+def _f(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _q(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def print_ir(ir: IR) -> str:
+    sc = ir.scene.scene
+    w, h = ir.canvas
+    fam = ir.info.family
+    lines = [f"; scenec IR after {' > '.join(ir.passes) or '(nothing)'}",
+             f"scene {_q(ir.scene.name)} file {_q(ir.scene.file.relative_to(ir.scene.root).as_posix())}",
+             f"model {ir.model_spec or '-'} family={fam.name} canvas={w}x{h} grids="
+             + ",".join(f"{n}:{gw}x{gh}" for n, px in fam.grids for gh, gw in [grid_size(ir.canvas, px)]),
+             f"sampler {fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} true_cfg={_f(ir.true_cfg)}",
+             "attention image_self={} blocks={} until={} pad_prompts={}".format(
+                 sc.attention.image_self, sc.attention.blocks, _f(sc.attention.until), sc.attention.pad_prompts or "-")]
+    prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))
+    if prompts:
+        lines.append("")
+    for p in prompts:
+        lines.append(f"%{p.id} = prompt {_q(p.text)}")
+    regions = sorted(ir.nodes(RegionNode), key=lambda r: r.id)
+    if regions:
+        lines.append("")
+    for r in regions:
+        lines.append(f"%{r.id} = region entity={r.entity} z={_f(r.z)} feather={_f(r.feather_px)}px "
+                     + _geom_text(r.geom, ir.canvas))
+    conds = sorted(ir.nodes(ConditionNode), key=lambda c: c.id)
+    if conds:
+        lines.append("")
+    for c in conds:
+        lines.append(f"%{c.id} = condition entity={c.entity} image={_q(c.image)} sha256={c.sha256[:12]} fit={c.fit} "
+                     f"window={_f(c.window[0])}->{_f(c.window[1])} cycles={c.cycles} "
+                     f"preserve={'-' if c.preserve is None else _f(c.preserve)} eta={_f(c.eta)}"
+                     + ("" if c.related is None else " related=" + _geom_text(c.related, ir.canvas))
+                     + (" modulation=off" if c.modulation is False else
+                        " modulation=" + ",".join(f"{k}:{_f(v)}" for k, v in sorted(c.modulation.items()))))
+    programs = ir.extra.get("programs", {})
+    for job in ir.jobs():
+        lines.append("")
+        where = f"{ir.scene.display}:{job.line}"
+        lines.append(f"job %{job.id} seed={job.seed} group={job.group or '-'} variant={job.variant or '-'}"
+                     f"  ; {where}")
+        for s in ir.streams(job.id):
+            reg = ir.region_of(s.id)
+            neg = ir.prompt_of(s.id, "negative")
+            lines.append(f"  stream {s.name} prompt=%{ir.prompt_of(s.id).id} negative=%{neg.id} "
+                         f"region={'%' + reg.id if reg else ('-' if s.entity is None else '?')} gain={s.gain}")
+        for c in ir.succ(job.id, ConditionNode):
+            lines.append(f"  condition %{c.id}")
+        if job.id in programs:
+            lines.append("  program:")
+            lines.extend("    " + t for t in program_text(programs[job.id]))
+    groups = sorted(ir.nodes(GroupNode), key=lambda g: g.id)
+    thetas = ir.extra.get("theta", {})
+    prefix = ir.extra.get("shared_prefix", {})
+    for g in groups:
+        gid = g.id.split(".", 1)[1]
+        jobs = ir.succ(g.id)
+        lines.append("")
+        lines.append(f"group %{gid} schedule={g.schedule} jobs={len(jobs)}")
+        if gid in thetas:
+            lines.append("  theta = [" + ", ".join(_f(x) for x in thetas[gid]) + "]")
+            k = prefix.get(gid, 0)
+            seeds = len({j.seed for j in jobs})
+            saved = k * (len(jobs) - seeds)
+            lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
+    return "\n".join(lines) + "\n"
+
+
+def _geom_text(g, canvas) -> str:
+    if g is None:
+        return "area=1 bbox=[0,0,1,1]"
+    w, h = canvas
+    x0, y0, x1, y1 = g.bounds if not g.is_empty else (0, 0, 0, 0)
+    return (f"area={_f(g.area / (w * h))} bbox=[{_f(x0 / w)},{_f(y0 / h)},{_f(x1 / w)},{_f(y1 / h)}]")
+
+
+def program_text(ops: list[dict]) -> list[str]:
+    """Ops as text; runs of plain denoise steps with equal flags fold into one line."""
+    out: list[str] = []
+    run: list[dict] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        a, b = run[0]["from"], run[-1]["to"]
+        flags = ("regional" if run[0]["regional"] else "plain") + (f" eta={_f(run[0]['eta'])}" if run[0]["eta"] else "")
+        th = [o["theta"] for o in run]
+        theta = "" if th[0] is None else " theta=[" + ",".join(_f(x) for x in th) + "]"
+        out.append(f"denoise {a}->{b} {flags}{theta}")
+        run.clear()
+
+    for op in ops:
+        if op["op"] == "denoise" and (not run or (run[-1]["to"] == op["from"] and run[-1]["regional"] == op["regional"]
+                                                   and run[-1]["eta"] == op["eta"])):
+            run.append(op)
+            continue
+        flush()
+        if op["op"] == "denoise":
+            run.append(op)
+        elif op["op"] == "renoise":
+            out.append(f"renoise {op['from']}->{op['to']}")
+        elif op["op"] == "paste":
+            out.append(f"paste condition={op['condition']} at={op['at']}")
+        elif op["op"] == "fork":
+            out.append("fork")
+    flush()
+    return out

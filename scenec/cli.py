@@ -1,0 +1,280 @@
+"""The `scenec` command line.
+
+Exit status: 0 success, 1 a build failed, 2 invalid input (every problem printed as
+FILE:LINE:COL: error: MESSAGE). No command prints a traceback for bad input; set SCENEC_DEBUG=1
+to see one for an internal error. validate/compile/explain/preview/schema never import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile declarative scene files into attention masks and schedules, and build images.")
+
+EXIT_OK, EXIT_BUILD_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _print_diags(diags, stream=None) -> None:
+    stream = stream or sys.stderr
+    for d in diags.sorted() if hasattr(diags, "sorted") else diags:
+        print(d.format(), file=stream)
+
+
+def _fail_invalid(err) -> None:
+    _print_diags(err.diagnostics)
+    n = len(err.diagnostics.errors)
+    print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def _internal(e: BaseException) -> None:
+    if os.environ.get("SCENEC_DEBUG"):
+        raise e
+    print(f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)", file=sys.stderr)
+    raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+@app.command()
+def validate(files: List[Path] = typer.Argument(..., help="scene files"),
+             model: Optional[str] = typer.Option(None, "--model", help="check canvas sizes against this model")):
+    """Check scene files; print every problem at FILE:LINE:COL."""
+    from scenec.spec.diagnostics import Diagnostics, SceneError
+    from scenec.spec.load import load_scene
+
+    from scenec.compiler.check import check_scene
+    from scenec.compiler.passes import resolve_model
+
+    bad = 0
+    for f in files:
+        diags = Diagnostics()
+        try:
+            ls = load_scene(f, diags)
+            _, info = resolve_model(ls, model, diags)
+            check_scene(ls, info, diags)
+        except SceneError as e:
+            diags = e.diagnostics
+        except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
+            _internal(e)
+        _print_diags(diags)
+        if diags.has_errors():
+            bad += 1
+    if bad:
+        print(f"{bad} of {len(files)} file{'s' if len(files) != 1 else ''} invalid", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    print(f"ok: {len(files)} file{'s' if len(files) != 1 else ''} valid", file=sys.stderr)
+
+
+@app.command("compile")
+def compile_(file: Path = typer.Argument(..., help="scene file"),
+             out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
+             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+    """Compile a scene to a plan: DIR/plan.json + DIR/tensors.safetensors; prints the plan hash."""
+    from scenec.spec.diagnostics import SceneError
+
+    from scenec.compiler import compile_scene
+
+    try:
+        plan = compile_scene(file, model=model)
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    plan.write(out)
+    _print_warnings(plan.ir)
+    print(plan.plan_hash)
+
+
+def _print_warnings(ir) -> None:
+    if ir is not None:
+        for w in ir.extra.get("warnings", []):
+            print(w.format(), file=sys.stderr)
+
+
+@app.command()
+def explain(file: Path = typer.Argument(..., help="scene file"),
+            after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass"),
+            masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+    """Print the IR as text (after every pass, or --after PASS)."""
+    from scenec.spec.diagnostics import SceneError
+    from scenec.spec.load import load_scene
+
+    from scenec.compiler.passes import PASS_NAMES, run_passes
+    from scenec.compiler.printer import print_ir
+
+    if after is not None and after not in PASS_NAMES:
+        print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    try:
+        ir = run_passes(load_scene(file), model=model, until=None if after in (None, "lower") else after)
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    sys.stdout.write(print_ir(ir))
+    if masks is not None:
+        from scenec.compiler.geometry import write_mask_pngs
+
+        if "geometry" not in ir.passes:
+            ir = run_passes(ir.scene, model=model, until="geometry")
+        for job in ir.jobs():
+            regs = {}
+            for s in ir.streams(job.id):
+                r = ir.region_of(s.id)
+                if r is not None:
+                    regs[s.name] = _region(r)
+            write_mask_pngs(regs, ir.canvas, masks / job.id)
+        print(f"masks written to {masks}", file=sys.stderr)
+
+
+def _region(r):
+    from scenec.compiler.geometry import Region
+
+    return Region(r.entity, r.geom, r.feather_px, r.z)
+
+
+@app.command()
+def preview(file: Path = typer.Argument(..., help="scene file"),
+            out: Path = typer.Option(..., "-o", "--out", help="PNG to write"),
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+    """Draw each image's layout (regions, references, related regions; groups as contact sheets)."""
+    from scenec.spec.diagnostics import SceneError
+    from scenec.spec.load import load_scene
+
+    from scenec.compiler.ir import ConditionNode
+    from scenec.compiler.passes import run_passes
+    from scenec.compiler.preview import render_preview
+
+    try:
+        ir = run_passes(load_scene(file), model=model, until="geometry")
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    jobs = []
+    seen = set()
+    for job in ir.jobs():
+        key = (job.group, job.variant)
+        if key in seen:  # seeds do not change the layout
+            continue
+        seen.add(key)
+        regions, refs, related = [], [], []
+        for s in ir.streams(job.id):
+            r = ir.region_of(s.id)
+            if r is not None:
+                regions.append((s.name, _region(r)))
+        by_entity = dict(regions)
+        for c in ir.succ(job.id, ConditionNode):
+            if c.entity in by_entity:
+                refs.append((c.entity, c.path, c.fit, by_entity[c.entity]))
+            if c.related is not None:
+                related.append((c.entity, c.related))
+        title = ir.scene.name if job.group is None else f"{job.group} / {job.variant}"
+        jobs.append({"title": title, "group": job.group, "regions": regions, "references": refs, "related": related})
+    bg = ir.scene.scene.background.image
+    kwargs = {}
+    if bg:
+        kwargs["background"] = ir.scene.resolve(("background", "image"), bg)
+    try:
+        render_preview(ir.scene, jobs, out, **kwargs)
+    except TypeError:
+        render_preview(ir.scene, jobs, out)
+    print(f"preview written to {out}", file=sys.stderr)
+
+
+@app.command()
+def schema():
+    """Print the JSON Schema of scene files."""
+    from scenec.spec.schema import scene_schema_text
+
+    sys.stdout.write(scene_schema_text())
+
+
+STARTER = """\
+# yaml-language-server: $schema={schema}
+scenec: 1
+model: tiny                      # offline random model: makes noise, not pictures; try flux-dev
+canvas: {{width: 256, height: 256}}
+sampler: {{steps: 4, seed: 1}}
+background:
+  prompt: "a vibrant meadow under a clear blue sky"
+entities:
+  - id: fox
+    prompt: "a red fox running"
+    shape: {{box: [0.1, 0.5, 0.5, 0.95]}}
+  - id: eagle
+    prompt: "an eagle soaring"
+    shape: {{ellipse: {{center: [0.7, 0.25], radii: [0.2, 0.12]}}}}
+output:
+  dir: out
+"""
+
+
+@app.command()
+def init(directory: Path = typer.Argument(Path("."), help="project directory"),
+         force: bool = typer.Option(False, "--force", help="overwrite existing files")):
+    """Start a project: scenec.toml and a starter scene."""
+    directory.mkdir(parents=True, exist_ok=True)
+    toml = directory / "scenec.toml"
+    scene = directory / "scene.yaml"
+    for f in (toml, scene):
+        if f.exists() and not force:
+            print(f"scenec: {f} exists (use --force to overwrite)", file=sys.stderr)
+            raise typer.Exit(EXIT_INVALID)
+    toml.write_text("# scenec project: paths in scenes must stay inside this directory\n"
+                    "[project]\ndefault_model = \"tiny\"\n")
+    scene.write_text(STARTER.format(schema="https://scenec.dev/schemas/scene.schema.json"))
+    print(f"wrote {toml} and {scene}; next: scenec build {scene}", file=sys.stderr)
+
+
+@app.command()
+def build(files: List[Path] = typer.Argument(..., help="scene files"),
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
+          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+          device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
+          masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
+          json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
+    """Compile and execute scenes: write images, sidecars and masks."""
+    import json
+
+    from scenec.spec.diagnostics import SceneError
+
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        print(f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+        print(f"scenec: --device must be cuda or cpu, not `{device}`", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    from scenec.build import build as run_build
+
+    try:
+        summary = run_build(files, out=out, model=model, device=device, dtype=dtype, masks=masks)
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    if json_:
+        print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "outputs")}))
+    if summary.get("invalid"):
+        raise typer.Exit(EXIT_INVALID)
+    if summary.get("failed"):
+        raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("scenec: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
