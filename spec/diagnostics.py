@@ -44,14 +44,20 @@ class Diagnostic:
 
 @dataclass
 class Diagnostics:
-    """An ordered collection of diagnostics; duplicates (same position and message) are dropped."""
+    """An ordered collection of diagnostics.
+
+    One error per source position: a value reached twice (a def used by two entities, an include
+    read twice) would otherwise be reported once per path that reaches it.
+    """
 
     items: list[Diagnostic] = field(default_factory=list)
 
     def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error") -> None:
         d = Diagnostic(pos, message, severity, hint)
-        if d not in self.items:
-            self.items.append(d)
+        if any(x.pos == pos and x.severity == severity and (x.message == message or severity == "error")
+               for x in self.items):
+            return
+        self.items.append(d)
 
     def error(self, pos: Pos, message: str, hint: str | None = None) -> None:
         self.add(pos, message, hint=hint)
@@ -61,8 +67,7 @@ class Diagnostics:
 
     def extend(self, other: Iterable[Diagnostic]) -> None:
         for d in other:
-            if d not in self.items:
-                self.items.append(d)
+            self.add(d.pos, d.message, hint=d.hint, severity=d.severity)
 
     @property
     def errors(self) -> list[Diagnostic]:

@@ -80,9 +80,7 @@ def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScen
     included: dict[str, _Def] = {}
     _load_includes(data, smap, path.resolve(), display, root, diags, included, files, stack=[path.resolve()])
 
-    own_defs = data.get("defs", {}).get("entities", {}) if isinstance(data.get("defs"), dict) else {}
-    if not isinstance(own_defs, dict):
-        own_defs = {}
+    own_defs = _entity_defs(data)
     _apply_use(data, smap, own_defs, included, diags)
 
     scene = _validate(m.Scene, data, smap, diags)
@@ -123,10 +121,11 @@ def _load_includes(data, smap, file: Path, display: str, root: Path, diags: Diag
             continue
         idata, ismap = loaded
         files[inc_display] = target
-        if _validate(m.Library, idata, ismap, diags) is None:
-            continue
+        _validate(m.Library, idata, ismap, diags)
         _load_includes(idata, ismap, target, inc_display, root, diags, out, files, stack + [target])
-        for name, d in (idata.get("defs") or {}).get("entities", {}).items():
+        for name, d in _entity_defs(idata).items():
+            if not isinstance(d, dict):
+                continue
             if name in out and out[name].file != inc_display:
                 prev = out[name]
                 diags.error(ismap.key(("defs", "entities", name)),
@@ -134,6 +133,12 @@ def _load_includes(data, smap, file: Path, display: str, root: Path, diags: Diag
                             hint="rename one, or define it in the scene itself, whose defs win")
                 continue
             out[name] = _Def(d, ismap, ("defs", "entities", name), inc_display)
+
+
+def _entity_defs(data: dict) -> dict:
+    defs = data.get("defs")
+    ents = defs.get("entities") if isinstance(defs, dict) else None
+    return ents if isinstance(ents, dict) else {}
 
 
 def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def], diags: Diagnostics) -> None:

@@ -53,7 +53,7 @@ class SourceMap:
         """Copy positions under ``src`` in ``other`` to ``dst`` here (used when applying defs)."""
         n = len(src)
         for table, mine in ((other.values, self.values), (other.keys, self.keys)):
-            for p, pos in table.items():
+            for p, pos in list(table.items()):
                 if p[:n] == src:
                     mine.setdefault(dst + p[n:], pos)
 

@@ -1,0 +1,150 @@
+"""Loading: positions, includes, defs/`use`, limits — every problem at FILE:LINE:COL, all at once."""
+
+import textwrap
+
+import pytest
+
+from scenec.spec import SceneError, load_scene
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(textwrap.dedent(text).lstrip("\n"))
+    return p
+
+
+def errors(path):
+    with pytest.raises(SceneError) as e:
+        load_scene(path)
+    return [(d.pos.line, d.pos.col, d.message) for d in e.value.diagnostics.sorted()]
+
+
+BASE = """
+        scenec: 1
+        canvas: {width: 256, height: 256}
+"""
+
+
+def test_minimal_scene_loads_with_defaults(tmp_path):
+    ls = load_scene(write(tmp_path, "a.yaml", BASE))
+    assert ls.name == "a"
+    assert ls.scene.sampler.seed == 0
+    assert ls.scene.output.name == "{scene}-{group}-{variant}-{seed}"
+    assert ls.pos(("canvas", "width")).line == 2
+
+
+def test_all_structural_errors_reported_at_once(tmp_path):
+    p = write(tmp_path, "a.yaml", """
+        scenec: 1
+        canvas: {width: 256, height: "256"}
+        sampler: {steps: 0}
+        entities:
+          - id: Fox
+            prompt: fox
+            colour: red
+        """)
+    errs = errors(p)
+    assert (2, 30, "`canvas.height` must be an integer, found string `256`") in errs
+    assert any(e[:2] == (3, 18) and "greater than or equal to 1" in e[2] for e in errs)
+    assert any(e[:2] == (5, 9) and "not a valid id" in e[2] for e in errs)
+    assert any(e[:2] == (7, 5) and "unknown key `colour`" in e[2] for e in errs)
+    assert len(errs) == 4
+
+
+def test_unknown_key_hint(tmp_path):
+    p = write(tmp_path, "a.yaml", BASE + "        entitys: []\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    d = e.value.diagnostics.items[0]
+    assert d.hint == "did you mean `entities`?"
+    assert d.format().startswith(f"{d.pos.file}:3:1: error: unknown key `entitys`")
+
+
+def test_use_merges_def_and_overrides(tmp_path):
+    p = write(tmp_path, "a.yaml", BASE + """
+        entities:
+          - {id: eagle, use: bird, negative: "blur"}
+        defs:
+          entities:
+            bird: {prompt: "an eagle", negative: "cage", feather: 0.1}
+        """)
+    e = load_scene(p).scene.entities[0]
+    assert (e.prompt, e.negative, e.feather) == ("an eagle", "blur", 0.1)
+
+
+def test_include_defs_errors_point_into_included_file(tmp_path):
+    write(tmp_path, "scenec.toml", "")
+    write(tmp_path, "lib/common.yaml", """
+        scenec: 1
+        defs:
+          entities:
+            bird: {prompt: "an eagle", feather: -1}
+        """)
+    p = write(tmp_path, "scenes/a.yaml", BASE + """
+        include: [../lib/common.yaml]
+        entities:
+          - {id: eagle, use: bird}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    d = e.value.diagnostics.sorted()
+    assert any(x.pos.file.endswith("common.yaml") and (x.pos.line, x.pos.col) == (4, 41) for x in d), d
+
+
+def test_include_cycle(tmp_path):
+    write(tmp_path, "b.yaml", "scenec: 1\ninclude: [a.yaml]\n")
+    p = write(tmp_path, "a.yaml", BASE + "        include: [b.yaml]\n")
+    errs = errors(p)
+    assert any("include cycle" in m for _, _, m in errs)
+
+
+def test_include_outside_root_and_absolute(tmp_path):
+    write(tmp_path, "lib.yaml", "scenec: 1\n")
+    p = write(tmp_path, "proj/a.yaml", BASE + "        include: [../lib.yaml, /etc/passwd]\n")
+    errs = errors(p)
+    assert any(l == 3 and "outside the project root" in m for l, _, m in errs)
+    assert any(l == 3 and "absolute path" in m for l, _, m in errs)
+
+
+def test_two_includes_defining_same_name(tmp_path):
+    write(tmp_path, "x.yaml", "scenec: 1\ndefs: {entities: {bird: {prompt: a}}}\n")
+    write(tmp_path, "y.yaml", "scenec: 1\ndefs: {entities: {bird: {prompt: b}}}\n")
+    p = write(tmp_path, "a.yaml", BASE + "        include: [x.yaml, y.yaml]\n")
+    errs = errors(p)
+    assert any("defined by two includes" in m for _, _, m in errs)
+
+
+def test_own_defs_win_over_included(tmp_path):
+    write(tmp_path, "x.yaml", "scenec: 1\ndefs: {entities: {bird: {prompt: included}}}\n")
+    p = write(tmp_path, "a.yaml", BASE + """
+        include: [x.yaml]
+        defs: {entities: {bird: {prompt: own}}}
+        entities: [{id: b, use: bird}]
+        """)
+    assert load_scene(p).scene.entities[0].prompt == "own"
+
+
+def test_alias_bomb_is_refused(tmp_path):
+    lines = ["scenec: 1", "canvas: {width: 256, height: 256}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]")
+    p = write(tmp_path, "bomb.yaml", "\n".join(lines) + "\n")
+    errs = errors(p)
+    assert any("alias bomb" in m for _, _, m in errs)
+
+
+def test_broken_yaml_position(tmp_path):
+    p = write(tmp_path, "a.yaml", "scenec: 1\ncanvas: {width: 256, height: 256\n")
+    errs = errors(p)
+    assert len(errs) == 1 and errs[0][2].startswith("invalid YAML")
+
+
+def test_duplicate_keys(tmp_path):
+    p = write(tmp_path, "a.yaml", BASE + "        scenec: 1\n")
+    assert (3, 1, "duplicate key `scenec`") in errors(p)
+
+
+def test_non_mapping_document(tmp_path):
+    p = write(tmp_path, "a.yaml", "- 1\n- 2\n")
+    assert errors(p) == [(1, 1, "the document must be a mapping of keys, found a list")]
