@@ -51,7 +51,7 @@ ALIASES: dict[str, ModelInfo] = {
     "tiny-sd": ModelInfo("tiny-sd", SD, "alias", None, steps=4, guidance=7.5),
 }
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "flux-dev"  # what compile assumes when neither scene nor project names a model
 
 
 def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:

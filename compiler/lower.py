@@ -16,6 +16,7 @@ from scenec import __version__
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode
+from .schedule import level_to_index
 
 FORMAT = "scenec-plan/1"
 NEUTRAL_GREY = 128
@@ -187,9 +188,9 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
             ref = im.convert("RGB")
         tensors[name] = place_reference(ref, reg.geom, reg.feather_px, c.fit, canvas, rasterize)
     out = {"entity": c.entity, "image": name, "sha256": c.sha256, "fit": c.fit,
-           "window": [int(round((1 - c.window[0]) * ir.steps)), int(round((1 - c.window[1]) * ir.steps))],
+           "window": [level_to_index(c.window[0], ir.steps), level_to_index(c.window[1], ir.steps)],
            "cycles": c.cycles,
-           "preserve": None if c.preserve is None else int(round((1 - c.preserve) * ir.steps)),
+           "preserve": None if c.preserve is None else level_to_index(c.preserve, ir.steps),
            "eta": c.eta, "masks": masks, "related": None, "modulation": c.modulation}
     if c.related is not None:
         rel = {}

@@ -32,7 +32,7 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
         if spec is not None and not isinstance(spec, str):
             diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string")
             spec = None
-    return spec, model_info(spec or "flux-dev", ls.file.parent)
+    return spec, model_info(spec, ls.file.parent)
 
 
 def render_name(template: str, values: dict) -> str:

@@ -86,7 +86,7 @@ def schedule_problems(values: list[float] | np.ndarray, steps: int) -> list[str]
 
 def level_to_index(level: float, steps: int) -> int:
     """Noise level ℓ ∈ [0, 1] (1 = pure noise) → step index round((1 − ℓ)·N) in 0..N."""
-    return int(round((1.0 - level) * steps))
+    return int(math.floor((1.0 - level) * steps + 0.5))  # halves round up, not to even
 
 
 # --- step programs ------------------------------------------------------------------------------
@@ -130,8 +130,11 @@ def build_program(p: ProgramInputs) -> list[dict]:
                     "theta": None if p.theta is None else float(p.theta[i]), "eta": eta})
 
     active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
+    preserve = {c.preserve: c.index for c in p.conditions if c.preserve is not None}
     if not active:
         for i in range(n):
+            if i in preserve:
+                ops.append({"op": "paste", "condition": preserve[i], "at": i})
             denoise(i)
         if p.fork_at is not None and p.fork_at >= n and not any(o["op"] == "fork" for o in ops):
             ops.append({"op": "fork"})
@@ -151,7 +154,6 @@ def build_program(p: ProgramInputs) -> list[dict]:
             denoise(i, eta)
         if cyc < cycles - 1:
             ops.append({"op": "renoise", "from": end, "to": start})
-    preserve = {c.preserve: c.index for c in p.conditions if c.preserve is not None}
     for i in range(end, n):
         if i in preserve:
             ops.append({"op": "paste", "condition": preserve[i], "at": i})

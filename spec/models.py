@@ -222,7 +222,15 @@ class EntityFields(_Node):
     reference: Reference | None = None
 
 
+def _entity_schema(schema: dict) -> None:
+    # `prompt` may come from the def named by `use`; pydantic checks it after defs are applied
+    schema["required"] = [r for r in schema.get("required", []) if r != "prompt"]
+    schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["use"]}]
+
+
 class Entity(EntityFields):
+    model_config = ConfigDict(json_schema_extra=_entity_schema)
+
     id: Id
     use: Id | None = Field(None, description="start from defs.entities.<use>, then override")
     prompt: str  # required once defs are applied
