@@ -249,7 +249,10 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
             names.append(g["theta"])
             material["shared_prefix"] = g["shared_prefix"]
         job["job_hash"] = _hash({"settings": settings, "job": material}, tensors, names)
-    doc["plan_hash"] = _hash({k: v for k, v in doc.items() if k != "plan_hash"}, tensors, tensors.keys())
+    # where a job was written (line numbers) is metadata: moving it does not change the images
+    semantic = {k: v for k, v in doc.items() if k != "plan_hash"}
+    semantic["jobs"] = [{k: v for k, v in j.items() if k not in ("source", "job_hash")} for j in doc["jobs"]]
+    doc["plan_hash"] = _hash(semantic, tensors, tensors.keys())
 
 
 def _tensor_names(job: dict) -> list[str]:

@@ -274,6 +274,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("scenec: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a traceback is a bug report, shown only on request
+        if os.environ.get("SCENEC_DEBUG"):
+            raise
+        print(f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        sys.exit(EXIT_BUILD_FAILED)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The CLI: exit codes, error format, outputs, and no torch for the compile-side commands."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = Path(__file__).parent / "scenes"
+
+
+def scenec(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "scenec", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [
+    ["validate", SCENES / "regional.yaml"],
+    ["compile", SCENES / "regional.yaml", "-o", "{tmp}/plan"],
+    ["explain", SCENES / "reference.yaml"],
+    ["preview", SCENES / "coupled.yaml", "-o", "{tmp}/p.png"],
+    ["schema"],
+])
+def test_compile_side_commands_do_not_import_torch(cmd, tmp_path):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in cmd]
+    code = (
+        "import sys\n"
+        f"sys.argv = ['scenec', *{args!r}]\n"
+        "from scenec.cli import app\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy), 'CODE=' + str(code), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "HEAVY= " in r.stderr, r.stderr
+    assert "CODE=0" in r.stderr or "CODE=None" in r.stderr, r.stderr
+
+
+def test_invalid_scene_exits_2_with_positions_and_no_traceback(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("scenec: 1\ncanvas: {width: 250, height: 256}\nentities:\n  - {id: a, prompt: x}\n  - {id: a, prompt: y}\n"
+                 "colour: red\n")
+    r = scenec("validate", f)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"{f.name}:6:1: error: unknown key `colour`" in r.stderr.replace(str(tmp_path) + "/", "")
+
+
+def test_semantic_errors_all_reported(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("scenec: 1\ncanvas: {width: 250, height: 256}\nentities:\n  - {id: a, prompt: x}\n  - {id: a, prompt: y}\n")
+    r = scenec("validate", f)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if ": error: " in l]
+    assert any(":2:" in l and "250" in l for l in lines), r.stderr
+    assert any(":5:" in l and "duplicate" in l for l in lines), r.stderr
+
+
+def test_compile_prints_hash_and_writes_plan(tmp_path):
+    r = scenec("compile", SCENES / "regional.yaml", "-o", tmp_path / "plan")
+    assert r.returncode == 0, r.stderr
+    h = r.stdout.strip()
+    assert len(h) == 64
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["plan_hash"] == h
+
+
+def test_explain_after_and_masks(tmp_path):
+    r = scenec("explain", SCENES / "regional.yaml", "--after", "expand")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("; scenec IR after check > expand")
+    r = scenec("explain", SCENES / "regional.yaml", "--masks", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    pngs = sorted(p.relative_to(tmp_path / "m").as_posix() for p in (tmp_path / "m").rglob("*.png"))
+    assert pngs == ["regional-1/eagle.png", "regional-1/fox.png", "regional-1/rock.png",
+                    "regional-2/eagle.png", "regional-2/fox.png", "regional-2/rock.png"]
+    r = scenec("explain", SCENES / "regional.yaml", "--after", "nope")
+    assert r.returncode == 2
+
+
+def test_schema_command_matches_checked_in_file():
+    r = scenec("schema")
+    assert r.returncode == 0
+    assert r.stdout == (ROOT / "schemas" / "scene.schema.json").read_text()
+
+
+def test_init_creates_a_valid_project(tmp_path):
+    r = scenec("init", tmp_path / "proj")
+    assert r.returncode == 0, r.stderr
+    r = scenec("validate", tmp_path / "proj" / "scene.yaml")
+    assert r.returncode == 0, r.stderr
+    assert scenec("init", tmp_path / "proj").returncode == 2  # refuses to overwrite
