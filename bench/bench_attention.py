@@ -1,0 +1,228 @@
+"""Cost of scenec's regional attention (EliGen, arXiv 2501.01097) in a Flux-sized DiT, beside the anchor.
+
+One transformer forward (= one denoising step), batch 1, 1024x1024 → 4096 image tokens, 4 entities,
+random weights (same arithmetic as real ones). Cases, the anchor's geometry (../shared/bench/
+anchor_attention.py: same boxes, same token counts, same inputs):
+
+  base512      plain Flux, 512 text tokens, stock processor (the floor)
+  tok2560      5 prompts x 512 tokens, no mask (token cost alone)
+  ours2560     scenec's path: RegionalAttention, 4 entities x 512 tokens, mask built once
+  ours1024     scenec's path, entity prompts at 128 tokens (real lengths in practice)
+  anchor_*     the anchor's own dense / flex processors, when its module is importable
+
+Each case runs eager, then (unless --no-compile) with every block torch.compiled (regional
+compile, as the anchor's --compile). Ours is checked against the anchor's dense mask: the image
+outputs must agree (relative error printed).
+
+Usage: python bench/bench_attention.py [--tiny] [--reps N] [--cases a,b] [--anchor PATH] [--no-compile]
+--tiny: a small CPU smoke run (eager only unless --compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHOR_CANDIDATES = [ROOT / "bench" / "anchor" / "anchor_attention.py", ROOT / ".." / "shared" / "bench" / "anchor_attention.py",
+                     Path("/work/shared/bench/anchor_attention.py")]
+
+
+def load_anchor(path: str | None):
+    """The anchor benchmark as a module (its processors and region_allow), or None if not found."""
+    for p in ([Path(path)] if path else ANCHOR_CANDIDATES):
+        if p.is_file():
+            spec = importlib.util.spec_from_file_location("anchor_attention", p)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["anchor_attention"] = mod  # torch.compile resolves the processors' module by name
+            spec.loader.exec_module(mod)
+            return mod
+    return None
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        from scenec.runtime.attention import RegionalAttention, RegionalLayout, region_membership
+    except ImportError:  # a bare checkout (device machine): the folder itself is the package
+        from runtime.attention import RegionalAttention, RegionalLayout, region_membership
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--cases", default="")
+    ap.add_argument("--anchor", default=None, help="path of anchor_attention.py (default: look beside the repo)")
+    ap.add_argument("--compile", action="store_true", help="also run per-block compiled (default on CUDA)")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    do_compile = (dev == "cuda" or args.compile) and not args.no_compile
+    anchor = load_anchor(args.anchor)
+
+    if args.tiny:  # the anchor's tiny config
+        cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                   axes_dims_rope=(4, 4, 8))
+        grid, txt, trimmed = (8, 8), 16, 4
+        reps = min(args.reps, 3)
+    else:
+        cfg = dict(guidance_embeds=True)
+        grid, txt, trimmed = (64, 64), 512, 128
+        reps = args.reps
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        model = FluxTransformer2DModel(**cfg).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    inner_in, jd, pd = cfg.get("in_channels", 64), cfg.get("joint_attention_dim", 4096), cfg.get("pooled_projection_dim", 768)
+    h, w = grid
+    # the anchor's boxes: the four quadrants shrunk by one token
+    boxes = [(0, 0, h // 2, w // 2), (0, w // 2, h // 2, w), (h // 2, 0, h, w // 2), (h // 2, w // 2, h, w)]
+    boxes = [(y0 + 1, x0 + 1, y1 - 1, x1 - 1) for (y0, x0, y1, x1) in boxes]
+    masks = []
+    for (y0, x0, y1, x1) in boxes:
+        m = torch.zeros(h, w)
+        m[y0:y1, x0:x1] = 1.0
+        masks.append(m.numpy())
+    regions = region_membership(masks, grid)
+
+    def inputs(n_txt, n_pad=0):
+        g = torch.Generator(dev).manual_seed(1)  # same draws as the anchor's inputs()
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                             indexing="ij"), -1).reshape(-1, 3)
+        hs = torch.randn(1, h * w, inner_in, generator=g, device=dev, dtype=dtype)
+        ehs = torch.randn(1, n_txt, jd, generator=g, device=dev, dtype=dtype)
+        pooled = torch.randn(1, pd, generator=g, device=dev, dtype=dtype)
+        if n_pad:
+            ehs = torch.cat([ehs, ehs.new_zeros(1, n_pad, jd)], 1)
+        return dict(hidden_states=hs, encoder_hidden_states=ehs, pooled_projections=pooled,
+                    timestep=torch.tensor([0.5], device=dev, dtype=dtype),
+                    guidance=torch.tensor([3.5], device=dev, dtype=dtype),
+                    img_ids=img_ids.to(dev, dtype), txt_ids=torch.zeros(n_txt + n_pad, 3, device=dev, dtype=dtype),
+                    return_dict=False)
+
+    stock = model.transformer_blocks[0].attn.processor.__class__
+    ctl = RegionalAttention(model)
+
+    def set_proc(p):
+        for b in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+            b.attn.processor = p
+
+    def timed(inp):
+        with torch.inference_mode():
+            out = model(**inp)[0]
+            times = []
+            if dev == "cuda":
+                for _ in range(2):
+                    model(**inp)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(reps):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record(); model(**inp); e.record(); torch.cuda.synchronize()
+                    times.append(s.elapsed_time(e))
+                mem = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                for _ in range(reps):
+                    t0 = time.perf_counter(); model(**inp); times.append((time.perf_counter() - t0) * 1e3)
+                mem = 0.0
+        return out.float(), statistics.median(times), mem
+
+    def run(name, each, mode):
+        n_txt = sum(each)
+        t0 = time.perf_counter()
+        if mode == "plain":
+            set_proc(stock())
+            ctl.installed = False
+            out, ms, mem = timed(inputs(n_txt))
+            setup = 0.0
+        elif mode == "ours":
+            ctl.install()
+            lay = RegionalLayout(list(each), regions, "open", 128 if ctl.impl == "flex" else 1)
+            s0 = time.perf_counter()
+            built = ctl.build(lay, dev)  # once per job in the runtime
+            setup = time.perf_counter() - s0
+            ctl.use(built, "all")
+            try:
+                out, ms, mem = timed(inputs(n_txt, lay.n_pad))
+            finally:
+                ctl.use(None)
+        else:  # the anchor's processors
+            ctl.installed = False
+            allow = anchor.region_allow(list(each), len(each), grid, boxes, dev)
+            s0 = time.perf_counter()
+            if mode == "anchor_dense":
+                set_proc(anchor.DenseMaskProcessor(allow))
+            else:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                flex = torch.compile(flex_attention, dynamic=False) if dev == "cuda" else flex_attention
+                bm = create_block_mask(lambda b, hh, q, k: allow[q, k], None, None, allow.shape[0], allow.shape[0],
+                                       device=dev)
+                set_proc(anchor.FlexProcessor(bm, flex))
+            setup = time.perf_counter() - s0
+            out, ms, mem = timed(inputs(n_txt))
+        return out, dict(ms=ms, peak_gib=mem, tokens=n_txt + h * w, mask_setup_ms=setup * 1e3,
+                         wall_s=time.perf_counter() - t0)
+
+    k = 4
+    cases = [("base512", [txt], "plain"), ("tok2560", [txt] * (k + 1), "plain"),
+             ("ours2560", [txt] * (k + 1), "ours"), ("ours1024", [txt] + [trimmed] * k, "ours")]
+    if anchor is not None:
+        cases += [("anchor_dense2560", [txt] * (k + 1), "anchor_dense"),
+                  ("anchor_flex2560", [txt] * (k + 1), "anchor_flex"),
+                  ("anchor_dense1024", [txt] + [trimmed] * k, "anchor_dense")]
+    else:
+        print("anchor_attention.py not found: running scenec's cases only", file=sys.stderr)
+    if args.cases:
+        keep = set(args.cases.split(","))
+        cases = [c for c in cases if c[0] in keep]
+
+    results, outs = {}, {}
+    passes = [("eager", False)] + ([("compiled", True)] if do_compile else [])
+    for label, comp in passes:
+        if comp:
+            for b in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+                b.compile()
+        for name, each, mode in cases:
+            if mode == "anchor_flex" and dev == "cpu":
+                import warnings
+
+                warnings.filterwarnings("ignore", message=".*flex_attention.*")
+            out, r = run(name, each, mode)
+            key = f"{name}@{label}"
+            outs[key], results[key] = out, r
+            print(f"{key:26s} tokens={r['tokens']:5d} median_ms={r['ms']:9.2f} peak_GiB={r['peak_gib']:6.2f} "
+                  f"mask_setup_ms={r['mask_setup_ms']:8.2f}", flush=True)
+        base = results.get(f"base512@{label}", {}).get("ms")
+        for key, r in results.items():
+            if key.endswith("@" + label) and base:
+                r["x_base"] = r["ms"] / base
+        for ours, ref in (("ours2560", "anchor_dense2560"), ("ours1024", "anchor_dense1024")):
+            a, b = outs.get(f"{ours}@{label}"), outs.get(f"{ref}@{label}")
+            if a is not None and b is not None:
+                rel = ((a - b).norm() / b.norm()).item()
+                results[f"relerr_{ours}_vs_{ref}@{label}"] = rel
+                print(f"rel_err {ours} vs {ref} ({label}): {rel:.2e}")
+    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", dtype=str(dtype),
+                impl=ctl.impl, torch=torch.__version__, tiny=args.tiny)
+    print(json.dumps({"meta": meta, "results": results}, indent=1))
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_attention%s.json" % ("_tiny" if args.tiny else "")), "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

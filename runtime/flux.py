@@ -1,0 +1,343 @@
+"""The Flux backend: loads a FluxPipeline's components once and executes plan jobs with them.
+
+Our own sampling loop interprets the job's step program but computes each step exactly as
+diffusers' FluxPipeline does (same latents from ``prepare_latents`` and a CPU generator, same sigma
+table, same Euler update in float32, same guidance embedding), so a job without entities reproduces
+``FluxPipeline(...)`` bit for bit. On top of that:
+
+- regional attention (EliGen, arXiv 2501.01097), see ``runtime/attention.py``;
+- per-entity negatives with ``true_cfg > 1``: a second forward with the same regional structure over
+  the negative texts, combined as v = v_neg + s·(v_pos − v_neg) (FluxPipeline's true CFG);
+- inpainting fusion (EliGen): with an init image z₀, v = m·v_model + (1−m)·(x − z₀)/σ, so outside the
+  entity regions the trajectory runs straight back to z₀ and ends exactly on it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .attention import RegionalAttention, RegionalLayout, region_membership
+from .errors import ModelUnavailable, PlanError, Unsupported
+from .plan import Plan
+
+SUPPORTED_OPS = {"denoise"}
+
+
+@dataclass
+class Encoded:
+    """One text condition of a forward: T5 sequence, CLIP pooled (global prompts only), lengths."""
+
+    seq: torch.Tensor  # [1, L, D]
+    pooled: torch.Tensor | None  # [1, Dp]
+
+
+@dataclass
+class Condition:
+    """Everything one forward needs besides the latent: text sequence, pooled, ids and region mask."""
+
+    seq: torch.Tensor
+    pooled: torch.Tensor
+    txt_ids: torch.Tensor
+    mask: object | None  # attention.BuiltMask, or None for the model's default path
+
+
+@dataclass
+class JobResult:
+    image: object  # PIL.Image
+    latents: torch.Tensor  # packed [1, n_tokens, 64], final
+    timings: dict = field(default_factory=dict)
+
+
+def _dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    try:
+        return table[str(d).lower()]
+    except KeyError:
+        raise PlanError(f"unknown dtype {d!r} (use bf16, fp16 or fp32)") from None
+
+
+class FluxBackend:
+    """A loaded Flux model. Build with :func:`load_backend`; reuse across plans of the same model."""
+
+    family = "flux"
+
+    def __init__(self, pipe, model_id: str, device: torch.device, dtype: torch.dtype,
+                 attn_impl: str | None = None, pad_multiple: int | None = None):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = pipe.transformer
+        self.regional = RegionalAttention(self.transformer, impl=attn_impl)
+        self.regional.install()
+        # text padded so image tokens start on a FlexAttention block; SDPA needs no padding
+        self.pad_multiple = pad_multiple if pad_multiple is not None else (128 if self.regional.impl == "flex" else 1)
+        self._cache: dict[tuple, Encoded] = {}
+
+    # -- text --------------------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    @torch.inference_mode()
+    def encode_global(self, text: str, max_sequence_length: int) -> Encoded:
+        """CLIP pooled + T5 padded to max_sequence_length: exactly FluxPipeline.encode_prompt."""
+        key = ("global", text, max_sequence_length)
+        if key not in self._cache:
+            seq, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, device=self.device,
+                                                     max_sequence_length=max_sequence_length)
+            self._cache[key] = Encoded(seq, pooled)
+        return self._cache[key]
+
+    @torch.inference_mode()
+    def encode_entity(self, text: str, max_sequence_length: int, pad_to: int | None = None) -> Encoded:
+        """T5 over the entity's real tokens only (with </s>), or padded to ``pad_to`` tokens."""
+        key = ("entity", text, max_sequence_length, pad_to)
+        if key not in self._cache:
+            tok = self.pipe.tokenizer_2
+            if pad_to:
+                ids = tok(text, padding="max_length", max_length=min(pad_to, max_sequence_length),
+                          truncation=True, return_tensors="pt").input_ids
+            else:
+                ids = tok(text, padding=False, max_length=max_sequence_length, truncation=True,
+                          return_tensors="pt").input_ids
+            te = self.pipe.text_encoder_2
+            seq = te(ids.to(te.device), output_hidden_states=False)[0].to(dtype=te.dtype, device=self.device)
+            self._cache[key] = Encoded(seq, None)
+        return self._cache[key]
+
+    # -- one job -----------------------------------------------------------------------------
+    def _condition(self, plan: Plan, job: dict, negative: bool) -> Condition:
+        """Text sequence [global | entities | pad], pooled (global CLIP) and the job's region mask."""
+        which = "negative" if negative else "prompt"
+        msl = int(plan.model.get("max_sequence_length") or 512)
+        att = plan.attention
+        g = self.encode_global(plan.prompt(job["global"][which]), msl)
+        ents = job.get("entities") or []
+        te_dtype = self.pipe.text_encoder.dtype  # FluxPipeline.encode_prompt's text_ids dtype
+        if not ents:  # the model's default path: nothing but the global prompt, no mask
+            ids = torch.zeros(g.seq.shape[1], 3, device=self.device, dtype=te_dtype)
+            return Condition(g.seq, g.pooled, ids, None)
+        pad = att.get("pad_prompts")
+        parts = [g.seq] + [self.encode_entity(plan.prompt(e[which]), msl, pad).seq for e in ents]
+        grid = plan.grid("token")
+        regions = region_membership([plan.mask(e.get("masks"), "token") for e in ents], grid)
+        layout = RegionalLayout([p.shape[1] for p in parts], regions, att.get("image_self", "open"),
+                                self.pad_multiple)
+        if layout.n_pad:
+            parts.append(parts[0].new_zeros(1, layout.n_pad, parts[0].shape[2]))
+        seq = torch.cat(parts, dim=1)
+        ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=te_dtype)  # Flux: text ids are zeros
+        return Condition(seq, g.pooled, ids, self.regional.build(layout, self.device))
+
+    def _check_program(self, job: dict, steps: int) -> None:
+        for op in job["program"]:
+            kind = op.get("op")
+            if kind not in SUPPORTED_OPS:
+                raise Unsupported(f"job {job['id']!r}: step op {kind!r} (reference conditions / coupling groups) "
+                                  "is not supported by this runtime yet")
+            if op.get("theta") is not None:
+                raise Unsupported(f"job {job['id']!r}: coupled generation (theta) is not supported by this runtime yet")
+            if op.get("eta", 0.0):
+                raise Unsupported(f"job {job['id']!r}: stochastic denoise (eta > 0) is not supported by this runtime yet")
+            if not isinstance(op.get("from"), int) or not isinstance(op.get("to"), int):
+                raise PlanError(f"job {job['id']!r}: denoise op without integer 'from'/'to': {op!r}")
+            if not (0 <= op["from"] < op["to"] <= steps):
+                raise PlanError(f"job {job['id']!r}: denoise {op['from']}→{op['to']} outside 0..{steps}")
+        if job.get("conditions"):
+            raise Unsupported(f"job {job['id']!r}: reference-image conditions are not supported by this runtime yet")
+
+    @torch.inference_mode()
+    def _encode_init(self, plan: Plan, job: dict, height: int, width: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed z₀, packed inpaint mask m) for a job with an init image (FluxImg2ImgPipeline's encoding)."""
+        from PIL import Image
+
+        pipe = self.pipe
+        arr = np.asarray(plan.tensor(job["init_image"]))
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != (height, width):
+            raise PlanError(f"init image {job['init_image']!r}: need uint8 [{height}, {width}, 3], "
+                            f"got {arr.dtype} {list(arr.shape)}")
+        img = pipe.image_processor.preprocess(Image.fromarray(arr), height=height, width=width)
+        img = img.to(device=self.device, dtype=pipe.vae.dtype)
+        # the distribution's mode, not a sample: deterministic, and it leaves the noise generator alone
+        z = pipe.vae.encode(img).latent_dist.mode()
+        z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        c, lh, lw = z.shape[1:]
+        z0 = pipe._pack_latents(z.to(dtype), 1, c, lh, lw)
+        m = plan.mask(job.get("inpaint_mask"), "latent")
+        if m is None:
+            raise PlanError(f"job {job['id']!r} has an init image but no inpaint_mask")
+        if m.shape != (lh, lw):
+            raise PlanError(f"inpaint mask of shape {list(m.shape)} does not match the latent grid {[lh, lw]}")
+        # each latent pixel's value goes to its 16 channels inside its token's 2x2·16 packed channels
+        mt = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).to(self.device)
+        mt = mt[None, None].expand(1, c, lh, lw).contiguous()
+        return z0, pipe._pack_latents(mt, 1, c, lh, lw)
+
+    @torch.inference_mode()
+    def run_job(self, plan: Plan, job: dict, progress: Callable[[int], None] | None = None,
+                decode: bool = True) -> JobResult:
+        """Sample one job of the plan and decode it; see the module docstring for what is computed."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        t_start = time.perf_counter()
+        pipe = self.pipe
+        width, height = plan.canvas
+        sampler = plan.sampler
+        steps = int(sampler["steps"])
+        self._check_program(job, steps)
+        true_cfg = float(sampler.get("true_cfg") or 1.0)
+        att = plan.attention
+
+        pos = self._condition(plan, job, negative=False)
+        neg = self._condition(plan, job, negative=True) if true_cfg > 1 else None
+        t_enc = time.perf_counter()
+
+        gen = torch.Generator("cpu").manual_seed(int(job["seed"]))
+        n_lat = self.transformer.config.in_channels // 4
+        latents, img_ids = pipe.prepare_latents(1, n_lat, height, width, pos.seq.dtype, self.device, gen)
+        lh, lw = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
+        if plan.grid("token") != (lh // 2, lw // 2):
+            raise PlanError(f"token grid {plan.grid('token')} does not match the canvas ({lh // 2}, {lw // 2})")
+
+        # FluxPipeline's sigma table: linear sigmas, resolution-dependent shift mu
+        sched = pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(latents.shape[1], sched.config.get("base_image_seq_len", 256),
+                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                             sched.config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(sched, steps, self.device, sigmas=sigmas, mu=mu)
+        sig = sched.sigmas
+        if len(sig) != steps + 1:
+            raise PlanError(f"scheduler gave {len(sig) - 1} steps, the plan has {steps}")
+
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], float(sampler.get("guidance", 3.5)), device=self.device,
+                                  dtype=torch.float32).expand(latents.shape[0])
+
+        z0 = m = None
+        if job.get("init_image"):
+            z0, m = self._encode_init(plan, job, height, width, latents.dtype)
+
+        blocks = att.get("blocks", "all")
+
+        def velocity(cond: Condition, x, t, regional: bool):
+            self.regional.use(cond.mask if regional else None, blocks)
+            return self.transformer(hidden_states=x, timestep=t / 1000, guidance=guidance,
+                                    pooled_projections=cond.pooled, encoder_hidden_states=cond.seq,
+                                    txt_ids=cond.txt_ids, img_ids=img_ids, joint_attention_kwargs={},
+                                    return_dict=False)[0]
+
+        try:
+            for n, op in enumerate(job["program"]):
+                i, j = int(op["from"]), int(op["to"])
+                t = timesteps[i].expand(latents.shape[0]).to(latents.dtype)
+                regional = bool(op.get("regional", True))
+                v = velocity(pos, latents, t, regional)
+                if neg is not None:
+                    v_neg = velocity(neg, latents, t, regional)
+                    v = v_neg + true_cfg * (v - v_neg)
+                s_from, s_to = sig[i], sig[j]
+                x32 = latents.to(torch.float32)
+                if z0 is None:
+                    # FlowMatchEulerDiscreteScheduler.step: float32 sample, x + (σ_to − σ_from)·v
+                    new = (x32 + (s_to - s_from) * v).to(v.dtype)
+                else:
+                    # inpainting fusion (EliGen): outside the regions, the velocity that leads to z₀
+                    zf = z0.to(torch.float32)
+                    v_keep = (x32 - zf) / s_from
+                    vf = m * v.to(torch.float32) + (1 - m) * v_keep
+                    new = (x32 + (s_to - s_from) * vf)
+                    if float(s_to) == 0.0:
+                        new = torch.where(m == 0, zf, new)  # exactly the init image outside
+                    new = new.to(v.dtype)
+                latents = new
+                if progress is not None:
+                    progress(n + 1)
+        finally:
+            self.regional.use(None)
+        t_den = time.perf_counter()
+
+        image = None
+        if decode:
+            image = self.decode(latents, height, width)
+        t_dec = time.perf_counter()
+        timings = {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
+                   "total_s": t_dec - t_start}
+        return JobResult(image, latents, timings)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int):
+        """Packed latents → PIL image, as FluxPipeline does (unpack, unscale/unshift, VAE decode)."""
+        pipe = self.pipe
+        x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        img = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(img, output_type="pil")[0]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backend(model: dict | str, device=None, dtype=None, attn_impl: str | None = None,
+                 compile_blocks: bool = False) -> FluxBackend:
+    """Load a Flux model once: ``tiny`` is built in code; anything else via ``FluxPipeline.from_pretrained``.
+
+    ``model`` is the plan's ``model`` dict (``spec``, ``family``, ``repo``) or a spec string.
+    Device defaults to CUDA when available; dtype to bf16 on CUDA and fp32 on CPU.
+    """
+    from diffusers import FluxPipeline
+
+    if isinstance(model, str):
+        model = {"spec": model, "family": "flux", "repo": None if model == "tiny" else model}
+    family = model.get("family", "flux")
+    if family != "flux":
+        raise Unsupported(f"model family {family!r} ({model.get('spec')}) is not supported by this runtime yet; "
+                          "use a Flux model")
+    dev = torch.device(device) if device is not None else _default_device()
+    dt = _dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    spec = model.get("spec") or "tiny"
+    if spec == "tiny" and not model.get("repo"):
+        from .tiny import build_tiny_flux
+
+        pipe = FluxPipeline(**build_tiny_flux(dtype=dt, device=dev).components())
+        model_id = "tiny"
+    else:
+        repo = model.get("repo") or spec
+        pipe = _from_pretrained(FluxPipeline, repo, dt)
+        pipe.to(dev)
+        model_id = repo
+    pipe.set_progress_bar_config(disable=True)
+    backend = FluxBackend(pipe, model_id, dev, dt, attn_impl=attn_impl)
+    if compile_blocks:
+        for b in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):
+            b.compile()
+    return backend
+
+
+def _from_pretrained(cls, repo: str, dtype):
+    looks_local = repo.startswith((".", "/", "~")) or Path(repo).exists()
+    if looks_local:
+        p = Path(repo).expanduser()
+        if not (p / "model_index.json").is_file():
+            raise ModelUnavailable(f"{repo}: not a diffusers model directory (no model_index.json); "
+                                   "point --model at a directory saved with save_pretrained or a hub id")
+        repo = str(p)
+    try:
+        return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, EnvironmentError, ValueError) as e:
+        hub = "" if looks_local else f"`huggingface-cli download {repo}` (accepting its licence on the hub), or "
+        raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}); get them with "
+                               f"{hub}point --model at a local diffusers directory") from e

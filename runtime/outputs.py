@@ -1,0 +1,146 @@
+"""Executing a plan into files: PNGs with provenance metadata, JSON sidecars, optional mask PNGs.
+
+Every file is written atomically (temp file in the target directory, fsync, ``os.replace``), so a
+crash never leaves a half-written image that a later build would mistake for a result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import PlanError, RuntimeErrorBase
+from .plan import Plan
+
+Progress = Callable[[int, int, str], None]  # (steps done, steps total, job name)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def png_bytes(image, text: dict[str, str]) -> bytes:
+    """PNG with tEXt chunks; deterministic for the same pixels and text (no timestamps)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_text(k, str(v))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _safe_stem(out_dir: Path, name: str) -> Path:
+    """The output path stem for a job name, kept inside ``out_dir`` (names may have subfolders)."""
+    if not name or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise PlanError(f"output name {name!r} is not a safe relative file name")
+    p = (out_dir / name).resolve()
+    if not p.is_relative_to(out_dir.resolve()):
+        raise PlanError(f"output name {name!r} leaves the output directory")
+    return out_dir / name
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s) or "_"
+
+
+def metadata(plan: Plan, job: dict, backend) -> dict[str, str]:
+    """Provenance written into each PNG and its sidecar (what made this image)."""
+    from scenec import __version__
+
+    return {
+        "scenec:scene": plan.json.get("scene", {}).get("name", ""),
+        "scenec:job": job["id"],
+        "scenec:seed": str(job["seed"]),
+        "scenec:plan_hash": plan.plan_hash,
+        "scenec:job_hash": job.get("job_hash", ""),
+        "scenec:model": backend.model_id,
+        "scenec:version": __version__,
+    }
+
+
+def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None) -> list[dict]:
+    """Run every job of ``plan`` on ``backend``; write ``<name>.png`` + ``<name>.json`` per job.
+
+    Returns one result dict per job: ``status`` "built" (with paths, timings) or "failed" (with
+    ``error``, one sentence). Expected failures (unsupported features, bad plan data) fail that job
+    only; the other jobs still run.
+    """
+    plan = Plan.of(plan)
+    out = Path(out_dir)
+    ext = (plan.json.get("output") or {}).get("ext", "png")
+    if ext != "png":
+        raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
+    steps_per_job = [len(j.get("program") or []) for j in plan.jobs]
+    total = sum(steps_per_job)
+    done = 0
+    results = []
+    try:
+        for job, n_steps in zip(plan.jobs, steps_per_job):
+            meta = metadata(plan, job, backend)
+            base = {"job": job["id"], "name": job.get("name", job["id"]), "seed": job["seed"],
+                    "job_hash": job.get("job_hash", "")}
+            try:
+                stem = _safe_stem(out, base["name"])
+                cb = None
+                if progress is not None:
+                    cb = (lambda k, _d=done, _n=base["name"]: progress(_d + k, total, _n))
+                r = backend.run_job(plan, job, progress=cb)
+            except RuntimeErrorBase as e:
+                results.append({**base, "status": "failed", "error": str(e)})
+                done += n_steps
+                if progress is not None:
+                    progress(done, total, base["name"])
+                continue
+            done += n_steps
+            img_path = stem.with_name(stem.name + ".png")
+            atomic_write(img_path, png_bytes(r.image, meta))
+            mask_paths = _write_masks(plan, job, stem) if masks else []
+            side = {**meta, "image": img_path.name, "timings": r.timings,
+                    "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
+                    "masks": [p.name for p in mask_paths]}
+            side_path = stem.with_name(stem.name + ".json")
+            atomic_write(side_path, (json.dumps(side, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+            results.append({**base, "status": "built", "image": str(img_path), "sidecar": str(side_path),
+                            "masks": [str(p) for p in mask_paths], "timings": r.timings})
+    finally:
+        backend.clear_cache()
+    return results
+
+
+def _write_masks(plan: Plan, job: dict, stem: Path) -> list[Path]:
+    """Each entity's token-grid coverage as an 8-bit PNG ``<name>.mask-<entity>.png`` (one pixel per token)."""
+    from PIL import Image
+
+    paths = []
+    for e in job.get("entities") or []:
+        m = plan.mask(e.get("masks"), "token")
+        if m is None:
+            m = np.ones(plan.grid("token"), np.float32)
+        img = Image.fromarray(np.clip(np.round(m * 255.0), 0, 255).astype(np.uint8))  # 2-D uint8 → mode L
+        p = stem.with_name(f"{stem.name}.mask-{_slug(e['id'])}.png")
+        atomic_write(p, png_bytes(img, {"scenec:job": job["id"], "scenec:entity": e["id"]}))
+        paths.append(p)
+    return paths
