@@ -34,7 +34,7 @@ def build(scene_paths: Iterable[str | Path], out: str | Path | None = None, mode
           device: str | None = None, dtype: str | None = None, masks: bool = False, quiet: bool = False) -> dict:
     """Compile and execute scenes. Returns ``{"built", "cached", "failed", "outputs", "errors"}``.
 
-    ``out`` overrides each scene's ``output.dir`` (relative to the current directory). Device
+    ``out`` overrides each scene's ``output.dir`` (which is relative to its scene file). Device
     defaults to CUDA when available, dtype to bf16 on CUDA and fp32 on CPU. A failed job (model not
     available, unsupported feature) counts in ``failed`` and the rest still run.
     """
@@ -79,7 +79,9 @@ def build(scene_paths: Iterable[str | Path], out: str | Path | None = None, mode
             if isinstance(be, Exception):
                 fail(str(path), str(be), len(plan.jobs))
                 continue
-            out_dir = Path(out) if out is not None else Path((plan.json.get("output") or {}).get("dir", "out"))
+            # the scene's output.dir is relative to the scene file (contract), -o to the current directory
+            out_dir = Path(out) if out is not None else \
+                path.resolve().parent / (plan.json.get("output") or {}).get("dir", "out")
             cb = None
             if bar is not None:
                 task = bar.add_task(plan.json.get("scene", {}).get("name", str(path)), total=None)
