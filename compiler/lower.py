@@ -79,7 +79,7 @@ def lower(ir: IR) -> Plan:
     """Rasterise regions on the family's grids, place references, and emit the plan document."""
     from PIL import Image
 
-    from .geometry import rasterize
+    from .geometry import rasterize_grids
 
     sc = ir.scene.scene
     fam = ir.info.family
@@ -89,12 +89,11 @@ def lower(ir: IR) -> Plan:
     pidx = {p.id: i for i, p in enumerate(prompts)}
 
     def region_masks(region) -> dict[str, str]:
-        names = {}
-        for gname, px in fam.grids:
-            name = f"region/{region.id}/{gname}"
-            if name not in tensors:
-                tensors[name] = rasterize(region.geom, region.feather_px, canvas, px).astype(np.float32)
-            names[gname] = name
+        names = {gname: f"region/{region.id}/{gname}" for gname, _ in fam.grids}
+        if any(n not in tensors for n in names.values()):
+            grids = rasterize_grids(region.geom, region.feather_px, canvas, fam.grids)
+            for gname, name in names.items():
+                tensors[name] = grids[gname].astype(np.float32)
         return names
 
     init_name = None
@@ -179,7 +178,7 @@ def lower(ir: IR) -> Plan:
 def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) -> dict:
     from PIL import Image
 
-    from .geometry import rasterize
+    from .geometry import rasterize, rasterize_grids
 
     canvas = ir.canvas
     name = f"cond/{reg.id}/rgba"
@@ -193,11 +192,11 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
            "preserve": None if c.preserve is None else level_to_index(c.preserve, ir.steps),
            "eta": c.eta, "masks": masks, "related": None, "modulation": c.modulation}
     if c.related is not None:
-        rel = {}
-        for gname, px in ir.info.family.grids:
-            rname = f"related/{c.id}/{gname}"
-            tensors.setdefault(rname, rasterize(c.related, 0.0, canvas, px).astype(np.float32))
-            rel[gname] = rname
+        rel = {gname: f"related/{c.id}/{gname}" for gname, _ in ir.info.family.grids}
+        if any(n not in tensors for n in rel.values()):
+            grids = rasterize_grids(c.related, 0.0, canvas, ir.info.family.grids)
+            for gname, name in rel.items():
+                tensors[name] = grids[gname].astype(np.float32)
         out["related"] = rel
     return out
 

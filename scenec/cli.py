@@ -164,11 +164,13 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
         if key in seen:  # seeds do not change the layout
             continue
         seen.add(key)
-        regions, refs, related = [], [], []
+        regions, refs, related, whole = [], [], [], []
         for s in ir.streams(job.id):
             r = ir.region_of(s.id)
             if r is not None:
                 regions.append((s.name, _region(r)))
+            elif s.role == "entity":
+                whole.append(s.name)  # a variant's prompt acts on the whole canvas
         by_entity = dict(regions)
         for c in ir.succ(job.id, ConditionNode):
             if c.entity in by_entity:
@@ -176,15 +178,13 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
             if c.related is not None:
                 related.append((c.entity, c.related))
         title = ir.scene.name if job.group is None else f"{job.group} / {job.variant}"
-        jobs.append({"title": title, "group": job.group, "regions": regions, "references": refs, "related": related})
+        jobs.append({"title": title, "group": job.group, "regions": regions, "references": refs, "related": related,
+                     "whole_canvas": whole})
     bg = ir.scene.scene.background.image
     kwargs = {}
     if bg:
         kwargs["background"] = ir.scene.resolve(("background", "image"), bg)
-    try:
-        render_preview(ir.scene, jobs, out, **kwargs)
-    except TypeError:
-        render_preview(ir.scene, jobs, out)
+    render_preview(ir.scene, jobs, out, **kwargs)
     print(f"preview written to {out}", file=sys.stderr)
 
 
