@@ -1,0 +1,236 @@
+"""scenec eval: BgSim on synthetic outputs with a known answer, CLIPScore with a tiny random CLIP, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.eval import (ClipScorer, EvalError, bg_similarity, combined, evaluate_dir, evaluate_group, find_outputs,
+                         locate_scene, parse_weights, tiny_clip, upsample_mask)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCENE = """\
+scenec: 1
+model: tiny
+canvas: {width: 64, height: 64}
+sampler: {steps: 4, seed: [1, 2]}
+background: {prompt: "a misty forest"}
+entities:
+  - {id: stag, prompt: "a stag", shape: {box: [0.0, 0.0, 0.25, 0.5]}}
+  - {id: fox, prompt: "a red fox", shape: {box: [0.5, 0.5, 1.0, 1.0]}}
+groups:
+  - id: pair
+    variants:
+      - {id: stag, entities: [stag]}
+      - {id: fox, entities: [fox]}
+%s
+output: {dir: out}
+"""
+
+PROMPT_GROUP = """\
+  - id: loose
+    variants:
+      - {id: stag, entities: [stag]}
+      - {id: owl, prompt: "an owl"}
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "scenec.toml").write_text("[project]\n")
+    (tmp_path / "pair.yaml").write_text(SCENE % PROMPT_GROUP)
+    return tmp_path
+
+
+def _joint(h=64, w=64):
+    """The union of the two boxes on a 64×64 canvas (cells of 8 px align with the boxes)."""
+    m = np.zeros((h, w), bool)
+    m[0:32, 0:16] = True
+    m[32:64, 32:64] = True
+    return m
+
+
+DELTA = 10  # variant fox differs by 10/255 in every channel outside the regions
+
+
+def _write_outputs(project, plan, delta=DELTA):
+    """Images of group `pair`: per seed a random background shared by both variants, random inside the
+    regions, and +delta on the fox variant outside the joint region; sidecars as the runtime writes them."""
+    out = project / "out"
+    out.mkdir()
+    inside = _joint()
+    for j in plan.json["jobs"]:
+        if j["group"] != "pair":
+            continue
+        rng = np.random.default_rng(j["seed"])
+        img = rng.integers(0, 200, (64, 64, 3)).astype(np.uint8)
+        noise = np.random.default_rng(zlib.crc32(j["id"].encode())).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+        img[inside] = noise[inside]
+        if j["variant"] == "fox":
+            img[~inside] += delta
+        Image.fromarray(img).save(out / f"{j['name']}.png")
+        side = {"scenec:job": j["id"], "scenec:scene": plan.json["scene"]["name"], "scenec:seed": str(j["seed"]),
+                "scenec:plan_hash": plan.plan_hash, "image": f"{j['name']}.png"}
+        (out / f"{j['name']}.json").write_text(json.dumps(side))
+    return out
+
+
+def test_bg_similarity_formula():
+    a = np.zeros((4, 4, 3))
+    b = np.zeros((4, 4, 3))
+    b[..., 0] = 0.3
+    b[..., 1] = 0.4  # L2 per pixel = 0.5
+    inside = np.zeros((4, 4), bool)
+    inside[:, :2] = True  # half the canvas is entity: ρ = 0.5
+    r = bg_similarity([a, b], inside)
+    assert r["mean_l2"] == pytest.approx(0.5) and r["validity"] == pytest.approx(0.5)
+    assert r["bgsim"] == pytest.approx(-0.25)
+    # three images: the mean over the three pairs
+    c = a.copy()
+    r3 = bg_similarity([a, b, c], inside)
+    assert r3["mean_l2"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    assert bg_similarity([a], inside)["bgsim"] is None
+    assert bg_similarity([a, b], np.ones((4, 4), bool))["bgsim"] == 0.0
+
+
+def test_upsample_mask_and_weights():
+    m = np.zeros((2, 2))
+    m[0, 1] = 0.2  # partial coverage counts as entity
+    up = upsample_mask(m, (4, 4))
+    assert up[:2, 2:].all() and up.sum() == 4
+    assert parse_weights("1, 0.5") == (1.0, 0.5)
+    with pytest.raises(EvalError, match="two numbers"):
+        parse_weights("1")
+    assert combined(-0.1, 0.8, (1, 2)) == pytest.approx(1.5)
+    assert combined(-0.1, None, (1, 0)) == pytest.approx(-0.1)
+    assert combined(None, 0.5, (1, 1)) is None
+
+
+def test_group_bgsim_known_value(project):
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    images = {o.job: Image.open(o.image) for o in find_outputs(out)}
+    ge = evaluate_group(plan, "pair", images, weights=(1.0, 0.0))
+    rho = 1 - _joint().mean()  # (64·64 − 16·32 − 32·32) / 64² = 0.625
+    l2 = np.sqrt(3) * DELTA / 255
+    assert ge.validity == pytest.approx(rho)
+    assert ge.mean_l2 == pytest.approx(l2, rel=1e-9)
+    assert ge.bgsim == pytest.approx(-rho * l2, rel=1e-9)
+    assert ge.combined == pytest.approx(ge.bgsim) and ge.clipscore is None
+    assert ge.images == 4 and ge.seeds == [1, 2] and ge.masking == "regions" and not ge.warnings
+
+
+def test_identical_backgrounds_score_zero(project):
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan, delta=0)
+    ge = evaluate_group(plan, "pair", {o.job: Image.open(o.image) for o in find_outputs(out)}, weights=(1, 0))
+    assert ge.bgsim == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prompt_variant_warns_then_uses_the_segmentation_hook(project):
+    plan = compile_scene(project / "pair.yaml")
+    jobs = [j for j in plan.json["jobs"] if j["group"] == "loose" and j["seed"] == 1]
+    rng = np.random.default_rng(0)
+    base = rng.random((64, 64, 3))
+    owl = base.copy()
+    owl[40:60, 40:60] = 1.0  # the owl, somewhere no region says
+    images = {jobs[0]["id"]: base, jobs[1]["id"]: owl}
+    ge = evaluate_group(plan, "loose", images, weights=(1, 0))
+    assert ge.masking == "partial" and "owl" in ge.warnings[0] and "not masked out" in ge.warnings[0]
+    assert ge.bgsim < 0
+
+    seen = []
+
+    def seg(img, text):
+        seen.append(text)
+        m = np.zeros(img.shape[:2], bool)
+        m[40:60, 40:60] = True
+        return m
+
+    ge2 = evaluate_group(plan, "loose", images, weights=(1, 0), segmenter=seg)
+    assert seen == ["an owl"] and ge2.masking == "regions+segmentation" and not ge2.warnings
+    assert ge2.bgsim == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+def test_tiny_clip_scores(clip):
+    img = np.random.default_rng(1).random((48, 80, 3))
+    x = clip.preprocess(img)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    s = clip.score([img, img], ["a red fox", "a cat in a meadow"])
+    assert s.shape == (2,) and np.all((s >= 0) & (s <= 2.5))
+    assert np.allclose(s, clip.score([img, img], ["a red fox", "a cat in a meadow"]))  # deterministic
+    c = clip.cosine([img], ["a red fox"])
+    assert s[0] == pytest.approx(2.5 * max(c[0], 0.0))
+
+
+def test_clip_from_a_local_directory_and_missing_model(clip, tmp_path, monkeypatch):
+    d = tmp_path / "clip"
+    clip.model.save_pretrained(d)
+    clip.tokenizer.save_pretrained(d)
+    loaded = ClipScorer.load(str(d), device="cpu")
+    img = np.random.default_rng(2).random((32, 32, 3))
+    assert np.allclose(loaded.score([img], ["a fox"]), clip.score([img], ["a fox"]), atol=1e-6)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvalError) as e:
+        ClipScorer.load(str(tmp_path / "no-such-clip"))
+    msg = str(e.value)
+    assert msg.startswith("CLIP model `") and "--clip" in msg and "\n" not in msg and e.value.exit_code == 1
+
+
+def test_evaluate_dir_finds_the_scene(project, clip):
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    assert locate_scene(out, "pair") == project / "pair.yaml"
+    rep = evaluate_dir(out, clip=clip, weights=(1.0, 2.0))
+    (g,) = rep["groups"]
+    assert g["group"] == "pair" and g["images"] == 4 and not rep["warnings"]
+    assert g["combined"] == pytest.approx(g["bgsim"] + 2 * g["clipscore"])
+    assert len(g["per_image"]) == 4 and all(0 <= r["clipscore"] <= 2.5 for r in g["per_image"])
+    json.dumps(rep)  # serialisable
+
+
+def test_evaluate_dir_warns_on_plan_hash_mismatch(project):
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    (project / "pair.yaml").write_text((SCENE % PROMPT_GROUP).replace("a misty forest", "a foggy forest"))
+    rep = evaluate_dir(out, weights=(1, 0))
+    assert any("another plan" in w for w in rep["warnings"])
+
+
+def test_evaluate_dir_errors(tmp_path):
+    with pytest.raises(EvalError, match="no built images"):
+        evaluate_dir(tmp_path)
+    (tmp_path / "x.json").write_text(json.dumps({"scenec:job": "j", "scenec:scene": "ghost", "image": "x.png"}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(EvalError, match="--scene"):
+        evaluate_dir(tmp_path)
+
+
+def test_cli_eval_table_and_json(project):
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--weights", "1,0",
+                        "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["groups"][0]["bgsim"] == pytest.approx(-(1 - _joint().mean()) * np.sqrt(3) * DELTA / 255)
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--weights", "1,0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "BgSim" in r.stdout and "pair" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--weights", "x"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--weights" in r.stderr

@@ -1,0 +1,239 @@
+"""scenec tune: PAV, the optimisers on synthetic objectives with known optima (no model), the group
+objective through execute() with a fake backend, resuming, and one end-to-end run on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.tune import (Evaluator, GroupObjective, family_theta, optimise, pav, project_monotone, schedule_line,
+                         state_path_for, tune)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- PAV ---------------------------------------------------------------------------------------------
+
+def _brute_isotonic(y):
+    """Isotonic regression by the min-max formula x_i = max_{j≤i} min_{k≥i} mean(y[j..k])."""
+    n = len(y)
+    return np.array([max(min(np.mean(y[j:k + 1]) for k in range(i, n)) for j in range(i + 1)) for i in range(n)])
+
+
+def test_pav_known_and_random():
+    assert np.allclose(pav([1, 3, 2, 4, 3, 5]), [1, 2.5, 2.5, 3.5, 3.5, 5])
+    assert np.allclose(pav([3, 2, 1]), [2, 2, 2])
+    assert np.allclose(pav([0.1, 0.2, 0.9]), [0.1, 0.2, 0.9])  # already monotone: unchanged
+    assert pav([]).size == 0
+    assert np.allclose(pav([1, 0], w=[3, 1]), [0.75, 0.75])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        y = rng.normal(size=rng.integers(1, 12))
+        x = pav(y)
+        assert np.all(np.diff(x) >= -1e-12)
+        assert np.allclose(x, _brute_isotonic(y))
+
+
+def test_projection_is_clipped_pav():
+    x = project_monotone([-0.5, 1.2, 0.3, 0.9])
+    assert np.allclose(x, [0.0, 0.75, 0.75, 0.9])
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # the projection is the closest feasible point: no feasible random point is closer
+        y = rng.normal(0.5, 0.6, 6)
+        p = project_monotone(y)
+        for _ in range(50):
+            q = np.sort(rng.random(6))
+            assert np.sum((p - y) ** 2) <= np.sum((q - y) ** 2) + 1e-12
+
+
+# --- optimisers on synthetic objectives -------------------------------------------------------------------
+
+def _quadratic(target):
+    t = np.asarray(target, dtype=np.float64)
+    return lambda th: -float(np.sum((th - t) ** 2))
+
+
+def test_vector_search_finds_the_pav_projection_of_a_non_monotone_target():
+    target = np.array([0.1, 0.6, 0.3, 0.5, 1.1, 0.8])  # not monotone, partly outside [0, 1]
+    best_possible = project_monotone(target)  # [0.1, 0.45, 0.45, 0.5, 0.95, 0.95]
+    f = Evaluator(_quadratic(target), 6, budget=300)
+    best = optimise(f, 6, method="vector")
+    assert f.used <= 300
+    assert np.abs(np.array(best.values) - best_possible).max() < 0.02
+    v = np.array(best.values)
+    assert np.all(np.diff(v) >= 0) and v.min() >= 0 and v.max() <= 1
+
+
+def test_param_search_recovers_a_family_member():
+    steps = 20
+    target = family_theta("sin", {"center": 0.57, "width": 0.42}, steps)
+    f = Evaluator(_quadratic(target), steps, budget=150)
+    best = optimise(f, steps, method="param")
+    assert best.params["shape"] == "sin"
+    assert best.params["center"] == pytest.approx(0.57, abs=0.01)
+    assert best.params["width"] == pytest.approx(0.42, abs=0.02)
+    assert np.abs(np.array(best.values) - target).max() < 0.01
+    assert best.method.startswith("param:sin(")
+
+
+def test_both_is_never_worse_than_the_start_and_respects_the_budget():
+    target = np.array([0.0, 0.0, 0.3, 0.2, 0.9, 1.0, 0.7, 1.0])
+    start = np.linspace(0, 1, 8)
+    f = Evaluator(_quadratic(target), 8, budget=40)
+    best = optimise(f, 8, method="both", start=start)
+    assert f.used == 40 and len(f.cache) == 40
+    assert best.objective >= _quadratic(target)(start)
+    optimum = _quadratic(target)(project_monotone(target))  # ≈ −0.052: the monotone optimum
+    assert best.objective > optimum - 0.06
+
+
+def test_resume_replays_without_evaluating(tmp_path):
+    target = np.array([0.2, 0.1, 0.6, 0.9])
+    calls = []
+
+    def obj(th):
+        calls.append(th)
+        return _quadratic(target)(th)
+
+    state = tmp_path / "s.state.json"
+    f = Evaluator(obj, 4, budget=12, state_path=state, fingerprint={"k": 1})
+    b1 = optimise(f, 4, method="both")
+    assert len(calls) == 12 and len(json.loads(state.read_text())["evaluations"]) == 12
+    f2 = Evaluator(obj, 4, budget=12, state_path=state, fingerprint={"k": 1})
+    b2 = optimise(f2, 4, method="both")
+    assert len(calls) == 12 and f2.new == 0 and b2.values == b1.values  # same search, from the cache
+    f3 = Evaluator(obj, 4, budget=20, state_path=state, fingerprint={"k": 1})
+    optimise(f3, 4, method="both")
+    assert f3.used == 20 and f3.new < 20 and len(calls) == 12 + f3.new
+    f4 = Evaluator(obj, 4, budget=3, state_path=state, fingerprint={"k": 2}, log=lambda s: None)
+    assert not f4.cache  # another problem: starts afresh
+
+
+# --- the group objective, with a fake backend (no model) ------------------------------------------------
+
+SCENE = """\
+scenec: 1
+model: tiny
+canvas: {width: 64, height: 64}
+sampler: {steps: 4, seed: 3}
+background: {prompt: "a misty forest"}
+entities:
+  - {id: stag, prompt: "a stag", shape: {box: [0.0, 0.0, 0.5, 0.5]}}
+  - {id: fox, prompt: "a red fox", shape: {box: [0.5, 0.5, 1.0, 1.0]}}
+groups:
+  - id: pair
+    schedule: {shape: linear, center: 0.5, width: 1.0}
+    variants:
+      - {id: stag, entities: [stag]}
+      - {id: fox, entities: [fox]}
+  - id: other
+    variants:
+      - {id: stag, entities: [stag]}
+      - {id: fox, entities: [fox]}
+output: {dir: out}
+"""
+
+TARGET = np.array([0.0, 0.2, 0.8, 1.0])
+
+
+class FakeBackend:
+    """Images whose background differs between the variants by ‖θ − TARGET‖₁ (read from the job's step
+    program): J = a·BgSim is maximal at θ = TARGET."""
+
+    model_id, device, dtype = "fake", "cpu", "float32"
+
+    def __init__(self):
+        self.jobs = []
+
+    def run_job(self, plan, job, progress=None):
+        self.jobs.append(job["id"])
+        theta = np.array([op["theta"] for op in job["program"] if op["op"] == "denoise"])
+        img = np.full((64, 64, 3), 100, np.uint8)
+        if job["variant"] == "fox":
+            img[:] += np.uint8(round(40 * np.abs(theta - TARGET).sum()))
+        return SimpleNamespace(image=Image.fromarray(img), timings={"total_s": 0.0})
+
+    def clear_cache(self):
+        pass
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "scenec.toml").write_text("[project]\n")
+    (tmp_path / "pair.yaml").write_text(SCENE)
+    return tmp_path
+
+
+def test_group_objective_builds_only_the_group_with_theta(project):
+    be = FakeBackend()
+    obj = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=be)
+    assert obj.steps == 4 and np.allclose(obj.current, [0, 1 / 3, 2 / 3, 1])
+    assert obj(TARGET) == pytest.approx(0.0, abs=1e-12)
+    assert sorted(be.jobs) == ["pair-pair-fox-3", "pair-pair-stag-3"]  # not group `other`
+    worse = obj(np.array([0.0, 0.0, 0.0, 1.0]))
+    assert worse < 0 and obj.last.validity == pytest.approx(0.5)
+    fp = obj.fingerprint()
+    assert fp["group"] == "pair" and fp["plan_hash_theta0"] == obj.fingerprint()["plan_hash_theta0"]
+
+
+def test_group_objective_errors(project):
+    from scenec.eval import EvalError
+
+    with pytest.raises(EvalError, match="2 groups"):
+        GroupObjective(project / "pair.yaml", None)
+    with pytest.raises(EvalError, match="no group `nope`"):
+        GroupObjective(project / "pair.yaml", "nope")
+
+
+def test_tune_writes_a_schedule_the_scene_accepts_and_resumes(project):
+    be = FakeBackend()
+    obj = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=be)
+    out = project / "schedules" / "pair.json"
+    res = tune(project / "pair.yaml", budget=30, method="both", output=out, objective=obj, log=lambda s: None)
+    doc = json.loads(out.read_text())
+    assert doc["steps"] == 4 and len(doc["values"]) == 4 and doc["method"] and doc["objective"] <= 0
+    assert doc["objective"] > doc["start"]["objective"]  # better than the scene's linear ramp
+    assert np.abs(np.array(doc["values"]) - TARGET).max() < 0.1
+    assert res["line"] == "schedule: {file: schedules/pair.json}" == schedule_line(project / "pair.yaml", out)
+    assert state_path_for(out).name == "pair.state.json" and state_path_for(out).is_file()
+    # a rerun with the same budget builds nothing: the same search, answered from the state file
+    n = len(be.jobs)
+    obj2 = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=be)
+    res2 = tune(project / "pair.yaml", budget=30, method="both", output=out, objective=obj2, log=lambda s: None)
+    assert res2["built"] == 0 and len(be.jobs) == n and json.loads(out.read_text()) == doc
+    # the scene names the file, and it compiles to exactly those values
+    (project / "pair.yaml").write_text(SCENE.replace("schedule: {shape: linear, center: 0.5, width: 1.0}",
+                                                     res["line"]))
+    plan = compile_scene(project / "pair.yaml")
+    theta = plan.tensors[next(g["theta"] for g in plan.json["groups"] if g["id"] == "pair")]
+    assert np.allclose(theta, doc["values"], atol=1e-6)
+
+
+# --- end to end on the tiny model -------------------------------------------------------------------------
+
+def test_cli_tune_end_to_end_tiny(project):
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "pair",
+                        "--budget", "2", "--method", "param", "--clip", "tiny", "--device", "cpu",
+                        "-o", str(project / "schedules" / "t.json")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if r.returncode == 1 and "not supported" in r.stderr:
+        pytest.skip("the runtime does not execute coupled groups yet: " + r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "schedule: {file: schedules/t.json}"
+    doc = json.loads((project / "schedules" / "t.json").read_text())
+    assert doc["evaluations"] == 2 and len(doc["values"]) == 4 and doc["clip"] == "tiny"
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_tune_bad_input(project):
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "nope",
+                        "--clip", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ})
+    assert r.returncode == 2 and "no group `nope`" in r.stderr and "Traceback" not in r.stderr
