@@ -31,7 +31,7 @@ def main():
     print(f"cold `scenec validate` (median of {args.cold_reps}): {statistics.median(cold):.3f} s  (goal <= 0.5 s)")
 
     from scenec.compiler.check import check_scene
-    from scenec.compiler.passes import resolve_model
+    from scenec.compiler.resolve import resolve_model
     from scenec.spec.diagnostics import Diagnostics
     from scenec.spec.load import load_scene
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,11 @@ def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, wha
         return None
     pos = ls.pos(path)
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            # our own pixel limit below is lower than Pillow's warning threshold; no stray warnings
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
                 diags.error(pos, f"{what} `{value}` is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS} "

@@ -6,46 +6,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from scenec.spec import models as m
-from scenec.spec.diagnostics import Diagnostics, Pos, SceneError
+from scenec.spec.diagnostics import Diagnostics, SceneError
 from scenec.spec.load import LoadedScene
-from scenec.spec.paths import project_config
 
 from . import schedule as sch
-from .caps import ModelInfo, model_info
+from .resolve import PLACEHOLDERS, render_name, resolve_model  # noqa: F401 (re-exported)
 from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
 
-PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
-
-
-def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> tuple[str | None, ModelInfo]:
-    """Model resolution order: --model, the scene's `model`, scenec.toml's default_model, else none."""
-    spec = override or ls.scene.model
-    if spec is None:
-        try:
-            spec = project_config(ls.root).get("default_model")
-        except ValueError as e:
-            diags.error(Pos(str(ls.root / "scenec.toml")), str(e))
-        if spec is not None and not isinstance(spec, str):
-            diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string")
-            spec = None
-    return spec, model_info(spec, ls.file.parent)
-
-
-def render_name(template: str, values: dict) -> str:
-    """Fill output-name placeholders; an empty part is dropped with one separator next to it."""
-    out = template
-    for key in PLACEHOLDERS:
-        val = values.get(key)
-        if val is None or val == "":
-            out = re.sub(r"[-_.]\{%s\}" % key, "", out)
-            out = re.sub(r"\{%s\}[-_.]?" % key, "", out)
-        else:
-            out = out.replace("{%s}" % key, str(val))
-    return out
 
 
 # --- passes -----------------------------------------------------------------------------------
@@ -64,14 +34,20 @@ def p_check(ir: IR) -> IR:
 
 
 def p_expand(ir: IR) -> IR:
-    """Jobs, streams and deduplicated prompts: one job per seed, or per (group, variant, seed)."""
+    """Jobs, streams and deduplicated prompts: one job per seed, or per (group, variant, seed);
+    with a `matrix`, per matrix combination too (compiler/matrix.py)."""
+    from . import matrix as mx
+
     out = ir.evolve("expand")
     sc = ir.scene.scene
     name = ir.scene.name
-    seeds = sc.sampler.seed if isinstance(sc.sampler.seed, list) else [sc.sampler.seed]
+    combos = mx.combinations(sc)
+    template = mx.output_template(sc)
     prompts: dict[str, str] = {}
+    combo: dict = {}
 
     def prompt(text: str) -> str:
+        text = mx.fill(text, combo, bool(sc.matrix))
         if text not in prompts:
             prompts[text] = f"p{len(prompts)}"
             out.add(PromptNode(prompts[text], text))
@@ -97,14 +73,18 @@ def p_expand(ir: IR) -> IR:
         plans.append((None, None, tuple(e.id for e in sc.entities), ir.scene.pos(()).line))
 
     index = 0
+    matrix_values: dict[str, dict] = {}
     for group, variant, present, line in plans:
-        for seed in seeds:
-            jid = render_name(sc.output.name, {"scene": name, "group": group, "variant": variant.id if variant else None,
-                                               "seed": seed, "index": index})
+        for combo in combos:
+            seed = combo["seed"]
+            jid = render_name(template, {"scene": name, "group": group, "variant": variant.id if variant else None,
+                                         "index": index, **mx.name_values(combo)})
             if jid in out.graph:
                 raise SceneError([_collision(ir, jid)])
             job = JobNode(jid, seed, index, group, variant.id if variant else None, present, line)
             out.add(job)
+            if sc.matrix:
+                matrix_values[jid] = {k: v for k, v in combo.items() if k in sc.matrix}
             if group:
                 out.graph.add_edge(f"group.{group}", jid, order=index)
             coupled = group is not None
@@ -128,6 +108,8 @@ def p_expand(ir: IR) -> IR:
                         out.add(_condition(ir, ents[eid][0], e))
                     out.graph.add_edge(jid, cid, order=ents[eid][0])
             index += 1
+    if sc.matrix:
+        out.extra["matrix"] = matrix_values
     return out
 
 

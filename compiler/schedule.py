@@ -80,7 +80,7 @@ def schedule_problems(values: list[float] | np.ndarray, steps: int) -> list[str]
         bad = np.nonzero(np.diff(v) < 0)[0]
         if bad.size:
             i = int(bad[0])
-            out.append(f"θ must be non-decreasing, but step {i + 1} has {v[i + 1]:g} after {v[i]:g}")
+            out.append(f"θ must be non-decreasing, but step {i + 2} has {v[i + 1]:g} after {v[i]:g}")  # 1-based
     return out
 
 

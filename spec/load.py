@@ -63,7 +63,6 @@ class _Def:
 
 def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScene:
     """Load and structurally validate a scene file; raise SceneError with all problems found."""
-    own = diags is None
     diags = diags if diags is not None else Diagnostics()
     path = Path(path)
     display = display_path(path)
@@ -175,8 +174,27 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        for err in e.errors(include_url=False):
-            _report(model, err, data, smap, diags)
+        errs = e.errors(include_url=False)
+        paths = [_data_path(tuple(x["loc"]), data) for x in errs]
+        # A union (`seed: int | list[int]`) reports every branch. Keep the branch that fits the input:
+        # drop an error when another points deeper into the same value, and for a list or mapping
+        # report "must be an integer" last (one error per position keeps the first).
+        scalar = ("int_type", "float_type", "string_type", "bool_type", "literal_error")
+        order = sorted(range(len(errs)), key=lambda i: errs[i]["type"] in scalar
+                       and isinstance(errs[i].get("input"), (list, dict)))
+        missing: dict[tuple, list[str]] = {}  # several keys missing from one mapping: one message
+        for i in order:
+            p = paths[i]
+            if any(len(q) > len(p) and q[:len(p)] == p for q in paths):
+                continue
+            if errs[i]["type"] == "missing":
+                key = errs[i]["loc"][-1]
+                missing.setdefault(p[:-1] if p and p[-1] == key else p, []).append(f"`{key}`")
+                continue
+            _report(model, errs[i], data, smap, diags)
+        for parent, keys in missing.items():
+            names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}")
         return None
 
 

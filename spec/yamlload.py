@@ -58,6 +58,12 @@ class SourceMap:
                     mine.setdefault(dst + p[n:], pos)
 
 
+def _problem(e: Exception, node: yaml.Node) -> str:
+    if isinstance(e, yaml.YAMLError):
+        return str(getattr(e, "problem", None) or e)
+    return f"`{node.value}` is not a valid {node.tag.rsplit(':', 1)[-1]}"
+
+
 class _Limit(Exception):
     def __init__(self, pos: Pos, message: str):
         self.pos, self.message = pos, message
@@ -88,8 +94,9 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode):
             try:
                 return _constructor.construct_object(node, deep=True)
-            except yaml.YAMLError as e:
-                self.diags.error(_pos(self.file, node.start_mark), f"invalid scalar: {getattr(e, 'problem', e)}")
+            except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+                # explicit tags reach PyYAML's constructors unchecked: `!!int abc`, `!!timestamp x`
+                self.diags.error(_pos(self.file, node.start_mark), f"invalid scalar: {_problem(e, node)}")
                 return None
         if isinstance(node, yaml.SequenceNode):
             return [self.build(child, path + (i,), depth + 1) for i, child in enumerate(node.value)]
@@ -100,7 +107,11 @@ class _Builder:
                 if not isinstance(knode, yaml.ScalarNode):
                     self.diags.error(kpos, "mapping keys must be plain strings")
                     continue
-                key = _constructor.construct_object(knode)
+                try:
+                    key = _constructor.construct_object(knode)
+                except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+                    self.diags.error(kpos, f"invalid key: {_problem(e, knode)}")
+                    continue
                 if not isinstance(key, str):
                     key = str(key) if isinstance(key, (int, float, bool)) or key is None else repr(key)
                 if key in out:

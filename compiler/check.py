@@ -1,0 +1,437 @@
+"""Semantic checks of a structurally valid scene (the ``check`` pass).
+
+``spec.load`` guarantees keys, types and ranges; this module checks meaning: ids and the
+references between them, canvas sizes against the model family, schedules against the sampler's
+step count, reference windows, the files a scene names, and output names. Every problem goes to a
+``Diagnostics`` at the position where it was written (an included file too); nothing raises for
+bad input. Geometric checks live in ``compiler.geometry.check_geometry``, called from here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from scenec.spec import models as m
+from scenec.spec.diagnostics import Diagnostics, Pos, SceneError, did_you_mean
+from scenec.spec.load import LoadedScene, load_scene
+from scenec.spec.paths import PathProblem
+
+from . import schedule as sch
+from .caps import ModelInfo
+from .files import open_image, read_json
+
+PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+
+
+def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
+    """Every semantic check of ``ls``; problems go to ``diags`` (all of them, never raised)."""
+    sc = ls.scene
+    steps = sc.sampler.steps or info.steps
+    entity_ids = _check_entities(ls, diags)
+    _check_groups(ls, entity_ids, diags)
+    _check_canvas(ls, info, diags)
+    _check_seeds(ls, diags)
+    _check_schedules(ls, steps, diags)
+    _check_references(ls, steps, diags)
+    _check_files(ls, diags)
+    _check_output(ls, diags)
+    _check_includes(ls, diags)
+    from .matrix import check_matrix
+
+    check_matrix(ls, diags)  # matrix keys and {placeholders} in prompts (compiler/matrix.py)
+    from . import geometry
+
+    try:
+        geometry.check_geometry(ls, info.family, diags)
+    except NotImplementedError:
+        pass  # geometry is not written yet
+
+
+def validate_file(path: str | Path, model: str | None = None) -> tuple[LoadedScene | None, Diagnostics]:
+    """Load and check one scene file; never raises for bad input. (scene or None, diagnostics)."""
+    from .resolve import resolve_model
+
+    diags = Diagnostics()
+    try:
+        ls = load_scene(path, diags)
+    except SceneError as e:
+        if e.diagnostics is not diags:
+            diags.extend(e.diagnostics)
+        return None, diags
+    _, info = resolve_model(ls, model, diags)
+    check_scene(ls, info, diags)
+    return ls, diags
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _where(first: Pos, second: Pos) -> str:
+    """How to name ``first`` in a message about ``second``: `line N`, or FILE:LINE elsewhere."""
+    return f"line {first.line}" if first.file == second.file else f"{first.file}:{first.line}"
+
+
+def _seeds(sc: m.Scene) -> list[int]:
+    return sc.sampler.seed if isinstance(sc.sampler.seed, list) else [sc.sampler.seed]
+
+
+# --- ids and references between them -----------------------------------------------------------
+
+def _check_entities(ls: LoadedScene, diags: Diagnostics) -> set[str]:
+    sc = ls.scene
+    seen: dict[str, int] = {}
+    for i, e in enumerate(sc.entities):
+        pos = ls.pos(("entities", i, "id"))
+        if e.id in seen:
+            first = ls.pos(("entities", seen[e.id], "id"))
+            diags.error(pos, f"duplicate entity id `{e.id}` (first at {_where(first, pos)})",
+                        hint="entity ids must be unique in a scene")
+        else:
+            seen[e.id] = i
+        if not e.prompt.strip():
+            diags.warning(ls.pos(("entities", i, "prompt")), f"entity `{e.id}` has an empty prompt")
+    return set(seen)
+
+
+def _check_groups(ls: LoadedScene, entity_ids: set[str], diags: Diagnostics) -> None:
+    sc = ls.scene
+    seen_groups: dict[str, int] = {}
+    named: set[str] = set()
+    for gi, g in enumerate(sc.groups):
+        gpos = ls.pos(("groups", gi, "id"))
+        if g.id in seen_groups:
+            first = ls.pos(("groups", seen_groups[g.id], "id"))
+            diags.error(gpos, f"duplicate group id `{g.id}` (first at {_where(first, gpos)})",
+                        hint="group ids must be unique in a scene")
+        else:
+            seen_groups[g.id] = gi
+        seen_variants: dict[str, int] = {}
+        for vi, v in enumerate(g.variants):
+            vpath = ("groups", gi, "variants", vi)
+            vpos = ls.pos(vpath + ("id",))
+            if v.id in seen_variants:
+                first = ls.pos(("groups", gi, "variants", seen_variants[v.id], "id"))
+                diags.error(vpos, f"duplicate variant id `{v.id}` in group `{g.id}` (first at {_where(first, vpos)})",
+                            hint="variant ids must be unique within a group")
+            else:
+                seen_variants[v.id] = vi
+            if not v.entities and v.prompt is None:
+                what = "an empty `entities` list and no `prompt`" if v.entities is not None else \
+                    "neither `entities` nor `prompt`"
+                diags.error(ls.pos(vpath), f"variant `{v.id}` has {what}",
+                            hint="name the entities it shows, or give it a prompt of its own")
+            if v.negative is not None and v.prompt is None:
+                diags.warning(ls.key_pos(vpath + ("negative",)),
+                              f"variant `{v.id}` has a `negative` but no `prompt`; it is ignored",
+                              hint="a variant's negative applies to its own prompt")
+            listed: dict[str, int] = {}
+            for k, eid in enumerate(v.entities or []):
+                epos = ls.pos(vpath + ("entities", k))
+                if eid in listed:
+                    first = ls.pos(vpath + ("entities", listed[eid]))
+                    diags.error(epos, f"entity `{eid}` is listed twice in variant `{v.id}` "
+                                      f"(first at {_where(first, epos)}, column {first.col})")
+                    continue
+                listed[eid] = k
+                if eid not in entity_ids:
+                    hint = did_you_mean(eid, entity_ids)
+                    if hint is None:
+                        hint = ("entities: " + ", ".join(sorted(entity_ids))) if entity_ids else \
+                            "the scene defines no entities"
+                    diags.error(epos, f"unknown entity `{eid}` in variant `{v.id}`", hint)
+                else:
+                    named.add(eid)
+    if sc.groups:
+        first_of = {}
+        for i, e in enumerate(sc.entities):
+            first_of.setdefault(e.id, i)
+        for i, e in enumerate(sc.entities):
+            if e.id not in named and first_of[e.id] == i:
+                diags.warning(ls.pos(("entities", i, "id")),
+                              f"entity `{e.id}` is in no variant, so no image shows it",
+                              hint="with `groups`, an entity appears only in the variants that name it")
+
+
+# --- canvas, sampler ----------------------------------------------------------------------------
+
+def _check_canvas(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
+    k = info.family.multiple
+    for side in ("width", "height"):
+        v = getattr(ls.scene.canvas, side)
+        if v % k:
+            lo = v // k * k
+            options = [x for x in (lo, lo + k) if 16 <= x <= m.MAX_CANVAS]
+            diags.error(ls.pos(("canvas", side)),
+                        f"canvas {side} {v} is not a multiple of {k} (required by {info.family.name} models"
+                        f" such as `{info.spec}`)",
+                        hint="nearest valid: " + " or ".join(str(x) for x in options) if options else None)
+
+
+def _check_seeds(ls: LoadedScene, diags: Diagnostics) -> None:
+    seed = ls.scene.sampler.seed
+    if not isinstance(seed, list):
+        return
+    seen: dict[int, int] = {}
+    for i, s in enumerate(seed):
+        pos = ls.pos(("sampler", "seed", i))
+        if s in seen:
+            first = ls.pos(("sampler", "seed", seen[s]))
+            diags.error(pos, f"seed {s} is listed twice (first at {_where(first, pos)}, column {first.col})",
+                        hint="each seed makes one image; the same seed makes the same image")
+        else:
+            seen[s] = i
+
+
+# --- schedules ----------------------------------------------------------------------------------
+
+def _check_schedules(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
+    for gi, g in enumerate(ls.scene.groups):
+        s = g.schedule
+        path = ("groups", gi, "schedule")
+        if isinstance(s, m.ValuesSchedule):
+            _check_values(ls, path + ("values",), s.values, steps, diags)
+        elif isinstance(s, m.FileSchedule):
+            fpath = path + ("file",)
+            data = read_json(ls, fpath, s.file, diags, "schedule file")
+            if data is None:
+                continue
+            values = schedule_file_values(data)
+            pos = ls.pos(fpath)
+            if isinstance(values, str):
+                diags.error(pos, f"schedule file `{s.file}` {values}",
+                            hint='write a JSON list of θ values, or {"values": [...]}')
+                continue
+            problems = _values_problems(values, steps)
+            if problems:
+                diags.error(pos, f"schedule file `{s.file}`: " + "; ".join(problems),
+                            hint=_steps_hint(ls, steps, len(values)))
+
+
+def schedule_file_values(data: Any) -> list[float] | str:
+    """θ values of a schedule file's JSON (a list, or an object with ``values``), or what is wrong."""
+    if isinstance(data, dict):
+        if "values" not in data:
+            return 'holds an object without a "values" key'
+        data = data["values"]
+    if not isinstance(data, list):
+        return "must hold a list of numbers or an object with \"values\""
+    if not data:
+        return "holds no values"
+    out = []
+    for i, x in enumerate(data):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return f"value {i + 1} is not a number"
+        try:
+            out.append(float(x))
+        except OverflowError:
+            return f"value {i + 1} is out of range"
+    return out
+
+
+def _steps_hint(ls: LoadedScene, steps: int, n: int) -> str | None:
+    if n == steps:
+        return None
+    if ls.scene.sampler.steps is None:
+        return f"the model's default is {steps} steps; set `sampler.steps: {n}` or give {steps} values"
+    return f"give one value per step ({steps}), or set `sampler.steps: {n}`"
+
+
+def _first_decrease(values: list[float]) -> int | None:
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            return i
+    return None
+
+
+def _values_problems(values: list[float], steps: int) -> list[str]:
+    """``schedule.schedule_problems``, with the decreasing value named by its 1-based number."""
+    out = []
+    for msg in sch.schedule_problems(values, steps):
+        if msg.startswith("θ must be non-decreasing"):
+            i = _first_decrease(values)
+            msg = f"θ must be non-decreasing, but value {i + 1} is {values[i]:g} after {values[i - 1]:g}"
+        out.append(msg)
+    return out
+
+
+def _check_values(ls: LoadedScene, path: tuple, values: list[float], steps: int, diags: Diagnostics) -> None:
+    """An inline ``{values: [...]}`` schedule: the count at the list, a decrease at its value."""
+    i = _first_decrease(values)
+    for msg in _values_problems(values, steps):
+        if msg.startswith("θ must be non-decreasing") and i is not None:
+            diags.error(ls.pos(path + (i,)), msg)
+        else:
+            diags.error(ls.pos(path), msg, hint=_steps_hint(ls, steps, len(values)) if "sampler has" in msg else None)
+
+
+# --- references ---------------------------------------------------------------------------------
+
+def _check_references(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
+    for i, e in enumerate(ls.scene.entities):
+        r = e.reference
+        if r is None:
+            continue
+        path = ("entities", i, "reference")
+        hi, lo = r.window
+        if hi <= lo:
+            diags.error(ls.pos(path + ("window",)),
+                        f"reference window [{hi:g}, {lo:g}] must go from a higher noise level to a lower one",
+                        hint=f"the first level (where cycles start) must be above the second, e.g. [{max(hi, lo):g}, "
+                             f"{min(hi, lo):g}]" if hi != lo else "e.g. [0.7, 0.5] (1 = pure noise)")
+            continue
+        if r.preserve is not None and r.preserve > lo:
+            diags.warning(ls.pos(path + ("preserve",)),
+                          f"`preserve` {r.preserve:g} is above the window's end {lo:g}: the last replacement "
+                          "would come inside or before the window, where it has no effect",
+                          hint=f"use a level at or below {lo:g}, or null")
+        if r.cycles > 0 and sch.level_to_index(hi, steps) == sch.level_to_index(lo, steps):
+            diags.warning(ls.pos(path + ("window",)),
+                          f"reference window [{hi:g}, {lo:g}] covers no sampler step at {steps} steps; "
+                          "its cycles do nothing", hint="widen the window or use more steps")
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def _shape_masks(shape: Any, path: tuple) -> Iterator[tuple[tuple, str]]:
+    if shape is None:
+        return
+    if isinstance(shape, m.MaskShape):
+        yield path + ("mask",), shape.mask
+    for op in ("union", "intersection", "difference"):
+        children = getattr(shape, op, None)
+        if isinstance(children, list):
+            for k, child in enumerate(children):
+                yield from _shape_masks(child, path + (op, k))
+
+
+def _check_files(ls: LoadedScene, diags: Diagnostics) -> None:
+    sc = ls.scene
+    if sc.background.image is not None:
+        open_image(ls, ("background", "image"), sc.background.image, diags, "background image")
+    for i, e in enumerate(sc.entities):
+        if e.reference is not None:
+            open_image(ls, ("entities", i, "reference", "image"), e.reference.image, diags, "reference image")
+        masks = list(_shape_masks(e.shape, ("entities", i, "shape")))
+        if e.reference is not None:
+            masks += _shape_masks(e.reference.related, ("entities", i, "reference", "related"))
+        for path, value in masks:
+            open_image(ls, path, value, diags, "mask")
+
+
+def _check_includes(ls: LoadedScene, diags: Diagnostics) -> None:
+    seen: dict[Path, int] = {}
+    for i, inc in enumerate(ls.scene.include):
+        try:
+            p = ls.resolve(("include", i), inc)
+        except PathProblem:
+            continue  # reported while loading
+        if p in seen:
+            pos = ls.pos(("include", i))
+            first = ls.pos(("include", seen[p]))
+            diags.warning(pos, f"`{inc}` is included twice (first at {_where(first, pos)}, column {first.col})")
+        else:
+            seen[p] = i
+
+
+# --- output names -------------------------------------------------------------------------------
+
+def _check_output(ls: LoadedScene, diags: Diagnostics) -> None:
+    from .resolve import render_name
+
+    sc = ls.scene
+    out = sc.output
+    dpath = ("output", "dir")
+    try:
+        ls.resolve(dpath, out.dir)
+    except PathProblem as e:
+        diags.error(ls.pos(dpath), f"`output.dir`: {e.message}", e.hint)
+
+    npath = ("output", "name")
+    from .matrix import combinations, name_values, output_template
+
+    template = output_template(sc)  # with a matrix and no output.name: the default plus the matrix keys
+    npos = ls.pos(npath)
+    bad = False
+    for mt in _PLACEHOLDER_RE.finditer(template):
+        key = mt.group(1)
+        if key not in PLACEHOLDERS and key not in sc.matrix:
+            bad = True
+            diags.error(_pos_in_string(ls, npath, template, mt.start()), f"unknown placeholder `{{{key}}}` in "
+                        "`output.name`", hint=did_you_mean(key, [*PLACEHOLDERS, *sc.matrix]) or
+                        "placeholders: " + ", ".join("{%s}" % p for p in [*PLACEHOLDERS, *sc.matrix]))
+    rest = _PLACEHOLDER_RE.sub("", template)
+    for ch in "{}":
+        if ch in rest:
+            bad = True
+            k = _unmatched_brace(template)
+            diags.error(_pos_in_string(ls, npath, template, k), "unbalanced `{` or `}` in `output.name`",
+                        hint="placeholders are written {scene}, {group}, {variant}, {seed} or {index}")
+            break
+    if bad:
+        return
+
+    combos = list({tuple(c.items()): name_values(c) for c in combinations(sc)}.values())  # seeds x matrix
+    jobs: list[dict] = []
+    if sc.groups:
+        seen: set = set()
+        for g in sc.groups:
+            for v in g.variants:
+                if (g.id, v.id) in seen:
+                    continue  # duplicate ids are reported by the id checks
+                seen.add((g.id, v.id))
+                jobs += [{"group": g.id, "variant": v.id, **c} for c in combos]
+    else:
+        jobs = [{"group": None, "variant": None, **c} for c in combos]
+    names: dict[str, dict] = {}
+    for index, job in enumerate(jobs):
+        values = {"scene": ls.name, **job, "index": index}
+        name = render_name(template, values)
+        if not name or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in name.split("/")):
+            diags.error(npos, f"`output.name` makes `{name}`, which is not a safe relative file name",
+                        hint="names may hold `/` for subfolders, but no empty, `.` or `..` parts and no `\\`")
+            return
+        if name in names:
+            other = names[name]
+            differ = [k for k in dict.fromkeys(("group", "variant", "seed", *sc.matrix)) if other.get(k) != job.get(k)]
+            need = " or ".join("{%s}" % k for k in [*differ, "index"])
+            diags.error(npos, f"output names collide: two images would be named `{name}`",
+                        hint=f"add {need} to `output.name`")
+            return
+        names[name] = job
+
+
+def _unmatched_brace(s: str) -> int:
+    depth_open = -1
+    for k, ch in enumerate(s):
+        if ch == "{":
+            if depth_open >= 0:
+                return depth_open
+            depth_open = k
+        elif ch == "}":
+            if depth_open < 0:
+                return k
+            depth_open = -1
+    return max(depth_open, 0)
+
+
+def _pos_in_string(ls: LoadedScene, path: tuple, value: str, offset: int) -> Pos:
+    """Position of character ``offset`` of a one-line string value, when the source shows it verbatim."""
+    pos = ls.pos(path)
+    f = ls.files.get(pos.file)
+    if f is None or "\n" in value:
+        return pos
+    try:
+        lines = f.read_text(encoding="utf-8").splitlines()
+        line = lines[pos.line - 1]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return pos
+    start = pos.col - 1
+    quote = 1 if line[start:start + 1] in ("'", '"') else 0
+    if line[start + quote:start + quote + len(value)] != value:
+        return pos  # escapes or folding: the source differs from the value
+    return Pos(pos.file, pos.line, pos.col + quote + offset)
+
+
+__all__ = ["check_scene", "validate_file", "schedule_file_values", "PLACEHOLDERS"]

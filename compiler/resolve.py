@@ -1,0 +1,40 @@
+"""Light helpers shared by the checks and the passes (no networkx: `scenec validate` starts fast)."""
+
+from __future__ import annotations
+
+import re
+
+from scenec.spec.diagnostics import Diagnostics, Pos
+from scenec.spec.load import LoadedScene
+from scenec.spec.paths import project_config
+
+from .caps import ModelInfo, model_info
+
+PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
+
+
+def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> tuple[str | None, ModelInfo]:
+    """Model resolution order: --model, the scene's `model`, scenec.toml's default_model, else none."""
+    spec = override or ls.scene.model
+    if spec is None:
+        try:
+            spec = project_config(ls.root).get("default_model")
+        except ValueError as e:
+            diags.error(Pos(str(ls.root / "scenec.toml")), str(e))
+        if spec is not None and not isinstance(spec, str):
+            diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string")
+            spec = None
+    return spec, model_info(spec, ls.file.parent)
+
+
+def render_name(template: str, values: dict) -> str:
+    """Fill output-name placeholders; an empty part is dropped with one separator next to it."""
+    out = template
+    for key in [*PLACEHOLDERS, *(k for k in values if k not in PLACEHOLDERS)]:  # then matrix keys
+        val = values.get(key)
+        if val is None or val == "":
+            out = re.sub(r"[-_.]\{%s\}" % key, "", out)
+            out = re.sub(r"\{%s\}[-_.]?" % key, "", out)
+        else:
+            out = out.replace("{%s}" % key, str(val))
+    return out
