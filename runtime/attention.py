@@ -161,6 +161,7 @@ class RegionalAttention:
         self.current: BuiltMask | None = None
         self.kinds: tuple[str, ...] = ()
         self.probe: list | None = None  # tests: set to a list to record attention weights
+        self.modulation = None  # runtime/cow.SowModulation while inside COW cycles (SOW), else None
         self.installed = False
 
     def install(self) -> None:
@@ -203,7 +204,8 @@ class RegionalFluxAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         built = self.ctl.mask_for(self.kind)
-        if built is None:
+        mod = self.ctl.modulation  # SOW bias on image-image logits (runtime/cow.py), or None
+        if built is None and mod is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb
 
@@ -217,14 +219,16 @@ class RegionalFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        if q.shape[1] != built.layout.N:
+        if built is not None and q.shape[1] != built.layout.N:
             raise PlanError(f"sequence of {q.shape[1]} tokens but the region mask is for {built.layout.N}")
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if built.impl == "flex":
+        if mod is not None:
+            out = mod.attend(qt, kt, vt, built, self.ctl.probe)
+        elif built.impl == "flex":
             out = _flex()(qt, kt, vt, block_mask=built.mask)
         else:
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=built.mask)
-        if self.ctl.probe is not None:
+        if self.ctl.probe is not None and mod is None:
             self._record(qt, kt, vt, out, built)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:

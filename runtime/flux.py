@@ -23,10 +23,13 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention, RegionalLayout, region_membership
+from .coupling import CoupledCondition, coupled_condition, is_coupled
+from .coupling import velocity as coupled_velocity
 from .errors import ModelUnavailable, PlanError, Unsupported
 from .plan import Plan
 
-SUPPORTED_OPS = {"denoise"}
+SUPPORTED_OPS = {"denoise", "fork"}  # fork: end of a coupling group's shared prefix (runtime/coupling.py)
+COW_OPS = {"paste", "renoise"}  # reference conditions (COW/SOW): runtime/cow.py
 
 
 @dataclass
@@ -141,19 +144,20 @@ class FluxBackend:
     def _check_program(self, job: dict, steps: int) -> None:
         for op in job["program"]:
             kind = op.get("op")
+            if kind in COW_OPS:  # fields checked by runtime/cow.check_cow_ops
+                continue
             if kind not in SUPPORTED_OPS:
                 raise Unsupported(f"job {job['id']!r}: step op {kind!r} (reference conditions / coupling groups) "
                                   "is not supported by this runtime yet")
-            if op.get("theta") is not None:
-                raise Unsupported(f"job {job['id']!r}: coupled generation (theta) is not supported by this runtime yet")
-            if op.get("eta", 0.0):
-                raise Unsupported(f"job {job['id']!r}: stochastic denoise (eta > 0) is not supported by this runtime yet")
+            if kind == "fork":  # a group's shared prefix ends here (runtime/coupling.run_group)
+                continue
+            th = op.get("theta")  # coupling weight (runtime/coupling.py)
+            if th is not None and not (isinstance(th, (int, float)) and 0.0 <= float(th) <= 1.0):
+                raise PlanError(f"job {job['id']!r}: theta {th!r} outside [0, 1]")
             if not isinstance(op.get("from"), int) or not isinstance(op.get("to"), int):
                 raise PlanError(f"job {job['id']!r}: denoise op without integer 'from'/'to': {op!r}")
             if not (0 <= op["from"] < op["to"] <= steps):
                 raise PlanError(f"job {job['id']!r}: denoise {op['from']}→{op['to']} outside 0..{steps}")
-        if job.get("conditions"):
-            raise Unsupported(f"job {job['id']!r}: reference-image conditions are not supported by this runtime yet")
 
     @torch.inference_mode()
     def _encode_init(self, plan: Plan, job: dict, height: int, width: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +188,13 @@ class FluxBackend:
 
     @torch.inference_mode()
     def run_job(self, plan: Plan, job: dict, progress: Callable[[int], None] | None = None,
-                decode: bool = True) -> JobResult:
-        """Sample one job of the plan and decode it; see the module docstring for what is computed."""
+                decode: bool = True, stop_at_fork: bool = False,
+                resume: tuple[int, torch.Tensor] | None = None) -> JobResult:
+        """Sample one job of the plan and decode it; see the module docstring for what is computed.
+
+        Coupling groups (runtime/coupling.py): ``stop_at_fork`` ends at the program's ``fork`` op (the
+        shared prefix's latent, not decoded); ``resume=(op index, latents)`` starts there with a copy.
+        """
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         t_start = time.perf_counter()
@@ -197,13 +206,21 @@ class FluxBackend:
         true_cfg = float(sampler.get("true_cfg") or 1.0)
         att = plan.attention
 
-        pos = self._condition(plan, job, negative=False)
-        neg = self._condition(plan, job, negative=True) if true_cfg > 1 else None
+        if is_coupled(job):  # a coupling group's job: background + entity streams (runtime/coupling.py)
+            pos = coupled_condition(self, plan, job, negative=False)
+            neg = coupled_condition(self, plan, job, negative=True) if true_cfg > 1 else None
+        else:
+            pos = self._condition(plan, job, negative=False)
+            neg = self._condition(plan, job, negative=True) if true_cfg > 1 else None
         t_enc = time.perf_counter()
 
         gen = torch.Generator("cpu").manual_seed(int(job["seed"]))
         n_lat = self.transformer.config.in_channels // 4
-        latents, img_ids = pipe.prepare_latents(1, n_lat, height, width, pos.seq.dtype, self.device, gen)
+        seq_dtype = (pos.bg if isinstance(pos, CoupledCondition) else pos).seq.dtype
+        latents, img_ids = pipe.prepare_latents(1, n_lat, height, width, seq_dtype, self.device, gen)
+        start = 0
+        if resume is not None:  # the group's shared prefix ran already (runtime/coupling.run_group)
+            start, latents = int(resume[0]), resume[1].clone()
         lh, lw = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
         if plan.grid("token") != (lh // 2, lw // 2):
             raise PlanError(f"token grid {plan.grid('token')} does not match the canvas ({lh // 2}, {lw // 2})")
@@ -232,7 +249,15 @@ class FluxBackend:
 
         blocks = att.get("blocks", "all")
 
-        def velocity(cond: Condition, x, t, regional: bool):
+        cow = None  # reference conditions (COW/SOW), stochastic steps: runtime/cow.py
+        if job.get("conditions") or any(op.get("op") in COW_OPS or op.get("eta") for op in job["program"]):
+            from .cow import FluxCow
+
+            cow = FluxCow(self, plan, job, sig, guidance, img_ids, latents, height, width)
+
+        def velocity(cond: Condition, x, t, regional: bool, theta=None):
+            if isinstance(cond, CoupledCondition):  # θ-weighted streams, exact endpoints
+                return coupled_velocity(self, cond, x, t, guidance, img_ids, theta or 0.0, regional, blocks, velocity)
             self.regional.use(cond.mask if regional else None, blocks)
             return self.transformer(hidden_states=x, timestep=t / 1000, guidance=guidance,
                                     pooled_projections=cond.pooled, encoder_hidden_states=cond.seq,
@@ -241,24 +266,42 @@ class FluxBackend:
 
         try:
             for n, op in enumerate(job["program"]):
+                if n < start:
+                    continue
+                if op.get("op") == "fork":  # end of a group's shared prefix (runtime/coupling.run_group)
+                    if stop_at_fork:
+                        break
+                    if progress is not None:
+                        progress(n + 1)
+                    continue
+                if cow is not None:
+                    latents, done = cow.before(n, op, latents)
+                    if done:  # paste / renoise
+                        if progress is not None:
+                            progress(n + 1)
+                        continue
                 i, j = int(op["from"]), int(op["to"])
                 t = timesteps[i].expand(latents.shape[0]).to(latents.dtype)
                 regional = bool(op.get("regional", True))
-                v = velocity(pos, latents, t, regional)
+                v = velocity(pos, latents, t, regional, op.get("theta"))
                 if neg is not None:
-                    v_neg = velocity(neg, latents, t, regional)
+                    v_neg = velocity(neg, latents, t, regional, op.get("theta"))
                     v = v_neg + true_cfg * (v - v_neg)
                 s_from, s_to = sig[i], sig[j]
                 x32 = latents.to(torch.float32)
                 if z0 is None:
                     # FlowMatchEulerDiscreteScheduler.step: float32 sample, x + (σ_to − σ_from)·v
                     new = (x32 + (s_to - s_from) * v).to(v.dtype)
+                    if op.get("eta") and cow is not None:  # COW cycles: stochastic step
+                        new = cow.step_eta(x32, v, s_from, s_to, float(op["eta"])).to(v.dtype)
                 else:
                     # inpainting fusion (EliGen): outside the regions, the velocity that leads to z₀
                     zf = z0.to(torch.float32)
                     v_keep = (x32 - zf) / s_from
                     vf = m * v.to(torch.float32) + (1 - m) * v_keep
                     new = (x32 + (s_to - s_from) * vf)
+                    if op.get("eta") and cow is not None:  # COW cycles: stochastic step
+                        new = cow.step_eta(x32, vf, s_from, s_to, float(op["eta"]))
                     if float(s_to) == 0.0:
                         new = torch.where(m == 0, zf, new)  # exactly the init image outside
                     new = new.to(v.dtype)
@@ -267,6 +310,7 @@ class FluxBackend:
                     progress(n + 1)
         finally:
             self.regional.use(None)
+            self.regional.modulation = None
         t_den = time.perf_counter()
 
         image = None
@@ -276,6 +320,15 @@ class FluxBackend:
         timings = {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
                    "total_s": t_dec - t_start}
         return JobResult(image, latents, timings)
+
+    def run_group(self, plan: Plan, group: dict, jobs: list[dict], progress: Callable[[str, int], None] | None = None,
+                  share: bool | None = None, decode: bool = True):
+        """Run a coupling group's jobs together, sharing their θ = 0 prefix; yields ``(job, JobResult | error)``.
+
+        See runtime/coupling.run_group (``share=None``: on unless SCENEC_SHARED_PREFIX=0)."""
+        from .coupling import run_group
+
+        return run_group(self, plan, group, jobs, progress=progress, share=share, decode=decode)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int):

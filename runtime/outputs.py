@@ -93,28 +93,49 @@ def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: P
     ext = (plan.json.get("output") or {}).get("ext", "png")
     if ext != "png":
         raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
-    steps_per_job = [len(j.get("program") or []) for j in plan.jobs]
-    total = sum(steps_per_job)
-    done = 0
+    steps_per_job = {j["id"]: len(j.get("program") or []) for j in plan.jobs}
+    total = sum(steps_per_job.values())
+    done_by: dict[str, int] = {}  # ops done per job (a group's jobs advance together)
+    names = {j["id"]: j.get("name", j["id"]) for j in plan.jobs}
     results = []
+
+    def report(job_id: str, k: int) -> None:
+        done_by[job_id] = k
+        if progress is not None:
+            progress(sum(done_by.values()), total, names[job_id])
+
+    def runs():
+        """(job, JobResult | error) in plan order; a coupling group's jobs run together (shared prefix)."""
+        groups = {g["id"]: g for g in plan.json.get("groups") or []}
+        started: set[str] = set()
+        for job in plan.jobs:
+            gid = job.get("group")
+            if gid in groups and hasattr(backend, "run_group"):
+                if gid not in started:
+                    started.add(gid)
+                    members = [j for j in plan.jobs if j.get("group") == gid]
+                    yield from backend.run_group(plan, groups[gid], members, progress=report)
+                continue
+            try:
+                yield job, backend.run_job(plan, job, progress=lambda k, _id=job["id"]: report(_id, k))
+            except RuntimeErrorBase as e:
+                yield job, e
+
     try:
-        for job, n_steps in zip(plan.jobs, steps_per_job):
+        for job, r in runs():
+            n_steps = steps_per_job[job["id"]]
             meta = metadata(plan, job, backend)
             base = {"job": job["id"], "name": job.get("name", job["id"]), "seed": job["seed"],
                     "job_hash": job.get("job_hash", "")}
             try:
                 stem = _safe_stem(out, base["name"])
-                cb = None
-                if progress is not None:
-                    cb = (lambda k, _d=done, _n=base["name"]: progress(_d + k, total, _n))
-                r = backend.run_job(plan, job, progress=cb)
+                if isinstance(r, RuntimeErrorBase):
+                    raise r
             except RuntimeErrorBase as e:
                 results.append({**base, "status": "failed", "error": str(e)})
-                done += n_steps
-                if progress is not None:
-                    progress(done, total, base["name"])
+                report(job["id"], n_steps)
                 continue
-            done += n_steps
+            report(job["id"], n_steps)
             img_path = stem.with_name(stem.name + ".png")
             atomic_write(img_path, png_bytes(r.image, meta))
             mask_paths = _write_masks(plan, job, stem) if masks else []
@@ -127,7 +148,8 @@ def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: P
                             "masks": [str(p) for p in mask_paths], "timings": r.timings})
     finally:
         backend.clear_cache()
-    return results
+    order = {j["id"]: i for i, j in enumerate(plan.jobs)}
+    return sorted(results, key=lambda r: order[r["job"]])
 
 
 def _write_masks(plan: Plan, job: dict, stem: Path) -> list[Path]:

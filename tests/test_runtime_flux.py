@@ -89,8 +89,8 @@ def test_true_cfg_changes_result_and_equals_formula(backend):
 
 
 def test_unsupported_ops_are_reported(backend):
-    for op in ({"op": "renoise", "from": 2, "to": 1}, {"op": "paste", "condition": 0, "at": 1}, {"op": "fork"},
-               {"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": 0.5, "eta": 0.0}):
+    # renoise/paste: reference conditions (runtime/cow.py); fork and theta: coupling groups (test_runtime_coupled.py)
+    for op in ({"op": "warp"},):
         plan = make_plan(program=[op])
         with pytest.raises(Unsupported, match="not supported by this runtime yet"):
             backend.run_job(plan, plan.jobs[0], decode=False)

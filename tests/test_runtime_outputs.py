@@ -45,7 +45,7 @@ def test_two_runs_identical_bytes(backend, tmp_path):
 
 def test_failed_job_does_not_stop_the_others(backend, tmp_path):
     plan = make_plan(seeds=[1, 2])
-    plan.jobs[0]["program"] = [{"op": "fork"}]
+    plan.jobs[0]["program"] = [{"op": "warp"}]  # an op no runtime knows
     res = execute(plan, backend, tmp_path)
     assert res[0]["status"] == "failed" and "not supported" in res[0]["error"] and res[1]["status"] == "built"
 

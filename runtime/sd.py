@@ -1,0 +1,443 @@
+"""The Stable Diffusion backend: UNet + DDIM, executing plan jobs of the ``sd`` family.
+
+Our loop interprets the job's step program but computes each step as diffusers'
+``StableDiffusionPipeline`` does (same initial latents from ``prepare_latents`` with a CPU generator,
+same DDIM timesteps, CFG over a batch [negative, positive], ``DDIMScheduler.step``), so a job without
+entities reproduces ``StableDiffusionPipeline(...)``. On top of that:
+
+- regional prompts (EliGen's layout on SD's cross-attention): the key sequence is
+  ``[global prompt (77 tokens) | entity 0 | … ]``, entity prompts at their real CLIP length; an entity's
+  keys are visible only to the queries of its region, the global keys to every query. The mask is
+  built once per job and grid and picked per attention call by the query's token count
+  (plan grids ``latent``/``a16``/``a32``/``a64``);
+- per-entity negatives: the CFG negative pass has the same structure over the negative texts;
+- inpainting fusion: outside the entity regions the latent is replaced after every step by the init
+  latent noised to that level with fixed noise, and by the init latent itself at the end;
+- COW (runtime/cow.py): DDIM inversion, DDPM re-noise, paste, preserve, DDIM η.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import cow as cowmod
+from .errors import ModelUnavailable, PlanError, Unsupported
+from .flux import JobResult, _default_device, _dtype
+from .plan import Plan
+
+SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
+
+
+@dataclass
+class SDCondition:
+    """One CFG branch: text keys [1, L, D] and the regional masks per query count (None = plain)."""
+
+    seq: torch.Tensor
+    masks: dict[int, torch.Tensor] | None  # query tokens → bool [1, 1, n_q, L]
+
+
+class RegionalCross:
+    """Controller of the regional cross-attention processors (one per UNet ``attn2``)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.current: dict[int, torch.Tensor] | None = None
+        self.probe: list | None = None  # tests: set to a list to record attention weights
+        procs = {}
+        for name in unet.attn_processors:
+            procs[name] = RegionalCrossAttnProcessor(self) if name.endswith("attn2.processor") else \
+                unet.attn_processors[name]
+        unet.set_attn_processor(procs)
+
+    def mask_for(self, n_q: int, n_k: int) -> torch.Tensor | None:
+        if self.current is None:
+            return None
+        m = self.current.get(n_q)
+        if m is None:
+            raise PlanError(f"no regional grid has {n_q} tokens (grids: {sorted(self.current)})")
+        if m.shape[-1] != n_k:
+            raise PlanError(f"cross-attention over {n_k} text tokens but the mask is for {m.shape[-1]}")
+        return m
+
+
+class RegionalCrossAttnProcessor:
+    """SD cross-attention (``attn2``) with the regional key mask; diffusers' ``AttnProcessor2_0`` otherwise."""
+
+    def __init__(self, ctl: RegionalCross):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.ctl = ctl
+        self.plain = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        mask = None
+        if encoder_hidden_states is not None and hidden_states.ndim == 3:
+            mask = self.ctl.mask_for(hidden_states.shape[1], encoder_hidden_states.shape[1])
+        if mask is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        hd = key.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.ctl.probe is not None:
+            logits = (q.float() @ k.float().transpose(-1, -2)) / (hd ** 0.5)
+            w = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+            self.ctl.probe.append({"n_q": q.shape[2], "weights": w, "allow": mask[0, 0],
+                                   "expected": w @ v.float(), "out": out.float()})
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class SDBackend:
+    """A loaded SD model (UNet + DDIM). Build with :func:`load_sd_backend`; reuse across plans."""
+
+    family = "sd"
+
+    def __init__(self, pipe, model_id: str, device, dtype):
+        from diffusers import DDIMScheduler
+
+        self.pipe = pipe
+        if not isinstance(pipe.scheduler, DDIMScheduler):  # the plan's sampler is "ddim"
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = pipe.unet
+        self.regional = RegionalCross(self.unet)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- text --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_global(self, text: str) -> torch.Tensor:
+        """CLIP last hidden state, padded to 77 tokens: exactly StableDiffusionPipeline.encode_prompt."""
+        key = ("global", text)
+        if key not in self._cache:
+            self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0]
+        return self._cache[key]
+
+    @torch.inference_mode()
+    def encode_entity(self, text: str) -> torch.Tensor:
+        """CLIP over the entity's real tokens only (with start/end tokens), no padding."""
+        key = ("entity", text)
+        if key not in self._cache:
+            tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+            ids = tok(text, padding=False, max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            self._cache[key] = te(ids.to(te.device))[0].to(dtype=self.dtype, device=self.device)
+        return self._cache[key]
+
+    def _condition(self, plan: Plan, job: dict, negative: bool) -> SDCondition:
+        which = "negative" if negative else "prompt"
+        g = self.encode_global(plan.prompt(job["global"][which]))
+        ents = job.get("entities") or []
+        if not ents:
+            return SDCondition(g, None)
+        parts = [g] + [self.encode_entity(plan.prompt(e[which])) for e in ents]
+        lens = [p.shape[1] for p in parts]
+        seq = torch.cat(parts, 1)
+        masks = {}
+        for gname in ("latent", "a16", "a32", "a64"):
+            if gname not in plan.json["grids"]:
+                continue
+            h, w = plan.grid(gname)
+            n_q = h * w
+            allow = torch.zeros(n_q, seq.shape[1], dtype=torch.bool)
+            allow[:, :lens[0]] = True  # the global prompt: every query
+            start = lens[0]
+            for e, n in zip(ents, lens[1:]):
+                m = plan.mask(e.get("masks"), gname)
+                inside = torch.ones(n_q, dtype=torch.bool) if m is None else torch.from_numpy(
+                    np.ascontiguousarray(m > 0).reshape(-1))
+                if m is not None and m.shape != (h, w):
+                    raise PlanError(f"{gname} mask of {e['id']!r} is {list(m.shape)}, the grid is {[h, w]}")
+                allow[:, start:start + n] = inside[:, None]
+                start += n
+            masks[n_q] = allow.to(self.device)[None, None]
+        return SDCondition(seq, masks)
+
+    def _check_program(self, job: dict, steps: int) -> None:
+        for op in job["program"]:
+            kind = op.get("op")
+            if kind in ("paste", "renoise"):
+                continue
+            if kind != "denoise":
+                raise Unsupported(f"job {job['id']!r}: step op {kind!r} (coupling groups) is not supported by "
+                                  "the SD runtime yet")
+            if op.get("theta") is not None:
+                raise Unsupported(f"job {job['id']!r}: coupled generation (theta) is not supported by the SD "
+                                  "runtime yet")
+            if not isinstance(op.get("from"), int) or op.get("to") != op.get("from") + 1 or \
+                    not 0 <= op["from"] < steps:
+                raise PlanError(f"job {job['id']!r}: denoise op needs integers from, to = from + 1 in 0..{steps}: "
+                                f"{op!r}")
+        cowmod.check_cow_ops(job, steps)
+
+    # -- pieces of a job ---------------------------------------------------------------------------
+    def alpha(self, timesteps, level: int) -> float:
+        """ᾱ at a plan level: ᾱ(t_level) for level < N, the scheduler's final ᾱ at N."""
+        s = self.pipe.scheduler
+        if level >= len(timesteps):
+            return float(s.final_alpha_cumprod)
+        return float(s.alphas_cumprod[int(timesteps[level])])
+
+    @torch.inference_mode()
+    def encode_image(self, arr: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """uint8 [H, W, 3] → scaled latent (the VAE distribution's mode: deterministic)."""
+        from PIL import Image
+
+        pipe = self.pipe
+        img = pipe.image_processor.preprocess(Image.fromarray(arr), height=height, width=width)
+        z = pipe.vae.encode(img.to(self.device, pipe.vae.dtype)).latent_dist.mode()
+        return (z * pipe.vae.config.scaling_factor).to(self.dtype)
+
+    def eps(self, pos: SDCondition, neg: SDCondition | None, x, t, guidance: float, regional: bool = True):
+        """The UNet's CFG output: one batched forward [neg, pos] when plain (as the pipeline), else two."""
+        unet, sched = self.unet, self.pipe.scheduler
+        if neg is None:
+            self.regional.current = pos.masks if regional else None
+            return unet(sched.scale_model_input(x, t), t, encoder_hidden_states=pos.seq, return_dict=False)[0]
+        if (pos.masks is None or not regional) and pos.seq.shape == neg.seq.shape:
+            self.regional.current = None
+            xin = sched.scale_model_input(torch.cat([x] * 2), t)
+            e = unet(xin, t, encoder_hidden_states=torch.cat([neg.seq, pos.seq]), return_dict=False)[0]
+            e_u, e_c = e.chunk(2)
+        else:
+            xin = sched.scale_model_input(x, t)
+            self.regional.current = neg.masks if regional else None
+            e_u = unet(xin, t, encoder_hidden_states=neg.seq, return_dict=False)[0]
+            self.regional.current = pos.masks if regional else None
+            e_c = unet(xin, t, encoder_hidden_states=pos.seq, return_dict=False)[0]
+        return e_u + guidance * (e_c - e_u)
+
+    # -- one job -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_job(self, plan: Plan, job: dict, progress: Callable[[int], None] | None = None,
+                decode: bool = True, **_) -> JobResult:
+        """Sample one job (see the module docstring) and decode it."""
+        t_start = time.perf_counter()
+        pipe, sched = self.pipe, self.pipe.scheduler
+        width, height = plan.canvas
+        steps = int(plan.sampler["steps"])
+        self._check_program(job, steps)
+        guidance = float(plan.sampler.get("guidance", 7.5))
+        cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        pos = self._condition(plan, job, negative=False)
+        neg = self._condition(plan, job, negative=True) if cfg else None
+        t_enc = time.perf_counter()
+
+        gen = torch.Generator("cpu").manual_seed(int(job["seed"]))
+        latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, height, width, pos.seq.dtype,
+                                       self.device, gen)
+        lh, lw = latents.shape[2:]
+        if plan.grid("latent") != (lh, lw):
+            raise PlanError(f"latent grid {plan.grid('latent')} does not match the canvas ({lh}, {lw})")
+        sched.set_timesteps(steps, device=self.device)
+        timesteps = sched.timesteps
+        if len(timesteps) != steps:
+            raise PlanError(f"scheduler gave {len(timesteps)} steps, the plan has {steps}")
+
+        z0 = m = fixed = None
+        if job.get("init_image"):
+            arr = np.asarray(plan.tensor(job["init_image"]))
+            if arr.dtype != np.uint8 or arr.shape != (height, width, 3):
+                raise PlanError(f"init image {job['init_image']!r}: need uint8 [{height}, {width}, 3], "
+                                f"got {arr.dtype} {list(arr.shape)}")
+            z0 = self.encode_image(arr, height, width)
+            mm = plan.mask(job.get("inpaint_mask"), "latent")
+            if mm is None or mm.shape != (lh, lw):
+                raise PlanError(f"job {job['id']!r}: init image needs an inpaint_mask on the latent grid {[lh, lw]}")
+            m = torch.from_numpy(np.ascontiguousarray(mm, np.float32)).to(self.device)[None, None]
+            fixed = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device)
+
+        cow = None
+        if job.get("conditions") or any(op.get("op") in ("paste", "renoise") or op.get("eta")
+                                         for op in job["program"]):
+            cow = SDCow(self, plan, job, timesteps, guidance, height, width)
+
+        try:
+            for n, op in enumerate(job["program"]):
+                kind = op["op"]
+                if kind == "paste":
+                    ci, at = op["condition"], op["at"]
+                    latents = cowmod.paste(latents, cow.refs[ci][at], cow.masks[ci])
+                elif kind == "renoise":
+                    a, b = op["from"], op["to"]
+                    x = cowmod.renoise_ddpm(latents, self.alpha(timesteps, a), self.alpha(timesteps, b),
+                                            cowmod.randn_like(latents, cow.gen))
+                    latents = x.to(latents.dtype)
+                else:
+                    i, j = op["from"], op["to"]
+                    t = timesteps[i]
+                    e = self.eps(pos, neg, latents, t, guidance, bool(op.get("regional", True)))
+                    eta = float(op.get("eta") or 0.0)
+                    kw = {}
+                    if eta > 0 and cow is not None:
+                        kw = {"eta": eta, "variance_noise": cowmod.randn_like(latents, cow.gen).to(latents.dtype)}
+                    latents = sched.step(e, t, latents, return_dict=False, **kw)[0]
+                    if z0 is not None:  # inpainting fusion: outside the regions, z₀ at this level
+                        if j >= steps:
+                            keep = z0
+                        else:
+                            a = self.alpha(timesteps, j)
+                            keep = (a ** 0.5) * z0 + ((1 - a) ** 0.5) * fixed.to(z0.dtype)
+                        latents = torch.where(m == 0, keep, m * latents + (1 - m) * keep)
+                if progress is not None:
+                    progress(n + 1)
+        finally:
+            self.regional.current = None
+        t_den = time.perf_counter()
+        image = self.decode(latents) if decode else None
+        t_dec = time.perf_counter()
+        return JobResult(image, latents, {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc,
+                                          "decode_s": t_dec - t_den, "total_s": t_dec - t_start})
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor):
+        pipe = self.pipe
+        img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(img, output_type="pil")[0]
+
+
+class SDCow:
+    """COW state of one SD job: inverted references (DDIM inversion), masks, the noise stream."""
+
+    def __init__(self, be: SDBackend, plan: Plan, job: dict, timesteps, guidance: float, height: int, width: int,
+                 cache: cowmod.InversionCache | None = None):
+        self.be, self.plan, self.job = be, plan, job
+        self.gen = cowmod.noise_generator(job["seed"])
+        self.cache = cowmod.CACHE if cache is None else cache
+        self.timesteps = timesteps
+        self.guidance = guidance
+        lh, lw = plan.grid("latent")
+        self.refs: dict[int, dict[int, torch.Tensor]] = {}
+        self.masks: dict[int, torch.Tensor] = {}
+        conds = job.get("conditions") or []
+        for ci, levels in cowmod.paste_levels(job).items():
+            cond = conds[ci]
+            mm = cowmod.latent_mask(plan, cond.get("masks"), (lh, lw), f"condition {cond.get('entity')!r}")
+            self.masks[ci] = torch.from_numpy(np.ascontiguousarray(mm, np.float32)).to(be.device)[None, None]
+            self.refs[ci] = self._inverted(cond, mm, levels, height, width)
+
+    def _inverted(self, cond, mm, levels, height, width) -> dict[int, torch.Tensor]:
+        from scenec import __version__
+
+        be, plan, job = self.be, self.plan, self.job
+        parts = {"family": "sd", "model": be.model_id, "dtype": str(be.dtype), "version": __version__,
+                 "prompt": plan.prompt(job["global"]["prompt"]), "negative": plan.prompt(job["global"]["negative"]),
+                 "guidance": self.guidance, "timesteps": [int(t) for t in self.timesteps],
+                 "scheduler": dict(be.pipe.scheduler.config), "levels": levels, "canvas": [width, height],
+                 "solver": "ddim-inversion", "refine": [cowmod.INVERSION_REFINE, cowmod.INVERSION_TOL]}
+        key = cowmod.inversion_key(parts, {"rgba": np.asarray(plan.tensor(cond["image"])), "mask": mm})
+        hit = self.cache.get(key)
+        if hit is not None and all(lv in hit for lv in levels):
+            return {lv: hit[lv].to(be.device, be.dtype) for lv in levels}
+        z = be.encode_image(cowmod.reference_rgb(plan, cond, height, width), height, width)
+        out = invert_ddim(be, plan, job, z, self.timesteps, levels, self.guidance)
+        self.cache.stats["inverted"] += 1
+        self.cache.put(key, out)
+        return {lv: x.to(be.dtype) for lv, x in out.items()}
+
+
+@torch.inference_mode()
+def invert_ddim(be: SDBackend, plan: Plan, job: dict, z: torch.Tensor, timesteps, levels: list[int],
+                guidance: float, refine: int | None = None) -> dict[int, torch.Tensor]:
+    """DDIM inversion on the global prompt (with the sampler's CFG, no regions), levels N → min(levels).
+
+    Guess: x̂₀, ε̂ from the model at (x_{i+1}, t_i), x_i = √ᾱ_i·x̂₀ + √(1−ᾱ_i)·ε̂; then up to ``refine``
+    Anderson-accelerated fixed-point iterations so that the sampler's own DDIM step maps x_i to x_{i+1}.
+    """
+    sched = be.pipe.scheduler
+    refine = cowmod.INVERSION_REFINE if refine is None else refine
+    n = len(timesteps)
+    pos = SDCondition(be.encode_global(plan.prompt(job["global"]["prompt"])), None)
+    cfg = guidance > 1.0 and be.unet.config.time_cond_proj_dim is None
+    neg = SDCondition(be.encode_global(plan.prompt(job["global"]["negative"])), None) if cfg else None
+    pred = sched.config.prediction_type
+    out: dict[int, torch.Tensor] = {}
+    x = z.to(torch.float32)
+    if n in levels:
+        out[n] = x.clone()
+    for i in range(n - 1, min(levels) - 1, -1):
+        t = timesteps[i]
+        a_i, a_next = be.alpha(timesteps, i), be.alpha(timesteps, i + 1)
+        e = be.eps(pos, neg, x.to(be.dtype), t, guidance).to(torch.float32)
+        if pred == "v_prediction":  # ε from v at the current point
+            e = (a_next ** 0.5) * e + ((1 - a_next) ** 0.5) * x
+        x0 = (x - (1 - a_next) ** 0.5 * e) / a_next ** 0.5
+        guess = a_i ** 0.5 * x0 + (1 - a_i) ** 0.5 * e
+        if refine > 0:
+            def step(y, t=t):
+                yy = y.to(be.dtype)
+                return sched.step(be.eps(pos, neg, yy, t, guidance), t, yy, return_dict=False)[0].to(torch.float32)
+
+            guess = cowmod.refine_step(x, guess, step, refine, cowmod.INVERSION_TOL)
+        x = guess
+        if i in levels:
+            out[i] = x.clone()
+    be.regional.current = None
+    return out
+
+
+def load_sd_backend(model: dict | str, device=None, dtype=None) -> SDBackend:
+    """Load an SD model once: ``tiny-sd`` built in code; ``sd15``/``sd21``, hub ids and local diffusers
+    directories via ``StableDiffusionPipeline.from_pretrained(..., use_safetensors=True)``."""
+    from diffusers import StableDiffusionPipeline
+
+    if isinstance(model, str):
+        model = {"spec": model, "family": "sd", "repo": None if model == "tiny-sd" else SD_ALIASES.get(model, model)}
+    dev = torch.device(device) if device is not None else _default_device()
+    dt = _dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+    spec = model.get("spec") or "tiny-sd"
+    if spec == "tiny-sd" and not model.get("repo"):
+        from .tiny_sd import build_tiny_sd
+
+        pipe = StableDiffusionPipeline(**build_tiny_sd(dtype=dt, device=dev))
+        model_id = "tiny-sd"
+    else:
+        repo = model.get("repo") or SD_ALIASES.get(spec, spec)
+        pipe = _from_pretrained_sd(StableDiffusionPipeline, repo, dt)
+        pipe.to(dev)
+        model_id = repo
+    pipe.set_progress_bar_config(disable=True)
+    return SDBackend(pipe, model_id, dev, dt)
+
+
+def _from_pretrained_sd(cls, repo: str, dtype):
+    looks_local = repo.startswith((".", "/", "~")) or Path(repo).exists()
+    if looks_local:
+        p = Path(repo).expanduser()
+        if not (p / "model_index.json").is_file():
+            raise ModelUnavailable(f"{repo}: not a diffusers model directory (no model_index.json); point --model "
+                                   "at a directory saved with save_pretrained or a hub id")
+        repo = str(p)
+    try:
+        return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True, safety_checker=None,
+                                   requires_safety_checker=False)
+    except (OSError, EnvironmentError, ValueError) as e:
+        hub = "" if looks_local else f"`huggingface-cli download {repo}`, or "
+        raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}); get them with "
+                               f"{hub}point --model at a local diffusers directory") from e

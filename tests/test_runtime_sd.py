@@ -1,0 +1,213 @@
+"""The SD backend on tiny-sd: pipeline parity, regional cross-attention, negatives, inpainting, COW."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from scenec.compiler.schedule import Cow, ProgramInputs, build_program
+from scenec.runtime import cow as cowmod
+from scenec.runtime.errors import ModelUnavailable, Unsupported
+from scenec.runtime.testing import box, make_plan
+
+GRID = (16, 16)  # a16 on a 256² canvas
+FOX = box(GRID, 2, 2, 8, 8)
+TREE = box(GRID, 6, 8, 14, 15, value=0.5)
+ENTS = [{"id": "fox", "prompt": "a red fox", "negative": "blurry", "token": FOX},
+        {"id": "tree", "prompt": "a green tree", "token": TREE}]
+
+
+@functools.lru_cache(maxsize=None)
+def _backend():
+    from scenec.runtime.backends import load_backend
+
+    return load_backend("tiny-sd", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return _backend()
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cowmod, "INVERSION_REFINE", 3)
+    cowmod.CACHE.clear()
+    cowmod.CACHE.stats.update(memory=0, disk=0, inverted=0)
+    yield
+
+
+def _pool(m: np.ndarray, k: int) -> np.ndarray:
+    h, w = m.shape
+    return m.reshape(h // k, k, w // k, k).max(axis=(1, 3)).astype(np.float32)
+
+
+def sd_plan(guidance=7.5, **kw):
+    """make_plan's Flux-shaped plan turned into an SD plan: model, sampler, and masks on every SD grid."""
+    plan = make_plan(**kw)
+    w, h = plan.canvas
+    plan.json["model"] = {"spec": "tiny-sd", "family": "sd", "repo": None, "max_sequence_length": 77}
+    plan.json["grids"] = {"latent": [h // 8, w // 8], "a16": [h // 16, w // 16], "a32": [h // 32, w // 32],
+                          "a64": [h // 64, w // 64]}
+    plan.json["sampler"] = {"kind": "ddim", "steps": plan.sampler["steps"], "guidance": guidance, "true_cfg": 1.0}
+    for name in list(plan.tensors):
+        if name.endswith("/token"):
+            base, t = name[: -len("/token")], plan.tensors[name]
+            plan.tensors[base + "/a16"] = t
+            plan.tensors[base + "/a32"] = _pool(t, 2)
+            plan.tensors[base + "/a64"] = _pool(t, 4)
+    for job in plan.jobs:
+        for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
+            if d:
+                base = d.pop("token")[: -len("/token")]
+                d.update({"a16": base + "/a16", "a32": base + "/a32", "a64": base + "/a64"})
+    return plan
+
+
+def run(backend, plan):
+    return backend.run_job(plan, plan.jobs[0], decode=False).latents
+
+
+def pipeline(backend):
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline(**{k: getattr(backend.pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet",
+                                                                       "scheduler")},
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_no_entities_reproduces_stable_diffusion_pipeline(backend):
+    plan = sd_plan(prompt="a meadow at sunset", negative="blurry", seed=11)
+    ours = run(backend, plan)
+    ref = pipeline(backend)("a meadow at sunset", negative_prompt="blurry", height=256, width=256,
+                            num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(11),
+                            output_type="latent").images
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_regional_probe_follows_the_regions_at_every_resolution(backend):
+    plan = sd_plan(entities=ENTS, program=[{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": None,
+                                            "eta": 0.0}])
+    backend.regional.probe = []
+    try:
+        run(backend, plan)
+        recs = backend.regional.probe
+    finally:
+        backend.regional.probe = None
+    assert {r["n_q"] for r in recs} == {32 * 32, 16 * 16, 8 * 8, 4 * 4}  # latent, a16, a32, a64
+    n_g = 77
+    enc = backend.encode_entity
+    n_pos = (enc("a red fox").shape[1], enc("a green tree").shape[1])
+    n_neg = (enc("blurry").shape[1], enc("").shape[1])  # the tree has the background's negative
+    assert n_g + sum(n_pos) != n_g + sum(n_neg)
+    grids = {32 * 32: "latent", 16 * 16: "a16", 8 * 8: "a32", 4 * 4: "a64"}
+    for r in recs:
+        gname = grids[r["n_q"]]
+        fox = torch.from_numpy(plan.tensors[f"region/fox/{gname}"].reshape(-1) > 0)
+        tree = torch.from_numpy(plan.tensors[f"region/tree/{gname}"].reshape(-1) > 0)
+        a = r["allow"]
+        n_fox, n_tree = n_pos if a.shape[1] == n_g + sum(n_pos) else n_neg
+        assert a.shape[1] == n_g + n_fox + n_tree
+        first, second = slice(n_g, n_g + n_fox), slice(n_g + n_fox, a.shape[1])
+        assert a[:, :n_g].all()  # global prompt: every query
+        assert torch.equal(a[:, first], fox[:, None].expand(-1, n_fox))
+        assert torch.equal(a[:, second], tree[:, None].expand(-1, n_tree))
+        w = r["weights"][0]
+        assert (w[:, ~fox][:, :, first] == 0).all() and (w[:, fox][:, :, first].sum() > 0)
+        torch.testing.assert_close(r["out"], r["expected"], atol=1e-5, rtol=1e-4)
+
+
+def test_entities_and_entity_negatives_change_the_image(backend):
+    a = run(backend, sd_plan(seed=5))
+    b = run(backend, sd_plan(seed=5, entities=ENTS))
+    ents = [dict(e, negative=None) for e in ENTS]
+    c = run(backend, sd_plan(seed=5, entities=ents))
+    assert (a - b).abs().max() > 1e-3 and (b - c).abs().max() > 1e-4
+
+
+def test_inpainting_keeps_the_outside_exactly(backend):
+    init = (np.random.default_rng(0).uniform(0, 255, (256, 256, 3))).astype(np.uint8)
+    plan = sd_plan(seed=2, entities=ENTS[:1], init_image=init)
+    x = run(backend, plan)
+    z0 = backend.encode_image(init, 256, 256)
+    outside = torch.from_numpy(plan.tensors["inpaint/u/latent"] == 0)[None, None].expand_as(x)
+    assert torch.equal(x[outside], z0[outside])
+    assert (x[~outside] - z0[~outside]).abs().max() > 1e-2
+
+
+def _with_reference(plan, window=(1, 3), cycles=2, preserve=None, eta=1.0, whole=False, program=None):
+    from test_runtime_cow import reference_rgba
+
+    token = np.ones(GRID, np.float32) if whole else FOX
+    plan.tensors["cond/r/rgba"] = reference_rgba(token)
+    plan.tensors["cond/r/latent"] = np.repeat(np.repeat(token, 2, 0), 2, 1)
+    for job in plan.jobs:
+        job["conditions"] = [{"entity": "fox", "image": "cond/r/rgba", "sha256": "x", "fit": "contain",
+                              "window": list(window), "cycles": cycles, "preserve": preserve, "eta": eta,
+                              "masks": None if whole else {"latent": "cond/r/latent"}, "related": None,
+                              "modulation": False}]
+        job["program"] = program or build_program(ProgramInputs(
+            plan.sampler["steps"], conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))
+    return plan
+
+
+def test_cow_on_sd_paste_renoise_preserve_and_cache(backend, monkeypatch):
+    from scenec.runtime import sd
+
+    plain = run(backend, sd_plan(seed=3))
+    assert torch.equal(plain, run(backend, _with_reference(sd_plan(seed=3), cycles=0)))
+    seen = []
+    orig = cowmod.paste
+
+    def spy(x, ref, m):
+        out = orig(x, ref, m)
+        seen.append((out, ref, m))
+        return out
+
+    monkeypatch.setattr(sd.cowmod, "paste", spy)
+    plan = _with_reference(sd_plan(seed=3), window=(1, 3), cycles=2, preserve=3)
+    a = run(backend, plan)
+    assert len(seen) == 5 and cowmod.CACHE.stats["inverted"] == 1
+    for out, ref, m in seen:
+        inside = (m == 1).expand_as(out)
+        assert torch.equal(out[inside], ref[inside])
+    b = run(backend, plan)
+    assert cowmod.CACHE.stats["inverted"] == 1  # cache hit
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # measured ≤ 1e-6 (oneDNN first-call kernels)
+    assert (a - plain).abs().max() > 1e-2
+
+
+def test_ddim_inversion_reconstructs_the_reference(backend, monkeypatch):
+    """Invert to level 8 of 10, paste over the whole canvas, sample deterministically (no CFG)."""
+    monkeypatch.setattr(cowmod, "INVERSION_REFINE", 20)
+    steps, k = 10, 8
+    program = [{"op": "denoise", "from": i, "to": i + 1, "regional": True, "theta": None, "eta": 0.0}
+               for i in range(steps)]
+    program.insert(k, {"op": "paste", "condition": 0, "at": k})
+    plan = _with_reference(sd_plan(seed=1, steps=steps, guidance=1.0), whole=True, cycles=0, program=program)
+    x = run(backend, plan)
+    z = backend.encode_image(plan.tensors["cond/r/rgba"][..., :3].copy(), 256, 256)
+    err = ((x - z).abs().max() / z.abs().max()).item()
+    print(f"SD DDIM inversion from level {k} of {steps}: relative error {err:.2e}")
+    assert err < 1e-3  # measured 1.3e-5 (level 7), 2.9e-5 (level 5); with CFG 7.5: 1.8e-2 (level 7)
+
+
+def test_sd_load_errors(tmp_path):
+    from scenec.runtime.backends import load_backend
+    from scenec.runtime.flux import load_backend as load_flux
+
+    with pytest.raises(ModelUnavailable, match="model_index.json"):
+        load_backend({"spec": str(tmp_path), "family": "sd", "repo": str(tmp_path)}, device="cpu")
+    with pytest.raises(Unsupported, match="family"):
+        load_flux({"spec": "sd15", "family": "sd", "repo": "x/y"}, device="cpu")
+    assert type(load_backend("tiny-sd", device="cpu")).__name__ == "SDBackend"
+
+
+def test_coupling_ops_are_unsupported_on_sd(backend):
+    plan = sd_plan(program=[{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": 0.5, "eta": 0.0}])
+    with pytest.raises(Unsupported, match="SD runtime"):
+        run(backend, plan)
