@@ -145,6 +145,8 @@ def lower(ir: IR) -> Plan:
             "conditions": conds,
             "program": programs.get(job.id, []),
         })
+        if job.id in ir.extra.get("matrix", {}):  # the job's matrix values (metadata: prompts carry their effect)
+            jobs_json[-1]["matrix"] = ir.extra["matrix"][job.id]
 
     groups_json = []
     for gnode in sorted(ir.nodes(GroupNode), key=lambda x: x.id):
@@ -238,7 +240,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
         # prompt indices depend on the other jobs of the plan: hash the texts instead
         text = doc["prompts"].__getitem__
         material = {k: v for k, v in job.items()
-                    if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "global", "entities")}
+                    if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "global", "entities",
+                                 "matrix")}
         material["global"] = {**job["global"], "prompt": text(job["global"]["prompt"]),
                               "negative": text(job["global"]["negative"])}
         material["entities"] = [{**e, "prompt": text(e["prompt"]), "negative": text(e["negative"])}
@@ -267,5 +270,5 @@ def _tensor_names(job: dict) -> list[str]:
         elif isinstance(x, str) and x.split("/", 1)[0] in ("region", "inpaint", "image", "cond", "related", "group"):
             out.append(x)
 
-    walk({k: v for k, v in job.items() if k not in ("id", "name", "source", "job_hash", "group", "variant")})
+    walk({k: v for k, v in job.items() if k not in ("id", "name", "source", "job_hash", "group", "variant", "matrix")})
     return sorted(set(out))

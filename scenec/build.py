@@ -39,7 +39,7 @@ def build(scene_paths: Iterable[str | Path], out: str | Path | None = None, mode
     available, unsupported feature) counts in ``failed`` and the rest still run.
     """
     from scenec.runtime.errors import RuntimeErrorBase
-    from scenec.runtime.flux import load_backend
+    from scenec.runtime.backends import load_backend  # by the plan's model family (flux | sd)
     from scenec.runtime.outputs import execute
     from scenec.runtime.plan import Plan
     from scenec.spec.diagnostics import Diagnostics, SceneError
@@ -96,3 +96,26 @@ def build(scene_paths: Iterable[str | Path], out: str | Path | None = None, mode
         if bar is not None:
             bar.stop()
     return summary
+
+
+# --- batch builds (issue #6): directories, selection, the cache and the manifest live in scenec/batch.py ---
+
+def load_model(model: dict, device: str | None = None, dtype: str | None = None):
+    """Load the backend for a plan's ``model`` (once per process and model; the batch executors call this)."""
+    from scenec.runtime.backends import load_backend  # by the plan's model family (flux | sd)
+
+    return load_backend(model, device=device, dtype=dtype)
+
+
+def execute_unit(plan, backend, out_dir: str | Path, masks: bool = False) -> list[dict]:
+    """Execute one unit of a batch (a job, or the jobs of a coupling group) into ``out_dir``."""
+    from scenec.runtime.outputs import execute
+
+    return execute(plan, backend, out_dir, masks=masks)
+
+
+def batch(targets: Iterable[str | Path], **kwargs) -> dict:
+    """``scenec build DIR|GLOB|FILE...``: incremental, resumable, selectable; see scenec.batch.build_batch."""
+    from scenec.batch import build_batch
+
+    return build_batch(targets, **kwargs)

@@ -48,7 +48,7 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
     from scenec.spec.load import load_scene
 
     from scenec.compiler.check import check_scene
-    from scenec.compiler.passes import resolve_model
+    from scenec.compiler.resolve import resolve_model
 
     bad = 0
     for f in files:
@@ -234,14 +234,26 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
 
 
 @app.command()
-def build(files: List[Path] = typer.Argument(..., help="scene files"),
+def build(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
           model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
           device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
           dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
           masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
+          select: Optional[List[str]] = typer.Option(None, "--select", "-s",
+                                                     help="build only these: NAME, GROUP/VARIANT, scene:, group:, "
+                                                          "path:, seed:, KEY=VALUE (docs/batch.md)"),
+          exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="skip these (same syntax as --select)"),
+          force: bool = typer.Option(False, "--force", help="rebuild selected outputs even when up to date"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list what would be built and why; build nothing"),
+          executor: str = typer.Option("local", "--executor", help="local | ray"),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray)"),
+          workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, "
+                                                                        "else one per CPU)"),
+          weights_hash: str = typer.Option("stat", "--weights-hash",
+                                           help="identity of local model dirs: stat (names, sizes, mtimes) | content"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
-    """Compile and execute scenes: write images, sidecars and masks."""
+    """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
 
     from scenec.spec.diagnostics import SceneError
@@ -252,20 +264,193 @@ def build(files: List[Path] = typer.Argument(..., help="scene files"),
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         print(f"scenec: --device must be cuda or cpu, not `{device}`", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
-    from scenec.build import build as run_build
+    from scenec.batch import BatchError
+    from scenec.build import batch as run_batch
 
     try:
-        summary = run_build(files, out=out, model=model, device=device, dtype=dtype, masks=masks)
+        summary = run_batch(files, out=out, model=model, device=device, dtype=dtype, masks=masks, select=select,
+                            exclude=exclude, force=force, dry_run=dry_run, executor=executor, address=address,
+                            workers=workers, weights_hash=weights_hash)
+    except BatchError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
     except SceneError as e:
         _fail_invalid(e)
     except Exception as e:  # noqa: BLE001
         _internal(e)
+    if dry_run and not json_:
+        for o in summary["outputs"]:
+            if o["status"] == "would-build":
+                print(f"{o['state']:<9} {o['image']}  ({o['reason']}; {o['scene']})")
     if json_:
-        print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "outputs")}))
+        print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):
         raise typer.Exit(EXIT_INVALID)
     if summary.get("failed"):
         raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+@app.command()
+def status(files: List[str] = typer.Argument(..., help="scene files, directories or globs"),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
+           model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+           select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="only these (docs/batch.md)"),
+           exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
+           weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),
+           verbose: bool = typer.Option(False, "-v", "--verbose", help="list up-to-date outputs too"),
+           exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when an output is missing or stale"),
+           json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Show missing and stale outputs against the scene files, like `git status` (no model, no torch)."""
+    import json
+
+    from scenec.batch import BatchError, format_status
+    from scenec.batch import status as run_status
+
+    try:
+        rep = run_status(files, out=out, model=model, select=select, exclude=exclude, weights_hash=weights_hash)
+    except BatchError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    _print_diags(rep["diagnostics"])
+    for f, msg in rep["failed_compile"]:
+        print(f"scenec: {f}: {msg}", file=sys.stderr)
+    if json_:
+        print(json.dumps({k: rep[k] for k in ("outputs", "orphaned", "counts", "stale", "invalid", "scenes")}))
+    else:
+        print(format_status(rep, verbose=verbose))
+    if rep["invalid"]:
+        raise typer.Exit(EXIT_INVALID)
+    if exit_code and (rep["stale"] or rep["failed_compile"]):
+        raise typer.Exit(EXIT_BUILD_FAILED)
+
+
+# --- eval / tune / split (issue #4; logic in scenec/eval.py, tune.py, split.py) -----------------
+
+def _fail_eval(e) -> None:
+    print(f"scenec: {e}", file=sys.stderr)
+    raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
+
+
+@app.command("eval")
+def eval_(directory: Path = typer.Argument(..., help="directory of built images and their sidecars"),
+          scene: Optional[List[Path]] = typer.Option(None, "--scene", help="scene file the images were built from"),
+          plan: Optional[List[Path]] = typer.Option(None, "--plan", help="compiled plan directory instead of --scene"),
+          group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
+          clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip",
+                                   help="CLIP model id or local directory; `tiny` (random), `none` to skip"),
+          weights: str = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore"),
+          text: str = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity"),
+          segmenter: Optional[str] = typer.Option(None, "--segmenter", help="module:function masking prompt variants"),
+          model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
+          json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
+    import json
+
+    from scenec.spec.diagnostics import SceneError
+
+    from scenec.eval import EvalError, evaluate_dir, load_segmenter, parse_weights, render_table
+
+    try:
+        w = parse_weights(weights)
+        seg = load_segmenter(segmenter)
+        report = evaluate_dir(directory, scenes=scene or (), plan_dirs=plan or (), clip=clip, weights=w,
+                              segmenter=seg, text=text, model=model, groups=group or None)
+    except EvalError as e:
+        _fail_eval(e)
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        from scenec.runtime.errors import RuntimeErrorBase
+
+        if isinstance(e, RuntimeErrorBase):
+            _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
+        _internal(e)
+    for msg in report["warnings"]:
+        print(f"scenec: warning: {msg}", file=sys.stderr)
+    if json_:
+        print(json.dumps(report, indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(report))
+
+
+@app.command()
+def tune(file: Path = typer.Argument(..., help="scene file"),
+         group: Optional[str] = typer.Option(None, "--group", help="the group to tune (default: the only one)"),
+         budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
+         method: str = typer.Option("both", "--method", help="param | vector | both"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
+         clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip",
+                                  help="CLIP model id or local directory; `tiny` (random), `none` for BgSim only"),
+         weights: str = typer.Option("1,1", "--weights", help="a,b of the objective a·BgSim + b·CLIPScore"),
+         text: str = typer.Option("full", "--text", help="CLIPScore text: full | entity"),
+         segmenter: Optional[str] = typer.Option(None, "--segmenter", help="module:function masking prompt variants"),
+         model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
+         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
+         seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
+    """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
+    from scenec.spec.diagnostics import SceneError
+
+    from scenec.eval import EvalError, load_segmenter, parse_weights
+    from scenec.tune import tune as run_tune
+
+    try:
+        w = parse_weights(weights)
+        seg = load_segmenter(segmenter)
+        res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
+                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model,
+                       device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
+    except EvalError as e:
+        _fail_eval(e)
+    except SceneError as e:
+        _fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    best = res["best"]
+    print(f"scenec: {res['evaluated']} candidates ({res['built']} built now); best {best['objective']:.4f} "
+          f"by {best['method']}; wrote {res['output']} (state: {res['state']})", file=sys.stderr)
+    print(f"add to group `{res['group']}`:  {res['line']}", file=sys.stderr)
+    print(res["line"])
+
+
+@app.command()
+def split(file: Path = typer.Argument(..., help="text file: one full prompt per line"),
+          out: Path = typer.Option(..., "-o", "--out", help="scene file to write"),
+          model: str = typer.Option("tiny", "--model", help="the scene's `model`"),
+          canvas: str = typer.Option("1024x1024", "--canvas", help="WIDTHxHEIGHT"),
+          group: str = typer.Option("split", "--group", help="the group's id"),
+          llm: Optional[str] = typer.Option(None, "--llm", help="split with this local causal LM (transformers)"),
+          force: bool = typer.Option(False, "--force", help="overwrite an existing scene file")):
+    """Split N prompts into one shared background + N entity prompts; write a scene with one group."""
+    from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
+
+    try:
+        width, height = parse_canvas(canvas)
+        if out.exists() and not force:
+            raise SplitError(f"{out} exists (use --force to overwrite)")
+        prompts = read_prompts(file)
+        if llm:
+            from scenec.split import transformers_generator
+
+            res = llm_split(prompts, transformers_generator(llm))
+        else:
+            res = heuristic_split(prompts)
+    except SplitError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    except Exception as e:  # noqa: BLE001
+        _internal(e)
+    for w in res.warnings:
+        print(f"scenec: warning: {w}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
+                   encoding="utf-8")
+    print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
+          file=sys.stderr)
 
 
 def main() -> None:

@@ -271,6 +271,10 @@ class Attention(_Node):
         None, description="pad each entity prompt to this many tokens (512 matches EliGen exactly)")
 
 
+MatrixKey = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=32)]
+MatrixValue = Union[str, int, float]
+
+
 class Scene(_Node):
     """A scene file (scene language v1)."""
 
@@ -288,6 +292,10 @@ class Scene(_Node):
     include: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     output: Output = Field(default_factory=Output)
     attention: Attention = Field(default_factory=Attention)
+    matrix: dict[MatrixKey, Annotated[list[MatrixValue], Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=dict,
+        description="one image per combination of these values: {KEY} in prompts and output.name is replaced; "
+        "`seed` replaces sampler.seed (docs/language.md, matrix)")
 
 
 class Library(_Node):
@@ -307,6 +315,7 @@ class Library(_Node):
     groups: Any = None
     output: Any = None
     attention: Any = None
+    matrix: Any = None
 
 
 SCENE_KEYS = tuple(Scene.model_fields)

@@ -1,0 +1,330 @@
+"""Batch builds (issue #6): discovery, selection, cache keys, manifest, status, failures, matrix."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import scenec.batch as batch
+from scenec.batch import BatchError, Manifest, build_batch, discover, parse_selectors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_scene(d: Path, name: str, prompt: str = "a meadow", seeds=(1, 2), extra: str = "", sub: str = "") -> Path:
+    p = d / sub / f"{name}.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\n"
+                 f"sampler: {{steps: 2, seed: {list(seeds)}}}\n"
+                 f"background: {{prompt: \"{prompt}\"}}\n"
+                 "entities:\n  - {id: fox, prompt: \"a fox\", shape: {box: [0.1, 0.5, 0.5, 0.9]}}\n" + extra)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from scenec.runtime.testing import tiny_backend
+
+    return tiny_backend()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny):
+    """A project dir with two scenes; model loads counted (the real tiny backend, loaded once per module)."""
+    (tmp_path / "scenec.toml").write_text("[project]\ndefault_model = \"tiny\"\n")
+    write_scene(tmp_path, "alpha", "a meadow")
+    write_scene(tmp_path, "beta", "a forest", sub="more")
+    loads = []
+    import scenec.build as b
+
+    monkeypatch.setattr(b, "load_model", lambda m, **kw: loads.append(m) or tiny)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, loads
+
+
+def run(targets, **kw):
+    kw.setdefault("quiet", True)
+    return build_batch(targets, **kw)
+
+
+# --- discovery and selection ----------------------------------------------------------------------
+
+def test_discover_dirs_globs_files_skips_libraries(tmp_path):
+    write_scene(tmp_path, "a")
+    write_scene(tmp_path, "b", sub="x/y")
+    (tmp_path / "lib.yaml").write_text("scenec: 1\ndefs: {entities: {x: {prompt: y}}}\n")
+    (tmp_path / "workflow.yml").write_text("on: push\njobs: {}\n")
+    (tmp_path / "flow.yaml").write_text("{scenec: 1, canvas: {width: 64, height: 64}}\n")
+    write_scene(tmp_path, "hidden", sub=".cache")
+    files, problems = discover([tmp_path])
+    assert sorted(p.name for p in files) == ["a.yaml", "b.yaml", "flow.yaml"] and not problems
+    files, _ = discover([str(tmp_path / "**" / "*.yaml")])
+    assert sorted(p.name for p in files) == ["a.yaml", "b.yaml", "flow.yaml"]
+    files, _ = discover([tmp_path / "lib.yaml", tmp_path / "a.yaml", tmp_path])  # named: always taken, once
+    assert [p.name for p in files][:2] == ["lib.yaml", "a.yaml"] and len(files) == 4
+    _, problems = discover([tmp_path / "nope.yaml"])
+    assert problems[0].severity == "error" and "no such file" in problems[0].message
+
+
+def test_selectors():
+    job = {"scene": "meadow", "file": "scenes/meadow.yaml", "group": "animals", "variant": "fox", "seed": 2,
+           "matrix": {"style": "oil painting"}}
+    yes = ["meadow", "mea*", "animals", "animals/fox", "*/f*", "scene:meadow", "group:animals",
+           "group:animals/fox", "path:scenes/*.yaml", "path:scenes", "meadow.yaml", "seed:2", "style=oil*",
+           "style=oil-painting", "matrix:seed=2", "meadow,seed:2"]
+    no = ["forest", "animals/eagle", "scene:animals", "seed:1", "style=water*", "meadow,seed:1", "path:other"]
+    for s in yes:
+        assert parse_selectors([s])[0].matches(job), s
+    for s in no:
+        assert not parse_selectors([s])[0].matches(job), s
+    assert len(parse_selectors(["a b", "c"])) == 3  # whitespace and repeated options: union
+    for bad in ["tag:x", "seed:x", "a,,b", "scene:"]:
+        with pytest.raises(BatchError):
+            parse_selectors([bad])
+
+
+# --- incremental builds and the manifest ------------------------------------------------------------
+
+def test_incremental_build_cache_and_manifest(project):
+    d, loads = project
+    s = run(["."])
+    assert (s["built"], s["cached"], s["failed"], s["invalid"]) == (4, 0, 0, 0)
+    assert len(loads) == 1  # one model load for both scenes
+    man = json.loads((d / "out" / "scenec-manifest.json").read_text())
+    assert man["format"] == "scenec-manifest/1" and set(man["outputs"]) == {"alpha-1", "alpha-2"}
+    e = man["outputs"]["alpha-1"]
+    assert e["scene"]["file"] == "../alpha.yaml" and e["scene"]["line"] == 1 and e["model"]["id"] == "tiny"
+    assert e["sha256"] == batch.sha256_file(d / "out" / "alpha-1.png") and "total_s" in e["timings"]
+    assert (d / "more" / "out" / "scenec-manifest.json").is_file()  # one manifest per output directory
+    assert not list(d.rglob("*.tmp"))
+
+    loads.clear()
+    s = run(["."])
+    assert (s["built"], s["cached"]) == (0, 4) and not loads  # no-op: no model load at all
+
+    write_scene(d, "beta", "a dark forest", sub="more")  # edit one scene
+    s = run(["."])
+    assert s["built"] == 2 and s["cached"] == 2
+    assert {o["name"] for o in s["outputs"] if o["status"] == "built"} == {"beta-1", "beta-2"}
+
+    (d / "out" / "alpha-1.png").unlink()  # a deleted output is rebuilt
+    (d / "out" / "alpha-2.png").write_bytes(b"not the image")  # and so is a modified one
+    plan = batch.plan_batch(["."])
+    states = {i.name: i.state for i in plan.items}
+    assert states == {"alpha-1": "missing", "alpha-2": "modified", "beta-1": "cached", "beta-2": "cached"}
+    s = run(["."])
+    assert s["built"] == 2 and s["cached"] == 2
+
+    s = run(["."], force=True, select=["alpha"])
+    assert s["built"] == 2 and s["cached"] == 0  # --force with --select: only the selection
+
+
+def test_dry_run_lists_reasons_and_writes_nothing(project):
+    d, loads = project
+    s = run(["."], dry_run=True)
+    assert {o["state"] for o in s["outputs"]} == {"new"} and s["built"] == 0
+    assert not (d / "out").exists() and not loads
+    run(["."], select=["alpha"])
+    write_scene(d, "beta", "another forest", sub="more")
+    run(["more"])
+    write_scene(d, "beta", "a third forest", sub="more")
+    s = run(["."], dry_run=True, force=False)
+    assert {(o["name"], o["state"]) for o in s["outputs"] if o["status"] == "would-build"} == \
+        {("beta-1", "changed"), ("beta-2", "changed")}
+    s = run(["."], dry_run=True, force=True)
+    assert {o["state"] for o in s["outputs"]} == {"forced", "changed"}
+
+
+def test_key_covers_model_identity_seed_and_version(tmp_path, monkeypatch):
+    ident = {"id": "tiny", "revision": "builtin"}
+    k = batch.cache_key("h", ident, 1)
+    assert k != batch.cache_key("h", ident, 2) and k != batch.cache_key("g", ident, 1)
+    assert k != batch.cache_key("h", {"id": "tiny", "revision": "x"}, 1)
+    import scenec
+
+    monkeypatch.setattr(scenec, "__version__", "9.9.9")
+    assert k != batch.cache_key("h", ident, 1)
+    # a local model directory: a digest of its files' names, sizes and mtimes (or contents)
+    m = tmp_path / "model"
+    (m / "transformer").mkdir(parents=True)
+    (m / "model_index.json").write_text("{}")
+    (m / "transformer" / "w.safetensors").write_bytes(b"1234")
+    a = batch.model_identity({"spec": str(m), "repo": str(m)})
+    c = batch.model_identity({"spec": str(m), "repo": str(m)}, "content")
+    (m / "transformer" / "w.safetensors").write_bytes(b"12345")
+    assert batch.model_identity({"spec": str(m), "repo": str(m)}) != a
+    assert batch.model_identity({"spec": str(m), "repo": str(m)}, "content") != c
+    hub = batch.model_identity({"spec": "flux-dev", "repo": "black-forest-labs/FLUX.1-dev"})
+    assert hub["id"] == "black-forest-labs/FLUX.1-dev" and "revision" in hub
+
+
+def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):
+    d, _ = project
+    run(["."], select=["alpha"])
+    out = d / "out"
+    stale = [out / ".alpha-1.png.abc123_x.tmp", out / ".scenec-manifest.json.zz9zz9zz.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    keep = out / "notes.tmp"
+    keep.write_text("not ours")
+    (out / "alpha-1.png").unlink()
+    run(["."], select=["alpha"])
+    assert not any(p.exists() for p in stale) and keep.exists()
+    m = Manifest.load(out)
+    assert m.problem is None and set(m.outputs) == {"alpha-1", "alpha-2"}
+
+
+# --- failures and exit codes ------------------------------------------------------------------------
+
+def test_one_failing_scene_does_not_stop_the_others(project):
+    d, _ = project
+    (d / "broken.yaml").write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nentities: [\n")
+    (d / "wrong.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    from scenec.build import execute_unit
+
+    def flaky(plan, backend, out_dir, masks=False):
+        if plan.json["scene"]["name"] == "beta":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return execute_unit(plan, backend, out_dir, masks=masks)
+
+    s = run(["."], execute_fn=flaky)
+    assert s["built"] == 2 and s["failed"] == 2 and s["invalid"] == 2
+    msgs = [x.format() for x in s["diagnostics"].sorted()]
+    assert any(m.startswith("broken.yaml:") and ": error: " in m for m in msgs), msgs
+    assert any(m.startswith("wrong.yaml:2:17: error: canvas width 60") for m in msgs), msgs
+    assert any("out of memory" in e for e in s["errors"])
+    man = Manifest.load(d / "out")
+    assert set(man.outputs) == {"alpha-1", "alpha-2"}
+
+
+def test_colliding_outputs_across_scenes_are_invalid(project):
+    d, _ = project
+    (d / "alpha2.yaml").write_text((d / "alpha.yaml").read_text() + "name: alpha\n")
+    s = run(["."], dry_run=True)
+    assert s["invalid"] == 1
+    assert any("also made by" in x.message for x in s["diagnostics"].errors)
+
+
+def scenec(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "scenec", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300, env=env)
+
+
+def test_cli_exit_codes_status_and_no_torch(tmp_path):
+    write_scene(tmp_path, "a", seeds=(1,))
+    r = scenec("status", tmp_path, "--exit-code")
+    assert r.returncode == 1 and "new:" in r.stdout, r.stdout + r.stderr
+    assert scenec("status", tmp_path).returncode == 0
+    r = scenec("build", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["built"] == 1
+    r = scenec("status", tmp_path, "--exit-code", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["counts"] == {"cached": 1}
+    (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    r = scenec("build", tmp_path, "--json")
+    assert r.returncode == 2 and "bad.yaml:2:17: error:" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["cached"] == 1
+    r = scenec("build", tmp_path, "--select", "tag:x")
+    assert r.returncode == 2 and "unknown method" in r.stderr
+    # status and --dry-run never import torch
+    for cmd in (["status", str(tmp_path)], ["build", str(tmp_path), "--dry-run"]):
+        code = ("import sys\n"
+                f"sys.argv = ['scenec', *{cmd!r}]\n"
+                "from scenec.cli import app\n"
+                "try:\n    app()\nexcept SystemExit as e:\n    pass\n"
+                "print('HEAVY=' + ','.join(m for m in ('torch', 'diffusers') if m in sys.modules), file=sys.stderr)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert "HEAVY=\n" in r.stderr or r.stderr.rstrip().endswith("HEAVY="), r.stderr
+
+
+def test_executor_ray_without_ray_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(BatchError, match=r"pip install 'scenec\[ray\]'"):
+        build_batch([tmp_path], executor="ray", quiet=True)
+
+
+# --- matrix ---------------------------------------------------------------------------------------
+
+MATRIX = """\
+scenec: 1
+model: tiny
+canvas: {width: 64, height: 64}
+sampler: {steps: 2, seed: 7}
+matrix:
+  style: ["oil painting", "Water Colour!"]
+  n: [1, 2.5]
+background: {prompt: "a harbour, {style}, {{literal}} x{n}"}
+entities:
+  - {id: boat, prompt: "a boat in {style}", shape: {box: [0.1, 0.5, 0.5, 0.9]}}
+"""
+
+
+def test_matrix_expands_fills_prompts_and_names(tmp_path):
+    from scenec.compiler import compile_scene
+
+    f = tmp_path / "m.yaml"
+    f.write_text(MATRIX)
+    plan = compile_scene(f)
+    jobs = plan.json["jobs"]
+    assert [j["name"] for j in jobs] == ["m-oil-painting-1-7", "m-oil-painting-2.5-7", "m-water-colour-1-7",
+                                         "m-water-colour-2.5-7"]
+    assert jobs[1]["matrix"] == {"style": "oil painting", "n": 2.5} and jobs[1]["seed"] == 7
+    texts = {plan.json["prompts"][j["global"]["prompt"]] for j in jobs}
+    assert "a harbour, Water Colour!, {literal} x2.5" in texts and len(texts) == 4
+    assert len({j["job_hash"] for j in jobs}) == 4
+
+    f.write_text(MATRIX.replace("sampler: {steps: 2, seed: 7}", "sampler: {steps: 2}")
+                 .replace("matrix:\n", "matrix:\n  seed: [1, 2]\n") + "output: {name: \"{scene}-{style}-{n}-{seed}\"}\n")
+    names = [j["name"] for j in compile_scene(f).json["jobs"]]
+    assert len(names) == 8 and names[:2] == ["m-oil-painting-1-1", "m-oil-painting-2.5-1"]  # keys in written order, last fastest
+
+
+def test_matrix_job_hash_ignores_key_names(tmp_path):
+    from scenec.compiler import compile_scene
+
+    a = tmp_path / "a.yaml"
+    a.write_text(MATRIX)
+    b = tmp_path / "b.yaml"
+    b.write_text(MATRIX.replace("{n}", "{count}").replace("  n: [", "  count: ["))
+    ha = sorted(j["job_hash"] for j in compile_scene(a).json["jobs"])
+    hb = sorted(j["job_hash"] for j in compile_scene(b).json["jobs"])
+    assert ha == hb
+
+
+def test_matrix_errors_have_positions(tmp_path):
+    from scenec.compiler.check import validate_file
+
+    f = tmp_path / "bad.yaml"
+    f.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\n"
+                 "matrix: {style: [a, b, a], index: [1], seed: [x]}\n"
+                 "background: {prompt: \"a {stlye} harbour\"}\n"
+                 "output: {name: \"{scene}-{seed}\"}\n")
+    _, d = validate_file(f)
+    errs = [x.format() for x in d.errors]
+    assert any(":5:25: error: unknown placeholder `{stlye}`" in e and "did you mean `style`" in e for e in errs), errs
+    assert any(":4:10: error: matrix key `index` is reserved" in e for e in errs) or \
+        any("matrix key `index` is reserved" in e for e in errs), errs
+    assert any("listed twice" in e for e in errs), errs
+    assert any("output names collide" in e for e in errs), errs
+
+
+def test_matrix_example_scene_and_default_names(tmp_path):
+    from scenec.compiler import compile_scene
+
+    plan = compile_scene(ROOT / "scenes" / "matrix-styles.yaml")
+    assert len(plan.json["jobs"]) == 4 and plan.json["canvas"] == {"width": 256, "height": 256}
+    assert (ROOT / "scenes" / "matrix-styles.yaml").read_text().startswith(
+        "# yaml-language-server: $schema=../schemas/scene.schema.json\n")
+    f = tmp_path / "d.yaml"
+    f.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nmatrix: {style: [a, b], seed: [3]}\n"
+                 "background: {prompt: \"x {style}\"}\n")
+    assert [j["name"] for j in compile_scene(f).json["jobs"]] == ["d-a-3", "d-b-3"]  # default name gains {style}
+
+
+def test_matrix_selection(project):
+    d, _ = project
+    (d / "m.yaml").write_text(MATRIX)
+    s = run(["m.yaml"], select=["style=water*"], dry_run=True)
+    assert sorted(o["name"] for o in s["outputs"]) == ["m-water-colour-1-7", "m-water-colour-2.5-7"]
