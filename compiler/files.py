@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -59,14 +58,6 @@ def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, wha
     except (OSError, SyntaxError, ValueError) as e:
         diags.error(pos, f"{what} `{value}` is not a readable image ({type(e).__name__}: {e})".rstrip())
     return None
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_json(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what: str = "file") -> Any:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from scenec import __version__
+from scenec.spec.fsio import atomic_write
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode
@@ -53,26 +52,10 @@ class Plan:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tensors.safetensors", save({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}))
+        atomic_write(out / "tensors.safetensors", save({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}))
         text = json.dumps(self.json, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-        _atomic_write(out / "plan.json", text.encode("utf-8"))
+        atomic_write(out / "plan.json", text.encode("utf-8"))
         return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def lower(ir: IR) -> Plan:

@@ -126,7 +126,7 @@ def _keys(ir: IR) -> set:
 
 
 def _condition(ir: IR, i: int, e: m.Entity) -> ConditionNode:
-    from .files import sha256_file
+    from scenec.spec.fsio import sha256_file
 
     r = e.reference
     p = ir.scene.resolve(("entities", i, "reference", "image"), r.image)

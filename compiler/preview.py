@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from shapely import affinity
 
-from .geometry import Region, rasterize
+from scenec.spec.fsio import atomic_write
+
+from .geometry import rasterize
 
 TILE = 512  # long side of one layout, px
 PAD = 16
@@ -39,31 +39,6 @@ INK = (34, 34, 38)
 
 
 # --- atomic writes -----------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the target directory, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an output file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
 
 def _png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -86,7 +61,7 @@ def write_mask_pngs(regions, canvas, out_dir) -> list[Path]:
         cov = rasterize(reg.geom, reg.feather_px, canvas, 1)
         im = Image.fromarray(np.round(cov * 255.0).astype(np.uint8), mode="L")
         p = out_dir / f"{eid}.png"
-        _atomic_write(p, _png_bytes(im))
+        atomic_write(p, _png_bytes(im))
         written.append(p)
     return written
 
@@ -130,7 +105,7 @@ def render_preview(ls, jobs: list[dict], out_path, background=None) -> Path:
 
     sheet = _compose(merged, fonts)
     out = Path(out_path)
-    _atomic_write(out, _png_bytes(sheet))
+    atomic_write(out, _png_bytes(sheet))
     return out
 
 

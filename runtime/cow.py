@@ -189,7 +189,7 @@ class InversionCache:
         if self.disk:
             from safetensors.torch import save
 
-            from .outputs import atomic_write
+            from scenec.spec.fsio import atomic_write
 
             try:
                 atomic_write(self.path(key), save({f"level/{k}": v for k, v in lat.items()}))

@@ -8,36 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from scenec.spec.fsio import atomic_write  # noqa: F401 (re-exported)
+
 from .errors import PlanError, RuntimeErrorBase
 from .plan import Plan
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps total, job name)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def png_bytes(image, text: dict[str, str]) -> bytes:

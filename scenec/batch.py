@@ -25,13 +25,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from scenec.spec.fsio import atomic_write, sha256_file
 
 MANIFEST = "scenec-manifest.json"
 MANIFEST_FORMAT = "scenec-manifest/1"
@@ -280,33 +281,7 @@ def cache_key(job_hash: str, identity: dict, seed: int) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- files: atomic writes, our temp files, the lock -------------------------------------------------
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the target directory, fsync, ``os.replace`` (the same protocol as runtime.outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
 
 def clean_temp_files(out_dir: Path) -> list[Path]:
     """Remove temp files our atomic writes left behind (a killed build); returns what was removed."""

@@ -98,7 +98,9 @@ def _worker_count(ray, device: str | None, workers: int | None) -> tuple[int, bo
 def run_ray(units: list, done: Callable, device: str | None = None, dtype: str | None = None, masks: bool = False,
             address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print) -> None:
     """Execute ``units`` on Ray actors; call ``done(unit, results | None, error)`` on the driver as each ends."""
-    from .batch import atomic_write, subplan
+    from scenec.spec.fsio import atomic_write
+
+    from .batch import subplan
 
     ray = require_ray()
     started = False

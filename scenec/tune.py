@@ -473,7 +473,7 @@ def schedule_line(scene: Path, output: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    from scenec.runtime.outputs import atomic_write
+    from scenec.spec.fsio import atomic_write
 
     atomic_write(Path(path), text.encode("utf-8"))
 
