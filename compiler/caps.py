@@ -45,7 +45,7 @@ ALIASES: dict[str, ModelInfo] = {
     "flux-dev": ModelInfo("flux-dev", FLUX, "alias", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5),
     "flux-schnell": ModelInfo("flux-schnell", FLUX, "alias", "black-forest-labs/FLUX.1-schnell", steps=4,
                               guidance=0.0, max_sequence_length=256),
-    "tiny": ModelInfo("tiny", FLUX, "alias", None, steps=4, guidance=3.5, max_sequence_length=32),
+    "tiny": ModelInfo("tiny", FLUX, "alias", None, steps=4, guidance=3.5, max_sequence_length=128),
     "sd15": ModelInfo("sd15", SD, "alias", "stable-diffusion-v1-5/stable-diffusion-v1-5", steps=50, guidance=7.5),
     "sd21": ModelInfo("sd21", SD, "alias", "stabilityai/stable-diffusion-2-1-base", steps=50, guidance=7.5),
     "tiny-sd": ModelInfo("tiny-sd", SD, "alias", None, steps=4, guidance=7.5),
