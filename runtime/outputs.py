@@ -54,7 +54,10 @@ def metadata(plan: Plan, job: dict, backend) -> dict[str, str]:
 
     return {
         "scenec:scene": plan.json.get("scene", {}).get("name", ""),
+        "scenec:scene_file": plan.json.get("scene", {}).get("file", ""),  # relative to the project root
         "scenec:job": job["id"],
+        "scenec:group": job.get("group") or "",
+        "scenec:variant": job.get("variant") or "",
         "scenec:seed": str(job["seed"]),
         "scenec:plan_hash": plan.plan_hash,
         "scenec:job_hash": job.get("job_hash", ""),
