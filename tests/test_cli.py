@@ -91,3 +91,9 @@ def test_init_creates_a_valid_project(tmp_path):
     r = scenec("validate", tmp_path / "proj" / "scene.yaml")
     assert r.returncode == 0, r.stderr
     assert scenec("init", tmp_path / "proj").returncode == 2  # refuses to overwrite
+
+
+def test_cli_reference_is_current():
+    from scenec.docgen import cli_markdown
+
+    assert (ROOT / "docs" / "cli.md").read_text() == cli_markdown(), "run `python -m scenec.docgen > docs/cli.md`"
