@@ -98,7 +98,7 @@ def _print_warnings(ir) -> None:
 
 @app.command()
 def explain(file: Path = typer.Argument(..., help="scene file"),
-            after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass"),
+            after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass: check, expand, geometry, schedule or lower"),
             masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
     """Print the IR as text (after every pass, or --after PASS)."""
