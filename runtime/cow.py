@@ -237,6 +237,31 @@ def sow_term(cond_mask: np.ndarray, related_mask: np.ndarray | None, params: dic
                    float(params.get("decay", 0.8)), float(params.get("threshold", 0.5)))
 
 
+def sow_unit_bias(t: SowTerm) -> torch.Tensor:
+    """A term's image–image bias at gain 1, dense float ``[n, n]`` (query, key) on its grid:
+    −suppress·f(k) where q ∈ C and k ∉ C, +enhance·f(q) where q ∈ R and k ∈ C, 0 elsewhere.
+    Family-neutral (Flux token grid, SD UNet grids); the step's bias is Σ gain_term · unit_term."""
+    sup = (t.cond[:, None] & ~t.cond[None, :]).float() * t.fall[None, :]
+    enh = (t.related[:, None] & t.cond[None, :]).float() * t.fall[:, None]
+    return t.enhance * enh - t.suppress * sup
+
+
+def sow_spread(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
+               allow: torch.Tensor | None = None) -> float:
+    """The SOW indicator of one term from one attention call's *unbiased* logits (q, k: [b, h, N, d],
+    image tokens after ``n_txt`` text tokens; ``allow`` an optional bool [N, N] regional mask): mean over
+    batch, heads and queries q ∈ R \\ C (the outside of C when R is empty) of Σ_{k ∈ C} softmax[q, k]."""
+    rq = t.related & ~t.cond
+    if not bool(rq.any()):
+        rq = ~t.cond
+    qi = n_txt + torch.nonzero(rq).flatten()
+    logits = (q[:, :, qi].float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+    if allow is not None:
+        logits = logits.masked_fill(~allow[qi][None, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1)[..., n_txt:]  # [b, h, |rq|, n_img]
+    return float(p[..., t.cond].sum(-1).mean())
+
+
 class SowModulation:
     """SOW: an additive bias on image–image attention logits inside COW's cycles.
 
@@ -266,6 +291,7 @@ class SowModulation:
         self.pending = False  # measure the indicator at the next attention call
         self.history: list[dict] = []  # per step: cycle, spread per term, gains (diagnostics, tests)
         self._dense: dict = {}
+        self._units: dict[int, torch.Tensor] = {}  # per term: its bias at gain 1 (built once per job)
 
     # per step, from the backend's loop
     def begin_step(self, cycle: int, inside: list[bool]) -> bool:
@@ -282,12 +308,12 @@ class SowModulation:
     def image_bias(self) -> torch.Tensor:
         """Dense float ``[n_img, n_img]`` bias for the current gains."""
         b = torch.zeros(self.n_img, self.n_img, device=self.device)
-        for t, g in zip(self.terms, self.gains):
+        for ti, (t, g) in enumerate(zip(self.terms, self.gains)):
             if float(g) == 0.0:
                 continue
-            sup = (t.cond[:, None] & ~t.cond[None, :]).float() * t.fall[None, :]
-            enh = (t.related[:, None] & t.cond[None, :]).float() * t.fall[:, None]
-            b = b - t.suppress * g * sup + t.enhance * g * enh
+            if ti not in self._units:
+                self._units[ti] = sow_unit_bias(t)
+            b = b + g * self._units[ti]
         return b
 
     def _measure(self, q: torch.Tensor, k: torch.Tensor, n_txt: int, allow: torch.Tensor | None) -> None:
@@ -297,15 +323,7 @@ class SowModulation:
             if float(self.gains[ti]) == 0.0:
                 spreads.append(None)
                 continue
-            rq = t.related & ~t.cond
-            if not bool(rq.any()):
-                rq = ~t.cond
-            qi = n_txt + torch.nonzero(rq).flatten()
-            logits = (q[:, :, qi].float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-            if allow is not None:
-                logits = logits.masked_fill(~allow[qi][None, None], float("-inf"))
-            p = torch.softmax(logits, dim=-1)[..., n_txt:]  # [b, h, |rq|, n_img]
-            s = float(p[..., t.cond].sum(-1).mean())
+            s = sow_spread(t, q, k, n_txt, allow)
             spreads.append(s)
             if s >= t.threshold:
                 self.gains[ti] = 0.0
@@ -412,8 +430,8 @@ def latent_mask(plan, masks: dict | None, grid_hw: tuple[int, int], what: str) -
     return m
 
 
-def sow_for(plan, job: dict, grid: str, device) -> SowModulation | None:
-    """The job's SOW modulation on ``grid`` (Flux: "token"), or None when no active condition has one."""
+def sow_terms(plan, job: dict, grid: str) -> list[SowTerm | None]:
+    """Per condition of the job, its SOW term on ``grid`` (None: no modulation or no cycles)."""
     terms = []
     for c in job.get("conditions") or []:
         mod = c.get("modulation")
@@ -425,12 +443,131 @@ def sow_for(plan, job: dict, grid: str, device) -> SowModulation | None:
             cm = np.ones(plan.grid(grid), np.float32)
         rel = plan.mask(c.get("related"), grid) if c.get("related") else None
         terms.append(sow_term(cm, rel, mod))
+    return terms
+
+
+def sow_for(plan, job: dict, grid: str, device) -> SowModulation | None:
+    """The job's SOW modulation on ``grid`` (Flux: "token"), or None when no active condition has one."""
+    terms = sow_terms(plan, job, grid)
     if not any(t is not None for t in terms):
         return None
     h, w = plan.grid(grid)
     sow = SowModulation([t for t in terms if t is not None], h * w, device)
     sow.index = [i for i, t in enumerate(terms) if t is not None]  # term → condition index
     return sow
+
+
+class SowGrids:
+    """SOW on image-only self-attention at several resolutions (SD: the UNet's ``attn1`` everywhere).
+
+    The bias and the indicator are :class:`SowModulation`'s (:func:`sow_unit_bias`, :func:`sow_spread`),
+    with each grid's own terms (condition / related masks, centre, fall-off and diagonal on that grid),
+    picked per attention call by the query's token count. The unit tables (bias at gain 1) are built
+    once per job and grid; per denoise op only the per-term gains change (decay^cycle, 0 once the
+    indicator says the information has spread), and the combined bias is formed once per op and grid.
+    The indicator is measured at the op's first attention call, on the batch rows ``rows`` (the
+    positive pass: the backend sets them when CFG batches [negative, positive]).
+    Kernel: a dense additive ``[n, n]`` bias through SDPA on every device (the sequences are short).
+    """
+
+    def __init__(self, grids: dict[int, list[SowTerm]], index: list[int], device):
+        self.device = torch.device(device)
+        self.grids = {n: [SowTerm(t.cond.to(device), t.related.to(device), t.fall.to(device), t.suppress,
+                                  t.enhance, t.decay, t.threshold) for t in ts] for n, ts in grids.items()}
+        self.index = index  # term → condition index
+        first = next(iter(self.grids.values()))
+        self.decay = [t.decay for t in first]
+        self.gains = [0.0] * len(first)  # per term, this op (0 = off)
+        self.cycle = 0
+        self.pending = False  # measure the indicator at the next attention call
+        self.rows = slice(None)  # batch rows of the positive pass (indicator)
+        self.history: list[dict] = []  # per op: cycle, grid, spread per term, gains (diagnostics, tests)
+        self._units: dict[int, list[torch.Tensor]] = {}  # token count → per-term bias at gain 1
+        self._bias: dict = {}  # (token count, dtype) → this op's [1, 1, n, n] bias
+
+    def begin_step(self, cycle: int, inside: list[bool]) -> bool:
+        """Arm for one denoise op; False when no term is inside its cycles (then do not install)."""
+        self.cycle = cycle
+        self.gains = [(d ** cycle) if ins else 0.0 for d, ins in zip(self.decay, inside)]
+        self._bias.clear()
+        self.rows = slice(None)
+        self.pending = any(inside)
+        return self.pending
+
+    def terms_for(self, n: int) -> list[SowTerm]:
+        ts = self.grids.get(n)
+        if ts is None:
+            raise PlanError(f"SOW: no grid has {n} tokens (grids: {sorted(self.grids)})")
+        return ts
+
+    def units(self, n: int) -> list[torch.Tensor]:
+        if n not in self._units:
+            self._units[n] = [sow_unit_bias(t) for t in self.terms_for(n)]
+        return self._units[n]
+
+    def bias(self, n: int, dtype) -> torch.Tensor | None:
+        """This op's ``[1, 1, n, n]`` bias on the grid of n tokens (None when every gain is 0)."""
+        if not any(g != 0.0 for g in self.gains):
+            return None
+        key = (n, dtype)
+        if key not in self._bias:
+            b = torch.zeros(n, n, device=self.device)
+            for g, u in zip(self.gains, self.units(n)):
+                if g != 0.0:
+                    b = b + g * u
+            self._bias[key] = b.to(dtype)[None, None]
+        return self._bias[key]
+
+    def measure(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """The indicator from one call's unbiased logits (q, k: [b, h, n, d]); switches off spread terms."""
+        n = q.shape[2]
+        spreads = []
+        for ti, t in enumerate(self.terms_for(n)):
+            if self.gains[ti] == 0.0:
+                spreads.append(None)
+                continue
+            s = sow_spread(t, q[self.rows], k[self.rows])
+            spreads.append(s)
+            if s >= t.threshold:
+                self.gains[ti] = 0.0
+        self.history.append({"cycle": self.cycle, "grid": n, "spread": spreads, "gains": list(self.gains)})
+        self._bias.clear()
+
+    def attend(self, q, k, v, probe: list | None = None):
+        """Self-attention with this op's bias; q, k, v: [b, h, n, d], all image tokens."""
+        import torch.nn.functional as F
+
+        n = q.shape[2]
+        if self.pending:
+            self.pending = False
+            self.measure(q, k)
+        bias = self.bias(n, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if probe is not None and bias is not None:
+            logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+            probe.append({"kind": "sow", "n_q": n, "logits": logits, "bias": bias[0, 0].float(), "n_txt": 0,
+                          "expected": torch.softmax(logits + bias[0, 0].float(), -1) @ v.float(),
+                          "out": out.float()})
+        return out
+
+
+def sow_grids(plan, job: dict, grids, device) -> SowGrids | None:
+    """The job's SOW on every plan grid of ``grids`` present in the plan (SD: latent, a16, a32, a64),
+    keyed by token count, or None when no active condition has a modulation."""
+    by_n: dict[int, list[SowTerm]] = {}
+    index: list[int] = []
+    for g in grids:
+        if g not in plan.json["grids"]:
+            continue
+        terms = sow_terms(plan, job, g)
+        index = [i for i, t in enumerate(terms) if t is not None]
+        if not index:
+            return None
+        h, w = plan.grid(g)
+        by_n[h * w] = [t for t in terms if t is not None]
+    if not by_n:
+        return None
+    return SowGrids(by_n, index, device)
 
 
 # --- Flux ------------------------------------------------------------------------------------------

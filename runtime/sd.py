@@ -13,7 +13,9 @@ entities reproduces ``StableDiffusionPipeline(...)``. On top of that:
 - per-entity negatives: the CFG negative pass has the same structure over the negative texts;
 - inpainting fusion: outside the entity regions the latent is replaced after every step by the init
   latent noised to that level with fixed noise, and by the init latent itself at the end;
-- COW (runtime/cow.py): DDIM inversion, DDPM re-noise, paste, preserve, DDIM η.
+- COW (runtime/cow.py): DDIM inversion, DDPM re-noise, paste, preserve, DDIM η;
+- SOW (runtime/cow.SowGrids): a bias on the UNet's self-attention (``attn1``) logits at every
+  resolution, inside the cycles; without it ``attn1`` runs its own (stock) processor unchanged.
 """
 
 from __future__ import annotations
@@ -44,16 +46,22 @@ class SDCondition:
 
 
 class RegionalCross:
-    """Controller of the regional cross-attention processors (one per UNet ``attn2``)."""
+    """Controller of the regional cross-attention processors (one per UNet ``attn2``) and of the SOW
+    self-attention processors (one per ``attn1``, wrapping the processor that was there)."""
 
     def __init__(self, unet):
         self.unet = unet
         self.current: dict[int, torch.Tensor] | None = None
         self.probe: list | None = None  # tests: set to a list to record attention weights
+        self.sow = None  # runtime/cow.SowGrids while inside COW cycles (SOW), else None
         procs = {}
         for name in unet.attn_processors:
-            procs[name] = RegionalCrossAttnProcessor(self) if name.endswith("attn2.processor") else \
-                unet.attn_processors[name]
+            if name.endswith("attn2.processor"):
+                procs[name] = RegionalCrossAttnProcessor(self)
+            elif name.endswith("attn1.processor"):
+                procs[name] = SowSelfAttnProcessor(self, unet.attn_processors[name])
+            else:
+                procs[name] = unet.attn_processors[name]
         unet.set_attn_processor(procs)
 
     def mask_for(self, n_q: int, n_k: int) -> torch.Tensor | None:
@@ -102,6 +110,41 @@ class RegionalCrossAttnProcessor:
             w = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
             self.ctl.probe.append({"n_q": q.shape[2], "weights": w, "allow": mask[0, 0],
                                    "expected": w @ v.float(), "out": out.float()})
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class SowSelfAttnProcessor:
+    """SD self-attention (``attn1``) with SOW's additive bias (runtime/cow.SowGrids) on its logits.
+
+    Without an armed SOW (and for anything but plain 3-d self-attention) it calls the processor that
+    was installed before (diffusers' ``AttnProcessor2_0``), so such forwards are exactly diffusers'.
+    """
+
+    def __init__(self, ctl: RegionalCross, plain):
+        self.ctl = ctl
+        self.plain = plain
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        sow = self.ctl.sow
+        if sow is None or encoder_hidden_states is not None or attention_mask is not None or \
+                hidden_states.ndim != 3 or attn.spatial_norm is not None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *a, **kw)
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        hd = key.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = sow.attend(q, k, v, self.ctl.probe)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -220,11 +263,20 @@ class SDBackend:
         if neg is None:
             self.regional.current = pos.masks if regional else None
             return unet(sched.scale_model_input(x, t), t, encoder_hidden_states=pos.seq, return_dict=False)[0]
+        sow = self.regional.sow
         if (pos.masks is None or not regional) and pos.seq.shape == neg.seq.shape:
             self.regional.current = None
+            if sow is not None:  # SOW's indicator reads the positive rows of the batch
+                sow.rows = slice(x.shape[0], 2 * x.shape[0])
             xin = sched.scale_model_input(torch.cat([x] * 2), t)
             e = unet(xin, t, encoder_hidden_states=torch.cat([neg.seq, pos.seq]), return_dict=False)[0]
             e_u, e_c = e.chunk(2)
+        elif sow is not None:  # the positive pass first: SOW's indicator is measured in it
+            xin = sched.scale_model_input(x, t)
+            self.regional.current = pos.masks if regional else None
+            e_c = unet(xin, t, encoder_hidden_states=pos.seq, return_dict=False)[0]
+            self.regional.current = neg.masks if regional else None
+            e_u = unet(xin, t, encoder_hidden_states=neg.seq, return_dict=False)[0]
         else:
             xin = sched.scale_model_input(x, t)
             self.regional.current = neg.masks if regional else None
@@ -292,6 +344,8 @@ class SDBackend:
                 else:
                     i, j = op["from"], op["to"]
                     t = timesteps[i]
+                    if cow is not None:
+                        cow.arm(n, op)  # SOW inside the cycles, else off
                     e = self.eps(pos, neg, latents, t, guidance, bool(op.get("regional", True)))
                     eta = float(op.get("eta") or 0.0)
                     kw = {}
@@ -309,6 +363,7 @@ class SDBackend:
                     progress(n + 1)
         finally:
             self.regional.current = None
+            self.regional.sow = None
         t_den = time.perf_counter()
         image = self.decode(latents) if decode else None
         t_dec = time.perf_counter()
@@ -323,7 +378,8 @@ class SDBackend:
 
 
 class SDCow:
-    """COW state of one SD job: inverted references (DDIM inversion), masks, the noise stream."""
+    """COW/SOW state of one SD job: inverted references (DDIM inversion), masks, the noise stream and
+    the SOW modulation on every UNet grid (runtime/cow.SowGrids)."""
 
     def __init__(self, be: SDBackend, plan: Plan, job: dict, timesteps, guidance: float, height: int, width: int,
                  cache: cowmod.InversionCache | None = None):
@@ -341,6 +397,17 @@ class SDCow:
             mm = cowmod.latent_mask(plan, cond.get("masks"), (lh, lw), f"condition {cond.get('entity')!r}")
             self.masks[ci] = torch.from_numpy(np.ascontiguousarray(mm, np.float32)).to(be.device)[None, None]
             self.refs[ci] = self._inverted(cond, mm, levels, height, width)
+        self.conds = conds
+        self.sow = cowmod.sow_grids(plan, job, ("latent", "a16", "a32", "a64"), be.device)
+
+    def arm(self, n: int, op: dict) -> None:
+        """Before denoise op n: install SOW when a modulated condition is inside its cycles, else none."""
+        reg = self.be.regional
+        reg.sow = None
+        if self.sow is not None:
+            inside = [cowmod.inside_cycles(self.conds[ci], op) for ci in self.sow.index]
+            if self.sow.begin_step(cowmod.cycle_index(self.job["program"], n), inside):
+                reg.sow = self.sow
 
     def _inverted(self, cond, mm, levels, height, width) -> dict[int, torch.Tensor]:
         from scenec import __version__
@@ -377,6 +444,7 @@ def invert_ddim(be: SDBackend, plan: Plan, job: dict, z: torch.Tensor, timesteps
     cfg = guidance > 1.0 and be.unet.config.time_cond_proj_dim is None
     neg = SDCondition(be.encode_global(plan.prompt(job["global"]["negative"])), None) if cfg else None
     pred = sched.config.prediction_type
+    saved_sow, be.regional.sow = be.regional.sow, None  # the plain model: no modulation
     out: dict[int, torch.Tensor] = {}
     x = z.to(torch.float32)
     if n in levels:
@@ -399,6 +467,7 @@ def invert_ddim(be: SDBackend, plan: Plan, job: dict, z: torch.Tensor, timesteps
         if i in levels:
             out[i] = x.clone()
     be.regional.current = None
+    be.regional.sow = saved_sow
     return out
 
 

@@ -211,3 +211,135 @@ def test_coupling_ops_are_unsupported_on_sd(backend):
     plan = sd_plan(program=[{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": 0.5, "eta": 0.0}])
     with pytest.raises(Unsupported, match="SD runtime"):
         run(backend, plan)
+
+
+# --- SOW on SD: the bias on the UNet's self-attention (attn1) at every resolution ------------------
+
+SOW_MOD = {"suppress": 2.0, "enhance": 2.0, "decay": 0.8, "distance": 1.0, "threshold": 2.0}  # always on
+RELATED = box(GRID, 10, 2, 16, 14)
+SD_GRIDS = {32 * 32: "latent", 16 * 16: "a16", 8 * 8: "a32", 4 * 4: "a64"}
+
+
+def _with_sow(plan, modulation=SOW_MOD, related=RELATED, **kw):
+    """_with_reference plus the condition's and related region's masks on every SD grid and a modulation."""
+    plan = _with_reference(plan, **kw)
+    t = plan.tensors
+    masks, rel = {}, {}
+    for name, m, out in (("cond/r", FOX, masks), ("rel/r", related, rel)):
+        if m is None:
+            continue
+        t[f"{name}/latent"] = np.repeat(np.repeat(m, 2, 0), 2, 1)
+        t[f"{name}/a16"], t[f"{name}/a32"], t[f"{name}/a64"] = m, _pool(m, 2), _pool(m, 4)
+        out.update({g: f"{name}/{g}" for g in ("latent", "a16", "a32", "a64")})
+    for job in plan.jobs:
+        job["conditions"][0].update(masks=masks, related=rel or None, modulation=modulation)
+    return plan
+
+
+def _fall(m: np.ndarray, distance: float) -> np.ndarray:
+    """The SOW fall-off, written out: exp(−distance·|p − centre|/diagonal), centre = coverage centroid."""
+    h, w = m.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    cy, cx = (ys * m).sum() / m.sum(), (xs * m).sum() / m.sum()
+    return np.exp(-distance * np.hypot(ys - cy, xs - cx) / np.hypot(h, w))
+
+
+def _sow_probe(backend, modulation, seed=2):
+    """One denoise op inside the cycles (paste at 1, denoise 1 → 2) with the probe on."""
+    plan = _with_sow(sd_plan(seed=seed), modulation, program=[
+        {"op": "paste", "condition": 0, "at": 1},
+        {"op": "denoise", "from": 1, "to": 2, "regional": True, "theta": None, "eta": 0.0}])
+    backend.regional.probe = []
+    try:
+        x = run(backend, plan)
+        recs = backend.regional.probe
+    finally:
+        backend.regional.probe = None
+    return plan, x, recs
+
+
+def test_sow_bias_on_sd_is_the_formula_at_every_resolution(backend):
+    plan, _, recs = _sow_probe(backend, SOW_MOD)
+    sow = [r for r in recs if r.get("kind") == "sow"]
+    assert len(sow) == 10  # every attn1 of the tiny UNet: 3 down, 1 mid, 6 up (CFG batched: one forward)
+    assert {r["n_q"] for r in sow} == set(SD_GRIDS)
+    for r in sow:
+        g = SD_GRIDS[r["n_q"]]
+        cm, rm = plan.tensors[f"cond/r/{g}"], plan.tensors[f"rel/r/{g}"]
+        c, rel = torch.from_numpy(cm.reshape(-1) > 0), torch.from_numpy(rm.reshape(-1) > 0)
+        f = torch.from_numpy(_fall(cm, SOW_MOD["distance"]).reshape(-1)).float()
+        sup = c[:, None] & ~c[None, :]  # the condition region reading the outside
+        enh = rel[:, None] & c[None, :]  # the related region reading the condition
+        b = r["bias"]
+        assert b.shape == (r["n_q"], r["n_q"]) and sup.any() and enh.any()
+        assert (b[~(sup | enh)] == 0).all() and (b[sup] < 0).all() and (b[enh] > 0).all()
+        # cycle 0: gain decay^0 = 1
+        expect = -SOW_MOD["suppress"] * sup.float() * f[None, :] + SOW_MOD["enhance"] * enh.float() * f[:, None]
+        torch.testing.assert_close(b, expect, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r["out"], r["expected"], atol=1e-5, rtol=1e-4)
+
+
+def test_sd_modulation_false_is_bit_identical_to_stock_self_attention(backend):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    plan = _with_sow(sd_plan(seed=4), modulation=False)
+    run(backend, plan)  # warm-up: the inversion (and oneDNN's first calls) out of the comparison
+    x_off = run(backend, plan)
+    procs = backend.unet.attn_processors
+    attn1 = [n for n in procs if n.endswith("attn1.processor")]
+    assert attn1 and all(type(procs[n]).__name__ == "SowSelfAttnProcessor" for n in attn1)
+    backend.unet.set_attn_processor({n: AttnProcessor2_0() if n in attn1 else p for n, p in procs.items()})
+    try:
+        x_stock = run(backend, plan)  # no modulation code on the self-attention path at all
+    finally:
+        backend.unet.set_attn_processor(dict(procs))
+    assert torch.equal(x_off, x_stock)
+    _, x_zero, recs = _sow_probe(backend, {**SOW_MOD, "suppress": 0.0, "enhance": 0.0})
+    assert recs and all((r["bias"] == 0).all() for r in recs)
+    _, x_plain, recs = _sow_probe(backend, False)
+    assert recs == []
+    torch.testing.assert_close(x_zero, x_plain, atol=1e-5, rtol=0)
+    _, x_on, _ = _sow_probe(backend, SOW_MOD)
+    assert (x_on - x_plain).abs().max() > 1e-4
+
+
+def test_sow_on_sd_decays_per_cycle_and_the_indicator_switches_it_off(backend, monkeypatch):
+    hist = []
+    orig = cowmod.SowGrids.measure
+
+    def spy(self, q, k):
+        orig(self, q, k)
+        hist.append(dict(self.history[-1], rows=self.rows, batch=q.shape[0]))
+
+    monkeypatch.setattr(cowmod.SowGrids, "measure", spy)
+    run(backend, _with_sow(sd_plan(seed=3), window=(1, 3), cycles=3))
+    assert [h["cycle"] for h in hist] == [0, 0, 1, 1, 2, 2]
+    for h in hist:
+        assert h["grid"] == 32 * 32  # the op's first self-attention: the latent grid
+        assert h["batch"] == 2 and h["rows"] == slice(1, 2)  # CFG [negative, positive]: the positive row
+        assert 0.0 <= h["spread"][0] <= 1.0
+        assert h["gains"][0] == pytest.approx(0.8 ** h["cycle"])
+    hist.clear()
+    off = run(backend, _with_sow(sd_plan(seed=3), window=(1, 3), cycles=2, modulation=False))
+    never = run(backend, _with_sow(sd_plan(seed=3), window=(1, 3), cycles=2, modulation={**SOW_MOD, "threshold": 0.0}))
+    assert hist and all(h["gains"] == [0.0] for h in hist)  # spread ≥ 0 = threshold: never applied
+    torch.testing.assert_close(off, never, atol=1e-5, rtol=0)
+
+
+def test_sd_portrait_scene_builds_with_sow(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from scenec.build import build
+
+    hist = []
+    orig = cowmod.SowGrids.measure
+
+    def spy(self, q, k):
+        orig(self, q, k)
+        hist.append(self.history[-1])
+
+    monkeypatch.setattr(cowmod.SowGrids, "measure", spy)
+    scene = Path(__file__).resolve().parents[1] / "scenes" / "sd-portrait.yaml"
+    res = build([scene], out=tmp_path, device="cpu", dtype="fp32", quiet=True)
+    assert res["built"] == 1 and res["failed"] == 0, res
+    assert [h["cycle"] for h in hist] == [0, 1, 2]  # window 1 → 2: one modulated op per cycle
