@@ -109,7 +109,7 @@ class IR:
         out = []
         for _, v, d in sorted(self.graph.out_edges(nid, data=True), key=lambda e: e[2].get("order", 0)):
             n = self.graph.nodes[v]["node"]
-            if (kind is None or isinstance(n, kind)) and (rel is None or d.get("rel") == rel):
+            if (kind is None or isinstance(n, kind)) and (rel is None or rel in _rels(d)):
                 out.append(n)
         return out
 
@@ -125,3 +125,9 @@ class IR:
     def region_of(self, stream_id: str) -> RegionNode | None:
         r = self.succ(stream_id, RegionNode)
         return r[0] if r else None
+
+
+def _rels(edge: dict) -> tuple:
+    """The relations an edge carries (``rel`` is one name, or a tuple when one edge serves several)."""
+    r = edge.get("rel")
+    return () if r is None else (r,) if isinstance(r, str) else tuple(r)

@@ -215,43 +215,48 @@ def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -
 
 
 def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
-    """plan_hash over everything; job_hash over what affects one image (settings, texts, its tensors)."""
+    """plan_hash over everything; job_hash over what affects one image (settings, texts, its tensors).
+
+    A job's hash names its tensors by content, not by name: tensor names (``region/r.fox.1/token``)
+    are numbered across the whole plan, so another job's regions would otherwise move this one's hash.
+    """
     settings = {k: doc[k] for k in ("format", "scenec_version", "model", "canvas", "grids", "sampler", "attention")}
     groups = {g["id"]: g for g in doc["groups"]}
+    digests: dict[str, str] = {}
+
+    def digest(name: str) -> str:
+        if name not in digests:
+            t = np.ascontiguousarray(tensors[name])
+            h = hashlib.sha256(canonical([str(t.dtype), list(t.shape)]))
+            h.update(t.tobytes())
+            digests[name] = "sha256:" + h.hexdigest()
+        return digests[name]
+
+    def by_content(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: by_content(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [by_content(v) for v in x]
+        if isinstance(x, str) and x in tensors:
+            return digest(x)
+        return x
+
     for job in doc["jobs"]:
-        names = _tensor_names(job)
         # prompt indices depend on the other jobs of the plan: hash the texts instead
         text = doc["prompts"].__getitem__
-        material = {k: v for k, v in job.items()
-                    if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "global", "entities",
-                                 "matrix")}
-        material["global"] = {**job["global"], "prompt": text(job["global"]["prompt"]),
+        material = by_content({k: v for k, v in job.items()
+                               if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "matrix")})
+        material["global"] = {**material["global"], "prompt": text(job["global"]["prompt"]),
                               "negative": text(job["global"]["negative"])}
-        material["entities"] = [{**e, "prompt": text(e["prompt"]), "negative": text(e["negative"])}
-                                for e in job["entities"]]
+        material["entities"] = [{**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name; masks hold it
+                                 "prompt": text(e["prompt"]), "negative": text(e["negative"])}
+                                for e in material["entities"]]
         if job["group"]:
             g = groups[job["group"]]
-            names.append(g["theta"])
+            material["theta"] = digest(g["theta"])
             material["shared_prefix"] = g["shared_prefix"]
-        job["job_hash"] = _hash({"settings": settings, "job": material}, tensors, names)
+        job["job_hash"] = hashlib.sha256(canonical({"settings": settings, "job": material})).hexdigest()
     # where a job was written (line numbers) is metadata: moving it does not change the images
     semantic = {k: v for k, v in doc.items() if k != "plan_hash"}
     semantic["jobs"] = [{k: v for k, v in j.items() if k not in ("source", "job_hash")} for j in doc["jobs"]]
     doc["plan_hash"] = _hash(semantic, tensors, tensors.keys())
-
-
-def _tensor_names(job: dict) -> list[str]:
-    out: list[str] = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, str) and x.split("/", 1)[0] in ("region", "inpaint", "image", "cond", "related", "group"):
-            out.append(x)
-
-    walk({k: v for k, v in job.items() if k not in ("id", "name", "source", "job_hash", "group", "variant", "matrix")})
-    return sorted(set(out))

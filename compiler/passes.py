@@ -59,8 +59,14 @@ def p_expand(ir: IR) -> IR:
     def add_stream(job: str, order: int, s: StreamNode, text: str, negative: str) -> None:
         out.add(s)
         out.graph.add_edge(job, s.id, order=order)
-        out.graph.add_edge(s.id, prompt(text), rel="prompt")
-        out.graph.add_edge(s.id, prompt(negative), rel="negative")
+        # one edge per prompt node: a text used as both prompt and negative ("" and "" without a
+        # background) is one edge carrying both relations, not a second edge overwriting the first
+        rels: dict[str, tuple[str, ...]] = {}
+        for rel, t in (("prompt", text), ("negative", negative)):
+            pid = prompt(t)
+            rels[pid] = rels.get(pid, ()) + (rel,)
+        for pid, rs in rels.items():
+            out.graph.add_edge(s.id, pid, rel=rs)
 
     plans: list[tuple[str | None, m.Variant | None, tuple[str, ...], int]] = []
     if sc.groups:

@@ -130,11 +130,14 @@ def build_program(p: ProgramInputs) -> list[dict]:
                     "theta": None if p.theta is None else float(p.theta[i]), "eta": eta})
 
     active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
-    preserve = {c.preserve: c.index for c in p.conditions if c.preserve is not None}
+    preserve: dict[int, list[int]] = {}  # step index -> conditions replaced there (several may share one)
+    for c in p.conditions:
+        if c.preserve is not None:
+            preserve.setdefault(c.preserve, []).append(c.index)
     if not active:
         for i in range(n):
-            if i in preserve:
-                ops.append({"op": "paste", "condition": preserve[i], "at": i})
+            for ci in preserve.get(i, ()):
+                ops.append({"op": "paste", "condition": ci, "at": i})
             denoise(i)
         if p.fork_at is not None and p.fork_at >= n and not any(o["op"] == "fork" for o in ops):
             ops.append({"op": "fork"})
@@ -155,8 +158,8 @@ def build_program(p: ProgramInputs) -> list[dict]:
         if cyc < cycles - 1:
             ops.append({"op": "renoise", "from": end, "to": start})
     for i in range(end, n):
-        if i in preserve:
-            ops.append({"op": "paste", "condition": preserve[i], "at": i})
+        for ci in preserve.get(i, ()):
+            ops.append({"op": "paste", "condition": ci, "at": i})
         denoise(i)
     return ops
 

@@ -150,7 +150,9 @@ def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def],
         name = ent["use"]
         if not isinstance(name, str):
             continue
-        if name in own_defs and isinstance(own_defs[name], dict):
+        if name in own_defs:
+            if not isinstance(own_defs[name], dict):
+                continue  # the def itself is reported (`must be a mapping`); it is not unknown
             d = _Def(own_defs[name], smap, ("defs", "entities", name), "")
         elif name in included:
             d = included[name]

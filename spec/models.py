@@ -22,7 +22,9 @@ MAX_CANVAS = 8192
 
 
 class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: `.nan`/`.inf` are valid YAML floats, but a NaN z has no order and an infinite
+    # guidance would reach plan.json as `Infinity` (not JSON)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # --- shapes -----------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ MatrixValue = Union[str, int, float]
 class Scene(_Node):
     """A scene file (scene language v1)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, title="scenec scene (language v1)")
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+                              title="scenec scene (language v1)")
 
     scenec: Literal[1] = Field(description="the language version")
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)] | None = Field(None, description="default: the file's stem")
@@ -301,7 +304,7 @@ class Scene(_Node):
 class Library(_Node):
     """An included file: only `scenec`, `defs` and `include` are read; other scene keys are ignored."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     scenec: Literal[1]
     defs: Defs = Field(default_factory=Defs)

@@ -148,3 +148,23 @@ def test_duplicate_keys(tmp_path):
 def test_non_mapping_document(tmp_path):
     p = write(tmp_path, "a.yaml", "- 1\n- 2\n")
     assert errors(p) == [(1, 1, "the document must be a mapping of keys, found a list")]
+
+
+def test_nan_and_inf_are_refused(tmp_path):
+    # `.nan`/`.inf` are YAML floats: a NaN z has no order, and inf guidance made `Infinity` in plan.json
+    p = write(tmp_path, "a.yaml", BASE + """
+        sampler: {guidance: .inf}
+        entities: [{id: a, prompt: a, z: .nan}]
+    """)
+    assert errors(p) == [(4, 21, "`sampler.guidance` must be a finite number; found number `inf`"),
+                         (5, 34, "`entities.0.z` must be a finite number; found number `nan`")]
+
+
+def test_use_of_a_def_that_is_not_a_mapping_is_not_unknown(tmp_path):
+    p = write(tmp_path, "a.yaml", BASE + """
+        defs: {entities: {b: null}}
+        entities: [{id: a, use: b}]
+    """)
+    msgs = [m for _, _, m in errors(p)]
+    assert "`defs.entities.b` must be a mapping, found null" in msgs
+    assert not any("unknown def" in m for m in msgs)

@@ -73,3 +73,23 @@ def test_coupled_shared_prefix_and_fork():
     for job in ir.jobs():
         ops = ir.extra["programs"][job.id]
         assert [o["op"] for o in ops].index("fork") == k
+
+
+def test_prompt_equal_to_its_negative(tmp_path):
+    # no background: its prompt and negative are both "" (one prompt node, one edge with both relations)
+    p = tmp_path / "a.yaml"
+    p.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 256, height: 256}\n"
+                 "entities: [{id: a, prompt: x, negative: x}]\n")
+    ir = run_passes(load_scene(p))
+    g, a = ir.streams(ir.jobs()[0].id)
+    assert ir.prompt_of(g.id).text == "" and ir.prompt_of(g.id, "negative").text == ""
+    assert ir.prompt_of(a.id).text == "x" and ir.prompt_of(a.id, "negative").text == "x"
+    assert "stream global prompt=%p0 negative=%p0" in print_ir(ir)
+
+
+def test_references_sharing_a_preserve_step_are_all_pasted():
+    from scenec.compiler.schedule import Cow, ProgramInputs, build_program
+
+    for cycles in (0, 2):
+        ops = build_program(ProgramInputs(steps=10, conditions=[Cow(0, 3, 5, cycles, 7, 1.0), Cow(1, 3, 5, cycles, 7, 1.0)]))
+        assert [o["condition"] for o in ops if o["op"] == "paste" and o["at"] == 7] == [0, 1]

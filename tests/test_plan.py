@@ -82,3 +82,30 @@ def test_reference_is_placed_on_grey_with_region_alpha():
     assert rgba[102, 128, 3] == 255  # the ellipse's centre is opaque
     assert cond["window"] == [3, 5] and cond["preserve"] == 7 and cond["cycles"] == 2
     assert cond["related"] is not None
+
+
+def test_job_hash_does_not_depend_on_other_jobs_regions(tmp_path):
+    # region tensors are numbered plan-wide (r.fox, r.fox.1): another group's occlusion of `fox`
+    # renamed this job's mask tensors and moved its job_hash, though its image is the same
+    head = ("scenec: 1\nmodel: tiny\ncanvas: {width: 256, height: 256}\nbackground: {prompt: bg}\n"
+            "entities:\n  - {id: fox, prompt: fox, shape: {box: [0, 0, 0.6, 0.6]}}\n"
+            "  - {id: eagle, prompt: eagle, shape: {box: [0.4, 0.4, 1, 1]}}\ngroups:\n")
+    both = "  - {id: a, variants: [{id: both, entities: [fox, eagle]}]}\n"
+    alone = "  - {id: b, variants: [{id: fox, entities: [fox]}]}\n"
+    (tmp_path / "one.yaml").write_text(head + both + alone)
+    (tmp_path / "two.yaml").write_text(head + alone)
+    one = {j["id"]: j for j in compile_scene(tmp_path / "one.yaml").json["jobs"]}
+    two = {j["id"]: j for j in compile_scene(tmp_path / "two.yaml").json["jobs"]}
+    assert one["one-b-fox-0"]["entities"][0]["masks"] != two["two-b-fox-0"]["entities"][0]["masks"]  # names differ
+    assert one["one-b-fox-0"]["job_hash"] == two["two-b-fox-0"]["job_hash"]
+    assert one["one-a-both-0"]["job_hash"] != one["one-b-fox-0"]["job_hash"]
+
+
+def test_scene_without_background_compiles(tmp_path):
+    # background prompt and negative default to "": one text, used as both by the global stream
+    (tmp_path / "a.yaml").write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 256, height: 256}\n"
+                                     "entities: [{id: a, prompt: a}]\n")
+    doc = compile_scene(tmp_path / "a.yaml").json
+    g = doc["jobs"][0]["global"]
+    assert doc["prompts"][g["prompt"]] == "" and g["negative"] == g["prompt"]
+    assert doc["prompts"][doc["jobs"][0]["entities"][0]["negative"]] == ""
