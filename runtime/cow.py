@@ -286,6 +286,7 @@ class SowModulation:
         self.n_img = n_img
         self.device = torch.device(device)
         self.gains = torch.zeros(len(terms), device=device)  # per-term gain this step (0 = off)
+        self._g = [0.0] * len(terms)  # the same gains on the host: read per attention call without a device sync
         self._score_mods: dict[int, object] = {}
         self.cycle = 0
         self.pending = False  # measure the indicator at the next attention call
@@ -301,6 +302,7 @@ class SowModulation:
         g = torch.tensor([(t.decay ** cycle) if ins else 0.0 for t, ins in zip(self.terms, inside)],
                          dtype=torch.float32)
         self.gains.copy_(g)  # in place: the CUDA score_mod captured this tensor
+        self._g = g.tolist()
         self._dense.clear()
         self.pending = any(inside)
         return self.pending
@@ -308,8 +310,8 @@ class SowModulation:
     def image_bias(self) -> torch.Tensor:
         """Dense float ``[n_img, n_img]`` bias for the current gains."""
         b = torch.zeros(self.n_img, self.n_img, device=self.device)
-        for ti, (t, g) in enumerate(zip(self.terms, self.gains)):
-            if float(g) == 0.0:
+        for ti, (t, g) in enumerate(zip(self.terms, self._g)):
+            if g == 0.0:
                 continue
             if ti not in self._units:
                 self._units[ti] = sow_unit_bias(t)
@@ -320,14 +322,15 @@ class SowModulation:
         """The indicator from one attention call's unbiased logits; switches off spread terms."""
         spreads = []
         for ti, t in enumerate(self.terms):
-            if float(self.gains[ti]) == 0.0:
+            if self._g[ti] == 0.0:
                 spreads.append(None)
                 continue
             s = sow_spread(t, q, k, n_txt, allow)
             spreads.append(s)
             if s >= t.threshold:
                 self.gains[ti] = 0.0
-        self.history.append({"cycle": self.cycle, "spread": spreads, "gains": self.gains.tolist()})
+                self._g[ti] = 0.0
+        self.history.append({"cycle": self.cycle, "spread": spreads, "gains": list(self._g)})
         self._dense.clear()
 
     def attend(self, q, k, v, built, probe: list | None = None):
@@ -344,7 +347,7 @@ class SowModulation:
             if built is not None:
                 allow = built.layout.dense(q.device) if built.impl == "flex" else built.mask[0, 0]
             self._measure(q, k, n_txt, allow)
-        if not bool((self.gains != 0).any()):
+        if not any(g != 0.0 for g in self._g):  # host copy: no device sync per attention call
             if built is None:
                 return F.scaled_dot_product_attention(q, k, v)
             if built.impl == "flex":
@@ -728,7 +731,9 @@ def invert_flow(backend, plan, job: dict, z: torch.Tensor, sig: list[float], lev
     reg.current, reg.kinds, reg.modulation = None, (), None
 
     def vel(x, s):
-        t = torch.full([x.shape[0]], s, device=x.device, dtype=x.dtype)
+        # the sampler's timestep exactly (flux.run_job): float32 σ·1000 (the scheduler's timesteps), cast to
+        # the model dtype, then / 1000 — not σ cast directly (bf16: 0.6211 vs 0.625, a different step)
+        t = (torch.full([x.shape[0]], s, device=x.device, dtype=torch.float32) * 1000).to(x.dtype) / 1000
         return backend.transformer(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=g.pooled,
                                    encoder_hidden_states=g.seq, txt_ids=txt_ids, img_ids=img_ids,
                                    joint_attention_kwargs={}, return_dict=False)[0].to(torch.float32)

@@ -358,7 +358,9 @@ class SDBackend:
                         else:
                             a = self.alpha(timesteps, j)
                             keep = (a ** 0.5) * z0 + ((1 - a) ** 0.5) * fixed.to(z0.dtype)
-                        latents = torch.where(m == 0, keep, m * latents + (1 - m) * keep)
+                        # m is float32: cast back, or fp16/bf16 latents turn float32 and the UNet's next
+                        # forward fails on mixed dtypes
+                        latents = torch.where(m == 0, keep, m * latents + (1 - m) * keep).to(latents.dtype)
                 if progress is not None:
                     progress(n + 1)
         finally:

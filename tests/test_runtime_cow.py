@@ -250,3 +250,37 @@ def test_bad_cow_ops_are_plan_errors(backend):
         plan = with_reference(make_plan(), program=[op])
         with pytest.raises(PlanError):
             run(backend, plan)
+
+
+def test_inversion_evaluates_the_model_at_the_samplers_timesteps():
+    """The refined inversion inverts the sampler's own step, so the model must see the sampler's timestep
+    (bf16(σ·1000)/1000, as flux.run_job passes it), not bf16(σ): 0.6211 vs 0.625 in bf16."""
+    from scenec.runtime.flux import load_backend
+
+    be = load_backend("tiny", device="cpu", dtype="bf16")
+    seen = []
+    hook = be.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+    try:
+        plain = make_plan(seed=4)
+        be.run_job(plain, plain.jobs[0], decode=False)
+        sampled = set(seen)
+        seen.clear()
+        plan = with_reference(make_plan(seed=4), window=(1, 3), cycles=2, modulation=False)
+        be.run_job(plan, plan.jobs[0], decode=False)
+    finally:
+        hook.remove()
+    assert cowmod.CACHE.stats["inverted"] == 1
+    assert set(seen) - {0.0} <= sampled, (sorted(set(seen)), sorted(sampled))  # 0: the first guess at σ_N
+
+
+def test_sow_attention_calls_do_not_read_the_device():
+    """Every block of every modulated step calls attend: deciding on/off must not sync (.item(), bool())
+    with the device. Meta tensors have no values, so any read-back raises."""
+    term = cowmod.sow_term(FACE, RELATED, MOD)
+    sow = cowmod.SowModulation([term], 256, "meta")
+    q = k = v = torch.empty(1, 2, 8 + 256, 16, device="meta")
+    for inside in ([True], [False]):
+        sow.begin_step(1, inside)
+        sow.pending = False  # the indicator (once per step) reads its spread back by design
+        assert sow.attend(q, k, v, None).shape == q.shape

@@ -343,3 +343,19 @@ def test_sd_portrait_scene_builds_with_sow(tmp_path, monkeypatch):
     res = build([scene], out=tmp_path, device="cpu", dtype="fp32", quiet=True)
     assert res["built"] == 1 and res["failed"] == 0, res
     assert [h["cycle"] for h in hist] == [0, 1, 2]  # window 1 → 2: one modulated op per cycle
+
+
+def test_inpainting_keeps_half_precision_latents():
+    """fp16/bf16 (SD's default on CUDA): the float32 inpaint mask must not promote the latents to float32,
+    or the UNet's next forward fails on mixed dtypes (bf16 on CPU stands in for fp16 on CUDA)."""
+    from scenec.runtime.backends import load_backend
+
+    be = load_backend("tiny-sd", device="cpu", dtype="bf16")
+    init = (np.random.default_rng(0).uniform(0, 255, (128, 128, 3))).astype(np.uint8)
+    plan = sd_plan(seed=2, width=128, height=128, steps=2, guidance=1.0, init_image=init,
+                   entities=[{"id": "fox", "prompt": "a red fox", "token": box((8, 8), 1, 1, 5, 5)}])
+    x = be.run_job(plan, plan.jobs[0], decode=False).latents
+    assert x.dtype == torch.bfloat16
+    z0 = be.encode_image(init, 128, 128)
+    outside = torch.from_numpy(plan.tensors["inpaint/u/latent"] == 0)[None, None].expand_as(x)
+    assert torch.equal(x[outside], z0[outside])
