@@ -59,6 +59,7 @@ class RegionalLayout:
     regions: torch.Tensor  # bool [k entities, n_img]
     image_self: str = "open"  # "open" | "restricted"
     pad_multiple: int = 1
+    n_text_to: int | None = None  # pad the text to exactly this many tokens (a batch row: runtime/flux.run_batch)
     owner: torch.Tensor = field(init=False)  # int64 [N]: prompt index; P for pad; -1 for image
     bits: torch.Tensor = field(init=False)  # int64 [N]: who a token may meet across text/image
 
@@ -72,6 +73,10 @@ class RegionalLayout:
             raise PlanError(f"attention.image_self must be 'open' or 'restricted', not {self.image_self!r}")
         n_txt = sum(self.text_lengths)
         self.n_pad = (-n_txt) % max(1, self.pad_multiple)
+        if self.n_text_to is not None:
+            if self.n_text_to < n_txt:
+                raise PlanError(f"text of {n_txt} tokens does not fit a batch row of {self.n_text_to}")
+            self.n_pad = self.n_text_to - n_txt
         self.n_text = n_txt + self.n_pad
         self.n_img = self.regions.shape[1]
         P = len(self.text_lengths)
@@ -95,16 +100,7 @@ class RegionalLayout:
 
     def allow(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """True where query token q may attend to key token kv (broadcasting; usable as a mask_mod)."""
-        oq, ok = self.owner[q], self.owner[kv]
-        bq, bk = self.bits[q], self.bits[kv]
-        iq, ik = oq < 0, ok < 0
-        text_text = (oq == ok) & ~iq & ~ik
-        cross = (iq ^ ik) & ((bq & bk) != 0)
-        if self.image_self == "open":
-            img_img = iq & ik
-        else:  # share an entity region (bit ≥ 1), or both are background (only the global bit)
-            img_img = iq & ik & (((bq & bk & ~1) != 0) | ((bq == 1) & (bk == 1)))
-        return text_text | cross | img_img
+        return _allow(self.owner[q], self.owner[kv], self.bits[q], self.bits[kv], self.image_self)
 
     def dense(self, device=None) -> torch.Tensor:
         """Bool ``[N, N]`` allow-matrix (CPU / SDPA path)."""
@@ -122,6 +118,63 @@ class RegionalLayout:
             return lay.allow(q_idx, kv_idx)
 
         return create_block_mask(mask_mod, None, None, self.N, self.N, device=device, BLOCK_SIZE=FLEX_BLOCK)
+
+
+def _allow(oq, ok, bq, bk, image_self: str) -> torch.Tensor:
+    """The allow-rule of the module docstring from the tokens' owners and region bits."""
+    iq, ik = oq < 0, ok < 0
+    text_text = (oq == ok) & ~iq & ~ik
+    cross = (iq ^ ik) & ((bq & bk) != 0)
+    if image_self == "open":
+        img_img = iq & ik
+    else:  # share an entity region (bit ≥ 1), or both are background (only the global bit)
+        img_img = iq & ik & (((bq & bk & ~1) != 0) | ((bq == 1) & (bk == 1)))
+    return text_text | cross | img_img
+
+
+@dataclass
+class BatchLayout:
+    """The layouts of a batch's rows (one job each), all padded to one text length: row b's mask is
+    rows[b]'s, so every row attends exactly as it would alone (its padding sees only padding)."""
+
+    rows: list[RegionalLayout]
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise PlanError("a batch needs at least one row")
+        if len({r.N for r in self.rows}) != 1 or len({r.image_self for r in self.rows}) != 1:
+            raise PlanError("batch rows must have one token count and one image_self setting")
+        r0 = self.rows[0]
+        self.n_text, self.n_img, self.image_self = r0.n_text, r0.n_img, r0.image_self
+        self.owner = torch.stack([r.owner for r in self.rows])  # [B, N]
+        self.bits = torch.stack([r.bits for r in self.rows])
+
+    @property
+    def N(self) -> int:
+        return self.rows[0].N
+
+    def to(self, device) -> "BatchLayout":
+        self.owner, self.bits = self.owner.to(device), self.bits.to(device)
+        return self
+
+    def dense(self, device=None) -> torch.Tensor:
+        """Bool ``[B, N, N]`` allow-matrices."""
+        lay = self if device is None else self.to(device)
+        o, b = lay.owner, lay.bits
+        return _allow(o[:, :, None], o[:, None, :], b[:, :, None], b[:, None, :], self.image_self)
+
+    def block_mask(self, device):
+        """FlexAttention BlockMask with a batch dimension (row b uses its own owners and bits)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        lay = self.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return _allow(lay.owner[b, q_idx], lay.owner[b, kv_idx], lay.bits[b, q_idx], lay.bits[b, kv_idx],
+                          lay.image_self)
+
+        return create_block_mask(mask_mod, len(self.rows), None, self.N, self.N, device=device,
+                                 BLOCK_SIZE=FLEX_BLOCK)
 
 
 @dataclass
@@ -177,7 +230,8 @@ class RegionalAttention:
         """Build a layout's mask once (per job and condition); reuse it for every block and step."""
         if self.impl == "flex":
             return BuiltMask(layout, "flex", layout.block_mask(device))
-        return BuiltMask(layout, "sdpa", layout.dense(device)[None, None])
+        d = layout.dense(device)
+        return BuiltMask(layout, "sdpa", d[None, None] if d.dim() == 2 else d[:, None])  # [1|B, 1, N, N]
 
     def use(self, mask: BuiltMask | None, blocks: str = "all") -> None:
         if blocks not in BLOCK_KINDS:
@@ -241,6 +295,7 @@ class RegionalFluxAttnProcessor:
     def _record(self, q, k, v, out, built: BuiltMask) -> None:
         """Probe: the attention weights softmax(QKᵀ/√d + log M), explicitly, and the kernel's output."""
         allow = built.layout.dense(q.device)
+        allow = allow if allow.dim() == 2 else allow[:, None]  # a batch: [B, 1, N, N]
         logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
         w = torch.softmax(logits.masked_fill(~allow, float("-inf")), dim=-1)
         self.ctl.probe.append({"kind": self.kind, "weights": w, "allow": allow,

@@ -22,9 +22,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .attention import RegionalAttention, RegionalLayout, region_membership
+from .attention import BatchLayout, RegionalAttention, RegionalLayout, region_membership
 from .coupling import CoupledCondition, coupled_condition, is_coupled
 from .coupling import velocity as coupled_velocity
+from .cache import TextCache
 from .errors import ModelUnavailable, PlanError, Unsupported
 from .plan import Plan
 
@@ -84,7 +85,7 @@ class FluxBackend:
         self.regional.install()
         # text padded so image tokens start on a FlexAttention block; SDPA needs no padding
         self.pad_multiple = pad_multiple if pad_multiple is not None else (128 if self.regional.impl == "flex" else 1)
-        self._cache: dict[tuple, Encoded] = {}
+        self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
 
     # -- text --------------------------------------------------------------------------------
     def clear_cache(self) -> None:
@@ -118,28 +119,63 @@ class FluxBackend:
         return self._cache[key]
 
     # -- one job -----------------------------------------------------------------------------
-    def _condition(self, plan: Plan, job: dict, negative: bool) -> Condition:
-        """Text sequence [global | entities | pad], pooled (global CLIP) and the job's region mask."""
+    def _parts(self, plan: Plan, job: dict, negative: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """(text sequences [global, entity…], pooled, region membership or None without entities)."""
         which = "negative" if negative else "prompt"
         msl = int(plan.model.get("max_sequence_length") or 512)
-        att = plan.attention
         g = self.encode_global(plan.prompt(job["global"][which]), msl)
         ents = job.get("entities") or []
-        te_dtype = self.pipe.text_encoder.dtype  # FluxPipeline.encode_prompt's text_ids dtype
-        if not ents:  # the model's default path: nothing but the global prompt, no mask
-            ids = torch.zeros(g.seq.shape[1], 3, device=self.device, dtype=te_dtype)
-            return Condition(g.seq, g.pooled, ids, None)
-        pad = att.get("pad_prompts")
+        if not ents:
+            return [g.seq], g.pooled, None
+        pad = plan.attention.get("pad_prompts")
         parts = [g.seq] + [self.encode_entity(plan.prompt(e[which]), msl, pad).seq for e in ents]
-        grid = plan.grid("token")
-        regions = region_membership([plan.mask(e.get("masks"), "token") for e in ents], grid)
-        layout = RegionalLayout([p.shape[1] for p in parts], regions, att.get("image_self", "open"),
+        regions = region_membership([plan.mask(e.get("masks"), "token") for e in ents], plan.grid("token"))
+        return parts, g.pooled, regions
+
+    def _condition(self, plan: Plan, job: dict, negative: bool) -> Condition:
+        """Text sequence [global | entities | pad], pooled (global CLIP) and the job's region mask."""
+        parts, pooled, regions = self._parts(plan, job, negative)
+        te_dtype = self.pipe.text_encoder.dtype  # FluxPipeline.encode_prompt's text_ids dtype
+        if regions is None:  # the model's default path: nothing but the global prompt, no mask
+            ids = torch.zeros(parts[0].shape[1], 3, device=self.device, dtype=te_dtype)
+            return Condition(parts[0], pooled, ids, None)
+        layout = RegionalLayout([p.shape[1] for p in parts], regions, plan.attention.get("image_self", "open"),
                                 self.pad_multiple)
         if layout.n_pad:
-            parts.append(parts[0].new_zeros(1, layout.n_pad, parts[0].shape[2]))
+            parts = parts + [parts[0].new_zeros(1, layout.n_pad, parts[0].shape[2])]
         seq = torch.cat(parts, dim=1)
         ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=te_dtype)  # Flux: text ids are zeros
-        return Condition(seq, g.pooled, ids, self.regional.build(layout, self.device))
+        return Condition(seq, pooled, ids, self.regional.build(layout, self.device))
+
+    def _batch_condition(self, plan: Plan, rows: list[tuple], negative: bool) -> Condition:
+        """One Condition for a batch: row b is ``rows[b]``'s text, padded to the longest row.
+
+        Without entities in any row, no mask (the model's default path, as alone). Otherwise every row
+        gets its own layout (a row without entities: global ↔ everything) and the padding is masked
+        out, so each row attends exactly as it would alone.
+        """
+        parts = [r[0] for r in rows]
+        pooled = torch.cat([r[1] for r in rows])
+        te_dtype = self.pipe.text_encoder.dtype
+        if all(r[2] is None for r in rows):
+            seq = torch.cat([p[0] for p in parts])  # all rows: the global prompt at max_sequence_length
+            return Condition(seq, pooled, torch.zeros(seq.shape[1], 3, device=self.device, dtype=te_dtype), None)
+        n_img = plan.grid("token")[0] * plan.grid("token")[1]
+        image_self = plan.attention.get("image_self", "open")
+        lengths = [[p.shape[1] for p in ps] for ps in parts]
+        n_text = max(RegionalLayout(ls, torch.zeros(len(ls) - 1, n_img, dtype=torch.bool), image_self,
+                                    self.pad_multiple).n_text for ls in lengths)
+        layouts, seqs = [], []
+        for ps, ls, (_, _, regions) in zip(parts, lengths, rows):
+            reg = regions if regions is not None else torch.zeros(0, n_img, dtype=torch.bool)
+            lay = RegionalLayout(ls, reg, image_self, self.pad_multiple, n_text_to=n_text)
+            layouts.append(lay)
+            if lay.n_pad:
+                ps = ps + [ps[0].new_zeros(1, lay.n_pad, ps[0].shape[2])]
+            seqs.append(torch.cat(ps, dim=1))
+        seq = torch.cat(seqs)
+        ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=te_dtype)
+        return Condition(seq, pooled, ids, self.regional.build(BatchLayout(layouts), self.device))
 
     def _check_program(self, job: dict, steps: int) -> None:
         for op in job["program"]:
@@ -186,6 +222,35 @@ class FluxBackend:
         mt = mt[None, None].expand(1, c, lh, lw).contiguous()
         return z0, pipe._pack_latents(mt, 1, c, lh, lw)
 
+    def _timesteps(self, n_tokens: int, steps: int):
+        """FluxPipeline's sigma table (linear sigmas, resolution-dependent shift mu): (timesteps, sigmas)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        sched = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(n_tokens, sched.config.get("base_image_seq_len", 256),
+                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                             sched.config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(sched, steps, self.device, sigmas=sigmas, mu=mu)
+        sig = sched.sigmas
+        if len(sig) != steps + 1:
+            raise PlanError(f"scheduler gave {len(sig) - 1} steps, the plan has {steps}")
+        return timesteps, sig
+
+    def _check_grid(self, plan: Plan, height: int, width: int) -> None:
+        vs = self.pipe.vae_scale_factor
+        lh, lw = 2 * (height // (vs * 2)), 2 * (width // (vs * 2))
+        if plan.grid("token") != (lh // 2, lw // 2):
+            raise PlanError(f"token grid {plan.grid('token')} does not match the canvas ({lh // 2}, {lw // 2})")
+
+    def _guidance(self, plan: Plan, batch: int):
+        if not self.transformer.config.guidance_embeds:
+            return None
+        return torch.full([1], float(plan.sampler.get("guidance", 3.5)), device=self.device,
+                          dtype=torch.float32).expand(batch)
+
     @torch.inference_mode()
     def run_job(self, plan: Plan, job: dict, progress: Callable[[int], None] | None = None,
                 decode: bool = True, stop_at_fork: bool = False,
@@ -195,8 +260,6 @@ class FluxBackend:
         Coupling groups (runtime/coupling.py): ``stop_at_fork`` ends at the program's ``fork`` op (the
         shared prefix's latent, not decoded); ``resume=(op index, latents)`` starts there with a copy.
         """
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
         t_start = time.perf_counter()
         pipe = self.pipe
         width, height = plan.canvas
@@ -204,7 +267,6 @@ class FluxBackend:
         steps = int(sampler["steps"])
         self._check_program(job, steps)
         true_cfg = float(sampler.get("true_cfg") or 1.0)
-        att = plan.attention
 
         if is_coupled(job):  # a coupling group's job: background + entity streams (runtime/coupling.py)
             pos = coupled_condition(self, plan, job, negative=False)
@@ -221,39 +283,42 @@ class FluxBackend:
         start = 0
         if resume is not None:  # the group's shared prefix ran already (runtime/coupling.run_group)
             start, latents = int(resume[0]), resume[1].clone()
-        lh, lw = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
-        if plan.grid("token") != (lh // 2, lw // 2):
-            raise PlanError(f"token grid {plan.grid('token')} does not match the canvas ({lh // 2}, {lw // 2})")
-
-        # FluxPipeline's sigma table: linear sigmas, resolution-dependent shift mu
-        sched = pipe.scheduler
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        if getattr(sched.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(latents.shape[1], sched.config.get("base_image_seq_len", 256),
-                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                             sched.config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(sched, steps, self.device, sigmas=sigmas, mu=mu)
-        sig = sched.sigmas
-        if len(sig) != steps + 1:
-            raise PlanError(f"scheduler gave {len(sig) - 1} steps, the plan has {steps}")
-
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], float(sampler.get("guidance", 3.5)), device=self.device,
-                                  dtype=torch.float32).expand(latents.shape[0])
+        self._check_grid(plan, height, width)
+        timesteps, sig = self._timesteps(latents.shape[1], steps)
+        guidance = self._guidance(plan, latents.shape[0])
 
         z0 = m = None
         if job.get("init_image"):
             z0, m = self._encode_init(plan, job, height, width, latents.dtype)
-
-        blocks = att.get("blocks", "all")
 
         cow = None  # reference conditions (COW/SOW), stochastic steps: runtime/cow.py
         if job.get("conditions") or any(op.get("op") in COW_OPS or op.get("eta") for op in job["program"]):
             from .cow import FluxCow
 
             cow = FluxCow(self, plan, job, sig, guidance, img_ids, latents, height, width)
+
+        latents = self._sample(plan, job["program"], pos, neg, latents, img_ids, timesteps, sig, guidance,
+                               z0, m, cow=cow, start=start, stop_at_fork=stop_at_fork, progress=progress)
+        t_den = time.perf_counter()
+
+        image = None
+        if decode:
+            image = self.decode(latents, height, width)
+        t_dec = time.perf_counter()
+        timings = {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
+                   "total_s": t_dec - t_start}
+        return JobResult(image, latents, timings)
+
+    def _sample(self, plan: Plan, program: list[dict], pos, neg, latents, img_ids, timesteps, sig, guidance,
+                z0=None, m=None, cow=None, start: int = 0, stop_at_fork: bool = False,
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Interpret a step program: flow-match Euler (FluxPipeline's update), true CFG, inpainting fusion.
+
+        ``latents`` may hold several rows (a batch, run_batch): then ``pos``/``neg`` are batched too,
+        and z₀/m have one row per job (m ≡ 1 and z₀ = 0 for a row without an init image: v unchanged).
+        """
+        true_cfg = float(plan.sampler.get("true_cfg") or 1.0)
+        blocks = plan.attention.get("blocks", "all")
 
         def velocity(cond: Condition, x, t, regional: bool, theta=None):
             if isinstance(cond, CoupledCondition):  # θ-weighted streams, exact endpoints
@@ -265,7 +330,7 @@ class FluxBackend:
                                     return_dict=False)[0]
 
         try:
-            for n, op in enumerate(job["program"]):
+            for n, op in enumerate(program):
                 if n < start:
                     continue
                 if op.get("op") == "fork":  # end of a group's shared prefix (runtime/coupling.run_group)
@@ -311,15 +376,82 @@ class FluxBackend:
         finally:
             self.regional.use(None)
             self.regional.modulation = None
-        t_den = time.perf_counter()
+        return latents
 
-        image = None
-        if decode:
-            image = self.decode(latents, height, width)
-        t_dec = time.perf_counter()
-        timings = {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
-                   "total_s": t_dec - t_start}
-        return JobResult(image, latents, timings)
+    @torch.inference_mode()
+    def run_batch(self, plan_jobs: list[tuple[Plan, dict]], progress: Callable[[int], None] | None = None,
+                  ) -> list[JobResult | Exception]:
+        """Sample batch-compatible jobs (runtime/batching.batch_key), possibly of different plans, as the
+        rows of one batch: one transformer forward per step for all of them.
+
+        Each row gets its own noise (its seed's generator, as alone), its own text, regions and init
+        image; texts are padded to the longest row and the padding masked out (attention.BatchLayout),
+        so a row computes what it computes alone, up to float rounding of batched kernels. Returns one
+        JobResult per row, or the row's error (a row whose plan data is bad fails alone).
+        """
+        from .batching import batch_key
+
+        if not plan_jobs:
+            return []
+        keys = {batch_key(p.json, j) for p, j in plan_jobs}
+        if len(keys) != 1 or None in keys:
+            raise PlanError("run_batch: the jobs are not batch-compatible (runtime/batching.batch_key)")
+        t_start = time.perf_counter()
+        plan0 = plan_jobs[0][0]
+        pipe = self.pipe
+        width, height = plan0.canvas
+        steps = int(plan0.sampler["steps"])
+        true_cfg = float(plan0.sampler.get("true_cfg") or 1.0)
+        out: list[JobResult | Exception | None] = [None] * len(plan_jobs)
+        rows = []  # (index, plan, job, pos parts, neg parts)
+        for k, (plan, job) in enumerate(plan_jobs):
+            try:
+                self._check_program(job, steps)
+                pos = self._parts(plan, job, negative=False)
+                neg = self._parts(plan, job, negative=True) if true_cfg > 1 else None
+                rows.append((k, plan, job, pos, neg))
+            except (PlanError, Unsupported) as e:
+                out[k] = e
+        if not rows:
+            return out
+        pos = self._batch_condition(plan0, [r[3] for r in rows], negative=False)
+        neg = self._batch_condition(plan0, [r[4] for r in rows], negative=True) if true_cfg > 1 else None
+        t_enc = time.perf_counter()
+
+        n_lat = self.transformer.config.in_channels // 4
+        lat, img_ids = [], None
+        for _, _, job, _, _ in rows:  # each row's own generator: the same noise as alone
+            gen = torch.Generator("cpu").manual_seed(int(job["seed"]))
+            x, img_ids = pipe.prepare_latents(1, n_lat, height, width, pos.seq.dtype, self.device, gen)
+            lat.append(x)
+        latents = torch.cat(lat)
+        self._check_grid(plan0, height, width)
+        timesteps, sig = self._timesteps(latents.shape[1], steps)
+        guidance = self._guidance(plan0, latents.shape[0])
+        z0 = m = None
+        if any(r[2].get("init_image") for r in rows):
+            zs, ms = [], []
+            for _, plan, job, _, _ in rows:
+                if job.get("init_image"):
+                    z, mm = self._encode_init(plan, job, height, width, latents.dtype)
+                else:  # m ≡ 1: the model's velocity everywhere, exactly as without fusion
+                    z, mm = torch.zeros_like(latents[:1]), torch.ones_like(latents[:1], dtype=torch.float32)
+                zs.append(z)
+                ms.append(mm)
+            z0, m = torch.cat(zs), torch.cat(ms)
+        latents = self._sample(plan0, rows[0][2]["program"], pos, neg, latents, img_ids, timesteps, sig, guidance,
+                               z0, m, progress=progress)
+        t_den = time.perf_counter()
+        B = len(rows)
+        for b, (k, _, _, _, _) in enumerate(rows):
+            t0 = time.perf_counter()
+            image = self.decode(latents[b:b + 1], height, width)
+            t_dec = time.perf_counter() - t0
+            shared = {"encode_s": (t_enc - t_start) / B, "denoise_s": (t_den - t_enc) / B}
+            out[k] = JobResult(image, latents[b:b + 1], {**shared, "decode_s": t_dec,
+                                                        "total_s": shared["encode_s"] + shared["denoise_s"] + t_dec,
+                                                        "batch": B})
+        return out
 
     def run_group(self, plan: Plan, group: dict, jobs: list[dict], progress: Callable[[str, int], None] | None = None,
                   share: bool | None = None, decode: bool = True):

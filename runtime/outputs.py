@@ -66,7 +66,8 @@ def metadata(plan: Plan, job: dict, backend) -> dict[str, str]:
     }
 
 
-def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None) -> list[dict]:
+def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None,
+            keep_cache: bool = False) -> list[dict]:
     """Run every job of ``plan`` on ``backend``; write ``<name>.png`` + ``<name>.json`` per job.
 
     Returns one result dict per job: ``status`` "built" (with paths, timings) or "failed" (with
@@ -108,33 +109,49 @@ def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: P
 
     try:
         for job, r in runs():
-            n_steps = steps_per_job[job["id"]]
-            meta = metadata(plan, job, backend)
-            base = {"job": job["id"], "name": job.get("name", job["id"]), "seed": job["seed"],
-                    "job_hash": job.get("job_hash", "")}
-            try:
-                stem = _safe_stem(out, base["name"])
-                if isinstance(r, RuntimeErrorBase):
-                    raise r
-            except RuntimeErrorBase as e:
-                results.append({**base, "status": "failed", "error": str(e)})
-                report(job["id"], n_steps)
-                continue
-            report(job["id"], n_steps)
-            img_path = stem.with_name(stem.name + ".png")
-            atomic_write(img_path, png_bytes(r.image, meta))
-            mask_paths = _write_masks(plan, job, stem) if masks else []
-            side = {**meta, "image": img_path.name, "timings": r.timings,
-                    "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
-                    "masks": [p.name for p in mask_paths]}
-            side_path = stem.with_name(stem.name + ".json")
-            atomic_write(side_path, (json.dumps(side, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-            results.append({**base, "status": "built", "image": str(img_path), "sidecar": str(side_path),
-                            "masks": [str(p) for p in mask_paths], "timings": r.timings})
+            results.append(write_result(plan, job, r, backend, out, masks))
+            report(job["id"], steps_per_job[job["id"]])
     finally:
-        backend.clear_cache()
+        if not keep_cache:
+            backend.clear_cache()
     order = {j["id"]: i for i, j in enumerate(plan.jobs)}
     return sorted(results, key=lambda r: order[r["job"]])
+
+
+def write_result(plan: Plan, job: dict, r, backend, out: Path, masks: bool = False) -> dict:
+    """Write one job's image + sidecar (atomically, the image first); its result dict (built or failed)."""
+    meta = metadata(plan, job, backend)
+    base = {"job": job["id"], "name": job.get("name", job["id"]), "seed": job["seed"],
+            "job_hash": job.get("job_hash", "")}
+    try:
+        stem = _safe_stem(out, base["name"])
+        if isinstance(r, RuntimeErrorBase):
+            raise r
+    except RuntimeErrorBase as e:
+        return {**base, "status": "failed", "error": str(e)}
+    img_path = stem.with_name(stem.name + ".png")
+    atomic_write(img_path, png_bytes(r.image, meta))
+    mask_paths = _write_masks(plan, job, stem) if masks else []
+    side = {**meta, "image": img_path.name, "timings": r.timings,
+            "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
+            "masks": [p.name for p in mask_paths]}
+    side_path = stem.with_name(stem.name + ".json")
+    atomic_write(side_path, (json.dumps(side, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    return {**base, "status": "built", "image": str(img_path), "sidecar": str(side_path),
+            "masks": [str(p) for p in mask_paths], "timings": r.timings}
+
+
+def execute_batch(entries: list[tuple], backend, masks: bool = False) -> list[dict]:
+    """Run batch-compatible jobs of one or more plans as one batch (``backend.run_batch``) and write
+    each into its own output directory. ``entries``: ``(plan, job, out_dir)``; one result per entry.
+    The text cache is kept (the caller runs many plans on this backend)."""
+    plans = [Plan.of(p) for p, _, _ in entries]
+    for p in plans:
+        ext = (p.json.get("output") or {}).get("ext", "png")
+        if ext != "png":
+            raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
+    rs = backend.run_batch([(p, j) for p, (_, j, _) in zip(plans, entries)])
+    return [write_result(p, j, r, backend, Path(d), masks) for p, (_, j, d), r in zip(plans, entries, rs)]
 
 
 def _write_masks(plan: Plan, job: dict, stem: Path) -> list[Path]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cow as cowmod
+from .cache import TextCache
 from .errors import ModelUnavailable, PlanError, Unsupported
 from .flux import JobResult, _default_device, _dtype
 from .plan import Plan
@@ -168,7 +169,7 @@ class SDBackend:
         self.dtype = dtype
         self.unet = pipe.unet
         self.regional = RegionalCross(self.unet)
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -1,0 +1,42 @@
+"""Which jobs may share one batched forward pass (``scenec build --batch-size N``); no torch here.
+
+Two jobs are batch-compatible when one denoising loop can carry both as rows of one batch: same
+model, canvas, sampler and attention settings, the same step program (``from``/``to``/``regional``
+per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions,
+stochastic steps). Prompts, entities, regions, seeds and init images may differ: the runtime pads
+each row's text to a common length and masks the padding out (runtime/flux.FluxBackend.run_batch).
+
+The key is computed from the plan JSON alone, so the batch driver (and Ray's) can group jobs of
+different scenes before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+BATCHABLE_FAMILIES = ("flux",)  # SD runs its jobs one by one (docs/batch.md)
+
+
+def batch_key(plan_json: dict, job: dict) -> str | None:
+    """A string equal for batch-compatible jobs, or None when ``job`` must run alone."""
+    model = plan_json.get("model") or {}
+    if model.get("family", "flux") not in BATCHABLE_FAMILIES:
+        return None
+    if job.get("group") or job.get("conditions"):
+        return None  # coupling groups run together (shared prefix); references run cycles
+    program = []
+    for op in job.get("program") or []:
+        if op.get("op") != "denoise" or op.get("theta") is not None or op.get("eta"):
+            return None
+        program.append((op.get("from"), op.get("to"), bool(op.get("regional", True))))
+    if not program:
+        return None
+    material = {
+        "model": model,
+        "canvas": plan_json.get("canvas"),
+        "grids": plan_json.get("grids"),
+        "sampler": plan_json.get("sampler"),
+        "attention": plan_json.get("attention"),
+        "program": program,
+    }
+    return json.dumps(material, sort_keys=True, separators=(",", ":"))
