@@ -566,6 +566,30 @@ def units_of(items: list[Item]) -> list[Unit]:
     return units
 
 
+def batches_of(units: list[Unit], batch_size: int = 1) -> list[list[Unit]]:
+    """Units grouped into what runs as one batch: single-job units whose jobs are batch-compatible
+    (runtime/batching.batch_key: same model, canvas, sampler, program; any scene) go together, up to
+    ``batch_size``; every other unit runs alone. A batch sits where its first unit was."""
+    if batch_size <= 1:
+        return [[u] for u in units]
+    from scenec.runtime.batching import batch_key
+
+    out: list[list[Unit]] = []
+    filling: dict[str, list[Unit]] = {}
+    for u in units:
+        key = batch_key(u.plan.json, u.items[0].job) if len(u.items) == 1 else None
+        if key is None:
+            out.append([u])
+            continue
+        if key not in filling:
+            filling[key] = []
+            out.append(filling[key])
+        filling[key].append(u)
+        if len(filling[key]) >= batch_size:
+            del filling[key]
+    return out
+
+
 _TENSOR_PREFIXES = ("region", "inpaint", "image", "cond", "related", "group", "job")
 
 
@@ -639,14 +663,18 @@ def build_batch(targets: Iterable[str | Path], out: str | Path | None = None, mo
                 dry_run: bool = False, device: str | None = None, dtype: str | None = None, masks: bool = False,
                 executor: str = "local", address: str | None = None, workers: int | None = None,
                 weights_hash: str = "stat", quiet: bool = False, compile_fn: Callable | None = None,
-                execute_fn: Callable | None = None, stream=None) -> dict:
+                execute_fn: Callable | None = None, stream=None, batch_size: int = 1,
+                execute_batch_fn: Callable | None = None) -> dict:
     """Build every selected, not up-to-date job of the scenes found in ``targets``.
 
     Returns ``{"built", "cached", "failed", "invalid", "outputs", "errors", "diagnostics", "plan"}``;
     ``outputs`` has one entry per selected job (``status``: built | cached | failed | would-build).
     ``execute_fn(plan, backend, out_dir, masks=...)`` runs one unit (default:
-    ``scenec.build.execute_unit``).
+    ``scenec.build.execute_unit``); with ``batch_size > 1`` batch-compatible jobs of any scenes run
+    together through ``execute_batch_fn`` (default ``scenec.build.execute_batched``).
     """
+    if batch_size < 1:
+        raise BatchError(f"--batch-size must be at least 1, not {batch_size}")
     stream = stream or sys.stderr
     if executor not in ("local", "ray"):
         raise BatchError(f"--executor must be local or ray, not `{executor}`")
@@ -722,9 +750,11 @@ def build_batch(targets: Iterable[str | Path], out: str | Path | None = None, mo
                 from .ray_executor import run_ray
 
                 run_ray(units, done, device=device, dtype=dtype, masks=masks, address=address, workers=workers,
+                        batch_size=batch_size,
                         say=say)
             else:
-                run_local(units, done, device=device, dtype=dtype, masks=masks, execute_fn=execute_fn)
+                run_local(units, done, device=device, dtype=dtype, masks=masks, execute_fn=execute_fn,
+                          batch_size=batch_size, execute_batch_fn=execute_batch_fn)
     summary["seconds"] = time.perf_counter() - t0
     say(f"scenec: {summary['built']} built, {summary['cached']} cached, {summary['failed']} failed"
         + (f", {summary['invalid']} invalid" if summary["invalid"] else "")
@@ -755,14 +785,21 @@ def _cached_output(it: Item, man: Manifest) -> dict:
 
 
 def run_local(units: list[Unit], done: Callable, device=None, dtype=None, masks: bool = False,
-              execute_fn: Callable | None = None) -> None:
-    """Run units in this process; each model is loaded once and reused by every scene that uses it."""
+              execute_fn: Callable | None = None, batch_size: int = 1,
+              execute_batch_fn: Callable | None = None) -> None:
+    """Run units in this process; each model is loaded once and reused by every scene that uses it.
+
+    With ``batch_size > 1``, batch-compatible jobs of different scenes run as one batch
+    (``execute_batch_fn(entries, backend, masks=...)``, default ``scenec.build.execute_batched``)."""
     if execute_fn is None:
         from scenec.build import execute_unit as execute_fn
+    if execute_batch_fn is None:
+        from scenec.build import execute_batched as execute_batch_fn
     from scenec.runtime.errors import RuntimeErrorBase
 
     backends: dict[str, Any] = {}
-    for unit in units:
+    for batch in batches_of(units, batch_size):
+        unit = batch[0]
         m = unit.plan.model
         mkey = json.dumps(m, sort_keys=True)
         if mkey not in backends:
@@ -774,7 +811,22 @@ def run_local(units: list[Unit], done: Callable, device=None, dtype=None, masks:
                 backends[mkey] = e
         be = backends[mkey]
         if isinstance(be, Exception):
-            done(unit, None, str(be))
+            for u in batch:
+                done(u, None, str(be))
+            continue
+        if len(batch) > 1:
+            try:
+                results = execute_batch_fn([(u.plan, u.items[0].job, u.out_dir) for u in batch], be, masks=masks)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - the batch fails, the build goes on
+                if os.environ.get("SCENEC_DEBUG"):
+                    raise
+                for u in batch:
+                    done(u, None, f"{type(e).__name__}: {e}")
+                continue
+            for u, r in zip(batch, results):
+                done(u, [r])
             continue
         try:
             results = execute_fn(subplan(unit.plan, [it.job for it in unit.items]), be, unit.out_dir, masks=masks)

@@ -108,10 +108,19 @@ def load_model(model: dict, device: str | None = None, dtype: str | None = None)
 
 
 def execute_unit(plan, backend, out_dir: str | Path, masks: bool = False) -> list[dict]:
-    """Execute one unit of a batch (a job, or the jobs of a coupling group) into ``out_dir``."""
+    """Execute one unit of a batch (a job, or the jobs of a coupling group) into ``out_dir``.
+
+    The backend's text cache is kept: the next scenes of the batch often share prompts."""
     from scenec.runtime.outputs import execute
 
-    return execute(plan, backend, out_dir, masks=masks)
+    return execute(plan, backend, out_dir, masks=masks, keep_cache=True)
+
+
+def execute_batched(entries: list[tuple], backend, masks: bool = False) -> list[dict]:
+    """Execute batch-compatible single jobs ``(plan, job, out_dir)`` of any scenes as one batch."""
+    from scenec.runtime.outputs import execute_batch
+
+    return execute_batch(entries, backend, masks=masks)
 
 
 def batch(targets: Iterable[str | Path], **kwargs) -> dict:

@@ -252,6 +252,9 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
                                                                         "else one per CPU)"),
           weights_hash: str = typer.Option("stat", "--weights-hash",
                                            help="identity of local model dirs: stat (names, sizes, mtimes) | content"),
+          batch_size: int = typer.Option(1, "--batch-size", "-b",
+                                         help="run up to N compatible jobs (any scenes) as one batch on the model "
+                                              "(Flux; docs/batch.md)"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
@@ -270,7 +273,7 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
     try:
         summary = run_batch(files, out=out, model=model, device=device, dtype=dtype, masks=masks, select=select,
                             exclude=exclude, force=force, dry_run=dry_run, executor=executor, address=address,
-                            workers=workers, weights_hash=weights_hash)
+                            workers=workers, weights_hash=weights_hash, batch_size=batch_size)
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)

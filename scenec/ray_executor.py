@@ -45,37 +45,56 @@ class Worker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run(self, plan_json: dict, tensors: dict, masks: bool) -> dict:
+    def _backend(self, model: dict):
         import json
 
-        from scenec.build import execute_unit, load_model
+        from scenec.build import load_model
         from scenec.runtime.errors import RuntimeErrorBase
-        from scenec.runtime.plan import Plan
 
-        plan = Plan(plan_json, tensors)
-        mkey = json.dumps(plan.model, sort_keys=True)
+        mkey = json.dumps(model, sort_keys=True)
         if mkey not in self.backends:
             try:
-                self.backends[mkey] = load_model(plan.model, device=self.device, dtype=self.dtype)
+                self.backends[mkey] = load_model(model, device=self.device, dtype=self.dtype)
             except RuntimeErrorBase as e:
                 self.backends[mkey] = e
-        be = self.backends[mkey]
+        return self.backends[mkey]
+
+    def run(self, plan_json: dict, tensors: dict, masks: bool) -> dict:
+        """One unit (a job or a coupling group): its results and files."""
+        return self.run_batch([(plan_json, tensors)], masks)[0]
+
+    def run_batch(self, subplans: list[tuple[dict, dict]], masks: bool) -> list[dict]:
+        """Units of one single job each, batch-compatible (or one unit of any kind): one result per unit,
+        each ``{"results", "files", "pid"}`` with paths relative to the unit's output directory."""
+        from scenec.build import execute_batched, execute_unit
+        from scenec.runtime.plan import Plan
+
+        plans = [Plan(j, t) for j, t in subplans]
+        be = self._backend(plans[0].model)
         if isinstance(be, Exception):
-            return {"error": str(be)}
+            return [{"error": str(be)} for _ in plans]
         tmp = Path(tempfile.mkdtemp(prefix="scenec-ray-"))
+        dirs = [tmp / str(k) for k in range(len(plans))]
         try:
-            results = execute_unit(plan, be, tmp, masks=masks)
-            files = {}
-            for p in sorted(tmp.rglob("*")):
-                if p.is_file():
-                    files[p.relative_to(tmp).as_posix()] = p.read_bytes()
-            for r in results:  # paths relative to the output directory; the driver rebases them
-                for k in ("image", "sidecar"):
-                    if k in r:
-                        r[k] = Path(r[k]).relative_to(tmp).as_posix()
-                if "masks" in r:
-                    r["masks"] = [Path(m).relative_to(tmp).as_posix() for m in r["masks"]]
-            return {"results": results, "files": files, "pid": os.getpid()}
+            if len(plans) == 1:
+                per_unit = [execute_unit(plans[0], be, dirs[0], masks=masks)]
+            else:
+                rs = execute_batched([(p, p.jobs[0], d) for p, d in zip(plans, dirs)], be, masks=masks)
+                per_unit = [[r] for r in rs]
+            out = []
+            for d, results in zip(dirs, per_unit):
+                files = {}
+                for p in sorted(d.rglob("*")) if d.is_dir() else ():
+                    if p.is_file():
+                        files[p.relative_to(d).as_posix()] = p.read_bytes()
+                for r in results:  # paths relative to the output directory; the driver rebases them
+                    for k in ("image", "sidecar"):
+                        if k in r:
+                            r[k] = Path(r[k]).relative_to(d).as_posix()
+                    if "masks" in r:
+                        r["masks"] = [Path(m).relative_to(d).as_posix() for m in r["masks"]]
+                out.append({"results": results, "files": files, "pid": os.getpid()})
+            return out
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -96,11 +115,15 @@ def _worker_count(ray, device: str | None, workers: int | None) -> tuple[int, bo
 
 
 def run_ray(units: list, done: Callable, device: str | None = None, dtype: str | None = None, masks: bool = False,
-            address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print) -> None:
-    """Execute ``units`` on Ray actors; call ``done(unit, results | None, error)`` on the driver as each ends."""
+            address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print,
+            batch_size: int = 1) -> None:
+    """Execute ``units`` on Ray actors; call ``done(unit, results | None, error)`` on the driver as each ends.
+
+    With ``batch_size > 1`` batch-compatible single-job units go to one actor together and run as one
+    batch there (scenec.batch.batches_of)."""
     from scenec.spec.fsio import atomic_write
 
-    from .batch import subplan
+    from .batch import batches_of, subplan
 
     ray = require_ray()
     started = False
@@ -109,16 +132,21 @@ def run_ray(units: list, done: Callable, device: str | None = None, dtype: str |
         ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="WARNING", **kw)
         started = True
     try:
+        queue = batches_of(units, batch_size)
         n, gpu, threads = _worker_count(ray, device, workers)
-        n = max(1, min(n, len(units)))
+        n = max(1, min(n, len(queue)))
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         actor_cls = ray.remote(**opts)(Worker)
         actors = [actor_cls.remote(device if not gpu else (device or "cuda"), dtype, threads or None) for _ in range(n)]
-        say(f"scenec: ray: {n} worker{'s' if n != 1 else ''} ({'GPU' if gpu else 'CPU'}) for {len(units)} units")
-        queue = list(units)
-        inflight: dict = {}  # future -> (actor index, unit)
+        say(f"scenec: ray: {n} worker{'s' if n != 1 else ''} ({'GPU' if gpu else 'CPU'}) for {len(units)} units"
+            + (f" in {len(queue)} batches" if len(queue) != len(units) else ""))
+        inflight: dict = {}  # future -> (actor index, batch of units)
         alive = set(range(n))
         load = {i: 0 for i in range(n)}
+
+        def fail_all(batch: list, msg: str) -> None:
+            for u in batch:
+                done(u, None, msg)
 
         def submit() -> None:
             while queue:
@@ -126,40 +154,41 @@ def run_ray(units: list, done: Callable, device: str | None = None, dtype: str |
                 if not free:
                     return
                 i = min(free, key=lambda k: load[k])
-                unit = queue.pop(0)
-                sp = subplan(unit.plan, [it.job for it in unit.items])
-                fut = actors[i].run.remote(sp.json, sp.tensors, masks)
-                inflight[fut] = (i, unit)
+                batch = queue.pop(0)
+                sps = [subplan(u.plan, [it.job for it in u.items]) for u in batch]
+                fut = actors[i].run_batch.remote([(sp.json, sp.tensors) for sp in sps], masks)
+                inflight[fut] = (i, batch)
                 load[i] += 1
 
         submit()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             fut = ready[0]
-            i, unit = inflight.pop(fut)
+            i, batch = inflight.pop(fut)
             load[i] -= 1
             try:
-                out = ray.get(fut)
+                outs = ray.get(fut)
             except ray.exceptions.RayActorError as e:
                 alive.discard(i)
-                done(unit, None, f"Ray worker died: {type(e).__name__}")
+                fail_all(batch, f"Ray worker died: {type(e).__name__}")
                 if not alive:
-                    for _, u in list(inflight.values()):
-                        done(u, None, "no Ray worker left")
+                    for _, b in list(inflight.values()):
+                        fail_all(b, "no Ray worker left")
                     inflight.clear()
-                    for u in queue:
-                        done(u, None, "no Ray worker left")
+                    for b in queue:
+                        fail_all(b, "no Ray worker left")
                     queue.clear()
                 submit()
                 continue
-            except Exception as e:  # noqa: BLE001 - a task's exception fails its unit only
+            except Exception as e:  # noqa: BLE001 - a task's exception fails its units only
                 cause = getattr(e, "cause", None) or e
-                done(unit, None, f"{type(cause).__name__}: {cause}")
+                fail_all(batch, f"{type(cause).__name__}: {cause}")
                 submit()
                 continue
-            if "error" in out:
-                done(unit, None, out["error"])
-            else:
+            for unit, out in zip(batch, outs):
+                if "error" in out:
+                    done(unit, None, out["error"])
+                    continue
                 base = unit.out_dir
                 for rel, data in sorted(out["files"].items(), key=lambda kv: not kv[0].endswith(".png")):
                     atomic_write(base / rel, data)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import scenec.batch as batch
@@ -226,6 +227,8 @@ def test_cli_exit_codes_status_and_no_torch(tmp_path):
     r = scenec("build", tmp_path, "--json")
     assert r.returncode == 2 and "bad.yaml:2:17: error:" in r.stderr and "Traceback" not in r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["cached"] == 1
+    r = scenec("build", tmp_path, "--batch-size", "0")
+    assert r.returncode == 2 and "--batch-size must be at least 1" in r.stderr
     r = scenec("build", tmp_path, "--select", "tag:x")
     assert r.returncode == 2 and "unknown method" in r.stderr
     # status and --dry-run never import torch
@@ -328,3 +331,85 @@ def test_matrix_selection(project):
     (d / "m.yaml").write_text(MATRIX)
     s = run(["m.yaml"], select=["style=water*"], dry_run=True)
     assert sorted(o["name"] for o in s["outputs"]) == ["m-water-colour-1-7", "m-water-colour-2.5-7"]
+
+
+# --- batching compatible jobs across scenes (--batch-size) ------------------------------------------
+
+def count_forwards(monkeypatch, backend) -> list[int]:
+    """The batch size of every transformer forward."""
+    sizes: list[int] = []
+    fwd = backend.transformer.forward
+
+    def counted(*a, **kw):
+        sizes.append(kw["hidden_states"].shape[0])
+        return fwd(*a, **kw)
+
+    monkeypatch.setattr(backend.transformer, "forward", counted)
+    return sizes
+
+
+def test_batch_size_runs_compatible_jobs_of_different_scenes_together(project, monkeypatch, tiny):
+    from PIL import Image
+
+    d, _ = project
+    write_scene(d, "gamma", "a desert", seeds=(3,), extra="")
+    (d / "gamma.yaml").write_text((d / "gamma.yaml").read_text().replace("steps: 2", "steps: 3"))
+    sizes = count_forwards(monkeypatch, tiny)
+    s = run(["."], batch_size=4)
+    assert (s["built"], s["failed"]) == (5, 0), s["errors"]
+    # alpha ×2 and beta ×2 (two scenes, two output dirs): one batch of 4; gamma (3 steps) alone
+    assert sorted(sizes) == [1, 1, 1, 4, 4]
+    side = json.loads((d / "more" / "out" / "beta-2.json").read_text())
+    assert side["timings"]["batch"] == 4 and side["scenec:job"] == "beta-2"
+    assert set(Manifest.load(d / "out").outputs) == {"alpha-1", "alpha-2", "gamma-3"}
+    assert set(Manifest.load(d / "more" / "out").outputs) == {"beta-1", "beta-2"}
+    # the cache key does not depend on how jobs were batched
+    assert run(["."], batch_size=1)["cached"] == 5
+    # the same images as one by one, up to float rounding (at most one level of 255 per pixel)
+    sizes.clear()
+    s1 = run(["."], batch_size=1, force=True, out=d / "single")
+    assert s1["built"] == 5 and sizes == [1] * 11  # 4 jobs × 2 steps + 3 steps
+    for o in s["outputs"]:
+        a = np.asarray(Image.open(o["image"]), np.int16)
+        b = np.asarray(Image.open(d / "single" / Path(o["image"]).name), np.int16)
+        assert np.abs(a - b).max() <= 1, o["name"]
+
+
+def test_batches_of_respects_size_keys_and_groups(project):
+    d, _ = project
+    (d / "pair.yaml").write_text(
+        "scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: 1}\n"
+        "background: {prompt: \"a meadow\"}\n"
+        "entities:\n  - {id: fox, prompt: \"a fox\", shape: {box: [0.1, 0.5, 0.5, 0.9]}}\n"
+        "groups:\n  - id: g\n    schedule: {shape: step, center: 0.5}\n"
+        "    variants:\n      - {id: a, prompt: \"a cat\"}\n      - {id: b, prompt: \"a dog\"}\n")
+    from scenec.runtime.batching import batch_key
+
+    bp = batch.plan_batch(["."])
+    assert not bp.invalid
+    units = batch.units_of([it for it in bp.items if it.todo])
+    assert [len(b) for b in batch.batches_of(units, 1)] == [1] * len(units)
+    batches = batch.batches_of(units, 3)
+    flat = [u for b in batches for u in b]
+    assert sorted(map(id, flat)) == sorted(map(id, units))  # every unit exactly once
+    sizes = sorted(len(b) for b in batches)
+    assert sizes == [1, 1, 3]  # 4 compatible single jobs in 3 + 1; the coupling group is one unit, alone
+    for b in batches:
+        if len(b) > 1:
+            assert len({batch_key(u.plan.json, u.items[0].job) for u in b}) == 1
+    group = [b for b in batches if len(b[0].items) == 2]
+    assert len(group) == 1 and len(group[0]) == 1
+    with pytest.raises(BatchError, match="at least 1"):
+        run(["."], batch_size=0)
+
+
+def test_text_encodings_are_kept_across_scenes(project, monkeypatch, tiny):
+    d, _ = project
+    write_scene(d, "delta", "a meadow")  # the same background prompt as alpha
+    calls: list[str] = []
+    enc = tiny.pipe.encode_prompt
+    monkeypatch.setattr(tiny.pipe, "encode_prompt", lambda prompt, **kw: calls.append(prompt) or enc(prompt=prompt, **kw))
+    tiny.clear_cache()
+    s = run(["."])
+    assert s["built"] == 6
+    assert calls.count("a meadow") == 1 and calls.count("a forest") == 1

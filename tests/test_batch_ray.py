@@ -35,3 +35,20 @@ def test_ray_executor_builds_records_and_caches(local_ray, tmp_path):
     # the same keys as the local executor: nothing to rebuild, whichever executor asks
     assert build_batch([tmp_path], quiet=True, dry_run=True)["cached"] == 4
     assert build_batch([tmp_path], executor="ray", quiet=True)["cached"] == 4
+
+
+def test_ray_executor_ships_compatible_jobs_as_one_batch(local_ray, tmp_path):
+    for i in range(2):
+        (tmp_path / f"b{i}.yaml").write_text(
+            "scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: [1, 2]}\n"
+            f"background: {{prompt: \"batched scene {i}\"}}\n")
+    s = build_batch([tmp_path], executor="ray", quiet=True, batch_size=2)
+    assert (s["built"], s["failed"]) == (4, 0), s["errors"]
+    assert len({o["worker"] for o in s["outputs"]}) == 2  # two batches of two, one per actor
+    man = Manifest.load(tmp_path / "out")
+    assert set(man.outputs) == {"b0-1", "b0-2", "b1-1", "b1-2"}
+    for name, e in man.outputs.items():
+        side = json.loads((tmp_path / "out" / e["sidecar"]).read_text())
+        assert side["scenec:job"] == name and side["timings"]["batch"] == 2
+        assert e["sha256"] == sha256_file(tmp_path / "out" / e["image"])
+    assert build_batch([tmp_path], quiet=True, dry_run=True)["cached"] == 4
