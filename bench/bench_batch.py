@@ -1,10 +1,11 @@
 """Batch builds on `tiny` (issue #6): cold, no-op, one scene edited, and Ray vs the local executor.
 
-    .venv/bin/python bench/bench_batch.py [--scenes 200] [--no-ray] [--keep DIR]
+    .venv/bin/python bench/bench_batch.py [--scenes 200] [--no-ray] [--keep DIR] [--batch-sizes 4 8]
 
 Each phase runs `scenec build DIR --json` as a fresh process, as CI would, and reports its wall time
 (process start and imports included). Scenes: 256x256, 4 steps, one entity, one seed each.
-Goals: no-op < 5% of cold; an edit rebuilds exactly one job.
+Goals: no-op < 5% of cold; an edit rebuilds exactly one job. Forced rebuilds with --batch-size N
+show what running the (all compatible) scenes' jobs N at a time saves.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--keep", type=Path, default=None, help="build here instead of a temp dir (kept)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every build (default: unset)")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 8],
+                    help="also time forced builds with these --batch-size values (cross-scene batching)")
     a = ap.parse_args()
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
@@ -77,6 +80,11 @@ def main() -> None:
     rows.append(("scenec status", time.perf_counter() - status_t, {}))
     local, s = build(scenes, "--force")
     rows.append(("forced, local executor", local, s))
+    batched = []
+    for bs in a.batch_sizes:
+        t, s = build(scenes, "--force", "--batch-size", str(bs))
+        rows.append((f"forced, local, --batch-size {bs}", t, s))
+        batched.append((bs, t))
     ray_t = None
     if not a.no_ray:
         try:
@@ -95,6 +103,8 @@ def main() -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on this machine skew the figures)")
     print(f"\nno-op / cold = {100 * noop / cold:.1f}% (goal < 5%)")
     print(f"edit rebuilt {rows[2][2]['built']} job(s) (goal: 1)")
+    for bs, t in batched:
+        print(f"--batch-size {bs} vs 1: {t / local:.2f}x the time ({1000 * (t - local) / n:+.1f} ms per image)")
     if ray_t is not None:
         print(f"ray, 1 worker vs local: {1000 * (ray1 - local) / n:+.1f} ms per image (the executor's overhead; "
               f"Ray start-up included)")
