@@ -4,7 +4,8 @@ Two jobs are batch-compatible when one denoising loop can carry both as rows of 
 model, canvas, sampler and attention settings, the same step program (``from``/``to``/``regional``
 per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions,
 stochastic steps). Prompts, entities, regions, seeds and init images may differ: the runtime pads
-each row's text to a common length and masks the padding out (runtime/flux.FluxBackend.run_batch).
+each row's text to a common length and masks the padding out (``run_batch`` of runtime/flux.py and
+runtime/sd.py).
 
 The key is computed from the plan JSON alone, so the batch driver (and Ray's) can group jobs of
 different scenes before any model is loaded.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-BATCHABLE_FAMILIES = ("flux",)  # SD runs its jobs one by one (docs/batch.md)
+BATCHABLE_FAMILIES = ("flux", "sd")
 
 
 def batch_key(plan_json: dict, job: dict) -> str | None:

@@ -223,6 +223,36 @@ class SDBackend:
             masks[n_q] = allow.to(self.device)[None, None]
         return SDCondition(seq, masks)
 
+    def _stack(self, conds: list[SDCondition], regional: bool = True) -> SDCondition:
+        """One condition for a batch: row b is ``conds[b]``, its text padded to the longest row.
+
+        Without entities and padding in any row, no mask (the pipeline's path, as alone). Otherwise
+        every row gets its own allow-matrix per grid (a row without entities: every query sees its
+        global prompt) and the padding keys are masked out, so a row attends as it would alone.
+        ``regional=False`` (after ``attention.until``): each row sees all of its own text, unmasked,
+        as a job alone does then.
+        """
+        lens = [c.seq.shape[1] for c in conds]
+        L = max(lens)
+        seq = torch.cat([c.seq if n == L else torch.cat([c.seq, c.seq.new_zeros(1, L - n, c.seq.shape[2])], 1)
+                         for c, n in zip(conds, lens)])
+        grids = next((c.masks for c in conds if c.masks is not None), None)
+        if (grids is None or not regional) and len(set(lens)) == 1:
+            return SDCondition(seq, None)
+        if grids is None:  # rows without entities all have the global prompt's 77 tokens
+            raise PlanError(f"batch rows without entities have different text lengths {lens}")
+        masks = {}
+        for n_q in sorted(grids):
+            rows = []
+            for c, n in zip(conds, lens):
+                if regional and c.masks is not None:
+                    m = c.masks[n_q][0, 0]
+                else:
+                    m = torch.ones(n_q, n, dtype=torch.bool, device=self.device)
+                rows.append(torch.cat([m, m.new_zeros(m.shape[0], L - n)], 1) if n < L else m)
+            masks[n_q] = torch.stack(rows)[:, None]  # [B, 1, n_q, L]
+        return SDCondition(seq, masks)
+
     def _check_program(self, job: dict, steps: int) -> None:
         for op in job["program"]:
             kind = op.get("op")
@@ -247,6 +277,34 @@ class SDBackend:
         if level >= len(timesteps):
             return float(s.final_alpha_cumprod)
         return float(s.alphas_cumprod[int(timesteps[level])])
+
+    def _fuse(self, latents, z0, m, fixed, timesteps, level: int):
+        """Inpainting fusion (EliGen): outside the regions (m = 0) the init latent z₀ noised to ``level``
+        with the job's fixed noise, inside the model's latent; ``level`` = N: z₀ itself."""
+        if level >= len(timesteps):
+            keep = z0
+        else:
+            a = self.alpha(timesteps, level)
+            keep = (a ** 0.5) * z0 + ((1 - a) ** 0.5) * fixed.to(z0.dtype)
+        # m is float32: cast back, or fp16/bf16 latents turn float32 and the UNet's next forward fails
+        # on mixed dtypes
+        return torch.where(m == 0, keep, m * latents + (1 - m) * keep).to(latents.dtype)
+
+    def _init(self, plan: Plan, job: dict, height: int, width: int, shape, gen):
+        """(z₀, float mask [1, 1, h, w], fixed noise) of a job's init image; the noise is drawn from the
+        job's generator right after its initial latents, as in run_job."""
+        arr = np.asarray(plan.tensor(job["init_image"]))
+        if arr.dtype != np.uint8 or arr.shape != (height, width, 3):
+            raise PlanError(f"init image {job['init_image']!r}: need uint8 [{height}, {width}, 3], "
+                            f"got {arr.dtype} {list(arr.shape)}")
+        z0 = self.encode_image(arr, height, width)
+        lh, lw = shape[2:]
+        mm = plan.mask(job.get("inpaint_mask"), "latent")
+        if mm is None or mm.shape != (lh, lw):
+            raise PlanError(f"job {job['id']!r}: init image needs an inpaint_mask on the latent grid {[lh, lw]}")
+        m = torch.from_numpy(np.ascontiguousarray(mm, np.float32)).to(self.device)[None, None]
+        fixed = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+        return z0, m, fixed
 
     @torch.inference_mode()
     def encode_image(self, arr: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -315,16 +373,7 @@ class SDBackend:
 
         z0 = m = fixed = None
         if job.get("init_image"):
-            arr = np.asarray(plan.tensor(job["init_image"]))
-            if arr.dtype != np.uint8 or arr.shape != (height, width, 3):
-                raise PlanError(f"init image {job['init_image']!r}: need uint8 [{height}, {width}, 3], "
-                                f"got {arr.dtype} {list(arr.shape)}")
-            z0 = self.encode_image(arr, height, width)
-            mm = plan.mask(job.get("inpaint_mask"), "latent")
-            if mm is None or mm.shape != (lh, lw):
-                raise PlanError(f"job {job['id']!r}: init image needs an inpaint_mask on the latent grid {[lh, lw]}")
-            m = torch.from_numpy(np.ascontiguousarray(mm, np.float32)).to(self.device)[None, None]
-            fixed = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device)
+            z0, m, fixed = self._init(plan, job, height, width, latents.shape, gen)
 
         cow = None
         if job.get("conditions") or any(op.get("op") in ("paste", "renoise") or op.get("eta")
@@ -353,15 +402,8 @@ class SDBackend:
                     if eta > 0 and cow is not None:
                         kw = {"eta": eta, "variance_noise": cowmod.randn_like(latents, cow.gen).to(latents.dtype)}
                     latents = sched.step(e, t, latents, return_dict=False, **kw)[0]
-                    if z0 is not None:  # inpainting fusion: outside the regions, z₀ at this level
-                        if j >= steps:
-                            keep = z0
-                        else:
-                            a = self.alpha(timesteps, j)
-                            keep = (a ** 0.5) * z0 + ((1 - a) ** 0.5) * fixed.to(z0.dtype)
-                        # m is float32: cast back, or fp16/bf16 latents turn float32 and the UNet's next
-                        # forward fails on mixed dtypes
-                        latents = torch.where(m == 0, keep, m * latents + (1 - m) * keep).to(latents.dtype)
+                    if z0 is not None:
+                        latents = self._fuse(latents, z0, m, fixed, timesteps, j)
                 if progress is not None:
                     progress(n + 1)
         finally:
@@ -372,6 +414,109 @@ class SDBackend:
         t_dec = time.perf_counter()
         return JobResult(image, latents, {"encode_s": t_enc - t_start, "denoise_s": t_den - t_enc,
                                           "decode_s": t_dec - t_den, "total_s": t_dec - t_start})
+
+    @torch.inference_mode()
+    def run_batch(self, plan_jobs: list[tuple[Plan, dict]], progress: Callable[[int], None] | None = None,
+                  ) -> list[JobResult | Exception]:
+        """Sample batch-compatible jobs (runtime/batching.batch_key), possibly of different plans, as the
+        rows of one batch: one UNet forward per step for all of them, CFG's two branches included
+        ([negatives | positives], as StableDiffusionPipeline batches them).
+
+        Each row keeps its own noise (its seed's generator, as alone), text, regions and init image;
+        texts are padded to the longest row and the padding masked out (:meth:`_stack`), so a row
+        computes what it computes alone, up to float rounding of batched kernels. One JobResult per
+        row, or the row's error (a row whose plan data is bad fails alone).
+        """
+        from .batching import batch_key
+
+        if not plan_jobs:
+            return []
+        keys = {batch_key(p.json, j) for p, j in plan_jobs}
+        if len(keys) != 1 or None in keys:
+            raise PlanError("run_batch: the jobs are not batch-compatible (runtime/batching.batch_key)")
+        t_start = time.perf_counter()
+        pipe, sched = self.pipe, self.pipe.scheduler
+        plan0 = plan_jobs[0][0]
+        width, height = plan0.canvas
+        steps = int(plan0.sampler["steps"])
+        guidance = float(plan0.sampler.get("guidance", 7.5))
+        cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        out: list[JobResult | Exception | None] = [None] * len(plan_jobs)
+        rows = []  # (index, plan, job, pos, neg)
+        for k, (plan, job) in enumerate(plan_jobs):
+            try:
+                self._check_program(job, steps)
+                rows.append((k, plan, job, self._condition(plan, job, negative=False),
+                             self._condition(plan, job, negative=True) if cfg else None))
+            except (PlanError, Unsupported) as e:
+                out[k] = e
+        if not rows:
+            return out
+        conds = ([r[4] for r in rows] if cfg else []) + [r[3] for r in rows]
+        stacked = {True: self._stack(conds, regional=True), False: self._stack(conds, regional=False)}
+        t_enc = time.perf_counter()
+
+        sched.set_timesteps(steps, device=self.device)
+        timesteps = sched.timesteps
+        if len(timesteps) != steps:
+            raise PlanError(f"scheduler gave {len(timesteps)} steps, the plan has {steps}")
+        lat, inits, live = [], [], []
+        for r in rows:
+            k, plan, job = r[:3]
+            gen = torch.Generator("cpu").manual_seed(int(job["seed"]))  # the same noise as alone
+            x = pipe.prepare_latents(1, pipe.unet.config.in_channels, height, width, stacked[True].seq.dtype,
+                                     self.device, gen)
+            if plan.grid("latent") != tuple(x.shape[2:]):
+                raise PlanError(f"latent grid {plan.grid('latent')} does not match the canvas {tuple(x.shape[2:])}")
+            try:
+                inits.append(self._init(plan, job, height, width, x.shape, gen) if job.get("init_image") else None)
+            except PlanError as e:
+                out[k] = e
+                continue
+            lat.append(x)
+            live.append(r)
+        if not live:
+            return out
+        if len(live) < len(rows):  # a row fell out on its init image: restack without it
+            rows = live
+            conds = ([r[4] for r in rows] if cfg else []) + [r[3] for r in rows]
+            stacked = {True: self._stack(conds, regional=True), False: self._stack(conds, regional=False)}
+        latents = torch.cat(lat)
+        B = len(rows)
+        fuse = None
+        if any(i is not None for i in inits):  # rows without an init image: m ≡ 1, the latent as it is
+            ones = torch.ones_like(latents[:1], dtype=torch.float32)[:, :1]
+            zero = torch.zeros_like(latents[:1])
+            fuse = [torch.cat([i[n] if i is not None else d for i in inits]) for n, d in
+                    enumerate((zero, ones, zero.float()))]
+
+        try:
+            for n, op in enumerate(rows[0][2]["program"]):
+                t = timesteps[op["from"]]
+                c = stacked[bool(op.get("regional", True))]
+                self.regional.current = c.masks
+                xin = sched.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+                e = self.unet(xin, t, encoder_hidden_states=c.seq, return_dict=False)[0]
+                if cfg:
+                    e_u, e_c = e.chunk(2)
+                    e = e_u + guidance * (e_c - e_u)
+                latents = sched.step(e, t, latents, return_dict=False)[0]
+                if fuse is not None:
+                    latents = self._fuse(latents, fuse[0], fuse[1], fuse[2], timesteps, op["to"])
+                if progress is not None:
+                    progress(n + 1)
+        finally:
+            self.regional.current = None
+        t_den = time.perf_counter()
+        for b, r in enumerate(rows):
+            t0 = time.perf_counter()
+            image = self.decode(latents[b:b + 1])
+            t_dec = time.perf_counter() - t0
+            shared = {"encode_s": (t_enc - t_start) / B, "denoise_s": (t_den - t_enc) / B}
+            out[r[0]] = JobResult(image, latents[b:b + 1], {**shared, "decode_s": t_dec,
+                                                           "total_s": shared["encode_s"] + shared["denoise_s"] + t_dec,
+                                                           "batch": B})
+        return out
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor):

@@ -22,6 +22,14 @@ def tiny_backend():
     return load_backend("tiny", device="cpu", dtype="fp32")
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_sd_backend():
+    """The tiny SD backend on CPU in fp32, built once per process (shared by tests; do not mutate)."""
+    from .backends import load_backend
+
+    return load_backend("tiny-sd", device="cpu", dtype="fp32")
+
+
 def box(grid: tuple[int, int], y0: int, x0: int, y1: int, x1: int, value: float = 1.0) -> np.ndarray:
     """A float32 coverage mask on ``grid`` with ``value`` inside the box [y0:y1, x0:x1]."""
     m = np.zeros(grid, np.float32)
@@ -94,3 +102,30 @@ def make_plan(prompt: str = "a meadow", negative: str = "", entities: list[dict]
         "prompts": prompts, "output": {"dir": "out", "ext": "png"}, "jobs": jobs, "groups": [],
     }
     return Plan(doc, tensors)
+
+
+def _pool(m: np.ndarray, k: int) -> np.ndarray:
+    h, w = m.shape
+    return m.reshape(h // k, k, w // k, k).max(axis=(1, 3)).astype(np.float32)
+
+
+def sd_plan(guidance: float = 7.5, **kw) -> Plan:
+    """make_plan's Flux-shaped plan turned into an SD plan: model, sampler, and masks on every SD grid."""
+    plan = make_plan(**kw)
+    w, h = plan.canvas
+    plan.json["model"] = {"spec": "tiny-sd", "family": "sd", "repo": None, "max_sequence_length": 77}
+    plan.json["grids"] = {"latent": [h // 8, w // 8], "a16": [h // 16, w // 16], "a32": [h // 32, w // 32],
+                          "a64": [h // 64, w // 64]}
+    plan.json["sampler"] = {"kind": "ddim", "steps": plan.sampler["steps"], "guidance": guidance, "true_cfg": 1.0}
+    for name in list(plan.tensors):
+        if name.endswith("/token"):
+            base, t = name[: -len("/token")], plan.tensors[name]
+            plan.tensors[base + "/a16"] = t
+            plan.tensors[base + "/a32"] = _pool(t, 2)
+            plan.tensors[base + "/a64"] = _pool(t, 4)
+    for job in plan.jobs:
+        for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
+            if d:
+                base = d.pop("token")[: -len("/token")]
+                d.update({"a16": base + "/a16", "a32": base + "/a32", "a64": base + "/a64"})
+    return plan

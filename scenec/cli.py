@@ -254,7 +254,7 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
                                            help="identity of local model dirs: stat (names, sizes, mtimes) | content"),
           batch_size: int = typer.Option(1, "--batch-size", "-b",
                                          help="run up to N compatible jobs (any scenes) as one batch on the model "
-                                              "(Flux; docs/batch.md)"),
+                                              "(Flux and SD; docs/batch.md)"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json

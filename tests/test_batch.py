@@ -413,3 +413,34 @@ def test_text_encodings_are_kept_across_scenes(project, monkeypatch, tiny):
     s = run(["."])
     assert s["built"] == 6
     assert calls.count("a meadow") == 1 and calls.count("a forest") == 1
+
+
+def test_batch_size_on_sd_batches_both_cfg_branches_of_every_row(tmp_path, monkeypatch):
+    """SD jobs of two scenes in one batch: one UNet forward of 2 × 2 rows (CFG) per step, same images."""
+    from PIL import Image
+
+    import scenec.build as b
+    from scenec.runtime.testing import tiny_sd_backend
+
+    sd = tiny_sd_backend()
+    (tmp_path / "scenec.toml").write_text("[project]\n")
+    monkeypatch.setattr(b, "load_model", lambda m, **kw: sd)
+    monkeypatch.chdir(tmp_path)
+    for name, prompt, ent in (("one", "a meadow", "a fox"), ("two", "a city street at night", "a yellow taxi")):
+        (tmp_path / f"{name}.yaml").write_text(
+            "scenec: 1\nmodel: tiny-sd\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: 3}\n"
+            f"background: {{prompt: \"{prompt}\", negative: \"blurry\"}}\n"
+            f"entities:\n  - {{id: e, prompt: \"{ent}\", shape: {{box: [0.1, 0.5, 0.5, 0.9]}}}}\n")
+    sizes: list[int] = []
+    fwd = sd.unet.forward
+    monkeypatch.setattr(sd.unet, "forward", lambda x, *a, **kw: sizes.append(x.shape[0]) or fwd(x, *a, **kw))
+    s = run(["."], batch_size=2)
+    assert (s["built"], s["failed"]) == (2, 0), s["errors"]
+    assert sizes == [4, 4]  # [negatives | positives] of both scenes, each of the 2 steps
+    sizes.clear()
+    assert run(["."], batch_size=1, force=True, out=tmp_path / "single")["built"] == 2
+    assert sizes == [1] * 8  # alone, a regional job runs its two CFG branches one after the other
+    for o in s["outputs"]:
+        a = np.asarray(Image.open(o["image"]), np.int16)
+        c = np.asarray(Image.open(tmp_path / "single" / Path(o["image"]).name), np.int16)
+        assert np.abs(a - c).max() <= 1, o["name"]

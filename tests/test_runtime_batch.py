@@ -11,9 +11,12 @@ import torch
 from scenec.runtime.attention import BatchLayout, RegionalLayout
 from scenec.runtime.batching import batch_key
 from scenec.runtime.errors import PlanError
-from scenec.runtime.testing import box, make_plan, tiny_backend
+from scenec.runtime.testing import box, make_plan, sd_plan, tiny_backend, tiny_sd_backend
 
 TOL = 1e-5
+# SD: CFG at guidance 7.5 multiplies the batched kernels' rounding (latents of magnitude ~5);
+# measured 2.7e-5 to 4.5e-5 on tiny-sd (3e-6 without CFG)
+SD_TOL = 1e-4
 G = (8, 8)  # token grid of a 128×128 canvas
 
 
@@ -40,13 +43,13 @@ def rows(ps):
     return [(p, j) for p in ps for j in p.jobs]
 
 
-def assert_rows_equal_alone(backend, pj):
+def assert_rows_equal_alone(backend, pj, tol=TOL):
     alone = [backend.run_job(p, j, decode=False).latents for p, j in pj]
     got = backend.run_batch(pj)
     assert len(got) == len(pj)
     for a, r in zip(alone, got):
         assert r.latents.shape == a.shape
-        assert float((a - r.latents).abs().max()) <= TOL
+        assert float((a - r.latents).abs().max()) <= tol
         assert r.timings["batch"] == len(pj)
     return alone, got
 
@@ -142,7 +145,8 @@ def test_batch_key():
     assert batch_key(p.json, dict(j, program=[dict(op, eta=1.0) for op in j["program"]])) is None
     assert batch_key(p.json, dict(j, group="g")) is None
     assert batch_key(p.json, dict(j, program=j["program"] + [{"op": "renoise", "from": 3, "to": 1}])) is None
-    assert batch_key({**p.json, "model": {**p.json["model"], "family": "sd"}}, j) is None
+    assert batch_key({**p.json, "model": {**p.json["model"], "family": "sd"}}, j) not in (None, k)
+    assert batch_key({**p.json, "model": {**p.json["model"], "family": "other"}}, j) is None
     # `attention.until` shows in the program: regional on some steps only
     until = dict(j, program=[dict(op, regional=op["from"] < 1) for op in j["program"]])
     assert batch_key(p.json, until) not in (None, k)
@@ -200,3 +204,72 @@ def test_flex_backend_batches_like_sdpa(backend):
     for (p, j), r in zip(pj, got):
         ref = backend.run_job(p, j, decode=False).latents
         torch.testing.assert_close(r.latents, ref, atol=1e-5, rtol=1e-5)
+
+
+# -- the SD backend: CFG's two branches of every row in one UNet forward ------------------------------
+
+def sd_plans(**kw):
+    base = dict(width=128, height=128, steps=3, **kw)
+    return [
+        sd_plan(prompt="a meadow at dawn", negative="blurry",
+                entities=[{"id": "fox", "prompt": "a red fox", "negative": "ugly", "token": box(G, 4, 1, 8, 5)}],
+                seeds=[1, 2], **base),
+        sd_plan(prompt="a quiet forest with tall pine trees and fog", seed=5, **base),
+        sd_plan(prompt="a city", entities=[
+            {"id": "car", "prompt": "a yellow taxi cab with a long description of many many words",
+             "token": box(G, 0, 0, 4, 4)},
+            {"id": "dog", "prompt": "dog", "token": box(G, 5, 5, 8, 8, value=0.5)}], seed=7, **base),
+    ]
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_sd_rows_equal_their_jobs_alone(guidance):
+    be = tiny_sd_backend()
+    alone, got = assert_rows_equal_alone(be, rows(sd_plans(guidance=guidance)), SD_TOL)
+    assert float((alone[0] - alone[1]).abs().max()) > 1e-2
+
+
+def test_sd_plain_rows_batch_without_masks():
+    be = tiny_sd_backend()
+    pj = rows([sd_plan(prompt="a meadow", width=128, height=128, steps=2, seeds=[3, 4]),
+               sd_plan(prompt="a desert", width=128, height=128, steps=2, seed=9)])
+    seen = []
+    orig = be.regional.mask_for
+    be.regional.mask_for = lambda n_q, n_k: seen.append(orig(n_q, n_k)) or seen[-1]
+    try:
+        assert_rows_equal_alone(be, pj, SD_TOL)
+    finally:
+        del be.regional.mask_for
+    assert seen and all(m is None for m in seen)  # the pipeline's own unmasked path, as alone
+
+
+def test_sd_until_and_inpainting_rows_in_one_batch():
+    be = tiny_sd_backend()
+    y, x = np.mgrid[0:128, 0:128]
+    init = np.stack([x * 2, y * 2, x + y], -1).astype(np.uint8)
+    ents = [{"id": "fox", "prompt": "a red fox", "token": box(G, 2, 2, 6, 6)}]
+    # regional on the first step only (attention.until), as the compiler writes it
+    prog = [{"op": "denoise", "from": i, "to": i + 1, "regional": i < 1, "theta": None, "eta": 0.0} for i in range(3)]
+    inpaint = sd_plan(prompt="a meadow", entities=ents, init_image=init, width=128, height=128, steps=3, seed=4,
+                      program=prog)
+    plain = sd_plan(prompt="a long prompt about a meadow with flowers", entities=ents[:0], width=128, height=128,
+                    steps=3, seed=4, program=prog)
+    other = sd_plan(prompt="a meadow", entities=[dict(ents[0], prompt="a grey wolf in the grass")], width=128,
+                    height=128, steps=3, seed=6, program=prog)
+    pj = rows([inpaint, plain, other])
+    alone, got = assert_rows_equal_alone(be, pj, SD_TOL)
+    z0, m, _ = be._init(inpaint, inpaint.jobs[0], 128, 128, got[0].latents.shape, torch.Generator().manual_seed(0))
+    out = (m == 0).expand_as(z0)
+    assert torch.equal(got[0].latents[out], z0[out])  # fusion inside a batch: exactly the init outside
+    assert float((got[1].latents[out] - z0[out]).abs().max()) > 1e-2
+
+
+def test_sd_bad_row_fails_alone():
+    be = tiny_sd_backend()
+    ok = sd_plans()[1]
+    bad = sd_plan(prompt="a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
+                  width=128, height=128, steps=3, seed=3)
+    bad.tensors["region/fox/a16"] = box((4, 4), 0, 0, 2, 2)  # a mask on the wrong grid
+    got = be.run_batch([(ok, ok.jobs[0]), (bad, bad.jobs[0])])
+    assert isinstance(got[1], PlanError) and "a16" in str(got[1])
+    assert float((got[0].latents - be.run_job(ok, ok.jobs[0], decode=False).latents).abs().max()) <= SD_TOL

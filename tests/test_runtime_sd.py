@@ -9,7 +9,7 @@ import torch
 from scenec.compiler.schedule import Cow, ProgramInputs, build_program
 from scenec.runtime import cow as cowmod
 from scenec.runtime.errors import ModelUnavailable, Unsupported
-from scenec.runtime.testing import box, make_plan
+from scenec.runtime.testing import box, make_plan, sd_plan
 
 GRID = (16, 16)  # a16 on a 256² canvas
 FOX = box(GRID, 2, 2, 8, 8)
@@ -37,33 +37,6 @@ def cache_dir(tmp_path, monkeypatch):
     cowmod.CACHE.clear()
     cowmod.CACHE.stats.update(memory=0, disk=0, inverted=0)
     yield
-
-
-def _pool(m: np.ndarray, k: int) -> np.ndarray:
-    h, w = m.shape
-    return m.reshape(h // k, k, w // k, k).max(axis=(1, 3)).astype(np.float32)
-
-
-def sd_plan(guidance=7.5, **kw):
-    """make_plan's Flux-shaped plan turned into an SD plan: model, sampler, and masks on every SD grid."""
-    plan = make_plan(**kw)
-    w, h = plan.canvas
-    plan.json["model"] = {"spec": "tiny-sd", "family": "sd", "repo": None, "max_sequence_length": 77}
-    plan.json["grids"] = {"latent": [h // 8, w // 8], "a16": [h // 16, w // 16], "a32": [h // 32, w // 32],
-                          "a64": [h // 64, w // 64]}
-    plan.json["sampler"] = {"kind": "ddim", "steps": plan.sampler["steps"], "guidance": guidance, "true_cfg": 1.0}
-    for name in list(plan.tensors):
-        if name.endswith("/token"):
-            base, t = name[: -len("/token")], plan.tensors[name]
-            plan.tensors[base + "/a16"] = t
-            plan.tensors[base + "/a32"] = _pool(t, 2)
-            plan.tensors[base + "/a64"] = _pool(t, 4)
-    for job in plan.jobs:
-        for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
-            if d:
-                base = d.pop("token")[: -len("/token")]
-                d.update({"a16": base + "/a16", "a32": base + "/a32", "a64": base + "/a64"})
-    return plan
 
 
 def run(backend, plan):
