@@ -104,7 +104,8 @@ def make_plan(prompt: str = "a meadow", negative: str = "", entities: list[dict]
     return Plan(doc, tensors)
 
 
-def _pool(m: np.ndarray, k: int) -> np.ndarray:
+def pool(m: np.ndarray, k: int) -> np.ndarray:
+    """Max-pool a mask by k (a coarser SD attention grid)."""
     h, w = m.shape
     return m.reshape(h // k, k, w // k, k).max(axis=(1, 3)).astype(np.float32)
 
@@ -121,8 +122,8 @@ def sd_plan(guidance: float = 7.5, **kw) -> Plan:
         if name.endswith("/token"):
             base, t = name[: -len("/token")], plan.tensors[name]
             plan.tensors[base + "/a16"] = t
-            plan.tensors[base + "/a32"] = _pool(t, 2)
-            plan.tensors[base + "/a64"] = _pool(t, 4)
+            plan.tensors[base + "/a32"] = pool(t, 2)
+            plan.tensors[base + "/a64"] = pool(t, 4)
     for job in plan.jobs:
         for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
             if d:

@@ -9,7 +9,7 @@ import torch
 from scenec.compiler.schedule import Cow, ProgramInputs, build_program
 from scenec.runtime import cow as cowmod
 from scenec.runtime.errors import ModelUnavailable, Unsupported
-from scenec.runtime.testing import box, make_plan, sd_plan
+from scenec.runtime.testing import box, make_plan, pool, sd_plan
 
 GRID = (16, 16)  # a16 on a 256² canvas
 FOX = box(GRID, 2, 2, 8, 8)
@@ -202,7 +202,7 @@ def _with_sow(plan, modulation=SOW_MOD, related=RELATED, **kw):
         if m is None:
             continue
         t[f"{name}/latent"] = np.repeat(np.repeat(m, 2, 0), 2, 1)
-        t[f"{name}/a16"], t[f"{name}/a32"], t[f"{name}/a64"] = m, _pool(m, 2), _pool(m, 4)
+        t[f"{name}/a16"], t[f"{name}/a32"], t[f"{name}/a64"] = m, pool(m, 2), pool(m, 4)
         out.update({g: f"{name}/{g}" for g in ("latent", "a16", "a32", "a64")})
     for job in plan.jobs:
         job["conditions"][0].update(masks=masks, related=rel or None, modulation=modulation)
