@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from scenec.spec.fsio import note_input
+
 
 @dataclass(frozen=True)
 class Family:
@@ -60,6 +62,7 @@ def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
     if spec in ALIASES:
         return ALIASES[spec]
     local = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
+    note_input(local / "model_index.json")  # a local model directory appearing changes the family
     if local.is_dir() and (local / "model_index.json").is_file():
         try:
             cls = json.loads((local / "model_index.json").read_text()).get("_class_name", "")

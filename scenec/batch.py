@@ -32,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from scenec.spec.fsio import atomic_write, sha256_file
+from scenec import memo
+from scenec.spec.fsio import atomic_write, recording_inputs, sha256_file
 
 MANIFEST = "scenec-manifest.json"
 MANIFEST_FORMAT = "scenec-manifest/1"
@@ -452,13 +453,11 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
                compile_fn: Callable | None = None) -> BatchPlan:
     """Discover, compile (no torch), key and check every job against the manifests. Never raises for
     bad scenes: their diagnostics are collected and the other scenes go on."""
-    from scenec.runtime.plan import Plan
     from scenec.spec.diagnostics import Diagnostics, Pos, SceneError
 
     if weights_hash not in ("stat", "content"):
         raise BatchError(f"--weights-hash must be stat or content, not `{weights_hash}`")
     sel, exc = parse_selectors(select), parse_selectors(exclude)
-    compile_fn = compile_fn or _compile
     bp = BatchPlan(diagnostics=Diagnostics())
     files, problems = discover(targets)
     bp.diagnostics.extend(problems)
@@ -469,25 +468,36 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
         bp.diagnostics.error(Pos("."), "no scene files given")
     identities: dict[str, dict] = {}
     owners: dict[tuple[Path, str], Item] = {}
-    t0 = time.perf_counter()
-    for f in files:
+    partial = compile_fn is None and memo.enabled()  # a test's compile_fn must always run
+    compile_fn = compile_fn or _compile
+
+    def compile_one(f: Path):
+        """Compile ``f`` (recording what it reads, for its memo); None when it did not compile."""
+        from scenec.runtime.plan import Plan
+
         try:
-            compiled = compile_fn(f, model)
-            plan = Plan.of(compiled)
+            with recording_inputs() as inputs:
+                compiled = compile_fn(f, model)
+                plan = Plan.of(compiled)
         except SceneError as e:
             bp.diagnostics.extend(e.diagnostics)
             if not e.diagnostics.has_errors():
                 bp.diagnostics.error(Pos(_display(f)), "invalid scene")
             bp.invalid.append(_display(f))
-            continue
+            return None
         except Exception as e:  # noqa: BLE001 - one scene's internal error must not stop the batch
             if os.environ.get("SCENEC_DEBUG"):
                 raise
             bp.failed_compile.append((_display(f), f"internal error while compiling: {type(e).__name__}: {e}"))
-            continue
+            return None
         ir = getattr(compiled, "ir", None)
-        if ir is not None:
-            bp.diagnostics.extend(ir.extra.get("warnings", []))
+        warnings = list(ir.extra.get("warnings", [])) if ir is not None else []
+        if partial:
+            memo.store(f, model, list(inputs), plan.json, warnings)
+        return plan, warnings
+
+    def add_scene(f: Path, plan, warnings) -> list[Item]:
+        bp.diagnostics.extend(warnings)
         mkey = json.dumps(plan.model, sort_keys=True)
         if mkey not in identities:
             identities[mkey] = model_identity(plan.model, weights_hash)
@@ -495,6 +505,7 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
         out_dir = Path(out) if out is not None else f.resolve().parent / (plan.json.get("output") or {}).get("dir", "out")
         out_dir = Path(os.path.abspath(out_dir))
         display = _display(f)
+        added = []
         for job in plan.jobs:
             name = job.get("name", job["id"])
             item = Item(f, display, plan, job, out_dir, name, cache_key(job.get("job_hash", ""), identity, job["seed"]),
@@ -510,15 +521,44 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
                     bp.invalid.append(display)
                 continue
             owners[(out_dir, name)] = item
-            bp.items.append(item)
+            added.append(item)
+        return added
+
+    t0 = time.perf_counter()
+    for f in files:
+        hit = memo.load(f, model) if partial else None
+        if hit is not None:
+            bp.items += add_scene(f, hit[0], memo.warnings_of(hit[1]))
+            continue
+        got = compile_one(f)
+        if got is not None:
+            bp.items += add_scene(f, *got)
     bp.compile_s = time.perf_counter() - t0
-    for item in bp.items:
-        if item.out_dir not in bp.manifests:
-            bp.manifests[item.out_dir] = Manifest.load(item.out_dir)
-        man = bp.manifests[item.out_dir]
-        item.state, item.reason = man.check(item.name, item.key, masks=masks)
-        if force and item.selected and item.state == "cached":
-            item.state, item.reason = "forced", "--force"
+    def check(items: list[Item]) -> None:
+        for item in items:
+            if item.out_dir not in bp.manifests:
+                bp.manifests[item.out_dir] = Manifest.load(item.out_dir)
+            man = bp.manifests[item.out_dir]
+            item.state, item.reason = man.check(item.name, item.key, masks=masks)
+            if force and item.selected and item.state == "cached":
+                item.state, item.reason = "forced", "--force"
+
+    check(bp.items)
+    # a replayed scene with something to build is compiled for real: building needs its plan
+    replayed = list(dict.fromkeys(it.scene_file for it in bp.items if getattr(it.plan, "memo", False) and it.todo))
+    if replayed:
+        t1 = time.perf_counter()
+        for f in replayed:
+            old = [it for it in bp.items if it.scene_file == f]
+            for it in old:
+                owners.pop((it.out_dir, it.name), None)
+            got = compile_one(f)  # its warnings equal the replayed ones: Diagnostics drops repeats
+            new_items = add_scene(f, *got) if got is not None else []
+            check(new_items)
+            at = bp.items.index(old[0])
+            bp.items[at:at] = new_items
+            bp.items = [it for it in bp.items if it not in old]
+        bp.compile_s += time.perf_counter() - t1
     for man in bp.manifests.values():
         if man.problem:
             bp.diagnostics.warning(Pos(str(man.path)), man.problem)

@@ -11,7 +11,31 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+
+# The files a compile reads or probes (scene, includes, scenec.toml lookups, images, schedules, a
+# local model's model_index.json): scenec.memo replays a compile only while all of them are unchanged.
+_inputs: ContextVar[dict[str, None] | None] = ContextVar("scenec_inputs", default=None)
+
+
+def note_input(path: str | Path) -> None:
+    """Record that the running compile's result depends on ``path`` (its content, or its absence)."""
+    seen = _inputs.get()
+    if seen is not None:
+        seen[os.path.abspath(path)] = None
+
+
+@contextmanager
+def recording_inputs():
+    """Collect the paths :func:`note_input` sees inside the block (in first-seen order)."""
+    seen: dict[str, None] = {}
+    token = _inputs.set(seen)
+    try:
+        yield seen
+    finally:
+        _inputs.reset(token)
 
 
 def _umask() -> int:
@@ -20,8 +44,10 @@ def _umask() -> int:
     return old
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename), with the usual file mode."""
+def atomic_write(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename), with the usual file mode.
+
+    ``durable=False`` skips the fsync, for caches whose readers reject a torn file anyway."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,8 +55,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the mode any new file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

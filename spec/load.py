@@ -50,7 +50,11 @@ class LoadedScene:
 
     def resolve(self, path: tuple, value: str) -> Path:
         """Resolve a path-valued field; raises PathProblem."""
-        return resolve_inside(value, self.base_dir(path), self.root)
+        from .fsio import note_input
+
+        p = resolve_inside(value, self.base_dir(path), self.root)
+        note_input(p)
+        return p
 
 
 @dataclass

@@ -13,8 +13,11 @@ PROJECT_FILE = "scenec.toml"
 
 
 def find_project_root(scene_file: Path) -> Path:
+    from .fsio import note_input
+
     start = scene_file.resolve().parent
     for d in (start, *start.parents):
+        note_input(d / PROJECT_FILE)  # found or not: creating one nearer would change the root
         if (d / PROJECT_FILE).is_file():
             return d
     return start

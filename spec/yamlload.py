@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .diagnostics import Diagnostics, Pos
+from .fsio import note_input
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a scene is text a person writes
 MAX_NODES = 50_000  # counted with aliases expanded, so a billion-laughs file stops early
@@ -152,6 +153,7 @@ class _Builder:
 
 def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, SourceMap] | None:
     """Parse one YAML file; problems go to ``diags`` and the result is None when nothing usable."""
+    note_input(path)
     try:
         size = path.stat().st_size
     except OSError as e:
