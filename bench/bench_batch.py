@@ -23,7 +23,7 @@ from pathlib import Path
 
 SCENE = """\
 scenec: 1
-model: tiny
+model: {model}
 canvas: {{width: 256, height: 256}}
 sampler: {{steps: 4, seed: {seed}}}
 background: {{prompt: "a meadow under a clear sky, variant {i}"}}
@@ -47,6 +47,7 @@ def build(scenes: Path, *extra: str) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--model", default="tiny", help="tiny (Flux) or tiny-sd")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--keep", type=Path, default=None, help="build here instead of a temp dir (kept)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every build (default: unset)")
@@ -66,9 +67,9 @@ def main() -> None:
     shutil.rmtree(root / "cache", ignore_errors=True)
     (root / "scenec.toml").write_text("[project]\n")
     for i in range(a.scenes):
-        (scenes / f"s{i:03d}.yaml").write_text(SCENE.format(i=i, seed=i))
+        (scenes / f"s{i:03d}.yaml").write_text(SCENE.format(i=i, seed=i, model=a.model))
     n = a.scenes
-    print(f"{n} tiny scenes (256x256, 4 steps, 1 job each) in {root}; {os.cpu_count()} CPUs, "
+    print(f"{n} {a.model} scenes (256x256, 4 steps, 1 job each) in {root}; {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}")
     rows = []
 
@@ -80,7 +81,7 @@ def main() -> None:
     full, s = build(scenes)
     rows.append(("no-op, every scene compiled", full, s))
     del os.environ["SCENEC_PARTIAL_COMPILE"]
-    (scenes / "s007.yaml").write_text(SCENE.format(i="7 edited", seed=7))
+    (scenes / "s007.yaml").write_text(SCENE.format(i="7 edited", seed=7, model=a.model))
     edit, s = build(scenes)
     rows.append(("one scene edited", edit, s))
     status_t = time.perf_counter()
