@@ -286,6 +286,11 @@ def _check_references(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
                           f"`preserve` {r.preserve:g} is above the window's end {lo:g}: the last replacement "
                           "would come inside or before the window, where it has no effect",
                           hint=f"use a level at or below {lo:g}, or null")
+        elif r.preserve is not None and sch.level_to_index(r.preserve, steps) >= steps:
+            diags.warning(ls.pos(path + ("preserve",)),
+                          f"`preserve` {r.preserve:g} rounds to step {steps} of {steps}, after the last one: "
+                          "no replacement happens",
+                          hint=f"use a level of at least {1.0 / steps:.3g} (one step before the end), or null")
         if r.cycles > 0 and sch.level_to_index(hi, steps) == sch.level_to_index(lo, steps):
             diags.warning(ls.pos(path + ("window",)),
                           f"reference window [{hi:g}, {lo:g}] covers no sampler step at {steps} steps; "

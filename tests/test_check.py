@@ -272,6 +272,10 @@ def test_reference_window_and_preserve(proj):
             prompt: c
             shape: {box: [0.6, 0, 1, 1]}
             reference: {image: r.png, window: [0.52, 0.5]}
+          - id: e
+            prompt: e
+            shape: {box: [0.6, 0, 1, 0.4]}
+            reference: {image: r.png, window: [0.7, 0.5], preserve: 0.04}
         """)
     d = diags_of(p)
     e = one(d, 8, 39, "reference window [0.5, 0.7] must go from a higher noise level to a lower one")
@@ -279,6 +283,9 @@ def test_reference_window_and_preserve(proj):
     assert len(d.errors) == 1
     one(d, 12, 61, "`preserve` 0.6 is above the window's end 0.5", "warning")
     one(d, 16, 39, "covers no sampler step at 10 steps", "warning")
+    w = one(d, 20, 61, "`preserve` 0.04 rounds to step 10 of 10, after the last one: no replacement happens",
+            "warning")
+    assert "at least 0.1" in w.hint
 
 
 def test_image_files(proj):
