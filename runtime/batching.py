@@ -41,3 +41,18 @@ def batch_key(plan_json: dict, job: dict) -> str | None:
         "program": program,
     }
     return json.dumps(material, sort_keys=True, separators=(",", ":"))
+
+
+def require_compatible(plan_jobs: list) -> None:
+    """Refuse a batch whose ``(plan, job)`` pairs are not all batch-compatible (a caller's bug)."""
+    from .errors import PlanError
+
+    keys = {batch_key(p.json, j) for p, j in plan_jobs}
+    if len(keys) != 1 or None in keys:
+        raise PlanError("run_batch: the jobs are not batch-compatible (runtime/batching.batch_key)")
+
+
+def row_timings(encode_s: float, denoise_s: float, decode_s: float, rows: int) -> dict:
+    """One row's share of a batch's timings: encoding and denoising split evenly, its own decode."""
+    enc, den = encode_s / rows, denoise_s / rows
+    return {"encode_s": enc, "denoise_s": den, "decode_s": decode_s, "total_s": enc + den + decode_s, "batch": rows}

@@ -389,13 +389,11 @@ class FluxBackend:
         so a row computes what it computes alone, up to float rounding of batched kernels. Returns one
         JobResult per row, or the row's error (a row whose plan data is bad fails alone).
         """
-        from .batching import batch_key
+        from .batching import require_compatible, row_timings
 
         if not plan_jobs:
             return []
-        keys = {batch_key(p.json, j) for p, j in plan_jobs}
-        if len(keys) != 1 or None in keys:
-            raise PlanError("run_batch: the jobs are not batch-compatible (runtime/batching.batch_key)")
+        require_compatible(plan_jobs)
         t_start = time.perf_counter()
         plan0 = plan_jobs[0][0]
         pipe = self.pipe
@@ -446,11 +444,8 @@ class FluxBackend:
         for b, (k, _, _, _, _) in enumerate(rows):
             t0 = time.perf_counter()
             image = self.decode(latents[b:b + 1], height, width)
-            t_dec = time.perf_counter() - t0
-            shared = {"encode_s": (t_enc - t_start) / B, "denoise_s": (t_den - t_enc) / B}
-            out[k] = JobResult(image, latents[b:b + 1], {**shared, "decode_s": t_dec,
-                                                        "total_s": shared["encode_s"] + shared["denoise_s"] + t_dec,
-                                                        "batch": B})
+            out[k] = JobResult(image, latents[b:b + 1],
+                               row_timings(t_enc - t_start, t_den - t_enc, time.perf_counter() - t0, B))
         return out
 
     def run_group(self, plan: Plan, group: dict, jobs: list[dict], progress: Callable[[str, int], None] | None = None,
