@@ -450,10 +450,6 @@ class SDBackend:
                 out[k] = e
         if not rows:
             return out
-        conds = ([r[4] for r in rows] if cfg else []) + [r[3] for r in rows]
-        stacked = {True: self._stack(conds, regional=True), False: self._stack(conds, regional=False)}
-        t_enc = time.perf_counter()
-
         sched.set_timesteps(steps, device=self.device)
         timesteps = sched.timesteps
         if len(timesteps) != steps:
@@ -462,23 +458,23 @@ class SDBackend:
         for r in rows:
             k, plan, job = r[:3]
             gen = torch.Generator("cpu").manual_seed(int(job["seed"]))  # the same noise as alone
-            x = pipe.prepare_latents(1, pipe.unet.config.in_channels, height, width, stacked[True].seq.dtype,
+            x = pipe.prepare_latents(1, pipe.unet.config.in_channels, height, width, r[3].seq.dtype,
                                      self.device, gen)
             if plan.grid("latent") != tuple(x.shape[2:]):
                 raise PlanError(f"latent grid {plan.grid('latent')} does not match the canvas {tuple(x.shape[2:])}")
-            try:
+            try:  # a bad init image fails its row alone
                 inits.append(self._init(plan, job, height, width, x.shape, gen) if job.get("init_image") else None)
             except PlanError as e:
                 out[k] = e
                 continue
             lat.append(x)
             live.append(r)
-        if not live:
+        rows = live
+        if not rows:
             return out
-        if len(live) < len(rows):  # a row fell out on its init image: restack without it
-            rows = live
-            conds = ([r[4] for r in rows] if cfg else []) + [r[3] for r in rows]
-            stacked = {True: self._stack(conds, regional=True), False: self._stack(conds, regional=False)}
+        conds = ([r[4] for r in rows] if cfg else []) + [r[3] for r in rows]
+        stacked = {True: self._stack(conds, regional=True), False: self._stack(conds, regional=False)}
+        t_enc = time.perf_counter()
         latents = torch.cat(lat)
         B = len(rows)
         fuse = None

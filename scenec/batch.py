@@ -534,6 +534,7 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
         if got is not None:
             bp.items += add_scene(f, *got)
     bp.compile_s = time.perf_counter() - t0
+
     def check(items: list[Item]) -> None:
         for item in items:
             if item.out_dir not in bp.manifests:
@@ -555,9 +556,10 @@ def plan_batch(targets: Iterable[str | Path], out: str | Path | None = None, mod
             got = compile_one(f)  # its warnings equal the replayed ones: Diagnostics drops repeats
             new_items = add_scene(f, *got) if got is not None else []
             check(new_items)
-            at = bp.items.index(old[0])
-            bp.items[at:at] = new_items
-            bp.items = [it for it in bp.items if it not in old]
+            gone = {id(it) for it in old}  # by identity: Items compare by value
+            at = next(i for i, it in enumerate(bp.items) if id(it) in gone)
+            bp.items = [it for it in bp.items[:at] if id(it) not in gone] + new_items + \
+                [it for it in bp.items[at:] if id(it) not in gone]
         bp.compile_s += time.perf_counter() - t1
     for man in bp.manifests.values():
         if man.problem:

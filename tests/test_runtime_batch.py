@@ -270,6 +270,11 @@ def test_sd_bad_row_fails_alone():
     bad = sd_plan(prompt="a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
                   width=128, height=128, steps=3, seed=3)
     bad.tensors["region/fox/a16"] = box((4, 4), 0, 0, 2, 2)  # a mask on the wrong grid
-    got = be.run_batch([(ok, ok.jobs[0]), (bad, bad.jobs[0])])
+    init = sd_plan(prompt="a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
+                   init_image=np.zeros((128, 128, 3), np.uint8), width=128, height=128, steps=3, seed=3)
+    init.tensors["image/init"] = np.zeros((64, 64, 3), np.uint8)  # not the canvas size
+    got = be.run_batch([(ok, ok.jobs[0]), (bad, bad.jobs[0]), (init, init.jobs[0])])
     assert isinstance(got[1], PlanError) and "a16" in str(got[1])
+    assert isinstance(got[2], PlanError) and "init image" in str(got[2])
+    assert got[0].timings["batch"] == 1
     assert float((got[0].latents - be.run_job(ok, ok.jobs[0], decode=False).latents).abs().max()) <= SD_TOL
