@@ -147,7 +147,7 @@ class FluxBackend:
         ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=te_dtype)  # Flux: text ids are zeros
         return Condition(seq, pooled, ids, self.regional.build(layout, self.device))
 
-    def _batch_condition(self, plan: Plan, rows: list[tuple], negative: bool) -> Condition:
+    def _batch_condition(self, plan: Plan, rows: list[tuple]) -> Condition:
         """One Condition for a batch: row b is ``rows[b]``'s text, padded to the longest row.
 
         Without entities in any row, no mask (the model's default path, as alone). Otherwise every row
@@ -163,8 +163,8 @@ class FluxBackend:
         n_img = plan.grid("token")[0] * plan.grid("token")[1]
         image_self = plan.attention.get("image_self", "open")
         lengths = [[p.shape[1] for p in ps] for ps in parts]
-        n_text = max(RegionalLayout(ls, torch.zeros(len(ls) - 1, n_img, dtype=torch.bool), image_self,
-                                    self.pad_multiple).n_text for ls in lengths)
+        # the longest row's text, padded as RegionalLayout pads a job alone
+        n_text = max(sum(ls) + (-sum(ls)) % max(1, self.pad_multiple) for ls in lengths)
         layouts, seqs = [], []
         for ps, ls, (_, _, regions) in zip(parts, lengths, rows):
             reg = regions if regions is not None else torch.zeros(0, n_img, dtype=torch.bool)
@@ -412,8 +412,8 @@ class FluxBackend:
                 out[k] = e
         if not rows:
             return out
-        pos = self._batch_condition(plan0, [r[3] for r in rows], negative=False)
-        neg = self._batch_condition(plan0, [r[4] for r in rows], negative=True) if true_cfg > 1 else None
+        pos = self._batch_condition(plan0, [r[3] for r in rows])
+        neg = self._batch_condition(plan0, [r[4] for r in rows]) if true_cfg > 1 else None
         t_enc = time.perf_counter()
 
         n_lat = self.transformer.config.in_channels // 4

@@ -76,9 +76,7 @@ def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: P
     """
     plan = Plan.of(plan)
     out = Path(out_dir)
-    ext = (plan.json.get("output") or {}).get("ext", "png")
-    if ext != "png":
-        raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
+    _require_png(plan)
     steps_per_job = {j["id"]: len(j.get("program") or []) for j in plan.jobs}
     total = sum(steps_per_job.values())
     done_by: dict[str, int] = {}  # ops done per job (a group's jobs advance together)
@@ -147,11 +145,15 @@ def execute_batch(entries: list[tuple], backend, masks: bool = False) -> list[di
     The text cache is kept (the caller runs many plans on this backend)."""
     plans = [Plan.of(p) for p, _, _ in entries]
     for p in plans:
-        ext = (p.json.get("output") or {}).get("ext", "png")
-        if ext != "png":
-            raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
+        _require_png(p)
     rs = backend.run_batch([(p, j) for p, (_, j, _) in zip(plans, entries)])
     return [write_result(p, j, r, backend, Path(d), masks) for p, (_, j, d), r in zip(plans, entries, rs)]
+
+
+def _require_png(plan: Plan) -> None:
+    ext = (plan.json.get("output") or {}).get("ext", "png")
+    if ext != "png":
+        raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
 
 
 def _write_masks(plan: Plan, job: dict, stem: Path) -> list[Path]:
