@@ -77,6 +77,7 @@ def main():
     args = ap.parse_args()
 
     from scenec.compiler import geometry as geo
+    from scenec.compiler import raster
     from scenec.compiler.caps import FLUX
     from scenec.spec.diagnostics import Diagnostics
     from scenec.spec.load import load_scene
@@ -90,14 +91,14 @@ def main():
     ids = [e.id for e in ls.scene.entities]
 
     def once():
-        geo._FEATHER_CACHE.clear()
+        raster._FEATHER_CACHE.clear()
         diags = Diagnostics()
         t0 = time.perf_counter()
         regions = geo.resolve_regions(ls, ids, canvas, diags)
         t1 = time.perf_counter()
         for r in regions.values():
             for _, px in FLUX.grids:
-                geo.rasterize(r.geom, r.feather_px, canvas, px)
+                raster.rasterize(r.geom, r.feather_px, canvas, px)
         t2 = time.perf_counter()
         assert not diags.has_errors(), [str(x) for x in diags]
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, regions
@@ -116,15 +117,15 @@ def main():
     regions = runs[-1][2]
     shared = []
     for _ in range(args.reps):
-        geo._FEATHER_CACHE.clear()
+        raster._FEATHER_CACHE.clear()
         t0 = time.perf_counter()
         for r in regions.values():
-            geo.rasterize_grids(r.geom, r.feather_px, canvas, FLUX.grids)
+            raster.rasterize_grids(r.geom, r.feather_px, canvas, FLUX.grids)
         shared.append((time.perf_counter() - t0) * 1e3)
     print(f"  rasterise with rasterize_grids (token grid = block mean of latent): {statistics.median(shared):7.1f} ms")
     t0 = time.perf_counter()
     for r in regions.values():
-        geo.rasterize(r.geom, r.feather_px, canvas, 1)
+        raster.rasterize(r.geom, r.feather_px, canvas, 1)
     print(f"  rasterise at canvas resolution (1 px), all regions: {(time.perf_counter() - t0) * 1e3:7.1f} ms")
 
     # the whole compile as `scenec compile` runs it: load, check, passes, lowering (no disk write)
@@ -137,7 +138,7 @@ def main():
         compile_scene(f)  # warm-up
         whole = []
         for _ in range(args.reps):
-            geo._FEATHER_CACHE.clear()
+            raster._FEATHER_CACHE.clear()
             t0 = time.perf_counter()
             compile_scene(f)
             whole.append((time.perf_counter() - t0) * 1e3)

@@ -61,7 +61,8 @@ def _plan(family: str, size: int, steps: int, cycles: int, guidance: float):
 
     ref_plan = Plan(ref, dict(plan.tensors))
     ref_plan.jobs[0]["conditions"] = [cond]
-    ref_plan.jobs[0]["program"] = build_program(ProgramInputs(steps, conditions=[Cow(0, start, end, cycles, None, 1.0)]))
+    ref_plan.jobs[0]["program"] = [op.model_dump(by_alias=True, mode="json") for op in
+                                   build_program(ProgramInputs(steps, conditions=[Cow(0, start, end, cycles, None, 1.0)]))]
     return plan, ref_plan
 
 

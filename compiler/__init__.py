@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def compile_scene(path: str | Path, model: str | None = None):
-    """Load, check and lower one scene file to a ``Plan``; raises ``SceneError`` with every problem."""
+    """Load, check and lower one scene file to a ``CompiledPlan`` (a ``spec.plan.Plan`` with its IR and
+    warnings); raises ``SceneError`` with every problem."""
     from scenec.spec.load import load_scene
 
     from .lower import lower

@@ -1,8 +1,13 @@
 """Model families and what the compiler must know of them (no torch here).
 
 A *family* fixes the geometry the compiler lowers to: VAE downsampling, token size, canvas
-multiple, the grids masks are needed on, and the sampler kind. A *model* is an alias or an id
-that belongs to a family and carries sampler defaults.
+multiple, the grids masks are needed on, and the sampler kind; and what its runtime can run: the
+most entities one image may hold and the methods it implements. The check pass refuses, at the key
+that asks for it, what the model's family cannot run, so `scenec validate --model M` catches it
+before a build. A *model* is an alias or an id that belongs to a family and carries sampler
+defaults.
+
+Registering a family is adding it to ``FAMILIES`` and its models to ``ALIASES``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,17 @@ from pathlib import Path
 from scenec.spec.fsio import note_input
 
 
+# The methods a family's runtime may implement, and what each is called in messages.
+METHODS: dict[str, str] = {
+    "regional": "regional attention",  # entities' prompts restricted to their regions (EliGen)
+    "coupling": "coupled generation",  # `groups`: θ-weighted background and entity prompts
+    "reference": "reference images",  # `reference`: COW's paste and re-noise cycles
+    "sow": "SOW attention modulation",  # `reference.modulation`: attention toward/away from a reference
+    "inpaint": "inpainting",  # `background.image`: keep the init image outside the regions
+}
+ALL_METHODS = frozenset(METHODS)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # "flux" | "sd"
@@ -23,10 +39,14 @@ class Family:
     sampler: str  # "flow-euler" | "ddim"
     # grids masks are lowered to: name -> pixels per cell (ceil division on odd sizes)
     grids: tuple[tuple[str, int], ...]
+    max_entities: int | None = None  # entity prompts one image may hold; None: no limit
+    methods: frozenset[str] = ALL_METHODS  # names in METHODS this family's runtime implements
 
 
+# Flux's regional attention keys each token by an int64 bitmask of the prompts it may see: bit 0 is
+# the global prompt, so 62 entity prompts fit beside it in the non-negative range.
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)))
+              grids=(("latent", 8), ("token", 16)), max_entities=62)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)))
 FAMILIES = {"flux": FLUX, "sd": SD}
@@ -77,6 +97,57 @@ def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
         return ModelInfo(spec, FLUX, "hub", spec, d.steps, d.guidance, d.max_sequence_length)
     d = ALIASES["sd15"]
     return ModelInfo(spec, SD, "hub", spec, d.steps, d.guidance)
+
+
+def check_family(ls, info: ModelInfo, diags) -> None:
+    """What the scene asks of its model's family and the family lacks, at the key that asks for it:
+    a method the family's runtime does not implement, or more entities in one image than it allows
+    (with groups an image holds its variant's prompt and entities)."""
+    fam = info.family
+    sc = ls.scene
+    by = f"{fam.name} models such as `{info.spec}`"
+
+    def lacks(method: str, path: tuple, what: str, hint: str | None = None) -> bool:
+        if method in fam.methods:
+            return False
+        can = ", ".join(METHODS[x] for x in METHODS if x in fam.methods) or "none of scenec's methods"
+        diags.error(ls.key_pos(path), f"{what} {METHODS[method]}, which {by} do not run",
+                    hint=hint or f"{fam.name} models run: {can}")
+        return True
+
+    if sc.entities:
+        lacks("regional", ("entities",), "`entities` need")
+    if sc.groups:
+        lacks("coupling", ("groups",), "`groups` need")
+    if sc.background.image is not None:
+        lacks("inpaint", ("background", "image"), "`background.image` needs")
+    for i, e in enumerate(sc.entities):
+        r, path = e.reference, ("entities", i, "reference")
+        if r is not None and not lacks("reference", path, "`reference` needs") and r.modulation is not False \
+                and r.cycles > 0:
+            lacks("sow", path + ("modulation",), "`reference.modulation` needs",
+                  hint="set `modulation: false` to use the reference without it")
+    limit = fam.max_entities
+    if limit is None:
+        return
+    if not sc.groups and len(sc.entities) > limit:
+        diags.error(ls.pos(("entities", limit)), f"the scene has {len(sc.entities)} entities, more than the {limit} "
+                    f"{by} allow in one image", hint="use `groups` so that each image shows fewer, or split the scene")
+    ids = {e.id for e in sc.entities}
+    for gi, g in enumerate(sc.groups):
+        for vi, v in enumerate(g.variants):
+            own = 1 if v.prompt is not None else 0
+            shown: dict[str, int] = {}  # entity id → its index in the variant's list (first mention)
+            for k, eid in enumerate(v.entities or []):
+                if eid in ids:
+                    shown.setdefault(eid, k)
+            if own + len(shown) > limit:
+                first_over = list(shown.values())[max(0, limit - own)]
+                diags.error(ls.pos(("groups", gi, "variants", vi, "entities", first_over)),
+                            f"variant `{v.id}` shows {own + len(shown)} entity prompts"
+                            + (" (its own prompt and its entities)" if own else "")
+                            + f", more than the {limit} {by} allow in one image",
+                            hint="move some of its entities to another variant")
 
 
 def grid_size(canvas: tuple[int, int], px: int) -> tuple[int, int]:

@@ -1,10 +1,11 @@
 """Semantic checks of a structurally valid scene (the ``check`` pass).
 
 ``spec.load`` guarantees keys, types and ranges; this module checks meaning: ids and the
-references between them, canvas sizes against the model family, schedules against the sampler's
-step count, reference windows, the files a scene names, and output names. Every problem goes to a
-``Diagnostics`` at the position where it was written (an included file too); nothing raises for
-bad input. Geometric checks live in ``compiler.geometry.check_geometry``, called from here.
+references between them, canvas sizes and what the scene asks for against the model family
+(``compiler.caps.check_family``), schedules against the sampler's step count, reference windows,
+the files a scene names, and output names. Every problem goes to a ``Diagnostics`` at the position
+where it was written (an included file too); nothing raises for bad input. Geometric checks live
+in ``compiler.geometry.check_geometry``, called from here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from scenec.spec.load import LoadedScene, load_scene
 from scenec.spec.paths import PathProblem
 
 from . import schedule as sch
-from .caps import ModelInfo
+from .caps import ModelInfo, check_family
 from .files import open_image, read_json
 
 PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
@@ -33,6 +34,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
     entity_ids = _check_entities(ls, diags)
     _check_groups(ls, entity_ids, diags)
     _check_canvas(ls, info, diags)
+    check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, steps, diags)

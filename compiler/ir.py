@@ -1,8 +1,9 @@
 """The IR: typed nodes in a networkx graph (design.md, "The IR, in words").
 
 Nodes are frozen dataclasses stored under the ``node`` attribute of a ``networkx.DiGraph``; edges
-say who uses whom (job → stream → prompt/region, job → condition, group → job). Passes never
-mutate an IR: they return a new one (``IR.evolve``).
+say who uses whom (job → stream → prompt/region, job → condition, group → job). What a pass
+computes that is not a node (warnings, matrix values, θ tables, shared prefixes, step programs) is
+a typed field of :class:`IR`. Passes never mutate an IR: they return a new one (``IR.evolve``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import numpy as np
+
+from scenec.spec.diagnostics import Diagnostic
+from scenec.spec.plan import Op
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,18 @@ class IR:
     true_cfg: float
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     passes: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict)  # pass results that are not nodes (θ tables, programs)
+    # what passes compute besides nodes, by the pass that sets it
+    warnings: tuple[Diagnostic, ...] = ()  # check: the scene's warnings (errors stop the pipeline)
+    matrix: dict[str, dict[str, Any]] = field(default_factory=dict)  # expand: job id → its matrix values
+    theta: dict[str, np.ndarray] = field(default_factory=dict)  # schedule: group id → θ per step (float64)
+    shared_prefix: dict[str, int] = field(default_factory=dict)  # schedule: group id → shared θ = 0 steps
+    programs: dict[str, tuple[Op, ...]] = field(default_factory=dict)  # schedule: job id → step program
 
     def evolve(self, name: str) -> "IR":
-        """A copy to build the next pass on (graph and tables copied; nodes are immutable)."""
+        """A copy to build the next pass on (graph and tables copied; nodes and ops are immutable)."""
         return dataclasses.replace(self, graph=self.graph.copy(), passes=self.passes + (name,),
-                                   extra={k: (dict(v) if isinstance(v, dict) else v) for k, v in self.extra.items()})
+                                   matrix=dict(self.matrix), theta=dict(self.theta),
+                                   shared_prefix=dict(self.shared_prefix), programs=dict(self.programs))
 
     # --- access -------------------------------------------------------------------------------
     def add(self, node: Any, **attrs) -> str:

@@ -1,24 +1,46 @@
-"""Lowering: IR → Plan (plan.json + tensors), the format in docs/plan-format.md. numpy only."""
+"""Lowering: IR → Plan (plan.json + tensors) in the typed format of ``spec/plan.py``. numpy only.
+
+The document is built from the format's own types (``Job``, ``Condition``, ``Group``, …) and emitted
+with ``model_dump(by_alias=True, mode="json")``; hashes are stamped on the emitted JSON.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scenec import __version__
-from scenec.spec.fsio import atomic_write
+from scenec.spec.plan import (FORMAT, Attention, Canvas, Condition, Document, EntityStream, GlobalStream, Group,
+                              Job, Model, Modulation, Output, Plan, Sampler, SceneRef, Source, write_plan)
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode
 from .schedule import level_to_index
 
-FORMAT = "scenec-plan/1"
 NEUTRAL_GREY = 128
+
+
+class CompiledPlan(Plan):
+    """A validated plan as the compiler returns it, with the IR it was lowered from (``ir``)."""
+
+    def __init__(self, json_doc: dict, tensors: dict, ir: IR | None = None):
+        super().__init__(json_doc, tensors)
+        if self.invalid:  # the compiler emits only valid jobs: anything else is a compiler bug
+            raise next(iter(self.invalid.values()))
+        self.ir = ir
+
+    @property
+    def warnings(self) -> tuple:
+        """The scene's warnings (``Diagnostic``s) found while compiling it."""
+        return self.ir.warnings if self.ir is not None else ()
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write plan.json and tensors.safetensors atomically (``spec.plan.write_plan``)."""
+        return write_plan(self, out_dir)
 
 
 def canonical(obj: Any) -> bytes:
@@ -34,50 +56,35 @@ def _hash(doc: Any, tensors: dict[str, np.ndarray], names) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Plan:
-    """A compiled plan in memory: the JSON document and its tensors (numpy)."""
+def _rasterized(tensors: dict, prefix: str, geom, feather_px: float, canvas, grids) -> dict[str, str]:
+    """``{grid: tensor name}`` of a geometry's masks named ``prefix/<grid>``, rasterised once per name."""
+    from .raster import rasterize_grids
 
-    json: dict
-    tensors: dict[str, np.ndarray]
-    ir: IR | None = field(default=None, repr=False)
-
-    @property
-    def plan_hash(self) -> str:
-        return self.json["plan_hash"]
-
-    def write(self, out_dir: str | Path) -> Path:
-        """Write plan.json and tensors.safetensors atomically (tensors first, the JSON last)."""
-        from safetensors.numpy import save
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "tensors.safetensors", save({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}))
-        text = json.dumps(self.json, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-        atomic_write(out / "plan.json", text.encode("utf-8"))
-        return out
+    names = {gname: f"{prefix}/{gname}" for gname, _ in grids}
+    if any(n not in tensors for n in names.values()):
+        masks = rasterize_grids(geom, feather_px, canvas, grids)
+        for gname, n in names.items():
+            tensors[n] = masks[gname].astype(np.float32)
+    return names
 
 
-def lower(ir: IR) -> Plan:
+def lower(ir: IR) -> CompiledPlan:
     """Rasterise regions on the family's grids, place references, and emit the plan document."""
     from PIL import Image
-
-    from .geometry import rasterize_grids
 
     sc = ir.scene.scene
     fam = ir.info.family
     canvas = ir.canvas
+    scene_file = ir.scene.file.relative_to(ir.scene.root).as_posix()
     tensors: dict[str, np.ndarray] = {}
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))
     pidx = {p.id: i for i, p in enumerate(prompts)}
 
     def region_masks(region) -> dict[str, str]:
-        names = {gname: f"region/{region.id}/{gname}" for gname, _ in fam.grids}
-        if any(n not in tensors for n in names.values()):
-            grids = rasterize_grids(region.geom, region.feather_px, canvas, fam.grids)
-            for gname, name in names.items():
-                tensors[name] = grids[gname].astype(np.float32)
-        return names
+        return _rasterized(tensors, f"region/{region.id}", region.geom, region.feather_px, canvas, fam.grids)
+
+    def prompts_of(stream_id: str) -> dict[str, int]:
+        return {"prompt": pidx[ir.prompt_of(stream_id).id], "negative": pidx[ir.prompt_of(stream_id, "negative").id]}
 
     init_name = None
     if sc.background.image:
@@ -86,7 +93,6 @@ def lower(ir: IR) -> Plan:
         init_name = "image/init"
         tensors[init_name] = np.asarray(init, dtype=np.uint8)
 
-    programs = ir.extra.get("programs", {})
     jobs_json = []
     for job in ir.jobs():
         streams = ir.streams(job.id)
@@ -94,10 +100,9 @@ def lower(ir: IR) -> Plan:
         ents = []
         for s in streams[1:]:
             reg = ir.region_of(s.id)
-            ents.append({"id": s.name, "prompt": pidx[ir.prompt_of(s.id).id],
-                         "negative": pidx[ir.prompt_of(s.id, "negative").id],
-                         "gain": s.gain, "masks": region_masks(reg) if reg is not None else None,
-                         "region": reg.id if reg is not None else None})
+            ents.append(EntityStream(id=s.name, **prompts_of(s.id), gain=s.gain,
+                                     masks=region_masks(reg) if reg is not None else None,
+                                     region=reg.id if reg is not None else None))
         inpaint = None
         if init_name is not None:
             inpaint = {}
@@ -116,54 +121,48 @@ def lower(ir: IR) -> Plan:
             s = next(s for s in streams if s.entity == c.entity)
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
-        jobs_json.append({
-            "id": job.id, "name": job.id, "seed": job.seed, "index": job.index,
-            "group": job.group, "variant": job.variant,
-            "source": {"file": ir.scene.file.relative_to(ir.scene.root).as_posix(), "line": job.line},
-            "global": {"prompt": pidx[ir.prompt_of(g.id).id], "negative": pidx[ir.prompt_of(g.id, "negative").id],
-                       "gain": g.gain},
-            "entities": ents,
-            "init_image": init_name,
-            "inpaint_mask": inpaint,
-            "conditions": conds,
-            "program": programs.get(job.id, []),
-        })
-        if job.id in ir.extra.get("matrix", {}):  # the job's matrix values (metadata: prompts carry their effect)
-            jobs_json[-1]["matrix"] = ir.extra["matrix"][job.id]
+        typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
+                    source=Source(file=scene_file, line=job.line),
+                    global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
+                    init_image=init_name, inpaint_mask=inpaint, conditions=conds,
+                    program=list(ir.programs.get(job.id, ())),
+                    matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
+        # the `matrix` key is present only in scenes with a matrix
+        jobs_json.append(typed.model_dump(by_alias=True, mode="json",
+                                          exclude=None if typed.matrix is not None else {"matrix"}))
 
-    groups_json = []
+    groups = []
     for gnode in sorted(ir.nodes(GroupNode), key=lambda x: x.id):
         gid = gnode.id.split(".", 1)[1]
         name = f"group/{gid}/theta"
-        tensors[name] = np.asarray(ir.extra["theta"][gid], dtype=np.float32)
-        groups_json.append({"id": gid, "jobs": [j.id for j in ir.succ(gnode.id)], "theta": name,
-                            "schedule": gnode.schedule,
-                            "shared_prefix": int(ir.extra.get("shared_prefix", {}).get(gid, 0))})
+        tensors[name] = np.asarray(ir.theta[gid], dtype=np.float32)
+        groups.append(Group(id=gid, jobs=[j.id for j in ir.succ(gnode.id)], theta=name, schedule=gnode.schedule,
+                            shared_prefix=int(ir.shared_prefix.get(gid, 0))))
 
-    doc = {
-        "format": FORMAT,
-        "scenec_version": __version__,
-        "scene": {"name": ir.scene.name, "file": ir.scene.file.relative_to(ir.scene.root).as_posix()},
-        "model": {"spec": ir.model_spec, "family": fam.name, "repo": ir.info.repo,
-                  "max_sequence_length": ir.info.max_sequence_length},
-        "canvas": {"width": canvas[0], "height": canvas[1]},
-        "grids": {gname: list(grid_size(canvas, px)) for gname, px in fam.grids},
-        "sampler": {"kind": fam.sampler, "steps": ir.steps, "guidance": float(ir.guidance),
-                    "true_cfg": float(ir.true_cfg)},
-        "attention": sc.attention.model_dump(),
-        "prompts": [p.text for p in prompts],
-        "output": {"dir": sc.output.dir, "ext": "png"},
-        "jobs": jobs_json,
-        "groups": groups_json,
-    }
+    document = Document(
+        format=FORMAT,
+        scenec_version=__version__,
+        scene=SceneRef(name=ir.scene.name, file=scene_file),
+        model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
+                    max_sequence_length=ir.info.max_sequence_length),
+        canvas=Canvas(width=canvas[0], height=canvas[1]),
+        grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
+        sampler=Sampler(kind=fam.sampler, steps=ir.steps, guidance=float(ir.guidance), true_cfg=float(ir.true_cfg)),
+        attention=Attention(**sc.attention.model_dump()),
+        prompts=[p.text for p in prompts],
+        output=Output(dir=sc.output.dir, ext="png"),
+        jobs=jobs_json,
+        groups=groups,
+    )
+    doc = document.model_dump(by_alias=True, mode="json")
     _stamp_hashes(doc, tensors)
-    return Plan(doc, tensors, ir)
+    return CompiledPlan(doc, tensors, ir)
 
 
-def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) -> dict:
+def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) -> Condition:
     from PIL import Image
 
-    from .geometry import rasterize, rasterize_grids
+    from .raster import rasterize
 
     canvas = ir.canvas
     name = f"cond/{reg.id}/rgba"
@@ -171,19 +170,14 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
         with Image.open(c.path) as im:
             ref = im.convert("RGB")
         tensors[name] = place_reference(ref, reg.geom, reg.feather_px, c.fit, canvas, rasterize)
-    out = {"entity": c.entity, "image": name, "sha256": c.sha256, "fit": c.fit,
-           "window": [level_to_index(c.window[0], ir.steps), level_to_index(c.window[1], ir.steps)],
-           "cycles": c.cycles,
-           "preserve": None if c.preserve is None else level_to_index(c.preserve, ir.steps),
-           "eta": c.eta, "masks": masks, "related": None, "modulation": c.modulation}
+    related = None
     if c.related is not None:
-        rel = {gname: f"related/{c.id}/{gname}" for gname, _ in ir.info.family.grids}
-        if any(n not in tensors for n in rel.values()):
-            grids = rasterize_grids(c.related, 0.0, canvas, ir.info.family.grids)
-            for gname, name in rel.items():
-                tensors[name] = grids[gname].astype(np.float32)
-        out["related"] = rel
-    return out
+        related = _rasterized(tensors, f"related/{c.id}", c.related, 0.0, canvas, ir.info.family.grids)
+    return Condition(entity=c.entity, image=name, sha256=c.sha256, fit=c.fit,
+                     window=(level_to_index(c.window[0], ir.steps), level_to_index(c.window[1], ir.steps)),
+                     cycles=c.cycles, preserve=None if c.preserve is None else level_to_index(c.preserve, ir.steps),
+                     eta=c.eta, masks=masks, related=related,
+                     modulation=Modulation(**c.modulation) if c.modulation is not False else False)
 
 
 def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -> np.ndarray:

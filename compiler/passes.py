@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from scenec.spec import models as m
 from scenec.spec.diagnostics import Diagnostics, SceneError
 from scenec.spec.load import LoadedScene
 
 from . import schedule as sch
-from .resolve import PLACEHOLDERS, render_name, resolve_model  # noqa: F401 (re-exported)
+from .resolve import render_name, resolve_model
 from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
 
 
@@ -29,7 +31,7 @@ def p_check(ir: IR) -> IR:
     if diags.has_errors():
         raise SceneError(diags)
     out = ir.evolve("check")
-    out.extra["warnings"] = list(diags.warnings)
+    out.warnings = tuple(diags.warnings)
     return out
 
 
@@ -114,8 +116,7 @@ def p_expand(ir: IR) -> IR:
                         out.add(_condition(ir, ents[eid][0], e))
                     out.graph.add_edge(jid, cid, order=ents[eid][0])
             index += 1
-    if sc.matrix:
-        out.extra["matrix"] = matrix_values
+    out.matrix = matrix_values
     return out
 
 
@@ -143,7 +144,8 @@ def _condition(ir: IR, i: int, e: m.Entity) -> ConditionNode:
 
 def p_geometry(ir: IR) -> IR:
     """Regions: shapes → shapely, z-occlusion per set of present entities, feathering."""
-    from .geometry import resolve_regions, shape_geometry
+    from .geometry import resolve_regions
+    from .shapes import shape_geometry
 
     out = ir.evolve("geometry")
     sc = ir.scene.scene
@@ -186,7 +188,7 @@ def p_schedule(ir: IR) -> IR:
     out = ir.evolve("schedule")
     sc = ir.scene.scene
     n = ir.steps
-    thetas: dict[str, object] = {}
+    thetas: dict[str, np.ndarray] = {}
     for gi, g in enumerate(sc.groups):
         values = None
         if isinstance(g.schedule, m.FileSchedule):
@@ -198,12 +200,12 @@ def p_schedule(ir: IR) -> IR:
             if d.has_errors():
                 raise SceneError(d)
         thetas[g.id] = sch.theta_table(g.schedule, n, values)
-    out.extra["theta"] = thetas
+    out.theta = thetas
     prefix: dict[str, int] = {}
     for g in sc.groups:
         # every variant of a group shares θ (one schedule per group), so the θ = 0 prefix is shared
         prefix[g.id] = sch.shared_prefix([thetas[g.id]])
-    out.extra["shared_prefix"] = prefix
+    out.shared_prefix = prefix
     programs = {}
     for job in out.jobs():
         conds = []
@@ -214,7 +216,7 @@ def p_schedule(ir: IR) -> IR:
         fork = prefix.get(job.group) if job.group else None
         programs[job.id] = sch.build_program(sch.ProgramInputs(
             steps=n, until=sc.attention.until, theta=theta, conditions=conds, fork_at=fork if fork else None))
-    out.extra["programs"] = programs
+    out.programs = programs
     return out
 
 

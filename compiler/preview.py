@@ -19,7 +19,7 @@ from shapely import affinity
 
 from scenec.spec.fsio import atomic_write
 
-from .geometry import rasterize
+from .raster import rasterize
 
 TILE = 512  # long side of one layout, px
 PAD = 16

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Iterable
+
+from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
@@ -48,7 +51,7 @@ def print_ir(ir: IR) -> str:
                      + ("" if c.related is None else " related=" + _geom_text(c.related, ir.canvas))
                      + (" modulation=off" if c.modulation is False else
                         " modulation=" + ",".join(f"{k}:{_f(v)}" for k, v in sorted(c.modulation.items()))))
-    programs = ir.extra.get("programs", {})
+    programs = ir.programs
     for job in ir.jobs():
         lines.append("")
         where = f"{ir.scene.display}:{job.line}"
@@ -65,8 +68,8 @@ def print_ir(ir: IR) -> str:
             lines.append("  program:")
             lines.extend("    " + t for t in program_text(programs[job.id]))
     groups = sorted(ir.nodes(GroupNode), key=lambda g: g.id)
-    thetas = ir.extra.get("theta", {})
-    prefix = ir.extra.get("shared_prefix", {})
+    thetas = ir.theta
+    prefix = ir.shared_prefix
     for g in groups:
         gid = g.id.split(".", 1)[1]
         jobs = ir.succ(g.id)
@@ -89,34 +92,34 @@ def _geom_text(g, canvas) -> str:
     return (f"area={_f(g.area / (w * h))} bbox=[{_f(x0 / w)},{_f(y0 / h)},{_f(x1 / w)},{_f(y1 / h)}]")
 
 
-def program_text(ops: list[dict]) -> list[str]:
+def program_text(ops: Iterable[Op]) -> list[str]:
     """Ops as text; runs of plain denoise steps with equal flags fold into one line."""
     out: list[str] = []
-    run: list[dict] = []
+    run: list[Denoise] = []
 
     def flush() -> None:
         if not run:
             return
-        a, b = run[0]["from"], run[-1]["to"]
-        flags = ("regional" if run[0]["regional"] else "plain") + (f" eta={_f(run[0]['eta'])}" if run[0]["eta"] else "")
-        th = [o["theta"] for o in run]
+        a, b = run[0].from_, run[-1].to
+        flags = ("regional" if run[0].regional else "plain") + (f" eta={_f(run[0].eta)}" if run[0].eta else "")
+        th = [o.theta for o in run]
         theta = "" if th[0] is None else " theta=[" + ",".join(_f(x) for x in th) + "]"
         out.append(f"denoise {a}->{b} {flags}{theta}")
         run.clear()
 
     for op in ops:
-        if op["op"] == "denoise" and (not run or (run[-1]["to"] == op["from"] and run[-1]["regional"] == op["regional"]
-                                                   and run[-1]["eta"] == op["eta"])):
+        if isinstance(op, Denoise) and (not run or (run[-1].to == op.from_ and run[-1].regional == op.regional
+                                                    and run[-1].eta == op.eta)):
             run.append(op)
             continue
         flush()
-        if op["op"] == "denoise":
+        if isinstance(op, Denoise):
             run.append(op)
-        elif op["op"] == "renoise":
-            out.append(f"renoise {op['from']}->{op['to']}")
-        elif op["op"] == "paste":
-            out.append(f"paste condition={op['condition']} at={op['at']}")
-        elif op["op"] == "fork":
+        elif isinstance(op, Renoise):
+            out.append(f"renoise {op.from_}->{op.to}")
+        elif isinstance(op, Paste):
+            out.append(f"paste condition={op.condition} at={op.at}")
+        elif isinstance(op, Fork):
             out.append("fork")
     flush()
     return out

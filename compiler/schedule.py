@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from scenec.spec import models as m
+from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise
 
 
 def progress(steps: int) -> np.ndarray:
@@ -112,8 +113,8 @@ class ProgramInputs:
     fork_at: int | None = None  # shared-prefix length of the job's group
 
 
-def build_program(p: ProgramInputs) -> list[dict]:
-    """Unroll a job's sampling into ops (see docs/plan-format.md).
+def build_program(p: ProgramInputs) -> tuple[Op, ...]:
+    """Unroll a job's sampling into the plan format's typed ops (``spec/plan.py``, docs/plan-format.md).
 
     Plain: denoise 0→1→…→N. With references (COW): sample down to the window's start, then per cycle
     paste + denoise across the window; between cycles re-noise from the window's end back to its
@@ -121,27 +122,33 @@ def build_program(p: ProgramInputs) -> list[dict]:
     """
     n = p.steps
     t = progress(n)
-    ops: list[dict] = []
+    ops: list[Op] = []
+
+    def fork_here(i: int) -> None:
+        if p.fork_at is not None and i == p.fork_at and not any(isinstance(o, Fork) for o in ops):
+            ops.append(Fork())
 
     def denoise(i: int, eta: float = 0.0) -> None:
-        if p.fork_at is not None and i == p.fork_at and not any(o["op"] == "fork" for o in ops):
-            ops.append({"op": "fork"})
-        ops.append({"op": "denoise", "from": i, "to": i + 1, "regional": bool(t[i] < p.until or p.until >= 1.0),
-                    "theta": None if p.theta is None else float(p.theta[i]), "eta": eta})
+        fork_here(i)
+        ops.append(Denoise(from_=i, to=i + 1, regional=bool(t[i] < p.until or p.until >= 1.0),
+                           theta=None if p.theta is None else float(p.theta[i]), eta=eta))
 
     active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
     preserve: dict[int, list[int]] = {}  # step index -> conditions replaced there (several may share one)
     for c in p.conditions:
         if c.preserve is not None:
             preserve.setdefault(c.preserve, []).append(c.index)
-    if not active:
-        for i in range(n):
-            for ci in preserve.get(i, ()):
-                ops.append({"op": "paste", "condition": ci, "at": i})
+
+    def sample(steps: range) -> None:
+        for i in steps:
+            ops.extend(Paste(condition=ci, at=i) for ci in preserve.get(i, ()))
             denoise(i)
-        if p.fork_at is not None and p.fork_at >= n and not any(o["op"] == "fork" for o in ops):
-            ops.append({"op": "fork"})
-        return ops
+
+    if not active:
+        sample(range(n))
+        if p.fork_at is not None and p.fork_at >= n:
+            fork_here(p.fork_at)
+        return tuple(ops)
     # conditions run their windows together; the union of windows is cycled
     start = min(c.start for c in active)
     end = max(c.end for c in active)
@@ -151,17 +158,12 @@ def build_program(p: ProgramInputs) -> list[dict]:
         denoise(i)
     for cyc in range(cycles):
         for i in range(start, end):
-            for c in active:
-                if c.start <= i < c.end and cyc < c.cycles:
-                    ops.append({"op": "paste", "condition": c.index, "at": i})
+            ops.extend(Paste(condition=c.index, at=i) for c in active if c.start <= i < c.end and cyc < c.cycles)
             denoise(i, eta)
         if cyc < cycles - 1:
-            ops.append({"op": "renoise", "from": end, "to": start})
-    for i in range(end, n):
-        for ci in preserve.get(i, ()):
-            ops.append({"op": "paste", "condition": ci, "at": i})
-        denoise(i)
-    return ops
+            ops.append(Renoise(from_=end, to=start))
+    sample(range(end, n))
+    return tuple(ops)
 
 
 def shared_prefix(thetas: list[np.ndarray]) -> int:

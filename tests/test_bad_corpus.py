@@ -78,7 +78,12 @@ def test_bad_file(path: Path, monkeypatch):
     if needs_geometry and not GEOMETRY:
         pytest.skip("check_geometry is not implemented yet")
     monkeypatch.chdir(BAD)
-    ls, diags = validate_file(path.name)
+    assert_reported(path, expected)
+
+
+def assert_reported(path: Path, expected) -> None:
+    """Validate ``path`` (from the current directory) and find every expected diagnostic."""
+    ls, diags = validate_file(path.relative_to(BAD).as_posix())
     got = [(d.severity, d.pos.file, d.pos.line, d.pos.col, d.message) for d in diags]
     listing = "\n".join(d.format() for d in diags.sorted())
     assert diags.has_errors(), f"{path.name}: no error reported\n{listing}"
@@ -86,6 +91,25 @@ def test_bad_file(path: Path, monkeypatch):
         hit = any(s == sev and Path(f).as_posix().endswith(file) and (ln, c) == (line, col) and text in msg
                   for s, f, ln, c, msg in got)
         assert hit, f"{path.name}: expected {sev} {file}:{line}:{col}: {text}\ngot:\n{listing}"
+
+
+FAMILY_FILES = sorted((BAD / "families").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FAMILY_FILES, ids=[f.name for f in FAMILY_FILES])
+def test_what_a_registered_family_lacks_is_refused_where_asked(path: Path, monkeypatch):
+    """tests/bad/families/*.yaml run on `plain`, a family registered here that runs regional attention
+    and reference images only, two entities per image."""
+    import dataclasses
+
+    from scenec.compiler import caps
+
+    plain = dataclasses.replace(caps.FLUX, name="plain", methods=frozenset({"regional", "reference"}), max_entities=2)
+    monkeypatch.setitem(caps.FAMILIES, "plain", plain)
+    monkeypatch.setitem(caps.ALIASES, "plain-model", caps.ModelInfo("plain-model", plain, "alias", None, steps=4,
+                                                                    guidance=3.5))
+    monkeypatch.chdir(BAD)
+    assert_reported(path, expectations(path)[0])
 
 
 def test_no_traceback_text_in_messages(monkeypatch):

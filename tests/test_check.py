@@ -436,3 +436,45 @@ def test_validate_file_never_raises(proj):
     assert ls is None and d.has_errors()
     ls, d = validate_file("missing.yaml")
     assert ls is None and errs(d) == [(1, 1, "no such scene file")]
+
+
+# --- what the model's family can run (compiler/caps.py) -----------------------------------------
+
+def _many_entities(n: int) -> str:
+    return "".join(f"  - {{id: e{k}, prompt: p{k}, shape: {{box: [{k % 8 / 8:g}, {k // 8 / 8:g}, "
+                   f"{(k % 8 + 1) / 8:g}, {(k // 8 + 1) / 8:g}]}}}}\n" for k in range(n))
+
+
+def test_entity_limit_counts_each_image_of_a_group_alone(proj):
+    """63 entities over two variants of 40 and 23 fit Flux's 62 per image; one image of all 63 does not."""
+    head = "scenec: 1\nmodel: tiny\ncanvas: {width: 256, height: 256}\nentities:\n" + _many_entities(63)
+    split = head + ("groups:\n  - id: g\n    variants:\n"
+                    f"      - {{id: a, entities: [{', '.join(f'e{k}' for k in range(40))}]}}\n"
+                    f"      - {{id: b, entities: [{', '.join(f'e{k}' for k in range(40, 63))}]}}\n")
+    assert errs(diags_of(write(proj, "split.yaml", split))) == []
+    d = diags_of(write(proj, "one.yaml", head))
+    one(d, 67, 5, "the scene has 63 entities, more than the 62 flux models such as `tiny` allow in one image")
+    assert errs(diags_of(proj / "one.yaml", "tiny-sd")) == []  # SD: no limit
+
+
+def test_family_without_a_method_refuses_the_key_that_asks_for_it(proj, monkeypatch):
+    import dataclasses
+
+    from scenec.compiler import caps
+
+    Image.new("RGB", (16, 16), "red").save(proj / "ref.png")
+    bare = dataclasses.replace(caps.SD, name="bare", methods=frozenset({"regional"}))
+    monkeypatch.setitem(caps.ALIASES, "bare", caps.ModelInfo("bare", bare, "alias", None, steps=4, guidance=7.5))
+    p = write(proj, "s.yaml", """
+        scenec: 1
+        canvas: {width: 256, height: 256}
+        entities:
+          - id: face
+            prompt: "a face"
+            reference: {image: ref.png}
+        """)
+    d = diags_of(p, "bare")
+    # the reference is refused; its modulation (which needs the reference) is not reported on top
+    assert errs(d) == [(6, 5, "`reference` needs reference images, which bare models such as `bare` do not run")]
+    assert d.errors[0].hint == "bare models run: regional attention"
+    assert errs(diags_of(p, "tiny-sd")) == []

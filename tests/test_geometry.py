@@ -11,7 +11,9 @@ from PIL import Image
 from shapely.geometry import box
 
 from scenec.compiler.caps import FLUX
-from scenec.compiler.geometry import check_geometry, rasterize, rasterize_grids, resolve_regions, shape_geometry
+from scenec.compiler.geometry import check_geometry, resolve_regions
+from scenec.compiler.raster import rasterize, rasterize_grids
+from scenec.compiler.shapes import shape_geometry
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import load_scene
 

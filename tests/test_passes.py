@@ -55,7 +55,7 @@ def test_prompts_are_deduplicated():
 
 def test_cow_program_unrolls_cycles():
     ir = run_passes(load_scene(SCENES / "reference.yaml"))
-    ops = ir.extra["programs"][ir.jobs()[0].id]
+    ops = [o.model_dump(by_alias=True) for o in ir.programs[ir.jobs()[0].id]]
     # 10 steps, window 0.7 -> 0.5 = steps 3..5, 2 cycles, preserve 0.3 = step 7
     kinds = [(o["op"], o.get("from", o.get("at"))) for o in ops]
     assert kinds[:3] == [("denoise", 0), ("denoise", 1), ("denoise", 2)]
@@ -67,11 +67,11 @@ def test_cow_program_unrolls_cycles():
 
 def test_coupled_shared_prefix_and_fork():
     ir = run_passes(load_scene(SCENES / "coupled.yaml"))
-    theta = ir.extra["theta"]["pair"]
-    k = ir.extra["shared_prefix"]["pair"]
+    theta = ir.theta["pair"]
+    k = ir.shared_prefix["pair"]
     assert k > 0 and all(theta[:k] == 0) and theta[k] > 0
     for job in ir.jobs():
-        ops = ir.extra["programs"][job.id]
+        ops = [o.model_dump(by_alias=True) for o in ir.programs[job.id]]
         assert [o["op"] for o in ops].index("fork") == k
 
 
@@ -91,5 +91,6 @@ def test_references_sharing_a_preserve_step_are_all_pasted():
     from scenec.compiler.schedule import Cow, ProgramInputs, build_program
 
     for cycles in (0, 2):
-        ops = build_program(ProgramInputs(steps=10, conditions=[Cow(0, 3, 5, cycles, 7, 1.0), Cow(1, 3, 5, cycles, 7, 1.0)]))
+        ops = [o.model_dump(by_alias=True) for o in build_program(
+            ProgramInputs(steps=10, conditions=[Cow(0, 3, 5, cycles, 7, 1.0), Cow(1, 3, 5, cycles, 7, 1.0)]))]
         assert [o["condition"] for o in ops if o["op"] == "paste" and o["at"] == 7] == [0, 1]

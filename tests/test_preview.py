@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scenec.compiler.geometry import resolve_regions, shape_geometry
+from scenec.compiler.geometry import resolve_regions
+from scenec.compiler.shapes import shape_geometry
 from scenec.compiler.preview import TILE, render_preview, write_mask_pngs
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import load_scene

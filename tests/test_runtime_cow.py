@@ -59,8 +59,8 @@ def with_reference(plan, window=(1, 3), cycles=2, preserve=None, eta=1.0, token=
         job["conditions"] = [{"entity": "face", "image": "cond/face/rgba", "sha256": "x", "fit": "contain",
                               "window": list(window), "cycles": cycles, "preserve": preserve, "eta": eta,
                               "masks": masks, "related": rel, "modulation": modulation}]
-        job["program"] = program if program is not None else build_program(ProgramInputs(
-            steps, conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))
+        ops = build_program(ProgramInputs(steps, conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))
+        job["program"] = program if program is not None else [op.model_dump(by_alias=True, mode="json") for op in ops]
     return plan
 
 
