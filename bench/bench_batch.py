@@ -1,11 +1,11 @@
-"""Batch builds on `tiny` (issue #6): cold, no-op, one scene edited, and Ray vs the local executor.
+"""Batch builds on `tiny`: cold, no-op, one scene edited, and Ray vs the local executor.
 
     .venv/bin/python bench/bench_batch.py [--scenes 200] [--no-ray] [--keep DIR] [--batch-sizes 4 8]
 
 Each phase runs `scenec build DIR --json` as a fresh process, as CI would, and reports its wall time
 (process start and imports included). Scenes: 256x256, 4 steps, one entity, one seed each.
 Goals: no-op < 5% of cold; an edit rebuilds exactly one job. The no-op replays compile memos
-(scenec/memo.py); the phase after it compiles every scene again (SCENEC_PARTIAL_COMPILE=0). Forced rebuilds with --batch-size N
+(scenec/build/memo.py); the phase after it compiles every scene again (SCENEC_PARTIAL_COMPILE=0). Forced rebuilds with --batch-size N
 show what running the (all compatible) scenes' jobs N at a time saves.
 """
 
@@ -62,7 +62,7 @@ def main() -> None:
     if scenes.exists():
         shutil.rmtree(root / "out", ignore_errors=True)
     scenes.mkdir(parents=True, exist_ok=True)
-    # compile memos (scenec/memo.py) of this run only: the cold build starts without any
+    # compile memos (scenec/build/memo.py) of this run only: the cold build starts without any
     os.environ["SCENEC_CACHE"] = str(root / "cache")
     shutil.rmtree(root / "cache", ignore_errors=True)
     (root / "scenec.toml").write_text("[project]\n")

@@ -42,8 +42,11 @@ def _internal(e: BaseException) -> None:
 
 @app.command()
 def validate(files: List[Path] = typer.Argument(..., help="scene files"),
-             model: Optional[str] = typer.Option(None, "--model", help="check canvas sizes against this model")):
-    """Check scene files; print every problem at FILE:LINE:COL."""
+             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
+                                                 "against (default: the scene's `model`, scenec.toml's "
+                                                 "`default_model`, else flux-dev)")):
+    """Check scene files; print every problem at FILE:LINE:COL, including what the model's family cannot run
+    (canvas sizes, methods, entities per image)."""
     from scenec.spec.diagnostics import Diagnostics, SceneError
     from scenec.spec.load import load_scene
 
@@ -86,14 +89,9 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
     except Exception as e:  # noqa: BLE001
         _internal(e)
     plan.write(out)
-    _print_warnings(plan.ir)
+    for w in plan.warnings:
+        print(w.format(), file=sys.stderr)
     print(plan.plan_hash)
-
-
-def _print_warnings(ir) -> None:
-    if ir is not None:
-        for w in ir.extra.get("warnings", []):
-            print(w.format(), file=sys.stderr)
 
 
 @app.command()
@@ -119,7 +117,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
         _internal(e)
     sys.stdout.write(print_ir(ir))
     if masks is not None:
-        from scenec.compiler.geometry import write_mask_pngs
+        from scenec.compiler.preview import write_mask_pngs
 
         if "geometry" not in ir.passes:
             ir = run_passes(ir.scene, model=model, until="geometry")
@@ -267,13 +265,14 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         print(f"scenec: --device must be cuda or cpu, not `{device}`", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
-    from scenec.batch import BatchError
-    from scenec.build import batch as run_batch
+    from scenec.build.driver import build_batch
+    from scenec.build.options import BatchError, BuildOptions
 
     try:
-        summary = run_batch(files, out=out, model=model, device=device, dtype=dtype, masks=masks, select=select,
-                            exclude=exclude, force=force, dry_run=dry_run, executor=executor, address=address,
-                            workers=workers, weights_hash=weights_hash, batch_size=batch_size)
+        summary = build_batch(files, BuildOptions(
+            out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
+            weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
+            executor=executor, address=address, workers=workers))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
@@ -306,11 +305,13 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
     """Show missing and stale outputs against the scene files, like `git status` (no model, no torch)."""
     import json
 
-    from scenec.batch import BatchError, format_status
-    from scenec.batch import status as run_status
+    from scenec.build.options import BatchError, BuildOptions
+    from scenec.build.reporting import format_status
+    from scenec.build.reporting import status as run_status
 
     try:
-        rep = run_status(files, out=out, model=model, select=select, exclude=exclude, weights_hash=weights_hash)
+        rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
+                                             weights_hash=weights_hash))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
@@ -329,7 +330,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
         raise typer.Exit(EXIT_BUILD_FAILED)
 
 
-# --- eval / tune / split (issue #4; logic in scenec/eval.py, tune.py, split.py) -----------------
+# --- eval / tune / split (logic in scenec/eval.py, metrics.py, clip.py, tune.py, isotonic.py, split.py) --
 
 def _fail_eval(e) -> None:
     print(f"scenec: {e}", file=sys.stderr)
@@ -353,7 +354,8 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
 
     from scenec.spec.diagnostics import SceneError
 
-    from scenec.eval import EvalError, evaluate_dir, load_segmenter, parse_weights, render_table
+    from scenec.eval import evaluate_dir, load_segmenter, render_table
+    from scenec.metrics import EvalError, parse_weights
 
     try:
         w = parse_weights(weights)
@@ -365,7 +367,7 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
     except SceneError as e:
         _fail_invalid(e)
     except Exception as e:  # noqa: BLE001
-        from scenec.runtime.errors import RuntimeErrorBase
+        from scenec.spec.errors import RuntimeErrorBase
 
         if isinstance(e, RuntimeErrorBase):
             _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
@@ -398,7 +400,8 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
     from scenec.spec.diagnostics import SceneError
 
-    from scenec.eval import EvalError, load_segmenter, parse_weights
+    from scenec.eval import load_segmenter
+    from scenec.metrics import EvalError, parse_weights
     from scenec.tune import tune as run_tune
 
     try:

@@ -1,13 +1,8 @@
 """``scenec eval``: the coupled-generation metrics of built images, per coupling group.
 
-Metrics (Coupled Image Generation, arXiv 2506.06826, §4; docs/eval-tune-split.md):
-
-- **BgSim** = −ρ · mean_{p ∉ R} ‖x_i(p) − x_j(p)‖₂, averaged over the pairs (i, j) of variants built
-  with the same seed; R is the joint entity region (the union of the entity regions of every variant
-  of the group), ρ = |pixels ∉ R| / |pixels| the validity ratio, pixels RGB in [0, 1].
-- **CLIPScore** (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
-  Captioning"): 2.5 · max(cos(E_image, E_text), 0), averaged over the group's images.
-- **combined** = a · BgSim + b · CLIPScore (``--weights a,b``; default 1,1).
+The metrics (Coupled Image Generation, arXiv 2506.06826, §4; docs/eval-tune-split.md) are BgSim and
+the combined a · BgSim + b · CLIPScore (:mod:`scenec.metrics`) and CLIPScore (:mod:`scenec.clip`);
+this module applies them to the groups of built images.
 
 The plan is where group, variant, prompts and region masks come from. Sidecars name their job, scene
 and plan hash but not the scene file, so :func:`evaluate_dir` recompiles the scene (found next to the
@@ -18,226 +13,17 @@ imported only inside the CLIP functions.
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-CLIP_W = 2.5  # Hessel et al.'s rescaling of the cosine
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .clip import ClipScorer, load_clip
+from .metrics import EvalError, Segmenter, bg_similarity, combined, to_float_image, upsample_mask
+
 FULL_COVER = 0.999  # an entity mask at least this everywhere has no region of its own
-
-# (image HxWx3 float in [0, 1], text) -> bool mask HxW of the subject, or None when it finds none
-Segmenter = Callable[[np.ndarray, str], "np.ndarray | None"]
-
-
-class EvalError(Exception):
-    """An expected failure of ``scenec eval`` / ``scenec tune``: one sentence a user can act on.
-
-    ``exit_code``: 2 for invalid input (the default), 1 for what is missing or failed at run time.
-    """
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# --- metrics: small pure functions ------------------------------------------------------------------
-
-def to_float_image(img: Any) -> np.ndarray:
-    """A PIL image or array → float64 HxWx3 in [0, 1] (uint8 is divided by 255; alpha dropped)."""
-    a = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    a = a[..., :3]
-    if a.dtype == np.uint8:
-        return a.astype(np.float64) / 255.0
-    return np.clip(a.astype(np.float64), 0.0, 1.0)
-
-
-def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A coverage grid ``[h, w]`` → boolean ``[H, W]`` (``size`` = (H, W)): a pixel is inside when its cell's
-    coverage is > 0 (nearest neighbour; feathered edges count as entity, so the background stays clean)."""
-    m = np.asarray(mask, dtype=np.float64)
-    H, W = size
-    h, w = m.shape
-    ys = np.minimum((np.arange(H) * h) // H, h - 1)
-    xs = np.minimum((np.arange(W) * w) // W, w - 1)
-    return m[np.ix_(ys, xs)] > 0.0
-
-
-def bg_similarity(images: Sequence[np.ndarray], inside: np.ndarray | None) -> dict:
-    """BgSim = −ρ · mean over pixels outside ``inside`` and over image pairs of the per-pixel RGB L2 distance.
-
-    ``ρ`` (validity ratio) = fraction of pixels outside the joint entity region. Returns
-    ``{"bgsim", "mean_l2", "validity"}``; ``bgsim`` is None with fewer than two images, and 0 when no
-    pixel lies outside (ρ = 0).
-    """
-    imgs = [to_float_image(x) for x in images]
-    shape = imgs[0].shape[:2] if imgs else (0, 0)
-    outside = np.ones(shape, bool) if inside is None else ~np.asarray(inside, bool)
-    validity = float(outside.mean()) if outside.size else 0.0
-    if len(imgs) < 2:
-        return {"bgsim": None, "mean_l2": None, "validity": validity}
-    if any(x.shape != imgs[0].shape for x in imgs):
-        raise EvalError(f"the images of a group differ in size ({sorted({x.shape[:2] for x in imgs})})")
-    if not outside.any():
-        return {"bgsim": 0.0, "mean_l2": None, "validity": 0.0}
-    d = [np.linalg.norm(a[outside] - b[outside], axis=-1).mean() for a, b in itertools.combinations(imgs, 2)]
-    mean_l2 = float(np.mean(d))
-    return {"bgsim": -validity * mean_l2, "mean_l2": mean_l2, "validity": validity}
-
-
-def combined(bgsim: float | None, clipscore: float | None, weights: tuple[float, float]) -> float | None:
-    """a·BgSim + b·CLIPScore; a term whose weight is 0 may be missing; otherwise None when one is."""
-    a, b = weights
-    total = 0.0
-    for w, v in ((a, bgsim), (b, clipscore)):
-        if w == 0:
-            continue
-        if v is None:
-            return None
-        total += w * v
-    return total
-
-
-def parse_weights(text: str) -> tuple[float, float]:
-    """``"a,b"`` → (a, b); raises EvalError with one sentence."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        a, b = (float(p) for p in parts)
-    except ValueError:
-        raise EvalError(f"--weights must be two numbers `a,b` (a·BgSim + b·CLIPScore), not `{text}`") from None
-    if not (math.isfinite(a) and math.isfinite(b)):
-        raise EvalError(f"--weights must be finite numbers, not `{text}`")
-    return a, b
-
-
-# --- CLIP ---------------------------------------------------------------------------------------------
-
-class ClipScorer:
-    """CLIPScore with a transformers ``CLIPModel`` and tokenizer; images preprocessed by hand (resize the
-    short side, centre crop, normalise), as CLIPImageProcessor does, so torchvision is not needed."""
-
-    def __init__(self, model, tokenizer, name: str = "clip", image_size: int | None = None,
-                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 device: str | None = None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
-        self.image_size = int(image_size or model.config.vision_config.image_size)
-        self.mean = np.asarray(mean, np.float32).reshape(1, 1, 3)
-        self.std = np.asarray(std, np.float32).reshape(1, 1, 3)
-        self.device = device or "cpu"
-        self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 77))
-
-    @classmethod
-    def load(cls, spec: str, device: str | None = None) -> "ClipScorer":
-        """``tiny`` (random, offline: noise scores), a local directory, or a hub id."""
-        if spec == "tiny":
-            return tiny_clip()
-        import torch  # noqa: F401 - fail early with the import error, not inside transformers
-        from transformers import AutoTokenizer, CLIPModel
-
-        try:
-            try:  # the local cache first: no network round trips when the model is here
-                model = CLIPModel.from_pretrained(spec, local_files_only=True)
-                tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-            except (OSError, ValueError):
-                if Path(spec).exists():
-                    raise
-                model = CLIPModel.from_pretrained(spec)
-                tok = AutoTokenizer.from_pretrained(spec)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"CLIP model `{spec}` is not available here ({type(e).__name__}); pass --clip with a "
-                            "local directory or a downloaded hub id, or --clip none to skip CLIPScore", exit_code=1) from e
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        pp = Path(spec) / "preprocessor_config.json"
-        if pp.is_file():
-            try:
-                cfg = json.loads(pp.read_text())
-                mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-            except ValueError:
-                pass
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
-        return cls(model, tok, name=spec, mean=mean, std=std, device=device)
-
-    def preprocess(self, image: Any) -> np.ndarray:
-        """Resize the short side to ``image_size`` (bicubic), centre crop, normalise → float32 [3, S, S]."""
-        from PIL import Image
-
-        a = to_float_image(image)
-        im = Image.fromarray(np.round(a * 255).astype(np.uint8))
-        s = self.image_size
-        w, h = im.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-        x = (np.asarray(im, np.float32) / 255.0 - self.mean) / self.std
-        return x.transpose(2, 0, 1)
-
-    def cosine(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
-        """cos(E_image_i, E_text_i) for each pair."""
-        import torch
-
-        if len(images) != len(texts):
-            raise ValueError("one text per image")
-        if not images:
-            return np.zeros(0)
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        pix = torch.from_numpy(np.stack([self.preprocess(x) for x in images]))
-        dtype = next(self.model.parameters()).dtype
-        with torch.no_grad():
-            out = self.model(input_ids=tok["input_ids"].to(self.device),
-                             attention_mask=tok["attention_mask"].to(self.device),
-                             pixel_values=pix.to(self.device, dtype))
-        ie = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-        te = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-        return (ie * te).sum(-1).cpu().numpy().astype(np.float64)
-
-    def score(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
-        """CLIPScore per pair: 2.5 · max(cos, 0) (Hessel et al. 2021)."""
-        return CLIP_W * np.maximum(self.cosine(images, texts), 0.0)
-
-
-def tiny_clip(seed: int = 0) -> ClipScorer:
-    """A small random CLIP (CLIPConfig at toy size, the offline tokenizer of ``runtime/tiny.py``): scores
-    are noise, but the whole metric path runs with no download."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from scenec.runtime.tiny import build_tokenizers
-
-    tok, _ = build_tokenizers()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(seed)
-    return ClipScorer(CLIPModel(cfg).eval().requires_grad_(False), tok, name="tiny")
-
-
-def load_clip(spec: str | None, device: str | None = None) -> ClipScorer | None:
-    """``None``/``"none"`` → no CLIPScore; else :meth:`ClipScorer.load`."""
-    if spec is None or str(spec).lower() == "none":
-        return None
-    return ClipScorer.load(spec, device=device)
 
 
 def load_segmenter(spec: str | None) -> Segmenter | None:
@@ -305,10 +91,7 @@ def evaluate_group(plan, group: str, images: dict[str, Any], clip: ClipScorer | 
     Entities without a region of their own (prompt variants, shape-less entities) need ``segmenter``;
     without one they are not masked out, with a warning.
     """
-    from scenec.runtime.plan import Plan
-
-    plan = Plan.of(plan)
-    gjobs = [j for j in plan.jobs if j.get("group") == group]
+    gjobs = [j for j in plan.json["jobs"] if j.get("group") == group]
     if not gjobs:
         raise EvalError(f"plan has no group `{group}`")
     warns: list[str] = []
@@ -491,7 +274,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
     from PIL import Image
 
     from scenec.compiler import compile_scene
-    from scenec.runtime.plan import Plan, load_plan
+    from scenec.spec.plan import Plan, load_plan
 
     directory = Path(directory)
     outputs = find_outputs(directory)
@@ -502,7 +285,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
         p = load_plan(pd)
         plans[p.json.get("scene", {}).get("name", "")] = p
     for sf in scenes:
-        p = Plan.of(compile_scene(sf, model=model))
+        p = compile_scene(sf, model=model)
         plans[p.json.get("scene", {}).get("name", "")] = p
     warns: list[str] = []
     by_scene: dict[str, list[Output]] = {}
@@ -517,7 +300,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
             if sf is None:
                 raise EvalError(f"cannot find the scene file of `{scene}` (images in {directory}); "
                                 "pass it with --scene FILE or a compiled plan with --plan DIR")
-            plan = Plan.of(compile_scene(sf, model=model))
+            plan = compile_scene(sf, model=model)
             plans[scene] = plan
         hashes = {o.plan_hash for o in outs}
         if plan.plan_hash not in hashes:
@@ -526,7 +309,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
                          "build or it was built with another --model; regions and prompts are today's")
         elif len(hashes) > 1:
             warns.append(f"scene `{scene}`: images from {len(hashes)} different plans; regions and prompts are today's")
-        jobs = {j["id"]: j for j in plan.jobs}
+        jobs = {j["id"]: j for j in plan.json["jobs"]}
         images: dict[str, dict[str, Any]] = {}
         for o in outs:
             j = jobs.get(o.job)

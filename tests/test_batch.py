@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import scenec.batch as batch
-from scenec.batch import BatchError, Manifest, build_batch, discover, parse_selectors
+import scenec.build.pool as pool
+from scenec.build.discovery import discover
+from scenec.build.driver import build_batch
+from scenec.build.keys import cache_key, model_identity
+from scenec.build.manifest import Manifest
+from scenec.build.options import BatchError, BuildOptions
+from scenec.build.planning import plan_batch
+from scenec.build.selection import parse_selectors
+from scenec.build.units import batches_of, units_of
+from scenec.spec.fsio import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,16 +46,14 @@ def project(tmp_path, monkeypatch, tiny):
     write_scene(tmp_path, "alpha", "a meadow")
     write_scene(tmp_path, "beta", "a forest", sub="more")
     loads = []
-    import scenec.build as b
-
-    monkeypatch.setattr(b, "load_model", lambda m, **kw: loads.append(m) or tiny)
+    monkeypatch.setattr(pool, "load_model", lambda m, **kw: loads.append(m) or tiny)
     monkeypatch.chdir(tmp_path)
     return tmp_path, loads
 
 
 def run(targets, **kw):
     kw.setdefault("quiet", True)
-    return build_batch(targets, **kw)
+    return build_batch(targets, BuildOptions(**kw))
 
 
 # --- discovery and selection ----------------------------------------------------------------------
@@ -97,7 +103,7 @@ def test_incremental_build_cache_and_manifest(project):
     assert man["format"] == "scenec-manifest/1" and set(man["outputs"]) == {"alpha-1", "alpha-2"}
     e = man["outputs"]["alpha-1"]
     assert e["scene"]["file"] == "../alpha.yaml" and e["scene"]["line"] == 1 and e["model"]["id"] == "tiny"
-    assert e["sha256"] == batch.sha256_file(d / "out" / "alpha-1.png") and "total_s" in e["timings"]
+    assert e["sha256"] == sha256_file(d / "out" / "alpha-1.png") and "total_s" in e["timings"]
     assert (d / "more" / "out" / "scenec-manifest.json").is_file()  # one manifest per output directory
     assert not list(d.rglob("*.tmp"))
 
@@ -112,7 +118,7 @@ def test_incremental_build_cache_and_manifest(project):
 
     (d / "out" / "alpha-1.png").unlink()  # a deleted output is rebuilt
     (d / "out" / "alpha-2.png").write_bytes(b"not the image")  # and so is a modified one
-    plan = batch.plan_batch(["."])
+    plan = plan_batch(["."])
     states = {i.name: i.state for i in plan.items}
     assert states == {"alpha-1": "missing", "alpha-2": "modified", "beta-1": "cached", "beta-2": "cached"}
     s = run(["."])
@@ -140,24 +146,24 @@ def test_dry_run_lists_reasons_and_writes_nothing(project):
 
 def test_key_covers_model_identity_seed_and_version(tmp_path, monkeypatch):
     ident = {"id": "tiny", "revision": "builtin"}
-    k = batch.cache_key("h", ident, 1)
-    assert k != batch.cache_key("h", ident, 2) and k != batch.cache_key("g", ident, 1)
-    assert k != batch.cache_key("h", {"id": "tiny", "revision": "x"}, 1)
+    k = cache_key("h", ident, 1)
+    assert k != cache_key("h", ident, 2) and k != cache_key("g", ident, 1)
+    assert k != cache_key("h", {"id": "tiny", "revision": "x"}, 1)
     import scenec
 
     monkeypatch.setattr(scenec, "__version__", "9.9.9")
-    assert k != batch.cache_key("h", ident, 1)
+    assert k != cache_key("h", ident, 1)
     # a local model directory: a digest of its files' names, sizes and mtimes (or contents)
     m = tmp_path / "model"
     (m / "transformer").mkdir(parents=True)
     (m / "model_index.json").write_text("{}")
     (m / "transformer" / "w.safetensors").write_bytes(b"1234")
-    a = batch.model_identity({"spec": str(m), "repo": str(m)})
-    c = batch.model_identity({"spec": str(m), "repo": str(m)}, "content")
+    a = model_identity({"spec": str(m), "repo": str(m)})
+    c = model_identity({"spec": str(m), "repo": str(m)}, "content")
     (m / "transformer" / "w.safetensors").write_bytes(b"12345")
-    assert batch.model_identity({"spec": str(m), "repo": str(m)}) != a
-    assert batch.model_identity({"spec": str(m), "repo": str(m)}, "content") != c
-    hub = batch.model_identity({"spec": "flux-dev", "repo": "black-forest-labs/FLUX.1-dev"})
+    assert model_identity({"spec": str(m), "repo": str(m)}) != a
+    assert model_identity({"spec": str(m), "repo": str(m)}, "content") != c
+    hub = model_identity({"spec": "flux-dev", "repo": "black-forest-labs/FLUX.1-dev"})
     assert hub["id"] == "black-forest-labs/FLUX.1-dev" and "revision" in hub
 
 
@@ -179,18 +185,19 @@ def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):
 
 # --- failures and exit codes ------------------------------------------------------------------------
 
-def test_one_failing_scene_does_not_stop_the_others(project):
+def test_one_failing_scene_does_not_stop_the_others(project, monkeypatch):
     d, _ = project
     (d / "broken.yaml").write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nentities: [\n")
     (d / "wrong.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
-    from scenec.build import execute_unit
+    execute_unit = pool.execute_unit
 
     def flaky(plan, backend, out_dir, masks=False):
         if plan.json["scene"]["name"] == "beta":
             raise RuntimeError("CUDA out of memory (simulated)")
         return execute_unit(plan, backend, out_dir, masks=masks)
 
-    s = run(["."], execute_fn=flaky)
+    monkeypatch.setattr(pool, "execute_unit", flaky)
+    s = run(["."])
     assert s["built"] == 2 and s["failed"] == 2 and s["invalid"] == 2
     msgs = [x.format() for x in s["diagnostics"].sorted()]
     assert any(m.startswith("broken.yaml:") and ": error: " in m for m in msgs), msgs
@@ -245,7 +252,7 @@ def test_cli_exit_codes_status_and_no_torch(tmp_path):
 def test_executor_ray_without_ray_exits_2(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(BatchError, match=r"pip install 'scenec\[ray\]'"):
-        build_batch([tmp_path], executor="ray", quiet=True)
+        build_batch([tmp_path], BuildOptions(executor="ray", quiet=True))
 
 
 # --- matrix ---------------------------------------------------------------------------------------
@@ -385,11 +392,11 @@ def test_batches_of_respects_size_keys_and_groups(project):
         "    variants:\n      - {id: a, prompt: \"a cat\"}\n      - {id: b, prompt: \"a dog\"}\n")
     from scenec.runtime.batching import batch_key
 
-    bp = batch.plan_batch(["."])
+    bp = plan_batch(["."])
     assert not bp.invalid
-    units = batch.units_of([it for it in bp.items if it.todo])
-    assert [len(b) for b in batch.batches_of(units, 1)] == [1] * len(units)
-    batches = batch.batches_of(units, 3)
+    units = units_of([it for it in bp.items if it.todo])
+    assert [len(b) for b in batches_of(units, 1)] == [1] * len(units)
+    batches = batches_of(units, 3)
     flat = [u for b in batches for u in b]
     assert sorted(map(id, flat)) == sorted(map(id, units))  # every unit exactly once
     sizes = sorted(len(b) for b in batches)
@@ -419,12 +426,11 @@ def test_batch_size_on_sd_batches_both_cfg_branches_of_every_row(tmp_path, monke
     """SD jobs of two scenes in one batch: one UNet forward of 2 × 2 rows (CFG) per step, same images."""
     from PIL import Image
 
-    import scenec.build as b
     from scenec.runtime.testing import tiny_sd_backend
 
     sd = tiny_sd_backend()
     (tmp_path / "scenec.toml").write_text("[project]\n")
-    monkeypatch.setattr(b, "load_model", lambda m, **kw: sd)
+    monkeypatch.setattr(pool, "load_model", lambda m, **kw: sd)
     monkeypatch.chdir(tmp_path)
     for name, prompt, ent in (("one", "a meadow", "a fox"), ("two", "a city street at night", "a yellow taxi")):
         (tmp_path / f"{name}.yaml").write_text(

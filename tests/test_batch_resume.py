@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scenec.batch import sha256_file
+from scenec.spec.fsio import sha256_file
 
 N_SCENES = 12
 

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from scenec.compiler import compile_scene
-from scenec.eval import (ClipScorer, EvalError, bg_similarity, combined, evaluate_dir, evaluate_group, find_outputs,
-                         locate_scene, parse_weights, tiny_clip, upsample_mask)
+from scenec.clip import ClipScorer, tiny_clip
+from scenec.eval import evaluate_dir, evaluate_group, find_outputs, locate_scene
+from scenec.metrics import EvalError, bg_similarity, combined, parse_weights, upsample_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Partial compiles (scenec/memo.py): an unchanged scene is replayed, anything it read changing compiles it."""
+"""Partial compiles (scenec/build/memo.py): an unchanged scene is replayed, anything it read changing compiles it."""
 
 import json
 
@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import scenec.batch as batch
-from scenec import memo
-from scenec.batch import build_batch
+import scenec.build.planning as planning
+import scenec.build.pool as pool
+from scenec.build import memo
+from scenec.build.driver import build_batch
+from scenec.build.options import BuildOptions
+from scenec.build.reporting import status
 
 SCENE = ("scenec: 1\nmodel: tiny\ncanvas: {{width: 64, height: 64}}\nsampler: {{steps: 2, seed: [1, 2]}}\n"
          "background: {{prompt: \"{prompt}\"{image}}}\n"
@@ -32,18 +35,16 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.yaml").write_text(SCENE.format(prompt="a forest", image=", image: ../init.png"))
     compiled: list[str] = []
-    real = batch._compile
-    monkeypatch.setattr(batch, "_compile", lambda f, m: compiled.append(f.name) or real(f, m))
-    import scenec.build as b
-
+    real = planning.compile_file
+    monkeypatch.setattr(planning, "compile_file", lambda f, m: compiled.append(f.name) or real(f, m))
     be = tiny_backend()
-    monkeypatch.setattr(b, "load_model", lambda m, **kw: be)
+    monkeypatch.setattr(pool, "load_model", lambda m, **kw: be)
     monkeypatch.chdir(tmp_path)
     return tmp_path, compiled
 
 
 def run(**kw):
-    return build_batch(["."], quiet=True, **kw)
+    return build_batch(["."], BuildOptions(quiet=True, **kw))
 
 
 def test_a_noop_build_replays_every_scene_without_compiling(project):
@@ -56,7 +57,7 @@ def test_a_noop_build_replays_every_scene_without_compiling(project):
     assert (s["built"], s["cached"]) == (0, 3) and compiled == []
     # what a replayed item carries is what the build reports
     assert sorted(o["name"] for o in s["outputs"]) == ["a-1", "b-1", "b-2"]
-    st = batch.status(["."])
+    st = status(["."])
     assert st["counts"] == {"cached": 3} and compiled == []
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from scenec.compiler import compile_scene
-from scenec.tune import (Evaluator, GroupObjective, family_theta, optimise, pav, project_monotone, schedule_line,
-                         state_path_for, tune)
+from scenec.isotonic import Evaluator, family_theta, optimise, pav, project_monotone
+from scenec.tune import GroupObjective, schedule_line, state_path_for, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_group_objective_builds_only_the_group_with_theta(project):
 
 
 def test_group_objective_errors(project):
-    from scenec.eval import EvalError
+    from scenec.metrics import EvalError
 
     with pytest.raises(EvalError, match="2 groups"):
         GroupObjective(project / "pair.yaml", None)

@@ -11,7 +11,7 @@ directory up to the project root, referenced images, mask images and schedule fi
 content), ``--model`` and working directory. Any doubt compiles.
 
 A replayed scene has no real plan; the batch compiles it for real as soon as one of its jobs has to be
-built (``scenec.batch.plan_batch``). Memos live in ``$SCENEC_CACHE/compile`` (default
+built (``scenec.build.planning.plan_batch``). Memos live in ``$SCENEC_CACHE/compile`` (default
 ``~/.cache/scenec/compile``); ``SCENEC_PARTIAL_COMPILE=0`` turns them off.
 """
 
@@ -48,7 +48,7 @@ def code_stamp() -> str:
         from scenec import __version__
 
         h = hashlib.sha256(__version__.encode())
-        for pkg in ("scenec", "scenec.spec", "scenec.compiler"):
+        for pkg in ("scenec", "scenec.build", "scenec.spec", "scenec.compiler"):
             spec = find_spec(pkg)  # locates the package without importing it (no compiler import)
             for d in (spec.submodule_search_locations or []) if spec else []:
                 for p in sorted(Path(d).glob("*.py")):
@@ -79,14 +79,6 @@ class MemoPlan:
 
     def __init__(self, doc: dict):
         self.json = doc
-
-    @property
-    def model(self) -> dict:
-        return self.json["model"]
-
-    @property
-    def jobs(self) -> list[dict]:
-        return self.json["jobs"]
 
 
 def load(scene: Path, model: str | None) -> tuple[MemoPlan, list[dict]] | None:

@@ -1,0 +1,91 @@
+"""Finding scenes: ``DIR | GLOB | FILE`` arguments → scene files (docs/batch.md, "Finding scenes").
+
+A YAML file is a scene when it has ``scenec:`` and ``canvas:`` at top level; library files (``defs:``,
+no canvas) and other YAML are skipped, but a file named explicitly is always taken, so that an
+invalid one is reported rather than skipped.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SCENE_SUFFIXES = (".yaml", ".yml")
+SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_TOP_KEY = re.compile(r"^(scenec|canvas)\s*:", re.MULTILINE)
+
+
+def is_scene_file(path: Path) -> bool:
+    """A scene has top-level ``scenec:`` and ``canvas:`` keys; a library (defs only) has no canvas.
+
+    A cheap textual test (block style at column 0, or a flow mapping ``{scenec: 1, canvas: …}``), so
+    that a broken scene is still found and reported rather than skipped.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return False
+    found = set(_TOP_KEY.findall(text))
+    if found == {"scenec", "canvas"}:
+        return True
+    body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")).lstrip()
+    return body.startswith("{") and re.search(r"[{,]\s*scenec\s*:", body) is not None \
+        and re.search(r"[{,]\s*canvas\s*:", body) is not None
+
+
+def _walk(d: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS)
+        for f in sorted(files):
+            if f.endswith(SCENE_SUFFIXES) and not f.startswith("."):
+                p = Path(root) / f
+                if is_scene_file(p):
+                    yield p
+
+
+def discover(targets: Iterable[str | Path]) -> tuple[list[Path], list]:
+    """Scene files named by ``DIR | GLOB | FILE`` arguments, in order, each once; and diagnostics.
+
+    A directory is searched recursively for ``*.yaml`` / ``*.yml`` scenes (hidden directories
+    skipped); a glob (``scenes/**/*.yaml``) likewise keeps only scenes; a file named explicitly is
+    always taken (so that an invalid one is reported). A target that matches nothing is an error.
+    """
+    from scenec.spec.diagnostics import Diagnostic, Pos
+
+    found: dict[Path, Path] = {}
+    problems = []
+
+    def add(p: Path) -> None:
+        found.setdefault(p.resolve(), p)
+
+    for t in targets:
+        s = str(t)
+        p = Path(s)
+        if p.is_dir():
+            n = len(found)
+            for f in _walk(p):
+                add(f)
+            if len(found) == n:
+                problems.append(Diagnostic(Pos(s), "no scene files here (a scene has top-level `scenec:` and "
+                                                   "`canvas:`)", "warning"))
+        elif p.is_file():
+            add(p)
+        elif _GLOB_CHARS.search(s):
+            n = len(found)
+            for m in sorted(globmod.glob(s, recursive=True)):
+                mp = Path(m)
+                if mp.is_dir():
+                    for f in _walk(mp):
+                        add(f)
+                elif mp.suffix in SCENE_SUFFIXES and is_scene_file(mp):
+                    add(mp)
+            if len(found) == n:
+                problems.append(Diagnostic(Pos(s), "the pattern matches no scene file", "warning"))
+        else:
+            problems.append(Diagnostic(Pos(s), "no such file or directory"))
+    return list(found.values()), problems

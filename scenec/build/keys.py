@@ -1,0 +1,67 @@
+"""The cache key of an output (docs/batch.md, "The cache key"): sha256 of the job's ``job_hash``, the
+identity of the model's weights, the seed and the scenec version. No torch, no model load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from scenec.spec.fsio import sha256_file
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub"
+
+
+def weights_digest(directory: Path, mode: str = "stat") -> str:
+    """Digest of a local model directory: every file's relative path + size + mtime (``stat``), or
+    + its content's sha256 (``content``, slower, survives copies and touch)."""
+    h = hashlib.sha256(mode.encode())
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            p = Path(root) / f
+            st = p.stat()
+            rel = p.relative_to(directory).as_posix()
+            if mode == "content":
+                h.update(f"{rel}\0{st.st_size}\0{sha256_file(p)}\n".encode())
+            else:
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def model_identity(model: dict, weights_hash: str = "stat") -> dict:
+    """What identifies the weights a plan runs on (part of every cache key; docs/batch.md).
+
+    Built-in models (``tiny``): the alias (their weights are made by scenec's code, versioned with
+    it). A local directory: a digest of its files. A hub id: the id + the commit that the local
+    Hugging Face cache resolves ``main`` to, or ``unresolved`` when the cache does not hold it.
+    """
+    spec, repo = model.get("spec"), model.get("repo")
+    if not repo:
+        return {"id": spec or "tiny", "revision": "builtin"}
+    p = Path(repo)
+    if p.is_dir():
+        return {"id": f"local:{p.name}", "weights": f"{weights_hash}:{weights_digest(p, weights_hash)}"}
+    ref = _hf_cache_dir() / ("models--" + repo.replace("/", "--")) / "refs" / "main"
+    try:
+        rev = ref.read_text().strip() or "unresolved"
+    except OSError:
+        rev = "unresolved"
+    return {"id": repo, "revision": rev}
+
+
+def cache_key(job_hash: str, identity: dict, seed: int) -> str:
+    """sha256 of (job_hash, model identity, seed, scenec version): canonical JSON."""
+    from scenec import __version__
+
+    doc = {"job_hash": job_hash, "model": identity, "seed": seed, "scenec": __version__}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,41 @@
+"""What a build is asked to do: :class:`BuildOptions` (the options of ``scenec build``, as data), and
+:class:`BatchError`, a problem with those options themselves (exit 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+class BatchError(Exception):
+    """A problem with the command line itself (bad --select, unknown executor); exit 2."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """The options of a batch build (``scenec build``; docs/batch.md). ``scenec status`` reads the
+    planning ones."""
+
+    # what is planned: which outputs, where, and what the cache compares
+    out: str | Path | None = None  # -o: overrides each scene's output.dir (which is relative to the scene)
+    model: str | None = None  # --model: overrides each scene's model
+    select: Iterable[str] = ()  # --select terms (selection.parse_selectors)
+    exclude: Iterable[str] = ()  # --exclude terms
+    force: bool = False  # rebuild selected outputs even when up to date
+    masks: bool = False  # also write attention masks (outputs without them are stale)
+    weights_hash: str = "stat"  # identity of local model directories: stat | content
+    # how it runs
+    dry_run: bool = False  # plan and report; build nothing
+    device: str | None = None  # cuda | cpu (default: cuda when available)
+    dtype: str | None = None  # bf16 | fp16 | fp32
+    batch_size: int = 1  # batch-compatible jobs of any scenes run together, up to this many
+    executor: str = "local"  # local | ray
+    address: str | None = None  # Ray cluster address (default: a local Ray)
+    workers: int | None = None  # Ray actors (default: one per GPU, else one per CPU)
+    # what it says
+    quiet: bool = False  # no progress lines on stderr
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "select", tuple(self.select or ()))
+        object.__setattr__(self, "exclude", tuple(self.exclude or ()))

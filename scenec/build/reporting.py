@@ -1,0 +1,131 @@
+"""What a build and ``scenec status`` report: the build's summary and the lines it prints as it goes,
+and the status of every output (docs/batch.md, "Status and dry runs", "Failures and exit codes")."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from scenec.spec.diagnostics import display_path
+
+from .manifest import Manifest
+from .options import BuildOptions
+from .planning import BatchPlan, Item, plan_batch
+
+STALE_STATES = ("new", "changed", "missing", "modified")
+
+
+class BuildReport:
+    """A build's summary as it goes (``data``: what ``build_batch`` returns) and its lines on stderr.
+
+    ``data`` is ``{"built", "cached", "failed", "invalid", "outputs", "errors", "diagnostics", "plan",
+    "seconds"}``; ``outputs`` has one entry per selected job (``status``: built | cached | failed |
+    would-build)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.data: dict[str, Any] = {"built": 0, "cached": 0, "failed": 0, "invalid": 0, "outputs": [],
+                                     "errors": [], "diagnostics": None, "plan": None}
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr)
+
+    def planned(self, bp: BatchPlan) -> None:
+        """The plan's diagnostics, invalid scenes and scenes that failed to compile."""
+        self.data.update(invalid=len(bp.invalid), diagnostics=bp.diagnostics, plan=bp)
+        for d in bp.diagnostics.sorted():
+            self.say(d.format())
+        if bp.invalid:
+            self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; "
+                     "building the others")
+        for f, msg in bp.failed_compile:
+            self.data["failed"] += 1
+            self.data["errors"].append(f"{f}: {msg}")
+            self.say(f"scenec: {f}: {msg}")
+
+    def cached(self, it: Item, man: Manifest) -> None:
+        e = man.outputs[it.name]
+        d = man.out_dir
+        self.data["cached"] += 1
+        self.data["outputs"].append({
+            "job": it.job["id"], "name": it.name, "seed": it.job["seed"], "job_hash": it.job.get("job_hash", ""),
+            "status": "cached", "image": str(d / e["image"]), "sidecar": str(d / e["sidecar"]),
+            "masks": [str(d / p) for p in e.get("masks") or []], "timings": e.get("timings") or {}})
+
+    def would_build(self, it: Item) -> None:
+        self.data["outputs"].append({"job": it.job["id"], "name": it.name, "seed": it.job["seed"],
+                                     "status": "would-build", "state": it.state, "reason": it.reason,
+                                     "image": str(it.image), "scene": f"{it.display}:{it.line}"})
+
+    def built(self, it: Item, result: dict) -> None:
+        self.data["built"] += 1
+        self.data["outputs"].append({**result, "state": it.state, "reason": it.reason})
+        t = (result.get("timings") or {}).get("total_s")
+        self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "") + f"  [{it.state}: {it.reason}]")
+
+    def failed(self, it: Item, msg: str) -> None:
+        self.data["failed"] += 1
+        self.data["errors"].append(f"{it.display}:{it.line}: {it.name}: {msg}")
+        self.data["outputs"].append({"job": it.job["id"], "name": it.name, "seed": it.job["seed"],
+                                     "status": "failed", "error": msg})
+        self.say(f"scenec: {it.display}:{it.line}: {it.name}: {msg}")
+
+    def finish(self, seconds: float, not_selected: int | None = None) -> dict:
+        """The summary; with ``not_selected`` (a build that ran), its last line too."""
+        s = self.data
+        s["seconds"] = seconds
+        if not_selected is not None:
+            self.say(f"scenec: {s['built']} built, {s['cached']} cached, {s['failed']} failed"
+                     + (f", {s['invalid']} invalid" if s["invalid"] else "")
+                     + (f", {not_selected} not selected" if not_selected else "")
+                     + f" ({s['seconds']:.1f} s)")
+        return s
+
+
+def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> dict:
+    """What a build would do, like ``git status``: each output's state, and manifest entries of these
+    scenes that no scene makes any more (``orphaned``). Never imports torch."""
+    bp = plan_batch(targets, options)
+    rows = []
+    for it in bp.items:
+        if it.selected:
+            rows.append({"state": it.state, "reason": it.reason, "name": it.name, "image": str(it.image),
+                         "scene": it.display, "line": it.line})
+    made = {(it.out_dir, it.name) for it in bp.items}
+    scanned = {f.resolve() for f in bp.scenes}
+    orphans = []
+    for d, man in bp.manifests.items():
+        for name, e in man.outputs.items():
+            src = (man.out_dir / (e.get("scene") or {}).get("file", "")).resolve()
+            if src in scanned and (d, name) not in made:
+                orphans.append({"state": "orphaned", "name": name, "image": str(d / e.get("image", name + ".png")),
+                                "scene": display_path(src), "reason": "no scene makes it any more"})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return {"outputs": rows, "orphaned": orphans, "counts": counts,
+            "stale": sum(counts.get(s, 0) for s in STALE_STATES), "invalid": bp.invalid,
+            "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes)}
+
+
+def format_status(rep: dict, verbose: bool = False) -> str:
+    lines = []
+    n = len(rep["outputs"])
+    cached = rep["counts"].get("cached", 0)
+    lines.append(f"{rep['scenes']} scene{'s' if rep['scenes'] != 1 else ''}, {n} output{'s' if n != 1 else ''}: "
+                 f"{cached} up to date, {rep['stale']} to build"
+                 + (f", {len(rep['invalid'])} invalid scene{'s' if len(rep['invalid']) != 1 else ''}"
+                    if rep["invalid"] else ""))
+    cwd = Path.cwd()
+    for r in rep["outputs"] + rep["orphaned"]:
+        if r["state"] == "cached" and not verbose:
+            continue
+        try:
+            shown = str(Path(r["image"]).relative_to(cwd))
+        except ValueError:
+            shown = r["image"]
+        where = f"{r['scene']}:{r['line']}" if "line" in r else r["scene"]
+        lines.append(f"  {r['state'] + ':':<10} {shown}  ({r['reason']}; {where})")
+    return "\n".join(lines)
