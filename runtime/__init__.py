@@ -1,5 +1,4 @@
-"""The scenec runtime: reads plans and executes them on diffusers backends."""
+"""The scenec runtime: executes plans (scenec.spec.plan) on model families (runtime/families/) with one
+sampler (runtime/sampler.py) and the methods as modules (runtime/methods/); see docs/architecture.md.
 
-# Light entry points only (no torch at import): runtime.flux / runtime.outputs import torch themselves.
-from .errors import ModelUnavailable, PlanError, RuntimeErrorBase, Unsupported  # noqa: E402,F401
-from .plan import Plan, load_plan  # noqa: E402,F401
+Importing this package imports no torch: the modules that need it import it themselves."""

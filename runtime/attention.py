@@ -1,39 +1,48 @@
-"""Regional attention for Flux (EliGen, arXiv 2501.01097): attention processors with a region mask.
+"""Attention for every model family: token layouts, the modifiers methods contribute, one kernel dispatcher.
 
-The joint sequence of one forward is ``[global prompt | entity 0 | … | entity k-1 | pad | image]``.
-Allowed pairs (query ↔ key, symmetric):
+**Layouts.** A forward's text is a sequence of streams packed back to back, then padding:
+``[global | entity 0 | … | entity k-1 | pad]``; image tokens follow (joint attention, Flux) or are the
+queries (cross-attention, SD). :class:`RegionalLayout` records who owns each token and, for image
+tokens, which regions they lie in (coverage > 0 on the grid), and derives the allow-rules:
 
-- each prompt's tokens ↔ its own tokens; prompts never see each other;
-- entity prompt i ↔ the image tokens of region i; the global prompt ↔ every image token;
-- image ↔ image: all pairs (``image_self: open``, EliGen), or only pairs sharing at least one region,
-  with background tokens (outside every region) ↔ each other (``restricted``, as InstantX/InvokeAI);
-- pad tokens (text padded to a multiple of 128 so image tokens start on a FlexAttention block) ↔ pad
-  tokens only: they see nothing real and nothing real sees them.
+- ``regional`` (EliGen, arXiv 2501.01097): each prompt ↔ its own tokens, prompts never see each
+  other; entity prompt i ↔ the image tokens of region i; the global prompt ↔ every image token;
+  image ↔ image all pairs (``image_self: open``) or pairs sharing a region, background with
+  background (``restricted``, as InstantX/InvokeAI);
+- ``open``: every real token ↔ every real token (what a forward without the region mask computes).
 
-A region is the set of image tokens whose coverage (``masks.token`` in the plan, area-weighted) is
-> 0: a token partly covered by an entity belongs to it, so thin or feathered regions still get their
-prompt and every pixel the compiler meant to draw is reachable. Coverage is not used as a weight.
+Under both, pad tokens see only pad tokens and nothing real sees them, so a padded forward computes
+what the unpadded one does. A layout without pad needs no mask for ``open``.
 
-The mask is built ONCE per job and condition (positive/negative) and shared by every block and step:
-a dense boolean ``[N, N]`` for SDPA on CPU, a FlexAttention ``BlockMask`` on CUDA built from a
-``mask_mod`` over per-token ids (no dense N×N tensor there). Both come from the same ``allow``
-function, so the two kernels compute the same attention.
+**Modifiers.** Methods (runtime/methods/) do not own processors: for each model call they contribute
+modifiers, and the family's processors pass the ones for their site to :func:`attend`:
+:class:`Mask` (an allow-matrix), :class:`KeyScale` (per-text-token key gains, coupling),
+:class:`Branches` (two attentions mixed, coupling on single-stream blocks), a bias (additive logits on
+image–image pairs, SOW; anything with the :class:`Bias` methods) and :class:`ExtraKV` (extra key/value
+tokens visible to chosen image queries). **Sites** (:class:`Site`) say what an attention call is:
+joint text+image (Flux double / single blocks), cross (SD ``attn2``: image queries, text keys) or
+self (SD ``attn1``: image only).
+
+**Kernels.** One dispatcher picks SDPA (a dense mask or bias) or FlexAttention (a ``BlockMask`` and a
+``score_mod``, on CUDA). Masks are built once per job and layout (:meth:`RegionalLayout.build`),
+never per block or step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import PlanError, Unsupported
+from scenec.spec.errors import PlanError, Unsupported
 
 FLEX_BLOCK = 128
 MAX_ENTITIES = 62  # region membership is an int64 bitmask: bit 0 = global, bit i+1 = entity i
 BLOCK_KINDS = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}
+RULES = ("regional", "open")
 
 
 def region_membership(masks: list[np.ndarray | None], grid: tuple[int, int]) -> torch.Tensor:
@@ -51,15 +60,32 @@ def region_membership(masks: list[np.ndarray | None], grid: tuple[int, int]) -> 
     return out
 
 
+def _allow(oq, ok, bq, bk, image_self: str, rule: str = "regional") -> torch.Tensor:
+    """The allow-rules of the module docstring from the tokens' owners and region bits.
+
+    Owners: prompt index for text, P (the prompt count) for pad, −1 for image. Bits: 1 << prompt for
+    text, 0 for pad, 1 | (1 << (i + 1) for each region i holding the token) for image."""
+    if rule == "open":
+        return (bq != 0) == (bk != 0)  # real ↔ real, pad ↔ pad
+    iq, ik = oq < 0, ok < 0
+    text_text = (oq == ok) & ~iq & ~ik
+    cross = (iq ^ ik) & ((bq & bk) != 0)
+    if image_self == "open":
+        img_img = iq & ik
+    else:  # share an entity region (bit ≥ 1), or both are background (only the global bit)
+        img_img = iq & ik & (((bq & bk & ~1) != 0) | ((bq == 1) & (bk == 1)))
+    return text_text | cross | img_img
+
+
 @dataclass
 class RegionalLayout:
-    """Token layout of one regional forward and its allow-function (see the module docstring)."""
+    """Token layout of one forward (one batch row) and its allow-rules (see the module docstring)."""
 
-    text_lengths: list[int]  # per prompt, the global prompt first
+    text_lengths: list[int]  # per prompt, the global prompt first (0 = no global prompt)
     regions: torch.Tensor  # bool [k entities, n_img]
     image_self: str = "open"  # "open" | "restricted"
     pad_multiple: int = 1
-    n_text_to: int | None = None  # pad the text to exactly this many tokens (a batch row: runtime/flux.run_batch)
+    n_text_to: int | None = None  # pad the text to exactly this many tokens (a batch row)
     owner: torch.Tensor = field(init=False)  # int64 [N]: prompt index; P for pad; -1 for image
     bits: torch.Tensor = field(init=False)  # int64 [N]: who a token may meet across text/image
 
@@ -94,42 +120,43 @@ class RegionalLayout:
     def N(self) -> int:
         return self.n_text + self.n_img
 
+    @property
+    def rows(self) -> list["RegionalLayout"]:
+        return [self]
+
     def to(self, device) -> "RegionalLayout":
         self.owner, self.bits = self.owner.to(device), self.bits.to(device)
         return self
 
-    def allow(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def allow(self, q: torch.Tensor, kv: torch.Tensor, rule: str = "regional") -> torch.Tensor:
         """True where query token q may attend to key token kv (broadcasting; usable as a mask_mod)."""
-        return _allow(self.owner[q], self.owner[kv], self.bits[q], self.bits[kv], self.image_self)
+        return _allow(self.owner[q], self.owner[kv], self.bits[q], self.bits[kv], self.image_self, rule)
 
-    def dense(self, device=None) -> torch.Tensor:
-        """Bool ``[N, N]`` allow-matrix (CPU / SDPA path)."""
+    def dense(self, device=None, rule: str = "regional") -> torch.Tensor:
+        """Bool ``[N, N]`` allow-matrix (SDPA)."""
         lay = self if device is None else self.to(device)
         idx = torch.arange(self.N, device=lay.owner.device)
-        return lay.allow(idx[:, None], idx[None, :])
+        return lay.allow(idx[:, None], idx[None, :], rule)
 
-    def block_mask(self, device):
-        """FlexAttention BlockMask from ``allow`` as mask_mod (CUDA path; no dense N×N tensor)."""
+    def cross(self, device=None, rule: str = "regional") -> torch.Tensor:
+        """Bool ``[n_img, n_text]``: image queries × text keys (cross-attention)."""
+        d = self.dense(device, rule)
+        return d[self.n_text:, :self.n_text]
+
+    def block_mask(self, device, rule: str = "regional"):
+        """FlexAttention BlockMask from ``allow`` as mask_mod (no dense N×N tensor)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         lay = self.to(device)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return lay.allow(q_idx, kv_idx)
+            return lay.allow(q_idx, kv_idx, rule)
 
         return create_block_mask(mask_mod, None, None, self.N, self.N, device=device, BLOCK_SIZE=FLEX_BLOCK)
 
-
-def _allow(oq, ok, bq, bk, image_self: str) -> torch.Tensor:
-    """The allow-rule of the module docstring from the tokens' owners and region bits."""
-    iq, ik = oq < 0, ok < 0
-    text_text = (oq == ok) & ~iq & ~ik
-    cross = (iq ^ ik) & ((bq & bk) != 0)
-    if image_self == "open":
-        img_img = iq & ik
-    else:  # share an entity region (bit ≥ 1), or both are background (only the global bit)
-        img_img = iq & ik & (((bq & bk & ~1) != 0) | ((bq == 1) & (bk == 1)))
-    return text_text | cross | img_img
+    def needs_mask(self, rule: str) -> bool:
+        """Whether ``rule`` masks anything here: ``open`` only matters where there is padding."""
+        return rule == "regional" or self.n_pad > 0
 
 
 @dataclass
@@ -146,6 +173,7 @@ class BatchLayout:
             raise PlanError("batch rows must have one token count and one image_self setting")
         r0 = self.rows[0]
         self.n_text, self.n_img, self.image_self = r0.n_text, r0.n_img, r0.image_self
+        self.n_pad = max(r.n_pad for r in self.rows)
         self.owner = torch.stack([r.owner for r in self.rows])  # [B, N]
         self.bits = torch.stack([r.bits for r in self.rows])
 
@@ -157,13 +185,17 @@ class BatchLayout:
         self.owner, self.bits = self.owner.to(device), self.bits.to(device)
         return self
 
-    def dense(self, device=None) -> torch.Tensor:
+    def dense(self, device=None, rule: str = "regional") -> torch.Tensor:
         """Bool ``[B, N, N]`` allow-matrices."""
         lay = self if device is None else self.to(device)
         o, b = lay.owner, lay.bits
-        return _allow(o[:, :, None], o[:, None, :], b[:, :, None], b[:, None, :], self.image_self)
+        return _allow(o[:, :, None], o[:, None, :], b[:, :, None], b[:, None, :], self.image_self, rule)
 
-    def block_mask(self, device):
+    def cross(self, device=None, rule: str = "regional") -> torch.Tensor:
+        """Bool ``[B, n_img, n_text]``."""
+        return self.dense(device, rule)[:, self.n_text:, :self.n_text]
+
+    def block_mask(self, device, rule: str = "regional"):
         """FlexAttention BlockMask with a batch dimension (row b uses its own owners and bits)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -171,19 +203,137 @@ class BatchLayout:
 
         def mask_mod(b, h, q_idx, kv_idx):
             return _allow(lay.owner[b, q_idx], lay.owner[b, kv_idx], lay.bits[b, q_idx], lay.bits[b, kv_idx],
-                          lay.image_self)
+                          lay.image_self, rule)
 
         return create_block_mask(mask_mod, len(self.rows), None, self.N, self.N, device=device,
                                  BLOCK_SIZE=FLEX_BLOCK)
 
+    def needs_mask(self, rule: str) -> bool:
+        return rule == "regional" or self.n_pad > 0
+
+
+Layout = RegionalLayout | BatchLayout
+
 
 @dataclass
 class BuiltMask:
-    """A layout's mask, built once, in the form the kernel wants (dense bool or BlockMask)."""
+    """A layout's mask under one rule, built once, in the form the kernel wants.
 
-    layout: RegionalLayout
-    impl: str  # "sdpa" | "flex"
+    ``impl``: "sdpa" (``mask`` a dense bool ``[B|1, 1, N, N]``), "flex" (a ``BlockMask``) or "cross"
+    (dense bool ``[B|1, 1, n_img, n_text]`` for cross-attention)."""
+
+    layout: Any  # RegionalLayout | BatchLayout
+    impl: str
     mask: Any
+    rule: str = "regional"
+
+    def dense_allow(self, device) -> torch.Tensor:
+        """The allow-matrix as dense bool ``[N, N]`` (batch row 0), whatever the kernel form."""
+        if self.impl == "sdpa":
+            return self.mask[0, 0]
+        d = self.layout.dense(device, self.rule)
+        return d if d.dim() == 2 else d[0]
+
+
+def build_mask(layout: Layout, impl: str, device, rule: str = "regional") -> BuiltMask:
+    """Build a layout's mask once (per job, condition and rule); every block and step reuses it."""
+    if rule not in RULES:
+        raise PlanError(f"unknown attention rule {rule!r}")
+    if impl == "flex":
+        return BuiltMask(layout, "flex", layout.block_mask(device, rule), rule)
+    if impl == "cross":
+        c = layout.cross(device, rule)
+        return BuiltMask(layout, "cross", c[None, None] if c.dim() == 2 else c[:, None], rule)
+    d = layout.dense(device, rule)
+    return BuiltMask(layout, "sdpa", d[None, None] if d.dim() == 2 else d[:, None], rule)
+
+
+# --- sites and modifiers -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Site:
+    """What kind of attention call a processor makes: its name, whether text meets image there
+    (``text``), whether image tokens are keys (``image_keys``) and whether it is a single-stream block
+    (text and image share every weight, so coupling mixes two branches instead of scaling keys)."""
+
+    name: str
+    text: bool
+    image_keys: bool
+    single_stream: bool = False
+    block: str | None = None  # the `attention.blocks` kind it belongs to ("double" | "single"); None: always
+
+
+DOUBLE = Site("double", text=True, image_keys=True, block="double")  # Flux dual-stream block: [text | image]
+SINGLE = Site("single", text=True, image_keys=True, single_stream=True, block="single")  # Flux single-stream
+CROSS = Site("cross", text=True, image_keys=False)  # UNet attn2: image queries, text keys
+SELF = Site("self", text=False, image_keys=True)  # UNet attn1: image only
+
+
+@dataclass
+class Mask:
+    """An allow-matrix at ``sites``; ``by_n`` maps an image grid's token count to its mask (Flux has
+    one grid, SD UNets one per resolution)."""
+
+    by_n: dict[int, BuiltMask]
+    sites: frozenset[str]
+
+    def get(self, n_img: int) -> BuiltMask:
+        m = self.by_n.get(n_img)
+        if m is None:
+            raise PlanError(f"no mask for a grid of {n_img} tokens (grids: {sorted(self.by_n)})")
+        return m
+
+
+@dataclass
+class KeyScale:
+    """Text keys multiplied per token (``scale``: float32 ``[n_text]``), e.g. coupling's background × (1 − θ)
+    and entity × θ (arXiv 2506.06826, Eq. 4)."""
+
+    scale: torch.Tensor
+    sites: frozenset[str]
+
+
+@dataclass
+class Branches:
+    """Coupling on a single-stream block (arXiv 2506.06826, §3.2): two attentions over one sequence
+    ``[bg | ent… | pad | img]`` — ``[bg | img]`` unmasked and ``[ent… | pad | img]`` (with ``ent_mask``)
+    — whose image outputs are mixed (1 − θ)·a_bg + θ·a_ent; each branch's text keeps its own output.
+    Mixing before the block's (affine) output projection equals mixing the two blocks' outputs."""
+
+    n_bg: int
+    theta: float
+    ent_mask: BuiltMask | None
+    sites: frozenset[str]
+
+
+@dataclass
+class ExtraKV:
+    """Extra key/value tokens (``k``, ``v``: ``[B|1, H, M, D]``) appended to every call at ``sites``,
+    visible only to image queries with ``visible`` (bool ``[n_img]``) and scaled by ``scale``
+    (the logits get + log(scale)); queries outside see nothing of them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    visible: torch.Tensor
+    scale: float
+    sites: frozenset[str]
+
+
+class Bias(Protocol):
+    """Additive logits on image–image pairs (SOW, runtime/methods/oneway.py)."""
+
+    sites: frozenset[str]
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int, allow: Callable[[], torch.Tensor | None],
+                rows: slice) -> None:
+        """See one call's unbiased q/k (the indicator is measured at the first call of a step); ``allow()``
+        gives the call's allow-matrix (dense bool [N, N]) or None, built only if asked for."""
+
+    def image_bias(self, n_img: int, device) -> torch.Tensor | None:
+        """Float ``[n_img, n_img]`` (query, key) for this step, or None when it adds nothing."""
+
+    def score_mod(self, n_text: int, n_img: int) -> Callable:
+        """The same bias as a FlexAttention ``score_mod`` (no dense N×N)."""
 
 
 _flex_compiled: Callable | None = None
@@ -199,104 +349,173 @@ def _flex():
     return _flex_compiled
 
 
-class RegionalAttention:
-    """Installs regional processors on every Flux block once; each forward picks mask or plain path.
+class Attention:
+    """The processors' shared state: the kernel implementation, this model call's modifiers, and a probe.
 
-    ``use(mask, blocks)`` sets what the next forwards do: ``mask=None`` runs the stock
-    ``FluxAttnProcessor`` everywhere (bit-identical to diffusers); otherwise blocks of the kinds in
-    ``blocks`` ("all" | "double" | "single") apply the mask and the others run plain attention.
+    A family installs its processors once; before each model call it sets :attr:`mods` (and, for
+    joint attention, :attr:`n_img`); every processor passes its site's modifiers to :func:`attend`.
+    With no modifier for its site a processor runs the model's stock processor (diffusers' own path).
     """
 
-    def __init__(self, transformer, impl: str | None = None):
-        self.transformer = transformer
-        dev = next(transformer.parameters()).device
-        self.impl = impl or ("flex" if dev.type == "cuda" else "sdpa")
-        self.current: BuiltMask | None = None
-        self.kinds: tuple[str, ...] = ()
+    def __init__(self, impl: str):
+        self.impl = impl  # "sdpa" | "flex"
+        self.mods: list = []
+        self.n_img = 0  # image tokens of the current call (joint attention: text = the rest)
+        self.rows = slice(None)  # batch rows of the positive branch (indicators read only those)
         self.probe: list | None = None  # tests: set to a list to record attention weights
-        self.modulation = None  # runtime/cow.SowModulation while inside COW cycles (SOW), else None
-        self.installed = False
+        self.cache: dict = {}  # per model call: dense biases built once for all blocks
 
-    def install(self) -> None:
-        if self.installed:
-            return
-        for b in self.transformer.transformer_blocks:
-            b.attn.processor = RegionalFluxAttnProcessor(self, "double")
-        for b in self.transformer.single_transformer_blocks:
-            b.attn.processor = RegionalFluxAttnProcessor(self, "single")
-        self.installed = True
+    def set(self, mods: list, n_img: int = 0, rows: slice = slice(None)) -> None:
+        self.mods, self.n_img, self.rows = list(mods), n_img, rows
+        self.cache = {}
 
-    def build(self, layout: RegionalLayout, device) -> BuiltMask:
-        """Build a layout's mask once (per job and condition); reuse it for every block and step."""
-        if self.impl == "flex":
-            return BuiltMask(layout, "flex", layout.block_mask(device))
-        d = layout.dense(device)
-        return BuiltMask(layout, "sdpa", d[None, None] if d.dim() == 2 else d[:, None])  # [1|B, 1, N, N]
+    def clear(self) -> None:
+        self.set([])
 
-    def use(self, mask: BuiltMask | None, blocks: str = "all") -> None:
-        if blocks not in BLOCK_KINDS:
-            raise PlanError(f"attention.blocks must be one of {sorted(BLOCK_KINDS)}, not {blocks!r}")
-        self.current = mask
-        self.kinds = BLOCK_KINDS[blocks] if mask is not None else ()
-
-    def mask_for(self, kind: str) -> BuiltMask | None:
-        return self.current if kind in self.kinds else None
+    def for_site(self, site: Site) -> list:
+        return [m for m in self.mods if site.name in m.sites]
 
 
-class RegionalFluxAttnProcessor:
-    """Flux attention (double- or single-stream block) with the EliGen region mask (arXiv 2501.01097).
+def _seq_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``[B, H, n, D]`` views along the sequence in the ``[B, N, H, D]`` layout the
+    processors produce, and view back: the same memory layout (so the same kernel results) as
+    concatenating before the transpose."""
+    return torch.cat([p.transpose(1, 2) for p in parts], dim=1).transpose(1, 2)
 
-    Same projections, QK-norm and RoPE as diffusers' ``FluxAttnProcessor``; only the kernel gets the
-    mask. Without an active mask it calls the stock processor, so unmasked forwards are diffusers'.
+
+def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: list) -> torch.Tensor:
+    """The one kernel dispatcher: attention of ``q`` over ``k``/``v`` (``[B, H, N, D]``) under ``mods``.
+
+    Joint sites: the sequence is ``[text | image]`` with ``ctl.n_img`` image tokens; cross sites: all
+    keys are text, all queries image; self sites: all image. Returns ``[B, H, N_q, D]``.
     """
-
-    def __init__(self, ctl: RegionalAttention, kind: str):
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        self.ctl, self.kind = ctl, kind
-        self.plain = FluxAttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        built = self.ctl.mask_for(self.kind)
-        mod = self.ctl.modulation  # SOW bias on image-image logits (runtime/cow.py), or None
-        if built is None and mod is None:
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb
-
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        if built is not None and q.shape[1] != built.layout.N:
-            raise PlanError(f"sequence of {q.shape[1]} tokens but the region mask is for {built.layout.N}")
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if mod is not None:
-            out = mod.attend(qt, kt, vt, built, self.ctl.probe)
-        elif built.impl == "flex":
-            out = _flex()(qt, kt, vt, block_mask=built.mask)
+    n_q, n_k = q.shape[2], k.shape[2]
+    if site.image_keys and site.text:
+        n_img, n_text = ctl.n_img, n_k - ctl.n_img
+    elif site.image_keys:
+        n_img, n_text = n_k, 0
+    else:
+        n_img, n_text = n_q, n_k
+    mask = bias = branches = None
+    extra = []
+    for m in mods:
+        if isinstance(m, Mask):
+            if mask is not None:
+                raise PlanError(f"two masks at one {site.name} attention site")
+            mask = m.get(n_img)
+        elif isinstance(m, KeyScale):
+            if m.scale.shape[0] != n_text:
+                raise PlanError(f"key scale for {m.scale.shape[0]} text tokens, the call has {n_text}")
+            kb = k.transpose(1, 2)
+            k = torch.cat([kb[:, :n_text] * m.scale.to(k.dtype)[None, :, None, None], kb[:, n_text:]], 1).transpose(1, 2)
+        elif isinstance(m, Branches):
+            branches = m
+        elif isinstance(m, ExtraKV):
+            extra.append(m)
         else:
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=built.mask)
-        if self.ctl.probe is not None and mod is None:
-            self._record(qt, kt, vt, out, built)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-        if encoder_hidden_states is not None:
-            n_txt = encoder_hidden_states.shape[1]
-            e, h = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
-            h = attn.to_out[1](attn.to_out[0](h.contiguous()))
-            return h, attn.to_add_out(e.contiguous())
-        return out
+            bias = m
+    if mask is not None and site.text and site.image_keys and mask.layout.N != n_text + n_img:
+        raise PlanError(f"sequence of {n_text + n_img} tokens but the region mask is for {mask.layout.N}")
+    if extra:
+        if branches is not None or bias is not None:
+            raise Unsupported("extra key/value tokens together with coupling or SOW in one call")
+        return _with_extra(ctl, site, q, k, v, mask, extra, n_text, n_img)
+    if branches is not None:
+        return _branches(ctl, site, q, k, v, branches, bias, n_text, n_img)
+    return _kernel(ctl, site, q, k, v, mask, bias, n_text, n_img)
 
-    def _record(self, q, k, v, out, built: BuiltMask) -> None:
-        """Probe: the attention weights softmax(QKᵀ/√d + log M), explicitly, and the kernel's output."""
-        allow = built.layout.dense(q.device)
-        allow = allow if allow.dim() == 2 else allow[:, None]  # a batch: [B, 1, N, N]
-        logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-        w = torch.softmax(logits.masked_fill(~allow, float("-inf")), dim=-1)
-        self.ctl.probe.append({"kind": self.kind, "weights": w, "allow": allow,
-                               "expected": w @ v.float(), "out": out.float()})
+
+def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n_text: int, n_img: int):
+    """SDPA or FlexAttention with an optional mask and an optional image–image bias."""
+    if bias is not None:
+        def allow():
+            return None if mask is None else mask.dense_allow(q.device)
+
+        bias.observe(q, k, n_text, allow, ctl.rows)
+        img = bias.image_bias(n_img, q.device)
+        if img is not None:
+            if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
+                return _flex()(q, k, v, score_mod=bias.score_mod(n_text, n_img),
+                               block_mask=None if mask is None else mask.mask)
+            key = (id(bias), n_text, n_img, id(mask), q.dtype)
+            full = ctl.cache.get(key)
+            if full is None:  # once per model call, not per block
+                if n_text == 0 and mask is None:
+                    full = img
+                else:
+                    full = torch.zeros(n_text + n_img, n_text + n_img, device=q.device, dtype=torch.float32)
+                    full[n_text:, n_text:] = img
+                if mask is not None:
+                    full = full.masked_fill(~allow(), float("-inf"))
+                full = ctl.cache[key] = full.to(q.dtype)[None, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+            if ctl.probe is not None:
+                logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+                ctl.probe.append({"kind": "sow", "site": site.name, "n_q": q.shape[2], "logits": logits,
+                                  "bias": full[0, 0].float(), "n_txt": n_text,
+                                  "expected": torch.softmax(logits + full[0, 0].float(), -1) @ v.float(),
+                                  "out": out.float()})
+            return out
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if mask.impl == "flex":
+        out = _flex()(q, k, v, block_mask=mask.mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
+    if ctl.probe is not None and bias is None:
+        _record(ctl, site, q, k, v, out, mask)
+    return out
+
+
+def _record(ctl: Attention, site: Site, q, k, v, out, mask: BuiltMask) -> None:
+    """Probe: the attention weights softmax(QKᵀ/√d + log M), explicitly, and the kernel's output."""
+    if mask.impl == "flex":
+        d = mask.layout.dense(q.device, mask.rule)
+        a4 = d[None, None] if d.dim() == 2 else d[:, None]
+    else:
+        a4 = mask.mask
+    logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+    w = torch.softmax(logits.masked_fill(~a4, float("-inf")), dim=-1)
+    ctl.probe.append({"kind": site.name, "rule": mask.rule, "n_q": q.shape[2], "weights": w,
+                      "allow": a4[0, 0] if a4.shape[0] == 1 else a4,
+                      "expected": w @ v.float(), "out": out.float()})
+
+
+def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: int, n_img: int):
+    """Coupling's two branches on a single-stream block (:class:`Branches`), mixed on the image rows."""
+    nb = br.n_bg
+    ne = n_text - nb  # entity text and its padding
+
+    def bg_part(t):
+        return _seq_cat([t[:, :, :nb], t[:, :, n_text:]])
+
+    a_bg = _kernel(ctl, site, bg_part(q), bg_part(k), bg_part(v), None, bias, nb, n_img).transpose(1, 2)
+    a_ent = _kernel(ctl, site, q[:, :, nb:], k[:, :, nb:], v[:, :, nb:], br.ent_mask, bias, ne, n_img).transpose(1, 2)
+    img = (1 - br.theta) * a_bg[:, nb:] + br.theta * a_ent[:, ne:]
+    return torch.cat([a_bg[:, :nb], a_ent[:, :ne], img], dim=1).transpose(1, 2)
+
+
+def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, extra: list[ExtraKV],
+                n_text: int, n_img: int):
+    """Attention with extra key/value tokens appended after the call's own keys (see :class:`ExtraKV`)."""
+    B, N_q = q.shape[0], q.shape[2]
+    N_k = k.shape[2]
+    if mask is None:
+        allow = torch.ones(N_q, N_k, dtype=torch.bool, device=q.device)
+    else:
+        allow = mask.dense_allow(q.device) if mask.impl != "cross" else mask.mask[0, 0]
+    q_img = torch.arange(N_q, device=q.device) >= (N_q - n_img)  # image queries (joint: after the text)
+    ks, vs, cols, adds = [k], [v], [allow], []
+    for e in extra:
+        vis = torch.zeros(N_q, dtype=torch.bool, device=q.device)
+        vis[q_img] = e.visible.to(q.device)
+        M = e.k.shape[2]
+        ks.append(e.k.to(k.dtype).expand(B, -1, -1, -1))
+        vs.append(e.v.to(v.dtype).expand(B, -1, -1, -1))
+        cols.append(vis[:, None].expand(N_q, M))
+        adds.append(torch.full((M,), float(np.log(e.scale)) if e.scale > 0 else float("-inf"), device=q.device))
+    allow_all = torch.cat(cols, dim=1)
+    add = torch.cat([torch.zeros(N_k, device=q.device)] + adds)
+    logit_bias = torch.where(allow_all, add[None, :], torch.tensor(float("-inf"), device=q.device))
+    return F.scaled_dot_product_attention(q, _seq_cat(ks), _seq_cat(vs), attn_mask=logit_bias.to(q.dtype)[None, None])
+

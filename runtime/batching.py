@@ -4,8 +4,7 @@ Two jobs are batch-compatible when one denoising loop can carry both as rows of 
 model, canvas, sampler and attention settings, the same step program (``from``/``to``/``regional``
 per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions,
 stochastic steps). Prompts, entities, regions, seeds and init images may differ: the runtime pads
-each row's text to a common length and masks the padding out (``run_batch`` of runtime/flux.py and
-runtime/sd.py).
+each row's text to a common length and masks the padding out (runtime/sampler.run_batch).
 
 The key is computed from the plan JSON alone, so the batch driver (and Ray's) can group jobs of
 different scenes before any model is loaded.
@@ -45,9 +44,10 @@ def batch_key(plan_json: dict, job: dict) -> str | None:
 
 def require_compatible(plan_jobs: list) -> None:
     """Refuse a batch whose ``(plan, job)`` pairs are not all batch-compatible (a caller's bug)."""
-    from .errors import PlanError
+    from scenec.spec.errors import PlanError
 
-    keys = {batch_key(p.json, j) for p, j in plan_jobs}
+    keys = {batch_key(p.json, j if isinstance(j, dict) else j.model_dump(by_alias=True, mode="json"))
+            for p, j in plan_jobs}
     if len(keys) != 1 or None in keys:
         raise PlanError("run_batch: the jobs are not batch-compatible (runtime/batching.batch_key)")
 

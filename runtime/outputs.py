@@ -14,10 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from scenec.spec.fsio import atomic_write  # noqa: F401 (re-exported)
+from scenec.spec.errors import PlanError, RuntimeErrorBase
+from scenec.spec.fsio import atomic_write
+from scenec.spec.plan import Job, Plan
 
-from .errors import PlanError, RuntimeErrorBase
-from .plan import Plan
+from .sampler import run_batch, run_group, run_job
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps total, job name)
 
@@ -48,79 +49,87 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s) or "_"
 
 
-def metadata(plan: Plan, job: dict, backend) -> dict[str, str]:
+def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
     """Provenance written into each PNG and its sidecar (what made this image)."""
     from scenec import __version__
 
     return {
-        "scenec:scene": plan.json.get("scene", {}).get("name", ""),
-        "scenec:scene_file": plan.json.get("scene", {}).get("file", ""),  # relative to the project root
-        "scenec:job": job["id"],
-        "scenec:group": job.get("group") or "",
-        "scenec:variant": job.get("variant") or "",
-        "scenec:seed": str(job["seed"]),
+        "scenec:scene": plan.doc.scene.name,
+        "scenec:scene_file": plan.doc.scene.file,  # relative to the project root
+        "scenec:job": job.id,
+        "scenec:group": job.group or "",
+        "scenec:variant": job.variant or "",
+        "scenec:seed": str(job.seed),
         "scenec:plan_hash": plan.plan_hash,
-        "scenec:job_hash": job.get("job_hash", ""),
+        "scenec:job_hash": job.job_hash,
         "scenec:model": backend.model_id,
         "scenec:version": __version__,
     }
 
 
-def execute(plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None,
+def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None,
             keep_cache: bool = False) -> list[dict]:
     """Run every job of ``plan`` on ``backend``; write ``<name>.png`` + ``<name>.json`` per job.
 
     Returns one result dict per job: ``status`` "built" (with paths, timings) or "failed" (with
     ``error``, one sentence). Expected failures (unsupported features, bad plan data) fail that job
-    only; the other jobs still run.
+    only; the other jobs still run. A coupling group's jobs run together (their shared prefix once).
     """
-    plan = Plan.of(plan)
     out = Path(out_dir)
     _require_png(plan)
-    steps_per_job = {j["id"]: len(j.get("program") or []) for j in plan.jobs}
+    raw = {j.get("id"): j for j in plan.json.get("jobs") or [] if isinstance(j, dict)}
+    steps_per_job = {jid: len((raw.get(jid) or {}).get("program") or []) for jid, _ in plan.all_jobs()}
     total = sum(steps_per_job.values())
     done_by: dict[str, int] = {}  # ops done per job (a group's jobs advance together)
-    names = {j["id"]: j.get("name", j["id"]) for j in plan.jobs}
     results = []
 
     def report(job_id: str, k: int) -> None:
         done_by[job_id] = k
         if progress is not None:
-            progress(sum(done_by.values()), total, names[job_id])
+            progress(sum(done_by.values()), total, (raw.get(job_id) or {}).get("name", job_id))
 
     def runs():
-        """(job, JobResult | error) in plan order; a coupling group's jobs run together (shared prefix)."""
-        groups = {g["id"]: g for g in plan.json.get("groups") or []}
+        """(job id, job or None, JobResult | error) in plan order."""
         started: set[str] = set()
-        for job in plan.jobs:
-            gid = job.get("group")
-            if gid in groups and hasattr(backend, "run_group"):
-                if gid not in started:
-                    started.add(gid)
-                    members = [j for j in plan.jobs if j.get("group") == gid]
-                    yield from backend.run_group(plan, groups[gid], members, progress=report)
+        groups = {g.id for g in plan.groups}
+        for jid, job in plan.all_jobs():
+            if not isinstance(job, Job):
+                yield jid, None, job
+                continue
+            if job.group in groups:
+                if job.group not in started:
+                    started.add(job.group)
+                    members = [j for j in plan.jobs if j.group == job.group]
+                    for j, r in run_group(backend, plan, plan.group(job.group), members, progress=report):
+                        yield j.id, j, r
                 continue
             try:
-                yield job, backend.run_job(plan, job, progress=lambda k, _id=job["id"]: report(_id, k))
+                yield jid, job, run_job(backend, plan, job, progress=lambda k, _id=jid: report(_id, k))
             except RuntimeErrorBase as e:
-                yield job, e
+                yield jid, job, e
 
     try:
-        for job, r in runs():
-            results.append(write_result(plan, job, r, backend, out, masks))
-            report(job["id"], steps_per_job[job["id"]])
+        for jid, job, r in runs():
+            results.append(write_result(plan, job, r, backend, out, masks) if job is not None else
+                           _failed(raw.get(jid) or {"id": jid}, r))
+            report(jid, steps_per_job.get(jid, 0))
     finally:
         if not keep_cache:
             backend.clear_cache()
-    order = {j["id"]: i for i, j in enumerate(plan.jobs)}
+    order = {jid: i for i, (jid, _) in enumerate(plan.all_jobs())}
     return sorted(results, key=lambda r: order[r["job"]])
 
 
-def write_result(plan: Plan, job: dict, r, backend, out: Path, masks: bool = False) -> dict:
+def _failed(raw: dict, error: Exception) -> dict:
+    """The result of a job that could not run (its plan data is invalid)."""
+    return {"job": raw.get("id"), "name": raw.get("name", raw.get("id")), "seed": raw.get("seed"),
+            "job_hash": raw.get("job_hash", ""), "status": "failed", "error": str(error)}
+
+
+def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = False) -> dict:
     """Write one job's image + sidecar (atomically, the image first); its result dict (built or failed)."""
     meta = metadata(plan, job, backend)
-    base = {"job": job["id"], "name": job.get("name", job["id"]), "seed": job["seed"],
-            "job_hash": job.get("job_hash", "")}
+    base = {"job": job.id, "name": job.name, "seed": job.seed, "job_hash": job.job_hash}
     try:
         stem = _safe_stem(out, base["name"])
         if isinstance(r, RuntimeErrorBase):
@@ -140,33 +149,41 @@ def write_result(plan: Plan, job: dict, r, backend, out: Path, masks: bool = Fal
 
 
 def execute_batch(entries: list[tuple], backend, masks: bool = False) -> list[dict]:
-    """Run batch-compatible jobs of one or more plans as one batch (``backend.run_batch``) and write
-    each into its own output directory. ``entries``: ``(plan, job, out_dir)``; one result per entry.
-    The text cache is kept (the caller runs many plans on this backend)."""
-    plans = [Plan.of(p) for p, _, _ in entries]
-    for p in plans:
+    """Run batch-compatible jobs of one or more plans as one batch (:func:`run_batch`) and write each
+    into its own output directory. ``entries``: ``(plan, job, out_dir)`` with the job typed, as its raw
+    dict or by id; one result per entry. The text cache is kept (the caller runs many plans)."""
+    for p, _, _ in entries:
         _require_png(p)
-    rs = backend.run_batch([(p, j) for p, (_, j, _) in zip(plans, entries)])
-    return [write_result(p, j, r, backend, Path(d), masks) for p, (_, j, d), r in zip(plans, entries, rs)]
+    rs = run_batch(backend, [(p, j) for p, j, _ in entries])
+    results = []
+    for (p, j, d), r in zip(entries, rs):
+        try:
+            job = j if isinstance(j, Job) else p.job(j["id"] if isinstance(j, dict) else j)
+        except RuntimeErrorBase as e:
+            results.append(_failed(j if isinstance(j, dict) else {"id": j}, e))
+            continue
+        results.append(write_result(p, job, r, backend, Path(d), masks))
+    return results
 
 
 def _require_png(plan: Plan) -> None:
-    ext = (plan.json.get("output") or {}).get("ext", "png")
-    if ext != "png":
-        raise PlanError(f"output.ext {ext!r}: this runtime writes png only")
+    if plan.doc.output.ext != "png":
+        raise PlanError(f"output.ext {plan.doc.output.ext!r}: this runtime writes png only")
 
 
-def _write_masks(plan: Plan, job: dict, stem: Path) -> list[Path]:
-    """Each entity's token-grid coverage as an 8-bit PNG ``<name>.mask-<entity>.png`` (one pixel per token)."""
+def _write_masks(plan: Plan, job: Job, stem: Path) -> list[Path]:
+    """Each entity's coverage on the attention grid (Flux: tokens; SD: latent cells) as an 8-bit PNG
+    ``<name>.mask-<entity>.png`` (one pixel per cell)."""
     from PIL import Image
 
+    grid = "token" if "token" in plan.doc.grids else "latent"
     paths = []
-    for e in job.get("entities") or []:
-        m = plan.mask(e.get("masks"), "token")
+    for e in job.entities:
+        m = plan.mask(e.masks, grid)
         if m is None:
-            m = np.ones(plan.grid("token"), np.float32)
+            m = np.ones(plan.grid(grid), np.float32)
         img = Image.fromarray(np.clip(np.round(m * 255.0), 0, 255).astype(np.uint8))  # 2-D uint8 → mode L
-        p = stem.with_name(f"{stem.name}.mask-{_slug(e['id'])}.png")
-        atomic_write(p, png_bytes(img, {"scenec:job": job["id"], "scenec:entity": e["id"]}))
+        p = stem.with_name(f"{stem.name}.mask-{_slug(e.id)}.png")
+        atomic_write(p, png_bytes(img, {"scenec:job": job.id, "scenec:entity": e.id}))
         paths.append(p)
     return paths

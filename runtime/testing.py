@@ -11,13 +11,13 @@ import functools
 
 import numpy as np
 
-from .plan import FORMAT, Plan
+from scenec.spec.plan import FORMAT, Plan
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_backend():
     """The tiny Flux backend on CPU in fp32, built once per process (tests share it; they must not mutate it)."""
-    from .flux import load_backend
+    from .families import load_backend
 
     return load_backend("tiny", device="cpu", dtype="fp32")
 
@@ -25,9 +25,14 @@ def tiny_backend():
 @functools.lru_cache(maxsize=None)
 def tiny_sd_backend():
     """The tiny SD backend on CPU in fp32, built once per process (shared by tests; do not mutate)."""
-    from .backends import load_backend
+    from .families import load_backend
 
     return load_backend("tiny-sd", device="cpu", dtype="fp32")
+
+
+def encode_init(backend, plan, job):
+    """(z₀, m): a job's init image encoded and its inpaint mask, in the backend's latent layout."""
+    return backend.encode_image(plan.tensor(job.init_image)), backend.latent_mask(plan.mask(job.inpaint_mask, "latent"))
 
 
 def box(grid: tuple[int, int], y0: int, x0: int, y1: int, x1: int, value: float = 1.0) -> np.ndarray:
@@ -46,9 +51,10 @@ def make_plan(prompt: str = "a meadow", negative: str = "", entities: list[dict]
               seed: int = 1, width: int = 256, height: int = 256, steps: int = 4, guidance: float = 3.5,
               true_cfg: float = 1.0, image_self: str = "open", blocks: str = "all", pad_prompts: int | None = None,
               init_image: np.ndarray | None = None, program: list[dict] | None = None, seeds: list[int] | None = None,
-              max_sequence_length: int = 32) -> Plan:
+              max_sequence_length: int = 32, edit=None) -> Plan:
     """A one-scene plan. ``entities``: dicts with ``id``, ``prompt``, optional ``negative`` and ``token``
-    (a token-grid mask; None = whole canvas). Several jobs via ``seeds``."""
+    (a token-grid mask; None = whole canvas). Several jobs via ``seeds``. ``edit(doc, tensors)`` may
+    change the document and tensors before the plan is validated (tests of bad or hand-made plans)."""
     th, tw = height // 16, width // 16
     lh, lw = height // 8, width // 8
     prompts: list[str] = []
@@ -101,6 +107,8 @@ def make_plan(prompt: str = "a meadow", negative: str = "", entities: list[dict]
         "attention": {"image_self": image_self, "blocks": blocks, "until": 1.0, "pad_prompts": pad_prompts},
         "prompts": prompts, "output": {"dir": "out", "ext": "png"}, "jobs": jobs, "groups": [],
     }
+    if edit is not None:
+        edit(doc, tensors)
     return Plan(doc, tensors)
 
 
@@ -110,23 +118,27 @@ def pool(m: np.ndarray, k: int) -> np.ndarray:
     return m.reshape(h // k, k, w // k, k).max(axis=(1, 3)).astype(np.float32)
 
 
-def sd_plan(guidance: float = 7.5, **kw) -> Plan:
+def sd_plan(guidance: float = 7.5, edit=None, **kw) -> Plan:
     """make_plan's Flux-shaped plan turned into an SD plan: model, sampler, and masks on every SD grid."""
-    plan = make_plan(**kw)
-    w, h = plan.canvas
-    plan.json["model"] = {"spec": "tiny-sd", "family": "sd", "repo": None, "max_sequence_length": 77}
-    plan.json["grids"] = {"latent": [h // 8, w // 8], "a16": [h // 16, w // 16], "a32": [h // 32, w // 32],
-                          "a64": [h // 64, w // 64]}
-    plan.json["sampler"] = {"kind": "ddim", "steps": plan.sampler["steps"], "guidance": guidance, "true_cfg": 1.0}
-    for name in list(plan.tensors):
-        if name.endswith("/token"):
-            base, t = name[: -len("/token")], plan.tensors[name]
-            plan.tensors[base + "/a16"] = t
-            plan.tensors[base + "/a32"] = pool(t, 2)
-            plan.tensors[base + "/a64"] = pool(t, 4)
-    for job in plan.jobs:
-        for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
-            if d:
-                base = d.pop("token")[: -len("/token")]
-                d.update({"a16": base + "/a16", "a32": base + "/a32", "a64": base + "/a64"})
-    return plan
+
+    def to_sd(doc: dict, tensors: dict) -> None:
+        w, h = doc["canvas"]["width"], doc["canvas"]["height"]
+        doc["model"] = {"spec": "tiny-sd", "family": "sd", "repo": None, "max_sequence_length": 77}
+        doc["grids"] = {"latent": [h // 8, w // 8], "a16": [h // 16, w // 16], "a32": [h // 32, w // 32],
+                        "a64": [h // 64, w // 64]}
+        doc["sampler"] = {"kind": "ddim", "steps": doc["sampler"]["steps"], "guidance": guidance, "true_cfg": 1.0}
+        for name in list(tensors):
+            if name.endswith("/token"):
+                base, t = name[: -len("/token")], tensors[name]
+                tensors[base + "/a16"] = t
+                tensors[base + "/a32"] = pool(t, 2)
+                tensors[base + "/a64"] = pool(t, 4)
+        for job in doc["jobs"]:
+            for d in [e.get("masks") for e in job["entities"]] + [job.get("inpaint_mask")]:
+                if d:
+                    base = d.pop("token")[: -len("/token")]
+                    d.update({"a16": base + "/a16", "a32": base + "/a32", "a64": base + "/a64"})
+        if edit is not None:
+            edit(doc, tensors)
+
+    return make_plan(edit=to_sd, **kw)

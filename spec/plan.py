@@ -265,7 +265,8 @@ class Plan:
             except ValidationError as e:
                 self.invalid[jid] = _first_error(e, f"job {jid!r}")
             except (PlanError, Unsupported) as e:
-                self.invalid[jid] = e
+                what = f"job {jid!r}"
+                self.invalid[jid] = e if str(e).startswith(what) else type(e)(f"{what}: {e}")
             else:
                 self.jobs.append(job)
 
@@ -373,10 +374,12 @@ class Plan:
                 raise PlanError(f"group {g.id!r}: θ table of shape {list(getattr(t, 'shape', []))}, "
                                 f"the plan has {d.sampler.steps} steps")
 
-    def _check_masks(self, masks: MaskRef | None, what: str) -> None:
+    def _check_masks(self, masks: MaskRef | None, what: str, required=None) -> None:
+        """A mask dict names a float mask of the right shape on each grid it lists, and lists every grid
+        in ``required`` (default: all the plan's grids)."""
         if masks is None:
             return
-        for g in self.doc.grids:
+        for g in self.doc.grids if required is None else required:
             if g not in masks:
                 raise PlanError(f"{what}: no mask on the {g!r} grid")
         for g, name in masks.items():
@@ -414,8 +417,8 @@ class Plan:
         for c in job.conditions:
             cw = f"{what}: condition {c.entity!r}"
             self._check_image(c.image, (3, 4), "reference")
-            self._check_masks(c.masks, cw)
-            self._check_masks(c.related, f"{cw} (related)")
+            self._check_masks(c.masks, cw, ("latent",))  # pasted on the latent grid; SOW reads what it needs
+            self._check_masks(c.related, f"{cw} (related)", ())
             if not 0 <= c.window[0] <= c.window[1] <= steps:
                 raise PlanError(f"{cw}: window {list(c.window)} outside 0..{steps}")
         if job.group is not None and job.coupled:

@@ -10,8 +10,9 @@ import torch
 
 from scenec.runtime.attention import BatchLayout, RegionalLayout
 from scenec.runtime.batching import batch_key
-from scenec.runtime.errors import PlanError
-from scenec.runtime.testing import box, make_plan, sd_plan, tiny_backend, tiny_sd_backend
+from scenec.spec.errors import PlanError
+from scenec.runtime.sampler import run_batch, run_job
+from scenec.runtime.testing import box, encode_init, make_plan, sd_plan, tiny_backend, tiny_sd_backend
 
 TOL = 1e-5
 # SD: CFG at guidance 7.5 multiplies the batched kernels' rounding (latents of magnitude ~5);
@@ -44,8 +45,8 @@ def rows(ps):
 
 
 def assert_rows_equal_alone(backend, pj, tol=TOL):
-    alone = [backend.run_job(p, j, decode=False).latents for p, j in pj]
-    got = backend.run_batch(pj)
+    alone = [run_job(backend, p, j, decode=False).latents for p, j in pj]
+    got = run_batch(backend, pj)
     assert len(got) == len(pj)
     for a, r in zip(alone, got):
         assert r.latents.shape == a.shape
@@ -63,8 +64,8 @@ def test_rows_equal_their_jobs_alone(backend):
 def test_rows_without_entities_use_the_plain_path(backend):
     pj = rows([make_plan("a meadow", width=128, height=128, steps=2, seeds=[3, 4]),
                make_plan("a desert", width=128, height=128, steps=2, seed=9)])
-    alone = [backend.run_job(p, j, decode=False).latents for p, j in pj]
-    got = backend.run_batch(pj)
+    alone = [run_job(backend, p, j, decode=False).latents for p, j in pj]
+    got = run_batch(backend, pj)
     for a, r in zip(alone, got):
         assert float((a - r.latents).abs().max()) <= TOL
 
@@ -81,7 +82,7 @@ def test_inpainting_rows_mix_with_plain_rows(backend):
     plain = make_plan("a meadow", entities=ents, width=128, height=128, steps=3, seed=4)
     pj = rows([inpaint, plain])
     alone, got = assert_rows_equal_alone(backend, pj)
-    z0, m = backend._encode_init(inpaint, inpaint.jobs[0], 128, 128, torch.float32)
+    z0, m = encode_init(backend, inpaint, inpaint.jobs[0])
     out = m == 0
     assert torch.equal(got[0].latents[out], z0[out])  # fusion holds inside a batch: exactly the init outside
     assert float((got[1].latents[out] - z0[out]).abs().max()) > 1e-2  # the plain row was not fused
@@ -111,12 +112,12 @@ def test_batch_layout_rows_attend_as_alone():
 def test_a_bad_row_fails_alone(backend):
     ps = plans()
     bad = make_plan("a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
-                    width=128, height=128, steps=3, seed=3)
-    bad.tensors["region/fox/token"] = box((4, 4), 0, 0, 2, 2)  # a mask on the wrong grid
-    pj = rows(ps[:1]) + [(bad, bad.jobs[0])]
-    got = backend.run_batch(pj)
+                    width=128, height=128, steps=3, seed=3,
+                    edit=lambda d, t: t.update({"region/fox/token": box((4, 4), 0, 0, 2, 2)}))  # the wrong grid
+    pj = rows(ps[:1]) + [(bad, bad.json["jobs"][0])]
+    got = run_batch(backend, pj)
     assert isinstance(got[2], PlanError) and "token grid" in str(got[2])
-    alone = backend.run_job(*pj[0], decode=False).latents
+    alone = run_job(backend, *pj[0], decode=False).latents
     assert float((got[0].latents - alone).abs().max()) <= TOL
 
 
@@ -124,12 +125,12 @@ def test_run_batch_refuses_incompatible_jobs(backend):
     a = make_plan("a", width=128, height=128, steps=3)
     b = make_plan("b", width=128, height=128, steps=2)
     with pytest.raises(PlanError, match="batch-compatible"):
-        backend.run_batch([(a, a.jobs[0]), (b, b.jobs[0])])
+        run_batch(backend, [(a, a.jobs[0]), (b, b.jobs[0])])
 
 
 def test_batch_key():
     p = make_plan("a", width=128, height=128, steps=3)
-    j = p.jobs[0]
+    j = p.json["jobs"][0]
     k = batch_key(p.json, j)
     assert k is not None
     assert batch_key(make_plan("another prompt", width=128, height=128, steps=3, seed=9).json, j) == k
@@ -137,7 +138,7 @@ def test_batch_key():
                   make_plan("a", width=128, height=128, steps=3, true_cfg=2.0),
                   make_plan("a", width=128, height=128, steps=3, image_self="restricted"),
                   make_plan("a", width=128, height=128, steps=3, max_sequence_length=64)):
-        assert batch_key(other.json, other.jobs[0]) != k
+        assert batch_key(other.json, other.json["jobs"][0]) != k
     # per-job control flow runs alone: coupling θ, reference conditions, stochastic steps, groups
     coupled = dict(j, program=[dict(op, theta=0.5) for op in j["program"]])
     assert batch_key(p.json, coupled) is None
@@ -190,19 +191,19 @@ def test_batched_flex_block_mask_equals_dense(mode):
 def test_flex_backend_batches_like_sdpa(backend):
     import warnings
 
-    from scenec.runtime.flux import load_backend
+    from scenec.runtime.families import load_backend
 
     flex_be = load_backend("tiny", device="cpu", dtype="fp32", attn_impl="flex")
-    one = [dict(op) for op in plans()[0].jobs[0]["program"][:1]]
+    one = [dict(op) for op in plans()[0].json["jobs"][0]["program"][:1]]
     ps = [make_plan("a meadow at dawn", entities=[{"id": "fox", "prompt": "a red fox", "token": box(G, 4, 1, 8, 5)}],
                     width=128, height=128, steps=3, program=one, seed=1),
           make_plan("a forest", width=128, height=128, steps=3, program=one, seed=2)]
     pj = rows(ps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = flex_be.run_batch(pj)
+        got = run_batch(flex_be, pj)
     for (p, j), r in zip(pj, got):
-        ref = backend.run_job(p, j, decode=False).latents
+        ref = run_job(backend, p, j, decode=False).latents
         torch.testing.assert_close(r.latents, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -233,14 +234,16 @@ def test_sd_plain_rows_batch_without_masks():
     be = tiny_sd_backend()
     pj = rows([sd_plan(prompt="a meadow", width=128, height=128, steps=2, seeds=[3, 4]),
                sd_plan(prompt="a desert", width=128, height=128, steps=2, seed=9)])
+    import scenec.runtime.families.sd as sdmod
+
     seen = []
-    orig = be.regional.mask_for
-    be.regional.mask_for = lambda n_q, n_k: seen.append(orig(n_q, n_k)) or seen[-1]
+    orig = sdmod.attend
+    sdmod.attend = lambda *a: seen.append(a) or orig(*a)
     try:
         assert_rows_equal_alone(be, pj, SD_TOL)
     finally:
-        del be.regional.mask_for
-    assert seen and all(m is None for m in seen)  # the pipeline's own unmasked path, as alone
+        sdmod.attend = orig
+    assert not seen  # no modifier anywhere: the pipeline's own unmasked processors, as alone
 
 
 def test_sd_until_and_inpainting_rows_in_one_batch():
@@ -258,7 +261,7 @@ def test_sd_until_and_inpainting_rows_in_one_batch():
                     height=128, steps=3, seed=6, program=prog)
     pj = rows([inpaint, plain, other])
     alone, got = assert_rows_equal_alone(be, pj, SD_TOL)
-    z0, m, _ = be._init(inpaint, inpaint.jobs[0], 128, 128, got[0].latents.shape, torch.Generator().manual_seed(0))
+    z0, m = encode_init(be, inpaint, inpaint.jobs[0])
     out = (m == 0).expand_as(z0)
     assert torch.equal(got[0].latents[out], z0[out])  # fusion inside a batch: exactly the init outside
     assert float((got[1].latents[out] - z0[out]).abs().max()) > 1e-2
@@ -268,13 +271,13 @@ def test_sd_bad_row_fails_alone():
     be = tiny_sd_backend()
     ok = sd_plans()[1]
     bad = sd_plan(prompt="a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
-                  width=128, height=128, steps=3, seed=3)
-    bad.tensors["region/fox/a16"] = box((4, 4), 0, 0, 2, 2)  # a mask on the wrong grid
+                  width=128, height=128, steps=3, seed=3,
+                  edit=lambda d, t: t.update({"region/fox/a16": box((4, 4), 0, 0, 2, 2)}))  # the wrong grid
     init = sd_plan(prompt="a meadow", entities=[{"id": "fox", "prompt": "a fox", "token": box(G, 0, 0, 2, 2)}],
-                   init_image=np.zeros((128, 128, 3), np.uint8), width=128, height=128, steps=3, seed=3)
-    init.tensors["image/init"] = np.zeros((64, 64, 3), np.uint8)  # not the canvas size
-    got = be.run_batch([(ok, ok.jobs[0]), (bad, bad.jobs[0]), (init, init.jobs[0])])
+                   init_image=np.zeros((128, 128, 3), np.uint8), width=128, height=128, steps=3, seed=3,
+                   edit=lambda d, t: t.update({"image/init": np.zeros((64, 64, 3), np.uint8)}))  # not the canvas
+    got = run_batch(be, [(ok, ok.jobs[0]), (bad, bad.json["jobs"][0]), (init, init.json["jobs"][0])])
     assert isinstance(got[1], PlanError) and "a16" in str(got[1])
     assert isinstance(got[2], PlanError) and "init image" in str(got[2])
     assert got[0].timings["batch"] == 1
-    assert float((got[0].latents - be.run_job(ok, ok.jobs[0], decode=False).latents).abs().max()) <= SD_TOL
+    assert float((got[0].latents - run_job(be, ok, ok.jobs[0], decode=False).latents).abs().max()) <= SD_TOL

@@ -1,8 +1,9 @@
 """Coupled generation (coupling groups, arXiv 2506.06826) on the tiny Flux, CPU, fp32.
 
 Exact endpoints (θ = 0: the background alone; θ = 1: the entity stream alone), the shared θ = 0
-prefix (on/off give identical images), mixed θ, and the block-level mixing against a direct
-reimplementation of the published formula (the anchor's KeyScaleProcessor / coupled_forward).
+prefix (on/off give identical images), mixed θ, and the block-level mixing (the attention modifiers
+coupling contributes: KeyScale, Branches) against a direct reimplementation of the published formula
+(the anchor's KeyScaleProcessor / coupled_forward).
 """
 
 import json
@@ -13,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from scenec.compiler import compile_scene
-from scenec.runtime.coupling import KeyScaledAttnProcessor, coupled_forward, coupled_single_block
+from scenec.runtime.attention import Branches, KeyScale
 from scenec.runtime.outputs import execute
-from scenec.runtime.plan import Plan
+from scenec.spec.plan import Plan
+from scenec.runtime.sampler import run_group, run_job
 from scenec.runtime.testing import tiny_backend
 
 SCENE = """\
@@ -55,7 +57,7 @@ def compile_text(tmp_path, text: str, name: str = "scene") -> Plan:
     d = tmp_path / name
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{name}.yaml").write_text(text, encoding="utf-8")
-    return Plan.of(compile_scene(d / f"{name}.yaml"))
+    return compile_scene(d / f"{name}.yaml")
 
 
 def group_plan(tmp_path, schedule: str, steps: int = 4, seeds="[1, 2]", name: str = "coupled") -> Plan:
@@ -65,14 +67,14 @@ def group_plan(tmp_path, schedule: str, steps: int = 4, seeds="[1, 2]", name: st
 def run(backend, plan, share=None, decode=False):
     """{job id: JobResult} of the plan's single group."""
     out = {}
-    for job, r in backend.run_group(plan, plan.json["groups"][0], plan.jobs, share=share, decode=decode):
+    for job, r in run_group(backend, plan, plan.groups[0], plan.jobs, share=share, decode=decode):
         assert not isinstance(r, Exception), r
-        out[job["id"]] = r
+        out[job.id] = r
     return out
 
 
 def by_variant(plan, results, seed):
-    return {j["variant"]: results[j["id"]] for j in plan.jobs if j["seed"] == seed}
+    return {j.variant: results[j.id] for j in plan.jobs if j.seed == seed}
 
 
 # -- endpoints -------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def test_theta_zero_all_variants_identical_and_equal_the_background_alone(backen
             assert len(imgs) == 4 and all(i == imgs[0] for i in imgs)
     # … and equal the plain scene with only the background prompt (diffusers' path)
     plain = compile_text(tmp_path, PLAIN.format(steps=4, seeds=1, prompt="a misty forest"), "plain")
-    ref = backend.run_job(plain, plain.jobs[0], decode=False).latents
+    ref = run_job(backend, plain, plain.jobs[0], decode=False).latents
     fox = by_variant(plan, res, 1)["fox"].latents
     assert torch.equal(fox, ref)
 
@@ -97,7 +99,7 @@ def test_theta_one_prompt_variant_equals_the_plain_scene_with_that_prompt(backen
     assert plan.json["groups"][0]["shared_prefix"] == 0
     res = by_variant(plan, run(backend, plan), 3)
     plain = compile_text(tmp_path, PLAIN.format(steps=4, seeds=3, prompt="a red fox running"), "plain")
-    ref = backend.run_job(plain, plain.jobs[0], decode=False).latents
+    ref = run_job(backend, plain, plain.jobs[0], decode=False).latents
     assert (res["fox"].latents - ref).abs().max().item() <= 1e-5
     # the region variants at θ = 1 run their entity streams alone (regional): different images
     assert (res["stag"].latents - res["both"].latents).abs().max() > 1e-3
@@ -120,7 +122,7 @@ def test_mixed_theta_differs_from_both_endpoints(backend, tmp_path):
 def test_shared_prefix_on_and_off_give_identical_outputs(backend, tmp_path):
     plan = group_plan(tmp_path, "{shape: sin, center: 0.5, width: 0.5}", steps=8)
     prefix = plan.json["groups"][0]["shared_prefix"]
-    assert prefix == 2 and all({"op": "fork"} in j["program"] for j in plan.jobs)
+    assert prefix == 2 and all({"op": "fork"} in j["program"] for j in plan.json["jobs"])
 
     calls = []
     hook = backend.transformer.x_embedder.register_forward_hook(lambda *a: calls.append(1))
@@ -132,7 +134,7 @@ def test_shared_prefix_on_and_off_give_identical_outputs(backend, tmp_path):
         n_off = len(calls)
     finally:
         hook.remove()
-    assert set(on) == set(off) == {j["id"] for j in plan.jobs}
+    assert set(on) == set(off) == {j.id for j in plan.jobs}
     for jid in on:
         assert torch.equal(on[jid].latents, off[jid].latents), jid
         assert on[jid].timings["shared_prefix_steps"] == prefix and on[jid].timings["shared_with"] == 4
@@ -145,8 +147,8 @@ def test_execute_runs_groups_together_and_the_switch_turns_sharing_off(backend, 
     plan = group_plan(tmp_path, "{shape: step, center: 0.5}", steps=4, seeds="1")
     seen = []
     a = execute(plan, backend, tmp_path / "on", progress=lambda d, t, n: seen.append((d, t)))
-    assert [r["job"] for r in a] == [j["id"] for j in plan.jobs] and all(r["status"] == "built" for r in a)
-    assert seen[-1][0] == seen[-1][1] == sum(len(j["program"]) for j in plan.jobs)
+    assert [r["job"] for r in a] == [j.id for j in plan.jobs] and all(r["status"] == "built" for r in a)
+    assert seen[-1][0] == seen[-1][1] == sum(len(j.program) for j in plan.jobs)
     side = json.loads(open(a[0]["sidecar"]).read())
     assert side["timings"]["shared_with"] == 4
     monkeypatch.setenv("SCENEC_SHARED_PREFIX", "0")
@@ -160,9 +162,9 @@ def test_execute_runs_groups_together_and_the_switch_turns_sharing_off(backend, 
 
 def test_a_failing_job_fails_alone_in_its_group(backend, tmp_path):
     plan = group_plan(tmp_path, "{shape: step, center: 0.5}", steps=4, seeds="1")
-    bad = plan.jobs[1]
-    next(op for op in bad["program"] if op.get("theta") == 1.0)["theta"] = 2.0  # after the fork
-    res = execute(plan, backend, tmp_path / "out")
+    doc = json.loads(json.dumps(plan.json))
+    next(op for op in doc["jobs"][1]["program"] if op.get("theta") == 1.0)["theta"] = 2.0  # after the fork
+    res = execute(Plan(doc, plan.tensors), backend, tmp_path / "out")
     assert [r["status"] for r in res] == ["built", "failed", "built", "built"]
     assert "theta" in res[1]["error"]
 
@@ -171,7 +173,7 @@ def test_true_cfg_coupled_runs(backend, tmp_path):
     text = SCENE.format(steps=2, seeds=1, schedule="{values: [0.5, 1]}").replace(
         "sampler: {steps: 2, seed: 1}", "sampler: {steps: 2, seed: 1, true_cfg: 2.0}")
     plan = compile_text(tmp_path, text, "cfg")
-    assert plan.sampler["true_cfg"] == 2.0
+    assert plan.sampler.true_cfg == 2.0
     for r in run(backend, plan).values():
         assert torch.isfinite(r.latents).all()
 
@@ -224,6 +226,19 @@ def published_forward(model, x, bg, ent, pooled, t, g, img_ids, txt_ids_one, the
     return model.proj_out(model.norm_out(hidden, temb))
 
 
+class modifiers:
+    """The shared tiny backend's processors run under ``mods`` inside the block (restored after)."""
+
+    def __init__(self, backend, mods, n_img):
+        self.backend, self.mods, self.n_img = backend, mods, n_img
+
+    def __enter__(self):
+        self.backend.attn.set(self.mods, n_img=self.n_img)
+
+    def __exit__(self, *exc):
+        self.backend.attn.clear()
+
+
 class processors:
     """Temporarily set every double-stream block's processor (the shared tiny backend is restored)."""
 
@@ -265,7 +280,7 @@ def test_double_block_key_scaling_matches_the_published_processor(backend):
         ref_e, ref_h = blk(hidden, enc, temb, rope)
     scale = torch.ones(enc.shape[1])
     scale[:nb], scale[nb:] = 1 - theta, theta
-    with processors(tr, KeyScaledAttnProcessor(scale)):
+    with modifiers(backend, [KeyScale(scale, frozenset({"double"}))], hidden.shape[1]):
         e, h = blk(hidden, enc, temb, rope)
     assert _rel(e, ref_e) <= 1e-6 and _rel(h, ref_h) <= 1e-6
 
@@ -275,14 +290,16 @@ def test_single_block_fused_mixing_matches_two_branches(backend):
     tr, theta = backend.transformer, 0.5
     hidden, bg, ent, temb, img_ids = _inputs(tr)
     blk = tr.single_transformer_blocks[0]
-    backend.regional.use(None)  # the installed processors run the stock path
     rope_bg = tr.pos_embed(torch.cat([torch.zeros(bg.shape[1], 3), img_ids], 0))
     rope_ent = tr.pos_embed(torch.cat([torch.zeros(ent.shape[1], 3), img_ids], 0))
     ref_bg, h_bg = blk(hidden, bg, temb, rope_bg)
     ref_ent, h_ent = blk(hidden, ent, temb, rope_ent)
     ref_h = (1 - theta) * h_bg + theta * h_ent
     rope = tr.pos_embed(torch.cat([torch.zeros(bg.shape[1] + ent.shape[1], 3), img_ids], 0))
-    e_bg, e_ent, h = coupled_single_block(blk, hidden, bg, ent, temb, rope, theta)
+    nb = bg.shape[1]
+    with modifiers(backend, [Branches(nb, theta, None, frozenset({"single"}))], hidden.shape[1]):
+        e, h = blk(hidden, torch.cat([bg, ent], 1), temb, rope)  # fused: one block, two attentions
+    e_bg, e_ent = e[:, :nb], e[:, nb:]
     assert _rel(e_bg, ref_bg) <= 1e-5 and _rel(e_ent, ref_ent) <= 1e-5 and _rel(h, ref_h) <= 1e-5
 
 
@@ -296,9 +313,13 @@ def test_coupled_forward_matches_the_published_forward(backend):
     t, g = torch.full((1,), 0.5), torch.full((1,), 3.5)
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(hw).float(), torch.arange(hw).float(),
                                          indexing="ij"), -1).reshape(-1, 3)
-    backend.regional.use(None)
     ref = published_forward(tr, x, bg, ent, pooled, t, g, img_ids, torch.zeros(L, 3), theta)
-    ours = coupled_forward(tr, x, t, g, img_ids, bg, pooled, ent, pooled, theta)
+    scale = torch.ones(2 * L)
+    scale[:L], scale[L:] = 1 - theta, theta
+    mods = [KeyScale(scale, frozenset({"double"})), Branches(L, theta, None, frozenset({"single"}))]
+    with modifiers(backend, mods, hw * hw):
+        ours = tr(hidden_states=x, encoder_hidden_states=torch.cat([bg, ent], 1), pooled_projections=pooled,
+                  timestep=t, guidance=g, img_ids=img_ids, txt_ids=torch.zeros(2 * L, 3), return_dict=False)[0]
     assert _rel(ours, ref) <= 1e-5
     # the published formula at θ = 1 is not "entity only" (key scaling by 0 leaves logits at 0)
     one = published_forward(tr, x, bg, ent, pooled, t, g, img_ids, torch.zeros(L, 3), 1.0)

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from scenec.compiler.schedule import Cow, ProgramInputs, build_program
-from scenec.runtime import cow as cowmod
+from scenec.runtime import inversion, solvers
+from scenec.runtime.attention import DOUBLE, Attention, attend
+from scenec.runtime.methods import oneway
+from scenec.runtime.sampler import run_job
 from scenec.runtime.testing import box, make_plan, tiny_backend, token_to_latent
+from scenec.spec.plan import Plan
 
 GRID = (16, 16)
 FACE = box(GRID, 3, 4, 10, 11)
@@ -24,11 +28,11 @@ def backend():
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cowmod, "INVERSION_REFINE", 3)  # speed; the reconstruction test sets its own
-    cowmod.CACHE.clear()
-    cowmod.CACHE.stats.update(memory=0, disk=0, inverted=0)
+    monkeypatch.setattr(inversion, "INVERSION_REFINE", 3)  # speed; the reconstruction test sets its own
+    inversion.CACHE.clear()
+    inversion.CACHE.stats.update(memory=0, disk=0, inverted=0)
     yield tmp_path / "cache"
-    cowmod.CACHE.clear()
+    inversion.CACHE.clear()
 
 
 def reference_rgba(token=FACE, size=256, seed=0) -> np.ndarray:
@@ -44,8 +48,8 @@ def reference_rgba(token=FACE, size=256, seed=0) -> np.ndarray:
 def with_reference(plan, window=(1, 3), cycles=2, preserve=None, eta=1.0, token=FACE, related=RELATED,
                    modulation=MOD, program=None):
     """Add one reference condition (plan-format CONDITION) and the compiler's COW program to each job."""
-    steps = plan.sampler["steps"]
-    t = plan.tensors
+    steps = plan.sampler.steps
+    t = dict(plan.tensors)
     t["cond/face/rgba"] = reference_rgba(token if token is not None else np.ones(GRID, np.float32))
     masks = None
     if token is not None:
@@ -55,31 +59,32 @@ def with_reference(plan, window=(1, 3), cycles=2, preserve=None, eta=1.0, token=
     if related is not None:
         t["rel/face/token"], t["rel/face/latent"] = related, token_to_latent(related)
         rel = {"latent": "rel/face/latent", "token": "rel/face/token"}
-    for job in plan.jobs:
+    doc = plan.json
+    for job in doc["jobs"]:
         job["conditions"] = [{"entity": "face", "image": "cond/face/rgba", "sha256": "x", "fit": "contain",
                               "window": list(window), "cycles": cycles, "preserve": preserve, "eta": eta,
                               "masks": masks, "related": rel, "modulation": modulation}]
         ops = build_program(ProgramInputs(steps, conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))
         job["program"] = program if program is not None else [op.model_dump(by_alias=True, mode="json") for op in ops]
-    return plan
+    return Plan(doc, t)
 
 
 def run(backend, plan, **kw):
-    return backend.run_job(plan, plan.jobs[0], decode=False, **kw).latents
+    return run_job(backend, plan, plan.json["jobs"][0]["id"], decode=False, **kw).latents
 
 
 def test_every_paste_puts_the_inverted_reference_in_the_region(backend, monkeypatch):
     plan = with_reference(make_plan(seed=4), window=(1, 3), cycles=3, preserve=3)
     seen = []
-    orig = cowmod.FluxCow.before
+    orig = oneway.OneWay.run_op
 
     def spy(self, n, op, latents):
-        out, done = orig(self, n, op, latents)
-        if op["op"] == "paste":
-            seen.append((op["at"], out.clone(), self.refs[op["condition"]][op["at"]], self.masks[op["condition"]]))
-        return out, done
+        out = orig(self, n, op, latents)
+        if op.op == "paste":
+            seen.append((op.at, out.clone(), self.refs[op.condition][op.at], self.masks[op.condition]))
+        return out
 
-    monkeypatch.setattr(cowmod.FluxCow, "before", spy)
+    monkeypatch.setattr(oneway.OneWay, "run_op", spy)
     run(backend, plan)
     assert [a for a, *_ in seen] == [1, 2, 1, 2, 1, 2, 3]
     for at, x, ref, m in seen:
@@ -92,9 +97,9 @@ def test_every_paste_puts_the_inverted_reference_in_the_region(backend, monkeypa
 def test_zero_cycles_without_preserve_is_the_scene_without_the_reference(backend):
     plain = make_plan(seed=6)
     ref = with_reference(make_plan(seed=6), cycles=0, preserve=None)
-    assert all(op["op"] == "denoise" for op in ref.jobs[0]["program"])
+    assert all(op.op == "denoise" for op in ref.jobs[0].program)
     assert torch.equal(run(backend, plain), run(backend, ref))
-    assert cowmod.CACHE.stats["inverted"] == 0  # nothing pasted: nothing inverted
+    assert inversion.CACHE.stats["inverted"] == 0  # nothing pasted: nothing inverted
 
 
 def test_reference_changes_the_image_and_is_deterministic(backend):
@@ -113,14 +118,14 @@ def test_renoise_matches_the_closed_form_mean_and_variance(kind):
     if kind == "flow":
         sa, sb = 0.3, 0.7
         x_a = (1 - sa) * x0 + sa * torch.randn(n, 8, generator=g)
-        x_b = cowmod.renoise_flow(x_a, sa, sb, torch.randn(n, 8, generator=g))
+        x_b = solvers.renoise_flow(x_a, sa, sb, torch.randn(n, 8, generator=g))
         mean, std = (1 - sb) * x0, sb  # level b's marginal given x0
         c = (1 - sb) / (1 - sa)
         cond_std = math.sqrt(sb ** 2 - (c * sa) ** 2)
     else:
         ar, ab = 0.8, 0.3
         x_a = math.sqrt(ar) * x0 + math.sqrt(1 - ar) * torch.randn(n, 8, generator=g)
-        x_b = cowmod.renoise_ddpm(x_a, ar, ab, torch.randn(n, 8, generator=g))
+        x_b = solvers.renoise_ddpm(x_a, ar, ab, torch.randn(n, 8, generator=g))
         mean, std = math.sqrt(ab) * x0, math.sqrt(1 - ab)
         c, cond_std = math.sqrt(ab / ar), math.sqrt(1 - ab / ar)
     tol = 4 * std / math.sqrt(n)
@@ -136,8 +141,8 @@ def test_eta_step_endpoints():
     g = torch.Generator().manual_seed(1)
     x, v, xi = (torch.randn(4, 16, generator=g) for _ in range(3))
     euler = x + (0.4 - 0.7) * v
-    torch.testing.assert_close(cowmod.flow_step_eta(x, v, 0.7, 0.4, 0.0, xi), euler)
-    full = cowmod.flow_step_eta(x, v, 0.7, 0.4, 1.0, xi)
+    torch.testing.assert_close(solvers.flow_step_eta(x, v, 0.7, 0.4, 0.0, xi), euler)
+    full = solvers.flow_step_eta(x, v, 0.7, 0.4, 1.0, xi)
     torch.testing.assert_close(full, 0.6 * (x - 0.7 * v) + 0.4 * xi)  # x̂₀ re-noised with fresh noise only
 
 
@@ -147,12 +152,12 @@ def _sow_probe(backend, modulation, related=RELATED):
                           program=[{"op": "paste", "condition": 0, "at": 1},
                                    {"op": "denoise", "from": 1, "to": 2, "regional": True, "theta": None,
                                     "eta": 0.0}])
-    backend.regional.probe = []
+    backend.attn.probe = []
     try:
         x = run(backend, plan)
-        recs = backend.regional.probe
+        recs = backend.attn.probe
     finally:
-        backend.regional.probe = None
+        backend.attn.probe = None
     return x, recs
 
 
@@ -161,7 +166,7 @@ def test_sow_modulation_changes_exactly_the_intended_logits(backend):
     assert len(recs) == 4 and all(r["kind"] == "sow" for r in recs)
     cond, rel = FACE.reshape(-1) > 0, RELATED.reshape(-1) > 0
     cond_t, rel_t = torch.from_numpy(cond), torch.from_numpy(rel)
-    term = cowmod.sow_term(FACE, RELATED, MOD)
+    term = oneway.sow_term(FACE, RELATED, MOD)
     for r in recs:
         n_txt, bias = r["n_txt"], r["bias"]
         assert (bias[:n_txt] == 0).all() and (bias[:, :n_txt] == 0).all()  # text never biased
@@ -187,13 +192,13 @@ def test_modulation_false_changes_nothing(backend):
 
 def test_sow_gain_decays_per_cycle_and_indicator_switches_it_off(backend, monkeypatch):
     hist = []
-    orig = cowmod.SowModulation._measure
+    orig = oneway.Sow.measure
 
     def spy(self, *a, **k):
         orig(self, *a, **k)
         hist.append(dict(self.history[-1]))
 
-    monkeypatch.setattr(cowmod.SowModulation, "_measure", spy)
+    monkeypatch.setattr(oneway.Sow, "measure", spy)
     run(backend, with_reference(make_plan(seed=3), window=(1, 3), cycles=3))
     assert [h["cycle"] for h in hist] == [0, 0, 1, 1, 2, 2]
     for h in hist:
@@ -206,7 +211,7 @@ def test_sow_gain_decays_per_cycle_and_indicator_switches_it_off(backend, monkey
 
 def test_inversion_then_sampling_reconstructs_the_reference(backend, monkeypatch, refine=20, tol=1e-3):
     """Invert to level k, paste over the whole canvas at k, sample deterministically to the end."""
-    monkeypatch.setattr(cowmod, "INVERSION_REFINE", refine)
+    monkeypatch.setattr(inversion, "INVERSION_REFINE", refine)
     steps = 8
     for k in (5, 0):
         program = [{"op": "denoise", "from": i, "to": i + 1, "regional": True, "theta": None, "eta": 0.0}
@@ -215,9 +220,7 @@ def test_inversion_then_sampling_reconstructs_the_reference(backend, monkeypatch
         plan = with_reference(make_plan(seed=1, steps=steps), token=None, related=None, modulation=False,
                               cycles=0, program=program)
         x = run(backend, plan)
-        z = cowmod.FluxCow.__new__(cowmod.FluxCow)
-        z.backend, z.plan, z.job, z.dtype = backend, plan, plan.jobs[0], torch.float32
-        z_ref = z.encode_reference(plan.jobs[0]["conditions"][0], 256, 256)
+        z_ref = backend.encode_image(plan.tensor(plan.jobs[0].conditions[0].image)[..., :3].copy())
         err = (x - z_ref).abs().max().item() / z_ref.abs().max().item()
         print(f"refine={refine}, inversion from level {k}: max abs error / max |z| = {err:.2e}")
         # random tiny weights: plain reverse Euler is far off (measured 0.47–0.75), the refined
@@ -228,22 +231,22 @@ def test_inversion_then_sampling_reconstructs_the_reference(backend, monkeypatch
 def test_second_build_skips_inversion(backend, cache_dir):
     plan = with_reference(make_plan(seed=8))
     a = run(backend, plan)
-    assert cowmod.CACHE.stats["inverted"] == 1
+    assert inversion.CACHE.stats["inverted"] == 1
     files = list(cache_dir.glob("inversion/*.safetensors"))
     assert len(files) == 1
     b = run(backend, plan)  # memory hit
-    cowmod.CACHE.clear()  # a new process: only the disk cache
+    inversion.CACHE.clear()  # a new process: only the disk cache
     c = run(backend, plan)
-    assert cowmod.CACHE.stats["inverted"] == 1 and cowmod.CACHE.stats["disk"] >= 1
+    assert inversion.CACHE.stats["inverted"] == 1 and inversion.CACHE.stats["disk"] >= 1
     assert torch.equal(a, b) and torch.equal(a, c)
     # another prompt is another trajectory: inverted again
     other = with_reference(make_plan(prompt="a dark forest", seed=8))
     run(backend, other)
-    assert cowmod.CACHE.stats["inverted"] == 2
+    assert inversion.CACHE.stats["inverted"] == 2
 
 
 def test_bad_cow_ops_are_plan_errors(backend):
-    from scenec.runtime.errors import PlanError
+    from scenec.spec.errors import PlanError
 
     for op in ({"op": "paste", "condition": 3, "at": 1}, {"op": "renoise", "from": 1, "to": 2},
                {"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": None, "eta": 1.5}):
@@ -255,7 +258,7 @@ def test_bad_cow_ops_are_plan_errors(backend):
 def test_inversion_evaluates_the_model_at_the_samplers_timesteps():
     """The refined inversion inverts the sampler's own step, so the model must see the sampler's timestep
     (bf16(σ·1000)/1000, as flux.run_job passes it), not bf16(σ): 0.6211 vs 0.625 in bf16."""
-    from scenec.runtime.flux import load_backend
+    from scenec.runtime.families import load_backend
 
     be = load_backend("tiny", device="cpu", dtype="bf16")
     seen = []
@@ -263,24 +266,26 @@ def test_inversion_evaluates_the_model_at_the_samplers_timesteps():
         lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
     try:
         plain = make_plan(seed=4)
-        be.run_job(plain, plain.jobs[0], decode=False)
+        run_job(be, plain, plain.jobs[0], decode=False)
         sampled = set(seen)
         seen.clear()
         plan = with_reference(make_plan(seed=4), window=(1, 3), cycles=2, modulation=False)
-        be.run_job(plan, plan.jobs[0], decode=False)
+        run_job(be, plan, plan.jobs[0], decode=False)
     finally:
         hook.remove()
-    assert cowmod.CACHE.stats["inverted"] == 1
+    assert inversion.CACHE.stats["inverted"] == 1
     assert set(seen) - {0.0} <= sampled, (sorted(set(seen)), sorted(sampled))  # 0: the first guess at σ_N
 
 
 def test_sow_attention_calls_do_not_read_the_device():
     """Every block of every modulated step calls attend: deciding on/off must not sync (.item(), bool())
     with the device. Meta tensors have no values, so any read-back raises."""
-    term = cowmod.sow_term(FACE, RELATED, MOD)
-    sow = cowmod.SowModulation([term], 256, "meta")
+    term = oneway.sow_term(FACE, RELATED, MOD)
+    sow = oneway.Sow({256: [term]}, [0], "meta", frozenset({"double"}))
+    ctl = Attention("sdpa")
     q = k = v = torch.empty(1, 2, 8 + 256, 16, device="meta")
     for inside in ([True], [False]):
         sow.begin_step(1, inside)
         sow.pending = False  # the indicator (once per step) reads its spread back by design
-        assert sow.attend(q, k, v, None).shape == q.shape
+        ctl.set([sow], n_img=256)
+        assert attend(ctl, DOUBLE, q, k, v, [sow]).shape == q.shape

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from scenec.runtime.errors import ModelUnavailable, Unsupported
+from scenec.spec.errors import ModelUnavailable, Unsupported
+from scenec.runtime.sampler import job_spec, run_job
 from scenec.runtime.testing import box, make_plan, tiny_backend
 
 GRID = (16, 16)
@@ -34,13 +35,13 @@ def reference(pipe, seed, **kw):
 
 def test_no_entities_reproduces_flux_pipeline(backend, pipe):
     plan = make_plan(prompt="a meadow at sunset", seed=11)
-    ours = backend.run_job(plan, plan.jobs[0], decode=False).latents
+    ours = run_job(backend, plan, plan.jobs[0], decode=False).latents
     assert (ours - reference(pipe, 11)).abs().max().item() <= 1e-5
 
 
 def test_no_entities_true_cfg_reproduces_flux_pipeline(backend, pipe):
     plan = make_plan(prompt="a meadow at sunset", negative="blurry, low quality", seed=3, true_cfg=2.5)
-    ours = backend.run_job(plan, plan.jobs[0], decode=False).latents
+    ours = run_job(backend, plan, plan.jobs[0], decode=False).latents
     ref = reference(pipe, 3, negative_prompt="blurry, low quality", true_cfg_scale=2.5)
     assert (ours - ref).abs().max().item() <= 1e-5
 
@@ -48,8 +49,8 @@ def test_no_entities_true_cfg_reproduces_flux_pipeline(backend, pipe):
 def test_entities_change_the_image(backend):
     a = make_plan(seed=5)
     b = make_plan(seed=5, entities=ENTS)
-    la = backend.run_job(a, a.jobs[0], decode=False).latents
-    lb = backend.run_job(b, b.jobs[0], decode=False).latents
+    la = run_job(backend, a, a.jobs[0], decode=False).latents
+    lb = run_job(backend, b, b.jobs[0], decode=False).latents
     assert (la - lb).abs().max() > 1e-3
 
 
@@ -58,16 +59,16 @@ def test_true_cfg_changes_result_and_equals_formula(backend):
     plain = make_plan(entities=ENTS, program=one, seed=2)
     cfg = make_plan(entities=ENTS, program=one, seed=2, true_cfg=3.0)
     job = cfg.jobs[0]
-    assert job["entities"][0]["negative"] != job["entities"][1]["negative"]  # own vs background negative
-    x_plain = backend.run_job(plain, plain.jobs[0], decode=False).latents
-    x_cfg = backend.run_job(cfg, job, decode=False).latents
+    assert job.entities[0].negative != job.entities[1].negative  # own vs background negative
+    x_plain = run_job(backend, plain, plain.jobs[0], decode=False).latents
+    x_cfg = run_job(backend, cfg, job, decode=False).latents
     assert (x_plain - x_cfg).abs().max() > 1e-4
 
     # the same step by hand: v = v_neg + s (v_pos − v_neg), both forwards regional
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     p = backend.pipe
-    pos, neg = backend._condition(cfg, job, False), backend._condition(cfg, job, True)
+    pos, neg = (backend.cond([(cfg, job_spec(job), n)]) for n in (False, True))
     assert pos.seq.shape[1] != neg.seq.shape[1]  # different texts, each with its own mask
     x, ids = p.prepare_latents(1, 16, 256, 256, torch.float32, "cpu", torch.Generator().manual_seed(2))
     p.scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=calculate_shift(x.shape[1]))
@@ -75,12 +76,13 @@ def test_true_cfg_changes_result_and_equals_formula(backend):
     g = torch.full([1], 3.5)
 
     def v(c):
-        backend.regional.use(c.mask, "all")
+        backend.attn.set([c.mask("regional", "sdpa", "cpu", ["double", "single"])], n_img=x.shape[1])
         try:
-            return p.transformer(hidden_states=x, timestep=ts[:1] / 1000, guidance=g, pooled_projections=c.pooled,
-                                 encoder_hidden_states=c.seq, txt_ids=c.txt_ids, img_ids=ids, return_dict=False)[0]
+            return p.transformer(hidden_states=x, timestep=ts[:1] / 1000, guidance=g, pooled_projections=c.pooled[0],
+                                 encoder_hidden_states=c.seq, txt_ids=c.extra["txt_ids"], img_ids=ids,
+                                 return_dict=False)[0]
         finally:
-            backend.regional.use(None)
+            backend.attn.clear()
 
     with torch.inference_mode():
         vp, vn = v(pos), v(neg)
@@ -89,37 +91,37 @@ def test_true_cfg_changes_result_and_equals_formula(backend):
 
 
 def test_unsupported_ops_are_reported(backend):
-    # renoise/paste: reference conditions (runtime/cow.py); fork and theta: coupling groups (test_runtime_coupled.py)
+    # renoise/paste: reference conditions (runtime/methods/oneway.py); fork and theta: coupling groups
     for op in ({"op": "warp"},):
         plan = make_plan(program=[op])
         with pytest.raises(Unsupported, match="not supported by this runtime yet"):
-            backend.run_job(plan, plan.jobs[0], decode=False)
+            run_job(backend, plan, "test-1", decode=False)
     assert issubclass(Unsupported, NotImplementedError)
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path):
-    from scenec.runtime.flux import load_backend
+    from scenec.runtime.families import as_model, flux, load_backend
 
     with pytest.raises(ModelUnavailable, match="local diffusers directory|model_index.json"):
         load_backend({"spec": str(tmp_path), "family": "flux", "repo": str(tmp_path)}, device="cpu")
     with pytest.raises(Unsupported, match="family"):
-        load_backend({"spec": "sd15", "family": "sd", "repo": "x/y"}, device="cpu")
+        flux.load(as_model({"spec": "sd15", "family": "sd", "repo": "x/y"}), device="cpu")
 
 
 def test_non_square_canvas(backend, pipe):
     plan = make_plan(prompt="a meadow at sunset", seed=9, width=256, height=192)
-    ours = backend.run_job(plan, plan.jobs[0], decode=False).latents
+    ours = run_job(backend, plan, plan.jobs[0], decode=False).latents
     ref = pipe("a meadow at sunset", height=192, width=256, num_inference_steps=4, guidance_scale=3.5,
                generator=torch.Generator().manual_seed(9), output_type="latent", max_sequence_length=32).images
     assert (ours - ref).abs().max().item() <= 1e-5
     reg = make_plan(seed=9, width=256, height=192, entities=[
         {"id": "fox", "prompt": "a red fox", "token": box((12, 16), 1, 1, 6, 9)}])
-    r = backend.run_job(reg, reg.jobs[0])
+    r = run_job(backend, reg, reg.jobs[0])
     assert r.image.size == (256, 192)
 
 
 def test_decoded_image(backend):
     plan = make_plan(entities=ENTS)
-    r = backend.run_job(plan, plan.jobs[0])
+    r = run_job(backend, plan, plan.jobs[0])
     assert r.image.size == (256, 256) and r.image.mode == "RGB"
     assert set(r.timings) == {"encode_s", "denoise_s", "decode_s", "total_s"}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scenec.runtime.testing import box, make_plan, tiny_backend
+from scenec.runtime.sampler import run_job
+from scenec.runtime.testing import box, encode_init, make_plan, tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +23,15 @@ def test_outside_equals_init_latent(backend):
     fox[3, 3:11] = 0.5  # a feathered edge: partly drawn by the model
     plan = make_plan(entities=[{"id": "fox", "prompt": "a red fox", "token": fox}], init_image=init_image())
     job = plan.jobs[0]
-    z0, m = backend._encode_init(plan, job, 256, 256, torch.float32)
-    x = backend.run_job(plan, job, decode=False).latents
+    z0, m = encode_init(backend, plan, job)
+    x = run_job(backend, plan, job, decode=False).latents
     out = m == 0
     assert out.any() and (~out).any()
     assert torch.equal(x[out], z0[out])  # exactly the init image outside
     assert (x[~out] - z0[~out]).abs().max() > 1e-2  # the model drew inside
     # the packed mask maps each latent pixel to its own channels (token t: 16 channels × 2×2 patch)
     mt = m.view(16, 16, 16, 2, 2)
-    lat = plan.tensor(job["inpaint_mask"]["latent"]).reshape(16, 2, 16, 2).transpose(0, 2, 1, 3)
+    lat = plan.tensor(job.inpaint_mask["latent"]).reshape(16, 2, 16, 2).transpose(0, 2, 1, 3)
     assert np.array_equal(mt[:, :, 0].numpy(), lat) and torch.equal(mt, mt[:, :, :1].expand_as(mt))
 
 
@@ -38,7 +39,7 @@ def test_init_encoding_matches_img2img(backend):
     """z0 = pack((E(x) − shift)·scale), E = the VAE's mode (deterministic)."""
     plan = make_plan(entities=[{"id": "fox", "prompt": "a red fox", "token": box((16, 16), 0, 0, 8, 8)}],
                      init_image=init_image())
-    z0, _ = backend._encode_init(plan, plan.jobs[0], 256, 256, torch.float32)
+    z0, _ = encode_init(backend, plan, plan.jobs[0])
     p = backend.pipe
     img = p.image_processor.preprocess(init_image().astype(np.float32)[None] / 255.0)
     with torch.no_grad():

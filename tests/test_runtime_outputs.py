@@ -1,4 +1,4 @@
-"""Outputs: PNG + metadata + sidecar, written atomically and deterministically; scenec.build."""
+"""Outputs: PNG + metadata + sidecar, written atomically and deterministically."""
 
 import json
 
@@ -44,56 +44,14 @@ def test_two_runs_identical_bytes(backend, tmp_path):
 
 
 def test_failed_job_does_not_stop_the_others(backend, tmp_path):
-    plan = make_plan(seeds=[1, 2])
-    plan.jobs[0]["program"] = [{"op": "warp"}]  # an op no runtime knows
+    def warp(doc, tensors):
+        doc["jobs"][0]["program"] = [{"op": "warp"}]  # an op no runtime knows
+
+    plan = make_plan(seeds=[1, 2], edit=warp)
     res = execute(plan, backend, tmp_path)
     assert res[0]["status"] == "failed" and "not supported" in res[0]["error"] and res[1]["status"] == "built"
 
 
 def test_unsafe_output_name(backend, tmp_path):
-    plan = make_plan()
-    plan.jobs[0]["name"] = "../escape"
+    plan = make_plan(edit=lambda doc, tensors: doc["jobs"][0].update(name="../escape"))
     assert execute(plan, backend, tmp_path)[0]["status"] == "failed"
-
-
-def test_build_compiles_once_and_counts(monkeypatch, tmp_path):
-    import scenec.build as b
-    import scenec.runtime.flux as flux
-
-    calls = []
-    monkeypatch.setattr(b, "_compile", lambda p, model: calls.append(p) or make_plan(seeds=[1, 2]))
-    loads = []
-    monkeypatch.setattr(flux, "load_backend", lambda m, **kw: loads.append(m) or tiny_backend())
-    s = b.build([tmp_path / "a.yaml", tmp_path / "b.yaml"], out=tmp_path / "out", quiet=True)
-    assert s["built"] == 4 and s["failed"] == 0 and s["cached"] == 0 and len(s["outputs"]) == 4
-    assert len(loads) == 1 and len(calls) == 2  # the model loads once for both scenes
-    assert (tmp_path / "out" / "test-1.png").is_file()
-
-
-def test_build_reports_missing_model(monkeypatch, tmp_path):
-    import scenec.build as b
-    import scenec.runtime.flux as flux
-    from scenec.runtime.errors import ModelUnavailable
-
-    def unavailable(m, **kw):
-        raise ModelUnavailable("weights of 'x/y' are not available here")
-
-    monkeypatch.setattr(b, "_compile", lambda p, model: make_plan(seeds=[1, 2]))
-    monkeypatch.setattr(flux, "load_backend", unavailable)
-    s = b.build([tmp_path / "a.yaml"], out=tmp_path / "out", quiet=True)
-    assert s["built"] == 0 and s["failed"] == 2 and "not available" in s["errors"][0]
-
-
-def test_build_reports_every_invalid_scene_before_loading(monkeypatch, tmp_path):
-    import scenec.build as b
-    import scenec.runtime.flux as flux
-    from scenec.spec.diagnostics import Diagnostic, Pos, SceneError
-
-    def bad(p, model):
-        raise SceneError([Diagnostic(Pos(str(p), 3, 5), "bad shape")])
-
-    monkeypatch.setattr(b, "_compile", bad)
-    monkeypatch.setattr(flux, "load_backend", lambda *a, **k: pytest.fail("loaded a model for invalid input"))
-    with pytest.raises(SceneError) as e:
-        b.build([tmp_path / "a.yaml", tmp_path / "b.yaml"], quiet=True)
-    assert len(e.value.diagnostics.items) == 2

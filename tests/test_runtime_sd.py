@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from scenec.compiler.schedule import Cow, ProgramInputs, build_program
-from scenec.runtime import cow as cowmod
-from scenec.runtime.errors import ModelUnavailable, Unsupported
+from scenec.runtime import inversion
+from scenec.runtime.methods import oneway
+from scenec.spec.errors import ModelUnavailable, Unsupported
+from scenec.runtime.sampler import run_job
 from scenec.runtime.testing import box, make_plan, pool, sd_plan
+from scenec.spec.plan import Plan
 
 GRID = (16, 16)  # a16 on a 256² canvas
 FOX = box(GRID, 2, 2, 8, 8)
@@ -20,7 +23,7 @@ ENTS = [{"id": "fox", "prompt": "a red fox", "negative": "blurry", "token": FOX}
 
 @functools.lru_cache(maxsize=None)
 def _backend():
-    from scenec.runtime.backends import load_backend
+    from scenec.runtime.families import load_backend
 
     return load_backend("tiny-sd", device="cpu", dtype="fp32")
 
@@ -33,14 +36,14 @@ def backend():
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cowmod, "INVERSION_REFINE", 3)
-    cowmod.CACHE.clear()
-    cowmod.CACHE.stats.update(memory=0, disk=0, inverted=0)
+    monkeypatch.setattr(inversion, "INVERSION_REFINE", 3)
+    inversion.CACHE.clear()
+    inversion.CACHE.stats.update(memory=0, disk=0, inverted=0)
     yield
 
 
 def run(backend, plan):
-    return backend.run_job(plan, plan.jobs[0], decode=False).latents
+    return run_job(backend, plan, plan.json["jobs"][0]["id"], decode=False).latents
 
 
 def pipeline(backend):
@@ -65,12 +68,12 @@ def test_no_entities_reproduces_stable_diffusion_pipeline(backend):
 def test_regional_probe_follows_the_regions_at_every_resolution(backend):
     plan = sd_plan(entities=ENTS, program=[{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": None,
                                             "eta": 0.0}])
-    backend.regional.probe = []
+    backend.attn.probe = []
     try:
         run(backend, plan)
-        recs = backend.regional.probe
+        recs = backend.attn.probe
     finally:
-        backend.regional.probe = None
+        backend.attn.probe = None
     assert {r["n_q"] for r in recs} == {32 * 32, 16 * 16, 8 * 8, 4 * 4}  # latent, a16, a32, a64
     n_g = 77
     enc = backend.encode_entity
@@ -106,7 +109,7 @@ def test_inpainting_keeps_the_outside_exactly(backend):
     init = (np.random.default_rng(0).uniform(0, 255, (256, 256, 3))).astype(np.uint8)
     plan = sd_plan(seed=2, entities=ENTS[:1], init_image=init)
     x = run(backend, plan)
-    z0 = backend.encode_image(init, 256, 256)
+    z0 = backend.encode_image(init)
     outside = torch.from_numpy(plan.tensors["inpaint/u/latent"] == 0)[None, None].expand_as(x)
     assert torch.equal(x[outside], z0[outside])
     assert (x[~outside] - z0[~outside]).abs().max() > 1e-2
@@ -116,74 +119,66 @@ def _with_reference(plan, window=(1, 3), cycles=2, preserve=None, eta=1.0, whole
     from test_runtime_cow import reference_rgba
 
     token = np.ones(GRID, np.float32) if whole else FOX
-    plan.tensors["cond/r/rgba"] = reference_rgba(token)
-    plan.tensors["cond/r/latent"] = np.repeat(np.repeat(token, 2, 0), 2, 1)
-    for job in plan.jobs:
+    t = dict(plan.tensors)
+    t["cond/r/rgba"] = reference_rgba(token)
+    t["cond/r/latent"] = np.repeat(np.repeat(token, 2, 0), 2, 1)
+    for job in plan.json["jobs"]:
         job["conditions"] = [{"entity": "fox", "image": "cond/r/rgba", "sha256": "x", "fit": "contain",
                               "window": list(window), "cycles": cycles, "preserve": preserve, "eta": eta,
                               "masks": None if whole else {"latent": "cond/r/latent"}, "related": None,
                               "modulation": False}]
-        job["program"] = program or build_program(ProgramInputs(
-            plan.sampler["steps"], conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))
-    return plan
+        job["program"] = program or [op.model_dump(by_alias=True, mode="json") for op in build_program(ProgramInputs(
+            plan.sampler.steps, conditions=[Cow(0, window[0], window[1], cycles, preserve, eta)]))]
+    return Plan(plan.json, t)
 
 
 def test_cow_on_sd_paste_renoise_preserve_and_cache(backend, monkeypatch):
-    from scenec.runtime import sd
-
     plain = run(backend, sd_plan(seed=3))
     assert torch.equal(plain, run(backend, _with_reference(sd_plan(seed=3), cycles=0)))
     seen = []
-    orig = cowmod.paste
+    orig = oneway.paste
 
     def spy(x, ref, m):
         out = orig(x, ref, m)
         seen.append((out, ref, m))
         return out
 
-    monkeypatch.setattr(sd.cowmod, "paste", spy)
+    monkeypatch.setattr(oneway, "paste", spy)
     plan = _with_reference(sd_plan(seed=3), window=(1, 3), cycles=2, preserve=3)
     a = run(backend, plan)
-    assert len(seen) == 5 and cowmod.CACHE.stats["inverted"] == 1
+    assert len(seen) == 5 and inversion.CACHE.stats["inverted"] == 1
     for out, ref, m in seen:
         inside = (m == 1).expand_as(out)
         assert torch.equal(out[inside], ref[inside])
     b = run(backend, plan)
-    assert cowmod.CACHE.stats["inverted"] == 1  # cache hit
+    assert inversion.CACHE.stats["inverted"] == 1  # cache hit
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # measured ≤ 1e-6 (oneDNN first-call kernels)
     assert (a - plain).abs().max() > 1e-2
 
 
 def test_ddim_inversion_reconstructs_the_reference(backend, monkeypatch):
     """Invert to level 8 of 10, paste over the whole canvas, sample deterministically (no CFG)."""
-    monkeypatch.setattr(cowmod, "INVERSION_REFINE", 20)
+    monkeypatch.setattr(inversion, "INVERSION_REFINE", 20)
     steps, k = 10, 8
     program = [{"op": "denoise", "from": i, "to": i + 1, "regional": True, "theta": None, "eta": 0.0}
                for i in range(steps)]
     program.insert(k, {"op": "paste", "condition": 0, "at": k})
     plan = _with_reference(sd_plan(seed=1, steps=steps, guidance=1.0), whole=True, cycles=0, program=program)
     x = run(backend, plan)
-    z = backend.encode_image(plan.tensors["cond/r/rgba"][..., :3].copy(), 256, 256)
+    z = backend.encode_image(plan.tensors["cond/r/rgba"][..., :3].copy())
     err = ((x - z).abs().max() / z.abs().max()).item()
     print(f"SD DDIM inversion from level {k} of {steps}: relative error {err:.2e}")
     assert err < 1e-3  # measured 1.3e-5 (level 7), 2.9e-5 (level 5); with CFG 7.5: 1.8e-2 (level 7)
 
 
 def test_sd_load_errors(tmp_path):
-    from scenec.runtime.backends import load_backend
-    from scenec.runtime.flux import load_backend as load_flux
+    from scenec.runtime.families import as_model, flux, load_backend
 
     with pytest.raises(ModelUnavailable, match="model_index.json"):
         load_backend({"spec": str(tmp_path), "family": "sd", "repo": str(tmp_path)}, device="cpu")
     with pytest.raises(Unsupported, match="family"):
-        load_flux({"spec": "sd15", "family": "sd", "repo": "x/y"}, device="cpu")
+        flux.load(as_model({"spec": "sd15", "family": "sd", "repo": "x/y"}), device="cpu")
     assert type(load_backend("tiny-sd", device="cpu")).__name__ == "SDBackend"
-
-
-def test_coupling_ops_are_unsupported_on_sd(backend):
-    plan = sd_plan(program=[{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": 0.5, "eta": 0.0}])
-    with pytest.raises(Unsupported, match="SD runtime"):
-        run(backend, plan)
 
 
 # --- SOW on SD: the bias on the UNet's self-attention (attn1) at every resolution ------------------
@@ -196,7 +191,7 @@ SD_GRIDS = {32 * 32: "latent", 16 * 16: "a16", 8 * 8: "a32", 4 * 4: "a64"}
 def _with_sow(plan, modulation=SOW_MOD, related=RELATED, **kw):
     """_with_reference plus the condition's and related region's masks on every SD grid and a modulation."""
     plan = _with_reference(plan, **kw)
-    t = plan.tensors
+    t = dict(plan.tensors)
     masks, rel = {}, {}
     for name, m, out in (("cond/r", FOX, masks), ("rel/r", related, rel)):
         if m is None:
@@ -204,9 +199,9 @@ def _with_sow(plan, modulation=SOW_MOD, related=RELATED, **kw):
         t[f"{name}/latent"] = np.repeat(np.repeat(m, 2, 0), 2, 1)
         t[f"{name}/a16"], t[f"{name}/a32"], t[f"{name}/a64"] = m, pool(m, 2), pool(m, 4)
         out.update({g: f"{name}/{g}" for g in ("latent", "a16", "a32", "a64")})
-    for job in plan.jobs:
+    for job in plan.json["jobs"]:
         job["conditions"][0].update(masks=masks, related=rel or None, modulation=modulation)
-    return plan
+    return Plan(plan.json, t)
 
 
 def _fall(m: np.ndarray, distance: float) -> np.ndarray:
@@ -222,12 +217,12 @@ def _sow_probe(backend, modulation, seed=2):
     plan = _with_sow(sd_plan(seed=seed), modulation, program=[
         {"op": "paste", "condition": 0, "at": 1},
         {"op": "denoise", "from": 1, "to": 2, "regional": True, "theta": None, "eta": 0.0}])
-    backend.regional.probe = []
+    backend.attn.probe = []
     try:
         x = run(backend, plan)
-        recs = backend.regional.probe
+        recs = backend.attn.probe
     finally:
-        backend.regional.probe = None
+        backend.attn.probe = None
     return plan, x, recs
 
 
@@ -260,7 +255,7 @@ def test_sd_modulation_false_is_bit_identical_to_stock_self_attention(backend):
     x_off = run(backend, plan)
     procs = backend.unet.attn_processors
     attn1 = [n for n in procs if n.endswith("attn1.processor")]
-    assert attn1 and all(type(procs[n]).__name__ == "SowSelfAttnProcessor" for n in attn1)
+    assert attn1 and all(type(procs[n]).__name__ == "SDProcessor" for n in attn1)
     backend.unet.set_attn_processor({n: AttnProcessor2_0() if n in attn1 else p for n, p in procs.items()})
     try:
         x_stock = run(backend, plan)  # no modulation code on the self-attention path at all
@@ -278,13 +273,13 @@ def test_sd_modulation_false_is_bit_identical_to_stock_self_attention(backend):
 
 def test_sow_on_sd_decays_per_cycle_and_the_indicator_switches_it_off(backend, monkeypatch):
     hist = []
-    orig = cowmod.SowGrids.measure
+    orig = oneway.Sow.measure
 
-    def spy(self, q, k):
-        orig(self, q, k)
-        hist.append(dict(self.history[-1], rows=self.rows, batch=q.shape[0]))
+    def spy(self, q, k, n_text, allow, rows):
+        orig(self, q, k, n_text, allow, rows)
+        hist.append(dict(self.history[-1], rows=rows, batch=q.shape[0]))
 
-    monkeypatch.setattr(cowmod.SowGrids, "measure", spy)
+    monkeypatch.setattr(oneway.Sow, "measure", spy)
     run(backend, _with_sow(sd_plan(seed=3), window=(1, 3), cycles=3))
     assert [h["cycle"] for h in hist] == [0, 0, 1, 1, 2, 2]
     for h in hist:
@@ -302,18 +297,20 @@ def test_sow_on_sd_decays_per_cycle_and_the_indicator_switches_it_off(backend, m
 def test_sd_portrait_scene_builds_with_sow(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from scenec.build import build
+    from scenec.build.driver import build_batch
+    from scenec.build.options import BuildOptions
 
     hist = []
-    orig = cowmod.SowGrids.measure
+    orig = oneway.Sow.measure
 
-    def spy(self, q, k):
-        orig(self, q, k)
+    def spy(self, *a):
+        orig(self, *a)
         hist.append(self.history[-1])
 
-    monkeypatch.setattr(cowmod.SowGrids, "measure", spy)
+    monkeypatch.setattr(oneway.Sow, "measure", spy)
+    monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
     scene = Path(__file__).resolve().parents[1] / "scenes" / "sd-portrait.yaml"
-    res = build([scene], out=tmp_path, device="cpu", dtype="fp32", quiet=True)
+    res = build_batch([scene], BuildOptions(out=tmp_path, device="cpu", dtype="fp32", quiet=True, force=True))
     assert res["built"] == 1 and res["failed"] == 0, res
     assert [h["cycle"] for h in hist] == [0, 1, 2]  # window 1 → 2: one modulated op per cycle
 
@@ -321,14 +318,14 @@ def test_sd_portrait_scene_builds_with_sow(tmp_path, monkeypatch):
 def test_inpainting_keeps_half_precision_latents():
     """fp16/bf16 (SD's default on CUDA): the float32 inpaint mask must not promote the latents to float32,
     or the UNet's next forward fails on mixed dtypes (bf16 on CPU stands in for fp16 on CUDA)."""
-    from scenec.runtime.backends import load_backend
+    from scenec.runtime.families import load_backend
 
     be = load_backend("tiny-sd", device="cpu", dtype="bf16")
     init = (np.random.default_rng(0).uniform(0, 255, (128, 128, 3))).astype(np.uint8)
     plan = sd_plan(seed=2, width=128, height=128, steps=2, guidance=1.0, init_image=init,
                    entities=[{"id": "fox", "prompt": "a red fox", "token": box((8, 8), 1, 1, 5, 5)}])
-    x = be.run_job(plan, plan.jobs[0], decode=False).latents
+    x = run_job(be, plan, plan.jobs[0], decode=False).latents
     assert x.dtype == torch.bfloat16
-    z0 = be.encode_image(init, 128, 128)
+    z0 = be.encode_image(init)
     outside = torch.from_numpy(plan.tensors["inpaint/u/latent"] == 0)[None, None].expand_as(x)
     assert torch.equal(x[outside], z0[outside])

@@ -145,23 +145,38 @@ TARGET = np.array([0.0, 0.2, 0.8, 1.0])
 
 class FakeBackend:
     """Images whose background differs between the variants by ‖θ − TARGET‖₁ (read from the job's step
-    program): J = a·BgSim is maximal at θ = TARGET."""
+    program): J = a·BgSim is maximal at θ = TARGET. Jobs run through :func:`fake_run_job`."""
 
     model_id, device, dtype = "fake", "cpu", "float32"
 
     def __init__(self):
         self.jobs = []
 
-    def run_job(self, plan, job, progress=None):
-        self.jobs.append(job["id"])
-        theta = np.array([op["theta"] for op in job["program"] if op["op"] == "denoise"])
+    def run_job(self, plan, job, progress=None, stop_at_fork=False, **_):
+        if stop_at_fork:  # a group's shared prefix: nothing to draw yet
+            return SimpleNamespace(latents=None)
+        self.jobs.append(job.id)
+        theta = np.array([op.theta for op in job.program if op.op == "denoise"])
         img = np.full((64, 64, 3), 100, np.uint8)
-        if job["variant"] == "fox":
+        if job.variant == "fox":
             img[:] += np.uint8(round(40 * np.abs(theta - TARGET).sum()))
-        return SimpleNamespace(image=Image.fromarray(img), timings={"total_s": 0.0})
+        return SimpleNamespace(image=Image.fromarray(img), latents=None, timings={"total_s": 0.0})
 
     def clear_cache(self):
         pass
+
+
+@pytest.fixture(autouse=True)
+def fake_run_job(monkeypatch):
+    """The sampler's run_job, for the fake backend: its images, no model."""
+    import scenec.runtime.outputs as outputs
+    import scenec.runtime.sampler as sampler
+
+    def run_job(backend, plan, job, progress=None, **kw):
+        return backend.run_job(plan, job if hasattr(job, "program") else plan.job(job["id"]), progress, **kw)
+
+    monkeypatch.setattr(sampler, "run_job", run_job)
+    monkeypatch.setattr(outputs, "run_job", run_job)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ dbt's model, for images. One module per concept, in the order a build runs them:
 - :mod:`~scenec.build.pool`, :mod:`~scenec.build.executors`, :mod:`~scenec.build.ray_executor`: where
   units run (this process or Ray actors), each process loading a model once;
 - :mod:`~scenec.build.reporting`: status, summaries, what is printed;
-- :mod:`~scenec.build.driver`: ``build_batch``, the whole build; :mod:`~scenec.build.direct`: compile
-  and execute scenes whole, without cache or manifest.
+- :mod:`~scenec.build.driver`: ``build_batch``, the whole build.
 
 Nothing imports torch before something is to be built: ``scenec status`` and ``scenec build
 --dry-run`` run in any CI.

@@ -1,0 +1,253 @@
+"""What a model family provides to the sampler and the methods: the :class:`Backend` protocol.
+
+A family (runtime/families/) is one module with one class implementing this protocol, registered by
+name in runtime/families/__init__.py. It holds only what is model-specific: loading, text encoders
+and how text sequences are assembled, latent layout (packing), the model call under the current
+attention modifiers, the solver over its noise levels, and the VAE. Everything a method does is
+written once against this protocol (runtime/methods/), and the loop that runs a job is one
+(runtime/sampler.py).
+
+The types the two sides exchange live here too: a model call asks for text by :class:`TextSpec`
+(which streams, in which order) and gets a :class:`Cond` back (the sequence, pooled vectors and the
+token layouts the attention masks are built from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from scenec.spec.errors import ModelUnavailable, PlanError
+
+from .attention import Attention, BatchLayout, BuiltMask, Mask, RegionalLayout, Site, build_mask, region_membership
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One text condition: its prompt and negative (prompt indices), how it is encoded, and its region.
+
+    ``as_global``: encoded like a global prompt (padded to the model's text length, with a pooled
+    vector); otherwise like an EliGen entity prompt (its real tokens, or ``pad_prompts``)."""
+
+    prompt: int
+    negative: int
+    as_global: bool = False
+    masks: tuple[tuple[str, str], ...] | None = None  # the region: (grid, tensor name) pairs; None = whole canvas
+
+    @classmethod
+    def entity(cls, e, as_global: bool = False) -> "Stream":
+        """The stream of a plan entity (``spec.plan.EntityStream``)."""
+        return cls(e.prompt, e.negative, as_global, None if e.masks is None else tuple(sorted(e.masks.items())))
+
+    def text(self, negative: bool) -> int:
+        return self.negative if negative else self.prompt
+
+    @property
+    def mask_ref(self) -> dict | None:
+        return None if self.masks is None else dict(self.masks)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The text of one model call, in sequence order: ``[global | entities… | pad]``.
+
+    ``global_`` None leaves the global slot empty (image tokens outside every region see no text).
+    ``pooled`` names the streams whose pooled vectors condition the call (families with one, e.g.
+    Flux's CLIP); a call mixes several with weights (coupling)."""
+
+    global_: Stream | None
+    entities: tuple[Stream, ...] = ()
+    pooled: tuple[Stream, ...] = ()
+
+    @property
+    def regional(self) -> bool:
+        """Whether the text has entity-encoded streams: then it has a token layout (and padding)."""
+        return any(not e.as_global for e in self.entities)
+
+
+@dataclass
+class Cond:
+    """The text of one model call for every batch row, assembled by the family.
+
+    ``seq``: ``[B, L, D]`` with padding; ``pooled``: one ``[B, Dp]`` per ``TextSpec.pooled`` stream
+    (empty when the family has none); ``lengths``: tokens per stream of row 0, the global slot first;
+    ``layouts``: image token count → layout (one per attention grid), or empty without entity streams.
+    Masks are built from the layouts once, on first use, and kept."""
+
+    seq: torch.Tensor
+    pooled: list[torch.Tensor]
+    lengths: list[int]
+    layouts: dict[int, Any] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # family-specific (Flux: txt_ids)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_text(self) -> int:
+        return self.seq.shape[1]
+
+    def needs(self, rule: str) -> bool:
+        """Whether attention under ``rule`` masks anything: ``regional`` with entity streams, ``open``
+        only where there is padding."""
+        return any(lay.needs_mask(rule) for lay in self.layouts.values())
+
+    def mask(self, rule: str, impl: str, device, sites) -> Mask:
+        """The layouts' masks under ``rule`` for ``sites`` (built once per rule and kernel)."""
+        key = (rule, impl)
+        if key not in self._masks:
+            self._masks[key] = {n: build_mask(lay, impl, device, rule) for n, lay in self.layouts.items()}
+        return Mask(self._masks[key], frozenset(sites))
+
+
+@dataclass
+class Call:
+    """One model call as the methods shape it, then the family runs it.
+
+    ``rows``/``negatives``: which batch rows the call holds and, per row, whether it is the negative
+    (guidance) branch. The sampler fills ``specs`` (each row's job streams), ``level``, ``regional`` and
+    ``theta`` from the op; methods may change ``specs`` and ``pooled_weights`` (coupling), and add
+    ``mods`` (attention modifiers) once ``cond`` is assembled."""
+
+    rows: list[int]
+    negatives: list[bool]
+    specs: list[TextSpec]
+    level: int
+    regional: bool = True
+    theta: float | None = None
+    pooled_weights: tuple[float, ...] | None = None  # mix of Cond.pooled (None: the first as is)
+    cond: Cond | None = None
+    mods: list = field(default_factory=list)
+
+
+class Backend(Protocol):
+    """A loaded model of one family (see the module docstring)."""
+
+    family: str
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    attn: Attention
+    sites: tuple[Site, ...]  # the family's attention sites
+    image_grids: tuple[str, ...]  # plan grids with image–image attention (SOW biases live there)
+    mask_impl: str  # the kernel form of masks over text ("sdpa" | "flex" | "cross")
+
+    def clear_cache(self) -> None:
+        """Drop cached text encodings (after a plan, unless a batch build keeps them)."""
+
+    def solver(self, plan) -> Any:
+        """The solver over the plan's noise levels (runtime/solvers.py)."""
+
+    def prepare_latents(self, plan, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+        """One row's initial noise as the family's pipeline draws it, and the generator after it."""
+
+    def guided(self, plan) -> bool:
+        """Whether a negative (guidance) branch runs besides the positive one."""
+
+    def cond(self, rows: list[tuple[Any, TextSpec, bool]]) -> Cond:
+        """Encode (cached) and assemble the text of one call: ``(plan, spec, negative)`` per batch row."""
+
+    def predict(self, run, x: torch.Tensor, level: int, call: Callable[[list[tuple[int, bool]]], Call]) -> torch.Tensor:
+        """The guided model output at ``level``. ``call(rows)`` gives a shaped :class:`Call` for the given
+        ``(row, negative)`` pairs; the family makes the calls it needs (a guidance branch, or both
+        batched) and runs each under its modifiers."""
+
+    def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` → latent in the family's layout and the model's dtype (VAE mode)."""
+
+    def latent_mask(self, m: np.ndarray) -> torch.Tensor:
+        """A float mask on the latent grid → a tensor that broadcasts against the latents."""
+
+    def decode(self, x: torch.Tensor, plan) -> Any:
+        """One row's final latent → PIL image, as the family's pipeline decodes."""
+
+
+# --- shared by the families ------------------------------------------------------------------------
+
+def parse_dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    try:
+        return table[str(d).lower()]
+    except KeyError:
+        raise PlanError(f"unknown dtype {d!r} (use bf16, fp16 or fp32)") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def from_pretrained(cls, repo: str, dtype, **kw):
+    """``cls.from_pretrained`` from a hub id or a local diffusers directory, safetensors only, with one
+    sentence on how to get the weights when they are not here."""
+    looks_local = repo.startswith((".", "/", "~")) or Path(repo).exists()
+    if looks_local:
+        p = Path(repo).expanduser()
+        if not (p / "model_index.json").is_file():
+            raise ModelUnavailable(f"{repo}: not a diffusers model directory (no model_index.json); "
+                                   "point --model at a directory saved with save_pretrained or a hub id")
+        repo = str(p)
+    try:
+        return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True, **kw)
+    except (OSError, EnvironmentError, ValueError) as e:
+        hub = "" if looks_local else f"`huggingface-cli download {repo}` (accepting its licence on the hub), or "
+        raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}); get them with "
+                               f"{hub}point --model at a local diffusers directory") from e
+
+
+def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]]], regional: bool, grids: dict,
+             image_self: str, pad_multiple: int) -> tuple[torch.Tensor, list[int], dict[int, Any]]:
+    """Pack each row's stream sequences back to back, pad every row to one length, and lay them out.
+
+    ``rows``: per batch row, the stream sequences ``[1, n_s, D]`` (global slot first, possibly empty) and
+    the entity regions per grid name (bool ``[k, h*w]``). Without entity streams (``regional`` False)
+    rows are only concatenated (they have one length). Otherwise each row gets a
+    :class:`RegionalLayout` per grid, padded to a multiple of ``pad_multiple`` and to the longest
+    row; several rows make a :class:`BatchLayout`. Returns (seq ``[B, L, D]``, row 0's stream lengths,
+    image token count → layout)."""
+    lengths = [[p.shape[1] for p in parts] for parts, _ in rows]
+    if not regional:
+        if len({sum(ls) for ls in lengths}) != 1:
+            raise PlanError(f"batch rows without entities have different text lengths {[sum(ls) for ls in lengths]}")
+        return torch.cat([torch.cat(parts, dim=1) for parts, _ in rows]), lengths[0], {}
+    n_to = None
+    if len(rows) > 1:  # the longest row's text, padded as a row alone would be
+        n_to = max(sum(ls) + (-sum(ls)) % max(1, pad_multiple) for ls in lengths)
+    layouts: dict[int, list] = {}
+    seqs = []
+    for (parts, regions), ls in zip(rows, lengths):
+        lay = None
+        for g, (h, w) in grids.items():
+            reg = regions.get(g)
+            lay = RegionalLayout(ls, reg if reg is not None else torch.zeros(0, h * w, dtype=torch.bool), image_self,
+                                 pad_multiple, n_text_to=n_to)
+            layouts.setdefault(h * w, []).append(lay)
+        if lay is not None and lay.n_pad:
+            parts = parts + [parts[0].new_zeros(1, lay.n_pad, parts[0].shape[2])]
+        seqs.append(torch.cat(parts, dim=1))
+    out = {n: (ls[0] if len(ls) == 1 else BatchLayout(ls)) for n, ls in layouts.items()}
+    return torch.cat(seqs), lengths[0], out
+
+
+def pad_masks(call: Call, sites, impl: str, device) -> list:
+    """Padding never leaks: the ``open`` mask at every text site the methods left without a mask,
+    where the call's text has padding (a padded forward then computes what the unpadded one does)."""
+    cond = call.cond
+    if not cond.needs("open"):
+        return []
+    covered = {s for m in call.mods if isinstance(m, Mask) for s in m.sites}
+    free = [s.name for s in sites if s.text and s.name not in covered]
+    return [cond.mask("open", impl, device, free)] if free else []
+
+
+def regions_by_grid(plan, entities: tuple[Stream, ...], grids) -> dict[str, torch.Tensor]:
+    """Bool ``[k, h*w]`` per grid name: which image tokens each entity stream's region holds."""
+    return {g: region_membership([plan.mask(e.mask_ref, g) for e in entities], plan.grid(g)) for g in grids}
+
+
+__all__ = ["Backend", "BuiltMask", "Call", "Cond", "Stream", "TextSpec", "assemble", "default_device",
+           "from_pretrained", "pad_masks", "parse_dtype", "regions_by_grid"]

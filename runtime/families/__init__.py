@@ -1,0 +1,51 @@
+"""Model families: the registry the runtime loads backends from.
+
+Each family is one module under this package with a ``load(model, device, dtype, **kw)`` returning a
+backend that implements runtime/backend.Backend. The compiler knows the same families by name, with
+their geometry and capabilities, in compiler/caps.py. Adding a family: a module here, its entry in
+:data:`FAMILIES`, and its declaration in compiler/caps.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from scenec.spec.errors import Unsupported
+from scenec.spec.plan import Model
+
+FAMILIES = {"flux": "scenec.runtime.families.flux", "sd": "scenec.runtime.families.sd"}
+
+
+def _import_diffusers_quietly() -> None:
+    """Import diffusers with transformers' import-time notices muted (e.g. "requires torchvision,
+    falling back to the PIL image processor"): they concern image processors scenec never uses."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        import diffusers  # noqa: F401
+        from diffusers import FluxPipeline, StableDiffusionPipeline  # noqa: F401
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def as_model(model: Model | dict | str) -> Model:
+    """A plan's model from its typed form, its dict, or a spec string (an alias, an id or a directory)."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, dict):
+        return Model.model_validate(model)
+    from scenec.compiler.caps import model_info
+
+    info = model_info(model)
+    return Model(spec=model, family=info.family.name, repo=info.repo, max_sequence_length=info.max_sequence_length)
+
+
+def load_backend(model: Model | dict | str, device=None, dtype=None, **kw):
+    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids)."""
+    m = as_model(model)
+    if m.family not in FAMILIES:
+        raise Unsupported(f"model family {m.family!r} ({m.spec}) is not supported by this runtime")
+    _import_diffusers_quietly()
+    return importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)

@@ -1,0 +1,239 @@
+"""The Stable Diffusion family (SD 1.5 / 2.1, and the offline ``tiny-sd``): a UNet with CLIP text,
+classifier-free guidance and DDIM.
+
+Each step is computed as diffusers' ``StableDiffusionPipeline`` does (the same initial latents from
+``prepare_latents`` with a CPU generator, the same DDIM timesteps, CFG over a batch [negative,
+positive], ``DDIMScheduler.step``), so a job without entities reproduces the pipeline. Text: the
+global prompt as the pipeline encodes it (77 CLIP tokens); entity prompts keep their real CLIP tokens,
+packed after it. Attention sites: every ``attn2`` (cross-attention: image queries, text keys — where
+regional masks and coupling's key scaling act, picked per call by the query's token count, one mask
+per UNet resolution ``latent``/``a16``/``a32``/``a64``) and every ``attn1`` (self-attention: where
+SOW's bias acts). Without a modifier a processor runs the one that was installed (diffusers' own).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scenec.spec.errors import PlanError, Unsupported
+
+from ..attention import CROSS, SELF, Attention, KeyScale, Mask, Site, attend
+from ..backend import Call, Cond, TextSpec, assemble, default_device, from_pretrained, parse_dtype, regions_by_grid
+from ..cache import TextCache
+from ..solvers import DDIM
+
+SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
+UNET_GRIDS = ("latent", "a16", "a32", "a64")
+
+
+class SDProcessor:
+    """A UNet attention (``attn1`` self or ``attn2`` cross) through the one dispatcher; the processor
+    that was installed before (diffusers' ``AttnProcessor2_0``) when no modifier applies."""
+
+    def __init__(self, ctl: Attention, site: Site, plain):
+        self.ctl, self.site, self.plain = ctl, site, plain
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        mods = self.ctl.for_site(self.site)
+        cross = encoder_hidden_states is not None
+        if not mods or cross != self.site.text or attention_mask is not None or hidden_states.ndim != 3 or \
+                attn.spatial_norm is not None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *a, **kw)
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        ctx = hidden_states
+        if cross:
+            ctx = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        key, value = attn.to_k(ctx), attn.to_v(ctx)
+        hd = key.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = attend(self.ctl, self.site, q, k, v, mods)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class SDBackend:
+    """A loaded SD model (UNet + DDIM). Build with :func:`load`; reuse across plans."""
+
+    family = "sd"
+    sites = (CROSS, SELF)
+    image_grids = UNET_GRIDS
+    mask_impl = "cross"
+
+    def __init__(self, pipe, model_id: str, device, dtype):
+        from diffusers import DDIMScheduler
+
+        self.pipe = pipe
+        if not isinstance(pipe.scheduler, DDIMScheduler):  # the plan's sampler is "ddim"
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = pipe.unet
+        self.attn = Attention("sdpa")  # the sequences are short: dense masks and biases on every device
+        procs = {}
+        for name, p in self.unet.attn_processors.items():
+            site = CROSS if name.endswith("attn2.processor") else SELF if name.endswith("attn1.processor") else None
+            procs[name] = p if site is None else SDProcessor(self.attn, site, p)
+        self.unet.set_attn_processor(procs)
+        self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- text ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_global(self, text: str) -> torch.Tensor:
+        """CLIP last hidden state, padded to 77 tokens: exactly StableDiffusionPipeline.encode_prompt."""
+        key = ("global", text)
+        if key not in self._cache:
+            self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0]
+        return self._cache[key]
+
+    @torch.inference_mode()
+    def encode_entity(self, text: str) -> torch.Tensor:
+        """CLIP over the entity's real tokens only (with start/end tokens), no padding."""
+        key = ("entity", text)
+        if key not in self._cache:
+            tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+            ids = tok(text, padding=False, max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            self._cache[key] = te(ids.to(te.device))[0].to(dtype=self.dtype, device=self.device)
+        return self._cache[key]
+
+    def grids(self, plan) -> dict[str, tuple[int, int]]:
+        return {g: plan.grid(g) for g in UNET_GRIDS if g in plan.doc.grids}
+
+    def cond(self, rows: list[tuple[object, TextSpec, bool]]) -> Cond:
+        """The keys of a call for each batch row: ``[global (77) | entities…]``, padded to the longest row."""
+        plan0 = rows[0][0]
+        regional = any(spec.regional for _, spec, _ in rows)
+        parts = []
+        for plan, spec, negative in rows:
+            seqs = []
+            if spec.global_ is not None:
+                seqs.append(self.encode_global(plan.prompt(spec.global_.text(negative))))
+            else:
+                width = self.unet.config.cross_attention_dim
+                seqs.append(torch.zeros(1, 0, width, device=self.device, dtype=self.dtype))
+            for e in spec.entities:
+                text = plan.prompt(e.text(negative))
+                seqs.append(self.encode_global(text) if e.as_global else self.encode_entity(text))
+            parts.append((seqs, regions_by_grid(plan, spec.entities, self.grids(plan)) if regional else {}))
+        seq, lengths, layouts = assemble(parts, regional, self.grids(plan0), plan0.attention.image_self, 1)
+        return Cond(seq, [], lengths, layouts)
+
+    # -- latents, solver, model ------------------------------------------------------------------------
+    def prepare_latents(self, plan, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+        width, height = plan.canvas
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        x = self.pipe.prepare_latents(1, self.unet.config.in_channels, height, width, self.pipe.text_encoder.dtype,
+                                      self.device, gen)
+        if plan.grid("latent") != tuple(x.shape[2:]):
+            raise PlanError(f"latent grid {plan.grid('latent')} does not match the canvas {tuple(x.shape[2:])}")
+        return x, gen
+
+    def solver(self, plan) -> DDIM:
+        sched = self.pipe.scheduler
+        sched.set_timesteps(plan.steps, device=self.device)
+        if len(sched.timesteps) != plan.steps:
+            raise PlanError(f"scheduler gave {len(sched.timesteps)} steps, the plan has {plan.steps}")
+        return DDIM(sched, sched.timesteps)
+
+    def guided(self, plan) -> bool:
+        return float(plan.sampler.guidance) > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    def _unet(self, x, t, call: Call, rows: slice = slice(None)) -> torch.Tensor:
+        self.attn.set(call.mods, rows=rows)
+        try:
+            return self.unet(self.pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=call.cond.seq,
+                             return_dict=False)[0]
+        finally:
+            self.attn.clear()
+
+    def predict(self, run, x: torch.Tensor, level: int, call) -> torch.Tensor:
+        """The UNet's CFG output e_u + g·(e_c − e_u): one batched forward [negative, positive] when both
+        branches take the same keys unmasked (as the pipeline), else one forward per branch (the
+        positive first when a modifier measures something in it, e.g. SOW's indicator). Several rows
+        always run as one forward of [negatives | positives]."""
+        t = run.solver.model_time(level, x.shape[0], x.dtype, self.device)
+        B = x.shape[0]
+        rows = range(B)
+        if not self.guided(run.plan):
+            return self._unet(x, t, call([(r, False) for r in rows]))
+        g = float(run.plan.sampler.guidance)
+        if B > 1:
+            c = call([(r, True) for r in rows] + [(r, False) for r in rows])
+            e_u, e_c = self._unet(torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
+            return e_u + g * (e_c - e_u)
+        pos, neg = call([(0, False)]), call([(0, True)])
+        masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
+        scaled = any(isinstance(m, KeyScale) for m in pos.mods)
+        if not masked and pos.cond.seq.shape == neg.cond.seq.shape and \
+                (not scaled or pos.cond.lengths == neg.cond.lengths):
+            both = Call(pos.rows + neg.rows, [True, False], neg.specs + pos.specs, level, cond=Cond(
+                torch.cat([neg.cond.seq, pos.cond.seq]), [], pos.cond.lengths), mods=pos.mods)
+            e_u, e_c = self._unet(torch.cat([x] * 2), t, both, rows=slice(B, 2 * B)).chunk(2)
+        elif any(hasattr(m, "observe") for m in pos.mods):
+            e_c = self._unet(x, t, pos)  # SOW's indicator is measured in the positive pass
+            e_u = self._unet(x, t, neg)
+        else:
+            e_u = self._unet(x, t, neg)
+            e_c = self._unet(x, t, pos)
+        return e_u + g * (e_c - e_u)
+
+    # -- images ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` → scaled latent (the VAE distribution's mode: deterministic)."""
+        from PIL import Image
+
+        pipe = self.pipe
+        h, w = rgb.shape[:2]
+        img = pipe.image_processor.preprocess(Image.fromarray(np.asarray(rgb)), height=h, width=w)
+        z = pipe.vae.encode(img.to(self.device, pipe.vae.dtype)).latent_dist.mode()
+        return (z * pipe.vae.config.scaling_factor).to(self.dtype)
+
+    def latent_mask(self, m: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(m, np.float32)).to(self.device)[None, None]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, plan=None):
+        pipe = self.pipe
+        img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(img, output_type="pil")[0]
+
+
+def load(model, device=None, dtype=None) -> SDBackend:
+    """Load an SD model once: ``tiny-sd`` built in code; ``sd15``/``sd21``, hub ids and local diffusers
+    directories via ``StableDiffusionPipeline.from_pretrained(..., use_safetensors=True)``."""
+    from diffusers import StableDiffusionPipeline
+
+    if model.family != "sd":
+        raise Unsupported(f"model family {model.family!r} ({model.spec}) is not the SD family")
+    dev = torch.device(device) if device is not None else default_device()
+    dt = parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+    spec = model.spec or "tiny-sd"
+    if spec == "tiny-sd" and not model.repo:
+        from ..tiny_sd import build_tiny_sd
+
+        pipe = StableDiffusionPipeline(**build_tiny_sd(dtype=dt, device=dev))
+        model_id = "tiny-sd"
+    else:
+        repo = model.repo or SD_ALIASES.get(spec, spec)
+        pipe = from_pretrained(StableDiffusionPipeline, repo, dt, safety_checker=None, requires_safety_checker=False)
+        pipe.to(dev)
+        model_id = repo
+    pipe.set_progress_bar_config(disable=True)
+    return SDBackend(pipe, model_id, dev, dt)

@@ -1,0 +1,153 @@
+"""Inverting the sampler's own trajectory (COW's reference inversion), and the cache of its results.
+
+:func:`invert` runs from a clean latent up to a noise level, along the solver's deterministic step
+under the plain model (the job's global prompt, the sampler's guidance, no region mask, no
+modulation): each level's first guess is the solver's (reverse Euler for flow matching, DDIM
+inversion for DDPM), then up to :data:`INVERSION_REFINE` Anderson-accelerated fixed-point iterations
+make the sampler's own step map it back exactly (random tiny weights need it, see docs/references.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+INVERSION_REFINE = 20  # fixed-point iterations per inverted step (0 = the first guess only)
+INVERSION_TOL = 1e-5  # stop refining when max |Δx| ≤ tol · max(1, max |x|)
+
+
+def refine_step(x_next: torch.Tensor, x_guess: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
+                iters: int = INVERSION_REFINE, tol: float = INVERSION_TOL, memory: int = 5) -> torch.Tensor:
+    """Solve step(x) = x_next for x, from x_guess: the sampler's own deterministic step, inverted.
+
+    Fixed point of G(x) = x + (x_next − step(x)) with Anderson acceleration (type II, ``memory``
+    last iterates; plain iteration does not contract on large steps of random tiny weights). Stops
+    when max |x_next − step(x)| ≤ tol · max(1, max |x_next|) or after ``iters`` model calls.
+    """
+    x = x_guess
+    scale = max(1.0, float(x_next.abs().max()))
+    gs: list[torch.Tensor] = []
+    fs: list[torch.Tensor] = []
+    for _ in range(iters):
+        f = x_next - step(x)
+        if float(f.abs().max()) <= tol * scale:
+            break
+        g = x + f
+        gs.append(g.flatten().double())
+        fs.append(f.flatten().double())
+        if len(gs) > memory + 1:
+            gs.pop(0)
+            fs.pop(0)
+        if len(fs) >= 2:
+            df = torch.stack([fs[i + 1] - fs[i] for i in range(len(fs) - 1)], 1)
+            dg = torch.stack([gs[i + 1] - gs[i] for i in range(len(gs) - 1)], 1)
+            gamma = torch.linalg.lstsq(df.cpu(), fs[-1].cpu()[:, None]).solution.to(df.device)
+            x = (gs[-1] - (dg @ gamma).flatten()).to(x_next.dtype).view_as(x_next)
+        else:
+            x = g
+    return x
+
+
+@torch.inference_mode()
+def invert(solver, model: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Tensor, levels: list[int],
+           refine: int | None = None) -> dict[int, torch.Tensor]:
+    """From the clean latent ``z`` (level N) up to ``min(levels)``; returns {level: float32 latent}.
+
+    ``model(x, level)``: the plain model's output at a level (x in the model's dtype)."""
+    refine = INVERSION_REFINE if refine is None else refine
+    n = solver.n
+    out: dict[int, torch.Tensor] = {}
+    x = z.to(torch.float32)
+    if n in levels:
+        out[n] = x.clone()
+    for i in range(n - 1, min(levels) - 1, -1):
+        guess = solver.inversion_guess(x, i, model, z.dtype)
+        if refine > 0:
+            def step(y, i=i):
+                return solver.inversion_step(y, i, model, z.dtype)
+
+            guess = refine_step(x, guess, step, refine, INVERSION_TOL)
+        x = guess
+        if i in levels:
+            out[i] = x.clone()
+    return out
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """``$SCENEC_CACHE/inversion``, else ``~/.cache/scenec/inversion``."""
+    root = os.environ.get("SCENEC_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "scenec"
+    return base / "inversion"
+
+
+def inversion_key(parts: dict, tensors: dict[str, np.ndarray] | None = None) -> str:
+    """sha256 over canonical JSON of ``parts`` and the raw bytes of ``tensors`` (name order)."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode())
+    for name in sorted(tensors or {}):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class InversionCache:
+    """Inverted latents by key: in memory, and as ``<key>.safetensors`` under :func:`cache_dir`.
+
+    Disk writes are atomic (temp file, fsync, rename); an unreadable file is treated as a miss.
+    ``stats`` counts memory hits, disk hits and inversions actually run.
+    """
+
+    memory: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=lambda: {"memory": 0, "disk": 0, "inverted": 0})
+    disk: bool = True
+
+    def path(self, key: str) -> Path:
+        return cache_dir() / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[int, torch.Tensor] | None:
+        if key in self.memory:
+            self.stats["memory"] += 1
+            return self.memory[key]
+        if self.disk:
+            p = self.path(key)
+            if p.is_file():
+                try:
+                    from safetensors.torch import load_file
+
+                    lat = {int(k.split("/", 1)[1]): v for k, v in load_file(str(p)).items()}
+                except Exception:  # a damaged cache file is a miss, not an error
+                    lat = None
+                if lat:
+                    self.stats["disk"] += 1
+                    self.memory[key] = lat
+                    return lat
+        return None
+
+    def put(self, key: str, latents: dict[int, torch.Tensor]) -> None:
+        lat = {int(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in latents.items()}
+        self.memory[key] = lat
+        if self.disk:
+            from safetensors.torch import save
+
+            from scenec.spec.fsio import atomic_write
+
+            try:
+                atomic_write(self.path(key), save({f"level/{k}": v for k, v in lat.items()}))
+            except OSError:  # a read-only home directory must not fail the build
+                pass
+
+    def clear(self) -> None:
+        self.memory.clear()
+
+
+CACHE = InversionCache()

@@ -1,0 +1,84 @@
+"""The methods: each one module, written once against the Backend protocol, registered here.
+
+A method is a class with the :class:`Method` hooks; the sampler (runtime/sampler.py) makes one
+instance per run for every registered method whose :meth:`Method.wants` says the run's jobs need it,
+and calls the hooks in registration order:
+
+- :meth:`setup` once, after the initial latents are drawn;
+- :meth:`run_op` for the step ops the method owns (``ops``);
+- around each ``denoise`` op: :meth:`before_denoise`, then for every model call :meth:`shape` (which
+  streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`
+  (attention modifiers); then :meth:`output` (the model output before the solver step) and
+  :meth:`after_step` (the new latent).
+
+Adding a method: a module here with a :class:`Method` subclass, and its class in :func:`registered` (or
+:func:`register` from outside the package).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+
+class Method:
+    """Base of the methods: every hook does nothing; a method overrides the ones it needs."""
+
+    name: ClassVar[str]  # its capability name (compiler/caps.py METHODS); families declare what they run
+    ops: ClassVar[tuple[type, ...]] = ()  # step-op types this method executes
+    batchable: ClassVar[bool] = True  # may run on the rows of a batch (else only on a run of one job)
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def wants(cls, plan, job) -> bool:
+        """Whether ``job`` of ``plan`` needs this method."""
+        return False
+
+    def capabilities(self) -> tuple[str, ...]:
+        """The capability names this run needs of the family (usually just ``name``)."""
+        return (self.name,)
+
+    def setup(self) -> None:
+        pass
+
+    def run_op(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def before_denoise(self, n: int, op) -> None:
+        pass
+
+    def shape(self, call) -> None:
+        """Change ``call.specs`` / ``call.pooled_weights`` before its text is assembled."""
+
+    def modifiers(self, call) -> list:
+        """Attention modifiers for ``call`` (its ``cond`` is assembled)."""
+        return []
+
+    def output(self, n: int, op, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def after_step(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def registered() -> list[type[Method]]:
+    """The methods in hook order (imported on first use: they import torch)."""
+    from .coupling import Coupling
+    from .inpaint import Inpaint
+    from .oneway import OneWay
+    from .regional import Regional
+
+    return [Coupling, Regional, OneWay, Inpaint, *EXTRA]
+
+
+EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Register a method class (usable as a decorator)."""
+    if cls not in EXTRA:
+        EXTRA.append(cls)
+    return cls

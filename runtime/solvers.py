@@ -1,0 +1,160 @@
+"""The samplers' update rules over the plan's noise levels: flow-matching Euler (Flux) and DDIM (SD).
+
+A plan's step program refers to noise levels by index: level 0 is pure noise, level N clean. A
+solver knows its family's level table (σ for flow matching, the DDPM timesteps for DDIM) and gives
+the sampler and the methods what they need, written once:
+
+- :meth:`step`: one sampler step from level i to level j with the model's output, deterministic
+  (η = 0) or with fresh noise (η > 0, COW's cycles);
+- :meth:`renoise`: the closed-form forward transition q(x_b | x_a) back up to a noisier level;
+- :meth:`noised`: the marginal q(x_ℓ | x₀) with given noise (inpainting's kept region on DDPM);
+- :meth:`inversion_guess` / :meth:`inversion_step`: the pieces of inverting the sampler's own
+  deterministic step (COW's reference inversion, runtime/inversion.py).
+
+All noise is passed in (``noise()`` draws from the job's own CPU generator), so a job gives the same
+image on every device and run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from scenec.spec.errors import PlanError
+
+Model = Callable[[torch.Tensor, int], torch.Tensor]  # (x in the model's dtype, level) → model output
+
+
+def renoise_flow(x_a: torch.Tensor, s_a: float, s_b: float, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow forward transition σ_a → σ_b (σ_b > σ_a): the COW re-noise for flow matching.
+
+    x_a = (1−σ_a)x₀ + σ_a ε_a. With c = (1−σ_b)/(1−σ_a), c·x_a = (1−σ_b)x₀ + c σ_a ε_a, so adding
+    independent noise of std s = sqrt(σ_b² − (c σ_a)²) gives (1−σ_b)x₀ + σ_b ε: level b's marginal.
+    """
+    s_a, s_b = float(s_a), float(s_b)
+    if not (0.0 <= s_a < s_b <= 1.0) or s_a >= 1.0:
+        raise PlanError(f"renoise needs 0 ≤ σ_a < σ_b ≤ 1, got σ_a={s_a:g}, σ_b={s_b:g}")
+    c = (1.0 - s_b) / (1.0 - s_a)
+    s = math.sqrt(max(0.0, s_b * s_b - (c * s_a) ** 2))
+    return c * x_a.to(torch.float32) + s * noise
+
+
+def renoise_ddpm(x_r: torch.Tensor, a_r: float, a_b: float, noise: torch.Tensor) -> torch.Tensor:
+    """DDPM forward transition ᾱ_r → ᾱ_b (ᾱ_b < ᾱ_r): x_b = √(ᾱ_b/ᾱ_r)·x_r + √(1−ᾱ_b/ᾱ_r)·ε (Ho et al. 2020)."""
+    a_r, a_b = float(a_r), float(a_b)
+    if not (0.0 < a_b < a_r <= 1.0):
+        raise PlanError(f"renoise needs 0 < ᾱ_b < ᾱ_r ≤ 1, got ᾱ_r={a_r:g}, ᾱ_b={a_b:g}")
+    r = a_b / a_r
+    return math.sqrt(r) * x_r.to(torch.float32) + math.sqrt(1.0 - r) * noise
+
+
+def flow_step_eta(x: torch.Tensor, v: torch.Tensor, s_i: float, s_j: float, eta: float,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+    """Stochastic flow-matching step σ_i → σ_j: x̂₀ = x − σ_i v, ε̂ = x + (1−σ_i) v,
+    x_j = (1−σ_j) x̂₀ + σ_j (√(1−η²) ε̂ + η ξ). η = 0 is the Euler step; η = 1 fully re-noised."""
+    x, v = x.to(torch.float32), v.to(torch.float32)
+    s_i, s_j, eta = float(s_i), float(s_j), float(eta)
+    if not 0.0 <= eta <= 1.0:
+        raise PlanError(f"eta must lie in [0, 1], got {eta:g}")
+    x0 = x - s_i * v
+    eps = x + (1.0 - s_i) * v
+    if eta > 0.0 and noise is not None:
+        eps = math.sqrt(1.0 - eta * eta) * eps + eta * noise
+    return (1.0 - s_j) * x0 + s_j * eps
+
+
+class FlowEuler:
+    """Flow-matching Euler over σ₀ = 1 > … > σ_N = 0 (FlowMatchEulerDiscreteScheduler's update in float32).
+
+    ``sigmas``: the scheduler's table (a float32 tensor of N + 1 values); the model's timestep at level
+    i is σ_i·1000 in float32, cast to the model's dtype (as FluxPipeline passes it)."""
+
+    kind = "flow"
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas
+        self.sig = [float(s) for s in sigmas]  # host copies: no device sync per step
+        self.n = len(self.sig) - 1
+
+    def identity(self) -> dict:
+        return {"solver": "flow-euler", "sigmas": [repr(s) for s in self.sig]}
+
+    def model_time(self, level: int, batch: int, dtype, device) -> torch.Tensor:
+        return (torch.full([batch], self.sig[level], device=device, dtype=torch.float32) * 1000).to(dtype)
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int, eta: float, noise: Callable[[], torch.Tensor],
+             dtype) -> torch.Tensor:
+        """x + (σ_j − σ_i)·v in float32 (the scheduler's Euler step), or :func:`flow_step_eta` when η > 0."""
+        x32 = x.to(torch.float32)
+        if eta > 0:
+            return flow_step_eta(x32, out, self.sig[i], self.sig[j], eta, noise() if self.sig[j] > 0 else None).to(dtype)
+        return (x32 + (self.sigmas[j] - self.sigmas[i]) * out).to(dtype)
+
+    def renoise(self, x: torch.Tensor, a: int, b: int, noise: torch.Tensor) -> torch.Tensor:
+        return renoise_flow(x, self.sig[a], self.sig[b], noise).to(x.dtype)
+
+    def inversion_guess(self, x: torch.Tensor, i: int, model: Model, dtype) -> torch.Tensor:
+        """Reverse Euler from level i + 1 to i: x_{i+1} + (σ_i − σ_{i+1})·v(x_{i+1}, σ_{i+1})."""
+        return x + (self.sig[i] - self.sig[i + 1]) * model(x.to(dtype), i + 1).to(torch.float32)
+
+    def inversion_step(self, y: torch.Tensor, i: int, model: Model, dtype) -> torch.Tensor:
+        """The sampler's deterministic step i → i + 1 from y (float32), for the fixed-point refinement."""
+        return y + (self.sig[i + 1] - self.sig[i]) * model(y.to(dtype), i).to(torch.float32)
+
+
+class DDIM:
+    """DDIM over the scheduler's timesteps (diffusers' ``DDIMScheduler.step``, η and its variance noise).
+
+    Level i < N is timestep ``timesteps[i]``; level N is clean (the scheduler's final ᾱ)."""
+
+    kind = "ddpm"
+
+    def __init__(self, scheduler, timesteps: torch.Tensor):
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.n = len(timesteps)
+        self._t = [int(t) for t in timesteps]  # host copies: no device sync per step
+
+    def identity(self) -> dict:
+        return {"solver": "ddim", "timesteps": self._t, "scheduler": dict(self.scheduler.config)}
+
+    def model_time(self, level: int, batch: int, dtype, device) -> torch.Tensor:
+        return self.timesteps[level]
+
+    def alpha(self, level: int) -> float:
+        """ᾱ at a level: ᾱ(t_level) for level < N, the scheduler's final ᾱ at N."""
+        s = self.scheduler
+        if level >= self.n:
+            return float(s.final_alpha_cumprod)
+        return float(s.alphas_cumprod[self._t[level]])
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int, eta: float, noise: Callable[[], torch.Tensor],
+             dtype) -> torch.Tensor:
+        kw = {"eta": eta, "variance_noise": noise().to(x.dtype)} if eta > 0 else {}
+        return self.scheduler.step(out, self.timesteps[i], x, return_dict=False, **kw)[0]
+
+    def renoise(self, x: torch.Tensor, a: int, b: int, noise: torch.Tensor) -> torch.Tensor:
+        return renoise_ddpm(x, self.alpha(a), self.alpha(b), noise).to(x.dtype)
+
+    def noised(self, z0: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        """q(x_ℓ | z₀) with the given noise: √ᾱ_ℓ·z₀ + √(1−ᾱ_ℓ)·ε; level N: z₀ itself."""
+        if level >= self.n:
+            return z0
+        a = self.alpha(level)
+        return (a ** 0.5) * z0 + ((1 - a) ** 0.5) * noise.to(z0.dtype)
+
+    def inversion_guess(self, x: torch.Tensor, i: int, model: Model, dtype) -> torch.Tensor:
+        """DDIM inversion (Song et al. 2021, Eq. 13 run backwards): x̂₀, ε̂ from the model at (x_{i+1}, t_i),
+        then x_i = √ᾱ_i·x̂₀ + √(1−ᾱ_i)·ε̂."""
+        a_i, a_next = self.alpha(i), self.alpha(i + 1)
+        e = model(x.to(dtype), i).to(torch.float32)
+        if self.scheduler.config.prediction_type == "v_prediction":  # ε from v at the current point
+            e = (a_next ** 0.5) * e + ((1 - a_next) ** 0.5) * x
+        x0 = (x - (1 - a_next) ** 0.5 * e) / a_next ** 0.5
+        return a_i ** 0.5 * x0 + (1 - a_i) ** 0.5 * e
+
+    def inversion_step(self, y: torch.Tensor, i: int, model: Model, dtype) -> torch.Tensor:
+        yy = y.to(dtype)
+        return self.scheduler.step(model(yy, i), self.timesteps[i], yy, return_dict=False)[0].to(torch.float32)
