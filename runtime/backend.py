@@ -23,7 +23,8 @@ import torch
 
 from scenec.spec.errors import ModelUnavailable, PlanError
 
-from .attention import Attention, BatchLayout, BuiltMask, Mask, RegionalLayout, Site, build_mask, region_membership
+from .attention import Attention, Mask, Site
+from .layout import BatchLayout, BuiltMask, RegionalLayout, build_mask, region_membership
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from scenec.runtime.attention import RegionalLayout, region_membership
-from scenec.spec.errors import PlanError
+from scenec.runtime.layout import RegionalLayout, region_membership
 from scenec.runtime.sampler import run_job
 from scenec.runtime.testing import box, make_plan, tiny_backend
+from scenec.spec.errors import PlanError
 
 GRID = (16, 16)
 FOX = box(GRID, 2, 2, 8, 8)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from scenec.runtime.attention import BatchLayout, RegionalLayout
 from scenec.runtime.batching import batch_key
-from scenec.spec.errors import PlanError
+from scenec.runtime.layout import BatchLayout, RegionalLayout
 from scenec.runtime.sampler import run_batch, run_job
 from scenec.runtime.testing import box, encode_init, make_plan, sd_plan, tiny_backend, tiny_sd_backend
+from scenec.spec.errors import PlanError
 
 TOL = 1e-5
 # SD: CFG at guidance 7.5 multiplies the batched kernels' rounding (latents of magnitude ~5);

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from scenec.compiler import compile_scene
 from scenec.runtime.attention import Branches, KeyScale
 from scenec.runtime.outputs import execute
-from scenec.spec.plan import Plan
 from scenec.runtime.sampler import run_group, run_job
 from scenec.runtime.testing import tiny_backend
+from scenec.spec.plan import Plan
 
 SCENE = """\
 scenec: 1
@@ -187,7 +187,10 @@ class PublishedKeyScale:
         self.n_bg, self.theta = n_bg, theta
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import (
+            _get_qkv_projections,
+            apply_rotary_emb,
+        )
 
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from scenec.spec.errors import ModelUnavailable, Unsupported
 from scenec.runtime.sampler import job_spec, run_job
 from scenec.runtime.testing import box, make_plan, tiny_backend
+from scenec.spec.errors import ModelUnavailable, Unsupported
 
 GRID = (16, 16)
 ENTS = [{"id": "fox", "prompt": "a red fox", "negative": "blurry", "token": box(GRID, 2, 2, 9, 9)},

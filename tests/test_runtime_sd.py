@@ -9,9 +9,9 @@ import torch
 from scenec.compiler.schedule import Cow, ProgramInputs, build_program
 from scenec.runtime import inversion
 from scenec.runtime.methods import oneway
-from scenec.spec.errors import ModelUnavailable, Unsupported
 from scenec.runtime.sampler import run_job
-from scenec.runtime.testing import box, make_plan, pool, sd_plan
+from scenec.runtime.testing import box, pool, sd_plan
+from scenec.spec.errors import ModelUnavailable, Unsupported
 from scenec.spec.plan import Plan
 
 GRID = (16, 16)  # a16 on a 256² canvas

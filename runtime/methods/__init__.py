@@ -17,51 +17,7 @@ Adding a method: a module here with a :class:`Method` subclass, and its class in
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
-
-
-class Method:
-    """Base of the methods: every hook does nothing; a method overrides the ones it needs."""
-
-    name: ClassVar[str]  # its capability name (compiler/caps.py METHODS); families declare what they run
-    ops: ClassVar[tuple[type, ...]] = ()  # step-op types this method executes
-    batchable: ClassVar[bool] = True  # may run on the rows of a batch (else only on a run of one job)
-
-    def __init__(self, run):
-        self.run = run
-
-    @classmethod
-    def wants(cls, plan, job) -> bool:
-        """Whether ``job`` of ``plan`` needs this method."""
-        return False
-
-    def capabilities(self) -> tuple[str, ...]:
-        """The capability names this run needs of the family (usually just ``name``)."""
-        return (self.name,)
-
-    def setup(self) -> None:
-        pass
-
-    def run_op(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def before_denoise(self, n: int, op) -> None:
-        pass
-
-    def shape(self, call) -> None:
-        """Change ``call.specs`` / ``call.pooled_weights`` before its text is assembled."""
-
-    def modifiers(self, call) -> list:
-        """Attention modifiers for ``call`` (its ``cond`` is assembled)."""
-        return []
-
-    def output(self, n: int, op, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out
-
-    def after_step(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
-        return x
+from .base import Method
 
 
 def registered() -> list[type[Method]]:
@@ -82,3 +38,6 @@ def register(cls: type[Method]) -> type[Method]:
     if cls not in EXTRA:
         EXTRA.append(cls)
     return cls
+
+
+__all__ = ["EXTRA", "Method", "register", "registered"]

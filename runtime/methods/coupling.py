@@ -30,9 +30,10 @@ import torch
 
 from scenec.spec.errors import Unsupported
 
-from ..attention import RegionalLayout, build_mask, Branches, KeyScale
+from ..attention import Branches, KeyScale
 from ..backend import Stream, TextSpec
-from . import Method
+from ..layout import RegionalLayout, build_mask
+from .base import Method
 from .regional import regional_sites
 
 BG_GAINS = (None, "1-theta")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Method
+from .base import Method
 
 
 class Inpaint(Method):

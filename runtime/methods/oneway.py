@@ -25,7 +25,7 @@ from scenec.spec.errors import PlanError
 from scenec.spec.plan import Denoise, Paste, Renoise
 
 from .. import inversion
-from . import Method
+from .base import Method
 
 
 def paste(x: torch.Tensor, ref: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

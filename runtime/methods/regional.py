@@ -10,7 +10,7 @@ are not regional and calls run without it (padding still masked, runtime/sampler
 from __future__ import annotations
 
 from ..attention import BLOCK_KINDS
-from . import Method
+from .base import Method
 
 
 def regional_sites(run) -> list[str]:
