@@ -43,12 +43,14 @@ class Family:
     methods: frozenset[str] = ALL_METHODS  # names in METHODS this family's runtime implements
 
 
-# Flux's regional attention keys each token by an int64 bitmask of the prompts it may see: bit 0 is
-# the global prompt, so 62 entity prompts fit beside it in the non-negative range.
+# The runtime's token layouts (runtime/layout.py) key each token by an int64 bitmask of the prompts it
+# may see: bit 0 is the global prompt, so 62 entity prompts fit beside it in the non-negative range.
+# Both families' regional attention is built on them.
+MAX_ENTITIES = 62
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=62)
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
-            grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)))
+            grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
 FAMILIES = {"flux": FLUX, "sd": SD}
 
 

@@ -234,7 +234,7 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
             if ctl.probe is not None:
                 logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-                ctl.probe.append({"kind": "sow", "site": site.name, "n_q": q.shape[2], "logits": logits,
+                ctl.probe.append({"kind": getattr(bias, "kind", "bias"), "site": site.name, "n_q": q.shape[2], "logits": logits,
                                   "bias": full[0, 0].float(), "n_txt": n_text,
                                   "expected": torch.softmax(logits + full[0, 0].float(), -1) @ v.float(),
                                   "out": out.float()})

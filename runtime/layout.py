@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from scenec.compiler.caps import MAX_ENTITIES  # region membership is an int64 bitmask: bit 0 = global
 from scenec.spec.errors import PlanError, Unsupported
 
 FLEX_BLOCK = 128
-MAX_ENTITIES = 62  # region membership is an int64 bitmask: bit 0 = global, bit i+1 = entity i
 RULES = ("regional", "open")
 
 

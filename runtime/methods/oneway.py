@@ -131,6 +131,8 @@ class Sow:
     and grid; per op only the gains change.
     """
 
+    kind = "sow"  # how probes name its records
+
     def __init__(self, grids: dict[int, list[SowTerm]], index: list[int], device, sites: frozenset[str]):
         self.device = torch.device(device)
         self.grids = {n: [t.to(device) for t in ts] for n, ts in grids.items()}
