@@ -105,6 +105,16 @@ def test_theta_one_prompt_variant_equals_the_plain_scene_with_that_prompt(backen
     assert (res["stag"].latents - res["both"].latents).abs().max() > 1e-3
 
 
+def test_theta_one_region_variant_is_eligen_with_the_background_as_global_prompt(backend, tmp_path):
+    plan = group_plan(tmp_path, "{values: [1, 1, 1, 1]}", seeds="3")
+    res = by_variant(plan, run(backend, plan), 3)
+    text = PLAIN.format(steps=4, seeds=3, prompt="a misty forest") + \
+        "entities:\n  - {id: stag, prompt: \"a stag\", shape: {box: [0.1, 0.3, 0.6, 0.9]}}\n"
+    eligen = compile_text(tmp_path, text, "eligen")
+    ref = run_job(backend, eligen, eligen.jobs[0], decode=False).latents
+    assert (res["stag"].latents - ref).abs().max().item() <= 1e-5
+
+
 def test_mixed_theta_differs_from_both_endpoints(backend, tmp_path):
     lat = {}
     for th in (0, 0.5, 1):

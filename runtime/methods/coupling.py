@@ -13,10 +13,11 @@ op (the group's θ table). For 0 < θ < 1 a model call holds both, ``[bg | ent�
 - a family's pooled vector is (1 − θ)·pooled_bg + θ·pooled_ent.
 
 Exact endpoints (beyond the paper): at θ = 0 the call holds the background alone (the plain model on
-the background prompt); at θ = 1 the entity stream(s) alone — regional if they have regions, else a
-single whole-canvas prompt encoded as a global prompt, so θ ≡ 1 is exactly the plain image of the
-variant's prompt. Key scaling by 0 leaves logits at 0 rather than −∞, so the published formula misses
-"entity only" at θ = 1; the endpoints here are exact and cheaper.
+the background prompt); at θ = 1 a single whole-canvas prompt alone, encoded as a global prompt, so
+θ ≡ 1 is exactly the plain image of the variant's prompt; and entity streams with regions as EliGen's
+job of those entities with the background as global prompt (image tokens outside every region keep a
+prompt). Key scaling by 0 leaves logits at 0 rather than −∞, so the published formula misses "entity
+only" at θ = 1; the endpoints here are exact and cheaper.
 
 Entity streams: one whole-canvas prompt (a variant ``prompt``) is encoded like a global prompt;
 otherwise each entity prompt as EliGen encodes it. The entity stream's pooled vector is that of its
@@ -67,7 +68,9 @@ class Coupling(Method):
         elif ents:
             streams = tuple(Stream.entity(e) for e in ents)
             whole = next((Stream(e.prompt, e.negative, as_global=True) for e in ents if e.masks is None), bg)
-            self.ent, self.joint = TextSpec(None, streams, (whole,)), TextSpec(bg, streams, (bg, whole))
+            # θ = 1 with regions: EliGen's job of the variant's entities with the background as global prompt,
+            # so image tokens outside every region keep a prompt
+            self.ent, self.joint = TextSpec(bg, streams, (whole,)), TextSpec(bg, streams, (bg, whole))
         self._branch_masks: dict = {}
 
     @staticmethod
