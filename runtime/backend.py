@@ -200,6 +200,24 @@ def from_pretrained(cls, repo: str, dtype, **kw):
                                f"{hub}point --model at a local diffusers directory") from e
 
 
+def load_pipeline(cls, model, device, dtype, cuda_dtype: torch.dtype, tiny: str, build_tiny: Callable, repo: str,
+                  **kw) -> tuple[Any, str, torch.device, torch.dtype]:
+    """A family's diffusers pipeline for a plan's model: (pipe, model id, device, dtype).
+
+    Device defaults to CUDA when available; dtype to ``cuda_dtype`` on CUDA and fp32 on CPU. The
+    offline ``tiny`` model of the family is built in code (``build_tiny(dtype, device)`` gives the
+    pipeline's components); anything else loads with :func:`from_pretrained` from ``repo``."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = parse_dtype(dtype) if dtype is not None else (cuda_dtype if dev.type == "cuda" else torch.float32)
+    if (model.spec or tiny) == tiny and not model.repo:
+        pipe, model_id = cls(**build_tiny(dt, dev)), tiny
+    else:
+        pipe, model_id = from_pretrained(cls, repo, dt, **kw), repo
+        pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, model_id, dev, dt
+
+
 def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]]], regional: bool, grids: dict,
              image_self: str, pad_multiple: int) -> tuple[torch.Tensor, list[int], dict[int, Any]]:
     """Pack each row's stream sequences back to back, pad every row to one length, and lay them out.
@@ -251,4 +269,4 @@ def regions_by_grid(plan, entities: tuple[Stream, ...], grids) -> dict[str, torc
 
 
 __all__ = ["Backend", "BuiltMask", "Call", "Cond", "Stream", "TextSpec", "assemble", "default_device",
-           "from_pretrained", "pad_masks", "parse_dtype", "regions_by_grid"]
+           "from_pretrained", "load_pipeline", "pad_masks", "parse_dtype", "regions_by_grid"]

@@ -101,10 +101,21 @@ def build_tokenizers():
     return clip, t5
 
 
+def tiny_clip_text(tokenizer, width: int):
+    """A two-layer CLIP text encoder of the given width over the tiny tokenizer (random weights: seed first)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=width,
+        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+
+
 def build_tiny_flux(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TinyFlux:
     """Build every component of the ``tiny`` model with fixed seeds (identical bytes on every run)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_tokenizers()
     text_dim = 32
@@ -125,11 +136,7 @@ def build_tiny_flux(dtype: torch.dtype = torch.float32, device: str | torch.devi
         use_quant_conv=False, use_post_quant_conv=False)
 
     torch.manual_seed(SEED + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=text_dim,
-        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    text_encoder = tiny_clip_text(tokenizer, text_dim)
 
     torch.manual_seed(SEED + 3)
     text_encoder_2 = T5EncoderModel(T5Config(

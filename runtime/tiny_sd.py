@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import CLIP_MAX_LENGTH, build_tokenizers
+from .tiny import build_tokenizers, tiny_clip_text
 
 SEED = 20250321
 
@@ -26,7 +26,6 @@ SD_SCHEDULER_CONFIG = dict(
 def build_tiny_sd(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict:
     """The components ``StableDiffusionPipeline`` takes (no safety checker), fixed seeds."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer, _ = build_tokenizers()
     text_dim = 32
@@ -47,11 +46,7 @@ def build_tiny_sd(dtype: torch.dtype = torch.float32, device: str | torch.device
         scaling_factor=5.0)  # random weights encode to std ≈ 0.2: scaled to ≈ unit std, as SD's 0.18215 does
 
     torch.manual_seed(SEED + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=text_dim,
-        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    text_encoder = tiny_clip_text(tokenizer, text_dim)
 
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     for m in (unet, vae, text_encoder):

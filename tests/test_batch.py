@@ -1,4 +1,4 @@
-"""Batch builds (issue #6): discovery, selection, cache keys, manifest, status, failures, matrix."""
+"""Batch builds: discovery, selection, cache keys, manifest, status, failures, matrix."""
 
 import json
 import subprocess

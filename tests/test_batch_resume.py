@@ -1,4 +1,4 @@
-"""Resumability (issue #6): SIGKILL a build mid-batch, rerun, and get exactly the uninterrupted result."""
+"""Resumability: SIGKILL a build mid-batch, rerun, and get exactly the uninterrupted result."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Batched execution of compatible jobs from different plans (``scenec build --batch-size``, issue #6).
+"""Batched execution of compatible jobs from different plans (``scenec build --batch-size``).
 
 A row of a batch must compute what its job computes alone: its own noise, text, regions and init
 image, the padding masked out. Equal up to float rounding of batched kernels (fp32 on CPU).

@@ -24,7 +24,7 @@ import torch
 from scenec.spec.errors import PlanError, Unsupported
 
 from ..attention import DOUBLE, SINGLE, Attention, Site, attend
-from ..backend import Call, Cond, TextSpec, assemble, default_device, from_pretrained, parse_dtype, regions_by_grid
+from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
 from ..solvers import FlowEuler
 
@@ -277,20 +277,14 @@ def load(model, device=None, dtype=None, attn_impl: str | None = None, compile_b
 
     if model.family != "flux":
         raise Unsupported(f"model family {model.family!r} ({model.spec}) is not the Flux family")
-    dev = torch.device(device) if device is not None else default_device()
-    dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    spec = model.spec or "tiny"
-    if spec == "tiny" and not model.repo:
+
+    def build_tiny(dt, dev):
         from ..tiny import build_tiny_flux
 
-        pipe = FluxPipeline(**build_tiny_flux(dtype=dt, device=dev).components())
-        model_id = "tiny"
-    else:
-        repo = model.repo or spec
-        pipe = from_pretrained(FluxPipeline, repo, dt)
-        pipe.to(dev)
-        model_id = repo
-    pipe.set_progress_bar_config(disable=True)
+        return build_tiny_flux(dtype=dt, device=dev).components()
+
+    pipe, model_id, dev, dt = load_pipeline(FluxPipeline, model, device, dtype, torch.bfloat16, "tiny", build_tiny,
+                                            model.repo or model.spec)
     backend = FluxBackend(pipe, model_id, dev, dt, attn_impl=attn_impl)
     if compile_blocks:
         for b in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):

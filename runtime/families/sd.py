@@ -19,7 +19,7 @@ import torch
 from scenec.spec.errors import PlanError, Unsupported
 
 from ..attention import CROSS, SELF, Attention, KeyScale, Mask, Site, attend
-from ..backend import Call, Cond, TextSpec, assemble, default_device, from_pretrained, parse_dtype, regions_by_grid
+from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
 from ..solvers import DDIM
 
@@ -222,18 +222,13 @@ def load(model, device=None, dtype=None) -> SDBackend:
 
     if model.family != "sd":
         raise Unsupported(f"model family {model.family!r} ({model.spec}) is not the SD family")
-    dev = torch.device(device) if device is not None else default_device()
-    dt = parse_dtype(dtype) if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
-    spec = model.spec or "tiny-sd"
-    if spec == "tiny-sd" and not model.repo:
+
+    def build_tiny(dt, dev):
         from ..tiny_sd import build_tiny_sd
 
-        pipe = StableDiffusionPipeline(**build_tiny_sd(dtype=dt, device=dev))
-        model_id = "tiny-sd"
-    else:
-        repo = model.repo or SD_ALIASES.get(spec, spec)
-        pipe = from_pretrained(StableDiffusionPipeline, repo, dt, safety_checker=None, requires_safety_checker=False)
-        pipe.to(dev)
-        model_id = repo
-    pipe.set_progress_bar_config(disable=True)
+        return build_tiny_sd(dtype=dt, device=dev)
+
+    repo = model.repo or SD_ALIASES.get(model.spec, model.spec)
+    pipe, model_id, dev, dt = load_pipeline(StableDiffusionPipeline, model, device, dtype, torch.float16, "tiny-sd",
+                                            build_tiny, repo, safety_checker=None, requires_safety_checker=False)
     return SDBackend(pipe, model_id, dev, dt)
