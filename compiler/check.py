@@ -81,17 +81,21 @@ def _seeds(sc: m.Scene) -> list[int]:
 
 # --- ids and references between them -----------------------------------------------------------
 
+def _unique(ls: LoadedScene, diags: Diagnostics, seen: dict[str, tuple], value: str, path: tuple, what: str,
+            hint: str) -> None:
+    """Report ``value`` at ``path`` if an earlier path holds it (``seen``: value → first path)."""
+    pos = ls.pos(path)
+    if value in seen:
+        diags.error(pos, f"duplicate {what} (first at {_where(ls.pos(seen[value]), pos)})", hint=hint)
+    else:
+        seen[value] = path
+
+
 def _check_entities(ls: LoadedScene, diags: Diagnostics) -> set[str]:
     sc = ls.scene
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple] = {}
     for i, e in enumerate(sc.entities):
-        pos = ls.pos(("entities", i, "id"))
-        if e.id in seen:
-            first = ls.pos(("entities", seen[e.id], "id"))
-            diags.error(pos, f"duplicate entity id `{e.id}` (first at {_where(first, pos)})",
-                        hint="entity ids must be unique in a scene")
-        else:
-            seen[e.id] = i
+        _unique(ls, diags, seen, e.id, ("entities", i, "id"), f"entity id `{e.id}`", "entity ids must be unique in a scene")
         if not e.prompt.strip():
             diags.warning(ls.pos(("entities", i, "prompt")), f"entity `{e.id}` has an empty prompt")
     return set(seen)
@@ -99,26 +103,16 @@ def _check_entities(ls: LoadedScene, diags: Diagnostics) -> set[str]:
 
 def _check_groups(ls: LoadedScene, entity_ids: set[str], diags: Diagnostics) -> None:
     sc = ls.scene
-    seen_groups: dict[str, int] = {}
+    seen_groups: dict[str, tuple] = {}
     named: set[str] = set()
     for gi, g in enumerate(sc.groups):
-        gpos = ls.pos(("groups", gi, "id"))
-        if g.id in seen_groups:
-            first = ls.pos(("groups", seen_groups[g.id], "id"))
-            diags.error(gpos, f"duplicate group id `{g.id}` (first at {_where(first, gpos)})",
-                        hint="group ids must be unique in a scene")
-        else:
-            seen_groups[g.id] = gi
-        seen_variants: dict[str, int] = {}
+        _unique(ls, diags, seen_groups, g.id, ("groups", gi, "id"), f"group id `{g.id}`",
+                "group ids must be unique in a scene")
+        seen_variants: dict[str, tuple] = {}
         for vi, v in enumerate(g.variants):
             vpath = ("groups", gi, "variants", vi)
-            vpos = ls.pos(vpath + ("id",))
-            if v.id in seen_variants:
-                first = ls.pos(("groups", gi, "variants", seen_variants[v.id], "id"))
-                diags.error(vpos, f"duplicate variant id `{v.id}` in group `{g.id}` (first at {_where(first, vpos)})",
-                            hint="variant ids must be unique within a group")
-            else:
-                seen_variants[v.id] = vi
+            _unique(ls, diags, seen_variants, v.id, vpath + ("id",), f"variant id `{v.id}` in group `{g.id}`",
+                    "variant ids must be unique within a group")
             if not v.entities and v.prompt is None:
                 what = "an empty `entities` list and no `prompt`" if v.entities is not None else \
                     "neither `entities` nor `prompt`"

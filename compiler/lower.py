@@ -184,17 +184,12 @@ def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -
     """The reference fitted into the region's bounding box on a neutral grey canvas; alpha = region."""
     from PIL import Image
 
+    from .raster import fit_into_box
+
     w, h = canvas
     x0, y0, x1, y1 = geom.bounds
-    bw, bh = max(1, round(x1 - x0)), max(1, round(y1 - y0))
-    rw, rh = ref.size
-    if fit == "stretch":
-        size, offset = (bw, bh), (0, 0)
-    else:
-        s = min(bw / rw, bh / rh) if fit == "contain" else max(bw / rw, bh / rh)
-        size = (max(1, round(rw * s)), max(1, round(rh * s)))
-        offset = ((bw - size[0]) // 2, (bh - size[1]) // 2)
-    scaled = ref.resize(size, Image.Resampling.LANCZOS)
+    scaled, (bw, bh), offset = fit_into_box(ref, geom.bounds, fit)
+    size = scaled.size
     box = Image.new("RGB", (bw, bh), (NEUTRAL_GREY,) * 3)
     foot = Image.new("L", (bw, bh), 0)
     box.paste(scaled, offset)

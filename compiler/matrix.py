@@ -1,4 +1,4 @@
-"""`matrix:` — one scene, many jobs: the product of named value lists (issue #6).
+"""`matrix:` — one scene, many jobs: the product of named value lists.
 
 ```yaml
 matrix: {seed: [1, 2], style: ["oil painting", "watercolor"]}

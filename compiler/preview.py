@@ -19,7 +19,7 @@ from shapely import affinity
 
 from scenec.spec.fsio import atomic_write
 
-from .raster import rasterize
+from .raster import fit_into_box, rasterize
 
 TILE = 512  # long side of one layout, px
 PAD = 16
@@ -320,16 +320,9 @@ def _fitted_reference(path, fit: str, bounds, cover: np.ndarray, size) -> Image.
             ref = im.convert("RGB")
     except (OSError, ValueError):
         return None
-    x0, y0, x1, y1 = bounds
-    bw, bh = max(1, round(x1 - x0)), max(1, round(y1 - y0))
-    rw, rh = ref.size
-    if fit == "stretch":
-        dims, off = (bw, bh), (0, 0)
-    else:
-        s = min(bw / rw, bh / rh) if fit == "contain" else max(bw / rw, bh / rh)
-        dims = (max(1, round(rw * s)), max(1, round(rh * s)))
-        off = ((bw - dims[0]) // 2, (bh - dims[1]) // 2)
-    scaled = ref.resize(dims, Image.Resampling.LANCZOS)
+    x0, y0 = bounds[:2]
+    scaled, _, off = fit_into_box(ref, bounds, fit)
+    dims = scaled.size
     rgb = Image.new("RGB", size, (0, 0, 0))
     foot = Image.new("L", size, 0)
     ox, oy = round(x0) + off[0], round(y0) + off[1]

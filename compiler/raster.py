@@ -201,3 +201,20 @@ def _coverage(layers: list[tuple[Any, float]], px: float, gh: int, gw: int):
             acc[i] += acc[i - 1]
     acc += part
     return acc, r0, c0
+
+
+def fit_into_box(ref, bounds, fit: str):
+    """A reference image fitted into a region's bounding box: (scaled image, box size (w, h), offset of
+    the image in the box). ``contain`` letterboxes, ``cover`` crops (negative offset), ``stretch`` fills."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = bounds
+    bw, bh = max(1, round(x1 - x0)), max(1, round(y1 - y0))
+    rw, rh = ref.size
+    if fit == "stretch":
+        size, offset = (bw, bh), (0, 0)
+    else:
+        s = min(bw / rw, bh / rh) if fit == "contain" else max(bw / rw, bh / rh)
+        size = (max(1, round(rw * s)), max(1, round(rh * s)))
+        offset = ((bw - size[0]) // 2, (bh - size[1]) // 2)
+    return ref.resize(size, Image.Resampling.LANCZOS), (bw, bh), offset

@@ -446,7 +446,7 @@ def _many_entities(n: int) -> str:
 
 
 def test_entity_limit_counts_each_image_of_a_group_alone(proj):
-    """63 entities over two variants of 40 and 23 fit Flux's 62 per image; one image of all 63 does not."""
+    """63 entities over two variants of 40 and 23 fit the 62 per image; one image of all 63 does not."""
     head = "scenec: 1\nmodel: tiny\ncanvas: {width: 256, height: 256}\nentities:\n" + _many_entities(63)
     split = head + ("groups:\n  - id: g\n    variants:\n"
                     f"      - {{id: a, entities: [{', '.join(f'e{k}' for k in range(40))}]}}\n"
@@ -454,7 +454,9 @@ def test_entity_limit_counts_each_image_of_a_group_alone(proj):
     assert errs(diags_of(write(proj, "split.yaml", split))) == []
     d = diags_of(write(proj, "one.yaml", head))
     one(d, 67, 5, "the scene has 63 entities, more than the 62 flux models such as `tiny` allow in one image")
-    assert errs(diags_of(proj / "one.yaml", "tiny-sd")) == []  # SD: no limit
+    # SD's regional attention uses the same token layouts: the same limit
+    one(diags_of(proj / "one.yaml", "tiny-sd"), 67, 5,
+        "the scene has 63 entities, more than the 62 sd models such as `tiny-sd` allow in one image")
 
 
 def test_family_without_a_method_refuses_the_key_that_asks_for_it(proj, monkeypatch):
