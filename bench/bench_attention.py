@@ -1,27 +1,29 @@
 """Cost of scenec's regional attention (EliGen, arXiv 2501.01097) in a Flux-sized DiT, beside the anchor.
 
 One transformer forward (= one denoising step), batch 1, 1024x1024 → 4096 image tokens, 4 entities,
-random weights (same arithmetic as real ones). Cases, the anchor's geometry (../shared/bench/
-anchor_attention.py: same boxes, same token counts, same inputs):
+random weights (same arithmetic as real ones). Cases, in the geometry of the project's anchor
+attention benchmark (passed with --anchor PATH: same boxes, same token counts, same inputs):
 
-  base512      plain Flux, 512 text tokens, stock processor (the floor)
+  base512      plain Flux, 512 text tokens, diffusers' stock processor (the floor)
   tok2560      5 prompts x 512 tokens, no mask (token cost alone)
-  ours2560     scenec's path: RegionalAttention, 4 entities x 512 tokens, mask built once
+  ours2560     scenec's path: the Flux family's processors (runtime/families/flux.py) under the
+               regional Mask modifier (runtime/attention.py), 4 entities x 512 tokens, the mask built
+               once from a RegionalLayout (runtime/layout.py)
   ours1024     scenec's path, entity prompts at 128 tokens (real lengths in practice)
-  anchor_*     the anchor's own dense / flex processors, when its module is importable
+  anchor_*     the anchor's own dense / flex processors, when --anchor PATH is given
 
 Each case runs eager, then (unless --no-compile) with every block torch.compiled (regional
 compile, as the anchor's --compile). Ours is checked against the anchor's dense mask: the image
 outputs must agree (relative error printed).
 
 Usage: python bench/bench_attention.py [--tiny] [--reps N] [--cases a,b] [--anchor PATH] [--no-compile]
---tiny: a small CPU smoke run (eager only unless --compile).
+--tiny: a small CPU smoke run (eager only unless --compile). --anchor PATH: the anchor attention
+benchmark's script (also looked for in bench/anchor/ of this checkout).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,45 +32,35 @@ import time
 from pathlib import Path
 
 import torch
+from common import load_anchor, use_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHOR_CANDIDATES = [ROOT / "bench" / "anchor" / "anchor_attention.py", ROOT / ".." / "shared" / "bench" / "anchor_attention.py",
-                     Path("/work/shared/bench/anchor_attention.py")]
 
 
-def load_anchor(path: str | None):
-    """The anchor benchmark as a module (its processors and region_allow), or None if not found."""
-    for p in ([Path(path)] if path else ANCHOR_CANDIDATES):
-        if p.is_file():
-            spec = importlib.util.spec_from_file_location("anchor_attention", p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["anchor_attention"] = mod  # torch.compile resolves the processors' module by name
-            spec.loader.exec_module(mod)
-            return mod
-    return None
+
+
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
+    use_checkout()
     from diffusers import FluxTransformer2DModel
 
-    try:
-        from scenec.runtime.attention import RegionalAttention, RegionalLayout, region_membership
-    except ImportError:  # a bare checkout (device machine): the folder itself is the package
-        from runtime.attention import RegionalAttention, RegionalLayout, region_membership
+    from scenec.runtime.attention import DOUBLE, SINGLE, Attention, Mask
+    from scenec.runtime.families.flux import FluxProcessor
+    from scenec.runtime.layout import RegionalLayout, build_mask, region_membership
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--cases", default="")
-    ap.add_argument("--anchor", default=None, help="path of anchor_attention.py (default: look beside the repo)")
+    ap.add_argument("--anchor", default=None, help="the anchor attention benchmark's script (default: bench/anchor/)")
     ap.add_argument("--compile", action="store_true", help="also run per-block compiled (default on CUDA)")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     do_compile = (dev == "cuda" or args.compile) and not args.no_compile
-    anchor = load_anchor(args.anchor)
+    anchor = load_anchor(args.anchor, "anchor_attention")
 
     if args.tiny:  # the anchor's tiny config
         cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -113,11 +105,19 @@ def main() -> None:
                     return_dict=False)
 
     stock = model.transformer_blocks[0].attn.processor.__class__
-    ctl = RegionalAttention(model)
+    # the Flux family's attention state and processors, as FluxBackend installs them: flex on CUDA
+    ctl = Attention("flex" if dev == "cuda" else "sdpa")
+    pad_multiple = 128 if ctl.impl == "flex" else 1  # FluxBackend's text padding
 
     def set_proc(p):
         for b in list(model.transformer_blocks) + list(model.single_transformer_blocks):
             b.attn.processor = p
+
+    def install_ours():
+        for b in model.transformer_blocks:
+            b.attn.processor = FluxProcessor(ctl, DOUBLE)
+        for b in model.single_transformer_blocks:
+            b.attn.processor = FluxProcessor(ctl, SINGLE)
 
     def timed(inp):
         with torch.inference_mode():
@@ -144,22 +144,21 @@ def main() -> None:
         t0 = time.perf_counter()
         if mode == "plain":
             set_proc(stock())
-            ctl.installed = False
             out, ms, mem = timed(inputs(n_txt))
             setup = 0.0
         elif mode == "ours":
-            ctl.install()
-            lay = RegionalLayout(list(each), regions, "open", 128 if ctl.impl == "flex" else 1)
+            install_ours()
+            lay = RegionalLayout(list(each), regions, "open", pad_multiple)
             s0 = time.perf_counter()
-            built = ctl.build(lay, dev)  # once per job in the runtime
+            built = build_mask(lay, ctl.impl, dev, "regional")  # once per job and layout in the runtime
             setup = time.perf_counter() - s0
-            ctl.use(built, "all")
+            # attention.blocks: all — the regional method's sites on Flux (runtime/methods/regional.py)
+            ctl.set([Mask({h * w: built}, frozenset({DOUBLE.name, SINGLE.name}))], n_img=h * w)
             try:
                 out, ms, mem = timed(inputs(n_txt, lay.n_pad))
             finally:
-                ctl.use(None)
+                ctl.clear()
         else:  # the anchor's processors
-            ctl.installed = False
             allow = anchor.region_allow(list(each), len(each), grid, boxes, dev)
             s0 = time.perf_counter()
             if mode == "anchor_dense":
@@ -184,7 +183,7 @@ def main() -> None:
                   ("anchor_flex2560", [txt] * (k + 1), "anchor_flex"),
                   ("anchor_dense1024", [txt] + [trimmed] * k, "anchor_dense")]
     else:
-        print("anchor_attention.py not found: running scenec's cases only", file=sys.stderr)
+        print("no anchor attention benchmark (--anchor PATH): running scenec's cases only", file=sys.stderr)
     if args.cases:
         keep = set(args.cases.split(","))
         cases = [c for c in cases if c[0] in keep]

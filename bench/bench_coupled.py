@@ -2,14 +2,16 @@
 
 One group of B variants (shared background, B entity prompts), 1024x1024 → 4096 image tokens, 512
 text tokens per prompt, random weights (same arithmetic as real ones). Per-step costs, measured as
-../shared/bench/anchor_coupled.py measures them (one transformer forward = one denoising step):
+the project's anchor coupled benchmark (passed with --anchor PATH) measures them (one transformer
+forward = one denoising step):
 
   plain_B        B plain forwards batched (the "four plain images" baseline)
   bg_only_1      the background alone, batch 1: a shared-prefix step (θ = 0 for every variant)
-  ours_B         scenec's coupled forward at θ = 0.5, batch B (runtime/coupling.py: key-scaled
-                 double-stream blocks, fused two-branch single-stream blocks)
+  ours_B         scenec's coupled forward at θ = 0.5, batch B: the stock transformer forward over
+                 [bg | ent | img] under the modifiers runtime/methods/coupling.py contributes
+                 (KeyScale on the double-stream blocks, fused two-branch Branches on the
+                 single-stream blocks; runtime/attention.py), pooled vector (1 − θ)·bg + θ·ent
   anchor_B       the anchor's coupled_forward (the published method), batch B, with --anchor PATH
-                 (or found at ../shared/bench/anchor_coupled.py)
 
 Composed over each schedule's θ table (T = --steps):
   scenec group   = Σ_steps cost(θ_i) / (T · plain_B), cost = bg_only_1 for the shared θ = 0 prefix,
@@ -21,52 +23,39 @@ and the anchor's own composed numbers (group_cost_c{c}_w{w}_over_plain) from the
 Exactness: ours vs the anchor at θ = 0.5 (relative error), and the published θ = 1 vs entity only.
 
 --tiny: a small CPU run (wall-clock timings, meaningless for the GPU goal but the same code path).
---e2e (with --tiny): the runtime end to end on the tiny model: a compiled 4-variant group, shared
-prefix on / off, against four plain jobs.
+--e2e (with --tiny): the runtime end to end on the tiny model (runtime/sampler.py ``run_job`` and
+``run_group``): a compiled B-variant group, shared prefix on / off, against B plain jobs.
 
 Usage: python bench/bench_coupled.py [--tiny] [--group 4] [--steps 50] [--reps N] [--anchor PATH] [--e2e]
+--anchor PATH: the anchor coupled benchmark's script (also looked for in bench/anchor/ of this checkout).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import load_anchor, use_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHOR_CANDIDATES = [ROOT / "bench" / "anchor" / "anchor_coupled.py", ROOT / ".." / "shared" / "bench" / "anchor_coupled.py",
-                     Path("/work/shared/bench/anchor_coupled.py")]
 SCHEDULES = {"sin(c=0.4,w=0.2)": ("sin", 0.4, 0.2), "step(c=0.5)": ("step", 0.5, None)}
 
 
-def load_anchor(path: str | None):
-    for p in ([Path(path)] if path else ANCHOR_CANDIDATES):
-        if p.is_file():
-            spec = importlib.util.spec_from_file_location("anchor_coupled", p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["anchor_coupled"] = mod
-            spec.loader.exec_module(mod)
-            return mod
-    if path:
-        raise SystemExit(f"--anchor {path}: no such file")
-    return None
+
+
 
 
 def theta_table(kind: str, center: float, width: float | None, steps: int) -> np.ndarray:
     """The compiler's θ table (compiler/schedule.py, numpy only)."""
-    try:
-        from scenec.compiler import schedule as sch
-    except ImportError:  # a bare checkout: the folder itself is the package
-        from compiler import schedule as sch
+    from scenec.compiler import schedule as sch
+
     t = sch.progress(steps)
     return sch.theta_step(t, center) if kind == "step" else sch.theta_sin(t, center, width)
 
@@ -85,25 +74,23 @@ def compose(theta: np.ndarray, cost_mixed: float, plain_b: float, bg1: float, sh
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
+    use_checkout()
     from diffusers import FluxTransformer2DModel
 
-    try:
-        from scenec.runtime.coupling import coupled_forward
-    except ImportError:  # a bare checkout (device machine): the folder itself is the package
-        from runtime.coupling import coupled_forward
+    from scenec.runtime.attention import DOUBLE, SINGLE, Attention, Branches, KeyScale
+    from scenec.runtime.families.flux import FluxProcessor
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--anchor", default=None, help="path of anchor_coupled.py (default: looked for)")
+    ap.add_argument("--anchor", default=None, help="the anchor coupled benchmark's script (default: bench/anchor/)")
     ap.add_argument("--e2e", action="store_true", help="with --tiny: the runtime end to end on the tiny model")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default with --tiny: 1, steadier timings)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (default: $OUT/bench_coupled.json)")
     args = ap.parse_args()
-    anchor = load_anchor(args.anchor)
+    anchor = load_anchor(args.anchor, "anchor_coupled")
 
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -134,7 +121,16 @@ def main() -> None:
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(hw).float(), torch.arange(hw).float(),
                                          indexing="ij"), -1).reshape(-1, 3).to(dev, dtype)
     txt_ids = torch.zeros(txt, 3, device=dev, dtype=dtype)
+    # the Flux family's processors (as FluxBackend installs them): without a modifier at their site
+    # they run diffusers' stock processor, so plain_B and bg_only_1 are diffusers' own forwards
+    ctl = Attention("flex" if dev == "cuda" else "sdpa")
+    for b in model.transformer_blocks:
+        b.attn.processor = FluxProcessor(ctl, DOUBLE)
+    for b in model.single_transformer_blocks:
+        b.attn.processor = FluxProcessor(ctl, SINGLE)
     stock = [b.attn.processor for b in model.transformer_blocks]
+    enc_joint = torch.cat([bg, ent], 1)  # the joint text [bg | ent] of a coupled call (no padding)
+    txt_ids_joint = torch.zeros(2 * txt, 3, device=dev, dtype=dtype)
 
     def restore():
         for b, p in zip(model.transformer_blocks, stock):
@@ -145,13 +141,23 @@ def main() -> None:
                      img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
 
     def ours(theta):
-        return coupled_forward(model, x, t, g, img_ids, bg1, pooled, ent, pooled, theta)
+        """Coupling's modifiers (runtime/methods/coupling.py ``Coupling.modifiers``) on the stock forward."""
+        scale = torch.ones(2 * txt, device=dev, dtype=torch.float32)
+        scale[:txt], scale[txt:] = 1 - theta, theta
+        ctl.set([KeyScale(scale, frozenset({DOUBLE.name})), Branches(txt, theta, None, frozenset({SINGLE.name}))],
+                n_img=x.shape[1])
+        try:  # background and entity pooled vectors are the same tensor here: the mix is `pooled`
+            return model(hidden_states=x, encoder_hidden_states=enc_joint,
+                         pooled_projections=(1 - theta) * pooled + theta * pooled, timestep=t, guidance=g,
+                         img_ids=img_ids, txt_ids=txt_ids_joint, return_dict=False)[0]
+        finally:
+            ctl.clear()
 
     def anchor_coupled(theta):
         try:
             return anchor.coupled_forward(model, x, bg, ent, pooled, t, g, img_ids, txt_ids, theta)
         finally:
-            restore()  # the anchor leaves its processor on the double-stream blocks
+            restore()  # the anchor leaves its processor on the double-stream blocks: ours back
 
     cases = {"plain_B": lambda: plain(ent), "bg_only_1": lambda: plain(bg1, x[:1], pooled[:1], t[:1], g[:1]),
              "ours_B": lambda: ours(0.5)}
@@ -222,7 +228,7 @@ def main() -> None:
 def e2e(B: int, steps: int) -> dict:
     """The runtime end to end on the tiny model (CPU): a compiled group of B prompt variants."""
     from scenec.compiler import compile_scene
-    from scenec.runtime.plan import Plan
+    from scenec.runtime.sampler import run_group, run_job
     from scenec.runtime.testing import tiny_backend
 
     be = tiny_backend()
@@ -233,8 +239,8 @@ def e2e(B: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         plain_path = Path(d) / "plain.yaml"
         plain_path.write_text(head.replace("seed: 1", f"seed: [{', '.join(str(i) for i in range(1, B + 1))}]"))
-        plain = Plan.of(compile_scene(plain_path))
-        be.run_job(plain, plain.jobs[0], decode=False)  # warm-up (encoders, allocator)
+        plain = compile_scene(plain_path)
+        run_job(be, plain, plain.jobs[0], decode=False)  # warm-up (encoders, allocator)
 
         def best(fn, n=2):  # min over n runs: CPU timings are noisy
             out = []
@@ -244,17 +250,17 @@ def e2e(B: int, steps: int) -> dict:
                 out.append(time.perf_counter() - t0)
             return min(out)
 
-        out["plain_x%d_s" % B] = best(lambda: [be.run_job(plain, job, decode=False) for job in plain.jobs])
+        out["plain_x%d_s" % B] = best(lambda: [run_job(be, plain, job, decode=False) for job in plain.jobs])
         for label, (kind, center, width) in SCHEDULES.items():
             sch = f"{{shape: {kind}, center: {center}" + (f", width: {width}}}" if width else "}")
             path = Path(d) / f"group-{kind}.yaml"
             path.write_text(head + f"groups:\n  - id: g\n    schedule: {sch}\n    variants:\n{variants}\n")
-            plan = Plan.of(compile_scene(path))
-            grp = plan.json["groups"][0]
-            row = {"shared_prefix": grp["shared_prefix"]}
+            plan = compile_scene(path)
+            grp = plan.groups[0]
+            row = {"shared_prefix": grp.shared_prefix}
             for share in (True, False):
                 def go(share=share):
-                    for _job, r in be.run_group(plan, grp, plan.jobs, share=share, decode=False):
+                    for _job, r in run_group(be, plan, grp, plan.jobs, share=share, decode=False):
                         assert not isinstance(r, Exception), r
                 row["share_on_s" if share else "share_off_s"] = best(go)
             row["on_over_plain"] = row["share_on_s"] / out["plain_x%d_s" % B]

@@ -1,9 +1,9 @@
-"""Validation speed (issue 2 goals, this 2-core machine):
+"""Validation speed (the compile side's goals, on this 2-core machine):
 
 - `scenec validate FILE`, cold process: <= 0.5 s
 - 1000 scenes validated in one process: <= 10 s
 
-Usage: python bench/bench_validate.py [--scene scenes/meadow.yaml] [--n 1000]
+Usage: python bench/bench_validate.py [--scene scenes/eagle-fox-meadow.yaml] [--n 1000]
 """
 import argparse
 import statistics

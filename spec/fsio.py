@@ -3,7 +3,7 @@
 Nothing is ever half-written: data goes to a temp file in the target directory (so the rename
 stays on one filesystem), is fsynced, then ``os.replace``d over the target. Readers see the old
 file or the new one. Temp names are ``.<name>.<random>.tmp``, so a killed build's leftovers are
-recognisable (``scenec.batch.clean_temp_files``).
+recognisable (``scenec.build.manifest.clean_temp_files``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 # The files a compile reads or probes (scene, includes, scenec.toml lookups, images, schedules, a
-# local model's model_index.json): scenec.memo replays a compile only while all of them are unchanged.
+# local model's model_index.json): scenec.build.memo replays a compile only while all of them are unchanged.
 _inputs: ContextVar[dict[str, None] | None] = ContextVar("scenec_inputs", default=None)
 
 

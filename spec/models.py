@@ -1,4 +1,4 @@
-"""Pydantic models of scene language v1 (``shared/scene-language-v1.md``).
+"""Pydantic models of scene language v1 (docs/language.md).
 
 The models are the single source of the JSON Schema in ``schemas/scene.schema.json``. They check
 structure only (keys, types, ranges); meaning (references between ids, geometry, files) is checked

@@ -417,8 +417,9 @@ class Plan:
         for c in job.conditions:
             cw = f"{what}: condition {c.entity!r}"
             self._check_image(c.image, (3, 4), "reference")
-            self._check_masks(c.masks, cw, ("latent",))  # pasted on the latent grid; SOW reads what it needs
-            self._check_masks(c.related, f"{cw} (related)", ())
+            # pasted on the latent grid; SOW biases attention on every grid
+            self._check_masks(c.masks, cw, None if c.sow else ("latent",))
+            self._check_masks(c.related, f"{cw} (related)", None if c.sow else ())
             if not 0 <= c.window[0] <= c.window[1] <= steps:
                 raise PlanError(f"{cw}: window {list(c.window)} outside 0..{steps}")
         if job.group is not None and job.coupled:

@@ -59,13 +59,15 @@ def test_semantic_errors_all_reported(tmp_path):
 
 
 def test_validate_and_compile_check_the_model_family(tmp_path):
-    """63 entities in one image: over Flux's 62, fine on SD; `--model` decides, for validate and compile alike."""
+    """63 entities in one image: over the 62 of regional attention; `--model` decides whose limit, for validate
+    and compile alike."""
     f = ROOT / "tests" / "bad" / "too-many-entities.yaml"
     for cmd in (["validate", f], ["compile", f, "-o", tmp_path / "plan"]):
-        r = scenec(*cmd, "--model", "tiny")
-        assert r.returncode == 2, r.stderr
-        assert "too-many-entities.yaml:69:5: error: the scene has 63 entities, more than the 62" in r.stderr, r.stderr
-    assert scenec("validate", f, "--model", "tiny-sd").returncode == 0
+        for model, family in (("tiny", "flux"), ("tiny-sd", "sd")):
+            r = scenec(*cmd, "--model", model)
+            assert r.returncode == 2, r.stderr
+            assert (f"too-many-entities.yaml:69:5: error: the scene has 63 entities, more than the 62 {family} models "
+                    f"such as `{model}`") in r.stderr, r.stderr
 
 
 def test_compile_prints_hash_and_writes_plan(tmp_path):

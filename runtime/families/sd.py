@@ -37,9 +37,11 @@ class SDProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
         mods = self.ctl.for_site(self.site)
         cross = encoder_hidden_states is not None
-        if not mods or cross != self.site.text or attention_mask is not None or hidden_states.ndim != 3 or \
-                attn.spatial_norm is not None:
+        if not mods or cross != self.site.text:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *a, **kw)
+        if attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None:
+            raise Unsupported(f"this UNet's {self.site.name}-attention (an attention mask, spatial norm or "
+                              "4-d hidden states) cannot take regional masks, coupling or SOW")
         residual = hidden_states
         b = hidden_states.shape[0]
         if attn.group_norm is not None:
