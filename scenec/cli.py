@@ -337,16 +337,21 @@ def _fail_eval(e) -> None:
     raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
 
 
+# the metric's options, shared by `eval` and `tune` (the objective tune maximises is eval's metric)
+CLIP_OPTION = typer.Option("openai/clip-vit-large-patch14", "--clip",
+                           help="CLIP model id or local directory; `tiny` (random), `none` to skip CLIPScore")
+WEIGHTS_OPTION = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore")
+TEXT_OPTION = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity")
+SEGMENTER_OPTION = typer.Option(None, "--segmenter", help="module:function masking prompt variants")
+
+
 @app.command("eval")
 def eval_(directory: Path = typer.Argument(..., help="directory of built images and their sidecars"),
           scene: Optional[List[Path]] = typer.Option(None, "--scene", help="scene file the images were built from"),
           plan: Optional[List[Path]] = typer.Option(None, "--plan", help="compiled plan directory instead of --scene"),
           group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
-          clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip",
-                                   help="CLIP model id or local directory; `tiny` (random), `none` to skip"),
-          weights: str = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore"),
-          text: str = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity"),
-          segmenter: Optional[str] = typer.Option(None, "--segmenter", help="module:function masking prompt variants"),
+          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
+          segmenter: Optional[str] = SEGMENTER_OPTION,
           model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
           json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
@@ -388,11 +393,8 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
          budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
          method: str = typer.Option("both", "--method", help="param | vector | both"),
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
-         clip: str = typer.Option("openai/clip-vit-large-patch14", "--clip",
-                                  help="CLIP model id or local directory; `tiny` (random), `none` for BgSim only"),
-         weights: str = typer.Option("1,1", "--weights", help="a,b of the objective a·BgSim + b·CLIPScore"),
-         text: str = typer.Option("full", "--text", help="CLIPScore text: full | entity"),
-         segmenter: Optional[str] = typer.Option(None, "--segmenter", help="module:function masking prompt variants"),
+         clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
+         segmenter: Optional[str] = SEGMENTER_OPTION,
          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
          device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),

@@ -83,22 +83,15 @@ def _shape_tag(v: Any) -> str | None:
     return None
 
 
-Shape = Annotated[
-    Union[
-        Annotated[BoxShape, Tag("Box")],
-        Annotated[PolygonShape, Tag("Polygon")],
-        Annotated[EllipseShape, Tag("Ellipse")],
-        Annotated[MaskShape, Tag("Mask")],
-        Annotated[UnionShape, Tag("Union")],
-        Annotated[IntersectionShape, Tag("Intersection")],
-        Annotated[DifferenceShape, Tag("Difference")],
-    ],
-    Discriminator(
-        _shape_tag,
-        custom_error_type="shape_kind",
-        custom_error_message="a shape needs exactly one of: " + ", ".join(SHAPE_KINDS),
-    ),
-]
+def _tagged(members: dict[str, type], tag, error_type: str, message: str):
+    """A union of models told apart by ``tag`` (a value → its member's tag), with one error when none fits."""
+    return Annotated[Union[tuple(Annotated[m, Tag(t)] for t, m in members.items())],
+                     Discriminator(tag, custom_error_type=error_type, custom_error_message=message)]
+
+
+Shape = _tagged({"Box": BoxShape, "Polygon": PolygonShape, "Ellipse": EllipseShape, "Mask": MaskShape,
+                 "Union": UnionShape, "Intersection": IntersectionShape, "Difference": DifferenceShape},
+                _shape_tag, "shape_kind", "a shape needs exactly one of: " + ", ".join(SHAPE_KINDS))
 
 
 # --- schedules --------------------------------------------------------------------------------
@@ -146,20 +139,9 @@ def _schedule_tag(v: Any) -> str | None:
             ValuesSchedule: "Values", FileSchedule: "File"}.get(type(v))
 
 
-Schedule = Annotated[
-    Union[
-        Annotated[StepSchedule, Tag("Step")],
-        Annotated[RampSchedule, Tag("Ramp")],
-        Annotated[ArctanSchedule, Tag("Arctan")],
-        Annotated[ValuesSchedule, Tag("Values")],
-        Annotated[FileSchedule, Tag("File")],
-    ],
-    Discriminator(
-        _schedule_tag,
-        custom_error_type="schedule_kind",
-        custom_error_message="a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}",
-    ),
-]
+Schedule = _tagged({"Step": StepSchedule, "Ramp": RampSchedule, "Arctan": ArctanSchedule, "Values": ValuesSchedule,
+                    "File": FileSchedule}, _schedule_tag, "schedule_kind",
+                   "a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}")
 
 DEFAULT_SCHEDULE = RampSchedule(shape="sin", center=0.4, width=0.3)
 

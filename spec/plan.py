@@ -280,10 +280,6 @@ class Plan:
         return self.doc.model
 
     @property
-    def family(self) -> str:
-        return self.doc.model.family
-
-    @property
     def canvas(self) -> tuple[int, int]:
         """(width, height) in pixels."""
         return self.doc.canvas.width, self.doc.canvas.height
