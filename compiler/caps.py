@@ -51,7 +51,13 @@ FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler
               grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
-FAMILIES = {"flux": FLUX, "sd": SD}
+# SDXL: SD's UNet geometry (attention at 1/16 and 1/32 of the canvas on the released models; the
+# other grids cost nothing), two text encoders, a pooled vector and size micro-conditioning
+SDXL = Family("sdxl", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
+              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
+FAMILIES = {"flux": FLUX, "sd": SD, "sdxl": SDXL}
+# a diffusers model directory's `model_index.json` names its pipeline class: the family it runs on
+PIPELINE_FAMILIES = {"FluxPipeline": FLUX, "StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
 
 
 @dataclass(frozen=True)
@@ -73,32 +79,73 @@ ALIASES: dict[str, ModelInfo] = {
     "sd15": ModelInfo("sd15", SD, "alias", "stable-diffusion-v1-5/stable-diffusion-v1-5", steps=50, guidance=7.5),
     "sd21": ModelInfo("sd21", SD, "alias", "stabilityai/stable-diffusion-2-1-base", steps=50, guidance=7.5),
     "tiny-sd": ModelInfo("tiny-sd", SD, "alias", None, steps=4, guidance=7.5),
+    "sdxl": ModelInfo("sdxl", SDXL, "alias", "stabilityai/stable-diffusion-xl-base-1.0", steps=30, guidance=5.0),
+    "sdxl-turbo": ModelInfo("sdxl-turbo", SDXL, "alias", "stabilityai/sdxl-turbo", steps=4, guidance=0.0),
+    "tiny-sdxl": ModelInfo("tiny-sdxl", SDXL, "alias", None, steps=4, guidance=5.0),
 }
+# the sampler defaults of a family's model that is not an alias (a hub id or a local directory)
+FAMILY_DEFAULTS = {"flux": "flux-dev", "sd": "sd15", "sdxl": "sdxl"}
+
+
+class UnknownModel(ValueError):
+    """A model whose family scenec cannot tell (one sentence on how to make it known)."""
 
 DEFAULT_MODEL = "flux-dev"  # what compile assumes when neither scene nor project names a model
 
 
 def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
-    """Resolve a model spec: an alias, a local diffusers directory, or a hub id (family guessed)."""
+    """Resolve a model spec: an alias, a local diffusers directory, or a hub id.
+
+    The family of a directory or hub id is the pipeline class its ``model_index.json`` names (a hub
+    id's is read from the Hugging Face cache, never downloaded); an alias's repository is known. A
+    model whose family cannot be told raises :class:`UnknownModel`: it is never guessed from a name."""
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
         return ALIASES[spec]
     local = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
     note_input(local / "model_index.json")  # a local model directory appearing changes the family
     if local.is_dir() and (local / "model_index.json").is_file():
-        try:
-            cls = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
-        except (OSError, ValueError):
-            cls = ""
-        fam = FLUX if "Flux" in cls else SD
-        d = ALIASES["flux-dev"] if fam is FLUX else ALIASES["sd15"]
-        return ModelInfo(spec, fam, "local", str(local.resolve()), d.steps, d.guidance, d.max_sequence_length)
-    low = spec.lower()
-    if "flux" in low:
-        d = ALIASES["flux-schnell"] if "schnell" in low else ALIASES["flux-dev"]
-        return ModelInfo(spec, FLUX, "hub", spec, d.steps, d.guidance, d.max_sequence_length)
-    d = ALIASES["sd15"]
-    return ModelInfo(spec, SD, "hub", spec, d.steps, d.guidance)
+        return _with_family(spec, "local", str(local.resolve()), local / "model_index.json")
+    if local.exists() or spec.startswith((".", "/", "~")):
+        raise UnknownModel(f"`{spec}` is not a diffusers model directory (no model_index.json); point it at a "
+                           "directory saved with save_pretrained, or use an alias: " + ", ".join(ALIASES))
+    for a in ALIASES.values():
+        if a.repo == spec:  # an alias's repository, named by its id
+            return ModelInfo(spec, a.family, "hub", spec, a.steps, a.guidance, a.max_sequence_length)
+    index = _cached_model_index(spec)
+    if index is None:
+        raise UnknownModel(f"the model family of `{spec}` is unknown until its weights are here: `hf download "
+                           f"{spec}` (after `hf auth login` if it is gated), or point it at a local diffusers "
+                           "directory, or use an alias: " + ", ".join(ALIASES))
+    return _with_family(spec, "hub", spec, index)
+
+
+def _with_family(spec: str, source: str, repo: str, index: Path) -> ModelInfo:
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        cls = ""
+    fam = PIPELINE_FAMILIES.get(cls)
+    if fam is None:
+        raise UnknownModel(f"`{spec}` is a {cls or 'diffusers'} model; scenec runs "
+                           + ", ".join(PIPELINE_FAMILIES) + " models")
+    d = ALIASES[FAMILY_DEFAULTS[fam.name]]
+    return ModelInfo(spec, fam, source, repo, d.steps, d.guidance, d.max_sequence_length)
+
+
+def _cached_model_index(repo: str) -> Path | None:
+    """A hub model's ``model_index.json`` from the local Hugging Face cache, if it is there (no network)."""
+    if repo.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(repo, "model_index.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(hit) if isinstance(hit, str) else None
 
 
 def check_family(ls, info: ModelInfo, diags) -> None:

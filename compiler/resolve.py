@@ -8,7 +8,7 @@ from scenec.spec.diagnostics import Diagnostics, Pos
 from scenec.spec.load import LoadedScene
 from scenec.spec.paths import project_config
 
-from .caps import ModelInfo, model_info
+from .caps import ModelInfo, UnknownModel, model_info
 
 PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
 
@@ -24,7 +24,13 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
         if spec is not None and not isinstance(spec, str):
             diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string")
             spec = None
-    return spec, model_info(spec, ls.file.parent)
+    try:
+        return spec, model_info(spec, ls.file.parent)
+    except UnknownModel as e:
+        where = ls.pos(("model",)) if override is None and ls.scene.model is not None else \
+            Pos(str(ls.root / "scenec.toml")) if override is None else Pos(ls.display)
+        diags.error(where, str(e) if override is None else f"--model {spec}: {e}")
+        return spec, model_info(None)
 
 
 def render_name(template: str, values: dict) -> str:

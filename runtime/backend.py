@@ -192,12 +192,23 @@ def from_pretrained(cls, repo: str, dtype, **kw):
             raise ModelUnavailable(f"{repo}: not a diffusers model directory (no model_index.json); "
                                    "point --model at a directory saved with save_pretrained or a hub id")
         repo = str(p)
+    import warnings
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # no retry chatter: one sentence below says what to do
     try:
-        return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
-        hub = "" if looks_local else f"`huggingface-cli download {repo}` (accepting its licence on the hub), or "
+        hub = "" if looks_local else (f"`hf download {repo}` (after `hf auth login` and accepting its licence on "
+                                      "the hub if it is gated, as FLUX.1-dev is), or ")
         raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}); get them with "
                                f"{hub}point --model at a local diffusers directory") from e
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 def load_pipeline(cls, model, device, dtype, cuda_dtype: torch.dtype, tiny: str, build_tiny: Callable, repo: str,
@@ -252,6 +263,18 @@ def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]
     return torch.cat(seqs), lengths[0], out
 
 
+def mix_pooled(call: Call, batch: int) -> torch.Tensor:
+    """The call's pooled vector: the first of ``Cond.pooled``, or their mix by ``call.pooled_weights``
+    (coupling: (1 − θ)·pooled_bg + θ·pooled_ent), one row per batch row."""
+    pooled, w = call.cond.pooled, call.pooled_weights
+    out = pooled[0]
+    if w is not None:
+        out = w[0] * pooled[0]
+        for wi, p in zip(w[1:], pooled[1:]):
+            out = out + wi * p
+    return out if out.shape[0] == batch else out.expand(batch, -1)
+
+
 def pad_masks(call: Call, sites, impl: str, device) -> list:
     """Padding never leaks: the ``open`` mask at every text site the methods left without a mask,
     where the call's text has padding (a padded forward then computes what the unpadded one does)."""
@@ -269,4 +292,4 @@ def regions_by_grid(plan, entities: tuple[Stream, ...], grids) -> dict[str, torc
 
 
 __all__ = ["Backend", "BuiltMask", "Call", "Cond", "Stream", "TextSpec", "assemble", "default_device",
-           "from_pretrained", "load_pipeline", "pad_masks", "parse_dtype", "regions_by_grid"]
+           "from_pretrained", "load_pipeline", "mix_pooled", "pad_masks", "parse_dtype", "regions_by_grid"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 
-BATCHABLE_FAMILIES = ("flux", "sd")
-
-
 def batch_key(plan_json: dict, job: dict) -> str | None:
     """A string equal for batch-compatible jobs, or None when ``job`` must run alone."""
+    from scenec.compiler.caps import FAMILIES  # every family runs batch rows through the one sampler
+
     model = plan_json.get("model") or {}
-    if model.get("family", "flux") not in BATCHABLE_FAMILIES:
+    if model.get("family", "flux") not in FAMILIES:
         return None
     if job.get("group") or job.get("conditions"):
         return None  # coupling groups run together (shared prefix); references run cycles

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 
-from scenec.spec.errors import Unsupported
+from scenec.spec.errors import ModelUnavailable, Unsupported
 from scenec.spec.plan import Model
 
-FAMILIES = {"flux": "scenec.runtime.families.flux", "sd": "scenec.runtime.families.sd"}
+FAMILIES = {"flux": "scenec.runtime.families.flux", "sd": "scenec.runtime.families.sd",
+            "sdxl": "scenec.runtime.families.sdxl"}
 
 
 def _import_diffusers_quietly() -> None:
@@ -36,9 +37,12 @@ def as_model(model: Model | dict | str) -> Model:
         return model
     if isinstance(model, dict):
         return Model.model_validate(model)
-    from scenec.compiler.caps import model_info
+    from scenec.compiler.caps import UnknownModel, model_info
 
-    info = model_info(model)
+    try:
+        info = model_info(model)
+    except UnknownModel as e:
+        raise ModelUnavailable(str(e)) from None
     return Model(spec=model, family=info.family.name, repo=info.repo, max_sequence_length=info.max_sequence_length)
 
 

@@ -24,7 +24,7 @@ import torch
 from scenec.spec.errors import PlanError, Unsupported
 
 from ..attention import DOUBLE, SINGLE, Attention, Site, attend
-from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
+from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
 from ..solvers import FlowEuler
 
@@ -200,14 +200,7 @@ class FluxBackend:
 
     def _forward(self, run, x: torch.Tensor, call: Call, t: torch.Tensor) -> torch.Tensor:
         cond = call.cond
-        w = call.pooled_weights
-        pooled = cond.pooled[0]
-        if w is not None:  # coupling: (1 − θ)·pooled_bg + θ·pooled_ent
-            pooled = w[0] * cond.pooled[0]
-            for wi, p in zip(w[1:], cond.pooled[1:]):
-                pooled = pooled + wi * p
-        if pooled.shape[0] != x.shape[0]:
-            pooled = pooled.expand(x.shape[0], -1)
+        pooled = mix_pooled(call, x.shape[0])
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], float(run.plan.sampler.guidance), device=self.device,
@@ -285,6 +278,11 @@ def load(model, device=None, dtype=None, attn_impl: str | None = None, compile_b
 
     pipe, model_id, dev, dt = load_pipeline(FluxPipeline, model, device, dtype, torch.bfloat16, "tiny", build_tiny,
                                             model.repo or model.spec)
+    if dt == torch.float16:
+        import sys
+
+        print("scenec: warning: Flux overflows in fp16 (its activations exceed 65504): images may come out black "
+              "or noisy; use --dtype bf16 (the default on CUDA) or fp32", file=sys.stderr)
     backend = FluxBackend(pipe, model_id, dev, dt, attn_impl=attn_impl)
     if compile_blocks:
         for b in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):

@@ -96,7 +96,7 @@ class SDBackend:
 
     # -- text ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_global(self, text: str) -> torch.Tensor:
+    def encode_global(self, text: str, negative: bool = False) -> torch.Tensor:
         """CLIP last hidden state, padded to 77 tokens: exactly StableDiffusionPipeline.encode_prompt."""
         key = ("global", text)
         if key not in self._cache:
@@ -114,6 +114,10 @@ class SDBackend:
             self._cache[key] = te(ids.to(te.device))[0].to(dtype=self.dtype, device=self.device)
         return self._cache[key]
 
+    def pooled_of(self, text: str, negative: bool) -> torch.Tensor | None:
+        """A text's pooled vector, for families that condition on one (SD has none)."""
+        return None
+
     def grids(self, plan) -> dict[str, tuple[int, int]]:
         return {g: plan.grid(g) for g in UNET_GRIDS if g in plan.doc.grids}
 
@@ -121,20 +125,22 @@ class SDBackend:
         """The keys of a call for each batch row: ``[global (77) | entities…]``, padded to the longest row."""
         plan0 = rows[0][0]
         regional = any(spec.regional for _, spec, _ in rows)
-        parts = []
+        parts, pooled = [], []
         for plan, spec, negative in rows:
             seqs = []
             if spec.global_ is not None:
-                seqs.append(self.encode_global(plan.prompt(spec.global_.text(negative))))
+                seqs.append(self.encode_global(plan.prompt(spec.global_.text(negative)), negative))
             else:
                 width = self.unet.config.cross_attention_dim
                 seqs.append(torch.zeros(1, 0, width, device=self.device, dtype=self.dtype))
             for e in spec.entities:
                 text = plan.prompt(e.text(negative))
-                seqs.append(self.encode_global(text) if e.as_global else self.encode_entity(text))
+                seqs.append(self.encode_global(text, negative) if e.as_global else self.encode_entity(text))
             parts.append((seqs, regions_by_grid(plan, spec.entities, self.grids(plan)) if regional else {}))
+            pooled.append([self.pooled_of(plan.prompt(s.text(negative)), negative) for s in spec.pooled])
         seq, lengths, layouts = assemble(parts, regional, self.grids(plan0), plan0.attention.image_self, 1)
-        return Cond(seq, [], lengths, layouts)
+        has_pooled = all(p is not None for row in pooled for p in row)
+        return Cond(seq, [torch.cat(ps) for ps in zip(*pooled)] if has_pooled else [], lengths, layouts)
 
     # -- latents, solver, model ------------------------------------------------------------------------
     def prepare_latents(self, plan, seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -156,11 +162,15 @@ class SDBackend:
     def guided(self, plan) -> bool:
         return float(plan.sampler.guidance) > 1.0 and self.unet.config.time_cond_proj_dim is None
 
-    def _unet(self, x, t, call: Call, rows: slice = slice(None)) -> torch.Tensor:
+    def unet_kwargs(self, plan, call: Call, batch: int) -> dict:
+        """What the UNet takes besides the latents, timestep and text keys (SD: nothing)."""
+        return {}
+
+    def _unet(self, plan, x, t, call: Call, rows: slice = slice(None)) -> torch.Tensor:
         self.attn.set(call.mods, rows=rows)
         try:
             return self.unet(self.pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=call.cond.seq,
-                             return_dict=False)[0]
+                             return_dict=False, **self.unet_kwargs(plan, call, x.shape[0]))[0]
         finally:
             self.attn.clear()
 
@@ -172,27 +182,30 @@ class SDBackend:
         t = run.solver.model_time(level, x.shape[0], x.dtype, self.device)
         B = x.shape[0]
         rows = range(B)
-        if not self.guided(run.plan):
-            return self._unet(x, t, call([(r, False) for r in rows]))
-        g = float(run.plan.sampler.guidance)
+        plan = run.plan
+        if not self.guided(plan):
+            return self._unet(plan, x, t, call([(r, False) for r in rows]))
+        g = float(plan.sampler.guidance)
         if B > 1:
             c = call([(r, True) for r in rows] + [(r, False) for r in rows])
-            e_u, e_c = self._unet(torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
+            e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
             return e_u + g * (e_c - e_u)
         pos, neg = call([(0, False)]), call([(0, True)])
         masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
         scaled = any(isinstance(m, KeyScale) for m in pos.mods)
         if not masked and pos.cond.seq.shape == neg.cond.seq.shape and \
                 (not scaled or pos.cond.lengths == neg.cond.lengths):
-            both = Call(pos.rows + neg.rows, [True, False], neg.specs + pos.specs, level, cond=Cond(
-                torch.cat([neg.cond.seq, pos.cond.seq]), [], pos.cond.lengths), mods=pos.mods)
-            e_u, e_c = self._unet(torch.cat([x] * 2), t, both, rows=slice(B, 2 * B)).chunk(2)
+            pooled = [torch.cat([n, p]) for n, p in zip(neg.cond.pooled, pos.cond.pooled)]
+            both = Call(neg.rows + pos.rows, [True, False], neg.specs + pos.specs, level,
+                        pooled_weights=pos.pooled_weights, mods=pos.mods,
+                        cond=Cond(torch.cat([neg.cond.seq, pos.cond.seq]), pooled, pos.cond.lengths))
+            e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, both, rows=slice(B, 2 * B)).chunk(2)
         elif any(hasattr(m, "observe") for m in pos.mods):
-            e_c = self._unet(x, t, pos)  # SOW's indicator is measured in the positive pass
-            e_u = self._unet(x, t, neg)
+            e_c = self._unet(plan, x, t, pos)  # SOW's indicator is measured in the positive pass
+            e_u = self._unet(plan, x, t, neg)
         else:
-            e_u = self._unet(x, t, neg)
-            e_c = self._unet(x, t, pos)
+            e_u = self._unet(plan, x, t, neg)
+            e_c = self._unet(plan, x, t, pos)
         return e_u + g * (e_c - e_u)
 
     # -- images ----------------------------------------------------------------------------------------
