@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import shapely
 from shapely.geometry import box as _box
 
+from .occlusion import occlude
 from .raster import erode
-from .shapes import EMPTY, MIN_AREA, polygonal, shape_geometry
+from .shapes import EMPTY, shape_geometry
 
 
 @dataclass(frozen=True)
@@ -45,30 +45,15 @@ def resolve_regions(ls, entity_ids, canvas, diags) -> dict[str, Region]:
         keys[i] = (float(e.z) if e.z is not None else float(i), i)
         geoms[i] = full if e.shape is None else shape_geometry(ls, e.shape, ("entities", i, "shape"), canvas, diags)
 
-    ok = [i for i in present if geoms[i] is not None]
-    order = sorted(ok, key=lambda i: keys[i], reverse=True)  # top first
-    tree = shapely.STRtree([geoms[i] for i in ok]) if ok else None
-    pos_of = {i: k for k, i in enumerate(ok)}
+    ok = {i: geoms[i] for i in present if geoms[i] is not None}
     out: dict[str, Region] = {}
-    for i in order:
+    for i, (region, hiders) in occlude(ok, keys, canvas).items():
         e = ls.scene.entities[i]
-        g = geoms[i]
-        above = [ok[j] for j in tree.query(g, predicate="intersects") if keys[ok[j]] > keys[i]]
-        region = g
-        if above:
-            occ = shapely.union_all([geoms[j] for j in above])
-            region = polygonal(g.difference(occ))
-            if region.area < MIN_AREA:
-                hiders = [j for j in sorted(above, key=lambda j: pos_of[j])
-                          if geoms[j].intersection(g).area >= MIN_AREA]
-                alone = [j for j in hiders if g.difference(geoms[j]).area < MIN_AREA]
-                names = [ls.scene.entities[j].id for j in (alone[:1] or hiders)]
-                by = f"`{names[0]}`" if len(names) == 1 else \
-                    ", ".join(f"`{n}`" for n in names[:-1]) + f" and `{names[-1]}` together"
-                where = ("entities", i, "shape") if e.shape is not None else ("entities", i, "id")
-                diags.error(ls.pos(where), f"the region of `{e.id}` is hidden entirely by {by}",
-                            hint=f"give `{e.id}` a higher `z` than what covers it, or change the shapes")
-                region = EMPTY
+        if hiders is not None:
+            by = _hidden_by([ls.scene.entities[j].id for j in hiders[0]], hiders[1])
+            where = ("entities", i, "shape") if e.shape is not None else ("entities", i, "id")
+            diags.error(ls.pos(where), f"the region of `{e.id}` is hidden entirely by {by}",
+                        hint=f"give `{e.id}` a higher `z` than what covers it, or change the shapes")
         out[e.id] = Region(e.id, region, float(e.feather or 0.0) * short, keys[i][0])
     for i in present:
         e = ls.scene.entities[i]
@@ -78,6 +63,18 @@ def resolve_regions(ls, entity_ids, canvas, diags) -> dict[str, Region]:
         if eid not in out:  # an unknown id: the check pass reports it
             out[eid] = Region(eid, EMPTY, 0.0, 0.0)
     return {eid: out[eid] for eid in sorted(out, key=lambda x: index.get(x, len(index)))}
+
+
+def _hidden_by(names: list[str], more: bool) -> str:
+    """`a` | `a` and `b` together | `a`, `b`, `c` and others above it together."""
+    quoted = [f"`{n}`" for n in names]
+    if not quoted:
+        return "the entities above it together"
+    if more:
+        return ", ".join(quoted) + " and others above it together"
+    if len(quoted) == 1:
+        return quoted[0]
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]} together"
 
 
 def check_geometry(ls, family, diags) -> None:

@@ -99,55 +99,120 @@ def inversion_key(parts: dict, tensors: dict[str, np.ndarray] | None = None) -> 
     return h.hexdigest()
 
 
+FORMAT = "scenec-inversion/2"  # written into each file's metadata; another format is a plain miss
+
+
+def entry_digest(key: str, latents: dict[str, torch.Tensor]) -> str:
+    """sha256 of an entry's key and every tensor's name, dtype, shape and bytes: a file whose content
+    was flipped, truncated, reshaped, retyped or copied from another key does not match it."""
+    h = hashlib.sha256(f"{FORMAT}\0{key}".encode())
+    for name in sorted(latents):
+        t = latents[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}:{t.dtype}:{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"scenec: warning: {message}", file=sys.stderr)
+
+
 @dataclass
 class InversionCache:
     """Inverted latents by key: in memory, and as ``<key>.safetensors`` under :func:`cache_dir`.
 
-    Disk writes are atomic (temp file, fsync, rename); an unreadable file is treated as a miss.
-    ``stats`` counts memory hits, disk hits and inversions actually run.
+    Disk writes are atomic (temp file, fsync, rename), with the format and a digest
+    (:func:`entry_digest`) in the file's metadata. A file that does not verify — unreadable, digest
+    mismatch, not float32, not the shape the caller expects, NaN or infinite values — is a miss: it is
+    deleted, ``warn`` says so once, and the caller inverts again. Non-finite latents are never stored.
+    ``stats`` counts memory hits, disk hits, inversions actually run and damaged entries.
     """
 
     memory: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=lambda: {"memory": 0, "disk": 0, "inverted": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"memory": 0, "disk": 0, "inverted": 0, "damaged": 0})
     disk: bool = True
+    warn: Callable[[str], None] = _warn
 
     def path(self, key: str) -> Path:
         return cache_dir() / f"{key}.safetensors"
 
-    def get(self, key: str) -> dict[int, torch.Tensor] | None:
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> dict[int, torch.Tensor] | None:
+        """The latents stored under ``key`` (each of ``shape`` when given), or None."""
         if key in self.memory:
             self.stats["memory"] += 1
             return self.memory[key]
-        if self.disk:
-            p = self.path(key)
-            if p.is_file():
-                try:
-                    from safetensors.torch import load_file
-
-                    lat = {int(k.split("/", 1)[1]): v for k, v in load_file(str(p)).items()}
-                except Exception:  # a damaged cache file is a miss, not an error
-                    lat = None
-                if lat:
-                    self.stats["disk"] += 1
-                    self.memory[key] = lat
-                    return lat
-        return None
+        if not self.disk:
+            return None
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        lat, why = _read(p, key, shape)
+        if why is not None:
+            self.stats["damaged"] = self.stats.get("damaged", 0) + 1
+            self.warn(f"damaged inversion cache entry {p} ({why}); inverting again")
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+        if not lat:
+            return None
+        self.stats["disk"] += 1
+        self.memory[key] = lat
+        return lat
 
     def put(self, key: str, latents: dict[int, torch.Tensor]) -> None:
         lat = {int(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in latents.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in lat.values()):
+            return  # never keep NaN or infinity: the job fails on them, the next build inverts again
         self.memory[key] = lat
         if self.disk:
             from safetensors.torch import save
 
             from scenec.spec.fsio import atomic_write
 
+            named = {f"level/{k}": v for k, v in lat.items()}
             try:
-                atomic_write(self.path(key), save({f"level/{k}": v for k, v in lat.items()}))
+                atomic_write(self.path(key), save(named, metadata={"format": FORMAT,
+                                                                   "sha256": entry_digest(key, named)}))
             except OSError:  # a read-only home directory must not fail the build
                 pass
 
     def clear(self) -> None:
         self.memory.clear()
+
+
+def _read(p: Path, key: str, shape: tuple[int, ...] | None) -> tuple[dict[int, torch.Tensor] | None, str | None]:
+    """``(latents, None)`` for a file that verifies, ``(None, None)`` for one of another format (an older
+    scenec's: a plain miss), ``(None, why)`` for a damaged one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            named = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise, it is a miss
+        return None, f"unreadable: {type(e).__name__}"
+    fmt = meta.get("format")
+    if fmt != FORMAT:  # another scenec's entry is a plain miss; a file without our format is damaged
+        return None, (None if str(fmt).startswith("scenec-inversion/") else "no format in its metadata")
+    if meta.get("sha256") != entry_digest(key, named):
+        return None, "digest mismatch"
+    try:
+        lat = {int(k.split("/", 1)[1]): v for k, v in named.items()}
+    except (IndexError, ValueError):
+        return None, "unexpected tensor names"
+    shape = shape if shape is not None else next((tuple(v.shape) for v in lat.values()), None)
+    for v in lat.values():
+        if v.dtype != torch.float32:
+            return None, f"dtype {str(v.dtype).replace('torch.', '')}, not float32"
+        if tuple(v.shape) != tuple(shape):
+            return None, f"shape {list(v.shape)}, not {list(shape)}"
+        if not bool(torch.isfinite(v).all()):
+            return None, "non-finite values"
+    return lat, None
 
 
 CACHE = InversionCache()

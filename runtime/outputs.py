@@ -6,8 +6,8 @@ crash never leaves a half-written image that a later build would mistake for a r
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from scenec.spec.errors import PlanError, RuntimeErrorBase
-from scenec.spec.fsio import atomic_write
+from scenec.spec.fsio import atomic_write, json_bytes
 from scenec.spec.plan import Job, Plan
 
 from .sampler import run_batch, run_group, run_job
@@ -68,12 +68,14 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
 
 
 def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progress: Progress | None = None,
-            keep_cache: bool = False) -> list[dict]:
+            keep_cache: bool = False, stamps: dict[str, dict] | None = None) -> list[dict]:
     """Run every job of ``plan`` on ``backend``; write ``<name>.png`` + ``<name>.json`` per job.
 
     Returns one result dict per job: ``status`` "built" (with paths, timings) or "failed" (with
-    ``error``, one sentence). Expected failures (unsupported features, bad plan data) fail that job
-    only; the other jobs still run. A coupling group's jobs run together (their shared prefix once).
+    ``error``, one sentence). Expected failures (unsupported features, bad plan data, non-finite values,
+    a file that cannot be written) fail that job only; the other jobs still run. A coupling group's
+    jobs run together (their shared prefix once). ``stamps``: what the caller wants in each job's
+    sidecar as ``build`` (by job id; the batch build's manifest stamp).
     """
     out = Path(out_dir)
     _require_png(plan)
@@ -110,8 +112,8 @@ def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progr
 
     try:
         for jid, job, r in runs():
-            results.append(write_result(plan, job, r, backend, out, masks) if job is not None else
-                           _failed(raw.get(jid) or {"id": jid}, r))
+            results.append(write_result(plan, job, r, backend, out, masks, (stamps or {}).get(jid))
+                           if job is not None else _failed(raw.get(jid) or {"id": jid}, r))
             report(jid, steps_per_job.get(jid, 0))
     finally:
         if not keep_cache:
@@ -126,8 +128,11 @@ def _failed(raw: dict, error: Exception) -> dict:
             "job_hash": raw.get("job_hash", ""), "status": "failed", "error": str(error)}
 
 
-def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = False) -> dict:
-    """Write one job's image + sidecar (atomically, the image first); its result dict (built or failed)."""
+def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = False, stamp: dict | None = None) -> dict:
+    """Write one job's image + sidecar (atomically, the image first); its result dict (built or failed).
+
+    The sidecar holds the image's sha256 (and ``stamp`` as ``build``): written after the image, it
+    vouches for a complete image. A file that cannot be written (full or read-only disk) fails the job."""
     meta = metadata(plan, job, backend)
     base = {"job": job.id, "name": job.name, "seed": job.seed, "job_hash": job.job_hash}
     try:
@@ -136,33 +141,42 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
             raise r
     except RuntimeErrorBase as e:
         return {**base, "status": "failed", "error": str(e)}
-    img_path = stem.with_name(stem.name + ".png")
-    atomic_write(img_path, png_bytes(r.image, meta))
-    mask_paths = _write_masks(plan, job, stem) if masks else []
-    side = {**meta, "image": img_path.name, "timings": r.timings,
-            "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
-            "masks": [p.name for p in mask_paths]}
+    img_path = path = stem.with_name(stem.name + ".png")
     side_path = stem.with_name(stem.name + ".json")
-    atomic_write(side_path, (json.dumps(side, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    try:
+        data = png_bytes(r.image, meta)
+        atomic_write(img_path, data)
+        mask_paths = _write_masks(plan, job, stem) if masks else []
+        side = {**meta, "image": img_path.name, "sha256": hashlib.sha256(data).hexdigest(), "timings": r.timings,
+                "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
+                "masks": [p.name for p in mask_paths]}
+        if stamp is not None:
+            side["build"] = stamp
+        path = side_path
+        atomic_write(side_path, json_bytes(side, indent=1, sort_keys=True) + b"\n")
+    except OSError as e:
+        return {**base, "status": "failed", "error": f"cannot write {path}: {e.strerror or e}"}
     return {**base, "status": "built", "image": str(img_path), "sidecar": str(side_path),
-            "masks": [str(p) for p in mask_paths], "timings": r.timings}
+            "masks": [str(p) for p in mask_paths], "timings": r.timings, "sha256": side["sha256"]}
 
 
-def execute_batch(entries: list[tuple], backend, masks: bool = False) -> list[dict]:
+def execute_batch(entries: list[tuple], backend, masks: bool = False, stamps: list[dict | None] | None = None
+                  ) -> list[dict]:
     """Run batch-compatible jobs of one or more plans as one batch (:func:`run_batch`) and write each
     into its own output directory. ``entries``: ``(plan, job, out_dir)`` with the job typed, as its raw
-    dict or by id; one result per entry. The text cache is kept (the caller runs many plans)."""
+    dict or by id; one result per entry; ``stamps``: each entry's sidecar stamp. The text cache is kept
+    (the caller runs many plans)."""
     for p, _, _ in entries:
         _require_png(p)
     rs = run_batch(backend, [(p, j) for p, j, _ in entries])
     results = []
-    for (p, j, d), r in zip(entries, rs):
+    for k, ((p, j, d), r) in enumerate(zip(entries, rs)):
         try:
             job = j if isinstance(j, Job) else p.job(j["id"] if isinstance(j, dict) else j)
         except RuntimeErrorBase as e:
             results.append(_failed(j if isinstance(j, dict) else {"id": j}, e))
             continue
-        results.append(write_result(p, job, r, backend, Path(d), masks))
+        results.append(write_result(p, job, r, backend, Path(d), masks, (stamps or [None] * len(entries))[k]))
     return results
 
 

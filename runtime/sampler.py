@@ -29,6 +29,7 @@ from scenec.spec.errors import PlanError, RuntimeErrorBase, Unsupported
 from scenec.spec.plan import Denoise, Fork, Job, Plan
 
 from .backend import Call, Stream, TextSpec, pad_masks
+from .finite import require_finite
 from .methods import registered
 
 NOISE_SALT = 0x5EED_C0C0  # the job's noise stream (η steps, re-noising) is independent of its initial noise
@@ -204,6 +205,7 @@ def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = N
     run.setup()
     t_enc = time.perf_counter()
     x = sample(run, job.program, start, stop_at_fork, progress)
+    require_finite(x, "the final latent")
     t_den = time.perf_counter()
     image = backend.decode(x, plan) if decode else None
     t_dec = time.perf_counter()
@@ -243,7 +245,12 @@ def run_batch(backend, plan_jobs: list[tuple[Plan, object]], progress: Callable[
     t_den = time.perf_counter()
     for b, (k, plan, _) in enumerate(live):
         t1 = time.perf_counter()
-        image = backend.decode(x[b:b + 1], plan)
+        try:  # a row with NaN fails alone
+            require_finite(x[b:b + 1], "the final latent")
+            image = backend.decode(x[b:b + 1], plan)
+        except RuntimeErrorBase as e:
+            out[k] = e
+            continue
         out[k] = JobResult(image, x[b:b + 1], row_timings(t_enc - t0, t_den - t_enc, time.perf_counter() - t1,
                                                           len(live)))
     return out

@@ -14,31 +14,11 @@ from typing import List, Optional
 
 import typer
 
+from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
+from scenec.spec.diagnostics import printable
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile declarative scene files into attention masks and schedules, and build images.")
-
-EXIT_OK, EXIT_BUILD_FAILED, EXIT_INVALID = 0, 1, 2
-
-
-def _print_diags(diags, stream=None) -> None:
-    stream = stream or sys.stderr
-    for d in diags.sorted() if hasattr(diags, "sorted") else diags:
-        print(d.format(), file=stream)
-
-
-def _fail_invalid(err) -> None:
-    _print_diags(err.diagnostics)
-    n = len(err.diagnostics.errors)
-    print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
-    raise typer.Exit(EXIT_INVALID)
-
-
-def _internal(e: BaseException) -> None:
-    if os.environ.get("SCENEC_DEBUG"):
-        raise e
-    print(f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)", file=sys.stderr)
-    raise typer.Exit(EXIT_BUILD_FAILED)
-
 
 @app.command()
 def validate(files: List[Path] = typer.Argument(..., help="scene files"),
@@ -63,8 +43,8 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
         except SceneError as e:
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
-            _internal(e)
-        _print_diags(diags)
+            internal(e)
+        print_diags(diags)
         if diags.has_errors():
             bad += 1
     if bad:
@@ -82,13 +62,18 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
 
     from scenec.compiler import compile_scene
 
+    if out.exists() and not out.is_dir():
+        bad_path(out, "exists and is not a directory (-o names the plan directory)")
     try:
         plan = compile_scene(file, model=model)
     except SceneError as e:
-        _fail_invalid(e)
+        fail_invalid(e)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
-    plan.write(out)
+        internal(e)
+    try:
+        plan.write(out)
+    except OSError as e:
+        path_error(e)
     for w in plan.warnings:
         print(w.format(), file=sys.stderr)
     print(plan.plan_hash)
@@ -112,9 +97,9 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
     try:
         ir = run_passes(load_scene(file), model=model, until=None if after in (None, "lower") else after)
     except SceneError as e:
-        _fail_invalid(e)
+        fail_invalid(e)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
+        internal(e)
     sys.stdout.write(print_ir(ir))
     if masks is not None:
         from scenec.compiler.preview import write_mask_pngs
@@ -127,7 +112,10 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
                 r = ir.region_of(s.id)
                 if r is not None:
                     regs[s.name] = _region(r)
-            write_mask_pngs(regs, ir.canvas, masks / job.id)
+            try:
+                write_mask_pngs(regs, ir.canvas, masks / job.id)
+            except OSError as e:
+                path_error(e)
         print(f"masks written to {masks}", file=sys.stderr)
 
 
@@ -149,12 +137,14 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
     from scenec.compiler.passes import run_passes
     from scenec.compiler.preview import render_preview
 
+    if out.is_dir():
+        bad_path(out, "is a directory (-o names the PNG to write)")
     try:
         ir = run_passes(load_scene(file), model=model, until="geometry")
     except SceneError as e:
-        _fail_invalid(e)
+        fail_invalid(e)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
+        internal(e)
     jobs = []
     seen = set()
     for job in ir.jobs():
@@ -182,7 +172,10 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
     kwargs = {}
     if bg:
         kwargs["background"] = ir.scene.resolve(("background", "image"), bg)
-    render_preview(ir.scene, jobs, out, **kwargs)
+    try:
+        render_preview(ir.scene, jobs, out, **kwargs)
+    except OSError as e:
+        path_error(e)
     print(f"preview written to {out}", file=sys.stderr)
 
 
@@ -218,16 +211,22 @@ output:
 def init(directory: Path = typer.Argument(Path("."), help="project directory"),
          force: bool = typer.Option(False, "--force", help="overwrite existing files")):
     """Start a project: scenec.toml and a starter scene."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        path_error(e)
     toml = directory / "scenec.toml"
     scene = directory / "scene.yaml"
     for f in (toml, scene):
         if f.exists() and not force:
             print(f"scenec: {f} exists (use --force to overwrite)", file=sys.stderr)
             raise typer.Exit(EXIT_INVALID)
-    toml.write_text("# scenec project: paths in scenes must stay inside this directory\n"
-                    "[project]\ndefault_model = \"tiny\"\n")
-    scene.write_text(STARTER.format(schema="https://scenec.dev/schemas/scene.schema.json"))
+    try:
+        toml.write_text("# scenec project: paths in scenes must stay inside this directory\n"
+                        "[project]\ndefault_model = \"tiny\"\n")
+        scene.write_text(STARTER.format(schema="https://scenec.dev/schemas/scene.schema.json"))
+    except OSError as e:
+        path_error(e)
     print(f"wrote {toml} and {scene}; next: scenec build {scene}", file=sys.stderr)
 
 
@@ -256,34 +255,43 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
+    import time
 
-    from scenec.spec.diagnostics import SceneError
+    from scenec.build.options import BatchError, BuildOptions
+    from scenec.build.reporting import BuildReport
+
+    report, t0 = BuildReport(), time.perf_counter()
+
+    def end(code: int, message: str | None = None) -> None:
+        """Every build ends with its summary line, whatever stopped it."""
+        if message:
+            print(message, file=sys.stderr)
+        report.finish(time.perf_counter() - t0, not_selected=0)
+        raise typer.Exit(code)
 
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
-        print(f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`", file=sys.stderr)
-        raise typer.Exit(EXIT_INVALID)
+        end(EXIT_INVALID, f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`")
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
-        print(f"scenec: --device must be cuda or cpu, not `{device}`", file=sys.stderr)
-        raise typer.Exit(EXIT_INVALID)
+        end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
     from scenec.build.driver import build_batch
-    from scenec.build.options import BatchError, BuildOptions
 
     try:
         summary = build_batch(files, BuildOptions(
             out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
             weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            executor=executor, address=address, workers=workers))
+            executor=executor, address=address, workers=workers), report=report)
     except BatchError as e:
-        print(f"scenec: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_INVALID)
-    except SceneError as e:
-        _fail_invalid(e)
+        end(EXIT_INVALID, f"scenec: {e}")
+    except KeyboardInterrupt:
+        end(130, "scenec: interrupted")
     except Exception as e:  # noqa: BLE001
-        _internal(e)
+        if os.environ.get("SCENEC_DEBUG"):
+            raise
+        end(EXIT_BUILD_FAILED, f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)")
     if dry_run and not json_:
         for o in summary["outputs"]:
             if o["status"] == "would-build":
-                print(f"{o['state']:<9} {o['image']}  ({o['reason']}; {o['scene']})")
+                print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
     if json_:
         print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):
@@ -316,8 +324,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
-    _print_diags(rep["diagnostics"])
+        internal(e)
+    print_diags(rep["diagnostics"])
     for f, msg in rep["failed_compile"]:
         print(f"scenec: {f}: {msg}", file=sys.stderr)
     if json_:
@@ -370,13 +378,13 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
     except EvalError as e:
         _fail_eval(e)
     except SceneError as e:
-        _fail_invalid(e)
+        fail_invalid(e)
     except Exception as e:  # noqa: BLE001
         from scenec.spec.errors import RuntimeErrorBase
 
         if isinstance(e, RuntimeErrorBase):
             _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
-        _internal(e)
+        internal(e)
     for msg in report["warnings"]:
         print(f"scenec: warning: {msg}", file=sys.stderr)
     if json_:
@@ -415,9 +423,9 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     except EvalError as e:
         _fail_eval(e)
     except SceneError as e:
-        _fail_invalid(e)
+        fail_invalid(e)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
+        internal(e)
     best = res["best"]
     print(f"scenec: {res['evaluated']} candidates ({res['built']} built now); best {best['objective']:.4f} "
           f"by {best['method']}; wrote {res['output']} (state: {res['state']})", file=sys.stderr)
@@ -451,12 +459,15 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     except Exception as e:  # noqa: BLE001
-        _internal(e)
+        internal(e)
     for w in res.warnings:
         print(f"scenec: warning: {w}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
-                   encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
+                       encoding="utf-8")
+    except OSError as e:
+        path_error(e)
     print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
           file=sys.stderr)
 

@@ -51,13 +51,15 @@ class Diagnostics:
     """
 
     items: list[Diagnostic] = field(default_factory=list)
+    # what add() has seen, so a scene with thousands of problems is not checked pairwise
+    _seen: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error") -> None:
-        d = Diagnostic(pos, message, severity, hint)
-        if any(x.pos == pos and x.severity == severity and (x.message == message or severity == "error")
-               for x in self.items):
+        key = (pos, severity) if severity == "error" else (pos, severity, message)
+        if key in self._seen:
             return
-        self.items.append(d)
+        self._seen.add(key)
+        self.items.append(Diagnostic(pos, message, severity, hint))
 
     def error(self, pos: Pos, message: str, hint: str | None = None) -> None:
         self.add(pos, message, hint=hint)
@@ -109,10 +111,22 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
 
 
 def display_path(path: Path | str, base: Path | None = None) -> str:
-    """The path as a user typed it when possible: relative to the working directory if inside it."""
+    """The path as a user typed it when possible: relative to the working directory if inside it.
+
+    Always printable text: bytes of a file name that are not UTF-8 are shown as ``\\xNN``."""
     p = Path(path)
     base = base or Path.cwd()
     try:
-        return str(p.resolve().relative_to(base.resolve()))
+        return printable(str(p.resolve().relative_to(base.resolve())))
     except (ValueError, OSError):
-        return str(p)
+        return printable(str(p))
+
+
+def printable(name: str) -> str:
+    """A file name as valid Unicode text: the bytes Python keeps as lone surrogates (a name that is not
+    UTF-8, ``os.fsdecode``'s surrogateescape) become ``\\xNN``; any other text is returned as is."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -19,3 +19,7 @@ class ModelUnavailable(RuntimeErrorBase):
 
 class Unsupported(RuntimeErrorBase, NotImplementedError):
     """The plan uses a feature this runtime (or this model family) does not execute."""
+
+
+class NonFinite(RuntimeErrorBase):
+    """A job's latents or decoded image hold NaN or infinity: it fails, and no image is written."""

@@ -9,6 +9,7 @@ recognisable (``scenec.build.manifest.clean_temp_files``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -73,3 +74,24 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_bytes(obj, **kw) -> bytes:
+    """``obj`` as UTF-8 JSON. A file name that is not UTF-8 reaches Python as lone surrogates; each is
+    written as its JSON escape (``\\udcXX``), which reads back as the same name."""
+    return json.dumps(obj, ensure_ascii=False, **kw).encode("utf-8", "backslashreplace")
+
+
+def set_aside(path: str | Path) -> Path | None:
+    """Rename a damaged file to ``NAME.damaged-<UTC time>`` next to it (kept for inspection, never read
+    again); the new name, or None when it could not be renamed."""
+    from datetime import datetime, timezone
+
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    dest = path.with_name(f"{path.name}.damaged-{stamp}")
+    try:
+        os.replace(path, dest)
+    except OSError:
+        return None
+    return dest

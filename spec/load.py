@@ -34,7 +34,9 @@ class LoadedScene:
 
     @property
     def name(self) -> str:
-        return self.scene.name or self.file.stem
+        """The scene's `name`, else its file's stem; bytes of a stem that are not UTF-8 become U+FFFD (the
+        name makes output file names and plan text, which are UTF-8)."""
+        return self.scene.name or self.file.stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
     def pos(self, path: tuple) -> Pos:
         return self.smap.value(path)

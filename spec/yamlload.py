@@ -7,6 +7,7 @@ that limits hold: file size, node count after alias expansion (alias bombs), nes
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from .fsio import note_input
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a scene is text a person writes
 MAX_NODES = 50_000  # counted with aliases expanded, so a billion-laughs file stops early
 MAX_DEPTH = 64
+MAX_REPORTED = 10  # positions reported of one kind of byte-level problem (bad UTF-8, control characters)
+# what YAML forbids in a stream (PyYAML's Reader.NON_PRINTABLE): NUL and other control characters
+_NON_PRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010ffff]")
 
 # libyaml's composer when PyYAML was built with it (10x faster); same node graph, same marks
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -86,12 +90,21 @@ class _Builder:
         self.file, self.diags = file, diags
         self.smap = SourceMap()
         self.count = 0
+        self.seen: set[int] = set()  # composed nodes built once; a node met again is an alias's copy
+        self.copies = 0
 
     def build(self, node: yaml.Node, path: tuple, depth: int = 0) -> Any:
         self.count += 1
+        if id(node) in self.seen:
+            self.copies += 1
+        else:
+            self.seen.add(id(node))
         if self.count > MAX_NODES:
+            if self.copies:
+                raise _Limit(_pos(self.file, node.start_mark), f"document expands to more than {MAX_NODES} values "
+                             f"through aliases ({self.copies} copies so far; an alias bomb?)")
             raise _Limit(_pos(self.file, node.start_mark),
-                         f"document expands to more than {MAX_NODES} nodes (alias bomb?)")
+                         f"document has more than {MAX_NODES} values, more than a scene may hold")
         if depth > MAX_DEPTH:
             raise _Limit(_pos(self.file, node.start_mark), f"nesting deeper than {MAX_DEPTH} levels")
         self.smap.values.setdefault(path, _pos(self.file, node.start_mark))
@@ -164,12 +177,11 @@ def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, Source
         return None
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        diags.error(Pos(display), f"file is not UTF-8 text (byte {e.start})")
-        return None
     except OSError as e:
         diags.error(Pos(display), f"cannot read file: {e.strerror or e}")
+        return None
+    text = _text(raw, display, diags)
+    if text is None:
         return None
     try:
         try:
@@ -188,8 +200,8 @@ def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, Source
     except yaml.YAMLError as e:  # pragma: no cover - unmarked errors are rare
         diags.error(Pos(display), f"invalid YAML: {e}")
         return None
-    except RecursionError:
-        diags.error(Pos(display), "invalid YAML: nesting too deep")
+    except RecursionError:  # composing is recursive; find where with the (iterative) event parser
+        diags.error(_too_deep(text, display), f"nesting deeper than {MAX_DEPTH} levels")
         return None
     docs = [d for d in docs if d is not None]
     if not docs:
@@ -209,9 +221,59 @@ def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, Source
         diags.error(e.pos, e.message)
         return None
     except RecursionError:
-        diags.error(_pos(display, root.start_mark), "nesting too deep")
+        diags.error(_too_deep(text, display), f"nesting deeper than {MAX_DEPTH} levels")
         return None
     return data, builder.smap
+
+
+def _text(raw: bytes, display: str, diags: Diagnostics) -> str | None:
+    """The file's text, or None with every line that holds bytes that are not UTF-8, or characters YAML
+    forbids (NUL, other control characters), reported at its line and column."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        bad = []
+        for n, line in enumerate(raw.split(b"\n"), 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                col = len(line[:e.start].decode("utf-8")) + 1
+                bad.append((Pos(display, n, col), f"not UTF-8 text: byte 0x{line[e.start]:02x}"))
+        _report(bad, diags, "lines with bytes that are not UTF-8", hint="save the file as UTF-8")
+        return None
+    bad = []
+    for m in _NON_PRINTABLE.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+        bad.append((Pos(display, line, col), f"character U+{ord(m.group()):04X} is not allowed in YAML"))
+        if len(bad) > MAX_REPORTED:
+            break
+    _report(bad, diags, "control characters", hint="remove it, or write it as an escape in a double-quoted "
+            "string (\"\\0\", \"\\x07\")")
+    return None if bad else text
+
+
+def _report(bad: list[tuple[Pos, str]], diags: Diagnostics, what: str, hint: str) -> None:
+    for pos, msg in bad[:MAX_REPORTED]:
+        diags.error(pos, msg, hint=hint)
+    if len(bad) > MAX_REPORTED:
+        diags.error(bad[MAX_REPORTED][0], f"more {what} follow; only the first {MAX_REPORTED} are shown")
+
+
+def _too_deep(text: str, display: str) -> Pos:
+    """Where the nesting first goes deeper than MAX_DEPTH (the parser's events are not recursive)."""
+    depth = 0
+    try:
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):  # libyaml stops scanning 1000 levels deep
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH + 1:  # as _Builder counts: the root collection is depth 0
+                    return _pos(display, ev.start_mark)
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return Pos(display)
 
 
 def _kind(node: yaml.Node) -> str:

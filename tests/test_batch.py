@@ -15,6 +15,7 @@ from scenec.build.keys import cache_key, model_identity
 from scenec.build.manifest import Manifest
 from scenec.build.options import BatchError, BuildOptions
 from scenec.build.planning import plan_batch
+from scenec.build.reporting import format_status, status
 from scenec.build.selection import parse_selectors
 from scenec.build.units import batches_of, units_of
 from scenec.spec.fsio import sha256_file
@@ -183,6 +184,27 @@ def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):
     assert m.problem is None and set(m.outputs) == {"alpha-1", "alpha-2"}
 
 
+def test_any_file_name_the_os_allows_builds(project):
+    """A scene file and folder whose names are not UTF-8: validated, built, recorded and reported."""
+    import os
+
+    d, _ = project
+    odd = d / os.fsdecode(b"d\xff")  # a folder name in latin-1 bytes
+    odd.mkdir()
+    src = write_scene(odd, os.fsdecode(b"caf\xe9"))
+    s = run([odd])
+    assert (s["built"], s["failed"], s["invalid"]) == (2, 0, 0), s["errors"]
+    names = sorted(o["name"] for o in s["outputs"])
+    assert names == ["caf\ufffd-1", "caf\ufffd-2"]  # the stem's undecodable byte, in valid UTF-8
+    man = Manifest.load(odd / "out")
+    assert man.problem is None and set(man.outputs) == set(names)
+    assert man.outputs[names[0]]["scene"]["file"] == "../" + src.name  # the real name, escaped in JSON
+    st = status([odd])
+    assert st["counts"] == {"cached": 2}
+    assert format_status(st, verbose=True).encode("utf-8")
+    assert run([odd])["cached"] == 2
+
+
 # --- failures and exit codes ------------------------------------------------------------------------
 
 def test_one_failing_scene_does_not_stop_the_others(project, monkeypatch):
@@ -191,10 +213,10 @@ def test_one_failing_scene_does_not_stop_the_others(project, monkeypatch):
     (d / "wrong.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
     execute_unit = pool.execute_unit
 
-    def flaky(plan, backend, out_dir, masks=False):
+    def flaky(plan, backend, out_dir, **kw):
         if plan.json["scene"]["name"] == "beta":
             raise RuntimeError("CUDA out of memory (simulated)")
-        return execute_unit(plan, backend, out_dir, masks=masks)
+        return execute_unit(plan, backend, out_dir, **kw)
 
     monkeypatch.setattr(pool, "execute_unit", flaky)
     s = run(["."])

@@ -35,6 +35,10 @@ def test_ray_executor_builds_records_and_caches(local_ray, tmp_path):
         assert e["sha256"] == sha256_file(tmp_path / "out" / e["image"])
         assert json.loads((tmp_path / "out" / e["sidecar"]).read_text())["scenec:job"] == name
     assert not list((tmp_path / "out").rglob("*.tmp"))
+    # the sidecars made on the actors carry the build's stamps: a damaged manifest is recovered from them
+    from scenec.build.manifest import recover
+
+    assert {n: e["key"] for n, e in recover(tmp_path / "out").items()} == {n: e["key"] for n, e in man.outputs.items()}
     # the same keys as the local executor: nothing to rebuild, whichever executor asks
     assert build_batch([tmp_path], BuildOptions(quiet=True, dry_run=True))["cached"] == 4
     assert build_batch([tmp_path], BuildOptions(executor="ray", quiet=True))["cached"] == 4

@@ -232,6 +232,50 @@ def test_subsets_occlude_only_what_is_present(tmp_path):
     assert list(regs) == ["a"] and regs["a"].geom.equals(box(0, 0, 60, 100))
 
 
+@pytest.mark.parametrize("layout", ["pile", "crowd"])
+def test_the_tiled_coverage_gives_the_regions_of_the_direct_difference(tmp_path, monkeypatch, layout):
+    """Above EXACT_MAX entities occlusion runs on tiles (bench/bench_occlusion.py: 22 s → < 1 s at 2000
+    entities); every region is the same point set as the direct difference, hidden ones hidden."""
+    import sys
+
+    from scenec.compiler import occlusion
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from bench_occlusion import scene_text
+    finally:
+        sys.path.pop(0)
+    f = tmp_path / "many.yaml"
+    f.write_text(scene_text(300, layout, seed=3))
+    ls = load_scene(f)
+    assert len(ls.scene.entities) > occlusion.EXACT_MAX
+    tiled, d_tiled = regions(ls)
+    monkeypatch.setattr(occlusion, "EXACT_MAX", 10**9)
+    direct, d_direct = regions(ls)
+    hidden = [k for k, r in direct.items() if r.geom.is_empty]
+    assert [k for k, r in tiled.items() if r.geom.is_empty] == hidden
+    assert (len(hidden) > 100) == (layout == "pile")
+    for k, r in direct.items():
+        assert r.geom.symmetric_difference(tiled[k].geom).area < 1e-6 * max(1.0, r.geom.area), k
+    # one error per hidden region, at its shape, naming what hides it
+    assert [x.pos for x in d_tiled.errors] == [x.pos for x in d_direct.errors]
+    assert all("is hidden entirely by `" in x.message for x in d_tiled.errors)
+
+
+def test_a_region_hidden_on_the_tiled_path_names_what_hides_it(tmp_path, monkeypatch):
+    from scenec.compiler import occlusion
+
+    monkeypatch.setattr(occlusion, "EXACT_MAX", 2)
+    ls = scene(tmp_path, "  - {id: a, prompt: x, shape: {box: [0.1, 0.1, 0.2, 0.2]}}\n"
+                         "  - {id: b, prompt: x, shape: {box: [0.6, 0.6, 0.8, 0.8]}}\n"
+                         "  - {id: c, prompt: x, shape: {box: [0, 0, 0.5, 0.5]}}\n"
+                         "  - {id: d, prompt: x, shape: {box: [0.5, 0.5, 0.7, 1]}}\n"
+                         "  - {id: e, prompt: x, shape: {box: [0.7, 0.5, 1, 1]}}\n", canvas=(100, 100))
+    _, d = regions(ls)
+    assert errors(d) == ["4:31: the region of `a` is hidden entirely by `c`",
+                         "5:31: the region of `b` is hidden entirely by `d` and `e` together"]
+
+
 # --- problems, at their positions ----------------------------------------------------------------
 
 def test_problems_are_reported_where_the_shape_was_written(tmp_path):

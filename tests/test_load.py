@@ -134,6 +134,43 @@ def test_alias_bomb_is_refused(tmp_path):
     assert any("alias bomb" in m for _, _, m in errs)
 
 
+def test_a_large_document_without_aliases_is_not_called_an_alias_bomb(tmp_path):
+    items = "".join(f"  - {{id: e{k}, prompt: p, shape: {{box: [0, 0, 1, 1]}}}}\n" for k in range(8000))
+    p = tmp_path / "big.yaml"
+    p.write_text("scenec: 1\ncanvas: {width: 256, height: 256}\nentities:\n" + items)
+    [(line, _, msg)] = errors(p)
+    assert msg == "document has more than 50000 values, more than a scene may hold"
+    assert 4 < line < 8004  # where the limit was reached, not 1:1
+
+
+def test_bytes_that_are_not_utf8_are_reported_on_their_lines(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("scenec: 1\ncanvas: {width: 256, height: 256}\n"
+                  "background: {prompt: \"caf\xe9 cr\xe8me\"}\nentities: []\nname: na\xefve\n".encode("latin-1"))
+    assert errors(p) == [(3, 26, "not UTF-8 text: byte 0xe9"), (5, 9, "not UTF-8 text: byte 0xef")]
+    p.write_bytes(b"scenec: 1\n" + b"# \xff\n" * 30)
+    errs = errors(p)
+    assert len(errs) == 11 and errs[0][:2] == (2, 3) and "only the first 10" in errs[-1][2]
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_prints(tmp_path, monkeypatch):
+    import os
+
+    from scenec.spec.diagnostics import display_path
+
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"caf\xe9.yaml")  # a latin-1 name on a UTF-8 system: lone surrogates in Python
+    (tmp_path / name).write_text("scenec: 1\ncanvas: {width: 256, height: 256}\nentities: [1]\n")
+    assert display_path(tmp_path / name) == "caf\\xe9.yaml"
+    with pytest.raises(SceneError) as e:
+        load_scene(tmp_path / name)
+    text = str(e.value)
+    text.encode("utf-8")  # printable: no lone surrogates
+    assert text.startswith("caf\\xe9.yaml:3:")
+    (tmp_path / name).write_text("scenec: 1\ncanvas: {width: 256, height: 256}\n")
+    assert load_scene(tmp_path / name).name == "caf\ufffd"  # a name for outputs, valid UTF-8
+
+
 def test_broken_yaml_position(tmp_path):
     p = write(tmp_path, "a.yaml", "scenec: 1\ncanvas: {width: 256, height: 256\n")
     errs = errors(p)

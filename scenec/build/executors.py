@@ -42,7 +42,7 @@ class LocalExecutor:
                 continue
             try:
                 per_unit = execute_plans([u.subplan() for u in batch], be, [u.out_dir for u in batch],
-                                         masks=self.masks)
+                                         masks=self.masks, stamps=[u.stamps() for u in batch])
             except Exception as e:  # noqa: BLE001 - one batch's failure (OOM, a bug) must not stop the build
                 if os.environ.get("SCENEC_DEBUG"):
                     raise

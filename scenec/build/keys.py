@@ -31,10 +31,11 @@ def weights_digest(directory: Path, mode: str = "stat") -> str:
             p = Path(root) / f
             st = p.stat()
             rel = p.relative_to(directory).as_posix()
+            # surrogateescape: a file name that is not UTF-8 hashes as its bytes
             if mode == "content":
-                h.update(f"{rel}\0{st.st_size}\0{sha256_file(p)}\n".encode())
+                h.update(f"{rel}\0{st.st_size}\0{sha256_file(p)}\n".encode("utf-8", "surrogateescape"))
             else:
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

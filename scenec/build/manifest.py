@@ -4,6 +4,11 @@ The manifest records, per output name, its cache key and the sha256 of its image
 key matches and whose files are on disk as recorded is *cached*. It is rewritten atomically after
 every completed unit of work, after the unit's files; one build at a time holds an output
 directory's lock, and starts by removing the temp files a killed build left there.
+
+A manifest is validated on read (:class:`ManifestDoc`). One that is damaged — not JSON, nested too
+deep, entries of the wrong shape — is never an error: its outputs are recovered from their sidecars
+(each holds its cache key and its image's sha256, :func:`recover`), and a build sets the damaged
+file aside (``scenec-manifest.json.damaged-<time>``) and writes the recovered one.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import sys
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
-from scenec.spec.fsio import atomic_write, sha256_file
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from scenec.spec.fsio import atomic_write, json_bytes, set_aside, sha256_file
 
 MANIFEST = "scenec-manifest.json"
 MANIFEST_FORMAT = "scenec-manifest/1"
@@ -25,28 +33,107 @@ LOCK = ".scenec-manifest.lock"
 _OUR_TMP = re.compile(r"^\..+\.(png|json)\.[a-z0-9_]{8}\.tmp$")
 
 
+# --- the format --------------------------------------------------------------------------------------
+
+class _Loose(BaseModel):
+    # fields a newer scenec adds are kept; the fields this one reads must have their types
+    model_config = ConfigDict(extra="allow")
+
+
+class SceneOf(_Loose):
+    name: str
+    file: str  # relative to OUTDIR
+    line: int | None = None
+    job: str
+    group: str | None = None
+    variant: str | None = None
+    matrix: dict[str, Any] | None = None
+
+
+class Stamp(_Loose):
+    """What the build knows of an output before it runs: written into its sidecar (``build``) too, so a
+    damaged manifest can be recovered from the sidecars."""
+
+    key: str
+    job_hash: str
+    model: dict[str, str]
+    seed: int
+    scenec_version: str
+    has_entities: bool = False
+    scene: SceneOf
+
+
+class Entry(Stamp):
+    image: str  # paths relative to OUTDIR
+    sha256: str
+    sidecar: str
+    masks: list[str] = []
+    timings: dict[str, float] = {}
+    built_at: str
+
+
+class ManifestDoc(_Loose):
+    format: Literal["scenec-manifest/1"]
+    outputs: dict[str, Entry]
+    scenec_version: str | None = None
+    updated: str | None = None
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON as Python data; ValueError for anything that is not (bad UTF-8, bad syntax, nested too deep)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def problem_of(e: Exception) -> str:
+    """A pydantic ValidationError or a JSON error in a few words: where, and what was expected."""
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "top level"
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        return f"{where}: {err['msg']}{more}"
+    return str(e).split("\n")[0][:200]
+
+
+# --- the manifest ------------------------------------------------------------------------------------
+
 class Manifest:
-    """``OUTDIR/scenec-manifest.json``: one entry per output name (docs/batch.md, "Manifest")."""
+    """``OUTDIR/scenec-manifest.json``: one entry per output name (docs/batch.md, "Manifest").
+
+    ``problem``: one sentence when the file on disk was damaged or unreadable (the caller warns);
+    ``damaged``: the file is to be set aside (:meth:`repair`)."""
 
     def __init__(self, out_dir: Path, data: dict | None = None):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / MANIFEST
         self.data = data or {"format": MANIFEST_FORMAT, "outputs": {}}
         self.problem: str | None = None
+        self.damaged = False
 
     @classmethod
     def load(cls, out_dir: Path) -> "Manifest":
         m = cls(out_dir)
         try:
-            data = json.loads(m.path.read_text(encoding="utf-8"))
+            raw = m.path.read_bytes()
         except FileNotFoundError:
             return m
-        except (OSError, ValueError) as e:
-            m.problem = f"{m.path}: unreadable manifest ({type(e).__name__}); every output counts as new"
+        except OSError as e:
+            if m.path.is_dir():
+                m.problem = "is a directory, not a manifest; every output counts as new"
+                return m
+            m.problem = f"unreadable manifest ({e.strerror}); every output counts as new"
             return m
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or \
-                not isinstance(data.get("outputs"), dict):
-            m.problem = f"{m.path}: not a {MANIFEST_FORMAT} manifest; every output counts as new"
+        try:
+            data = parse_json(raw)
+            ManifestDoc.model_validate(data)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            m.outputs.update(recover(m.out_dir))
+            m.damaged = True
+            m.problem = (f"damaged manifest ({problem_of(e)}); {len(m.outputs)} output"
+                         f"{'s' if len(m.outputs) != 1 else ''} recovered from their sidecars; a build sets "
+                         f"the file aside as {MANIFEST}.damaged-<time> and writes a new one")
             return m
         m.data = data
         return m
@@ -61,26 +148,35 @@ class Manifest:
         self.data["scenec_version"] = __version__
         self.data["updated"] = _now()
         self.data["outputs"] = dict(sorted(self.outputs.items()))
-        text = json.dumps(self.data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-        atomic_write(self.path, text.encode("utf-8"))
+        atomic_write(self.path, json_bytes(self.data, indent=1, sort_keys=True) + b"\n")
+
+    def repair(self) -> Path | None:
+        """Set the damaged file aside and write the recovered manifest (the caller holds the lock);
+        the set-aside file's path. Raises OSError when the new manifest cannot be written."""
+        if not self.damaged:
+            return None
+        moved = set_aside(self.path)
+        self.save()
+        self.damaged = False
+        return moved
 
     def check(self, name: str, key: str, masks: bool = False) -> tuple[str, str]:
         """(state, reason) of one output: cached | new | changed | missing | modified."""
         e = self.outputs.get(name)
         if e is None:
             return "new", "not built yet"
-        if e.get("key") != key:
+        if e["key"] != key:
             return "changed", _what_changed(e)
-        img = self.out_dir / e.get("image", name + ".png")
+        img = self.out_dir / e["image"]
         if not img.is_file():
             return "missing", "image deleted"
-        side = self.out_dir / e.get("sidecar", name + ".json")
+        side = self.out_dir / e["sidecar"]
         if not side.is_file():
             return "missing", "sidecar deleted"
         if masks and not e.get("masks") and e.get("has_entities"):
             return "changed", "masks requested"
         try:
-            if sha256_file(img) != e.get("sha256"):
+            if sha256_file(img) != e["sha256"]:
                 return "modified", "image differs from the manifest's sha256"
         except OSError as err:
             return "missing", f"image unreadable ({err.strerror})"
@@ -88,37 +184,65 @@ class Manifest:
 
     def record(self, item, result: dict) -> dict:
         """Enter a built output (a ``planning.Item`` and its runtime result); the caller saves."""
-        from scenec import __version__
-
         img = Path(result["image"])
-        side = Path(result["sidecar"])
-        rel = lambda p: os.path.relpath(p, self.out_dir).replace(os.sep, "/")  # noqa: E731
-        job = item.job
-        entry = {
-            "key": item.key,
-            "job_hash": job.get("job_hash", ""),
-            "model": item.identity,
-            "seed": job["seed"],
-            "scenec_version": __version__,
-            "image": rel(img),
-            "sha256": sha256_file(img),
-            "sidecar": rel(side),
-            "masks": [rel(Path(p)) for p in result.get("masks") or []],
-            "has_entities": bool(job.get("entities")),
-            "scene": {"name": item.plan.json["scene"]["name"],
-                      "file": rel(item.scene_file.resolve()),
-                      "line": (job.get("source") or {}).get("line"),
-                      "job": job["id"], "group": job.get("group"), "variant": job.get("variant"),
-                      "matrix": job.get("matrix")},
-            "timings": result.get("timings") or {},
-            "built_at": _now(),
-        }
+        entry = {**stamp(item), "image": _rel(img, self.out_dir),
+                 "sha256": result.get("sha256") or sha256_file(img),
+                 "sidecar": _rel(Path(result["sidecar"]), self.out_dir),
+                 "masks": [_rel(Path(p), self.out_dir) for p in result.get("masks") or []],
+                 "timings": result.get("timings") or {}, "built_at": _now()}
         self.outputs[item.name] = entry
         return entry
 
 
+def stamp(item) -> dict:
+    """The part of an output's manifest entry known before it is built (:class:`Stamp`)."""
+    from scenec import __version__
+
+    job = item.job
+    return {"key": item.key, "job_hash": job.get("job_hash", ""), "model": item.identity, "seed": job["seed"],
+            "scenec_version": __version__, "has_entities": bool(job.get("entities")),
+            "scene": {"name": item.plan.json["scene"]["name"], "file": _rel(item.scene_file.resolve(), item.out_dir),
+                      "line": (job.get("source") or {}).get("line"), "job": job["id"], "group": job.get("group"),
+                      "variant": job.get("variant"), "matrix": job.get("matrix")}}
+
+
+def recover(out_dir: Path) -> dict[str, dict]:
+    """Manifest entries rebuilt from the sidecars under ``out_dir``: an output counts as built when its
+    sidecar carries the build's stamp and the sha256 of its image, and the image hashes to it (a sidecar
+    is written after its image, so the pair is complete). Anything else will be built again."""
+    found: dict[str, dict] = {}
+    if not out_dir.is_dir():
+        return found
+    for side in sorted(out_dir.rglob("*.json")):
+        if side.name == MANIFEST or side.name.startswith("."):
+            continue
+        try:
+            doc = parse_json(side.read_bytes())
+            if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) or "/" in doc["image"]:
+                continue
+            img = side.with_name(doc["image"])
+            if img.suffix != ".png" or sha256_file(img) != doc.get("sha256"):
+                continue
+            masks = [_rel(side.with_name(str(p)), out_dir) for p in doc.get("masks") or []]
+            entry = Entry.model_validate({**(doc.get("build") or {}), "image": _rel(img, out_dir),
+                                          "sha256": doc["sha256"], "sidecar": _rel(side, out_dir), "masks": masks,
+                                          "timings": doc.get("timings") or {}, "built_at": _mtime(side)})
+        except (OSError, ValueError, TypeError):
+            continue
+        found[entry.image[:-len(".png")]] = entry.model_dump(mode="json")
+    return found
+
+
+def _rel(p: Path, base: Path) -> str:
+    return os.path.relpath(p, base).replace(os.sep, "/")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _mtime(p: Path) -> str:
+    return datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _what_changed(e: dict) -> str:
@@ -150,7 +274,8 @@ def clean_temp_files(out_dir: Path) -> list[Path]:
 
 @contextmanager
 def locked(out_dir: Path):
-    """An exclusive lock on OUTDIR for one build at a time (``flock``: a killed process releases it)."""
+    """An exclusive lock on OUTDIR for one build at a time (``flock``: a killed process releases it).
+    Raises OSError when the directory cannot be made or the lock file cannot be opened."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -171,9 +296,14 @@ def locked(out_dir: Path):
 
 @contextmanager
 def locked_all(dirs: list[Path]):
-    """The locks of several output directories, taken in sorted order: two builds never wait on each
-    other in a cycle."""
+    """The locks of several output directories, taken in sorted order (two builds never wait on each
+    other in a cycle). Yields ``{dir: OSError}`` for the directories that could not be locked (cannot
+    be created, read-only, not a directory): their units fail, the others build."""
+    failed: dict[Path, OSError] = {}
     with ExitStack() as stack:
         for d in sorted(dirs):
-            stack.enter_context(locked(d))
-        yield
+            try:
+                stack.enter_context(locked(d))
+            except OSError as e:
+                failed[d] = e
+        yield failed

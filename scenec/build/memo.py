@@ -13,6 +13,10 @@ content), ``--model`` and working directory. Any doubt compiles.
 A replayed scene has no real plan; the batch compiles it for real as soon as one of its jobs has to be
 built (``scenec.build.planning.plan_batch``). Memos live in ``$SCENEC_CACHE/compile`` (default
 ``~/.cache/scenec/compile``); ``SCENEC_PARTIAL_COMPILE=0`` turns them off.
+
+A memo carries its format and the sha256 of its content, and is validated on read (:class:`MemoDoc`):
+a torn, flipped or hand-edited one is set aside (``NAME.damaged-<time>``) with one warning, and the
+scene is compiled.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import json
 import os
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from scenec.spec.fsio import atomic_write, sha256_file
+from pydantic import BaseModel
 
-FORMAT = 1
+from scenec.spec.fsio import atomic_write, json_bytes, set_aside, sha256_file
+
+from .manifest import parse_json, problem_of
+
+FORMAT = 2
 JOB_FIELDS = ("id", "name", "seed", "group", "variant", "matrix", "source", "job_hash")
 _code: str | None = None
 
@@ -81,18 +89,82 @@ class MemoPlan:
         self.json = doc
 
 
-def load(scene: Path, model: str | None) -> tuple[MemoPlan, list[dict]] | None:
-    """The memo of ``scene`` when every input is as it was: ``(MemoPlan, warnings)``; else None."""
+# --- the memo's format: what the batch reads of it must have these types -------------------------------
+
+class _Job(BaseModel):
+    id: str
+    name: str
+    seed: int
+    group: str | None = None
+    variant: str | None = None
+    matrix: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None
+    job_hash: str
+
+
+class _SceneRef(BaseModel):
+    name: str
+
+
+class _Plan(BaseModel):
+    scene: _SceneRef
+    model: dict[str, Any]
+    output: dict[str, Any] | None = None
+    jobs: list[_Job]
+
+
+class _Warning(BaseModel):
+    file: str
+    line: int
+    col: int
+    message: str
+    hint: str | None = None
+
+
+class MemoDoc(BaseModel):
+    format: int
+    sha256: str
+    code: str
+    scene: str
+    deps: list[tuple[str, str | None]]
+    plan: _Plan
+    warnings: list[_Warning]
+
+
+def _digest(doc: dict) -> str:
+    """sha256 of a memo's content (everything but the digest itself), as canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json_bytes(body, sort_keys=True, separators=(",", ":"))).hexdigest()
+
+
+def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None
+         ) -> tuple[MemoPlan, list[dict]] | None:
+    """The memo of ``scene`` when every input is as it was: ``(MemoPlan, warnings)``; else None. A
+    damaged memo is set aside and ``warn`` told once."""
+    path = _entry_path(scene, model)
     try:
-        doc = json.loads(_entry_path(scene, model).read_text(encoding="utf-8"))
-        if doc.get("format") != FORMAT or doc.get("code") != code_stamp():
-            return None
-        for path, digest in doc["deps"]:
-            if _state(path) != digest:
-                return None
-        return MemoPlan(doc["plan"]), doc.get("warnings", [])
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = path.read_bytes()
+    except OSError:
         return None
+    try:
+        doc = parse_json(raw)
+        if isinstance(doc, dict) and doc.get("format") != FORMAT:
+            return None  # another scenec's memo: stale, not damaged
+        if not isinstance(doc, dict) or doc.get("sha256") != _digest(doc):
+            raise ValueError("its content does not match its sha256")
+        MemoDoc.model_validate(doc)
+    except ValueError as e:  # ValidationError too
+        moved = set_aside(path)
+        if warn is not None:
+            warn(f"damaged compile memo {path} ({problem_of(e)})" + (f"; set aside as {moved.name}" if moved else "")
+                 + "; compiling the scene")
+        return None
+    if doc["code"] != code_stamp():
+        return None
+    for dep, digest in doc["deps"]:
+        if _state(dep) != digest:
+            return None
+    return MemoPlan(doc["plan"]), doc["warnings"]
 
 
 def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any]) -> None:
@@ -107,9 +179,10 @@ def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, wa
         "warnings": [{"file": d.pos.file, "line": d.pos.line, "col": d.pos.col, "message": d.message,
                       "hint": d.hint} for d in warnings],
     }
+    doc["sha256"] = _digest(doc)
     try:
-        # no fsync: a torn memo does not parse, and then the scene is simply compiled
-        atomic_write(_entry_path(scene, model), json.dumps(doc, sort_keys=True).encode(), durable=False)
+        # no fsync: a torn memo does not verify, and then the scene is simply compiled
+        atomic_write(_entry_path(scene, model), json_bytes(doc, sort_keys=True), durable=False)
     except OSError:
         pass
 

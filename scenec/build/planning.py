@@ -51,6 +51,7 @@ class Item:
     state: str = "new"  # new | changed | missing | modified | forced | cached
     reason: str = ""
     selected: bool = True
+    entry: dict | None = None  # its manifest entry when it was checked (None: none)
 
     @property
     def info(self) -> dict:
@@ -114,7 +115,7 @@ class _Planner:
             bp.diagnostics.error(Pos("."), "no scene files given")
         t0 = time.perf_counter()
         for f in files:
-            hit = memo.load(f, self.o.model) if self.partial else None
+            hit = memo.load(f, self.o.model, self.memo_warning(f)) if self.partial else None
             if hit is not None:
                 bp.items += self.add_scene(f, hit[0], memo.warnings_of(hit[1]))
                 continue
@@ -126,8 +127,11 @@ class _Planner:
         self.compile_replayed()
         for man in bp.manifests.values():
             if man.problem:
-                bp.diagnostics.warning(Pos(str(man.path)), man.problem)
+                bp.diagnostics.warning(Pos(display_path(man.path)), man.problem)
         return bp
+
+    def memo_warning(self, f: Path):
+        return lambda msg: self.bp.diagnostics.warning(Pos(display_path(f)), msg)
 
     def compile_one(self, f: Path):
         """Compile ``f`` (recording what it reads, for its memo): ``(plan, warnings)``, or None when it
@@ -190,6 +194,7 @@ class _Planner:
                 self.bp.manifests[item.out_dir] = Manifest.load(item.out_dir)
             man = self.bp.manifests[item.out_dir]
             item.state, item.reason = man.check(item.name, item.key, masks=self.o.masks)
+            item.entry = man.outputs.get(item.name)
             if self.o.force and item.selected and item.state == "cached":
                 item.state, item.reason = "forced", "--force"
 

@@ -45,9 +45,9 @@ class Worker:
     def ping(self) -> int:
         return os.getpid()
 
-    def run_batch(self, subplans: list[tuple[dict, dict]], masks: bool) -> list[dict]:
-        """One batch, as ``(plan JSON, tensors)`` per unit: one result per unit, each
-        ``{"results", "files", "pid"}`` with paths relative to the unit's output directory, or
+    def run_batch(self, subplans: list[tuple[dict, dict]], masks: bool, stamps: list[dict] | None = None) -> list[dict]:
+        """One batch, as ``(plan JSON, tensors)`` per unit (and each unit's sidecar stamps): one result per
+        unit, each ``{"results", "files", "pid"}`` with paths relative to the unit's output directory, or
         ``{"error"}`` when the model could not be loaded."""
         from scenec.spec.plan import Plan
 
@@ -58,7 +58,7 @@ class Worker:
         tmp = Path(tempfile.mkdtemp(prefix="scenec-ray-"))
         dirs = [tmp / str(k) for k in range(len(plans))]
         try:
-            per_unit = execute_plans(plans, be, dirs, masks=masks)
+            per_unit = execute_plans(plans, be, dirs, masks=masks, stamps=stamps)
             return [_collect(d, results) for d, results in zip(dirs, per_unit)]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +148,8 @@ class RayExecutor:
                 i = min(free, key=lambda k: load[k])
                 batch = queue.pop(0)
                 sps = [u.subplan() for u in batch]
-                fut = actors[i].run_batch.remote([(sp.json, sp.tensors) for sp in sps], self.masks)
+                fut = actors[i].run_batch.remote([(sp.json, sp.tensors) for sp in sps], self.masks,
+                                                 [u.stamps() for u in batch])
                 inflight[fut] = (i, batch)
                 load[i] += 1
 
@@ -181,9 +182,14 @@ class RayExecutor:
                 if "error" in out:
                     done(unit, None, out["error"])
                     continue
-                base = unit.out_dir
-                for rel, data in sorted(out["files"].items(), key=lambda kv: not kv[0].endswith(".png")):
-                    atomic_write(base / rel, data)
+                base = path = unit.out_dir
+                try:
+                    for rel, data in sorted(out["files"].items(), key=lambda kv: not kv[0].endswith(".png")):
+                        path = base / rel
+                        atomic_write(path, data)
+                except OSError as e:  # a full or read-only disk fails the unit, not the build
+                    done(unit, None, f"cannot write {path}: {e.strerror or e}")
+                    continue
                 for r in out["results"]:
                     _rebase(r, lambda p: str(base / p))
                     r["worker"] = out.get("pid")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from scenec.spec.diagnostics import display_path
+from scenec.spec.diagnostics import display_path, printable
 
 from .manifest import Manifest
 from .options import BuildOptions
@@ -123,9 +123,9 @@ def format_status(rep: dict, verbose: bool = False) -> str:
         if r["state"] == "cached" and not verbose:
             continue
         try:
-            shown = str(Path(r["image"]).relative_to(cwd))
+            shown = printable(str(Path(r["image"]).relative_to(cwd)))
         except ValueError:
-            shown = r["image"]
+            shown = printable(r["image"])
         where = f"{r['scene']}:{r['line']}" if "line" in r else r["scene"]
         lines.append(f"  {r['state'] + ':':<10} {shown}  ({r['reason']}; {where})")
     return "\n".join(lines)

@@ -31,6 +31,13 @@ class Unit:
         """The plan of this unit's jobs only (what it ships to an executor)."""
         return subplan(self.plan, [it.job for it in self.items])
 
+    def stamps(self) -> dict[str, dict]:
+        """Each job's manifest stamp by job id: written into its sidecar, so that a damaged manifest can
+        be recovered from the sidecars (:func:`scenec.build.manifest.recover`)."""
+        from .manifest import stamp
+
+        return {it.job["id"]: stamp(it) for it in self.items}
+
 
 def units_of(items: list[Item]) -> list[Unit]:
     """Group the items to build into units, in scene order; coupled jobs of one group stay together."""
