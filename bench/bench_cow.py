@@ -1,7 +1,8 @@
 """Cost of COW reference conditions (cyclic one-way diffusion, arXiv 2306.08247) against the plain scene.
 
-One job, batch 1, random weights (same arithmetic as real ones), COW's setting: window 0.7 → 0.5 of
-the schedule, 10 cycles, η = 1 inside the cycles, SOW modulation on. Cases:
+One job, batch 1, random weights (same arithmetic as real ones), COW's setting: window 0.7 → 0.5 (noise
+levels on the model's schedule), seed initialisation, 10 cycles, η = 1 inside the cycles and 0.1 after,
+SOW modulation on. Cases:
 
   flux   Flux-sized DiT (FLUX.1's default transformer config) at 1024², 28 steps
   sd     SD-2.1-sized UNet at 512², DDIM, 50 steps (CFG: two UNet passes per step)
@@ -44,7 +45,9 @@ def _plans(family: str, size: int, steps: int, cycles: int, guidance: float):
 
     SD plans come from ``sd_plan`` (masks on every UNet grid: ``latent``, ``a16``, ``a32``, ``a64``); the
     condition's masks cover every grid of the plan, as the compiler lowers an entity region."""
-    from scenec.compiler.schedule import Cow, ProgramInputs, build_program, level_to_index
+    from scenec.compiler.caps import ALIASES
+    from scenec.compiler.levels import level_index, noise_levels
+    from scenec.compiler.schedule import Cow, ProgramInputs, build_program
     from scenec.runtime.testing import make_plan, sd_plan
 
     tok = size // 16
@@ -54,9 +57,10 @@ def _plans(family: str, size: int, steps: int, cycles: int, guidance: float):
     rel[3 * tok // 4:, :] = 1
     px, rel_px = (np.repeat(np.repeat(m, 16, 0), 16, 1) for m in (cm, rel))
     rgb = np.where(px[..., None] > 0, np.random.default_rng(0).integers(0, 255, (size, size, 3)), 128)
-    start, end = level_to_index(0.7, steps), level_to_index(0.5, steps)
+    levels = noise_levels(ALIASES["tiny" if family == "flux" else "tiny-sd"], (size, size), steps)
+    start, end = level_index(0.7, levels), level_index(0.5, levels)
     program = [op.model_dump(by_alias=True, mode="json") for op in
-               build_program(ProgramInputs(steps, conditions=[Cow(0, start, end, cycles, None, 1.0)]))]
+               build_program(ProgramInputs(steps, conditions=[Cow(0, start, end, cycles, None, 1.0, 0.1)]))]
 
     def with_reference(doc: dict, tensors: dict) -> None:
         masks, related = {}, {}
@@ -68,7 +72,7 @@ def _plans(family: str, size: int, steps: int, cycles: int, guidance: float):
         job["conditions"] = [{
             "entity": "face", "image": "cond/rgba", "sha256": "bench", "fit": "contain", "window": [start, end],
             "cycles": cycles, "preserve": None, "eta": 1.0, "masks": masks, "related": related,
-            "modulation": {"suppress": 2.0, "enhance": 2.0, "decay": 0.8, "distance": 1.0, "threshold": 0.5}}]
+            "modulation": {"suppress": 1.0, "enhance": 1.0, "decay": 0.8, "distance": 1.0, "threshold": 0.5}}]
         job["program"] = program
 
     make = sd_plan if family == "sd" else make_plan

@@ -37,7 +37,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
     check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
-    _check_references(ls, steps, diags)
+    _check_references(ls, info, steps, diags)
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)
@@ -264,8 +264,13 @@ def _check_values(ls: LoadedScene, path: tuple, values: list[float], steps: int,
 
 # --- references ---------------------------------------------------------------------------------
 
-def _check_references(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
-    for i, e in enumerate(ls.scene.entities):
+def _check_references(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnostics) -> None:
+    from .levels import level_index, noise_levels
+
+    sc = ls.scene
+    table = noise_levels(info, (sc.canvas.width, sc.canvas.height), steps)
+    starts: dict[int, int] = {}  # entity index -> its window's start index, when it cycles
+    for i, e in enumerate(sc.entities):
         r = e.reference
         if r is None:
             continue
@@ -277,20 +282,62 @@ def _check_references(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
                         hint=f"the first level (where cycles start) must be above the second, e.g. [{max(hi, lo):g}, "
                              f"{min(hi, lo):g}]" if hi != lo else "e.g. [0.7, 0.5] (1 = pure noise)")
             continue
+        a, b = level_index(hi, table), level_index(lo, table)
         if r.preserve is not None and r.preserve > lo:
             diags.warning(ls.pos(path + ("preserve",)),
                           f"`preserve` {r.preserve:g} is above the window's end {lo:g}: the last replacement "
                           "would come inside or before the window, where it has no effect",
                           hint=f"use a level at or below {lo:g}, or null")
-        elif r.preserve is not None and sch.level_to_index(r.preserve, steps) >= steps:
+        elif r.preserve is not None and level_index(r.preserve, table) >= steps:
             diags.warning(ls.pos(path + ("preserve",)),
-                          f"`preserve` {r.preserve:g} rounds to step {steps} of {steps}, after the last one: "
+                          f"`preserve` {r.preserve:g} is nearest step {steps} of {steps}, after the last one: "
                           "no replacement happens",
-                          hint=f"use a level of at least {1.0 / steps:.3g} (one step before the end), or null")
-        if r.cycles > 0 and sch.level_to_index(hi, steps) == sch.level_to_index(lo, steps):
+                          hint=f"use a level of at least {table[steps - 1] / 2:.3g} (nearer the last step), or null")
+        if r.cycles > 0 and a == b:
             diags.warning(ls.pos(path + ("window",)),
                           f"reference window [{hi:g}, {lo:g}] covers no sampler step at {steps} steps; "
                           "its cycles do nothing", hint="widen the window or use more steps")
+        elif r.cycles > 0:
+            starts[i] = a
+    _check_reference_images(ls, table, starts, diags)
+
+
+def _check_reference_images(ls: LoadedScene, table, starts: dict[int, int], diags: Diagnostics) -> None:
+    """References shown in one image run their windows together: their ``init`` must agree, and with the
+    seed initialisation no ``preserve`` may come before the union window (those levels are never sampled)."""
+    from .levels import level_index
+
+    sc = ls.scene
+    ids = {e.id: i for i, e in enumerate(sc.entities)}
+    images = [[ids[x] for x in (v.entities or []) if x in ids] for g in sc.groups for v in g.variants] \
+        if sc.groups else [list(range(len(sc.entities)))]
+    reported: set = set()
+    for shown in images:
+        cyc = sorted({i for i in shown if i in starts})
+        if not cyc:
+            continue
+        inits = {sc.entities[i].reference.init for i in cyc}
+        if len(inits) > 1 and ("init", tuple(cyc)) not in reported:
+            reported.add(("init", tuple(cyc)))
+            j = next(i for i in cyc if sc.entities[i].reference.init != sc.entities[cyc[0]].reference.init)
+            diags.error(ls.pos(("entities", j, "reference", "init")),
+                        f"references shown in one image run their cycles together, but `{sc.entities[cyc[0]].id}` "
+                        f"has init {sc.entities[cyc[0]].reference.init} and `{sc.entities[j].id}` "
+                        f"{sc.entities[j].reference.init}", hint="give them the same `init`")
+            continue
+        if inits != {"seed"}:
+            continue
+        start = min(starts[i] for i in cyc)
+        for i in shown:
+            r = sc.entities[i].reference
+            if r is None or r.preserve is None or level_index(r.preserve, table) >= start or \
+                    ("preserve", i) in reported:
+                continue
+            reported.add(("preserve", i))
+            diags.error(ls.pos(("entities", i, "reference", "preserve")),
+                        f"`preserve` {r.preserve:g} comes before the cycles' window, which the seed initialisation "
+                        "never samples: this replacement cannot happen",
+                        hint="use a level below the window's end, null, or `init: noise`")
 
 
 # --- files --------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class ConditionNode:
     eta: float
     related: Any = field(compare=False, repr=False)  # shapely geometry or None
     modulation: Any  # dict or False
+    init: str = "seed"  # "seed" | "noise"
+    eta_after: float = 0.0
 
 
 @dataclass(frozen=True)

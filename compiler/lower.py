@@ -19,7 +19,6 @@ from scenec.spec.plan import (FORMAT, Attention, Canvas, Condition, Document, En
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode
-from .schedule import level_to_index
 
 NEUTRAL_GREY = 128
 
@@ -160,44 +159,54 @@ def lower(ir: IR) -> CompiledPlan:
 
 
 def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) -> Condition:
+    """A reference condition: its placed RGBA, and its masks = the region's coverage × the placed image's
+    footprint on every grid (``fit: contain``'s letterbox bars are not the reference: neither pasted nor a
+    SOW condition region). Levels → step indices on the model's own noise schedule (compiler/levels.py)."""
     from PIL import Image
 
-    from .raster import rasterize
+    from .levels import level_index, noise_levels
+    from .raster import footprint, rasterize, rasterize_grids
 
     canvas = ir.canvas
     name = f"cond/{reg.id}/rgba"
-    if name not in tensors:
-        with Image.open(c.path) as im:
-            ref = im.convert("RGB")
-        tensors[name] = place_reference(ref, reg.geom, reg.feather_px, c.fit, canvas, rasterize)
+    with Image.open(c.path) as im:
+        foot = footprint(im.size, reg.geom.bounds, c.fit)
+        if name not in tensors:
+            tensors[name] = place_reference(im.convert("RGB"), reg.geom, reg.feather_px, c.fit, canvas, rasterize)
+    x0, y0, x1, y1 = reg.geom.bounds
+    if not (foot[0] <= x0 and foot[1] <= y0 and foot[2] >= x1 and foot[3] >= y1):  # bars inside the region
+        from shapely.geometry import box
+
+        fp = rasterize_grids(box(*foot), 0.0, canvas, ir.info.family.grids)
+        for gname, region_name in list(masks.items()):
+            tensors.setdefault(f"cond/{reg.id}/mask/{gname}", (tensors[region_name] * fp[gname]).astype(np.float32))
+        masks = {gname: f"cond/{reg.id}/mask/{gname}" for gname in masks}
     related = None
     if c.related is not None:
         related = _rasterized(tensors, f"related/{c.id}", c.related, 0.0, canvas, ir.info.family.grids)
+    table = noise_levels(ir.info, canvas, ir.steps)
     return Condition(entity=c.entity, image=name, sha256=c.sha256, fit=c.fit,
-                     window=(level_to_index(c.window[0], ir.steps), level_to_index(c.window[1], ir.steps)),
-                     cycles=c.cycles, preserve=None if c.preserve is None else level_to_index(c.preserve, ir.steps),
+                     window=(level_index(c.window[0], table), level_index(c.window[1], table)),
+                     cycles=c.cycles, preserve=None if c.preserve is None else level_index(c.preserve, table),
                      eta=c.eta, masks=masks, related=related,
                      modulation=Modulation(**c.modulation) if c.modulation is not False else False)
 
 
 def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -> np.ndarray:
-    """The reference fitted into the region's bounding box on a neutral grey canvas; alpha = region."""
+    """The reference fitted into the region's bounding box on a neutral grey canvas; alpha = the region's
+    coverage × the placed image's footprint (``raster.footprint``: letterbox bars are not the reference)."""
     from PIL import Image
 
-    from .raster import fit_into_box
+    from .raster import fit_into_box, footprint
 
     w, h = canvas
-    x0, y0, x1, y1 = geom.bounds
     scaled, (bw, bh), offset = fit_into_box(ref, geom.bounds, fit)
-    size = scaled.size
     box = Image.new("RGB", (bw, bh), (NEUTRAL_GREY,) * 3)
-    foot = Image.new("L", (bw, bh), 0)
     box.paste(scaled, offset)
-    foot.paste(255, (max(0, offset[0]), max(0, offset[1]), min(bw, offset[0] + size[0]), min(bh, offset[1] + size[1])))
     rgb = Image.new("RGB", (w, h), (NEUTRAL_GREY,) * 3)
     fp = Image.new("L", (w, h), 0)
-    rgb.paste(box, (round(x0), round(y0)))
-    fp.paste(foot, (round(x0), round(y0)))
+    rgb.paste(box, (round(geom.bounds[0]), round(geom.bounds[1])))
+    fp.paste(255, footprint(ref.size, geom.bounds, fit))
     cover = rasterize(geom, feather_px, canvas, 1)
     alpha = np.clip(np.round(cover * (np.asarray(fp, np.float32) / 255.0) * 255.0), 0, 255).astype(np.uint8)
     return np.dstack([np.asarray(rgb, np.uint8), alpha])

@@ -15,6 +15,7 @@ from scenec.spec.diagnostics import Diagnostics, SceneError
 from scenec.spec.load import LoadedScene
 
 from . import schedule as sch
+from .levels import level_index, noise_levels
 from .resolve import render_name, resolve_model
 from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
 
@@ -139,7 +140,7 @@ def _condition(ir: IR, i: int, e: m.Entity) -> ConditionNode:
     p = ir.scene.resolve(("entities", i, "reference", "image"), r.image)
     mod = r.modulation.model_dump() if r.modulation is not False else False
     return ConditionNode(f"cond.{e.id}", e.id, r.image, p, sha256_file(p), r.fit, tuple(r.window), r.cycles,
-                         r.preserve, r.eta, None, mod)
+                         r.preserve, r.eta, None, mod, init=r.init, eta_after=r.eta_after)
 
 
 def p_geometry(ir: IR) -> IR:
@@ -207,11 +208,13 @@ def p_schedule(ir: IR) -> IR:
         prefix[g.id] = sch.shared_prefix([thetas[g.id]])
     out.shared_prefix = prefix
     programs = {}
+    table = noise_levels(ir.info, ir.canvas, n)  # where each noise level lands (compiler/levels.py)
     for job in out.jobs():
         conds = []
         for ci, c in enumerate(out.succ(job.id, ConditionNode)):
-            conds.append(sch.Cow(ci, sch.level_to_index(c.window[0], n), sch.level_to_index(c.window[1], n), c.cycles,
-                                 None if c.preserve is None else sch.level_to_index(c.preserve, n), c.eta))
+            conds.append(sch.Cow(ci, level_index(c.window[0], table), level_index(c.window[1], table), c.cycles,
+                                 None if c.preserve is None else level_index(c.preserve, table), c.eta,
+                                 c.eta_after, c.init))
         theta = thetas.get(job.group) if job.group else None
         fork = prefix.get(job.group) if job.group else None
         programs[job.id] = sch.build_program(sch.ProgramInputs(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise
+from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise, Seed
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
@@ -46,8 +46,9 @@ def print_ir(ir: IR) -> str:
         lines.append("")
     for c in conds:
         lines.append(f"%{c.id} = condition entity={c.entity} image={_q(c.image)} sha256={c.sha256[:12]} fit={c.fit} "
-                     f"window={_f(c.window[0])}->{_f(c.window[1])} cycles={c.cycles} "
-                     f"preserve={'-' if c.preserve is None else _f(c.preserve)} eta={_f(c.eta)}"
+                     f"window={_f(c.window[0])}->{_f(c.window[1])} cycles={c.cycles} init={c.init} "
+                     f"preserve={'-' if c.preserve is None else _f(c.preserve)} eta={_f(c.eta)} "
+                     f"eta_after={_f(c.eta_after)}"
                      + ("" if c.related is None else " related=" + _geom_text(c.related, ir.canvas))
                      + (" modulation=off" if c.modulation is False else
                         " modulation=" + ",".join(f"{k}:{_f(v)}" for k, v in sorted(c.modulation.items()))))
@@ -119,6 +120,8 @@ def program_text(ops: Iterable[Op]) -> list[str]:
             out.append(f"renoise {op.from_}->{op.to}")
         elif isinstance(op, Paste):
             out.append(f"paste condition={op.condition} at={op.at}")
+        elif isinstance(op, Seed):
+            out.append(f"seed conditions={','.join(map(str, op.conditions))} at={op.at}")
         elif isinstance(op, Fork):
             out.append("fork")
     flush()

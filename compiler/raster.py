@@ -203,18 +203,31 @@ def _coverage(layers: list[tuple[Any, float]], px: float, gh: int, gw: int):
     return acc, r0, c0
 
 
-def fit_into_box(ref, bounds, fit: str):
-    """A reference image fitted into a region's bounding box: (scaled image, box size (w, h), offset of
-    the image in the box). ``contain`` letterboxes, ``cover`` crops (negative offset), ``stretch`` fills."""
-    from PIL import Image
-
+def fit_geometry(size: tuple[int, int], bounds, fit: str):
+    """Where a reference of ``size`` (w, h) goes in a region's bounding box: (scaled size, box size (w, h),
+    offset of the image in the box). ``contain`` letterboxes, ``cover`` crops (negative offset), ``stretch``
+    fills."""
     x0, y0, x1, y1 = bounds
     bw, bh = max(1, round(x1 - x0)), max(1, round(y1 - y0))
-    rw, rh = ref.size
+    rw, rh = size
     if fit == "stretch":
-        size, offset = (bw, bh), (0, 0)
-    else:
-        s = min(bw / rw, bh / rh) if fit == "contain" else max(bw / rw, bh / rh)
-        size = (max(1, round(rw * s)), max(1, round(rh * s)))
-        offset = ((bw - size[0]) // 2, (bh - size[1]) // 2)
-    return ref.resize(size, Image.Resampling.LANCZOS), (bw, bh), offset
+        return (bw, bh), (bw, bh), (0, 0)
+    s = min(bw / rw, bh / rh) if fit == "contain" else max(bw / rw, bh / rh)
+    scaled = (max(1, round(rw * s)), max(1, round(rh * s)))
+    return scaled, (bw, bh), ((bw - scaled[0]) // 2, (bh - scaled[1]) // 2)
+
+
+def footprint(size: tuple[int, int], bounds, fit: str) -> tuple[int, int, int, int]:
+    """The placed image's footprint (x0, y0, x1, y1) in canvas pixels: its part inside the bounding box."""
+    scaled, (bw, bh), (ox, oy) = fit_geometry(size, bounds, fit)
+    bx, by = round(bounds[0]), round(bounds[1])
+    return bx + max(0, ox), by + max(0, oy), bx + min(bw, ox + scaled[0]), by + min(bh, oy + scaled[1])
+
+
+def fit_into_box(ref, bounds, fit: str):
+    """A reference image fitted into a region's bounding box: (scaled image, box size (w, h), offset of
+    the image in the box), as :func:`fit_geometry` places it."""
+    from PIL import Image
+
+    size, box, offset = fit_geometry(ref.size, bounds, fit)
+    return ref.resize(size, Image.Resampling.LANCZOS), box, offset

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from scenec.spec import models as m
-from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise
+from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise, Seed
 
 
 def progress(steps: int) -> np.ndarray:
@@ -43,11 +43,16 @@ def theta_sin(t: np.ndarray, center: float, width: float) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(math.pi * _ramp(t, center, width))
 
 
+ENDPOINT_TOL = 1e-6  # an arctan value this close to 0 or 1 is that endpoint (its exact path runs)
+
+
 def theta_arctan(t: np.ndarray, center: float, scale: float) -> np.ndarray:
-    """arctan((t − center)/scale), rescaled so that θ(0) = 0 and θ(1) = 1 exactly."""
-    f = np.arctan((t - center) / scale)
-    lo, hi = math.atan((0 - center) / scale), math.atan((1 - center) / scale)
-    return np.clip((f - lo) / (hi - lo), 0.0, 1.0)
+    """θ(t) = ½ + arctan((t − center)/scale)/π (arXiv 2506.06826's arctan family: θ(center) = ½, θ → 0 and 1
+    far before and after it; smaller ``scale`` is steeper). A value within ``ENDPOINT_TOL`` of 0 or 1 is
+    made exactly 0 or 1, so steep schedules reach the exact endpoints (and the shared θ = 0 prefix)."""
+    th = 0.5 + np.arctan((np.asarray(t, np.float64) - center) / scale) / math.pi
+    th = np.where(th <= ENDPOINT_TOL, 0.0, th)
+    return np.where(th >= 1.0 - ENDPOINT_TOL, 1.0, th)
 
 
 def theta_table(schedule: Any, steps: int, values: list[float] | None = None) -> np.ndarray:
@@ -85,23 +90,21 @@ def schedule_problems(values: list[float] | np.ndarray, steps: int) -> list[str]
     return out
 
 
-def level_to_index(level: float, steps: int) -> int:
-    """Noise level ℓ ∈ [0, 1] (1 = pure noise) → step index round((1 − ℓ)·N) in 0..N."""
-    return int(math.floor((1.0 - level) * steps + 0.5))  # halves round up, not to even
-
-
 # --- step programs ------------------------------------------------------------------------------
 
 @dataclass
 class Cow:
-    """A reference condition's schedule in step indices (COW, arXiv 2306.08247, Alg. 1)."""
+    """A reference condition's schedule in step indices (COW, arXiv 2306.08247, Alg. 1; the official
+    pipeline's defaults: window 0.7 → 0.5, 10 cycles, preserve 0.4, η 1 inside the cycles and 0.1 after)."""
 
     index: int  # the condition's index in the job
     start: int  # window start (higher noise)
     end: int  # window end
     cycles: int
     preserve: int | None
-    eta: float
+    eta: float  # η of the steps inside the cycles
+    eta_after: float = 0.0  # η of the steps after the cycles
+    init: str = "seed"  # "seed": start from the inverted seed canvas; "noise": sample down from noise
 
 
 @dataclass
@@ -116,9 +119,22 @@ class ProgramInputs:
 def build_program(p: ProgramInputs) -> tuple[Op, ...]:
     """Unroll a job's sampling into the plan format's typed ops (``spec/plan.py``, docs/plan-format.md).
 
-    Plain: denoise 0→1→…→N. With references (COW): sample down to the window's start, then per cycle
-    paste + denoise across the window; between cycles re-noise from the window's end back to its
-    start (closed form); after the cycles sample to the end, pasting once more at ``preserve``.
+    Plain: denoise 0→1→…→N. With references (COW §3, as its official pipeline ``pipeline_COW.py`` runs it):
+
+    - **seed initialisation** (``init: seed``, the default): ``seed`` at the window's end — the latent
+      becomes the inversion of the seed canvas (every cycling reference placed on one grey canvas);
+      nothing is sampled from noise. ``init: noise``: sample from noise down to the window's start;
+    - each cycle: re-noise from the window's end up to its start (the first cycle too with the seed; not
+      with noise, whose latent is already there), then paste at every level of the window, its end
+      included, denoising between them with the cycles' η;
+    - after the cycles: sample to the end with η after (0.1 in the reference code), pasting once more
+      at each ``preserve`` level.
+
+    Several references run their windows together (the union of windows, the largest ``cycles``, η and
+    η after); each pastes at its own window's levels during its own cycles. Every ``preserve`` paste is
+    emitted: one that falls inside the union window lands in the last cycle (the last time the sampler
+    passes that level); one before the window only with ``init: noise`` (the check pass refuses it with
+    the seed, which never visits those levels).
     """
     n = p.steps
     t = progress(n)
@@ -133,7 +149,6 @@ def build_program(p: ProgramInputs) -> tuple[Op, ...]:
         ops.append(Denoise(from_=i, to=i + 1, regional=bool(t[i] < p.until or p.until >= 1.0),
                            theta=None if p.theta is None else float(p.theta[i]), eta=eta))
 
-    active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
     preserve: dict[int, list[int]] = {}  # step index -> conditions replaced there (several may share one)
     for c in p.conditions:
         if c.preserve is not None:
@@ -144,25 +159,35 @@ def build_program(p: ProgramInputs) -> tuple[Op, ...]:
             ops.extend(Paste(condition=ci, at=i) for ci in preserve.get(i, ()))
             denoise(i)
 
+    active = [c for c in p.conditions if c.cycles > 0 and c.end > c.start]
     if not active:
         sample(range(n))
         if p.fork_at is not None and p.fork_at >= n:
             fork_here(p.fork_at)
         return tuple(ops)
-    # conditions run their windows together; the union of windows is cycled
-    start = min(c.start for c in active)
-    end = max(c.end for c in active)
+    start, end = min(c.start for c in active), max(c.end for c in active)
     cycles = max(c.cycles for c in active)
-    eta = max(c.eta for c in active)
-    for i in range(start):
-        denoise(i)
+    eta, eta_after = max(c.eta for c in active), max(c.eta_after for c in active)
+    seeded = [c.index for c in active if c.init == "seed"]
+    if seeded:
+        ops.append(Seed(at=end, conditions=seeded))
+    else:
+        sample(range(start))
     for cyc in range(cycles):
-        for i in range(start, end):
-            ops.extend(Paste(condition=c.index, at=i) for c in active if c.start <= i < c.end and cyc < c.cycles)
-            denoise(i, eta)
-        if cyc < cycles - 1:
+        if seeded or cyc > 0:
             ops.append(Renoise(from_=end, to=start))
-    sample(range(end, n))
+        last = cyc == cycles - 1
+        for i in range(start, end + 1):
+            here = [c.index for c in active if c.start <= i <= c.end and cyc < c.cycles]
+            if last:
+                here += [ci for ci in preserve.get(i, ()) if ci not in here]
+            ops.extend(Paste(condition=ci, at=i) for ci in here)
+            if i < end:
+                denoise(i, eta)
+    after = {i: v for i, v in preserve.items() if i > end}
+    for i in range(end, n):
+        ops.extend(Paste(condition=ci, at=i) for ci in after.get(i, ()))
+        denoise(i, eta_after)
     return tuple(ops)
 
 

@@ -6,7 +6,8 @@ the family's processors pass the ones for their site to :func:`attend`:
 - :class:`Mask`: an allow-matrix built from the call's token layout (runtime/layout.py);
 - :class:`KeyScale`: per-text-token key gains (coupling);
 - :class:`Branches`: two attentions mixed (coupling on single-stream blocks);
-- a bias: additive logits on image–image pairs (SOW; anything with the :class:`Bias` methods);
+- a bias: additive logits on image–image pairs (anything with the :class:`Bias` methods);
+- a modulation: image–image scores moved within each query's min–max range (SOW, :class:`Modulation`);
 - :class:`ExtraKV`: extra key/value tokens visible to chosen image queries.
 
 **Sites** (:class:`Site`) say what an attention call is: joint text+image (Flux dual- and
@@ -119,6 +120,26 @@ class Bias(Protocol):
         """The same bias as a FlexAttention ``score_mod`` (no dense N×N)."""
 
 
+class Modulation(Protocol):
+    """Image–image scores moved within each query's range (SOW, runtime/methods/sow.py): for image query q
+    and key k, S' = S + E·(hi_q − S) − U·(S − lo_q), hi_q / lo_q the max / min of q's image scores it may see."""
+
+    sites: frozenset[str]
+
+    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int, allow: Callable[[], torch.Tensor | None],
+                rows: slice) -> None:
+        """As :meth:`Bias.observe` (the indicator)."""
+
+    def weights(self, n_img: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(E, U): float ``[n_img, n_img]`` (query, key) for this step, or None when it moves nothing."""
+
+    def ranges(self, key: tuple, hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers holding this call's row ranges (read in place by the compiled score_mod)."""
+
+    def score_mod(self, n_text: int, n_img: int, hi: torch.Tensor, lo: torch.Tensor) -> Callable:
+        """The same modulation as a FlexAttention ``score_mod`` with the call's row ranges ``[B, H, n_img]``."""
+
+
 _flex_compiled: Callable | None = None
 
 
@@ -209,12 +230,20 @@ def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n_text: int, n_img: int):
-    """SDPA or FlexAttention with an optional mask and an optional image–image bias."""
+    """SDPA or FlexAttention with an optional mask and an optional image–image bias or modulation."""
     if bias is not None:
         def allow():
             return None if mask is None else mask.dense_allow(q.device)
 
         bias.observe(q, k, n_text, allow, ctl.rows)
+        if hasattr(bias, "weights"):
+            w = bias.weights(n_img, q.device)
+            if w is not None:
+                if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
+                    return modulated_flex(q, k, v, mask, bias, n_text, n_img)
+                return modulated_dense(ctl, site, q, k, v, mask, w, n_text, n_img)
+            bias = None
+    if bias is not None:
         img = bias.image_bias(n_img, q.device)
         if img is not None:
             if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
@@ -248,6 +277,57 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
     if ctl.probe is not None and bias is None:
         _record(ctl, site, q, k, v, out, mask)
     return out
+
+
+def _allow4(mask: BuiltMask | None, device) -> torch.Tensor | None:
+    """A mask as a dense bool ``[B|1, 1, N, N]`` (None: everything allowed)."""
+    if mask is None:
+        return None
+    return mask.mask if mask.impl == "sdpa" else mask.dense_allow(device)[None, None]
+
+
+def _range(scores: torch.Tensor, allow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's max and min over the keys it may see."""
+    if allow is None:
+        return scores.amax(-1), scores.amin(-1)
+    return scores.masked_fill(~allow, float("-inf")).amax(-1), scores.masked_fill(~allow, float("inf")).amin(-1)
+
+
+def modulated_dense(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, w, n_text: int, n_img: int):
+    """Attention with image–image scores S' = S + E·(hi − S) − U·(S − lo) (:class:`Modulation`), explicitly:
+    the scores, each image query's range over the image keys it may see, the modulation, the mask, softmax."""
+    e, u = w
+    allow = _allow4(mask, q.device)
+    logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+    img = logits[..., n_text:, n_text:]
+    hi, lo = _range(img, None if allow is None else allow[..., n_text:, n_text:])
+    moved = logits.clone()
+    moved[..., n_text:, n_text:] = img + e * (hi[..., None] - img) - u * (img - lo[..., None])
+    if allow is not None:
+        moved = moved.masked_fill(~allow, float("-inf"))
+    out = (torch.softmax(moved, dim=-1) @ v.float()).to(q.dtype)
+    if ctl.probe is not None:
+        ctl.probe.append({"kind": "sow", "site": site.name, "n_q": q.shape[2], "n_txt": n_text, "logits": logits,
+                          "e": e, "u": u, "allow": None if allow is None else allow[0, 0], "v": v.float(),
+                          "out": out.float()})
+    return out
+
+
+def modulated_flex(q, k, v, mask: BuiltMask | None, mod, n_text: int, n_img: int, chunk: int = 1024):
+    """The same modulation through FlexAttention: each image query's range computed here in query chunks
+    (no dense N×N), the modulation in ``mod.score_mod``, the mask as the BlockMask."""
+    allow = _allow4(mask, q.device)
+    kk = k[:, :, n_text:].float().transpose(-1, -2)
+    his, los = [], []
+    for s0 in range(n_text, q.shape[2], chunk):
+        sc = (q[:, :, s0:s0 + chunk].float() @ kk) / (q.shape[-1] ** 0.5)
+        a = None if allow is None else allow[..., s0:s0 + chunk, n_text:]
+        hi, lo = _range(sc, a)
+        his.append(hi)
+        los.append(lo)
+    hi, lo = mod.ranges((n_text, n_img, q.shape[0], q.shape[1]), torch.cat(his, -1), torch.cat(los, -1))
+    return _flex()(q, k, v, score_mod=mod.score_mod(n_text, n_img, hi, lo),
+                   block_mask=None if mask is None else mask.mask)
 
 
 def _record(ctl: Attention, site: Site, q, k, v, out, mask: BuiltMask) -> None:

@@ -5,7 +5,7 @@ solver knows its family's level table (σ for flow matching, the DDPM timesteps 
 the sampler and the methods what they need, written once:
 
 - :meth:`step`: one sampler step from level i to level j with the model's output, deterministic
-  (η = 0) or with fresh noise (η > 0, COW's cycles);
+  (η = 0) or with DDIM's share of fresh noise (η > 0, COW's cycles);
 - :meth:`renoise`: the closed-form forward transition q(x_b | x_a) back up to a noisier level;
 - :meth:`noised`: the marginal q(x_ℓ | x₀) with given noise (inpainting's kept region on DDPM);
 - :meth:`inversion_guess` / :meth:`inversion_step`: the pieces of inverting the sampler's own
@@ -50,18 +50,33 @@ def renoise_ddpm(x_r: torch.Tensor, a_r: float, a_b: float, noise: torch.Tensor)
     return math.sqrt(r) * x_r.to(torch.float32) + math.sqrt(1.0 - r) * noise
 
 
+def fresh_noise_share(s_i: float, s_j: float, eta: float) -> float:
+    """DDIM's share of fresh noise in a step σ_i → σ_j of a rectified flow (Song et al. 2021, Eq. 16).
+
+    x_σ = (1−σ)x₀ + σε is the variance-preserving x = √ᾱ x₀ + √(1−ᾱ) ε scaled by √((1−σ)² + σ²), with
+    SNR = ᾱ/(1−ᾱ) = ((1−σ)/σ)². DDIM's σ_t² = η²·(1−ᾱ_j)/(1−ᾱ_i)·(1 − ᾱ_i/ᾱ_j), as a share of the target's
+    noise std √(1−ᾱ_j), is η·√(1 − SNR_i/SNR_j): η = 1 is the DDPM posterior (≈ 0.70 of the noise std
+    on SD's 10-step window, DDIMScheduler's own value), not all of it; σ_i = 1 gives η."""
+    if s_j <= 0.0 or s_i >= 1.0:  # into the clean sample (no noise left), or out of pure noise (SNR_i = 0)
+        return float(eta)
+    r = ((1.0 - s_i) / s_i) ** 2 / ((1.0 - s_j) / s_j) ** 2  # SNR_i / SNR_j ∈ [0, 1)
+    return float(eta) * math.sqrt(max(0.0, 1.0 - r))
+
+
 def flow_step_eta(x: torch.Tensor, v: torch.Tensor, s_i: float, s_j: float, eta: float,
                   noise: torch.Tensor | None) -> torch.Tensor:
-    """Stochastic flow-matching step σ_i → σ_j: x̂₀ = x − σ_i v, ε̂ = x + (1−σ_i) v,
-    x_j = (1−σ_j) x̂₀ + σ_j (√(1−η²) ε̂ + η ξ). η = 0 is the Euler step; η = 1 fully re-noised."""
+    """Stochastic flow-matching step σ_i → σ_j, DDIM's η carried over to the flow: x̂₀ = x − σ_i v,
+    ε̂ = x + (1−σ_i) v, x_j = (1−σ_j) x̂₀ + σ_j (√(1−s²) ε̂ + s ξ) with s = :func:`fresh_noise_share`.
+    η = 0 is the Euler step; η = 1 the DDPM posterior (COW's cycles: η 1 inside, 0.1 after)."""
     x, v = x.to(torch.float32), v.to(torch.float32)
     s_i, s_j, eta = float(s_i), float(s_j), float(eta)
     if not 0.0 <= eta <= 1.0:
         raise PlanError(f"eta must lie in [0, 1], got {eta:g}")
     x0 = x - s_i * v
     eps = x + (1.0 - s_i) * v
-    if eta > 0.0 and noise is not None:
-        eps = math.sqrt(1.0 - eta * eta) * eps + eta * noise
+    share = fresh_noise_share(s_i, s_j, eta)
+    if share > 0.0 and noise is not None:
+        eps = math.sqrt(1.0 - share * share) * eps + share * noise
     return (1.0 - s_j) * x0 + s_j * eps
 
 

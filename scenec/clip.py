@@ -1,6 +1,7 @@
 """CLIPScore (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
-Captioning"): 2.5 · max(cos(E_image, E_text), 0), with a transformers ``CLIPModel``. torch and
-transformers are imported only inside these functions."""
+Captioning") on the coupled-generation paper's scale (arXiv 2506.06826 reports 16.6–22.6): max(100 ·
+cos(E_image, E_text), 0) — Hessel's w·max(cos, 0) with w = 100, as torchmetrics' CLIPScore computes it —
+with a transformers ``CLIPModel``. torch and transformers are imported only inside these functions."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from .metrics import EvalError, to_float_image
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-CLIP_W = 2.5  # Hessel et al.'s rescaling of the cosine
+CLIP_W = 100.0  # the rescaling of the cosine (Hessel et al.'s w; 100 as the paper and torchmetrics report it)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -106,7 +107,7 @@ class ClipScorer:
         return (ie * te).sum(-1).cpu().numpy().astype(np.float64)
 
     def score(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
-        """CLIPScore per pair: 2.5 · max(cos, 0) (Hessel et al. 2021)."""
+        """CLIPScore per pair: 100 · max(cos, 0)."""
         return CLIP_W * np.maximum(self.cosine(images, texts), 0.0)
 
 

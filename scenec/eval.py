@@ -66,7 +66,7 @@ class GroupEval:
     scene: str
     group: str
     bgsim: float | None
-    mean_l2: float | None
+    mean_sq: float | None
     validity: float | None
     clipscore: float | None
     combined: float | None
@@ -124,7 +124,7 @@ def evaluate_group(plan, group: str, images: dict[str, Any], clip: ClipScorer | 
     by_seed: dict[Any, list[dict]] = {}
     for j in have:
         by_seed.setdefault(j["seed"], []).append(j)
-    rows, l2s, vals = [], [], []
+    rows, sqs, vals = [], [], []
     for seed, js in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
         inside = static.copy()
         if segmenter is not None:
@@ -144,8 +144,8 @@ def evaluate_group(plan, group: str, images: dict[str, Any], clip: ClipScorer | 
         vals.append(r["validity"])
         if r["bgsim"] is not None:
             rows.append(r["bgsim"])
-            if r["mean_l2"] is not None:
-                l2s.append(r["mean_l2"])
+            if r["mean_sq"] is not None:
+                sqs.append(r["mean_sq"])
     if not rows:
         warns.append(f"group `{group}`: BgSim needs two variants built with the same seed")
     bgsim = float(np.mean(rows)) if rows else None
@@ -159,7 +159,7 @@ def evaluate_group(plan, group: str, images: dict[str, Any], clip: ClipScorer | 
         clipscore = float(np.mean(scores))
     return GroupEval(
         scene=plan.json.get("scene", {}).get("name", ""), group=group, bgsim=bgsim,
-        mean_l2=float(np.mean(l2s)) if l2s else None, validity=float(np.mean(vals)) if vals else None,
+        mean_sq=float(np.mean(sqs)) if sqs else None, validity=float(np.mean(vals)) if vals else None,
         clipscore=clipscore, combined=combined(bgsim, clipscore, weights), images=len(have),
         seeds=sorted({j["seed"] for j in have}, key=str), variants=sorted({j.get("variant") for j in have}, key=str),
         masking=masking, per_image=per_image, warnings=warns)
@@ -339,8 +339,14 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _fmt_small(v: float | None) -> str:
+    """BgSim on its scale (≈ −1e-4 for coupled backgrounds): three significant digits."""
+    return "—" if v is None else f"{v:.3g}"
+
+
 def render_table(report: dict):
-    """A rich table of a report: one row per group (``--json`` has per-image scores and mean L2 too)."""
+    """A rich table of a report: one row per group (``--json`` has per-image scores and the mean squared
+    difference too)."""
     from rich.table import Table
 
     a, b = report["weights"]
@@ -350,6 +356,6 @@ def render_table(report: dict):
         t.add_column(col, justify="right")
     t.add_column("masking")
     for g in report["groups"]:
-        t.add_row(f"{g['scene']}/{g['group']}", str(g["images"]), _fmt(g["bgsim"]), _fmt(g["validity"], 3),
+        t.add_row(f"{g['scene']}/{g['group']}", str(g["images"]), _fmt_small(g["bgsim"]), _fmt(g["validity"], 3),
                   _fmt(g["clipscore"]), _fmt(g["combined"]), g["masking"])
     return t

@@ -1,11 +1,13 @@
 """The coupled-generation metrics of ``scenec eval`` and ``scenec tune`` (Coupled Image Generation,
 arXiv 2506.06826, §4; docs/eval-tune-split.md), as small pure numpy functions:
 
-- **BgSim** = −ρ · mean_{p ∉ R} ‖x_i(p) − x_j(p)‖₂, averaged over the pairs (i, j) of variants built
-  with the same seed; R is the joint entity region (the union of the entity regions of every variant
-  of the group), ρ = |pixels ∉ R| / |pixels| the validity ratio, pixels RGB in [0, 1];
+- **BgSim** = −ρ · mean_{p ∉ R} ‖x_i(p) − x_j(p)‖² / 3, averaged over the pairs (i, j) of variants
+  built with the same seed: the normalised squared distance of the backgrounds (pixels RGB in [0, 1],
+  the squared distance per channel), on the paper's scale (it reports values near −2e-4); R is the
+  joint entity region (the union of the entity regions of every variant of the group),
+  ρ = |pixels ∉ R| / |pixels| the validity ratio;
 - **combined** = a · BgSim + b · CLIPScore (``--weights a,b``; default 1,1). CLIPScore is
-  :mod:`scenec.clip`.
+  :mod:`scenec.clip` (100 · cos, the paper's scale).
 """
 
 from __future__ import annotations
@@ -54,25 +56,25 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def bg_similarity(images: Sequence[np.ndarray], inside: np.ndarray | None) -> dict:
-    """BgSim = −ρ · mean over pixels outside ``inside`` and over image pairs of the per-pixel RGB L2 distance.
+    """BgSim = −ρ · mean over pixels outside ``inside``, channels and image pairs of the squared difference.
 
-    ``ρ`` (validity ratio) = fraction of pixels outside the joint entity region. Returns
-    ``{"bgsim", "mean_l2", "validity"}``; ``bgsim`` is None with fewer than two images, and 0 when no
-    pixel lies outside (ρ = 0).
+    ``ρ`` (validity ratio) = fraction of pixels outside the joint entity region; ``mean_sq`` the mean
+    squared difference per channel (RGB in [0, 1]) outside it. Returns ``{"bgsim", "mean_sq",
+    "validity"}``; ``bgsim`` is None with fewer than two images, and 0 when no pixel lies outside (ρ = 0).
     """
     imgs = [to_float_image(x) for x in images]
     shape = imgs[0].shape[:2] if imgs else (0, 0)
     outside = np.ones(shape, bool) if inside is None else ~np.asarray(inside, bool)
     validity = float(outside.mean()) if outside.size else 0.0
     if len(imgs) < 2:
-        return {"bgsim": None, "mean_l2": None, "validity": validity}
+        return {"bgsim": None, "mean_sq": None, "validity": validity}
     if any(x.shape != imgs[0].shape for x in imgs):
         raise EvalError(f"the images of a group differ in size ({sorted({x.shape[:2] for x in imgs})})")
     if not outside.any():
-        return {"bgsim": 0.0, "mean_l2": None, "validity": 0.0}
-    d = [np.linalg.norm(a[outside] - b[outside], axis=-1).mean() for a, b in itertools.combinations(imgs, 2)]
-    mean_l2 = float(np.mean(d))
-    return {"bgsim": -validity * mean_l2, "mean_l2": mean_l2, "validity": validity}
+        return {"bgsim": 0.0, "mean_sq": None, "validity": 0.0}
+    d = [np.square(a[outside] - b[outside]).mean() for a, b in itertools.combinations(imgs, 2)]
+    mean_sq = float(np.mean(d))
+    return {"bgsim": -validity * mean_sq, "mean_sq": mean_sq, "validity": validity}
 
 
 def combined(bgsim: float | None, clipscore: float | None, weights: tuple[float, float]) -> float | None:

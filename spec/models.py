@@ -173,23 +173,31 @@ class Background(_Node):
 
 
 class Modulation(_Node):
-    """SOW attention modulation (scene option; see docs/language.md)."""
+    """SOW attention modulation (scene option; see docs/language.md and docs/references.md)."""
 
-    suppress: Annotated[float, Field(ge=0.0)] = Field(2.0, description="logit bias against condition region → outside")
-    enhance: Annotated[float, Field(ge=0.0)] = Field(2.0, description="logit bias for related region → condition region")
+    suppress: Unit = Field(1.0, description="strength pulling condition region → outside scores to their "
+                           "row's minimum (min–max scaled, DenseDiffusion-style)")
+    enhance: Unit = Field(1.0, description="strength pulling related region → condition region scores to their "
+                          "row's maximum")
     decay: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.8, description="multiplier per cycle")
     distance: Annotated[float, Field(ge=0.0)] = Field(1.0, description="fall-off with distance from the region's centre")
-    threshold: Unit = Field(0.5, description="stop once this share of attention reaches the centre")
+    threshold: Unit = Field(0.5, description="the indicator's target: modulation scales with how far below it "
+                            "the attention share reaching the condition is")
 
 
 class Reference(_Node):
     image: Annotated[str, Field(min_length=1)]
     fit: Literal["contain", "cover", "stretch"] = "contain"
     window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
-        default_factory=lambda: [0.7, 0.5], description="noise levels (1 = pure noise) between which cycles run")
+        default_factory=lambda: [0.7, 0.5], description="noise levels (1 = pure noise: σ on flow models, t/1000 "
+        "on DDPM models) between which cycles run")
     cycles: Annotated[int, Field(ge=0, le=100)] = 10
-    preserve: Unit | None = Field(None, description="noise level of the last region replacement; null = none")
+    init: Literal["seed", "noise"] = Field(
+        "seed", description="seed: cycles start from the inverted seed canvas (the reference on grey); "
+        "noise: sample from noise down to the window")
+    preserve: Unit | None = Field(0.4, description="noise level of the last region replacement; null = none")
     eta: Unit = Field(1.0, description="stochasticity of the steps inside cycles (COW: 1)")
+    eta_after: Unit = Field(0.1, description="stochasticity of the steps after the cycles (COW: 0.1)")
     related: Shape | None = None
     modulation: Modulation | Literal[False] = Field(
         default_factory=Modulation, description="SOW attention modulation; false turns it off")

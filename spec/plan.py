@@ -17,8 +17,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .diagnostics import printable
 from .errors import PlanError, Unsupported
 
 FORMAT = "scenec-plan/1"
@@ -63,8 +64,17 @@ class Fork(_T):
     op: Literal["fork"] = "fork"
 
 
-Op = Annotated[Union[Denoise, Renoise, Paste, Fork], Field(discriminator="op")]
-OP_KINDS = ("denoise", "renoise", "paste", "fork")
+class Seed(_T):
+    """COW's seed initialisation: the latent becomes the inversion, at level ``at``, of the seed canvas
+    (the placed references of ``conditions`` on one grey canvas)."""
+
+    op: Literal["seed"] = "seed"
+    at: int
+    conditions: list[int] = Field(min_length=1)
+
+
+Op = Annotated[Union[Denoise, Renoise, Paste, Fork, Seed], Field(discriminator="op")]
+OP_KINDS = ("denoise", "renoise", "paste", "fork", "seed")
 
 MaskRef = dict[str, str]  # grid name → tensor name
 
@@ -93,8 +103,8 @@ class EntityStream(_T):
 class Modulation(_T):
     """SOW attention modulation of a reference condition."""
 
-    suppress: float = 2.0
-    enhance: float = 2.0
+    suppress: float = 1.0
+    enhance: float = 1.0
     decay: float = 0.8
     distance: float = 1.0
     threshold: float = 0.5
@@ -121,8 +131,12 @@ class Condition(_T):
         return self.modulation if self.modulation and self.cycles > 0 else None
 
 
+# A file name as plan text: plan.json is UTF-8, a file name need not be (shown with \xNN escapes).
+FileText = Annotated[str, BeforeValidator(lambda v: printable(v) if isinstance(v, str) else v)]
+
+
 class Source(_T):
-    file: str
+    file: FileText
     line: int
 
 
@@ -160,7 +174,7 @@ class Job(_T):
 
 class SceneRef(_T):
     name: str
-    file: str
+    file: FileText
 
 
 class Model(_T):
@@ -433,11 +447,12 @@ class Plan:
                 if not 0 <= op.to < op.from_ <= steps:
                     raise PlanError(f"{what}: renoise needs integers 0 ≤ to < from ≤ {steps}, got "
                                     f"{op.from_}→{op.to}")
-            elif isinstance(op, Paste):
-                if not 0 <= op.condition < len(job.conditions):
-                    raise PlanError(f"{what}: paste of condition {op.condition}, the job has {len(job.conditions)}")
+            elif isinstance(op, (Paste, Seed)):
+                for ci in [op.condition] if isinstance(op, Paste) else op.conditions:
+                    if not 0 <= ci < len(job.conditions):
+                        raise PlanError(f"{what}: {op.op} of condition {ci}, the job has {len(job.conditions)}")
                 if not 0 <= op.at <= steps:
-                    raise PlanError(f"{what}: paste at {op.at} outside 0..{steps}")
+                    raise PlanError(f"{what}: {op.op} at {op.at} outside 0..{steps}")
             else:
                 forks += 1
         if forks > 1:

@@ -88,16 +88,18 @@ def test_bg_similarity_formula():
     a = np.zeros((4, 4, 3))
     b = np.zeros((4, 4, 3))
     b[..., 0] = 0.3
-    b[..., 1] = 0.4  # L2 per pixel = 0.5
+    b[..., 1] = 0.4  # squared distance per pixel 0.25: per channel 0.25 / 3
     inside = np.zeros((4, 4), bool)
     inside[:, :2] = True  # half the canvas is entity: ρ = 0.5
     r = bg_similarity([a, b], inside)
-    assert r["mean_l2"] == pytest.approx(0.5) and r["validity"] == pytest.approx(0.5)
-    assert r["bgsim"] == pytest.approx(-0.25)
+    assert r["mean_sq"] == pytest.approx(0.25 / 3) and r["validity"] == pytest.approx(0.5)
+    assert r["bgsim"] == pytest.approx(-0.5 * 0.25 / 3)
+    b[:, :2] = 1.0  # inside the entity region: not counted
+    assert bg_similarity([a, b], inside)["bgsim"] == pytest.approx(-0.5 * 0.25 / 3)
     # three images: the mean over the three pairs
     c = a.copy()
     r3 = bg_similarity([a, b, c], inside)
-    assert r3["mean_l2"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    assert r3["mean_sq"] == pytest.approx((0.25 + 0.0 + 0.25) / 3 / 3)
     assert bg_similarity([a], inside)["bgsim"] is None
     assert bg_similarity([a, b], np.ones((4, 4), bool))["bgsim"] == 0.0
 
@@ -121,10 +123,10 @@ def test_group_bgsim_known_value(project):
     images = {o.job: Image.open(o.image) for o in find_outputs(out)}
     ge = evaluate_group(plan, "pair", images, weights=(1.0, 0.0))
     rho = 1 - _joint().mean()  # (64·64 − 16·32 − 32·32) / 64² = 0.625
-    l2 = np.sqrt(3) * DELTA / 255
+    sq = (DELTA / 255) ** 2  # every channel differs by DELTA outside the regions
     assert ge.validity == pytest.approx(rho)
-    assert ge.mean_l2 == pytest.approx(l2, rel=1e-9)
-    assert ge.bgsim == pytest.approx(-rho * l2, rel=1e-9)
+    assert ge.mean_sq == pytest.approx(sq, rel=1e-9)
+    assert ge.bgsim == pytest.approx(-rho * sq, rel=1e-9)
     assert ge.combined == pytest.approx(ge.bgsim) and ge.clipscore is None
     assert ge.images == 4 and ge.seeds == [1, 2] and ge.masking == "regions" and not ge.warnings
 
@@ -166,15 +168,28 @@ def clip():
     return tiny_clip()
 
 
-def test_tiny_clip_scores(clip):
-    img = np.random.default_rng(1).random((48, 80, 3))
-    x = clip.preprocess(img)
-    assert x.shape == (3, 32, 32) and x.dtype == np.float32
-    s = clip.score([img, img], ["a red fox", "a cat in a meadow"])
-    assert s.shape == (2,) and np.all((s >= 0) & (s <= 2.5))
-    assert np.allclose(s, clip.score([img, img], ["a red fox", "a cat in a meadow"]))  # deterministic
-    c = clip.cosine([img], ["a red fox"])
-    assert s[0] == pytest.approx(2.5 * max(c[0], 0.0))
+def test_clip_score_is_100_cos_of_the_models_own_embeddings(clip):
+    """CLIPScore = max(100·cos, 0) of CLIP's projected embeddings, checked against transformers' own
+    CLIPImageProcessor and get_image_features / get_text_features (not against scenec's code path)."""
+    import torch
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # the PIL backend: no torchvision
+
+    rng = np.random.default_rng(1)
+    imgs = [rng.random((48, 80, 3)), rng.random((64, 40, 3))]
+    texts = ["a red fox", "a cat in a meadow"]
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                              image_mean=list(clip.mean.ravel()), image_std=list(clip.std.ravel()))
+    u8 = [Image.fromarray(np.round(x * 255).astype(np.uint8)) for x in imgs]
+    pix = proc(images=u8, return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(np.stack([clip.preprocess(x) for x in imgs]), pix.numpy(), atol=1e-5)
+    tok = clip.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ie = clip.model.get_image_features(pixel_values=pix).pooler_output  # the projected embeddings
+        te = clip.model.get_text_features(input_ids=tok["input_ids"],
+                                          attention_mask=tok["attention_mask"]).pooler_output
+    cos = torch.nn.functional.cosine_similarity(ie, te, dim=-1).numpy()
+    np.testing.assert_allclose(clip.score(imgs, texts), np.maximum(100 * cos, 0), rtol=1e-4, atol=1e-4)
+    assert np.abs(cos).max() > 0.01  # the random model's cosines are not all 0: the check has teeth
 
 
 def test_clip_from_a_local_directory_and_missing_model(clip, tmp_path, monkeypatch):
@@ -199,7 +214,7 @@ def test_evaluate_dir_finds_the_scene(project, clip):
     (g,) = rep["groups"]
     assert g["group"] == "pair" and g["images"] == 4 and not rep["warnings"]
     assert g["combined"] == pytest.approx(g["bgsim"] + 2 * g["clipscore"])
-    assert len(g["per_image"]) == 4 and all(0 <= r["clipscore"] <= 2.5 for r in g["per_image"])
+    assert len(g["per_image"]) == 4 and all(0 <= r["clipscore"] <= 100 for r in g["per_image"])
     json.dumps(rep)  # serialisable
 
 
@@ -227,7 +242,7 @@ def test_cli_eval_table_and_json(project):
                         "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert rep["groups"][0]["bgsim"] == pytest.approx(-(1 - _joint().mean()) * np.sqrt(3) * DELTA / 255)
+    assert rep["groups"][0]["bgsim"] == pytest.approx(-(1 - _joint().mean()) * (DELTA / 255) ** 2)
     r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--weights", "1,0"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from scenec.compiler import compile_scene
 from scenec.runtime.attention import Branches, KeyScale
 from scenec.runtime.outputs import execute
-from scenec.runtime.sampler import run_group, run_job
+from scenec.runtime.backend import Call, Cond, mix_pooled
+from scenec.runtime.sampler import Run, run_group, run_job
 from scenec.runtime.testing import tiny_backend
-from scenec.spec.plan import Plan
+from scenec.spec.plan import Denoise, Plan
 
 SCENE = """\
 scenec: 1
@@ -179,13 +180,32 @@ def test_a_failing_job_fails_alone_in_its_group(backend, tmp_path):
     assert "theta" in res[1]["error"]
 
 
-def test_true_cfg_coupled_runs(backend, tmp_path):
-    text = SCENE.format(steps=2, seeds=1, schedule="{values: [0.5, 1]}").replace(
-        "sampler: {steps: 2, seed: 1}", "sampler: {steps: 2, seed: 1, true_cfg: 2.0}")
-    plan = compile_text(tmp_path, text, "cfg")
-    assert plan.sampler.true_cfg == 2.0
-    for r in run(backend, plan).values():
-        assert torch.isfinite(r.latents).all()
+def test_true_cfg_coupled_step_is_the_guided_mix_of_two_coupled_passes(backend, tmp_path):
+    """With true_cfg > 1 a coupled step is v_neg + s·(v_pos − v_neg), where the negative pass has the same
+    coupled structure over the negatives: built here from two true_cfg = 1 groups, one whose prompts are the
+    negatives, at θ = 0.3."""
+    def plan_of(bg, fox, cfg):
+        text = SCENE.format(steps=2, seeds=1, schedule="{values: [0.3, 0.3]}").replace(
+            "sampler: {steps: 2, seed: 1}", f"sampler: {{steps: 2, seed: 1, true_cfg: {cfg}}}").replace(
+            'background: {prompt: "a misty forest"}',
+            f'background: {{prompt: "{bg[0]}", negative: "{bg[1]}"}}').replace(
+            '{id: fox, prompt: "a red fox running"}', f'{{id: fox, prompt: "{fox[0]}", negative: "{fox[1]}"}}')
+        return compile_text(tmp_path, text, f"cfg{cfg}-{bg[0][:3]}")
+
+    one_op = [{"op": "denoise", "from": 0, "to": 1, "regional": True, "theta": 0.3, "eta": 0.0}]
+
+    def v_of(plan):
+        job = next(j for j in plan.jobs if j.variant == "fox")
+        r = Run(backend, [(plan, job)])
+        r.setup()
+        return r.predict(r.x, 0, Denoise.model_validate(one_op[0])), r.x
+
+    v_cfg, x = v_of(plan_of(("a misty forest", "fog"), ("a red fox running", "a cat"), 2.5))
+    v_pos, x1 = v_of(plan_of(("a misty forest", ""), ("a red fox running", ""), 1.0))
+    v_neg, x2 = v_of(plan_of(("fog", ""), ("a cat", ""), 1.0))
+    assert torch.equal(x, x1) and torch.equal(x, x2)
+    torch.testing.assert_close(v_cfg, v_neg + 2.5 * (v_pos - v_neg), atol=1e-5, rtol=1e-5)
+    assert (v_pos - v_neg).abs().max() > 10 * 1e-5  # the two passes differ: the mix is not trivially equal
 
 
 # -- the published formula, block by block ---------------------------------------------------
@@ -220,21 +240,24 @@ class PublishedKeyScale:
         return attn.to_out[1](attn.to_out[0](h.contiguous())), attn.to_add_out(e.contiguous())
 
 
-def published_forward(model, x, bg, ent, pooled, t, g, img_ids, txt_ids_one, theta):
-    """The anchor's coupled_forward: double blocks with key scaling, single blocks as two branches, mixed."""
+def published_forward(model, x, bg, ent, pooled_bg, pooled_ent, t, g, img_ids, theta):
+    """The anchor's coupled_forward: double blocks with key scaling, single blocks as two branches, mixed;
+    the pooled vector (1 − θ)·pooled_bg + θ·pooled_ent (Flux's text ids are zeros)."""
     hidden = model.x_embedder(x)
-    temb = model.time_text_embed(t * 1000, g * 1000, pooled)
+    temb = model.time_text_embed(t * 1000, g * 1000, (1 - theta) * pooled_bg + theta * pooled_ent)
     enc = model.context_embedder(torch.cat([bg, ent], 1))
-    n_bg = bg.shape[1]
-    rope2 = model.pos_embed(torch.cat([torch.cat([txt_ids_one, txt_ids_one], 0), img_ids], 0))
-    rope1 = model.pos_embed(torch.cat([txt_ids_one, img_ids], 0))
+    n_bg, n_ent = bg.shape[1], ent.shape[1]
+
+    def rope(n):
+        return model.pos_embed(torch.cat([torch.zeros(n, 3), img_ids], 0))
+
     with processors(model, PublishedKeyScale(n_bg, theta)):
         for blk in model.transformer_blocks:
-            enc, hidden = blk(hidden, enc, temb, rope2)
+            enc, hidden = blk(hidden, enc, temb, rope(n_bg + n_ent))
     enc_bg, enc_ent = enc[:, :n_bg], enc[:, n_bg:]
     for blk in model.single_transformer_blocks:
-        enc_bg, h_bg = blk(hidden, enc_bg, temb, rope1)
-        enc_ent, h_ent = blk(hidden, enc_ent, temb, rope1)
+        enc_bg, h_bg = blk(hidden, enc_bg, temb, rope(n_bg))
+        enc_ent, h_ent = blk(hidden, enc_ent, temb, rope(n_ent))
         hidden = (1 - theta) * h_bg + theta * h_ent
     return model.proj_out(model.norm_out(hidden, temb))
 
@@ -281,9 +304,13 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+# θ = 0.3 (1 − θ ≠ θ) with different text lengths and pooled vectors: swapping background and entity fails
+THETA = 0.3
+
+
 @torch.inference_mode()
 def test_double_block_key_scaling_matches_the_published_processor(backend):
-    tr, theta = backend.transformer, 0.5
+    tr, theta = backend.transformer, THETA
     hidden, bg, ent, temb, img_ids = _inputs(tr)
     nb = bg.shape[1]
     enc = torch.cat([bg, ent], 1)
@@ -300,7 +327,7 @@ def test_double_block_key_scaling_matches_the_published_processor(backend):
 
 @torch.inference_mode()
 def test_single_block_fused_mixing_matches_two_branches(backend):
-    tr, theta = backend.transformer, 0.5
+    tr, theta = backend.transformer, THETA
     hidden, bg, ent, temb, img_ids = _inputs(tr)
     blk = tr.single_transformer_blocks[0]
     rope_bg = tr.pos_embed(torch.cat([torch.zeros(bg.shape[1], 3), img_ids], 0))
@@ -318,24 +345,54 @@ def test_single_block_fused_mixing_matches_two_branches(backend):
 
 @torch.inference_mode()
 def test_coupled_forward_matches_the_published_forward(backend):
-    tr, theta = backend.transformer, 0.5
+    tr, theta = backend.transformer, THETA
     gen = torch.Generator().manual_seed(3)
     cin, jd, pd = tr.config.in_channels, tr.config.joint_attention_dim, tr.config.pooled_projection_dim
-    hw, L = 4, 6
-    x, bg, ent, pooled = (torch.randn(*s, generator=gen) for s in ((1, hw * hw, cin), (1, L, jd), (1, L, jd), (1, pd)))
+    hw, Lb, Le = 4, 6, 4
+    x, bg, ent, p_bg, p_ent = (torch.randn(*s, generator=gen) for s in ((1, hw * hw, cin), (1, Lb, jd), (1, Le, jd),
+                                                                        (1, pd), (1, pd)))
     t, g = torch.full((1,), 0.5), torch.full((1,), 3.5)
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(hw).float(), torch.arange(hw).float(),
                                          indexing="ij"), -1).reshape(-1, 3)
-    ref = published_forward(tr, x, bg, ent, pooled, t, g, img_ids, torch.zeros(L, 3), theta)
-    scale = torch.ones(2 * L)
-    scale[:L], scale[L:] = 1 - theta, theta
-    mods = [KeyScale(scale, frozenset({"double"})), Branches(L, theta, None, frozenset({"single"}))]
+    ref = published_forward(tr, x, bg, ent, p_bg, p_ent, t, g, img_ids, theta)
+    scale = torch.ones(Lb + Le)
+    scale[:Lb], scale[Lb:] = 1 - theta, theta
+    mods = [KeyScale(scale, frozenset({"double"})), Branches(Lb, theta, None, frozenset({"single"}))]
+    call = Call([0], [False], [], 0, pooled_weights=(1 - theta, theta), cond=Cond(torch.cat([bg, ent], 1),
+                                                                                  [p_bg, p_ent], [Lb, Le], {}))
     with modifiers(backend, mods, hw * hw):
-        ours = tr(hidden_states=x, encoder_hidden_states=torch.cat([bg, ent], 1), pooled_projections=pooled,
-                  timestep=t, guidance=g, img_ids=img_ids, txt_ids=torch.zeros(2 * L, 3), return_dict=False)[0]
+        ours = tr(hidden_states=x, encoder_hidden_states=torch.cat([bg, ent], 1),
+                  pooled_projections=mix_pooled(call, 1), timestep=t, guidance=g, img_ids=img_ids, txt_ids=torch.zeros(Lb + Le, 3), return_dict=False)[0]
     assert _rel(ours, ref) <= 1e-5
+    swapped = published_forward(tr, x, ent, bg, p_ent, p_bg, t, g, img_ids, theta)
+    assert _rel(swapped, ref) > 1e-3  # the test tells background from entity
     # the published formula at θ = 1 is not "entity only" (key scaling by 0 leaves logits at 0)
-    one = published_forward(tr, x, bg, ent, pooled, t, g, img_ids, torch.zeros(L, 3), 1.0)
-    ent_only = tr(hidden_states=x, encoder_hidden_states=ent, pooled_projections=pooled, timestep=t, guidance=g,
-                  img_ids=img_ids, txt_ids=torch.zeros(L, 3), return_dict=False)[0]
+    one = published_forward(tr, x, bg, ent, p_bg, p_ent, t, g, img_ids, 1.0)
+    ent_only = tr(hidden_states=x, encoder_hidden_states=ent, pooled_projections=p_ent, timestep=t, guidance=g,
+                  img_ids=img_ids, txt_ids=torch.zeros(Le, 3), return_dict=False)[0]
     assert _rel(one, ent_only) > 1e-4
+
+
+@torch.inference_mode()
+def test_a_coupled_step_of_the_runtime_is_the_published_forward(backend, tmp_path):
+    """The coupling method's own call (its text order, key scaling, branches and pooled mix) at θ = 0.3 against
+    the published forward over the background and the variant prompt encoded on their own."""
+    plan = group_plan(tmp_path, "{values: [0.3, 0.3, 0.3, 0.3]}", seeds="1")
+    job = next(j for j in plan.jobs if j.variant == "fox")
+    r = Run(backend, [(plan, job)])
+    r.setup()
+    op = job.program[0]
+    assert op.theta == pytest.approx(0.3)
+    call = r.call([(0, False)], op, 0)
+    t = r.solver.model_time(0, 1, r.x.dtype, backend.device)
+    ours = backend._forward(r, r.x, call, t)
+    msl = plan.model.max_sequence_length
+    bg, fox = (backend.encode_global(text, msl) for text in ("a misty forest", "a red fox running"))
+    img_ids = backend._img_ids[(128, 128)]
+    theta = float(op.theta)
+    ref = published_forward(backend.transformer, r.x, bg.seq, fox.seq, bg.pooled, fox.pooled, t / 1000,
+                            torch.full((1,), plan.sampler.guidance), img_ids, theta)
+    assert _rel(ours, ref) <= 1e-5
+    swapped = published_forward(backend.transformer, r.x, fox.seq, bg.seq, fox.pooled, bg.pooled, t / 1000,
+                                torch.full((1,), plan.sampler.guidance), img_ids, theta)
+    assert _rel(ours, swapped) > 1e-3

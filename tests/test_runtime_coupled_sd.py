@@ -106,3 +106,22 @@ def test_mixed_theta_differs_from_both_endpoints_and_sharing_changes_nothing(bac
     for v in on:
         assert torch.equal(on[v], off[v]), v
     assert len({np.asarray(x).tobytes() for x in on.values()}) == 3  # the variants differ after the fork
+
+
+def test_cross_attention_keys_are_scaled_background_by_one_minus_theta_entities_by_theta(backend, tmp_path):
+    """θ = 0.3 (1 − θ ≠ θ), a variant with two regions (entity texts of their own lengths): the call's text is
+    [background (77) | stag | owl] and its keys are scaled 0.7 for the background, 0.3 for each entity."""
+    from scenec.runtime.attention import KeyScale
+    from scenec.runtime.sampler import Run
+
+    plan = compile_text(tmp_path, SCENE.format(seeds="1", schedule="{values: [0.3, 0.3, 0.3, 0.3]}"), "k")
+    job = next(j for j in plan.jobs if j.variant == "both")
+    r = Run(backend, [(plan, job)])
+    r.setup()
+    call = r.call([(0, False)], job.program[0], 0)
+    n_stag, n_owl = (backend.encode_entity(t).shape[1] for t in ("a stag", "an owl"))
+    assert call.cond.lengths == [77, n_stag, n_owl] and n_stag != n_owl
+    scale = next(m for m in call.mods if isinstance(m, KeyScale)).scale
+    expect = torch.tensor([0.7] * 77 + [0.3] * (n_stag + n_owl))
+    torch.testing.assert_close(scale[:77 + n_stag + n_owl], expect)
+    assert (scale[77 + n_stag + n_owl:] == 1).all()  # padding (masked anyway)

@@ -26,6 +26,7 @@ from scenec.spec.errors import PlanError, Unsupported
 from ..attention import DOUBLE, SINGLE, Attention, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
+from ..finite import require_finite
 from ..solvers import FlowEuler
 
 
@@ -259,6 +260,7 @@ class FluxBackend:
         x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         img = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+        require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 

@@ -21,6 +21,7 @@ from scenec.spec.errors import PlanError, Unsupported
 from ..attention import CROSS, SELF, Attention, KeyScale, Mask, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
+from ..finite import require_finite
 from ..solvers import DDIM
 
 SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
@@ -227,6 +228,7 @@ class SDBackend:
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe
         img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
+        require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 

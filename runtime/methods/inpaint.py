@@ -12,6 +12,11 @@ distribution's mode to z₀; m is the union of entity regions on the latent grid
 
 Either way the final latent equals z₀ outside the regions. Rows of a batch without an init image get
 m ≡ 1 (the model everywhere, unchanged).
+
+Unlike EliGen's reference pipeline (DiffSynth-Studio: the positive branch fused before CFG, with a
+binary mask) the fusion here is on the guided output (after true CFG, so the outside returns to z₀
+exactly for any guidance scale) with the soft coverage mask (feathered edges blend); with CFG 1 and a
+hard-edged region the two agree (docs/runtime.md).
 """
 
 from __future__ import annotations

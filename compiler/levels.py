@@ -1,0 +1,117 @@
+"""Noise levels → step indices: where a reference's ``window`` and ``preserve`` land. numpy only.
+
+A scene names COW's levels as noise levels ℓ ∈ [0, 1] (1 = pure noise, 0 = clean), as the paper does
+(COW, arXiv 2306.08247, §4: its window 0.7 → 0.5 on DDPM's t/1000 scale). The plan's programs work
+in step indices (index i = the level before sampling step i; 0 = pure noise, N = clean), so the
+compiler maps each level to the index whose noise level is nearest, on the model's own schedule:
+
+- flow-matching models (Flux): σ_i of the sampler's shifted sigma table (FluxPipeline: linear sigmas
+  1 … 1/N, shifted by the resolution-dependent μ when the scheduler shifts dynamically, else by its
+  static ``shift``; σ_N = 0);
+- DDPM models (SD, SDXL; DDIM sampling): t_i / T of the scheduler's timesteps (``leading`` spacing
+  with ``steps_offset``, as SD 1.5 / 2.1 / SDXL configure it; ``trailing`` and ``linspace`` too), T the
+  training steps; level N is 0.
+
+On FLUX.1-dev at 1024² the default window 0.7 → 0.5 is σ ≈ 0.70 → 0.50, no longer the step
+fractions' σ 0.888 → 0.760. The scheduler settings are the model's: a local directory's (or a
+cached hub model's) ``scheduler/scheduler_config.json`` when it has one, else the family's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from scenec.spec.fsio import note_input
+
+# FLUX.1-dev's scheduler (the offline `tiny` uses it too); FLUX.1-schnell does not shift
+FLOW_DEV = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLOW_SCHNELL = {**FLOW_DEV, "shift": 1.0, "use_dynamic_shifting": False}
+# SD 1.5 / 2.1 and SDXL base: 1000 training steps, leading spacing, offset 1; SDXL-Turbo: trailing
+DDPM_LEADING = {"num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 1}
+DDPM_TRAILING = {**DDPM_LEADING, "timestep_spacing": "trailing"}
+KNOWN = {"flux-schnell": FLOW_SCHNELL, "black-forest-labs/FLUX.1-schnell": FLOW_SCHNELL,
+         "sdxl-turbo": DDPM_TRAILING, "stabilityai/sdxl-turbo": DDPM_TRAILING}
+
+
+def flow_sigmas(steps: int, canvas: tuple[int, int], config: dict) -> np.ndarray:
+    """FluxPipeline's σ table (N + 1 values, σ_N = 0) for a canvas (w, h): ``np.linspace(1, 1/N, N)``
+    shifted as FlowMatchEulerDiscreteScheduler shifts it (μ from the image's token count, FluxPipeline's
+    ``calculate_shift``), in float32 as the scheduler keeps it."""
+    c = {**FLOW_DEV, **config}
+    s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32).astype(np.float64)
+    if c["use_dynamic_shifting"]:
+        w, h = canvas
+        seq = (h // 16) * (w // 16)  # the packed latent's length: one token per 16 × 16 px
+        m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = seq * m + c["base_shift"] - m * c["base_image_seq_len"]
+        s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+    else:
+        s = c["shift"] * s / (1.0 + (c["shift"] - 1.0) * s)
+    return np.append(s.astype(np.float32), np.float32(0.0)).astype(np.float64)
+
+
+def ddpm_timesteps(steps: int, config: dict) -> np.ndarray:
+    """DDIMScheduler.set_timesteps' timesteps (noisiest first) for ``leading``, ``trailing`` or ``linspace``."""
+    c = {**DDPM_LEADING, **config}
+    T, spacing = int(c["num_train_timesteps"]), c["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + int(c["steps_offset"])
+
+
+def noise_levels(info, canvas: tuple[int, int], steps: int) -> np.ndarray:
+    """The noise level at each step index 0..N of a model (``caps.ModelInfo``) on a canvas (w, h)."""
+    config = scheduler_config(info)
+    if info.family.sampler == "flow-euler":
+        return flow_sigmas(steps, canvas, config)
+    T = float(config.get("num_train_timesteps", DDPM_LEADING["num_train_timesteps"]))
+    return np.append(ddpm_timesteps(steps, config) / T, 0.0)
+
+
+def level_index(level: float, levels: np.ndarray) -> int:
+    """The step index whose noise level is nearest ``level`` (ties: the noisier, earlier index)."""
+    return int(np.argmin(np.abs(np.asarray(levels, np.float64) - float(level))))
+
+
+def scheduler_config(info) -> dict:
+    """The scheduler settings of a model: its own ``scheduler/scheduler_config.json`` when it is here (a
+    local directory, or a hub model in the Hugging Face cache; never downloaded), else the family's."""
+    default = KNOWN.get(info.spec) or KNOWN.get(info.repo or "") or \
+        (FLOW_DEV if info.family.sampler == "flow-euler" else DDPM_LEADING)
+    path = None
+    if info.source == "local" and info.repo:
+        path = Path(info.repo) / "scheduler" / "scheduler_config.json"
+        note_input(path)
+    elif info.source == "hub" and info.repo:
+        path = _cached(info.repo)
+        if path is not None:
+            note_input(path)
+    return {**default, **_read(path)} if path is not None else dict(default)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    keys = set(FLOW_DEV) | set(DDPM_LEADING)
+    return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
+
+
+def _cached(repo: str) -> Path | None:
+    if repo.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo, "scheduler/scheduler_config.json")
+    except (ImportError, ValueError):
+        return None
+    return Path(hit) if isinstance(hit, str) else None
