@@ -24,7 +24,7 @@ import torch
 from scenec.spec.errors import ModelUnavailable, PlanError
 
 from .attention import Attention, Mask, Site
-from .layout import BatchLayout, BuiltMask, RegionalLayout, build_mask, region_membership
+from .layout import BatchLayout, BuiltMask, RegionalLayout, build_mask, region_membership, text_bucket
 
 
 @dataclass(frozen=True)
@@ -236,9 +236,9 @@ def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]
     ``rows``: per batch row, the stream sequences ``[1, n_s, D]`` (global slot first, possibly empty) and
     the entity regions per grid name (bool ``[k, h*w]``). Without entity streams (``regional`` False)
     rows are only concatenated (they have one length). Otherwise each row gets a
-    :class:`RegionalLayout` per grid, padded to a multiple of ``pad_multiple`` and to the longest
-    row; several rows make a :class:`BatchLayout`. Returns (seq ``[B, L, D]``, row 0's stream lengths,
-    image token count → layout)."""
+    :class:`RegionalLayout` per grid, its text padded to a bucket of ``pad_multiple``
+    (:func:`~scenec.runtime.layout.text_bucket`) and to the longest row; several rows make a
+    :class:`BatchLayout`. Returns (seq ``[B, L, D]``, row 0's stream lengths, image token count → layout)."""
     lengths = [[p.shape[1] for p in parts] for parts, _ in rows]
     if not regional:
         if len({sum(ls) for ls in lengths}) != 1:
@@ -246,7 +246,7 @@ def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]
         return torch.cat([torch.cat(parts, dim=1) for parts, _ in rows]), lengths[0], {}
     n_to = None
     if len(rows) > 1:  # the longest row's text, padded as a row alone would be
-        n_to = max(sum(ls) + (-sum(ls)) % max(1, pad_multiple) for ls in lengths)
+        n_to = max(text_bucket(sum(ls), pad_multiple) for ls in lengths)
     layouts: dict[int, list] = {}
     seqs = []
     for (parts, regions), ls in zip(rows, lengths):

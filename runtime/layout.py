@@ -14,7 +14,11 @@ tokens, which regions they lie in (coverage > 0 on the grid), and derives the al
 Under both, pad tokens see only pad tokens and nothing real sees them, so a padded forward computes
 what the unpadded one does. A layout without pad needs no mask for ``open``. Masks are built once
 per job and layout (:func:`build_mask`), never per block or step: a dense boolean matrix for SDPA, a
-FlexAttention ``BlockMask`` from the same rule as ``mask_mod`` (no dense N×N tensor).
+FlexAttention ``BlockMask`` from the same rule as ``mask_mod`` (no dense N×N tensor, not even while
+it is built: :func:`block_tables` classifies 128×128 blocks from the token classes present in each).
+
+On the FlexAttention path the text is padded to a *bucket* (:func:`text_bucket`): a few sizes per
+octave, so compiled kernels see a bounded number of sequence lengths however the prompts vary.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from scenec.spec.errors import PlanError, Unsupported
 
 FLEX_BLOCK = 128
 RULES = ("regional", "open")
+MAX_CLASSES = 256  # token classes above which block_tables evaluates the rule one query block at a time
+
+
+def text_bucket(n: int, multiple: int) -> int:
+    """The padded text length for ``n`` tokens: ``n`` itself when ``multiple`` ≤ 1 (SDPA needs no padding),
+    else the next multiple of ``multiple`` up to 8 of them, then quarter octaves (10, 12, 14, 16, 20, 24, …
+    multiples). Compiled FlexAttention specialises on the sequence length (``dynamic=False``), so the number
+    of sizes a build meets grows with the log of its longest text, not with every prompt length; at most
+    a quarter of the text is padding (pad tokens see only pad, and whole pad blocks are skipped)."""
+    if multiple <= 1:
+        return n
+    u = max(1, -(-n // multiple))
+    step = 1 << max(0, (u - 1).bit_length() - 3)  # 1 up to 8 units, then 2, 4, 8, …
+    return -(-u // step) * step * multiple
 
 
 def region_membership(masks: list[np.ndarray | None], grid: tuple[int, int]) -> torch.Tensor:
@@ -85,7 +103,7 @@ class RegionalLayout:
         if self.image_self not in ("open", "restricted"):
             raise PlanError(f"attention.image_self must be 'open' or 'restricted', not {self.image_self!r}")
         n_txt = sum(self.text_lengths)
-        self.n_pad = (-n_txt) % max(1, self.pad_multiple)
+        self.n_pad = text_bucket(n_txt, self.pad_multiple) - n_txt
         if self.n_text_to is not None:
             if self.n_text_to < n_txt:
                 raise PlanError(f"text of {n_txt} tokens does not fit a batch row of {self.n_text_to}")
@@ -130,16 +148,20 @@ class RegionalLayout:
         d = self.dense(device, rule)
         return d[self.n_text:, :self.n_text]
 
-    def block_mask(self, device, rule: str = "regional"):
-        """FlexAttention BlockMask from ``allow`` as mask_mod (no dense N×N tensor)."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def allow_rows(self, q: torch.Tensor, rule: str = "regional") -> torch.Tensor:
+        """Bool ``[len(q), N]``: the allow-matrix's rows of query tokens ``q`` (no N×N)."""
+        kv = torch.arange(self.N, device=self.owner.device)
+        return self.allow(q.to(self.owner.device)[:, None], kv[None, :], rule)
 
+    def block_mask(self, device, rule: str = "regional"):
+        """FlexAttention BlockMask with ``allow`` as mask_mod, its blocks from :func:`block_tables`."""
+        partial, full = block_tables(self.owner, self.bits, self.image_self, rule, self.N)
         lay = self.to(device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return lay.allow(q_idx, kv_idx, rule)
 
-        return create_block_mask(mask_mod, None, None, self.N, self.N, device=device, BLOCK_SIZE=FLEX_BLOCK)
+        return _block_mask(partial[None], full[None], mask_mod, self.N, device)
 
     def needs_mask(self, rule: str) -> bool:
         """Whether ``rule`` masks anything here: ``open`` only matters where there is padding."""
@@ -182,24 +204,82 @@ class BatchLayout:
         """Bool ``[B, n_img, n_text]``."""
         return self.dense(device, rule)[:, self.n_text:, :self.n_text]
 
+    def allow_rows(self, q: torch.Tensor, rule: str = "regional") -> torch.Tensor:
+        """Bool ``[len(q), N]`` of batch row 0 (as :meth:`RegionalLayout.allow_rows`)."""
+        return self.rows[0].allow_rows(q, rule)
+
     def block_mask(self, device, rule: str = "regional"):
         """FlexAttention BlockMask with a batch dimension (row b uses its own owners and bits)."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
+        tables = [block_tables(r.owner, r.bits, self.image_self, rule, self.N) for r in self.rows]
         lay = self.to(device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return _allow(lay.owner[b, q_idx], lay.owner[b, kv_idx], lay.bits[b, q_idx], lay.bits[b, kv_idx],
                           lay.image_self, rule)
 
-        return create_block_mask(mask_mod, len(self.rows), None, self.N, self.N, device=device,
-                                 BLOCK_SIZE=FLEX_BLOCK)
+        return _block_mask(torch.stack([p for p, _ in tables]), torch.stack([f for _, f in tables]), mask_mod,
+                           self.N, device)
 
     def needs_mask(self, rule: str) -> bool:
         return rule == "regional" or self.n_pad > 0
 
 
 Layout = RegionalLayout | BatchLayout
+
+
+def block_tables(owner: torch.Tensor, bits: torch.Tensor, image_self: str, rule: str, n: int,
+                 block: int = FLEX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``block``×``block`` tiles of one row's allow-matrix are partial and which full: bool
+    ``[nb, nb]`` each, as ``create_block_mask`` classifies them (a tile cut by the end of the sequence
+    is never full), without its dense N×N intermediate.
+
+    The rule depends on a token only through its (owner, bits): tokens with equal pairs form a class,
+    and a tile is empty when no pair of classes present in it is allowed, full when none is disallowed.
+    With presence P (bool ``[nb, C]``) and the class rule A (``[C, C]``): allowed = P·A·Pᵀ, disallowed =
+    P·(1 − A)·Pᵀ. Beyond :data:`MAX_CLASSES` classes (thousands of region patterns) the rule is evaluated
+    one query block at a time instead (``[block, N]``)."""
+    owner, bits = owner.detach().to("cpu"), bits.detach().to("cpu")
+    nb = -(-n // block)
+    complete = torch.ones(nb, dtype=torch.bool)
+    if n % block:
+        complete[-1] = False  # padded by create_block_mask with False: partial at best
+    keys, cls = torch.unique(torch.stack([owner, bits], 1), dim=0, return_inverse=True)
+    blk = torch.arange(n) // block
+    if keys.shape[0] <= MAX_CLASSES:
+        pres = torch.zeros(nb, keys.shape[0], dtype=torch.float64)
+        pres[blk, cls] = 1.0
+        ok, kb = keys[:, 0], keys[:, 1]
+        a = _allow(ok[:, None], ok[None, :], kb[:, None], kb[None, :], image_self, rule).to(torch.float64)
+        allowed, disallowed = pres @ a @ pres.T, pres @ (1.0 - a) @ pres.T
+    else:
+        allowed = torch.zeros(nb, nb, dtype=torch.float64)
+        disallowed = torch.zeros(nb, nb, dtype=torch.float64)
+        kv = torch.arange(n)
+        for i in range(nb):
+            q = kv[i * block:(i + 1) * block]
+            rows = _allow(owner[q][:, None], owner[None, :], bits[q][:, None], bits[None, :], image_self, rule)
+            allowed[i].index_add_(0, blk, rows.sum(0, dtype=torch.float64))
+            disallowed[i].index_add_(0, blk, (~rows).sum(0, dtype=torch.float64))
+    full = (disallowed == 0) & complete[:, None] & complete[None, :]
+    return (allowed > 0) & ~full, full
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block table ``[B, H, nq, nkv]`` as FlexAttention's (count, indices), present blocks first in
+    ascending order (as ``create_block_mask`` orders them)."""
+    d = dense.to(torch.int32)
+    order = torch.sort(d, dim=-1, descending=True, stable=True).indices
+    return d.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
+
+
+def _block_mask(partial: torch.Tensor, full: torch.Tensor, mask_mod, n: int, device):
+    """A BlockMask from per-row tables ``[B, nb, nb]`` (``BlockMask.from_kv_blocks``, one head row)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num, kv_idx = _ordered(partial[:, None].to(device))
+    full_num, full_idx = _ordered(full[:, None].to(device))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 @dataclass
@@ -220,6 +300,13 @@ class BuiltMask:
             return self.mask[0, 0]
         d = self.layout.dense(device, self.rule)
         return d if d.dim() == 2 else d[0]
+
+    def allow_rows(self, q: torch.Tensor, device) -> torch.Tensor:
+        """Rows ``q`` of the allow-matrix, bool ``[len(q), N]`` (batch row 0): what SOW's ranges and
+        indicator need, with no N×N on the FlexAttention path."""
+        if self.impl == "sdpa":
+            return self.mask[0, 0][q.to(self.mask.device)]
+        return self.layout.allow_rows(q, self.rule).to(device)
 
 
 def build_mask(layout: Layout, impl: str, device, rule: str = "regional") -> BuiltMask:

@@ -154,3 +154,43 @@ def test_flex_backend_matches_sdpa_backend(backend):
         a = run_job(flex_be, plan, plan.jobs[0], decode=False).latents
     b = run_job(backend, plan, plan.jobs[0], decode=False).latents
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["open", "restricted"])
+@pytest.mark.parametrize("rule", ["regional", "open"])
+@pytest.mark.parametrize("many_classes", [False, True])
+def test_block_tables_classify_blocks_as_create_block_mask_does(mode, rule, many_classes, monkeypatch):
+    """The BlockMask built from per-class tables (no N×N) has the block structure create_block_mask
+    derives from the dense rule: same partial and full blocks, in the same order."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from scenec.runtime import layout as L
+
+    if many_classes:
+        monkeypatch.setattr(L, "MAX_CLASSES", 1)  # the per-query-block path
+    regs = region_membership([FOX, BIRD, box(GRID, 0, 10, 16, 16)], GRID)
+    lay = RegionalLayout([150, 5, 130, 7], regs, mode, pad_multiple=128)
+    ours = lay.block_mask("cpu", rule)
+    dense = lay.dense("cpu", rule)
+    ref = create_block_mask(lambda b, h, q, kv: dense[q, kv], None, None, lay.N, lay.N, device="cpu",
+                            BLOCK_SIZE=L.FLEX_BLOCK)
+    for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+        assert torch.equal(a.flatten(), b.flatten())
+    for num, a, b in ((ref.kv_num_blocks, ours.kv_indices, ref.kv_indices),
+                      (ref.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices)):
+        for i, n in enumerate(num.flatten().tolist()):
+            assert a.flatten(0, -2)[i, :n].tolist() == b.flatten(0, -2)[i, :n].tolist()
+    assert ours.to_dense().equal(ref.to_dense())
+
+
+def test_text_buckets_are_few_and_waste_at_most_a_quarter():
+    """Compiled kernels specialise on the sequence length: every text length from 1 to 4096 maps to a
+    handful of sizes, each a multiple of 128, with at most a quarter of padding past the first 8 blocks."""
+    from scenec.runtime.layout import text_bucket
+
+    sizes = {text_bucket(n, 128) for n in range(1, 4097)}
+    assert len(sizes) <= 20 and all(s % 128 == 0 for s in sizes)
+    for n in range(1, 4097):
+        b = text_bucket(n, 128)
+        assert b >= n and (b <= 1024 or (b - n) <= b / 4)
+    assert text_bucket(77, 1) == 77  # SDPA: no padding at all
