@@ -108,10 +108,11 @@ class Bias(Protocol):
 
     sites: frozenset[str]
 
-    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int, allow: Callable[[], torch.Tensor | None],
-                rows: slice) -> None:
-        """See one call's unbiased q/k (the indicator is measured at the first call of a step); ``allow()``
-        gives the call's allow-matrix (dense bool [N, N]) or None, built only if asked for."""
+    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int,
+                allow: Callable[[torch.Tensor], torch.Tensor | None], rows: slice) -> None:
+        """See one call's unbiased q/k (the indicator is measured at the first call of a step); ``allow(qi)``
+        gives rows ``qi`` of the call's allow-matrix (bool ``[len(qi), N]``) or None, built only if asked
+        for (never the whole N×N)."""
 
     def image_bias(self, n_img: int, device) -> torch.Tensor | None:
         """Float ``[n_img, n_img]`` (query, key) for this step, or None when it adds nothing."""
@@ -126,8 +127,8 @@ class Modulation(Protocol):
 
     sites: frozenset[str]
 
-    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int, allow: Callable[[], torch.Tensor | None],
-                rows: slice) -> None:
+    def observe(self, q: torch.Tensor, k: torch.Tensor, n_text: int,
+                allow: Callable[[torch.Tensor], torch.Tensor | None], rows: slice) -> None:
         """As :meth:`Bias.observe` (the indicator)."""
 
     def weights(self, n_img: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -232,8 +233,8 @@ def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torc
 def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n_text: int, n_img: int):
     """SDPA or FlexAttention with an optional mask and an optional image–image bias or modulation."""
     if bias is not None:
-        def allow():
-            return None if mask is None else mask.dense_allow(q.device)
+        def allow(qi: torch.Tensor):
+            return None if mask is None else mask.allow_rows(qi, q.device)
 
         bias.observe(q, k, n_text, allow, ctl.rows)
         if hasattr(bias, "weights"):
@@ -258,7 +259,7 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
                     full = torch.zeros(n_text + n_img, n_text + n_img, device=q.device, dtype=torch.float32)
                     full[n_text:, n_text:] = img
                 if mask is not None:
-                    full = full.masked_fill(~allow(), float("-inf"))
+                    full = full.masked_fill(~mask.dense_allow(q.device), float("-inf"))
                 full = ctl.cache[key] = full.to(q.dtype)[None, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
             if ctl.probe is not None:
@@ -315,13 +316,14 @@ def modulated_dense(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None,
 
 def modulated_flex(q, k, v, mask: BuiltMask | None, mod, n_text: int, n_img: int, chunk: int = 1024):
     """The same modulation through FlexAttention: each image query's range computed here in query chunks
-    (no dense N×N), the modulation in ``mod.score_mod``, the mask as the BlockMask."""
-    allow = _allow4(mask, q.device)
+    (no dense N×N: the mask's rows per chunk, ``BuiltMask.allow_rows``), the modulation in
+    ``mod.score_mod``, the mask as the BlockMask."""
     kk = k[:, :, n_text:].float().transpose(-1, -2)
     his, los = [], []
     for s0 in range(n_text, q.shape[2], chunk):
         sc = (q[:, :, s0:s0 + chunk].float() @ kk) / (q.shape[-1] ** 0.5)
-        a = None if allow is None else allow[..., s0:s0 + chunk, n_text:]
+        qi = torch.arange(s0, min(s0 + chunk, q.shape[2]), device=q.device)
+        a = None if mask is None else mask.allow_rows(qi, q.device)[None, None, :, n_text:]
         hi, lo = _range(sc, a)
         his.append(hi)
         los.append(lo)

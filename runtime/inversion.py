@@ -5,6 +5,8 @@ under the plain model (the job's global prompt, the sampler's guidance, no regio
 modulation): each level's first guess is the solver's (reverse Euler for flow matching, DDIM
 inversion for DDPM), then up to :data:`INVERSION_REFINE` Anderson-accelerated fixed-point iterations
 make the sampler's own step map it back exactly (random tiny weights need it, see docs/references.md).
+In bf16/fp16 the tolerance is the dtype's (:func:`inversion_tol`) and the passes are capped
+(:func:`refine_cap`): below the model's own rounding noise more passes only cost forwards.
 """
 
 from __future__ import annotations
@@ -19,25 +21,53 @@ from typing import Callable
 import numpy as np
 import torch
 
-INVERSION_REFINE = 20  # fixed-point iterations per inverted step (0 = the first guess only)
-INVERSION_TOL = 1e-5  # stop refining when max |Δx| ≤ tol · max(1, max |x|)
+INVERSION_REFINE = 20  # fixed-point iterations per inverted step in fp32 (0 = the first guess only)
+INVERSION_REFINE_HALF = 6  # the cap in bf16/fp16: the residual reaches the dtype's noise in a few passes
+INVERSION_TOL = 1e-5  # stop refining when max |Δx| ≤ tol · max(1, max |x|) (fp32; see inversion_tol)
+CHECK_EVERY_CUDA = 3  # on CUDA the stopping test (a host sync) runs every few passes, not every pass
+
+
+def inversion_tol(dtype: torch.dtype) -> float:
+    """The stopping tolerance for a model run in ``dtype``: :data:`INVERSION_TOL`, but never below 4 ulps
+    of the dtype (bf16's ulp is 2⁻⁷: a tolerance under it is never met, and every pass would run)."""
+    return max(INVERSION_TOL, 4 * torch.finfo(dtype).eps)
+
+
+def refine_cap(dtype: torch.dtype) -> int:
+    """Refinement passes per inverted step for a model run in ``dtype``."""
+    return INVERSION_REFINE if torch.finfo(dtype).bits >= 32 else min(INVERSION_REFINE, INVERSION_REFINE_HALF)
+
+
+def _anderson(df: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """γ = argmin ‖f − ΔF γ‖ (float64): LAPACK's least squares on the CPU; on a GPU the 2–5 column normal
+    equations with a tiny ridge, solved where the data is (no host round trip)."""
+    if df.device.type == "cpu":
+        return torch.linalg.lstsq(df, f[:, None]).solution
+    g = df.T @ df
+    ridge = 1e-12 * g.diagonal().sum() + 1e-300
+    return torch.linalg.solve(g + ridge * torch.eye(g.shape[0], dtype=g.dtype, device=g.device), (df.T @ f)[:, None])
 
 
 def refine_step(x_next: torch.Tensor, x_guess: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
-                iters: int = INVERSION_REFINE, tol: float = INVERSION_TOL, memory: int = 5) -> torch.Tensor:
+                iters: int = INVERSION_REFINE, tol: float = INVERSION_TOL, memory: int = 5,
+                check_every: int | None = None) -> torch.Tensor:
     """Solve step(x) = x_next for x, from x_guess: the sampler's own deterministic step, inverted.
 
     Fixed point of G(x) = x + (x_next − step(x)) with Anderson acceleration (type II, ``memory``
     last iterates; plain iteration does not contract on large steps of random tiny weights). Stops
-    when max |x_next − step(x)| ≤ tol · max(1, max |x_next|) or after ``iters`` model calls.
+    when max |x_next − step(x)| ≤ tol · max(1, max |x_next|) (tested every ``check_every`` passes: each
+    test is a host sync; default every pass on the CPU, every :data:`CHECK_EVERY_CUDA` on a GPU) or after
+    ``iters`` model calls.
     """
+    if check_every is None:
+        check_every = 1 if x_next.device.type == "cpu" else CHECK_EVERY_CUDA
     x = x_guess
-    scale = max(1.0, float(x_next.abs().max()))
+    bound = tol * x_next.abs().max().clamp_min(1.0)  # stays on the device
     gs: list[torch.Tensor] = []
     fs: list[torch.Tensor] = []
-    for _ in range(iters):
+    for it in range(iters):
         f = x_next - step(x)
-        if float(f.abs().max()) <= tol * scale:
+        if it % check_every == 0 and bool(f.abs().max() <= bound):
             break
         g = x + f
         gs.append(g.flatten().double())
@@ -48,7 +78,7 @@ def refine_step(x_next: torch.Tensor, x_guess: torch.Tensor, step: Callable[[tor
         if len(fs) >= 2:
             df = torch.stack([fs[i + 1] - fs[i] for i in range(len(fs) - 1)], 1)
             dg = torch.stack([gs[i + 1] - gs[i] for i in range(len(gs) - 1)], 1)
-            gamma = torch.linalg.lstsq(df.cpu(), fs[-1].cpu()[:, None]).solution.to(df.device)
+            gamma = _anderson(df, fs[-1])
             x = (gs[-1] - (dg @ gamma).flatten()).to(x_next.dtype).view_as(x_next)
         else:
             x = g
@@ -61,7 +91,8 @@ def invert(solver, model: Callable[[torch.Tensor, int], torch.Tensor], z: torch.
     """From the clean latent ``z`` (level N) up to ``min(levels)``; returns {level: float32 latent}.
 
     ``model(x, level)``: the plain model's output at a level (x in the model's dtype)."""
-    refine = INVERSION_REFINE if refine is None else refine
+    refine = refine_cap(z.dtype) if refine is None else refine
+    tol = inversion_tol(z.dtype)
     n = solver.n
     out: dict[int, torch.Tensor] = {}
     x = z.to(torch.float32)
@@ -73,7 +104,7 @@ def invert(solver, model: Callable[[torch.Tensor, int], torch.Tensor], z: torch.
             def step(y, i=i):
                 return solver.inversion_step(y, i, model, z.dtype)
 
-            guess = refine_step(x, guess, step, refine, INVERSION_TOL)
+            guess = refine_step(x, guess, step, refine, tol)
         x = guess
         if i in levels:
             out[i] = x.clone()

@@ -342,7 +342,7 @@ def test_sow_indicator_is_the_normalised_share_of_the_closest_fifth():
     # keys the query may not see are outside the range and the share: drop token 0 (the condition)
     allow = torch.ones(4, 4, dtype=torch.bool)
     allow[1, 0] = False
-    assert sow.sow_share(t, q, k, allow=allow) == 0.0
+    assert sow.sow_share(t, q, k, allow=allow[t.probe]) == 0.0
 
 
 def test_sow_probe_points_are_the_closest_fifth_of_the_guiding_box():
@@ -409,6 +409,27 @@ def test_sow_flex_score_mod_equals_the_dense_modulation():
     ctl = Attention("sdpa")
     dense = modulated_dense(ctl, DOUBLE, q, k, v, None, s.weights(256, "cpu"), 8, 256)
     flex = modulated_flex(q, k, v, None, s, 8, 256, chunk=100)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("image_self", ["open", "restricted"])
+def test_sow_flex_under_a_region_mask_equals_the_dense_modulation(image_self):
+    """With a regional BlockMask the flex path takes each chunk's rows of the allow-matrix (no N×N) and
+    still computes the dense path's attention under the SDPA mask of the same layout."""
+    from scenec.runtime.layout import RegionalLayout, build_mask, region_membership
+
+    term = sow.sow_term(FACE, RELATED, MOD)
+    s = sow.Sow({256: [term]}, [0], "cpu", frozenset({"double"}))
+    s.begin_step(1, [True])
+    s.pending = False
+    lay = RegionalLayout([8, 6], region_membership([FACE], (16, 16)), image_self, pad_multiple=128)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, lay.N, 16, generator=g) for _ in range(3))
+    n_text = lay.n_text
+    ctl = Attention("sdpa")
+    dense = modulated_dense(ctl, DOUBLE, q, k, v, build_mask(lay, "sdpa", "cpu"), s.weights(256, "cpu"), n_text, 256)
+    flex = modulated_flex(q, k, v, build_mask(lay, "flex", "cpu"), s, n_text, 256, chunk=100)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-4)
 
 
@@ -521,3 +542,24 @@ def test_sow_attention_calls_do_not_read_the_device():
         s.pending = False  # the indicator (once per step) reads its share back by design
         ctl.set([s], n_img=256)
         assert attend(ctl, DOUBLE, q, k, v, [s]).shape == q.shape
+
+
+def test_inversion_tolerance_and_passes_follow_the_dtype(monkeypatch):
+    """bf16's ulp (2⁻⁷) is far above 1e-5: its tolerance is the dtype's and its passes capped, so an
+    inversion cannot spend 20 forwards per step on rounding noise; fp32 keeps the tight setting."""
+    monkeypatch.setattr(inversion, "INVERSION_REFINE", 20)
+    assert inversion.inversion_tol(torch.float32) == inversion.INVERSION_TOL
+    assert inversion.inversion_tol(torch.bfloat16) == pytest.approx(4 * 2 ** -7)
+    assert inversion.refine_cap(torch.float32) == inversion.INVERSION_REFINE
+    assert inversion.refine_cap(torch.bfloat16) == inversion.refine_cap(torch.float16) < inversion.INVERSION_REFINE
+    calls = []
+
+    def step(y):  # a contraction whose fixed point bf16 cannot resolve below its ulp
+        calls.append(1)
+        return (0.5 * y + 0.3).to(torch.bfloat16)
+
+    x_next = torch.full((64,), 0.9, dtype=torch.bfloat16)
+    x = inversion.refine_step(x_next, x_next.clone(), step, inversion.refine_cap(torch.bfloat16),
+                              inversion.inversion_tol(torch.bfloat16), check_every=1)
+    assert len(calls) < inversion.refine_cap(torch.bfloat16)  # met the bf16 tolerance, stopped early
+    assert (step(x) - x_next).abs().max() <= inversion.inversion_tol(torch.bfloat16)

@@ -106,12 +106,12 @@ def sow_unit_weights(t: SowTerm) -> tuple[torch.Tensor, torch.Tensor]:
 def sow_share(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
               allow: torch.Tensor | None = None) -> float:
     """The indicator of one term from one call's *unmodulated* q, k (``[b, h, N, d]``, image tokens after
-    ``n_txt`` text tokens; ``allow`` an optional bool ``[N, N]``): the mean over rows, heads and probe
-    queries of Σ_{k∈C} Ŝ[q, k] / Σ_k Ŝ[q, k], Ŝ the min–max normalised pre-softmax scores over the image
-    keys the query may see."""
+    ``n_txt`` text tokens; ``allow`` an optional bool ``[len(t.probe), N]``: the allow-matrix's rows of the
+    probe queries): the mean over rows, heads and probe queries of Σ_{k∈C} Ŝ[q, k] / Σ_k Ŝ[q, k], Ŝ the
+    min–max normalised pre-softmax scores over the image keys the query may see."""
     qi = n_txt + t.probe
     s = (q[:, :, qi].float() @ k[:, :, n_txt:].float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-    ok = None if allow is None else allow[qi][:, n_txt:][None, None]
+    ok = None if allow is None else allow[:, n_txt:][None, None]
     hi = s if ok is None else s.masked_fill(~ok, float("-inf"))
     lo = s if ok is None else s.masked_fill(~ok, float("inf"))
     hi, lo = hi.amax(-1, keepdim=True), lo.amin(-1, keepdim=True)
@@ -186,15 +186,12 @@ class Sow:
         """The indicator from one call's unmodulated scores; scales each term's gain by φ(share)."""
         n = q.shape[2] - n_text
         shares, factors, gains = [], [], list(self.gains)
-        a = None
         for ti, t in enumerate(self.terms_for(n)):
             if gains[ti] == 0.0:
                 shares.append(None)
                 factors.append(None)
                 continue
-            if a is None:
-                a = allow()
-            s = sow_share(t, q[rows], k[rows], n_text, a)
+            s = sow_share(t, q[rows], k[rows], n_text, allow(n_text + t.probe.to(q.device)))
             f = indicator_factor(s, self.threshold[ti])
             shares.append(s)
             factors.append(f)
