@@ -237,6 +237,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
           dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
           masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
+          compile_: bool = typer.Option(False, "--compile",
+                                        help="torch.compile the model's repeated blocks (GPU; recompiles logged)"),
           select: Optional[List[str]] = typer.Option(None, "--select", "-s",
                                                      help="build only these: NAME, GROUP/VARIANT, scene:, group:, "
                                                           "path:, seed:, KEY=VALUE (docs/batch.md)"),
@@ -279,7 +281,7 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
         summary = build_batch(files, BuildOptions(
             out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
             weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            executor=executor, address=address, workers=workers), report=report)
+            compile=compile_, executor=executor, address=address, workers=workers), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
     except KeyboardInterrupt:

@@ -46,10 +46,16 @@ def as_model(model: Model | dict | str) -> Model:
     return Model(spec=model, family=info.family.name, repo=info.repo, max_sequence_length=info.max_sequence_length)
 
 
-def load_backend(model: Model | dict | str, device=None, dtype=None, **kw):
-    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids)."""
+def load_backend(model: Model | dict | str, device=None, dtype=None, compile: bool = False, **kw):
+    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids);
+    ``compile``: its denoiser's repeated blocks torch.compiled (runtime/compiling.py), whatever the family."""
     m = as_model(model)
     if m.family not in FAMILIES:
         raise Unsupported(f"model family {m.family!r} ({m.spec}) is not supported by this runtime")
     _import_diffusers_quietly()
-    return importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    backend = importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    if compile:
+        from ..compiling import compile_blocks, denoiser_of
+
+        compile_blocks(denoiser_of(backend.pipe))
+    return backend

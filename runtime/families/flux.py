@@ -264,7 +264,7 @@ class FluxBackend:
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 
-def load(model, device=None, dtype=None, attn_impl: str | None = None, compile_blocks: bool = False) -> FluxBackend:
+def load(model, device=None, dtype=None, attn_impl: str | None = None) -> FluxBackend:
     """Load a Flux model once: ``tiny`` is built in code; anything else via ``FluxPipeline.from_pretrained``.
 
     Device defaults to CUDA when available; dtype to bf16 on CUDA and fp32 on CPU."""
@@ -285,8 +285,4 @@ def load(model, device=None, dtype=None, attn_impl: str | None = None, compile_b
 
         print("scenec: warning: Flux overflows in fp16 (its activations exceed 65504): images may come out black "
               "or noisy; use --dtype bf16 (the default on CUDA) or fp32", file=sys.stderr)
-    backend = FluxBackend(pipe, model_id, dev, dt, attn_impl=attn_impl)
-    if compile_blocks:
-        for b in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):
-            b.compile()
-    return backend
+    return FluxBackend(pipe, model_id, dev, dt, attn_impl=attn_impl)

@@ -29,8 +29,9 @@ class Executor(Protocol):
 class LocalExecutor:
     """Batches in this process, one after another, each model loaded once."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False):
-        self.pool = BackendPool(device, dtype)
+    def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False,
+                 compile: bool = False):
+        self.pool = BackendPool(device, dtype, compile)
         self.masks = masks
 
     def run(self, batches: list[list[Unit]], done: Done) -> None:
@@ -62,5 +63,5 @@ def make_executor(options: BuildOptions, say: Callable[[str], None]) -> Executor
         from .ray_executor import RayExecutor
 
         return RayExecutor(device=options.device, dtype=options.dtype, masks=options.masks,
-                           address=options.address, workers=options.workers, say=say)
-    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks)
+                           address=options.address, workers=options.workers, say=say, compile=options.compile)
+    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, compile=options.compile)

@@ -29,6 +29,7 @@ class BuildOptions:
     dry_run: bool = False  # plan and report; build nothing
     device: str | None = None  # cuda | cpu (default: cuda when available)
     dtype: str | None = None  # bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the denoiser's repeated blocks (runtime/compiling.py)
     batch_size: int = 1  # batch-compatible jobs of any scenes run together, up to this many
     executor: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address (default: a local Ray)

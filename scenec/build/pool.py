@@ -12,20 +12,21 @@ from pathlib import Path
 from typing import Any
 
 
-def load_model(model: dict, device: str | None = None, dtype: str | None = None):
-    """The backend of a plan's model (``plan.json["model"]``) on ``device`` in ``dtype``; raises the
-    runtime's ``RuntimeErrorBase`` (``ModelUnavailable``, ``Unsupported``) when it cannot."""
+def load_model(model: dict, device: str | None = None, dtype: str | None = None, compile: bool = False):
+    """The backend of a plan's model (``plan.json["model"]``) on ``device`` in ``dtype`` (``compile``: its
+    blocks torch.compiled); raises the runtime's ``RuntimeErrorBase`` (``ModelUnavailable``,
+    ``Unsupported``) when it cannot."""
     from scenec.runtime.families import load_backend
 
-    return load_backend(model, device=device, dtype=dtype)
+    return load_backend(model, device=device, dtype=dtype, compile=compile)
 
 
 class BackendPool:
     """The backends of one process, by model: each loaded on first use and kept. A model that fails to
     load is not tried again: its error is kept, and every unit that needs it fails with it."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: str | None = None, dtype: str | None = None, compile: bool = False):
+        self.device, self.dtype, self.compile = device, dtype, compile
         self._backends: dict[str, Any] = {}
 
     def get(self, model: dict):
@@ -35,7 +36,7 @@ class BackendPool:
         key = json.dumps(model, sort_keys=True)
         if key not in self._backends:
             try:
-                self._backends[key] = load_model(model, device=self.device, dtype=self.dtype)
+                self._backends[key] = load_model(model, device=self.device, dtype=self.dtype, compile=self.compile)
             except RuntimeErrorBase as e:
                 self._backends[key] = e
         return self._backends[key]

@@ -35,12 +35,12 @@ def require_ray():
 class Worker:
     """A Ray actor: loads each model once, executes sub-plans into a private temp dir, returns the files."""
 
-    def __init__(self, device: str | None, dtype: str | None, threads: int | None):
+    def __init__(self, device: str | None, dtype: str | None, threads: int | None, compile: bool = False):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self.pool = BackendPool(device, dtype)
+        self.pool = BackendPool(device, dtype, compile)
 
     def ping(self) -> int:
         return os.getpid()
@@ -101,9 +101,10 @@ class RayExecutor:
     process, which writes the files."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False,
-                 address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print):
+                 address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print,
+                 compile: bool = False):
         require_ray()  # at once: a missing extra is a usage error, found before anything is compiled
-        self.device, self.dtype, self.masks = device, dtype, masks
+        self.device, self.dtype, self.masks, self.compile = device, dtype, masks, compile
         self.address, self.workers, self.say = address, workers, say
 
     def run(self, batches: list[list], done: Callable[..., None]) -> None:
@@ -129,7 +130,7 @@ class RayExecutor:
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         actor_cls = ray.remote(**opts)(Worker)
         device = self.device if not gpu else (self.device or "cuda")
-        actors = [actor_cls.remote(device, self.dtype, threads or None) for _ in range(n)]
+        actors = [actor_cls.remote(device, self.dtype, threads or None, self.compile) for _ in range(n)]
         self.say(f"scenec: ray: {n} worker{'s' if n != 1 else ''} ({'GPU' if gpu else 'CPU'}) for {n_units} units"
                  + (f" in {len(queue)} batches" if len(queue) != n_units else ""))
         inflight: dict = {}  # future -> (actor index, batch of units)
