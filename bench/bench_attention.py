@@ -5,6 +5,7 @@ random weights (same arithmetic as real ones). Cases, in the geometry of the pro
 attention benchmark (passed with --anchor PATH: same boxes, same token counts, same inputs):
 
   base512      plain Flux, 512 text tokens, diffusers' stock processor (the floor)
+  ours_plain512  the same through scenec's processors with no modifier (the plain path: goal ≤ 1.03×)
   tok2560      5 prompts x 512 tokens, no mask (token cost alone)
   ours2560     scenec's path: the Flux family's processors (runtime/families/flux.py) under the
                regional Mask modifier (runtime/attention.py), 4 entities x 512 tokens, the mask built
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--anchor", default=None, help="the anchor attention benchmark's script (default: bench/anchor/)")
     ap.add_argument("--compile", action="store_true", help="also run per-block compiled (default on CUDA)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compiled-cases", default="base512,ours_plain512,ours1024,anchor_flex1024",
+                    help="the cases of the compiled pass (each compiles for its own length; '' = all)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -146,6 +149,11 @@ def main() -> None:
             set_proc(stock())
             out, ms, mem = timed(inputs(n_txt))
             setup = 0.0
+        elif mode == "ours_plain":  # scenec's processors with no modifier: the path of a scene without entities
+            install_ours()
+            ctl.clear()
+            out, ms, mem = timed(inputs(n_txt))
+            setup = 0.0
         elif mode == "ours":
             install_ours()
             lay = RegionalLayout(list(each), regions, "open", pad_multiple)
@@ -176,12 +184,13 @@ def main() -> None:
                          wall_s=time.perf_counter() - t0)
 
     k = 4
-    cases = [("base512", [txt], "plain"), ("tok2560", [txt] * (k + 1), "plain"),
+    cases = [("base512", [txt], "plain"), ("ours_plain512", [txt], "ours_plain"), ("tok2560", [txt] * (k + 1), "plain"),
              ("ours2560", [txt] * (k + 1), "ours"), ("ours1024", [txt] + [trimmed] * k, "ours")]
     if anchor is not None:
         cases += [("anchor_dense2560", [txt] * (k + 1), "anchor_dense"),
                   ("anchor_flex2560", [txt] * (k + 1), "anchor_flex"),
-                  ("anchor_dense1024", [txt] + [trimmed] * k, "anchor_dense")]
+                  ("anchor_dense1024", [txt] + [trimmed] * k, "anchor_dense"),
+                  ("anchor_flex1024", [txt] + [trimmed] * k, "anchor_flex")]
     else:
         print("no anchor attention benchmark (--anchor PATH): running scenec's cases only", file=sys.stderr)
     if args.cases:
@@ -194,7 +203,10 @@ def main() -> None:
         if comp:
             for b in list(model.transformer_blocks) + list(model.single_transformer_blocks):
                 b.compile()
+        keep_c = set(filter(None, args.compiled_cases.split(",")))
         for name, each, mode in cases:
+            if comp and keep_c and name not in keep_c:
+                continue
             if mode == "anchor_flex" and dev == "cpu":
                 import warnings
 
@@ -208,7 +220,8 @@ def main() -> None:
         for key, r in results.items():
             if key.endswith("@" + label) and base:
                 r["x_base"] = r["ms"] / base
-        for ours, ref in (("ours2560", "anchor_dense2560"), ("ours1024", "anchor_dense1024")):
+        for ours, ref in (("ours2560", "anchor_dense2560"), ("ours1024", "anchor_dense1024"),
+                          ("ours1024", "anchor_flex1024"), ("ours_plain512", "base512")):
             a, b = outs.get(f"{ours}@{label}"), outs.get(f"{ref}@{label}")
             if a is not None and b is not None:
                 rel = ((a - b).norm() / b.norm()).item()
