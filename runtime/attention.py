@@ -131,6 +131,9 @@ class Modulation(Protocol):
                 allow: Callable[[torch.Tensor], torch.Tensor | None], rows: slice) -> None:
         """As :meth:`Bias.observe` (the indicator)."""
 
+    def active(self) -> bool:
+        """Whether this op modulates anything (decided on the host, without a device sync)."""
+
     def weights(self, n_img: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(E, U): float ``[n_img, n_img]`` (query, key) for this step, or None when it moves nothing."""
 
@@ -238,11 +241,13 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
 
         bias.observe(q, k, n_text, allow, ctl.rows)
         if hasattr(bias, "weights"):
-            w = bias.weights(n_img, q.device)
-            if w is not None:
-                if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
+            if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
+                if bias.active():  # the score_mod reads the gains: no [n_img, n_img] weights on this path
                     return modulated_flex(q, k, v, mask, bias, n_text, n_img)
-                return modulated_dense(ctl, site, q, k, v, mask, w, n_text, n_img)
+            else:
+                w = bias.weights(n_img, q.device)
+                if w is not None:
+                    return modulated_dense(ctl, site, q, k, v, mask, w, n_text, n_img)
             bias = None
     if bias is not None:
         img = bias.image_bias(n_img, q.device)

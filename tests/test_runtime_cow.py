@@ -397,6 +397,28 @@ def test_modulation_false_changes_nothing(backend, monkeypatch):
     torch.testing.assert_close(x_off, x_zero, atol=1e-5, rtol=0)  # the explicit kernel is SDPA's arithmetic
 
 
+@pytest.mark.parametrize("threshold", [0.05, 0.9])
+def test_sow_indicator_on_the_device_path_gives_the_host_paths_gains(threshold):
+    """On a GPU φ and the gains stay on the device (no sync in the step loop); the same arithmetic, run
+    here on CPU tensors, must give the host path's gains (φ = 0 at a low threshold, partial at a high one)."""
+    term = sow.sow_term(FACE, RELATED, {**MOD, "threshold": threshold})
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 2, 8 + 256, 16, generator=g) for _ in range(2))
+
+    def allow(qi):
+        return None
+
+    host = sow.Sow({256: [term]}, [0], "cpu", frozenset({"double"}))
+    host.begin_step(2, [True])
+    host.measure(q, k, 8, allow, slice(0, 1))
+    dev = sow.Sow({256: [term]}, [0], "cpu", frozenset({"double"}))
+    dev.begin_step(2, [True])
+    dev._measure_on_device(q, k, 8, allow, slice(0, 1))
+    assert dev.gains_t.tolist() == pytest.approx(host.gains, abs=1e-6)
+    assert float(dev.history[-1]["share"][0]) == pytest.approx(host.history[-1]["share"][0], abs=1e-6)
+    assert dev.active()  # decided before φ, on the host: the kernels then read the device gains
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_sow_flex_score_mod_equals_the_dense_modulation():
     """FlexAttention's path (CUDA) against the dense one, both on CPU (eager flex)."""

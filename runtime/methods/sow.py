@@ -105,6 +105,12 @@ def sow_unit_weights(t: SowTerm) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sow_share(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
               allow: torch.Tensor | None = None) -> float:
+    """:func:`sow_share_t` on the host."""
+    return float(sow_share_t(t, q, k, n_txt, allow))
+
+
+def sow_share_t(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
+                allow: torch.Tensor | None = None) -> torch.Tensor:
     """The indicator of one term from one call's *unmodulated* q, k (``[b, h, N, d]``, image tokens after
     ``n_txt`` text tokens; ``allow`` an optional bool ``[len(t.probe), N]``: the allow-matrix's rows of the
     probe queries): the mean over rows, heads and probe queries of Σ_{k∈C} Ŝ[q, k] / Σ_k Ŝ[q, k], Ŝ the
@@ -118,8 +124,10 @@ def sow_share(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
     n = (s - lo) / (hi - lo).clamp_min(1e-12)
     if ok is not None:
         n = n.masked_fill(~ok, 0.0)
-    share = n[..., t.cond].sum(-1) / n.sum(-1).clamp_min(1e-12)
-    return float(share.mean())
+    # boolean indexing needs the count on the host (a sync on a GPU); the product sums the same terms
+    on_c = n[..., t.cond].sum(-1) if n.device.type == "cpu" else (n * t.cond.to(n.dtype)).sum(-1)
+    share = on_c / n.sum(-1).clamp_min(1e-12)
+    return share.mean()
 
 
 def indicator_factor(share: float, threshold: float) -> float:
@@ -168,7 +176,11 @@ class Sow:
 
     def _set_gains(self, gains: list[float]) -> None:
         self.gains = list(gains)
-        self.gains_t.copy_(torch.tensor(gains, dtype=torch.float32))  # in place: the compiled score_mod reads it
+        if self.gains_t.device.type == "cuda":  # fill kernels take the scalars: no host-to-device copy, no sync
+            for i, g in enumerate(gains):
+                self.gains_t[i].fill_(g)
+        else:
+            self.gains_t.copy_(torch.tensor(gains, dtype=torch.float32))  # in place: the compiled score_mod reads it
         self._weights.clear()
 
     def terms_for(self, n: int) -> list[SowTerm]:
@@ -182,8 +194,17 @@ class Sow:
             self.pending = False
             self.measure(q, k, n_text, allow, rows)
 
+    def active(self) -> bool:
+        """Whether this op modulates at all (host gains; on a GPU before φ, which stays on the device)."""
+        return any(g != 0.0 for g in self.gains)
+
     def measure(self, q, k, n_text: int, allow, rows: slice) -> None:
-        """The indicator from one call's unmodulated scores; scales each term's gain by φ(share)."""
+        """The indicator from one call's unmodulated scores; scales each term's gain by φ(share).
+
+        On a GPU φ and the gains stay on the device (no host sync inside the step loop): the kernels
+        read ``gains_t``; ``history`` then holds device scalars."""
+        if q.device.type == "cuda":
+            return self._measure_on_device(q, k, n_text, allow, rows)
         n = q.shape[2] - n_text
         shares, factors, gains = [], [], list(self.gains)
         for ti, t in enumerate(self.terms_for(n)):
@@ -200,17 +221,37 @@ class Sow:
         self.history.append({"cycle": self.cycle, "grid": n, "share": shares, "factor": factors,
                              "gains": list(self.gains)})
 
+    def _measure_on_device(self, q, k, n_text: int, allow, rows: slice) -> None:
+        n = q.shape[2] - n_text
+        shares, factors = [], []
+        for ti, t in enumerate(self.terms_for(n)):
+            if self.gains[ti] == 0.0:
+                shares.append(None)
+                factors.append(None)
+                continue
+            s = sow_share_t(t, q[rows], k[rows], n_text, allow(n_text + t.probe.to(q.device)))
+            thr = self.threshold[ti]
+            f = ((thr - s) / thr).clamp(0.0, 1.0) if thr > 0 else s * 0.0
+            self.gains_t[ti] = self.gains_t[ti] * f.to(self.gains_t.dtype)
+            shares.append(s)
+            factors.append(f)
+        self._weights.clear()
+        self.history.append({"cycle": self.cycle, "grid": n, "share": shares, "factor": factors,
+                             "gains": self.gains_t.clone()})
+
     def weights(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This op's (E, U), float ``[n, n]`` on the grid of n tokens, or None when every gain is 0."""
-        if not any(g != 0.0 for g in self.gains):
+        if not self.active():
             return None
         if n not in self._weights:
             if n not in self._units:
                 self._units[n] = [sow_unit_weights(t) for t in self.terms_for(n)]
             e = torch.zeros(n, n, device=self.device)
             u = torch.zeros(n, n, device=self.device)
-            for g, (ue, uu) in zip(self.gains, self._units[n]):
+            on_device = self.device.type == "cuda"  # φ lives in gains_t there
+            for ti, (g, (ue, uu)) in enumerate(zip(self.gains, self._units[n])):
                 if g != 0.0:
+                    g = self.gains_t[ti] if on_device else g
                     e, u = e + g * ue, u + g * uu
             self._weights[n] = (e.clamp_(0.0, 1.0), u.clamp_(0.0, 1.0))
         e, u = self._weights[n]
