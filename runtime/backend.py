@@ -229,6 +229,14 @@ def load_pipeline(cls, model, device, dtype, cuda_dtype: torch.dtype, tiny: str,
     return pipe, model_id, dev, dt
 
 
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on ``device``: on a GPU through pinned memory without blocking the host (a pageable
+    copy waits for every queued kernel: a sync inside the step loop); elsewhere a plain ``.to``."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]]], regional: bool, grids: dict,
              image_self: str, pad_multiple: int) -> tuple[torch.Tensor, list[int], dict[int, Any]]:
     """Pack each row's stream sequences back to back, pad every row to one length, and lay them out.

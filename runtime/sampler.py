@@ -28,7 +28,7 @@ import torch
 from scenec.spec.errors import PlanError, RuntimeErrorBase, Unsupported
 from scenec.spec.plan import Denoise, Fork, Job, Plan
 
-from .backend import Call, Stream, TextSpec, pad_masks
+from .backend import Call, Stream, TextSpec, host_to_device, pad_masks
 from .finite import require_finite
 from .methods import registered
 
@@ -111,7 +111,7 @@ class Run:
         """Standard normal noise shaped like ``x`` from the job's noise stream (drawn on the CPU)."""
         if self._noise is None:
             self._noise = noise_generator(self.job.seed)
-        return torch.randn(x.shape, generator=self._noise, dtype=torch.float32).to(device=x.device)
+        return host_to_device(torch.randn(x.shape, generator=self._noise, dtype=torch.float32), x.device)
 
     # -- model calls ----------------------------------------------------------------------------------
     def call(self, pairs: list[tuple[int, bool]], op: Denoise | None, level: int) -> Call:
