@@ -45,7 +45,8 @@ KOHYA_FLUX = re.compile(r"(double_blocks_\d+_(img|txt)_(attn_qkv|attn_proj|mlp_0
                         r"|img_in|txt_in|(time|vector|guidance)_in_(in|out)_layer)")
 KOHYA_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_in|conv_out"
                         r"|time_embedding|time_embed|add_embedding|label_emb)(_\w+)?")
-XLABS = re.compile(r"(double_blocks\.\d+\.processor\.(qkv|proj)_lora[12]|single_blocks\.\d+\.processor\.(qkv|proj)_lora)")
+XLABS = re.compile(r"(double_blocks\.\d+\.processor\.(qkv|proj)_lora[12]"
+                   r"|single_blocks\.\d+\.processor\.(qkv|proj)_lora)")
 FAMILY_OF_FORMAT = {"diffsynth": "flux", "xlabs": "flux"}
 
 # --- DiffSynth-Studio's Flux DiT names → diffusers' ----------------------------------------------
@@ -66,7 +67,8 @@ DIFFSYNTH_DOUBLE = {
     "norm1_a.linear": (("norm1.linear", None),), "norm1_b.linear": (("norm1_context.linear", None),),
 }
 DIFFSYNTH_SINGLE = {
-    "to_qkv_mlp": (("attn.to_q", (0, 1, 7)), ("attn.to_k", (1, 2, 7)), ("attn.to_v", (2, 3, 7)), ("proj_mlp", (3, 7, 7))),
+    "to_qkv_mlp": (("attn.to_q", (0, 1, 7)), ("attn.to_k", (1, 2, 7)), ("attn.to_v", (2, 3, 7)),
+                   ("proj_mlp", (3, 7, 7))),
     "a_to_qkv": (("attn.to_q", _QKV[0]), ("attn.to_k", _QKV[1]), ("attn.to_v", _QKV[2])),
     "a_to_q": (("attn.to_q", None),), "a_to_k": (("attn.to_k", None),), "a_to_v": (("attn.to_v", None),),
     "proj_in_besides_attn": (("proj_mlp", None),), "proj_out": (("proj_out", None),),
@@ -183,7 +185,7 @@ def inspect_file(path: Path) -> LoraFile | str:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
         return f"is not a safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".rstrip()
     result = _inspect_keys(shapes, sha256_file(path))
@@ -417,6 +419,12 @@ def eligen_padding(ls, loras: list[Lora], family: str) -> int | None:
     return 512
 
 
-def identity(lora: dict) -> dict:
-    """What of a plan LoRA affects images (its ``job_hash`` part): digest, scale, format — not where it is."""
-    return {k: lora[k] for k in ("sha256", "scale", "format")}
+def identity(node: dict) -> dict:
+    """A plan model or entity as its ``job_hash`` sees it: each LoRA by what affects images (digest, scale,
+    format), not where its file is; without LoRAs, no ``lora`` key at all (the hash of a plan without
+    LoRAs is what it was before plans had them)."""
+    loras = node.get("lora") or []
+    out = {k: v for k, v in node.items() if k != "lora"}
+    if loras:
+        out["lora"] = [{k: lo[k] for k in ("sha256", "scale", "format")} for lo in loras]
+    return out

@@ -231,7 +231,7 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
 
     settings = {k: doc[k] for k in ("format", "scenec_version", "model", "canvas", "grids", "sampler", "attention")}
     # a LoRA by what it does (digest, scale, format), not where its file is
-    settings["model"] = {**doc["model"], "lora": [identity(lo) for lo in doc["model"].get("lora") or []]}
+    settings["model"] = identity(doc["model"])
     groups = {g["id"]: g for g in doc["groups"]}
     digests: dict[str, str] = {}
 
@@ -259,9 +259,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
                                if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "matrix")})
         material["global"] = {**material["global"], "prompt": text(job["global"]["prompt"]),
                               "negative": text(job["global"]["negative"])}
-        material["entities"] = [{**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name; masks hold it
-                                 "prompt": text(e["prompt"]), "negative": text(e["negative"]),
-                                 "lora": [identity(lo) for lo in e.get("lora") or []]}
+        material["entities"] = [identity({**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name
+                                          "prompt": text(e["prompt"]), "negative": text(e["negative"])})
                                 for e in material["entities"]]
         if job["group"]:
             g = groups[job["group"]]
