@@ -47,9 +47,13 @@ def as_model(model: Model | dict | str) -> Model:
 
 
 def load_backend(model: Model | dict | str, device=None, dtype=None, **kw):
-    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids)."""
+    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids).
+    ``offload`` and ``quantize`` in ``kw``: the memory modes (runtime/memory.py); the backend records them
+    as ``memory`` (each image's sidecar shows them)."""
     m = as_model(model)
     if m.family not in FAMILIES:
         raise Unsupported(f"model family {m.family!r} ({m.spec}) is not supported by this runtime")
     _import_diffusers_quietly()
-    return importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    be = importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    be.memory = {"offload": kw.get("offload", "none"), "quantize": kw.get("quantize", "none")}
+    return be
