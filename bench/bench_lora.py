@@ -29,8 +29,17 @@ def main() -> None:
     import torch
 
     from scenec.runtime.sampler import run_job
-    from scenec.runtime.testing import (box, lora_entry, lora_file, lora_layers, make_plan, sd_plan, tiny_backend,
-                                        tiny_sd_backend, with_lora)
+    from scenec.runtime.testing import (
+        box,
+        lora_entry,
+        lora_file,
+        lora_layers,
+        make_plan,
+        sd_plan,
+        tiny_backend,
+        tiny_sd_backend,
+        with_lora,
+    )
 
     be = tiny_backend() if a.family == "flux" else tiny_sd_backend()
     maker = make_plan if a.family == "flux" else sd_plan

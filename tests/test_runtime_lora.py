@@ -5,10 +5,11 @@
   diffusers' naming, SD in kohya's, SDXL in diffusers').
 - A LoRA in DiffSynth-Studio's naming (EliGen's) maps to the very layers and deltas of the same LoRA in
   diffusers' naming: identical latents.
-- An entity's LoRA changes, at the first layers (the image and text embedders, whose outputs enter the
-  first block), exactly the rows of its region's image tokens and of its prompt's tokens; every other row
-  is byte-identical to the base model's. Covering the whole canvas, it equals the global LoRA on layers
-  that see image tokens only; covering nothing, it is no LoRA there.
+- An entity's LoRA changes, at the first layers (Flux: the image and text embedders, whose outputs enter
+  the first block; SD: the first attention's input convolution), exactly the rows of its region's image
+  tokens and of its prompt's tokens; every other row is byte-identical to the base model's. Covering the
+  whole canvas, it equals the global LoRA on layers that see image tokens only; covering nothing, it is
+  no LoRA there.
 """
 
 import pytest
@@ -220,6 +221,9 @@ def _sd_with(entry, entity=None, entities=None):
 
 
 def test_sd_entity_lora_scale_zero_and_region(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     be = tiny_sd_backend()
     mods = linears(be.denoiser, "down_blocks.", "up_blocks.", "mid_block.")
     lora_file(lora_layers(be.denoiser, mods, seed=4), tmp_path / "sd.safetensors", prefix="unet")
@@ -228,6 +232,31 @@ def test_sd_entity_lora_scale_zero_and_region(tmp_path):
     assert torch.equal(latents(be, _sd_with(lora_entry(tmp_path / "sd.safetensors", 0.0), "fox", ents)), base)
     on = latents(be, _sd_with(lora_entry(tmp_path / "sd.safetensors", 1.0), "fox", ents))
     assert (on - base).abs().max() > 1e-3
+    # a LoRA on the first attention's input projection (a 1×1 convolution): it changes exactly the image
+    # rows of the fox's region (on the latent grid) that the first transformer block receives
+    conv = dict(be.denoiser.named_modules())["down_blocks.0.attentions.0.proj_in"]
+    rng = np.random.default_rng(6)
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight":
+               rng.standard_normal((2, conv.in_channels, 1, 1)).astype(np.float32),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight":
+               rng.standard_normal((conv.out_channels, 2, 1, 1)).astype(np.float32)},
+              str(tmp_path / "conv.safetensors"))
+    block = be.denoiser.down_blocks[0].attentions[0].transformer_blocks[0]
+    got = []
+    h = block.register_forward_pre_hook(lambda m, args, kw: got.append((args[0] if args else kw["hidden_states"])
+                                                                      .clone()), with_kwargs=True)
+    try:
+        latents(be, sd_plan(steps=1, entities=ents))
+        conv_entry = lora_entry(tmp_path / "conv.safetensors", 1.0)
+        latents(be, sd_plan(steps=1, entities=ents, edit=lambda d, t: with_lora(d, [conv_entry], "fox")))
+    finally:
+        h.remove()
+    n = len(got) // 2
+    plan = sd_plan(steps=1, entities=ents)
+    inside = torch.from_numpy(plan.tensors["region/fox/latent"].reshape(-1) > 0)
+    for b0, b1 in zip(got[:n], got[n:]):
+        changed = (b1 != b0).any(-1)
+        assert changed[:, inside].all() and not changed[:, ~inside].any()
 
 
 def test_lora_for_another_model_is_one_sentence(tmp_path):
