@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def compile_scene(path: str | Path, model: str | None = None):
+def compile_scene(path: str | Path, model: str | None = None, lora=()):
     """Load, check and lower one scene file to a ``CompiledPlan`` (a ``spec.plan.Plan`` with its IR and
-    warnings); raises ``SceneError`` with every problem."""
+    warnings); raises ``SceneError`` with every problem. ``lora``: ``--lora PATH[:SCALE]`` arguments."""
     from scenec.spec.load import load_scene
 
     from .lower import lower
     from .passes import run_passes
 
-    return lower(run_passes(load_scene(path), model=model))
+    return lower(run_passes(load_scene(path), model=model, lora=lora))
 
 
 def explain(path: str | Path, model: str | None = None, after: str | None = None) -> str:

@@ -27,8 +27,12 @@ PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
 
-def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
-    """Every semantic check of ``ls``; problems go to ``diags`` (all of them, never raised)."""
+def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_override: str | None = None,
+                cli_lora=()) -> tuple[list, dict]:
+    """Every semantic check of ``ls``; problems go to ``diags`` (all of them, never raised). Returns the
+    scene's LoRAs as checked (``compiler.lora.check_loras``: the whole image's, each entity's)."""
+    from .lora import check_loras
+
     sc = ls.scene
     steps = sc.sampler.steps or info.steps
     entity_ids = _check_entities(ls, diags)
@@ -50,9 +54,10 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
         geometry.check_geometry(ls, info.family, diags)
     except NotImplementedError:
         pass  # geometry is not written yet
+    return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 
-def validate_file(path: str | Path, model: str | None = None) -> tuple[LoadedScene | None, Diagnostics]:
+def validate_file(path: str | Path, model: str | None = None, lora=()) -> tuple[LoadedScene | None, Diagnostics]:
     """Load and check one scene file; never raises for bad input. (scene or None, diagnostics)."""
     from .resolve import resolve_model
 
@@ -64,7 +69,7 @@ def validate_file(path: str | Path, model: str | None = None) -> tuple[LoadedSce
             diags.extend(e.diagnostics)
         return None, diags
     _, info = resolve_model(ls, model, diags)
-    check_scene(ls, info, diags)
+    check_scene(ls, info, diags, model, lora)
     return ls, diags
 
 

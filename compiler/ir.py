@@ -92,10 +92,14 @@ class IR:
     steps: int
     guidance: float
     true_cfg: float
+    model_override: str | None = None  # --model, which replaces the scene's model and its LoRAs
+    cli_lora: tuple[str, ...] = ()  # --lora PATH[:SCALE]
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     passes: tuple[str, ...] = ()
     # what passes compute besides nodes, by the pass that sets it
     warnings: tuple[Diagnostic, ...] = ()  # check: the scene's warnings (errors stop the pipeline)
+    loras: tuple = ()  # check: the whole image's LoRAs (spec.plan.Lora), in order
+    entity_loras: dict[str, tuple] = field(default_factory=dict)  # check: entity id → its LoRAs
     matrix: dict[str, dict[str, Any]] = field(default_factory=dict)  # expand: job id → its matrix values
     theta: dict[str, np.ndarray] = field(default_factory=dict)  # schedule: group id → θ per step (float64)
     shared_prefix: dict[str, int] = field(default_factory=dict)  # schedule: group id → shared θ = 0 steps

@@ -101,7 +101,8 @@ def lower(ir: IR) -> CompiledPlan:
             reg = ir.region_of(s.id)
             ents.append(EntityStream(id=s.name, **prompts_of(s.id), gain=s.gain,
                                      masks=region_masks(reg) if reg is not None else None,
-                                     region=reg.id if reg is not None else None))
+                                     region=reg.id if reg is not None else None,
+                                     lora=list(ir.entity_loras.get(s.entity, ()) if s.entity else ())))
         inpaint = None
         if init_name is not None:
             inpaint = {}
@@ -143,11 +144,11 @@ def lower(ir: IR) -> CompiledPlan:
         scenec_version=__version__,
         scene=SceneRef(name=ir.scene.name, file=scene_file),
         model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
-                    max_sequence_length=ir.info.max_sequence_length),
+                    max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras)),
         canvas=Canvas(width=canvas[0], height=canvas[1]),
         grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
         sampler=Sampler(kind=fam.sampler, steps=ir.steps, guidance=float(ir.guidance), true_cfg=float(ir.true_cfg)),
-        attention=Attention(**sc.attention.model_dump()),
+        attention=Attention(**{**sc.attention.model_dump(), **_eligen(ir)}),
         prompts=[p.text for p in prompts],
         output=Output(dir=sc.output.dir, ext="png"),
         jobs=jobs_json,
@@ -156,6 +157,14 @@ def lower(ir: IR) -> CompiledPlan:
     doc = document.model_dump(by_alias=True, mode="json")
     _stamp_hashes(doc, tensors)
     return CompiledPlan(doc, tensors, ir)
+
+
+def _eligen(ir: IR) -> dict:
+    """EliGen's entity-prompt padding when its LoRA is loaded (compiler/lora.py ``eligen_padding``)."""
+    from .lora import eligen_padding
+
+    pad = eligen_padding(ir.scene, list(ir.loras), ir.info.family.name)
+    return {} if pad is None else {"pad_prompts": pad}
 
 
 def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) -> Condition:
@@ -218,7 +227,11 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
     A job's hash names its tensors by content, not by name: tensor names (``region/r.fox.1/token``)
     are numbered across the whole plan, so another job's regions would otherwise move this one's hash.
     """
+    from .lora import identity
+
     settings = {k: doc[k] for k in ("format", "scenec_version", "model", "canvas", "grids", "sampler", "attention")}
+    # a LoRA by what it does (digest, scale, format), not where its file is
+    settings["model"] = identity(doc["model"])
     groups = {g["id"]: g for g in doc["groups"]}
     digests: dict[str, str] = {}
 
@@ -246,8 +259,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
                                if k not in ("id", "name", "index", "source", "job_hash", "group", "variant", "matrix")})
         material["global"] = {**material["global"], "prompt": text(job["global"]["prompt"]),
                               "negative": text(job["global"]["negative"])}
-        material["entities"] = [{**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name; masks hold it
-                                 "prompt": text(e["prompt"]), "negative": text(e["negative"])}
+        material["entities"] = [identity({**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name
+                                          "prompt": text(e["prompt"]), "negative": text(e["negative"])})
                                 for e in material["entities"]]
         if job["group"]:
             g = groups[job["group"]]

@@ -28,11 +28,12 @@ def p_check(ir: IR) -> IR:
     from .check import check_scene
 
     diags = Diagnostics()
-    check_scene(ir.scene, ir.info, diags)
+    glob, by_entity = check_scene(ir.scene, ir.info, diags, ir.model_override, ir.cli_lora)
     if diags.has_errors():
         raise SceneError(diags)
     out = ir.evolve("check")
     out.warnings = tuple(diags.warnings)
+    out.loras, out.entity_loras = tuple(glob), {k: tuple(v) for k, v in by_entity.items()}
     return out
 
 
@@ -244,7 +245,7 @@ PIPELINE: list[tuple[str, Callable[[IR], IR]]] = [
 PASS_NAMES = [n for n, _ in PIPELINE] + ["lower"]
 
 
-def initial_ir(ls: LoadedScene, model: str | None = None) -> IR:
+def initial_ir(ls: LoadedScene, model: str | None = None, lora=()) -> IR:
     diags = Diagnostics()
     spec, info = resolve_model(ls, model, diags)
     if diags.has_errors():
@@ -253,11 +254,11 @@ def initial_ir(ls: LoadedScene, model: str | None = None) -> IR:
     return IR(scene=ls, info=info, model_spec=spec, canvas=(sc.canvas.width, sc.canvas.height),
               steps=sc.sampler.steps or info.steps,
               guidance=sc.sampler.guidance if sc.sampler.guidance is not None else info.guidance,
-              true_cfg=sc.sampler.true_cfg)
+              true_cfg=sc.sampler.true_cfg, model_override=model, cli_lora=tuple(lora or ()))
 
 
-def run_passes(ls: LoadedScene, model: str | None = None, until: str | None = None) -> IR:
-    ir = initial_ir(ls, model)
+def run_passes(ls: LoadedScene, model: str | None = None, until: str | None = None, lora=()) -> IR:
+    ir = initial_ir(ls, model, lora)
     for name, fn in PIPELINE:
         ir = fn(ir)
         if name == until:

@@ -15,14 +15,18 @@ PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
 
 def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> tuple[str | None, ModelInfo]:
     """Model resolution order: --model, the scene's `model`, scenec.toml's default_model, else none."""
-    spec = override or ls.scene.model
+    scene_model = ls.scene.model
+    spec = override or (scene_model.id if hasattr(scene_model, "id") else scene_model)
     if spec is None:
         try:
             spec = project_config(ls.root).get("default_model")
         except ValueError as e:
             diags.error(Pos(str(ls.root / "scenec.toml")), str(e))
+        if isinstance(spec, dict):  # {id = "...", lora = [...]}: the LoRAs are compiler/lora.py's
+            spec = spec.get("id")
         if spec is not None and not isinstance(spec, str):
-            diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string")
+            diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string or a table "
+                        "{id = \"...\", lora = [...]}")
             spec = None
     try:
         return spec, model_info(spec, ls.file.parent)

@@ -38,11 +38,13 @@ class Stream:
     negative: int
     as_global: bool = False
     masks: tuple[tuple[str, str], ...] | None = None  # the region: (grid, tensor name) pairs; None = whole canvas
+    lora: tuple[tuple[str, float], ...] = ()  # the entity's LoRAs: (sha256, scale) (runtime/methods/lora.py)
 
     @classmethod
     def entity(cls, e, as_global: bool = False) -> "Stream":
         """The stream of a plan entity (``spec.plan.EntityStream``)."""
-        return cls(e.prompt, e.negative, as_global, None if e.masks is None else tuple(sorted(e.masks.items())))
+        return cls(e.prompt, e.negative, as_global, None if e.masks is None else tuple(sorted(e.masks.items())),
+                   tuple((lo.sha256, lo.scale) for lo in e.lora))
 
     def text(self, negative: bool) -> int:
         return self.negative if negative else self.prompt
@@ -134,6 +136,12 @@ class Backend(Protocol):
     sites: tuple[Site, ...]  # the family's attention sites
     image_grids: tuple[str, ...]  # plan grids with image–image attention (SOW biases live there)
     mask_impl: str  # the kernel form of masks over text ("sdpa" | "flex" | "cross")
+    denoiser: Any  # the transformer or UNet (LoRAs adapt its layers, runtime/lora.py)
+
+    def token_kind(self, module: str) -> str | None:
+        """Which tokens a layer of the denoiser sees (``module`` relative to it): "text", "image" (an image
+        grid's tokens), "joint" (the call's text, then its image tokens), or None (no tokens, e.g. the
+        time embedding and AdaLN modulation). An entity LoRA acts on its own tokens only through it."""
 
     def clear_cache(self) -> None:
         """Drop cached text encodings (after a plan, unless a batch build keeps them)."""
@@ -194,37 +202,65 @@ def from_pretrained(cls, repo: str, dtype, **kw):
         repo = str(p)
     import warnings
 
+    from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import logging as hub_logging
 
-    level = hub_logging.get_verbosity()
+    level, d_level = hub_logging.get_verbosity(), diffusers_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # no retry chatter: one sentence below says what to do
+    diffusers_logging.set_verbosity_error()  # "Couldn't connect to the Hub … will try the local cache"
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components…"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return cls.from_pretrained(repo, torch_dtype=dtype, use_safetensors=True, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
-        hub = "" if looks_local else (f"`hf download {repo}` (after `hf auth login` and accepting its licence on "
-                                      "the hub if it is gated, as FLUX.1-dev is), or ")
+        if looks_local:
+            raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}): the directory "
+                                   "is not a complete diffusers model; point --model at one saved with "
+                                   "save_pretrained, or at a hub id") from e
         raise ModelUnavailable(f"weights of {repo!r} are not available here ({type(e).__name__}); get them with "
-                               f"{hub}point --model at a local diffusers directory") from e
+                               f"`hf download {repo}` (after `hf auth login` and accepting its licence on the hub "
+                               "if it is gated, as FLUX.1-dev is), or point --model at a local diffusers "
+                               "directory") from e
     finally:
         hub_logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(d_level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
 
 
 def load_pipeline(cls, model, device, dtype, cuda_dtype: torch.dtype, tiny: str, build_tiny: Callable, repo: str,
-                  **kw) -> tuple[Any, str, torch.device, torch.dtype]:
+                  offload: str = "none", quantize: str = "none", **kw) -> tuple[Any, str, torch.device, torch.dtype]:
     """A family's diffusers pipeline for a plan's model: (pipe, model id, device, dtype).
 
     Device defaults to CUDA when available; dtype to ``cuda_dtype`` on CUDA and fp32 on CPU. The
     offline ``tiny`` model of the family is built in code (``build_tiny(dtype, device)`` gives the
-    pipeline's components); anything else loads with :func:`from_pretrained` from ``repo``."""
+    pipeline's components); anything else loads with :func:`from_pretrained` from ``repo``. ``offload``
+    and ``quantize``: the memory modes (runtime/memory.py; a quantised ``tiny`` is saved to a temporary
+    directory and loaded back through the quantiser, as real weights are)."""
+    from . import memory
+
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else (cuda_dtype if dev.type == "cuda" else torch.float32)
-    if (model.spec or tiny) == tiny and not model.repo:
-        pipe, model_id = cls(**build_tiny(dt, dev)), tiny
+    quant = memory.quantization_config(quantize, model.family, dt)
+    if quant is not None:
+        kw["quantization_config"] = quant
+    is_tiny = (model.spec or tiny) == tiny and not model.repo
+    if is_tiny and quant is None:
+        pipe, model_id = cls(**build_tiny(dt, torch.device("cpu") if offload != "none" else dev)), tiny
+        if offload != "none":
+            memory.place(pipe, dev, offload)
+    elif is_tiny:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="scenec-tiny-") as tmp:
+            cls(**build_tiny(dt, torch.device("cpu"))).save_pretrained(tmp)
+            pipe, model_id = from_pretrained(cls, tmp, dt, **kw), tiny
+            memory.place(pipe, dev, offload)
     else:
         pipe, model_id = from_pretrained(cls, repo, dt, **kw), repo
-        pipe.to(dev)
+        memory.place(pipe, dev, offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe, model_id, dev, dt
 

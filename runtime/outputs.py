@@ -18,6 +18,7 @@ from scenec.spec.errors import PlanError, RuntimeErrorBase
 from scenec.spec.fsio import atomic_write, json_bytes
 from scenec.spec.plan import Job, Plan
 
+from .memory import peak, reset_peak
 from .sampler import run_batch, run_group, run_job
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps total, job name)
@@ -149,7 +150,10 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
         mask_paths = _write_masks(plan, job, stem) if masks else []
         side = {**meta, "image": img_path.name, "sha256": hashlib.sha256(data).hexdigest(), "timings": r.timings,
                 "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
-                "masks": [p.name for p in mask_paths]}
+                "masks": [p.name for p in mask_paths],
+                "memory": {**getattr(backend, "memory", {"offload": "none", "quantize": "none"}),
+                           "peak": peak(backend.device)}}
+        reset_peak(backend.device)
         if stamp is not None:
             side["build"] = stamp
         path = side_path

@@ -106,6 +106,11 @@ class Run:
         for m in self.methods:
             m.setup()
 
+    def close(self) -> None:
+        """Each method's ``close`` (LoRA hooks off the model), whatever happened."""
+        for m in self.methods:
+            m.close()
+
     # -- noise ---------------------------------------------------------------------------------------
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like ``x`` from the job's noise stream (drawn on the CPU)."""
@@ -202,9 +207,12 @@ def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = N
     start = 0
     if resume is not None:
         start, run.x = int(resume[0]), resume[1].clone()
-    run.setup()
-    t_enc = time.perf_counter()
-    x = sample(run, job.program, start, stop_at_fork, progress)
+    try:
+        run.setup()
+        t_enc = time.perf_counter()
+        x = sample(run, job.program, start, stop_at_fork, progress)
+    finally:
+        run.close()
     require_finite(x, "the final latent")
     t_den = time.perf_counter()
     image = backend.decode(x, plan) if decode else None
@@ -239,9 +247,12 @@ def run_batch(backend, plan_jobs: list[tuple[Plan, object]], progress: Callable[
         return out
     require_compatible([(p, j) for _, p, j in live])
     run = Run(backend, [(p, j) for _, p, j in live])
-    run.setup()
-    t_enc = time.perf_counter()
-    x = sample(run, live[0][2].program, progress=progress)
+    try:
+        run.setup()
+        t_enc = time.perf_counter()
+        x = sample(run, live[0][2].program, progress=progress)
+    finally:
+        run.close()
     t_den = time.perf_counter()
     for b, (k, plan, _) in enumerate(live):
         t1 = time.perf_counter()

@@ -142,3 +142,118 @@ def sd_plan(guidance: float = 7.5, edit=None, **kw) -> Plan:
             edit(doc, tensors)
 
     return make_plan(edit=to_sd, **kw)
+
+
+# --- LoRAs written by tests (and scenes/loras/make_loras.py) -------------------------------------------
+
+# DiffSynth-Studio fuses q, k, v of a double-stream block (a_to_qkv: image, b_to_qkv: text) and q, k, v and
+# the MLP's input of a single-stream block (to_qkv_mlp); a fused LoRA has one A for all the parts.
+DIFFSYNTH_FUSED = {"attn.to_q": ("attn.a_to_qkv", 0), "attn.to_k": ("attn.a_to_qkv", 1),
+                   "attn.to_v": ("attn.a_to_qkv", 2),
+                   "attn.add_q_proj": ("attn.b_to_qkv", 0), "attn.add_k_proj": ("attn.b_to_qkv", 1),
+                   "attn.add_v_proj": ("attn.b_to_qkv", 2)}
+DIFFSYNTH_SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}
+DIFFSYNTH_NAMES = {"attn.to_out.0": "attn.a_to_out", "attn.to_add_out": "attn.b_to_out", "ff.net.0.proj": "ff_a.0",
+                   "ff.net.2": "ff_a.2", "ff_context.net.0.proj": "ff_b.0", "ff_context.net.2": "ff_b.2",
+                   "norm1.linear": "norm1_a.linear", "norm1_context.linear": "norm1_b.linear",
+                   "proj_out": "proj_out", "norm.linear": "norm.linear"}
+DIFFSYNTH_TOP = {"x_embedder": "x_embedder", "context_embedder": "context_embedder", "proj_out": "final_proj_out",
+                "norm_out.linear": "final_norm_out.linear"}
+
+
+def _fused_group(name: str) -> str | None:
+    """The DiffSynth layer a diffusers Flux module is fused into, or None."""
+    blk = name.split(".", 2)
+    if len(blk) < 3:
+        return None
+    if blk[0] == "transformer_blocks" and blk[2] in DIFFSYNTH_FUSED:
+        return f"blocks.{blk[1]}.{DIFFSYNTH_FUSED[blk[2]][0]}"
+    if blk[0] == "single_transformer_blocks" and blk[2] in DIFFSYNTH_SINGLE_FUSED:
+        return f"single_blocks.{blk[1]}.to_qkv_mlp"
+    return None
+
+
+def lora_layers(denoiser, modules: list[str], rank: int = 4, seed: int = 0, std: float = 0.3) -> dict:
+    """Random low-rank pairs ``{module: (A [r, in], B [out, r])}`` (numpy float32) for Linear layers of a
+    denoiser; the parts DiffSynth fuses into one layer (q, k, v; and a single block's MLP input) share A."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    mods = dict(denoiser.named_modules())
+    out, shared = {}, {}
+    for name in modules:
+        m = mods[name]
+        if not isinstance(m, torch.nn.Linear):
+            raise TypeError(f"{name} is not a Linear layer")
+        group = _fused_group(name)
+        a = shared.get(group) if group else None
+        if a is None:
+            a = (rng.standard_normal((rank, m.in_features)) * std).astype(np.float32)
+            if group:
+                shared[group] = a
+        out[name] = (a, (rng.standard_normal((m.out_features, rank)) * std).astype(np.float32))
+    return out
+
+
+def lora_file(layers: dict, path, naming: str = "diffusers", prefix: str = "transformer", alpha: float | None = None
+              ) -> None:
+    """Write ``lora_layers``' pairs as a safetensors LoRA in ``naming``: diffusers (``PREFIX.<module>.lora_A``),
+    kohya (``lora_unet_<module with _>.lora_down`` + ``alpha`` (default: the rank); UNet names), or diffsynth
+    (DiffSynth-Studio's Flux DiT names, ``.lora_A.default.weight``, fused layers with one A)."""
+    from safetensors.numpy import save_file
+
+    sd: dict[str, np.ndarray] = {}
+    if naming == "diffusers":
+        for m, (a, b) in layers.items():
+            sd[f"{prefix}.{m}.lora_A.weight"], sd[f"{prefix}.{m}.lora_B.weight"] = a, b
+    elif naming == "kohya":
+        for m, (a, b) in layers.items():
+            k = "lora_unet_" + m.replace(".", "_")
+            sd[k + ".lora_down.weight"], sd[k + ".lora_up.weight"] = a, b
+            sd[k + ".alpha"] = np.asarray(a.shape[0] if alpha is None else alpha, np.float32)
+    elif naming == "diffsynth":
+        fused: dict[str, dict[int, tuple]] = {}
+        for m, (a, b) in layers.items():
+            blk = m.split(".", 2)
+            if m in DIFFSYNTH_TOP:  # DiffSynth's final norm orders its output [shift | scale]: B's halves swap
+                top = DIFFSYNTH_TOP[m]
+                if m == "norm_out.linear":
+                    b = np.concatenate([b[b.shape[0] // 2:], b[:b.shape[0] // 2]])
+                sd[f"{top}.lora_A.default.weight"], sd[f"{top}.lora_B.default.weight"] = a, b
+                continue
+            group = _fused_group(m)
+            if group is not None:
+                part = DIFFSYNTH_FUSED[blk[2]][1] if blk[0] == "transformer_blocks" else DIFFSYNTH_SINGLE_FUSED[blk[2]]
+                fused.setdefault(group, {})[part] = (a, b)
+                continue
+            ds = ("blocks" if blk[0] == "transformer_blocks" else "single_blocks") + "." + blk[1] + "."
+            sd[f"{ds}{DIFFSYNTH_NAMES[blk[2]]}.lora_A.default.weight"] = a
+            sd[f"{ds}{DIFFSYNTH_NAMES[blk[2]]}.lora_B.default.weight"] = b
+        for name, parts in fused.items():
+            n = 4 if name.endswith("to_qkv_mlp") else 3
+            if sorted(parts) != list(range(n)):
+                raise ValueError(f"{name}: a fused DiffSynth layer needs all its {n} parts")
+            sd[f"{name}.lora_A.default.weight"] = parts[0][0]
+            sd[f"{name}.lora_B.default.weight"] = np.concatenate([parts[i][1] for i in range(n)])
+    else:
+        raise ValueError(f"unknown naming {naming!r}")
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+
+
+def with_lora(plan_doc: dict, loras: list[dict], entity: str | None = None) -> None:
+    """Put LoRAs (``spec.plan.Lora`` dicts) on a hand-made plan document: the model's, or an entity's."""
+    for job in plan_doc["jobs"]:
+        if entity is None:
+            continue
+        for e in job["entities"]:
+            if e["id"] == entity:
+                e["lora"] = list(loras)
+    if entity is None:
+        plan_doc["model"]["lora"] = list(loras)
+
+
+def lora_entry(path, scale: float = 1.0, fmt: str = "diffusers") -> dict:
+    """A plan LoRA entry for a file (its digest computed here)."""
+    from scenec.spec.fsio import sha256_file
+
+    return {"name": str(path), "path": str(path), "sha256": sha256_file(path), "scale": scale, "format": fmt}

@@ -17,6 +17,8 @@ import typer
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
 
+LORA_HELP = "PATH[:SCALE]: a LoRA .safetensors on the whole image (repeatable; after the scene's own)"
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile declarative scene files into attention masks and schedules, and build images.")
 
@@ -24,7 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def validate(files: List[Path] = typer.Argument(..., help="scene files"),
              model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
-                                                 "`default_model`, else flux-dev)")):
+                                                 "`default_model`, else flux-dev)"),
+             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP)):
     """Check scene files; print every problem at FILE:LINE:COL, including what the model's family cannot run
     (canvas sizes, methods, entities per image)."""
     from scenec.spec.diagnostics import Diagnostics, SceneError
@@ -39,7 +42,7 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
         try:
             ls = load_scene(f, diags)
             _, info = resolve_model(ls, model, diags)
-            check_scene(ls, info, diags)
+            check_scene(ls, info, diags, model, lora or ())
         except SceneError as e:
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
@@ -56,7 +59,8 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
 @app.command("compile")
 def compile_(file: Path = typer.Argument(..., help="scene file"),
              out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
-             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP)):
     """Compile a scene to a plan: DIR/plan.json + DIR/tensors.safetensors; prints the plan hash."""
     from scenec.spec.diagnostics import SceneError
 
@@ -65,7 +69,7 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
     if out.exists() and not out.is_dir():
         bad_path(out, "exists and is not a directory (-o names the plan directory)")
     try:
-        plan = compile_scene(file, model=model)
+        plan = compile_scene(file, model=model, lora=lora or ())
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -236,19 +240,19 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
           device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
           dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
+          lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+          offload: str = typer.Option("none", "--offload", help="none | model | sequential: CPU offload (CUDA)"),
+          quantize: str = typer.Option("none", "--quantize", help="none | nf4 | int8 | fp8 (CUDA; scenec[quant])"),
           masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
-          compile_: bool = typer.Option(False, "--compile",
-                                        help="torch.compile the model's repeated blocks (GPU; recompiles logged)"),
-          select: Optional[List[str]] = typer.Option(None, "--select", "-s",
-                                                     help="build only these: NAME, GROUP/VARIANT, scene:, group:, "
-                                                          "path:, seed:, KEY=VALUE (docs/batch.md)"),
+          compile_: bool = typer.Option(False, "--compile", help="torch.compile the model's repeated blocks"),
+          select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="build only: NAME, GROUP/"
+                                                     "VARIANT, scene:, group:, path:, seed:, KEY=VALUE, docs/batch.md"),
           exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="skip these (same syntax as --select)"),
           force: bool = typer.Option(False, "--force", help="rebuild selected outputs even when up to date"),
           dry_run: bool = typer.Option(False, "--dry-run", help="list what would be built and why; build nothing"),
           executor: str = typer.Option("local", "--executor", help="local | ray"),
           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray)"),
-          workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, "
-                                                                        "else one per CPU)"),
+          workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: 1 per GPU, else CPU)"),
           weights_hash: str = typer.Option("stat", "--weights-hash",
                                            help="identity of local model dirs: stat (names, sizes, mtimes) | content"),
           batch_size: int = typer.Option(1, "--batch-size", "-b",
@@ -276,12 +280,15 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
     from scenec.build.driver import build_batch
-
+    from scenec.runtime.memory import problem
+    if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
+        end(EXIT_INVALID, f"scenec: {why}")
     try:
         summary = build_batch(files, BuildOptions(
             out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
             weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            compile=compile_, executor=executor, address=address, workers=workers), report=report)
+            compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
+            offload=offload, quantize=quantize), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
     except KeyboardInterrupt:
@@ -309,6 +316,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
            select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="only these (docs/batch.md)"),
            exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
            weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),
+           lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
            verbose: bool = typer.Option(False, "-v", "--verbose", help="list up-to-date outputs too"),
            exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when an output is missing or stale"),
            json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
@@ -321,7 +329,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
 
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
-                                             weights_hash=weights_hash))
+                                             weights_hash=weights_hash, lora=lora or ()))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)

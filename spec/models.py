@@ -203,6 +203,28 @@ class Reference(_Node):
         default_factory=Modulation, description="SOW attention modulation; false turns it off")
 
 
+class Lora(_Node):
+    """A LoRA (low-rank adapter): a safetensors file in the project, or a file of a hub repository.
+
+    Formats: diffusers/peft, kohya, xlabs and DiffSynth-Studio (EliGen's own); docs/models.md, LoRAs."""
+
+    file: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a .safetensors file, relative to the file that names it")
+    repo: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a hub repository (`org/name`) holding the LoRA, read from the local Hugging Face cache")
+    weight_name: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="the .safetensors file in `repo`")
+    scale: Annotated[float, Field(ge=-16.0, le=16.0)] = Field(1.0, description="the delta's multiplier; 0 = no LoRA")
+
+
+class ModelSpec(_Node):
+    """A model with its LoRAs: ``model: {id: flux-dev, lora: [...]}``."""
+
+    id: Annotated[str, Field(min_length=1)] = Field(description="a built-in alias, a model id, or a local diffusers "
+                                                    "directory")
+    lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order")
+
+
 class EntityFields(_Node):
     """The fields an entity and an entity def share."""
 
@@ -212,6 +234,8 @@ class EntityFields(_Node):
     feather: Annotated[float, Field(ge=0.0, le=0.5)] | None = None
     z: float | None = None
     reference: Reference | None = None
+    lora: list[Lora] | None = Field(None, description="LoRAs acting only on this entity's prompt tokens and its "
+                                    "region's image tokens")
 
 
 def _entity_schema(schema: dict) -> None:
@@ -275,7 +299,8 @@ class Scene(_Node):
 
     scenec: Literal[1] = Field(description="the language version")
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)] | None = Field(None, description="default: the file's stem")
-    model: Annotated[str, Field(min_length=1)] | None = None
+    model: Annotated[str, Field(min_length=1)] | ModelSpec | None = Field(
+        None, description="an alias, a model id or a local diffusers directory; or {id, lora} with LoRAs")
     canvas: Canvas
     sampler: Sampler = Field(default_factory=Sampler)
     background: Background = Field(default_factory=Background)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .diagnostics import printable
 from .errors import PlanError, Unsupported
+from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
 
 FORMAT = "scenec-plan/1"
 
@@ -29,57 +30,25 @@ class _T(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
-# --- the step program ------------------------------------------------------------------------------
-
-class Denoise(_T):
-    """One sampler step from level ``from`` to ``to`` (= from + 1)."""
-
-    op: Literal["denoise"] = "denoise"
-    from_: int = Field(alias="from")
-    to: int
-    regional: bool = True  # use the region masks (false after attention.until)
-    theta: float | None = None  # coupling weight of the entity streams (groups), else None
-    eta: float = 0.0  # 0: deterministic; > 0: share of fresh noise (COW cycles)
-
-
-class Renoise(_T):
-    """Jump back up from level ``from`` to ``to`` (< from) in closed form (COW's cycles)."""
-
-    op: Literal["renoise"] = "renoise"
-    from_: int = Field(alias="from")
-    to: int
-
-
-class Paste(_T):
-    """Replace condition ``condition``'s region of the latent with its reference latent at level ``at``."""
-
-    op: Literal["paste"] = "paste"
-    condition: int
-    at: int
-
-
-class Fork(_T):
-    """The shared prefix of a coupling group ends here."""
-
-    op: Literal["fork"] = "fork"
-
-
-class Seed(_T):
-    """COW's seed initialisation: the latent becomes the inversion, at level ``at``, of the seed canvas
-    (the placed references of ``conditions`` on one grey canvas)."""
-
-    op: Literal["seed"] = "seed"
-    at: int
-    conditions: list[int] = Field(min_length=1)
-
-
-Op = Annotated[Union[Denoise, Renoise, Paste, Fork, Seed], Field(discriminator="op")]
-OP_KINDS = ("denoise", "renoise", "paste", "fork", "seed")
+# --- jobs -----------------------------------------------------------------------------------------
 
 MaskRef = dict[str, str]  # grid name → tensor name
+# A file name as plan text: plan.json is UTF-8, a file name need not be (shown with \xNN escapes).
+FileText = Annotated[str, BeforeValidator(lambda v: printable(v) if isinstance(v, str) else v)]
 
 
-# --- jobs -----------------------------------------------------------------------------------------
+class Lora(_T):
+    """A LoRA as the runtime loads it: the file, its content digest, its scale and its key format.
+
+    ``path`` and ``name`` say where it is (not part of any ``job_hash``: moving the file changes no
+    image); ``sha256``, ``scale`` and ``format`` what it does."""
+
+    name: str  # as the user wrote it (messages)
+    path: FileText  # the absolute path of the .safetensors file
+    sha256: str
+    scale: float = 1.0
+    format: Literal["diffusers", "kohya", "xlabs", "diffsynth"] = "diffusers"
+
 
 class GlobalStream(_T):
     """EliGen's global prompt (the background prompt): its text, negative and coupling gain."""
@@ -98,6 +67,7 @@ class EntityStream(_T):
     gain: Literal["1", "theta"] | None = None
     masks: MaskRef | None = None
     region: str | None = None
+    lora: list[Lora] = []  # acting only on this stream's prompt tokens and its region's image tokens
 
 
 class Modulation(_T):
@@ -131,8 +101,6 @@ class Condition(_T):
         return self.modulation if self.modulation and self.cycles > 0 else None
 
 
-# A file name as plan text: plan.json is UTF-8, a file name need not be (shown with \xNN escapes).
-FileText = Annotated[str, BeforeValidator(lambda v: printable(v) if isinstance(v, str) else v)]
 
 
 class Source(_T):
@@ -182,6 +150,7 @@ class Model(_T):
     family: str = "flux"
     repo: str | None = None
     max_sequence_length: int | None = None
+    lora: list[Lora] = []  # acting on the whole image, in order
 
 
 class Canvas(_T):

@@ -47,15 +47,18 @@ def as_model(model: Model | dict | str) -> Model:
 
 
 def load_backend(model: Model | dict | str, device=None, dtype=None, compile: bool = False, **kw):
-    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids);
-    ``compile``: its denoiser's repeated blocks torch.compiled (runtime/compiling.py), whatever the family."""
+    """Load the backend of a plan's model with its family's module (``tiny``, ``tiny-sd``, aliases, ids).
+    ``offload`` and ``quantize`` in ``kw``: the memory modes (runtime/memory.py); the backend records them
+    as ``memory`` (each image's sidecar shows them). ``compile``: the denoiser's repeated blocks
+    torch.compiled (runtime/compiling.py), whatever the family."""
     m = as_model(model)
     if m.family not in FAMILIES:
         raise Unsupported(f"model family {m.family!r} ({m.spec}) is not supported by this runtime")
     _import_diffusers_quietly()
-    backend = importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    be = importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
+    be.memory = {"offload": kw.get("offload", "none"), "quantize": kw.get("quantize", "none")}
     if compile:
         from ..compiling import compile_blocks, denoiser_of
 
-        compile_blocks(denoiser_of(backend.pipe))
-    return backend
+        compile_blocks(denoiser_of(be.pipe))
+    return be

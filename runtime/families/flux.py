@@ -27,6 +27,7 @@ from ..attention import DOUBLE, SINGLE, Attention, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
+from ..memory import vae_tiling
 from ..solvers import FlowEuler
 
 
@@ -89,7 +90,7 @@ class FluxBackend:
         self.model_id = model_id
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = pipe.transformer
+        self.transformer = self.denoiser = pipe.transformer
         self.attn = Attention(attn_impl or ("flex" if self.device.type == "cuda" else "sdpa"))
         self.mask_impl = self.attn.impl
         for b in self.transformer.transformer_blocks:
@@ -100,6 +101,20 @@ class FluxBackend:
         self.pad_multiple = pad_multiple if pad_multiple is not None else (128 if self.attn.impl == "flex" else 1)
         self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
         self._img_ids: dict = {}
+
+    @staticmethod
+    def token_kind(module: str) -> str | None:
+        """Dual-stream blocks: image projections (to_q/k/v, to_out, ff) and text ones (add_*_proj,
+        to_add_out, ff_context); single-stream blocks: the joint sequence; the embedders of text and
+        image, the final projection of image tokens; AdaLN modulation and the time embeddings: no tokens."""
+        if ".norm" in module or module.startswith(("time_text_embed.", "norm_out.")):
+            return None
+        if module.startswith("single_transformer_blocks."):
+            return "joint"
+        if module.startswith("transformer_blocks."):
+            text = (".add_q_proj", ".add_k_proj", ".add_v_proj", ".to_add_out", ".ff_context.")
+            return "text" if any(t in module for t in text) else "image"
+        return {"context_embedder": "text", "x_embedder": "image", "proj_out": "image"}.get(module)
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -259,12 +274,14 @@ class FluxBackend:
         width, height = plan.canvas
         x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        vae_tiling(pipe, width, height)
         img = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 
-def load(model, device=None, dtype=None, attn_impl: str | None = None) -> FluxBackend:
+def load(model, device=None, dtype=None, attn_impl: str | None = None, offload: str = "none",
+         quantize: str = "none") -> FluxBackend:
     """Load a Flux model once: ``tiny`` is built in code; anything else via ``FluxPipeline.from_pretrained``.
 
     Device defaults to CUDA when available; dtype to bf16 on CUDA and fp32 on CPU."""
@@ -279,7 +296,7 @@ def load(model, device=None, dtype=None, attn_impl: str | None = None) -> FluxBa
         return build_tiny_flux(dtype=dt, device=dev).components()
 
     pipe, model_id, dev, dt = load_pipeline(FluxPipeline, model, device, dtype, torch.bfloat16, "tiny", build_tiny,
-                                            model.repo or model.spec)
+                                            model.repo or model.spec, offload, quantize)
     if dt == torch.float16:
         import sys
 

@@ -22,6 +22,7 @@ from ..attention import CROSS, SELF, Attention, KeyScale, Mask, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
+from ..memory import vae_tiling
 from ..solvers import DDIM
 
 SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
@@ -83,7 +84,7 @@ class SDBackend:
         self.model_id = model_id
         self.device = torch.device(device)
         self.dtype = dtype
-        self.unet = pipe.unet
+        self.unet = self.denoiser = pipe.unet
         self.attn = Attention("sdpa")  # the sequences are short: dense masks and biases on every device
         procs = {}
         for name, p in self.unet.attn_processors.items():
@@ -94,6 +95,17 @@ class SDBackend:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    @staticmethod
+    def token_kind(module: str) -> str | None:
+        """Cross-attention keys and values (``attn2.to_k``/``to_v``) see text; the time and added
+        embeddings (and each resnet's projection of them) no tokens; every other layer image tokens
+        (convolutions on the image grid of their output)."""
+        if module.endswith(("attn2.to_k", "attn2.to_v")):
+            return "text"
+        if module.startswith(("time_embedding.", "add_embedding.")) or module.endswith("time_emb_proj"):
+            return None
+        return "image"
 
     # -- text ----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -193,7 +205,8 @@ class SDBackend:
             return e_u + g * (e_c - e_u)
         pos, neg = call([(0, False)]), call([(0, True)])
         masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
-        scaled = any(isinstance(m, KeyScale) for m in pos.mods)
+        # key scales and LoRA token weights are laid out on the positive branch's text
+        scaled = any(isinstance(m, KeyScale) or getattr(m, "rows_bound", False) for m in pos.mods)
         if not masked and pos.cond.seq.shape == neg.cond.seq.shape and \
                 (not scaled or pos.cond.lengths == neg.cond.lengths):
             pooled = [torch.cat([n, p]) for n, p in zip(neg.cond.pooled, pos.cond.pooled)]
@@ -227,12 +240,14 @@ class SDBackend:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe
+        f = pipe.vae_scale_factor
+        vae_tiling(pipe, latents.shape[-1] * f, latents.shape[-2] * f)
         img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
 
-def load(model, device=None, dtype=None) -> SDBackend:
+def load(model, device=None, dtype=None, offload: str = "none", quantize: str = "none") -> SDBackend:
     """Load an SD model once: ``tiny-sd`` built in code; ``sd15``/``sd21``, hub ids and local diffusers
     directories via ``StableDiffusionPipeline.from_pretrained(..., use_safetensors=True)``."""
     from diffusers import StableDiffusionPipeline
@@ -247,5 +262,6 @@ def load(model, device=None, dtype=None) -> SDBackend:
 
     repo = model.repo or SD_ALIASES.get(model.spec, model.spec)
     pipe, model_id, dev, dt = load_pipeline(StableDiffusionPipeline, model, device, dtype, torch.float16, "tiny-sd",
-                                            build_tiny, repo, safety_checker=None, requires_safety_checker=False)
+                                            build_tiny, repo, offload, quantize, safety_checker=None,
+                                            requires_safety_checker=False)
     return SDBackend(pipe, model_id, dev, dt)

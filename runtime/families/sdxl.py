@@ -93,7 +93,7 @@ class SDXLBackend(SDBackend):
         return super().decode(latents, plan)
 
 
-def load(model, device=None, dtype=None) -> SDXLBackend:
+def load(model, device=None, dtype=None, offload: str = "none", quantize: str = "none") -> SDXLBackend:
     """Load an SDXL model once: ``tiny-sdxl`` built in code; ``sdxl``/``sdxl-turbo``, hub ids and local
     diffusers directories via ``StableDiffusionXLPipeline.from_pretrained(..., use_safetensors=True)``."""
     from diffusers import StableDiffusionXLPipeline
@@ -108,5 +108,5 @@ def load(model, device=None, dtype=None) -> SDXLBackend:
 
     repo = model.repo or SDXL_ALIASES.get(model.spec, model.spec)
     pipe, model_id, dev, dt = load_pipeline(StableDiffusionXLPipeline, model, device, dtype, torch.float16,
-                                            "tiny-sdxl", build_tiny, repo)
+                                            "tiny-sdxl", build_tiny, repo, offload, quantize)
     return SDXLBackend(pipe, model_id, dev, dt)

@@ -4,7 +4,7 @@ A method is a class with the :class:`Method` hooks; the sampler (runtime/sampler
 instance per run for every registered method whose :meth:`Method.wants` says the run's jobs need it,
 and calls the hooks in registration order:
 
-- :meth:`setup` once, after the initial latents are drawn;
+- :meth:`setup` once, after the initial latents are drawn (and :meth:`close` once when the run ends);
 - :meth:`run_op` for the step ops the method owns (``ops``);
 - around each ``denoise`` op: :meth:`before_denoise`, then for every model call :meth:`shape` (which
   streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`
@@ -24,10 +24,12 @@ def registered() -> list[type[Method]]:
     """The methods in hook order (imported on first use: they import torch)."""
     from .coupling import Coupling
     from .inpaint import Inpaint
+    from .lora import Lora
     from .oneway import OneWay
     from .regional import Regional
 
-    return [Coupling, Regional, OneWay, Inpaint, *EXTRA]
+    # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
+    return [Lora, Coupling, Regional, OneWay, Inpaint, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins

@@ -48,3 +48,6 @@ class Method:
 
     def after_step(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def close(self) -> None:
+        """Once, when the run ends (also when it fails): undo what ``setup`` did to the model."""

@@ -63,7 +63,7 @@ class Coupling(Method):
         self.ent = self.joint = None  # no entity streams: the background at every θ
         ents = job.entities
         if len(ents) == 1 and ents[0].masks is None:  # one whole-canvas prompt: the published method
-            e = Stream(ents[0].prompt, ents[0].negative, as_global=True)
+            e = Stream.entity(ents[0], as_global=True)  # keeps the entity's LoRAs
             self.ent, self.joint = TextSpec(e, (), (e,)), TextSpec(bg, (e,), (bg, e))
         elif ents:
             streams = tuple(Stream.entity(e) for e in ents)

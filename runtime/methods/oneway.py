@@ -134,7 +134,8 @@ class OneWay(Method):
                  "prompt": plan.prompt(job.global_.prompt), "negative": plan.prompt(job.global_.negative),
                  "sampler": plan.sampler.model_dump(), "msl": plan.model.max_sequence_length,
                  "levels": levels, "canvas": [w, h], **run.solver.identity(),
-                 "refine": [inversion.refine_cap(be.dtype), inversion.inversion_tol(be.dtype)]}
+                 "refine": [inversion.refine_cap(be.dtype), inversion.inversion_tol(be.dtype)],
+                 **({"lora": [[lo.sha256, lo.scale] for lo in plan.model.lora]} if plan.model.lora else {})}
         key = inversion.inversion_key(parts, {"rgb": rgb})
         cache = inversion.CACHE
         hit = cache.get(key, shape=tuple(run.x.shape))  # an entry of another shape is a miss

@@ -9,7 +9,7 @@ import os
 from typing import Callable, Protocol
 
 from .options import BatchError, BuildOptions
-from .pool import BackendPool, execute_plans
+from .pool import BackendPool, ModelLoadError, execute_plans
 from .units import Unit
 
 # done(unit, results, error): results is None, and error one sentence, when the unit failed as a whole
@@ -30,8 +30,8 @@ class LocalExecutor:
     """Batches in this process, one after another, each model loaded once."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False,
-                 compile: bool = False):
-        self.pool = BackendPool(device, dtype, compile)
+                 memory: dict | None = None):
+        self.pool = BackendPool(device, dtype, memory)
         self.masks = masks
 
     def run(self, batches: list[list[Unit]], done: Done) -> None:
@@ -39,7 +39,7 @@ class LocalExecutor:
             be = self.pool.get(batch[0].plan.json["model"])
             if isinstance(be, Exception):
                 for u in batch:
-                    done(u, None, str(be))
+                    done(u, None, ModelLoadError(str(be)))
                 continue
             try:
                 per_unit = execute_plans([u.subplan() for u in batch], be, [u.out_dir for u in batch],
@@ -63,5 +63,5 @@ def make_executor(options: BuildOptions, say: Callable[[str], None]) -> Executor
         from .ray_executor import RayExecutor
 
         return RayExecutor(device=options.device, dtype=options.dtype, masks=options.masks,
-                           address=options.address, workers=options.workers, say=say, compile=options.compile)
-    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, compile=options.compile)
+                           address=options.address, workers=options.workers, say=say, memory=options.memory)
+    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, memory=options.memory)

@@ -8,7 +8,7 @@ ran (``scenec.spec.fsio.note_input``): the scene, its includes, the ``scenec.tom
 directory up to the project root, referenced images, mask images and schedule files, a local model's
 ``model_index.json``. A memo is replayed only while all of them hash to what they hashed to then
 (a file that was absent must still be absent), with the same scenec code (version and the sources'
-content), ``--model`` and working directory. Any doubt compiles.
+content), ``--model``, ``--lora`` and working directory. Any doubt compiles.
 
 A replayed scene has no real plan; the batch compiles it for real as soon as one of its jobs has to be
 built (``scenec.build.planning.plan_batch``). Memos live in ``$SCENEC_CACHE/compile`` (default
@@ -66,8 +66,8 @@ def code_stamp() -> str:
     return _code
 
 
-def _entry_path(scene: Path, model: str | None) -> Path:
-    who = json.dumps([str(scene.resolve()), model, os.getcwd()])
+def _entry_path(scene: Path, model: str | None, lora=()) -> Path:
+    who = json.dumps([str(scene.resolve()), model, os.getcwd()] + ([list(lora)] if lora else []))
     return memo_dir() / (hashlib.sha256(who.encode()).hexdigest()[:40] + ".json")
 
 
@@ -137,11 +137,11 @@ def _digest(doc: dict) -> str:
     return hashlib.sha256(json_bytes(body, sort_keys=True, separators=(",", ":"))).hexdigest()
 
 
-def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None
+def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None, lora=()
          ) -> tuple[MemoPlan, list[dict]] | None:
     """The memo of ``scene`` when every input is as it was: ``(MemoPlan, warnings)``; else None. A
     damaged memo is set aside and ``warn`` told once."""
-    path = _entry_path(scene, model)
+    path = _entry_path(scene, model, lora)
     try:
         raw = path.read_bytes()
     except OSError:
@@ -167,7 +167,7 @@ def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = No
     return MemoPlan(doc["plan"]), doc["warnings"]
 
 
-def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any]) -> None:
+def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any], lora=()) -> None:
     """Write the memo of a scene that just compiled (best effort: a memo that cannot be written is skipped)."""
     doc = {
         "format": FORMAT,
@@ -182,7 +182,7 @@ def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, wa
     doc["sha256"] = _digest(doc)
     try:
         # no fsync: a torn memo does not verify, and then the scene is simply compiled
-        atomic_write(_entry_path(scene, model), json_bytes(doc, sort_keys=True), durable=False)
+        atomic_write(_entry_path(scene, model, lora), json_bytes(doc, sort_keys=True), durable=False)
     except OSError:
         pass
 

@@ -20,6 +20,7 @@ class BuildOptions:
     # what is planned: which outputs, where, and what the cache compares
     out: str | Path | None = None  # -o: overrides each scene's output.dir (which is relative to the scene)
     model: str | None = None  # --model: overrides each scene's model
+    lora: Iterable[str] = ()  # --lora PATH[:SCALE]: LoRAs on the whole image, after each scene's own
     select: Iterable[str] = ()  # --select terms (selection.parse_selectors)
     exclude: Iterable[str] = ()  # --exclude terms
     force: bool = False  # rebuild selected outputs even when up to date
@@ -34,9 +35,17 @@ class BuildOptions:
     executor: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address (default: a local Ray)
     workers: int | None = None  # Ray actors (default: one per GPU, else one per CPU)
+    offload: str = "none"  # none | model | sequential: diffusers' CPU offload (runtime/memory.py)
+    quantize: str = "none"  # none | nf4 | int8 | fp8 (runtime/memory.py)
     # what it says
     quiet: bool = False  # no progress lines on stderr
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", tuple(self.select or ()))
         object.__setattr__(self, "exclude", tuple(self.exclude or ()))
+        object.__setattr__(self, "lora", tuple(self.lora or ()))
+
+    @property
+    def memory(self) -> dict:
+        """How models are loaded: ``{"offload", "quantize", "compile"}`` (keyword arguments of ``load_backend``)."""
+        return {"offload": self.offload, "quantize": self.quantize, "compile": self.compile}

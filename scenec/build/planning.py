@@ -28,12 +28,12 @@ from .options import BatchError, BuildOptions
 from .selection import parse_selectors, selected
 
 
-def compile_file(path: Path, model: str | None):
-    """Compile one scene file: a ``scenec.spec.plan.Plan`` with the scene's ``warnings``; raises
-    ``SceneError`` with every problem. The one place the build calls the compiler."""
+def compile_file(path: Path, model: str | None, lora=()):
+    """Compile one scene file (``lora``: the ``--lora`` arguments): a ``scenec.spec.plan.Plan`` with the
+    scene's ``warnings``; raises ``SceneError`` with every problem. The one place the build calls the compiler."""
     from scenec.compiler import compile_scene
 
-    return compile_scene(path, model=model)
+    return compile_scene(path, model=model, lora=lora)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class _Planner:
             bp.diagnostics.error(Pos("."), "no scene files given")
         t0 = time.perf_counter()
         for f in files:
-            hit = memo.load(f, self.o.model, self.memo_warning(f)) if self.partial else None
+            hit = memo.load(f, self.o.model, self.memo_warning(f), lora=self.o.lora) if self.partial else None
             if hit is not None:
                 bp.items += self.add_scene(f, hit[0], memo.warnings_of(hit[1]))
                 continue
@@ -139,7 +139,7 @@ class _Planner:
         bp = self.bp
         try:
             with recording_inputs() as inputs:
-                plan = compile_file(f, self.o.model)
+                plan = compile_file(f, self.o.model, self.o.lora)
         except SceneError as e:
             bp.diagnostics.extend(e.diagnostics)
             if not e.diagnostics.has_errors():
@@ -153,7 +153,7 @@ class _Planner:
             return None
         warnings = list(plan.warnings)
         if self.partial:
-            memo.store(f, self.o.model, list(inputs), plan.json, warnings)
+            memo.store(f, self.o.model, list(inputs), plan.json, warnings, lora=self.o.lora)
         return plan, warnings
 
     def add_scene(self, f: Path, plan, warnings) -> list[Item]:

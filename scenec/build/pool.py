@@ -12,31 +12,37 @@ from pathlib import Path
 from typing import Any
 
 
-def load_model(model: dict, device: str | None = None, dtype: str | None = None, compile: bool = False):
-    """The backend of a plan's model (``plan.json["model"]``) on ``device`` in ``dtype`` (``compile``: its
-    blocks torch.compiled); raises the runtime's ``RuntimeErrorBase`` (``ModelUnavailable``,
+def load_model(model: dict, device: str | None = None, dtype: str | None = None, memory: dict | None = None):
+    """The backend of a plan's model (``plan.json["model"]``) on ``device`` in ``dtype`` (``memory``: offload
+    and quantisation, runtime/memory.py); raises the runtime's ``RuntimeErrorBase`` (``ModelUnavailable``,
     ``Unsupported``) when it cannot."""
     from scenec.runtime.families import load_backend
 
-    return load_backend(model, device=device, dtype=dtype, compile=compile)
+    return load_backend(model, device=device, dtype=dtype, **(memory or {}))
+
+
+class ModelLoadError(str):
+    """The error of a model that could not be loaded, as every unit that needs it fails with it: the
+    report prints it once per model, and each image's line refers to it."""
 
 
 class BackendPool:
     """The backends of one process, by model: each loaded on first use and kept. A model that fails to
-    load is not tried again: its error is kept, and every unit that needs it fails with it."""
+    load is not tried again: its error is kept, and every unit that needs it fails with it. A model's LoRAs
+    are not part of its key: they are applied per run, as hooks (runtime/lora.py), on the one loaded model."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, compile: bool = False):
-        self.device, self.dtype, self.compile = device, dtype, compile
+    def __init__(self, device: str | None = None, dtype: str | None = None, memory: dict | None = None):
+        self.device, self.dtype, self.memory = device, dtype, memory
         self._backends: dict[str, Any] = {}
 
     def get(self, model: dict):
         """The backend of ``model``, or the ``RuntimeErrorBase`` that loading it raised."""
         from scenec.spec.errors import RuntimeErrorBase
 
-        key = json.dumps(model, sort_keys=True)
+        key = json.dumps({k: v for k, v in model.items() if k != "lora"}, sort_keys=True)
         if key not in self._backends:
             try:
-                self._backends[key] = load_model(model, device=self.device, dtype=self.dtype, compile=self.compile)
+                self._backends[key] = load_model(model, device=self.device, dtype=self.dtype, memory=self.memory)
             except RuntimeErrorBase as e:
                 self._backends[key] = e
         return self._backends[key]

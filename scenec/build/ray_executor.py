@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .options import BatchError
-from .pool import BackendPool, execute_plans
+from .pool import BackendPool, ModelLoadError, execute_plans
 
 INSTALL_HINT = "pip install 'scenec[ray]'"
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: the actor never waits for the driver
@@ -35,12 +35,12 @@ def require_ray():
 class Worker:
     """A Ray actor: loads each model once, executes sub-plans into a private temp dir, returns the files."""
 
-    def __init__(self, device: str | None, dtype: str | None, threads: int | None, compile: bool = False):
+    def __init__(self, device: str | None, dtype: str | None, threads: int | None, memory: dict | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self.pool = BackendPool(device, dtype, compile)
+        self.pool = BackendPool(device, dtype, memory)
 
     def ping(self) -> int:
         return os.getpid()
@@ -102,9 +102,9 @@ class RayExecutor:
 
     def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False,
                  address: str | None = None, workers: int | None = None, say: Callable[[str], None] = print,
-                 compile: bool = False):
+                 memory: dict | None = None):
         require_ray()  # at once: a missing extra is a usage error, found before anything is compiled
-        self.device, self.dtype, self.masks, self.compile = device, dtype, masks, compile
+        self.device, self.dtype, self.masks, self.memory = device, dtype, masks, memory
         self.address, self.workers, self.say = address, workers, say
 
     def run(self, batches: list[list], done: Callable[..., None]) -> None:
@@ -130,7 +130,7 @@ class RayExecutor:
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         actor_cls = ray.remote(**opts)(Worker)
         device = self.device if not gpu else (self.device or "cuda")
-        actors = [actor_cls.remote(device, self.dtype, threads or None, self.compile) for _ in range(n)]
+        actors = [actor_cls.remote(device, self.dtype, threads or None, self.memory) for _ in range(n)]
         self.say(f"scenec: ray: {n} worker{'s' if n != 1 else ''} ({'GPU' if gpu else 'CPU'}) for {n_units} units"
                  + (f" in {len(queue)} batches" if len(queue) != n_units else ""))
         inflight: dict = {}  # future -> (actor index, batch of units)
@@ -181,7 +181,7 @@ class RayExecutor:
                 continue
             for unit, out in zip(batch, outs):
                 if "error" in out:
-                    done(unit, None, out["error"])
+                    done(unit, None, ModelLoadError(out["error"]))
                     continue
                 base = path = unit.out_dir
                 try:

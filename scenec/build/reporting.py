@@ -12,6 +12,7 @@ from scenec.spec.diagnostics import display_path, printable
 from .manifest import Manifest
 from .options import BuildOptions
 from .planning import BatchPlan, Item, plan_batch
+from .pool import ModelLoadError
 
 STALE_STATES = ("new", "changed", "missing", "modified")
 
@@ -27,6 +28,7 @@ class BuildReport:
         self.quiet = quiet
         self.data: dict[str, Any] = {"built": 0, "cached": 0, "failed": 0, "invalid": 0, "outputs": [],
                                      "errors": [], "diagnostics": None, "plan": None}
+        self._models_said: set[str] = set()  # model errors already printed
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -66,10 +68,17 @@ class BuildReport:
         self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "") + f"  [{it.state}: {it.reason}]")
 
     def failed(self, it: Item, msg: str) -> None:
+        """One line per failed image; a model that could not be loaded is explained once (its first line)."""
         self.data["failed"] += 1
         self.data["errors"].append(f"{it.display}:{it.line}: {it.name}: {msg}")
         self.data["outputs"].append({"job": it.job["id"], "name": it.name, "seed": it.job["seed"],
-                                     "status": "failed", "error": msg})
+                                     "status": "failed", "error": str(msg)})
+        if isinstance(msg, ModelLoadError):
+            if msg not in self._models_said:
+                self._models_said.add(msg)
+                self.say(f"scenec: {msg}")
+            self.say(f"scenec: {it.display}:{it.line}: {it.name}: not built: its model could not be loaded (above)")
+            return
         self.say(f"scenec: {it.display}:{it.line}: {it.name}: {msg}")
 
     def finish(self, seconds: float, not_selected: int | None = None) -> dict:
