@@ -9,7 +9,8 @@ steps when the budget is spent, and always writes its results):
   coupled    a coupling group of 4 vs four plain images, beside the anchor (bench/bench_coupled.py)
   cow        COW (inversion + 10 cycles) vs plain, Flux-sized at 1024² (bench/bench_cow.py)
   build      `scenec build` end to end on CUDA from a local random-weight diffusers directory with
-             FLUX.1's transformer width: a regional, a coupled and a reference scene
+             FLUX.1's transformer width: a regional, a coupled and a reference scene; then the regional
+             one with --compile and with --offload model
   anchor     the anchor attention script itself, eager (when bench/anchor/ holds it)
 
 Writes under OUT (default bench/results/<date>-<device>/): suite.json (every step's figures), summary.md
@@ -68,7 +69,9 @@ def steps(smoke: bool, tmp: Path) -> list[tuple[str, list[list[str]], int]]:
                    [*cli, "build", *SCENES, "--model", str(model), "-o", str(tmp / "images"), "--device", "cuda",
                     "--json"],
                    [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-compiled"),
-                    "--device", "cuda", "--compile", "--force", "--json"]], 150),
+                    "--device", "cuda", "--compile", "--force", "--json"],
+                   [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-offload"),
+                    "--device", "cuda", "--offload", "model", "--force", "--json"]], 150),
         ("anchor", [[PY, str(anchor_a), "--cases", "base512,flex1024,dense1024", "--reps", "5"]]
          if anchor_a.is_file() else [], 60),
     ]
