@@ -26,8 +26,9 @@ def registered() -> list[type[Method]]:
     from .inpaint import Inpaint
     from .oneway import OneWay
     from .regional import Regional
+    from .visual import VisualPrompts
 
-    return [Coupling, Regional, OneWay, Inpaint, *EXTRA]
+    return [Coupling, Regional, OneWay, Inpaint, VisualPrompts, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins
