@@ -89,6 +89,14 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             if problem:
                 diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
                             hint="docs/visual-prompts.md says which weights each mode loads")
+            elif p is not None and v.mode == "ip-adapter" and not builtin_adapter(info) and \
+                    not (p.parent / "image_encoder" / "config.json").is_file():
+                diags.error(ls.pos(path + ("adapter",)), f"IP-Adapter `{v.adapter}` has no `image_encoder` "
+                            "directory beside it (its CLIP vision encoder)",
+                            hint="lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
+        elif v.mode == "ip-adapter":
+            diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
+                        hint="add `adapter: path/to/ip-adapter.safetensors`")
         elif not builtin_adapter(info):
             diags.error(ls.pos(path), f"`visual` on `{info.spec}` needs `adapter`: a {v.mode} adapter's .safetensors "
                         "file (only the tiny models build one in code)",

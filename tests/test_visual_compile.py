@@ -117,7 +117,7 @@ def test_cli_exit_2_with_every_error_and_no_traceback(tmp_path):
     import sys
 
     p = write(tmp_path, "    visual: {image: nope.png, mode: kv-mixed, scale: 0.5}\n  - id: owl\n    prompt: owl\n"
-              "    visual: {image: obj.png, mode: ip-adapter}\n", model="tiny-sd")
+              "    visual: {image: obj.png, mode: ip-adapter}\n", model="tiny")
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     out = r.stdout + r.stderr

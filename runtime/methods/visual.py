@@ -20,8 +20,9 @@ The negative (guidance) branch sees the tokens of an all-zero input image, as IP
 unconditional branch does. Adapters load from ``.safetensors`` (``format: scenec-kv-mixed/1`` in the
 metadata, the configuration beside it, the image encoder as a local directory); the offline tiny
 models build a deterministic random adapter and image encoder in code (docs/visual-prompts.md).
-Not implemented here: the paper's test-time refinement of the value tokens and ``ip-adapter`` mode
-(the compiler refuses it on every family).
+``ip-adapter`` mode (SD) loads IP-Adapter weights in diffusers' checkpoint format instead: keys and
+values from one adapter's tokens, region-masked (:class:`IPAdapterKV`). Not implemented here: the
+paper's test-time refinement of the value tokens.
 """
 
 from __future__ import annotations
@@ -70,6 +71,59 @@ class KVMixedAdapter(nn.Module):
     def forward(self, pooled: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(coarse tokens, fine tokens), each ``[B, M, C]``, from the pooled embedding and the grid features."""
         return self.coarse(pooled), self.fine(grid)
+
+    def pair(self, pos, neg) -> tuple[tuple, tuple]:
+        """The (key, value) tokens of the image's encoder output and of the all-zero input's."""
+        return tuple(self(h.pooler_output, h.hidden_states[-2]) for h in (pos, neg))
+
+
+class IPAdapterKV(nn.Module):
+    """An IP-Adapter (Ye et al., arXiv 2308.06721) in the original/diffusers checkpoint format
+    (``image_proj.*``, ``ip_adapter.<i>.to_k_ip.weight``): diffusers' own conversion builds the image
+    projection (``UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers``: IP-Adapter, Plus,
+    Full Face, …); cross-attention layer k (in ``attn_processors`` order) has the projections of entry
+    2k + 1, as diffusers' ``_convert_ip_adapter_attn_to_diffusers`` reads them. Keys and values come from
+    the same tokens; the negative branch sees a zero embedding (IP-Adapter) or a zero image's grid (Plus),
+    as ``StableDiffusionPipeline.prepare_ip_adapter_image_embeds`` does."""
+
+    def __init__(self, unet, state: dict[str, torch.Tensor], names: list[str], path: str):
+        super().__init__()
+        proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+        self.image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(proj, low_cpu_mem_usage=False)
+        self.grid_input = "latents" in proj  # Plus: the resampler reads the penultimate grid features
+        self.to_k, self.to_v = nn.ModuleDict(), nn.ModuleDict()
+        for i, name in enumerate(names):
+            for kv, dest in (("to_k_ip", self.to_k), ("to_v_ip", self.to_v)):
+                w = state.get(f"ip_adapter.{2 * i + 1}.{kv}.weight")
+                if w is None:
+                    raise PlanError(f"IP-Adapter {path} has no {kv} for cross-attention {i} ({name}): it was made "
+                                    "for another model")
+                dest[layer_key(name)] = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                dest[layer_key(name)].weight.data.copy_(w)
+
+    def pair(self, pos, neg) -> tuple[tuple, tuple]:
+        if self.grid_input:
+            toks = [self.image_proj(h.hidden_states[-2]) for h in (pos, neg)]
+        else:
+            toks = [self.image_proj(e) for e in (pos.image_embeds, torch.zeros_like(pos.image_embeds))]
+        return (toks[0], toks[0]), (toks[1], toks[1])
+
+
+def load_ip_adapter(path: str, sha256: str, unet) -> tuple[IPAdapterKV, dict[str, nn.Module]]:
+    """An IP-Adapter file (digest checked) for this UNet's cross-attention layers; and those layers."""
+    from safetensors.torch import load_file
+
+    from scenec.spec.fsio import sha256_file
+
+    try:
+        if sha256_file(path) != sha256:
+            raise PlanError(f"adapter {path} changed since the plan was compiled (compile again)")
+        state = load_file(path)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"adapter {path}: {e}") from None
+    names = [k[:-len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+    mods = dict(unet.named_modules())
+    return IPAdapterKV(unet, state, names, path).eval().requires_grad_(False), {n: mods[n] for n in names}
 
 
 def attention_layers(model: nn.Module, sites: set[str]) -> dict[str, nn.Module]:
@@ -130,16 +184,18 @@ def load_adapter(path: str, sha256: str, layers: dict[str, nn.Module]) -> tuple[
     return adapter.eval().requires_grad_(False), meta.get("image_encoder", "")
 
 
-def image_encoder(spec: str):
-    """(CLIPVisionModel, CLIPImageProcessor) from a local directory (safetensors only, never downloaded)."""
+def image_encoder(spec: str, projection: bool = False):
+    """(CLIPVisionModel, CLIPImageProcessor) from a local directory (safetensors only, never downloaded);
+    ``projection``: CLIPVisionModelWithProjection (IP-Adapter's)."""
     from pathlib import Path
 
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
 
     d = Path(spec)
     if not (d / "config.json").is_file():
         raise PlanError(f"the adapter's image encoder `{spec}` is not a local CLIPVisionModel directory")
-    model = CLIPVisionModel.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
+    cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    model = cls.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
     if (d / "preprocessor_config.json").is_file():
         proc = CLIPImageProcessor.from_pretrained(str(d), local_files_only=True)
     else:
@@ -189,10 +245,10 @@ class VisualPrompts(Method):
         self.joint = {s.name for s in be.sites if s.text and s.image_keys}
         self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
         layers = attention_layers(model, self.joint | self.cross)
-        names = {id(mod): layer_key(name) for name, mod in layers.items()}
         self.prompts = []
         for vp in run.job.visuals:
-            adapter, encoder, proc = self._load(vp, layers)
+            adapter, encoder, proc, used = self._load(vp, layers, model)
+            names = {id(mod): layer_key(name) for name, mod in used.items()}
             adapter.to(device=be.device, dtype=torch.float32)
             encoder.to(device=be.device, dtype=torch.float32)
             pos, neg = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
@@ -202,18 +258,28 @@ class VisualPrompts(Method):
                 visible[h * w] = region_membership([run.plan.mask(vp.masks, g)], (h, w))[0].to(be.device)
             self.prompts.append(VisualPrompt(vp, adapter, pos, neg, visible, names))
 
-    def _load(self, vp, layers):
-        if vp.mode != "kv-mixed":
-            raise PlanError(f"visual prompt {vp.entity!r}: mode {vp.mode!r} is not supported by this runtime yet")
-        if vp.adapter is None:
-            from ..tiny import tiny_clip_vision
+    def _load(self, vp, layers, model):
+        """(adapter, image encoder, its processor, the attention layers it serves)."""
+        from pathlib import Path
 
-            if getattr(self.run.backend, "model_id", "") not in ("tiny", "tiny-sd", "tiny-sdxl"):
+        from ..tiny import tiny_clip_vision
+
+        tiny = getattr(self.run.backend, "model_id", "") in ("tiny", "tiny-sd", "tiny-sdxl")
+        if vp.mode == "ip-adapter":
+            if vp.adapter is None or self.joint:
+                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter and a UNet")
+            adapter, used = load_ip_adapter(vp.adapter, vp.adapter_sha256, model)
+            enc = Path(vp.adapter).parent / "image_encoder"  # h94/IP-Adapter's layout: models/image_encoder
+            if not enc.is_dir() and tiny:
+                return (adapter, *tiny_clip_vision(projection=True), used)
+            return (adapter, *image_encoder(str(enc), projection=True), used)
+        if vp.adapter is None:
+            if not tiny:
                 raise PlanError(f"visual prompt {vp.entity!r}: no adapter, and only the tiny models build one")
             encoder, proc = tiny_clip_vision()
-            return tiny_adapter(layers, encoder.config.hidden_size), encoder, proc
+            return tiny_adapter(layers, encoder.config.hidden_size), encoder, proc, layers
         adapter, enc = load_adapter(vp.adapter, vp.adapter_sha256, layers)
-        return (adapter, *image_encoder(enc))
+        return (adapter, *image_encoder(enc), layers)
 
     def modifiers(self, call) -> list:
         from ..attention import ExtraKV
@@ -231,13 +297,10 @@ class VisualPrompts(Method):
 
 
 @torch.no_grad()
-def _encode(encoder, proc, adapter: KVMixedAdapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
-    """(coarse, fine) tokens of the image and of an all-zero input (the negative branch's), float32."""
+def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
+    """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
     from PIL import Image
 
     pix = proc(images=Image.fromarray(np.asarray(rgb, np.uint8)), return_tensors="pt").pixel_values.to(device)
-    out = []
-    for x in (pix, torch.zeros_like(pix)):
-        h = encoder(pixel_values=x.float(), output_hidden_states=True)
-        out.append(adapter(h.pooler_output, h.hidden_states[-2]))
-    return out[0], out[1]
+    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, torch.zeros_like(pix)))
+    return adapter.pair(pos, neg)
