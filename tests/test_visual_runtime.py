@@ -29,7 +29,15 @@ entities:
     shape: {{box: [0.5, 0.0, 1.0, 0.5]}}
 {cat}"""
 
-BACKENDS = {"tiny": tiny_backend, "tiny-sd": tiny_sd_backend}
+def tiny_sdxl_backend(_cache={}):
+    from scenec.runtime.families import load_backend
+
+    if not _cache:
+        _cache["be"] = load_backend("tiny-sdxl", device="cpu", dtype="fp32")
+    return _cache["be"]
+
+
+BACKENDS = {"tiny": tiny_backend, "tiny-sd": tiny_sd_backend, "tiny-sdxl": tiny_sdxl_backend}
 
 
 def compile_(tmp_path, name, model="tiny", fox="", cat=""):
@@ -46,7 +54,7 @@ def latents(model, plan):
     return run_job(BACKENDS[model](), plan, plan.jobs[0], decode=False).latents
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd", "tiny-sdxl"])
 def test_scale_zero_is_the_scene_without_the_visual_prompt(tmp_path, model):
     plain = latents(model, compile_(tmp_path, "plain", model))
     zero = latents(model, compile_(tmp_path, "zero", model, fox="    visual: {image: fox.png, scale: 0}\n"))

@@ -241,7 +241,7 @@ class VisualPrompts(Method):
 
     def setup(self) -> None:
         run, be = self.run, self.run.backend
-        model = getattr(be, "transformer", None) or be.unet
+        model = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
         self.joint = {s.name for s in be.sites if s.text and s.image_keys}
         self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
         layers = attention_layers(model, self.joint | self.cross)
