@@ -26,8 +26,12 @@ METHODS: dict[str, str] = {
     "reference": "reference images",  # `reference`: COW's paste and re-noise cycles
     "sow": "SOW attention modulation",  # `reference.modulation`: attention toward/away from a reference
     "inpaint": "inpainting",  # `background.image`: keep the init image outside the regions
+    "visual": "object-level visual prompts",  # `visual` (kv-mixed): image tokens in the region's attention
+    "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
 }
 ALL_METHODS = frozenset(METHODS)
+# IP-Adapter weights load on SD's UNet only so far (docs/visual-prompts.md)
+KV_ONLY = ALL_METHODS - {"ip-adapter"}
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,14 @@ class Family:
 # Both families' regional attention is built on them.
 MAX_ENTITIES = 62
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, methods=KV_ONLY)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
 # SDXL: SD's UNet geometry (attention at 1/16 and 1/32 of the canvas on the released models; the
 # other grids cost nothing), two text encoders, a pooled vector and size micro-conditioning
 SDXL = Family("sdxl", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
-              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
+              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
+            methods=KV_ONLY)
 FAMILIES = {"flux": FLUX, "sd": SD, "sdxl": SDXL}
 # a diffusers model directory's `model_index.json` names its pipeline class: the family it runs on
 PIPELINE_FAMILIES = {"FluxPipeline": FLUX, "StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
@@ -176,6 +181,10 @@ def check_family(ls, info: ModelInfo, diags) -> None:
                 and r.cycles > 0:
             lacks("sow", path + ("modulation",), "`reference.modulation` needs",
                   hint="set `modulation: false` to use the reference without it")
+        if e.visual is not None and not lacks("visual", ("entities", i, "visual"), "`visual` needs") \
+                and e.visual.mode == "ip-adapter":
+            lacks("ip-adapter", ("entities", i, "visual", "mode"), "`mode: ip-adapter` needs",
+                  hint="use `mode: kv-mixed` with a kv-mixed adapter")
     limit = fam.max_entities
     if limit is None:
         return

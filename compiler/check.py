@@ -42,6 +42,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)
+    from .visual import check_visuals
+
+    check_visuals(ls, info, steps, diags)  # entities' visual prompts (compiler/visual.py)
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)

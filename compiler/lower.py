@@ -121,15 +121,16 @@ def lower(ir: IR) -> CompiledPlan:
             s = next(s for s in streams if s.entity == c.entity)
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
+        visuals = _lower_visuals(ir, streams, region_masks, tensors)
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line),
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
-                    init_image=init_name, inpaint_mask=inpaint, conditions=conds,
+                    init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
                     program=list(ir.programs.get(job.id, ())),
                     matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
-        # the `matrix` key is present only in scenes with a matrix
-        jobs_json.append(typed.model_dump(by_alias=True, mode="json",
-                                          exclude=None if typed.matrix is not None else {"matrix"}))
+        # the `matrix` and `visuals` keys are present only in scenes with a matrix and visual prompts
+        absent = {k for k in ("matrix", "visuals") if not getattr(typed, k)}
+        jobs_json.append(typed.model_dump(by_alias=True, mode="json", exclude=absent or None))
 
     groups = []
     for gnode in sorted(ir.nodes(GroupNode), key=lambda x: x.id):
@@ -201,6 +202,20 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
                      modulation=Modulation(**c.modulation) if c.modulation is not False else False)
 
 
+def _lower_visuals(ir: IR, streams, region_masks, tensors: dict) -> list:
+    """The visual prompts of a job's entities (compiler/visual.py), each with its entity's region masks."""
+    from .visual import lower_visual
+
+    idx = {e.id: i for i, e in enumerate(ir.scene.scene.entities)}
+    out = []
+    for s in streams[1:]:
+        i = idx.get(s.entity) if s.entity is not None else None
+        if i is not None and ir.scene.scene.entities[i].visual is not None:
+            reg = ir.region_of(s.id)
+            out.append(lower_visual(ir, i, region_masks(reg) if reg is not None else None, tensors))
+    return out
+
+
 def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -> np.ndarray:
     """The reference fitted into the region's bounding box on a neutral grey canvas; alpha = the region's
     coverage × the placed image's footprint (``raster.footprint``: letterbox bars are not the reference)."""
@@ -262,6 +277,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
         material["entities"] = [identity({**{k: v for k, v in e.items() if k != "region"},  # a plan-wide name
                                           "prompt": text(e["prompt"]), "negative": text(e["negative"])})
                                 for e in material["entities"]]
+        for vp in material.get("visuals", ()):  # an adapter is its content (the digest), not where it lies
+            vp.pop("adapter", None)
         if job["group"]:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])

@@ -93,14 +93,31 @@ class Branches:
 @dataclass
 class ExtraKV:
     """Extra key/value tokens (``k``, ``v``: ``[B|1, H, M, D]``) appended to every call at ``sites``,
-    visible only to image queries with ``visible`` (bool ``[n_img]``) and scaled by ``scale``
-    (the logits get + log(scale)); queries outside see nothing of them."""
+    visible only to image queries with ``visible`` (bool ``[n_img]``, or a dict: image token count → that
+    grid's) and scaled by ``scale`` (the logits get + log(scale)); queries outside see nothing of them.
 
-    k: torch.Tensor
-    v: torch.Tensor
-    visible: torch.Tensor
+    ``project``: the tokens per attention layer instead (the layer's module → (k, v)), for adapters with
+    their own projections in every layer (visual prompts, runtime/methods/visual.py). ``decoupled``: a
+    separate attention over the extra tokens added to the call's output, ``out + scale·vis·attn(q, k_x, v_x)``
+    (IP-Adapter's decoupled cross-attention, arXiv 2308.06721, §3.2), instead of one softmax over both."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    visible: torch.Tensor | dict
     scale: float
     sites: frozenset[str]
+    project: Callable | None = None
+    decoupled: bool = False
+
+    def tokens(self, module) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.k, self.v) if self.project is None else self.project(module)
+
+    def visible_for(self, n_img: int) -> torch.Tensor:
+        if not isinstance(self.visible, dict):
+            return self.visible
+        if n_img not in self.visible:
+            raise PlanError(f"extra tokens have no visibility for a grid of {n_img} tokens")
+        return self.visible[n_img]
 
 
 class Bias(Protocol):
@@ -172,6 +189,7 @@ class Attention:
         self.rows = slice(None)  # batch rows of the positive branch (indicators read only those)
         self.probe: list | None = None  # tests: set to a list to record attention weights
         self.cache: dict = {}  # per model call: dense biases built once for all blocks
+        self.module = None  # the attention layer calling `attend` (set by the processors; ExtraKV.project)
 
     def set(self, mods: list, n_img: int = 0, rows: slice = slice(None)) -> None:
         self.mods, self.n_img, self.rows = list(mods), n_img, rows
@@ -367,25 +385,52 @@ def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: i
 
 def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, extra: list[ExtraKV],
                 n_text: int, n_img: int):
-    """Attention with extra key/value tokens appended after the call's own keys (see :class:`ExtraKV`)."""
+    """Attention with extra key/value tokens (see :class:`ExtraKV`): the joint ones appended after the call's
+    own keys in one softmax, then each decoupled one's attention added to the output."""
     B, N_q = q.shape[0], q.shape[2]
     N_k = k.shape[2]
-    if mask is None:
-        allow = torch.ones(N_q, N_k, dtype=torch.bool, device=q.device)
-    else:
-        allow = mask.dense_allow(q.device) if mask.impl != "cross" else mask.mask[0, 0]
     q_img = torch.arange(N_q, device=q.device) >= (N_q - n_img)  # image queries (joint: after the text)
-    ks, vs, cols, adds = [k], [v], [allow], []
-    for e in extra:
-        vis = torch.zeros(N_q, dtype=torch.bool, device=q.device)
-        vis[q_img] = e.visible.to(q.device)
-        M = e.k.shape[2]
-        ks.append(e.k.to(k.dtype).expand(B, -1, -1, -1))
-        vs.append(e.v.to(v.dtype).expand(B, -1, -1, -1))
-        cols.append(vis[:, None].expand(N_q, M))
-        adds.append(torch.full((M,), float(np.log(e.scale)) if e.scale > 0 else float("-inf"), device=q.device))
-    allow_all = torch.cat(cols, dim=1)
-    add = torch.cat([torch.zeros(N_k, device=q.device)] + adds)
-    logit_bias = torch.where(allow_all, add[None, :], torch.tensor(float("-inf"), device=q.device))
-    return F.scaled_dot_product_attention(q, _seq_cat(ks), _seq_cat(vs), attn_mask=logit_bias.to(q.dtype)[None, None])
 
+    def visible(e: ExtraKV) -> torch.Tensor:
+        vis = torch.zeros(N_q, dtype=torch.bool, device=q.device)
+        vis[q_img] = e.visible_for(n_img).to(q.device)
+        return vis
+
+    joint = [e for e in extra if not e.decoupled]
+    if not joint:
+        out = _kernel(ctl, site, q, k, v, mask, None, n_text, n_img)
+    else:
+        if mask is None:
+            allow = torch.ones(N_q, N_k, dtype=torch.bool, device=q.device)
+        else:
+            allow = mask.dense_allow(q.device) if mask.impl != "cross" else mask.mask[0, 0]
+        ks, vs, cols, adds = [k], [v], [allow], []
+        for e in joint:
+            ek, ev = e.tokens(ctl.module)
+            M = ek.shape[2]
+            ks.append(ek.to(k.dtype).expand(B, -1, -1, -1))
+            vs.append(ev.to(v.dtype).expand(B, -1, -1, -1))
+            cols.append(visible(e)[:, None].expand(N_q, M))
+            adds.append(torch.full((M,), float(np.log(e.scale)) if e.scale > 0 else float("-inf"), device=q.device))
+        allow_all = torch.cat(cols, dim=1)
+        add = torch.cat([torch.zeros(N_k, device=q.device)] + adds)
+        logit_bias = torch.where(allow_all, add[None, :], torch.tensor(float("-inf"), device=q.device))
+        kk, vv = _seq_cat(ks), _seq_cat(vs)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=logit_bias.to(q.dtype)[None, None])
+        if ctl.probe is not None:
+            logits = (q.float() @ kk.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5) + logit_bias
+            w = torch.softmax(logits, -1)
+            ctl.probe.append({"kind": "extra", "site": site.name, "n_q": N_q, "n_k": N_k, "weights": w,
+                              "expected": w @ vv.float(), "out": out.float()})
+    for e in extra:
+        if not e.decoupled:
+            continue
+        ek, ev = e.tokens(ctl.module)
+        gain = visible(e).to(torch.float32) * e.scale  # per query: scale inside, exactly 0 outside
+        ek, ev = ek.to(q.dtype).expand(B, -1, -1, -1), ev.to(v.dtype).expand(B, -1, -1, -1)
+        ip = F.scaled_dot_product_attention(q, ek, ev)
+        if ctl.probe is not None:
+            ctl.probe.append({"kind": "extra-decoupled", "site": site.name, "n_q": N_q, "gain": gain,
+                              "base": out.float(), "extra": ip.float()})
+        out = out + ip * gain.to(q.dtype)[None, None, :, None]
+    return out

@@ -2,7 +2,7 @@
 
 Two jobs are batch-compatible when one denoising loop can carry both as rows of one batch: same
 model, canvas, sampler and attention settings, the same step program (``from``/``to``/``regional``
-per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions,
+per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions, visual prompts,
 stochastic steps). Prompts, entities, regions, seeds and init images may differ: the runtime pads
 each row's text to a common length and masks the padding out (runtime/sampler.run_batch).
 
@@ -21,8 +21,8 @@ def batch_key(plan_json: dict, job: dict) -> str | None:
     model = plan_json.get("model") or {}
     if model.get("family", "flux") not in FAMILIES:
         return None
-    if job.get("group") or job.get("conditions"):
-        return None  # coupling groups run together (shared prefix); references run cycles
+    if job.get("group") or job.get("conditions") or job.get("visuals"):
+        return None  # coupling groups run together (shared prefix); references run cycles; visual prompts alone
     program = []
     for op in job.get("program") or []:
         if op.get("op") != "denoise" or op.get("theta") is not None or op.get("eta"):

@@ -151,3 +151,23 @@ def build_tiny_flux(dtype: torch.dtype = torch.float32, device: str | torch.devi
             m.to(device=device, dtype=dtype)
         m.eval().requires_grad_(False)
     return TinyFlux(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer)
+
+
+VISION_SEED = SEED + 7
+VISION_SIZE = 32  # the tiny image encoder's input side
+
+
+def tiny_clip_vision(width: int = 32, projection: bool = False):
+    """A two-layer CLIP vision encoder (``CLIPVisionModel``, or ``CLIPVisionModelWithProjection`` as
+    IP-Adapter uses) on 32 px images in 8 px patches, and its ``CLIPImageProcessor`` (random weights,
+    seeded: the same bytes every run; the caller's RNG untouched)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VISION_SEED)
+        model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(CLIPVisionConfig(
+            hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=VISION_SIZE, patch_size=8, projection_dim=width, hidden_act="quick_gelu"))
+    processor = CLIPImageProcessor(size={"shortest_edge": VISION_SIZE},
+                                   crop_size={"height": VISION_SIZE, "width": VISION_SIZE})
+    return model.eval().requires_grad_(False), processor

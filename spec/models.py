@@ -223,6 +223,21 @@ class ModelSpec(_Node):
     id: Annotated[str, Field(min_length=1)] = Field(description="a built-in alias, a model id, or a local diffusers "
                                                     "directory")
     lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order")
+class Visual(_Node):
+    """An object-level visual prompt (arXiv 2501.01424; docs/visual-prompts.md): the entity's look from an
+    image, as extra key/value tokens seen only by the image tokens of the entity's region."""
+
+    image: Annotated[str, Field(min_length=1, description="the object's image (under the project root)")]
+    mode: Literal["kv-mixed", "ip-adapter"] = Field(
+        "kv-mixed", description="kv-mixed: keys from a coarse adapter, values from a fine one (the paper); "
+        "ip-adapter: keys and values from one IP-Adapter")
+    adapter: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="adapter weights (.safetensors, under the project root); optional only on the tiny "
+        "models, which build a deterministic random adapter")
+    scale: Annotated[float, Field(ge=0.0, le=10.0)] = Field(1.0, description="weight of the visual tokens; 0 = off")
+    window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise) between which the "
+        "visual tokens act: the sampler steps that start inside [first, second)")
 
 
 class EntityFields(_Node):
@@ -236,6 +251,7 @@ class EntityFields(_Node):
     reference: Reference | None = None
     lora: list[Lora] | None = Field(None, description="LoRAs acting only on this entity's prompt tokens and its "
                                     "region's image tokens")
+    visual: Visual | None = None
 
 
 def _entity_schema(schema: dict) -> None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from .diagnostics import printable
 from .errors import PlanError, Unsupported
 from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
+from .plan_visual import Visual, check_visual
 
 FORMAT = "scenec-plan/1"
 
@@ -124,6 +125,7 @@ class Job(_T):
     init_image: str | None = None
     inpaint_mask: MaskRef | None = None
     conditions: list[Condition] = []
+    visuals: list[Visual] = []  # object-level visual prompts (spec/plan_visual.py)
     program: list[Op]
     matrix: dict[str, Any] | None = None
 
@@ -401,6 +403,8 @@ class Plan:
             self._check_masks(c.related, f"{cw} (related)", None if c.sow else ())
             if not 0 <= c.window[0] <= c.window[1] <= steps:
                 raise PlanError(f"{cw}: window {list(c.window)} outside 0..{steps}")
+        for vp in job.visuals:
+            check_visual(self, vp, what)
         if job.group is not None and job.coupled:
             self.group(job.group)
         forks = 0

@@ -67,6 +67,7 @@ class FluxProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        self.ctl.module = attn  # layer-specific extra tokens (ExtraKV.project)
         out = attend(self.ctl, self.site, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mods)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:

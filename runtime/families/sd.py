@@ -59,6 +59,7 @@ class SDProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
+        self.ctl.module = attn  # layer-specific extra tokens (ExtraKV.project)
         out = attend(self.ctl, self.site, q, k, v, mods)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

@@ -27,9 +27,10 @@ def registered() -> list[type[Method]]:
     from .lora import Lora
     from .oneway import OneWay
     from .regional import Regional
+    from .visual import VisualPrompts
 
     # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
-    return [Lora, Coupling, Regional, OneWay, Inpaint, *EXTRA]
+    return [Lora, Coupling, Regional, OneWay, Inpaint, VisualPrompts, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins

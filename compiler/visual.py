@@ -1,0 +1,140 @@
+"""Object-level visual prompts (arXiv 2501.01424) in the compiler: checks at FILE:LINE:COL and lowering.
+
+``entities[].visual`` names the object's image and the adapter that turns it into tokens. The check
+pass opens both through the same code as every other file a scene names (``compiler.files``: inside
+the project root, regular files, the image pixel limit and format checks); an adapter is read only as
+far as its safetensors header (no torch here). Lowering puts the image (scaled to at most
+``MAX_VISUAL_SIDE`` a side), the adapter's path and digest, the scale, the window as step indices and
+the entity's region masks into each job that shows the entity (``spec.plan_visual.Visual``).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.load import LoadedScene
+from scenec.spec.plan_visual import MAX_VISUAL_SIDE, Visual
+
+from .caps import ModelInfo
+from .files import open_image, resolve_file
+
+KV_MIXED_FORMAT = "scenec-kv-mixed/1"  # the `format` entry of a kv-mixed adapter's safetensors metadata
+MAX_HEADER = 100 << 20
+
+
+def builtin_adapter(info: ModelInfo) -> bool:
+    """The offline tiny models carry a deterministic random adapter built in code (no file needed)."""
+    return info.source == "alias" and info.repo is None
+
+
+def adapter_header(path) -> dict | None:
+    """A safetensors file's header (tensor name → entry, ``__metadata__``), or None when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                return None
+            (n,) = struct.unpack("<Q", raw)
+            if not 0 < n <= MAX_HEADER:
+                return None
+            head = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
+
+
+def _adapter_problem(head: dict | None, mode: str) -> str | None:
+    if head is None:
+        return "is not a safetensors file"
+    names = [k for k in head if k != "__metadata__"]
+    if mode == "kv-mixed":
+        meta = head.get("__metadata__") or {}
+        if meta.get("format") != KV_MIXED_FORMAT:
+            return f"is not a kv-mixed adapter (its metadata has no `format: {KV_MIXED_FORMAT}`)"
+        return None
+    if not any(k.startswith("image_proj.") for k in names) or not any(k.startswith("ip_adapter.") for k in names):
+        return "is not an IP-Adapter (no `image_proj.*` and `ip_adapter.*` tensors)"
+    return None
+
+
+def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnostics) -> None:
+    """Every entity's ``visual``: its image, its adapter (present where the model needs one, a safetensors
+    file of the mode's kind) and its window; problems at the key that has them, all of them."""
+    from .levels import level_index, noise_levels
+
+    table = None
+    sc = ls.scene
+    grouped = {eid for g in sc.groups for v in g.variants for eid in (v.entities or ())}
+    sow = any(e.reference is not None and e.reference.modulation is not False and e.reference.cycles > 0
+              for e in sc.entities)
+    for i, e in enumerate(sc.entities):
+        v = e.visual
+        if v is None:
+            continue
+        path = ("entities", i, "visual")
+        if e.id in grouped:
+            diags.error(ls.pos(path), f"`{e.id}` has a visual prompt and is shown in a coupling group: the two "
+                        "do not run together yet", hint="use the entity outside `groups`, or drop `visual`")
+        if sow and info.family.name == "flux":
+            diags.error(ls.pos(path), "visual prompts and SOW attention modulation do not run in one Flux image yet",
+                        hint="set `modulation: false` on the reference")
+        open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
+        if v.adapter is not None:
+            p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
+            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode)
+            if problem:
+                diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
+                            hint="docs/visual-prompts.md says which weights each mode loads")
+            elif p is not None and v.mode == "ip-adapter" and not builtin_adapter(info) and \
+                    not (p.parent / "image_encoder" / "config.json").is_file():
+                diags.error(ls.pos(path + ("adapter",)), f"IP-Adapter `{v.adapter}` has no `image_encoder` "
+                            "directory beside it (its CLIP vision encoder)",
+                            hint="lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
+        elif v.mode == "ip-adapter":
+            diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
+                        hint="add `adapter: path/to/ip-adapter.safetensors`")
+        elif not builtin_adapter(info):
+            diags.error(ls.pos(path), f"`visual` on `{info.spec}` needs `adapter`: a {v.mode} adapter's .safetensors "
+                        "file (only the tiny models build one in code)",
+                        hint="add `adapter: path/to/adapter.safetensors`")
+        hi, lo = v.window
+        if hi <= lo:
+            diags.error(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] must go from a higher noise "
+                        "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+            continue
+        table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps) if table is None else table
+        if level_index(hi, table) == level_index(lo, table):
+            diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
+                          f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
+
+
+def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
+    """Entity ``i``'s visual prompt for a job, its region's ``masks`` on every grid (None: the whole canvas)."""
+    from PIL import Image
+
+    from scenec.spec.fsio import sha256_file
+
+    from .levels import level_index, noise_levels
+
+    e = ir.scene.scene.entities[i]
+    v, path = e.visual, ("entities", i, "visual")
+    p = ir.scene.resolve(path + ("image",), v.image)
+    name = f"visual/{e.id}/image"
+    if name not in tensors:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB")
+        if max(rgb.size) > MAX_VISUAL_SIDE:
+            rgb.thumbnail((MAX_VISUAL_SIDE, MAX_VISUAL_SIDE), Image.Resampling.LANCZOS)
+        tensors[name] = np.asarray(rgb, dtype=np.uint8)
+    adapter = digest = None
+    if v.adapter is not None:
+        a = ir.scene.resolve(path + ("adapter",), v.adapter)
+        adapter, digest = str(a), sha256_file(a)
+    table = noise_levels(ir.info, ir.canvas, ir.steps)
+    return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
+                  adapter_sha256=digest, scale=v.scale, masks=masks,
+                  window=(level_index(v.window[0], table), level_index(v.window[1], table)))

@@ -1,0 +1,306 @@
+"""Object-level visual prompts (Parmar et al., arXiv 2501.01424): an entity's look from an image.
+
+KV-mixed cross-attention (the paper's §3): the object's image goes through an image encoder (CLIP
+vision, transformers' ``CLIPVisionModel``); a **coarse** adapter (a linear map of the pooled embedding
+to a few tokens, diffusers' ``ImageProjection``: a narrow bottleneck, where the object goes) gives the
+**keys**, and a **fine** adapter (a Perceiver resampler over the encoder's grid features, diffusers'
+``IPAdapterPlusImageProjection``: a wide bottleneck, what it looks like) gives the **values**; each
+attention layer projects them with its own pair of linear maps (``to_k``/``to_v`` per layer in the
+adapter). The tokens join the attention of the image tokens of the entity's region only — the
+paper's compositional guidance (§3.4) confines each visual prompt's attention to its object's segment;
+the scene gives the layout, so the segment is the known region — scaled by ``scale``, on the denoise
+ops inside ``window``:
+
+- Flux (joint attention): extra key/value tokens in the one softmax, visible only to the region's image
+  queries, logits + log(scale) (:class:`~scenec.runtime.attention.ExtraKV`);
+- SD/SDXL (cross-attention): decoupled cross-attention as IP-Adapter (arXiv 2308.06721, §3.2),
+  ``out + scale·m·softmax(q k_vᵀ/√d) v_v`` with m the region (``ExtraKV(decoupled=True)``).
+
+The negative (guidance) branch sees the tokens of an all-zero input image, as IP-Adapter's
+unconditional branch does. Adapters load from ``.safetensors`` (``format: scenec-kv-mixed/1`` in the
+metadata, the configuration beside it, the image encoder as a local directory); the offline tiny
+models build a deterministic random adapter and image encoder in code (docs/visual-prompts.md).
+``ip-adapter`` mode (SD) loads IP-Adapter weights in diffusers' checkpoint format instead: keys and
+values from one adapter's tokens, region-masked (:class:`IPAdapterKV`). Not implemented here: the
+paper's test-time refinement of the value tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from scenec.spec.errors import PlanError
+
+from ..layout import region_membership
+from .base import Method
+
+FORMAT = "scenec-kv-mixed/1"  # compiler/visual.py KV_MIXED_FORMAT: what the check pass accepts
+TINY_SEED = 20250401
+
+
+def layer_key(name: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return name.replace(".", "__")
+
+
+class KVMixedAdapter(nn.Module):
+    """The coarse and fine adapters and each attention layer's key/value projections (module docstring).
+
+    ``config``: ``tokens`` (M), ``dim`` (C, the tokens' width), ``embed_dim`` (the image encoder's width),
+    ``hidden_dim``, ``depth``, ``heads``, ``dim_head`` (the resampler) and ``layers`` (module path → the
+    layer's inner width)."""
+
+    def __init__(self, config: dict):
+        from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+        super().__init__()
+        c = self.config = dict(config)
+        self.coarse = ImageProjection(image_embed_dim=c["embed_dim"], cross_attention_dim=c["dim"],
+                                      num_image_text_embeds=c["tokens"])
+        self.fine = IPAdapterPlusImageProjection(
+            embed_dims=c["embed_dim"], output_dims=c["dim"], hidden_dims=c["hidden_dim"], depth=c["depth"],
+            dim_head=c["dim_head"], heads=c["heads"], num_queries=c["tokens"], ffn_ratio=2)
+        self.to_k = nn.ModuleDict({layer_key(n): nn.Linear(c["dim"], d, bias=False) for n, d in c["layers"].items()})
+        self.to_v = nn.ModuleDict({layer_key(n): nn.Linear(c["dim"], d, bias=False) for n, d in c["layers"].items()})
+
+    def forward(self, pooled: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coarse tokens, fine tokens), each ``[B, M, C]``, from the pooled embedding and the grid features."""
+        return self.coarse(pooled), self.fine(grid)
+
+    def pair(self, pos, neg) -> tuple[tuple, tuple]:
+        """The (key, value) tokens of the image's encoder output and of the all-zero input's."""
+        return tuple(self(h.pooler_output, h.hidden_states[-2]) for h in (pos, neg))
+
+
+class IPAdapterKV(nn.Module):
+    """An IP-Adapter (Ye et al., arXiv 2308.06721) in the original/diffusers checkpoint format
+    (``image_proj.*``, ``ip_adapter.<i>.to_k_ip.weight``): diffusers' own conversion builds the image
+    projection (``UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers``: IP-Adapter, Plus,
+    Full Face, …); cross-attention layer k (in ``attn_processors`` order) has the projections of entry
+    2k + 1, as diffusers' ``_convert_ip_adapter_attn_to_diffusers`` reads them. Keys and values come from
+    the same tokens; the negative branch sees a zero embedding (IP-Adapter) or a zero image's grid (Plus),
+    as ``StableDiffusionPipeline.prepare_ip_adapter_image_embeds`` does."""
+
+    def __init__(self, unet, state: dict[str, torch.Tensor], names: list[str], path: str):
+        super().__init__()
+        proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+        self.image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(proj, low_cpu_mem_usage=False)
+        self.grid_input = "latents" in proj  # Plus: the resampler reads the penultimate grid features
+        self.to_k, self.to_v = nn.ModuleDict(), nn.ModuleDict()
+        for i, name in enumerate(names):
+            for kv, dest in (("to_k_ip", self.to_k), ("to_v_ip", self.to_v)):
+                w = state.get(f"ip_adapter.{2 * i + 1}.{kv}.weight")
+                if w is None:
+                    raise PlanError(f"IP-Adapter {path} has no {kv} for cross-attention {i} ({name}): it was made "
+                                    "for another model")
+                dest[layer_key(name)] = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                dest[layer_key(name)].weight.data.copy_(w)
+
+    def pair(self, pos, neg) -> tuple[tuple, tuple]:
+        if self.grid_input:
+            toks = [self.image_proj(h.hidden_states[-2]) for h in (pos, neg)]
+        else:
+            toks = [self.image_proj(e) for e in (pos.image_embeds, torch.zeros_like(pos.image_embeds))]
+        return (toks[0], toks[0]), (toks[1], toks[1])
+
+
+def load_ip_adapter(path: str, sha256: str, unet) -> tuple[IPAdapterKV, dict[str, nn.Module]]:
+    """An IP-Adapter file (digest checked) for this UNet's cross-attention layers; and those layers."""
+    from safetensors.torch import load_file
+
+    from scenec.spec.fsio import sha256_file
+
+    try:
+        if sha256_file(path) != sha256:
+            raise PlanError(f"adapter {path} changed since the plan was compiled (compile again)")
+        state = load_file(path)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"adapter {path}: {e}") from None
+    names = [k[:-len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+    mods = dict(unet.named_modules())
+    return IPAdapterKV(unet, state, names, path).eval().requires_grad_(False), {n: mods[n] for n in names}
+
+
+def attention_layers(model: nn.Module, sites: set[str]) -> dict[str, nn.Module]:
+    """The attention modules whose processors serve ``sites`` (the families' processors carry their site)."""
+    out = {}
+    for name, mod in model.named_modules():
+        site = getattr(getattr(mod, "processor", None), "site", None)
+        if site is not None and site.name in sites:
+            out[name] = mod
+    return out
+
+
+def tiny_adapter(layers: dict[str, nn.Module], embed_dim: int) -> KVMixedAdapter:
+    """The tiny models' adapter: random, seeded (the same bytes every run; the caller's RNG untouched)."""
+    config = dict(tokens=4, dim=32, embed_dim=embed_dim, hidden_dim=32, depth=1, heads=2, dim_head=8,
+                  layers={n: m.to_k.out_features for n, m in layers.items()})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return KVMixedAdapter(config).eval().requires_grad_(False)
+
+
+def save_adapter(adapter: KVMixedAdapter, path, image_encoder: str) -> None:
+    """Write an adapter as ``.safetensors`` with its format, configuration and image encoder in the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "config": json.dumps(adapter.config, sort_keys=True), "image_encoder": image_encoder}
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_adapter(path: str, sha256: str, layers: dict[str, nn.Module]) -> tuple[KVMixedAdapter, str]:
+    """An adapter file as the plan names it (its digest checked) for these attention layers; and its image
+    encoder's directory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from scenec.spec.fsio import sha256_file
+
+    try:
+        if sha256_file(path) != sha256:
+            raise PlanError(f"adapter {path} changed since the plan was compiled (compile again)")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"adapter {path}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise PlanError(f"adapter {path} is not a {FORMAT} adapter")
+    config = json.loads(meta.get("config", "{}"))
+    missing = sorted(set(layers) - set(config.get("layers", {})))
+    if missing:
+        raise PlanError(f"adapter {path} has no projections for this model's layer {missing[0]} "
+                        f"({len(missing)} missing): it was made for another model")
+    config["layers"] = {n: config["layers"][n] for n in layers}
+    adapter = KVMixedAdapter(config)
+    keep = {k: v for k, v in state.items() if not k.startswith(("to_k.", "to_v.")) or k.split(".")[1] in
+            {layer_key(n) for n in layers}}
+    adapter.load_state_dict(keep, strict=True)
+    return adapter.eval().requires_grad_(False), meta.get("image_encoder", "")
+
+
+def image_encoder(spec: str, projection: bool = False):
+    """(CLIPVisionModel, CLIPImageProcessor) from a local directory (safetensors only, never downloaded);
+    ``projection``: CLIPVisionModelWithProjection (IP-Adapter's)."""
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    d = Path(spec)
+    if not (d / "config.json").is_file():
+        raise PlanError(f"the adapter's image encoder `{spec}` is not a local CLIPVisionModel directory")
+    cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    model = cls.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
+    if (d / "preprocessor_config.json").is_file():
+        proc = CLIPImageProcessor.from_pretrained(str(d), local_files_only=True)
+    else:
+        s = model.config.image_size
+        proc = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+    return model.eval().requires_grad_(False), proc
+
+
+class VisualPrompt:
+    """One visual prompt ready to attend: its coarse/fine tokens (positive and negative), the region per
+    grid, and the per-layer projections (cached per layer and row pattern)."""
+
+    def __init__(self, vp, adapter: KVMixedAdapter, pos: tuple, neg: tuple, visible: dict[int, torch.Tensor],
+                 names: dict[int, str]):
+        self.vp, self.adapter, self.pos, self.neg, self.visible, self.names = vp, adapter, pos, neg, visible, names
+        self._kv: dict = {}
+
+    def project(self, negatives: tuple[bool, ...], module) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(module), negatives)
+        if key not in self._kv:
+            name = self.names[id(module)]
+            coarse = torch.cat([self.neg[0] if n else self.pos[0] for n in negatives])
+            fine = torch.cat([self.neg[1] if n else self.pos[1] for n in negatives])
+            k = self.adapter.to_k[name](coarse)
+            v = self.adapter.to_v[name](fine)
+            heads = module.heads
+            self._kv[key] = tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (k, v))
+        return self._kv[key]
+
+
+class VisualPrompts(Method):
+    """The visual prompts of a job (module docstring)."""
+
+    name = "visual"
+    batchable = False
+
+    @classmethod
+    def wants(cls, plan, job) -> bool:
+        return bool(getattr(job, "visuals", None))
+
+    def capabilities(self) -> tuple[str, ...]:
+        return ("visual",) + (("ip-adapter",) if any(v.mode == "ip-adapter" for v in self.run.job.visuals) else ())
+
+    def setup(self) -> None:
+        run, be = self.run, self.run.backend
+        model = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
+        self.joint = {s.name for s in be.sites if s.text and s.image_keys}
+        self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
+        layers = attention_layers(model, self.joint | self.cross)
+        self.prompts = []
+        for vp in run.job.visuals:
+            adapter, encoder, proc, used = self._load(vp, layers, model)
+            names = {id(mod): layer_key(name) for name, mod in used.items()}
+            adapter.to(device=be.device, dtype=torch.float32)
+            encoder.to(device=be.device, dtype=torch.float32)
+            pos, neg = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
+            visible = {}
+            for g in be.image_grids:
+                h, w = run.plan.grid(g)
+                visible[h * w] = region_membership([run.plan.mask(vp.masks, g)], (h, w))[0].to(be.device)
+            self.prompts.append(VisualPrompt(vp, adapter, pos, neg, visible, names))
+
+    def _load(self, vp, layers, model):
+        """(adapter, image encoder, its processor, the attention layers it serves)."""
+        from pathlib import Path
+
+        from ..tiny import tiny_clip_vision
+
+        tiny = getattr(self.run.backend, "model_id", "") in ("tiny", "tiny-sd", "tiny-sdxl")
+        if vp.mode == "ip-adapter":
+            if vp.adapter is None or self.joint:
+                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter and a UNet")
+            adapter, used = load_ip_adapter(vp.adapter, vp.adapter_sha256, model)
+            enc = Path(vp.adapter).parent / "image_encoder"  # h94/IP-Adapter's layout: models/image_encoder
+            if not enc.is_dir() and tiny:
+                return (adapter, *tiny_clip_vision(projection=True), used)
+            return (adapter, *image_encoder(str(enc), projection=True), used)
+        if vp.adapter is None:
+            if not tiny:
+                raise PlanError(f"visual prompt {vp.entity!r}: no adapter, and only the tiny models build one")
+            encoder, proc = tiny_clip_vision()
+            return tiny_adapter(layers, encoder.config.hidden_size), encoder, proc, layers
+        adapter, enc = load_adapter(vp.adapter, vp.adapter_sha256, layers)
+        return (adapter, *image_encoder(enc), layers)
+
+    def modifiers(self, call) -> list:
+        from ..attention import ExtraKV
+
+        mods = []
+        negatives = tuple(call.negatives)
+        for p in self.prompts:
+            if not p.vp.acts(call.level):
+                continue
+            for sites, decoupled in ((self.joint, False), (self.cross, True)):
+                if sites:
+                    mods.append(ExtraKV(None, None, p.visible, p.vp.scale, frozenset(sites),
+                                        project=partial(p.project, negatives), decoupled=decoupled))
+        return mods
+
+
+@torch.no_grad()
+def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
+    """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
+    from PIL import Image
+
+    pix = proc(images=Image.fromarray(np.asarray(rgb, np.uint8)), return_tensors="pt").pixel_values.to(device)
+    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, torch.zeros_like(pix)))
+    return adapter.pair(pos, neg)

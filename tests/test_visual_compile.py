@@ -1,0 +1,144 @@
+"""Object-level visual prompts in the language and the plan: located errors (all at once, exit 2), the
+image and adapter resolved under the project root and checked like every image, the plan's visual
+prompts (image, region masks, window, adapter digest) and the job hash."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.compiler.check import validate_file
+
+SCENE = """scenec: 1
+model: {model}
+canvas: {{width: 128, height: 128}}
+background: {{prompt: "a meadow"}}
+entities:
+  - id: fox
+    prompt: "a red fox"
+    shape: {{box: [0.1, 0.4, 0.5, 0.9]}}
+{visual}  - id: cat
+    prompt: "a cat"
+    shape: {{box: [0.6, 0.1, 0.9, 0.5]}}
+"""
+
+
+def write(tmp_path, visual: str, model: str = "tiny", name: str = "s"):
+    Image.fromarray(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3) % 251).save(tmp_path / "obj.png")
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(SCENE.format(model=model, visual=visual), encoding="utf-8")
+    return p
+
+
+def test_visual_prompt_lowered_with_the_entitys_region(tmp_path):
+    plan = compile_scene(write(tmp_path, "    visual: {image: obj.png, scale: 0.7, window: [1.0, 0.4]}\n"))
+    job = plan.jobs[0]
+    (vp,) = job.visuals
+    assert (vp.entity, vp.mode, vp.scale, vp.adapter, vp.adapter_sha256) == ("fox", "kv-mixed", 0.7, None, None)
+    fox = next(e for e in job.entities if e.id == "fox")
+    assert vp.masks == fox.masks  # the entity's own region on every grid
+    img = plan.tensor(vp.image)
+    assert img.dtype == np.uint8 and img.shape == (48, 64, 3)
+    np.testing.assert_array_equal(img, np.asarray(Image.open(tmp_path / "obj.png").convert("RGB")))
+    from scenec.compiler.caps import ALIASES
+    from scenec.compiler.levels import level_index, noise_levels
+
+    table = noise_levels(ALIASES["tiny"], (128, 128), 4)
+    assert vp.window == (0, level_index(0.4, table)) and 0 < vp.window[1] < 4
+    # jobs without visual prompts keep their plan text (no `visuals` key)
+    plain = compile_scene(write(tmp_path, "", name="plain"))
+    assert "visuals" not in plain.json["jobs"][0]
+
+
+def test_large_images_are_scaled_to_the_plans_limit(tmp_path):
+    p = write(tmp_path, "    visual: {image: big.png}\n")
+    Image.new("RGB", (1200, 600), (10, 200, 30)).save(tmp_path / "big.png")
+    img = compile_scene(p).tensor("visual/fox/image")
+    assert img.shape == (256, 512, 3) and (img[100, 100] == (10, 200, 30)).all()
+
+
+def test_job_hash_follows_the_visual_prompt_and_the_adapters_content(tmp_path):
+    from safetensors.numpy import save_file
+
+    def adapter(name, value):
+        save_file({"w": np.full(3, value, np.float32)}, str(tmp_path / name), metadata={"format": "scenec-kv-mixed/1"})
+
+    adapter("a.safetensors", 1.0)
+    adapter("b.safetensors", 1.0)  # the same bytes under another name
+    adapter("c.safetensors", 2.0)
+    h = {}
+    for key, vis in [("none", ""), ("s1", "    visual: {image: obj.png}\n"),
+                     ("s2", "    visual: {image: obj.png, scale: 0.5}\n"),
+                     ("a", "    visual: {image: obj.png, adapter: a.safetensors}\n"),
+                     ("b", "    visual: {image: obj.png, adapter: b.safetensors}\n"),
+                     ("c", "    visual: {image: obj.png, adapter: c.safetensors}\n")]:
+        plan = compile_scene(write(tmp_path, vis, name=key))
+        h[key] = plan.jobs[0].job_hash
+        if key == "a":
+            vp = plan.jobs[0].visuals[0]
+            assert vp.adapter == str((tmp_path / "a.safetensors").resolve()) and len(vp.adapter_sha256) == 64
+    assert len({h["none"], h["s1"], h["s2"], h["a"], h["c"]}) == 5
+    assert h["a"] == h["b"]  # an adapter is its content, not its file name
+
+
+def test_every_problem_located_at_once(tmp_path):
+    (tmp_path / "not.safetensors").write_bytes(b"\x00" * 4)
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
+    text = SCENE.format(model="flux-dev", visual="    visual: {image: missing.png}\n")
+    text += ("    visual: {image: obj.png, adapter: not.safetensors, window: [0.2, 0.6]}\n"
+             "  - id: owl\n    prompt: an owl\n"
+             "    visual: {image: obj.png, mode: ip-adapter, adapter: plain.safetensors}\n"
+             "  - id: dog\n    prompt: a dog\n    visual: {image: ../outside.png, adapter: plain.safetensors}\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "obj.png")
+    (tmp_path / "s.yaml").write_text(text, encoding="utf-8")
+    _, diags = validate_file(tmp_path / "s.yaml")
+    errs = {(d.pos.line, d.pos.col): d.message for d in diags if d.severity == "error"}
+    lines = text.splitlines()
+
+    def at(line, key):
+        return (line, lines[line - 1].index(key) + 1)
+
+    assert "needs `adapter`" in errs[(9, 13)]
+    assert "`missing.png` not found" in errs[at(9, "missing.png")]
+    assert "is not a safetensors file" in errs[at(13, "not.safetensors")]
+    assert "must go from a higher noise level" in errs[at(13, "[0.2")]
+    assert "IP-Adapter visual prompts, which flux models" in errs[at(16, "mode")]
+    assert "is not an IP-Adapter" in errs[at(16, "plain.safetensors")]
+    assert "is not a kv-mixed adapter" in errs[at(19, "plain.safetensors")]
+    assert "outside" in errs[at(19, "../outside.png")] or "project" in errs[at(19, "../outside.png")]
+
+
+def test_cli_exit_2_with_every_error_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    p = write(tmp_path, "    visual: {image: nope.png, mode: kv-mixed, scale: 0.5}\n  - id: owl\n    prompt: owl\n"
+              "    visual: {image: obj.png, mode: ip-adapter}\n", model="tiny")
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    out = r.stdout + r.stderr
+    assert f"{p.name}:9:" in out and "nope.png" in out
+    assert f"{p.name}:12:" in out and "`mode: ip-adapter` needs" in out
+    bad = write(tmp_path, "    visual: {image: obj.png, mode: kv-mix}\n", name="bad")
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.yaml:9:" in r.stdout + r.stderr and "kv-mixed, ip-adapter" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
+def test_visual_prompts_with_groups_refused(tmp_path, model):
+    p = write(tmp_path, "    visual: {image: obj.png}\n", model=model)
+    p.write_text(p.read_text() + "groups:\n  - id: g\n    variants:\n      - {id: a, entities: [fox]}\n")
+    _, diags = validate_file(p)
+    assert any(d.pos.line == 9 and "coupling group" in d.message for d in diags if d.severity == "error")
+
+
+def test_schema_has_the_visual_key():
+    from pathlib import Path
+
+    schema = json.loads((Path(__file__).parents[1] / "schemas" / "scene.schema.json").read_text())
+    vis = schema["$defs"]["Visual"]
+    assert vis["properties"]["mode"]["enum"] == ["kv-mixed", "ip-adapter"] and vis["required"] == ["image"]

@@ -1,0 +1,144 @@
+"""`visual.mode: ip-adapter` on SD: IP-Adapter weights in diffusers' checkpoint format (a tiny one written
+here from diffusers' own ImageProjection), loaded by the visual-prompt method. With a whole-canvas region
+the UNet's output equals diffusers' own IP-Adapter path (``load_ip_adapter`` + ``image_embeds``) on
+both guidance branches; with a region it acts only there; scale 0 is the scene without it."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.compiler.check import validate_file
+from scenec.runtime.methods.visual import VisualPrompts
+from scenec.runtime.sampler import Run, run_job
+from scenec.runtime.testing import tiny_sd_backend
+from scenec.runtime.tiny import tiny_clip_vision
+
+SCENE = """scenec: 1
+model: tiny-sd
+canvas: {{width: 128, height: 128}}
+sampler: {{steps: 3, seed: 2}}
+background: {{prompt: "a meadow"}}
+entities:
+  - id: fox
+    prompt: "a red fox"
+{shape}{visual}"""
+
+
+def write_ip_adapter(d, unet, seed=3):
+    """An IP-Adapter (4 tokens, as diffusers reads `image_proj.proj.weight` checkpoints) for this UNet, in
+    the checkpoint format (`image_proj.*`, `ip_adapter.<2k+1>.to_{k,v}_ip.weight`), with its image encoder
+    beside it as h94/IP-Adapter lays them out."""
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    enc, proc = tiny_clip_vision(projection=True)
+    dim = unet.config.cross_attention_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = ImageProjection(image_embed_dim=enc.config.projection_dim, cross_attention_dim=dim,
+                               num_image_text_embeds=4)
+    # the checkpoint names ImageProjection's `image_embeds` layer `proj` (diffusers renames it on loading)
+    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v.contiguous() for k, v in proj.state_dict().items()}
+    mods = dict(unet.named_modules())
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = mods[name[: -len(".processor")]].to_k.out_features
+            for kv in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{key}.{kv}.weight"] = torch.randn(inner, dim, generator=g) * 0.5
+            key += 2
+    save_file(state, str(d / "ip.safetensors"))
+    enc.save_pretrained(d / "image_encoder", safe_serialization=True)
+    proc.save_pretrained(d / "image_encoder")
+    return enc, proc
+
+
+def compile_(d, shape="", scale=0.6, visual=True):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(d / "obj.png")
+    vis = "" if not visual else \
+        f"    visual: {{image: obj.png, mode: ip-adapter, adapter: ip.safetensors, scale: {scale}}}\n"
+    (d / "s.yaml").write_text(SCENE.format(shape=shape, visual=vis), encoding="utf-8")
+    return compile_scene(d / "s.yaml")
+
+
+def test_whole_canvas_equals_diffusers_ip_adapter(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from scenec.runtime.tiny_sd import build_tiny_sd
+
+    be = tiny_sd_backend()
+    enc, proc = write_ip_adapter(tmp_path, be.unet)
+    plan = compile_(tmp_path)
+    (vp,) = plan.jobs[0].visuals
+    assert vp.mode == "ip-adapter" and all((plan.mask(vp.masks, g) == 1).all() for g in vp.masks)  # whole canvas
+    run = Run(be, [(plan, plan.jobs[0])])
+    run.setup()
+    method = next(m for m in run.methods if isinstance(m, VisualPrompts))
+
+    comps = {**build_tiny_sd(), "image_encoder": enc, "feature_extractor": proc}
+    pipe = StableDiffusionPipeline(**comps)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.6)
+    image = Image.fromarray(plan.tensor(vp.image))
+    embeds = pipe.prepare_ip_adapter_image_embeds(image, None, torch.device("cpu"), 1, True)  # [neg; pos]
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor(501)
+    with torch.no_grad():
+        ref = pipe.unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": embeds}).sample
+        plain = be.unet(x, t, encoder_hidden_states=text).sample
+        be.attn.set(method.modifiers(SimpleNamespace(level=0, negatives=[True, False])))
+        try:
+            ours = be.unet(x, t, encoder_hidden_states=text).sample
+        finally:
+            be.attn.clear()
+    assert float((ref - plain).abs().max()) > 1e-3  # the adapter does something
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_region_and_scale_zero(tmp_path):
+    be = tiny_sd_backend()
+    write_ip_adapter(tmp_path, be.unet)
+    box = "    shape: {box: [0.0, 0.0, 0.5, 0.5]}\n"
+    bare = compile_(tmp_path, box, visual=False)
+    plain = run_job(be, bare, bare.jobs[0], decode=False).latents
+    zero = compile_(tmp_path, box, scale=0)
+    assert torch.equal(run_job(be, zero, zero.jobs[0], decode=False).latents, plain)
+    on = compile_(tmp_path, box, scale=1.0)
+    be.attn.probe = []
+    try:
+        x = run_job(be, on, on.jobs[0], decode=False).latents
+        recs = [r for r in be.attn.probe if r["kind"] == "extra-decoupled"]
+    finally:
+        be.attn.probe = None
+    assert float((x - plain).abs().max()) > 1e-3 and recs
+    fox = on.jobs[0].entities[0]
+    for r in recs:
+        grid = next(gn for gn, (h, w) in on.doc.grids.items() if h * w == r["n_q"])
+        inside = torch.from_numpy(on.mask(fox.masks, grid).reshape(-1) > 0)
+        assert torch.all(r["gain"][~inside] == 0) and torch.all(r["gain"][inside] == 1.0)
+
+
+@pytest.mark.parametrize("model,error", [("tiny", "which flux models"), ("tiny-sdxl", "which sdxl models"),
+                                         ("sd15", "no `image_encoder` directory")])
+def test_ip_adapter_refused_where_it_cannot_run(tmp_path, model, error):
+    be = tiny_sd_backend()
+    write_ip_adapter(tmp_path, be.unet)
+    import shutil
+
+    shutil.rmtree(tmp_path / "image_encoder")
+    compile_(tmp_path, visual=False)
+    text = (tmp_path / "s.yaml").read_text().replace("tiny-sd", model)
+    (tmp_path / "s.yaml").write_text(text + "    visual: {image: obj.png, mode: ip-adapter, adapter: ip.safetensors}\n")
+    _, diags = validate_file(tmp_path / "s.yaml")
+    assert any(d.pos.line == 9 and error in d.message for d in diags if d.severity == "error"), \
+        [d.message for d in diags]
