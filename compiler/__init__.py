@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def compile_scene(path: str | Path, model: str | None = None):
-    """Load, check and lower one scene file to a ``CompiledPlan`` (a ``spec.plan.Plan`` with its IR and
-    warnings); raises ``SceneError`` with every problem."""
+def compile_scene(path: str | Path, model: str | None = None, overrides=()):
+    """Load, check and lower one scene file (with the command line's ``overrides``,
+    ``scenec.spec.overrides``) to a ``CompiledPlan`` (a ``spec.plan.Plan`` with its IR and warnings);
+    raises ``SceneError`` with every problem."""
     from scenec.spec.load import load_scene
 
     from .lower import lower
     from .passes import run_passes
 
-    return lower(run_passes(load_scene(path), model=model))
+    return lower(run_passes(load_scene(path, overrides=overrides), model=model))
 
 
 def explain(path: str | Path, model: str | None = None, after: str | None = None) -> str:

@@ -41,6 +41,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)
+    from .advice import check_advice
+
+    check_advice(ls, info, diags)  # negatives that cannot act, prompts cut short (compiler/advice.py)
     from .matrix import check_matrix
 
     check_matrix(ls, diags)  # matrix keys and {placeholders} in prompts (compiler/matrix.py)
@@ -52,13 +55,13 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
         pass  # geometry is not written yet
 
 
-def validate_file(path: str | Path, model: str | None = None) -> tuple[LoadedScene | None, Diagnostics]:
+def validate_file(path: str | Path, model: str | None = None, overrides=()) -> tuple[LoadedScene | None, Diagnostics]:
     """Load and check one scene file; never raises for bad input. (scene or None, diagnostics)."""
     from .resolve import resolve_model
 
     diags = Diagnostics()
     try:
-        ls = load_scene(path, diags)
+        ls = load_scene(path, diags, overrides)
     except SceneError as e:
         if e.diagnostics is not diags:
             diags.extend(e.diagnostics)

@@ -116,6 +116,12 @@ class ProgramInputs:
     fork_at: int | None = None  # shared-prefix length of the job's group
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """The step img2img starts at for ``strength`` (diffusers' img2img pipelines: the last
+    ``int(steps·strength)`` steps run; strength 0 runs none, and the image is the init image)."""
+    return steps - min(int(steps * strength), steps)
+
+
 def build_program(p: ProgramInputs) -> tuple[Op, ...]:
     """Unroll a job's sampling into the plan format's typed ops (``spec/plan.py``, docs/plan-format.md).
 

@@ -53,7 +53,9 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
     """Provenance written into each PNG and its sidecar (what made this image)."""
     from scenec import __version__
 
+    extra = {"scenec:overrides": " ".join(plan.doc.scene.overrides)} if plan.doc.scene.overrides else {}
     return {
+        **extra,
         "scenec:scene": plan.doc.scene.name,
         "scenec:scene_file": plan.doc.scene.file,  # relative to the project root
         "scenec:job": job.id,

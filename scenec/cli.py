@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
+from scenec.cli_tools import eval_, split, tune
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
 
@@ -24,7 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def validate(files: List[Path] = typer.Argument(..., help="scene files"),
              model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
-                                                 "`default_model`, else flux-dev)")):
+                                                 "`default_model`, else flux-dev)"),
+             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Check scene files; print every problem at FILE:LINE:COL, including what the model's family cannot run
     (canvas sizes, methods, entities per image)."""
     from scenec.spec.diagnostics import Diagnostics, SceneError
@@ -33,11 +37,12 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
     from scenec.compiler.check import check_scene
     from scenec.compiler.resolve import resolve_model
 
+    ovr = overrides(seed, steps, guidance, set_)
     bad = 0
     for f in files:
         diags = Diagnostics()
         try:
-            ls = load_scene(f, diags)
+            ls = load_scene(f, diags, ovr)
             _, info = resolve_model(ls, model, diags)
             check_scene(ls, info, diags)
         except SceneError as e:
@@ -56,7 +61,9 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
 @app.command("compile")
 def compile_(file: Path = typer.Argument(..., help="scene file"),
              out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
-             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Compile a scene to a plan: DIR/plan.json + DIR/tensors.safetensors; prints the plan hash."""
     from scenec.spec.diagnostics import SceneError
 
@@ -65,7 +72,7 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
     if out.exists() and not out.is_dir():
         bad_path(out, "exists and is not a directory (-o names the plan directory)")
     try:
-        plan = compile_scene(file, model=model)
+        plan = compile_scene(file, model=model, overrides=overrides(seed, steps, guidance, set_))
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -83,7 +90,9 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
 def explain(file: Path = typer.Argument(..., help="scene file"),
             after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass: check, expand, geometry, schedule or lower"),
             masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Print the IR as text (after every pass, or --after PASS)."""
     from scenec.spec.diagnostics import SceneError
     from scenec.spec.load import load_scene
@@ -95,7 +104,8 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
         print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     try:
-        ir = run_passes(load_scene(file), model=model, until=None if after in (None, "lower") else after)
+        ir = run_passes(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model=model,
+                        until=None if after in (None, "lower") else after)
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -128,7 +138,9 @@ def _region(r):
 @app.command()
 def preview(file: Path = typer.Argument(..., help="scene file"),
             out: Path = typer.Option(..., "-o", "--out", help="PNG to write"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Draw each image's layout (regions, references, related regions; groups as contact sheets)."""
     from scenec.spec.diagnostics import SceneError
     from scenec.spec.load import load_scene
@@ -140,7 +152,8 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
     if out.is_dir():
         bad_path(out, "is a directory (-o names the PNG to write)")
     try:
-        ir = run_passes(load_scene(file), model=model, until="geometry")
+        ir = run_passes(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model=model,
+                        until="geometry")
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -252,6 +265,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           batch_size: int = typer.Option(1, "--batch-size", "-b",
                                          help="run up to N compatible jobs (any scenes) as one batch on the model "
                                               "(Flux and SD; docs/batch.md)"),
+          seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+          guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
@@ -273,13 +288,14 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
         end(EXIT_INVALID, f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`")
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
+    ovr = overrides(seed, steps, guidance, set_, on_error=lambda msg: end(EXIT_INVALID, msg))
     from scenec.build.driver import build_batch
 
     try:
         summary = build_batch(files, BuildOptions(
             out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
             weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            executor=executor, address=address, workers=workers), report=report)
+            executor=executor, address=address, workers=workers, overrides=ovr), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
     except KeyboardInterrupt:
@@ -289,9 +305,11 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
             raise
         end(EXIT_BUILD_FAILED, f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)")
     if dry_run and not json_:
-        for o in summary["outputs"]:
-            if o["status"] == "would-build":
-                print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
+        would = [o for o in summary["outputs"] if o["status"] == "would-build"]
+        for o in would:
+            print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
+        if not would:
+            print(f"nothing to build: {summary['cached']} up to date")
     if json_:
         print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):
@@ -307,6 +325,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
            select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="only these (docs/batch.md)"),
            exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
            weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),
+           seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+           guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
            verbose: bool = typer.Option(False, "-v", "--verbose", help="list up-to-date outputs too"),
            exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when an output is missing or stale"),
            json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
@@ -319,7 +339,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
 
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
-                                             weights_hash=weights_hash))
+                                             weights_hash=weights_hash,
+                                             overrides=overrides(seed, steps, guidance, set_)))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
@@ -338,138 +359,10 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
         raise typer.Exit(EXIT_BUILD_FAILED)
 
 
-# --- eval / tune / split (logic in scenec/eval.py, metrics.py, clip.py, tune.py, isotonic.py, split.py) --
-
-def _fail_eval(e) -> None:
-    print(f"scenec: {e}", file=sys.stderr)
-    raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
-
-
-# the metric's options, shared by `eval` and `tune` (the objective tune maximises is eval's metric)
-CLIP_OPTION = typer.Option("openai/clip-vit-large-patch14", "--clip",
-                           help="CLIP model id or local directory; `tiny` (random), `none` to skip CLIPScore")
-WEIGHTS_OPTION = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore")
-TEXT_OPTION = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity")
-SEGMENTER_OPTION = typer.Option(None, "--segmenter", help="module:function masking prompt variants")
-
-
-@app.command("eval")
-def eval_(directory: Path = typer.Argument(..., help="directory of built images and their sidecars"),
-          scene: Optional[List[Path]] = typer.Option(None, "--scene", help="scene file the images were built from"),
-          plan: Optional[List[Path]] = typer.Option(None, "--plan", help="compiled plan directory instead of --scene"),
-          group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
-          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
-          segmenter: Optional[str] = SEGMENTER_OPTION,
-          model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
-          json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
-    """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
-    import json
-
-    from scenec.spec.diagnostics import SceneError
-
-    from scenec.eval import evaluate_dir, load_segmenter, render_table
-    from scenec.metrics import EvalError, parse_weights
-
-    try:
-        w = parse_weights(weights)
-        seg = load_segmenter(segmenter)
-        report = evaluate_dir(directory, scenes=scene or (), plan_dirs=plan or (), clip=clip, weights=w,
-                              segmenter=seg, text=text, model=model, groups=group or None)
-    except EvalError as e:
-        _fail_eval(e)
-    except SceneError as e:
-        fail_invalid(e)
-    except Exception as e:  # noqa: BLE001
-        from scenec.spec.errors import RuntimeErrorBase
-
-        if isinstance(e, RuntimeErrorBase):
-            _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
-        internal(e)
-    for msg in report["warnings"]:
-        print(f"scenec: warning: {msg}", file=sys.stderr)
-    if json_:
-        print(json.dumps(report, indent=1))
-    else:
-        from rich.console import Console
-
-        Console().print(render_table(report))
-
-
-@app.command()
-def tune(file: Path = typer.Argument(..., help="scene file"),
-         group: Optional[str] = typer.Option(None, "--group", help="the group to tune (default: the only one)"),
-         budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
-         method: str = typer.Option("both", "--method", help="param | vector | both"),
-         out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
-         clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
-         segmenter: Optional[str] = SEGMENTER_OPTION,
-         model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
-         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
-         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
-         seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
-    """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
-    from scenec.spec.diagnostics import SceneError
-
-    from scenec.eval import load_segmenter
-    from scenec.metrics import EvalError, parse_weights
-    from scenec.tune import tune as run_tune
-
-    try:
-        w = parse_weights(weights)
-        seg = load_segmenter(segmenter)
-        res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
-                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model,
-                       device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
-    except EvalError as e:
-        _fail_eval(e)
-    except SceneError as e:
-        fail_invalid(e)
-    except Exception as e:  # noqa: BLE001
-        internal(e)
-    best = res["best"]
-    print(f"scenec: {res['evaluated']} candidates ({res['built']} built now); best {best['objective']:.4f} "
-          f"by {best['method']}; wrote {res['output']} (state: {res['state']})", file=sys.stderr)
-    print(f"add to group `{res['group']}`:  {res['line']}", file=sys.stderr)
-    print(res["line"])
-
-
-@app.command()
-def split(file: Path = typer.Argument(..., help="text file: one full prompt per line"),
-          out: Path = typer.Option(..., "-o", "--out", help="scene file to write"),
-          model: str = typer.Option("tiny", "--model", help="the scene's `model`"),
-          canvas: str = typer.Option("1024x1024", "--canvas", help="WIDTHxHEIGHT"),
-          group: str = typer.Option("split", "--group", help="the group's id"),
-          llm: Optional[str] = typer.Option(None, "--llm", help="split with this local causal LM (transformers)"),
-          force: bool = typer.Option(False, "--force", help="overwrite an existing scene file")):
-    """Split N prompts into one shared background + N entity prompts; write a scene with one group."""
-    from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
-
-    try:
-        width, height = parse_canvas(canvas)
-        if out.exists() and not force:
-            raise SplitError(f"{out} exists (use --force to overwrite)")
-        prompts = read_prompts(file)
-        if llm:
-            from scenec.split import transformers_generator
-
-            res = llm_split(prompts, transformers_generator(llm))
-        else:
-            res = heuristic_split(prompts)
-    except SplitError as e:
-        print(f"scenec: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_INVALID)
-    except Exception as e:  # noqa: BLE001
-        internal(e)
-    for w in res.warnings:
-        print(f"scenec: warning: {w}", file=sys.stderr)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
-                       encoding="utf-8")
-    except OSError as e:
-        path_error(e)
-    print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
-          file=sys.stderr)
+# commands defined in other modules, in the order `scenec --help` and docs/cli.md list them
+app.command("eval")(eval_)
+app.command()(tune)
+app.command()(split)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ class Pos:
     col: int = 1
 
     def __str__(self) -> str:
+        if self.line == 0:  # not in a file: a command-line flag (spec/overrides.py)
+            return self.file
         return f"{self.file}:{self.line}:{self.col}"
 
 

@@ -10,12 +10,13 @@ import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
 from . import models as m
 from .diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from .overrides import Override, apply_overrides
 from .paths import PathProblem, find_project_root, resolve_inside
 from .yamlload import SourceMap, load_yaml
 
@@ -31,6 +32,7 @@ class LoadedScene:
     root: Path  # project root
     files: dict[str, Path] = field(default_factory=dict)  # display name -> absolute path, includes too
     warnings: list = field(default_factory=list)
+    overrides: tuple[str, ...] = ()  # the command-line overrides applied, as written (spec/overrides.py)
 
     @property
     def name(self) -> str:
@@ -67,8 +69,9 @@ class _Def:
     file: str
 
 
-def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScene:
-    """Load and structurally validate a scene file; raise SceneError with all problems found."""
+def load_scene(path: str | Path, diags: Diagnostics | None = None, overrides: Iterable[Override] = ()) -> LoadedScene:
+    """Load and structurally validate a scene file, with the command line's ``overrides`` applied; raise
+    SceneError with all problems found."""
     diags = diags if diags is not None else Diagnostics()
     path = Path(path)
     display = display_path(path)
@@ -87,11 +90,14 @@ def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScen
 
     own_defs = _entity_defs(data)
     _apply_use(data, smap, own_defs, included, diags)
+    overrides = tuple(overrides)
+    apply_overrides(data, smap, overrides, diags, display)
 
     scene = _validate(m.Scene, data, smap, diags)
     if scene is None or diags.has_errors():
         raise SceneError(diags)
-    result = LoadedScene(scene=scene, smap=smap, file=path.resolve(), display=display, root=root, files=files)
+    result = LoadedScene(scene=scene, smap=smap, file=path.resolve(), display=display, root=root, files=files,
+                         overrides=tuple(o.flag for o in overrides))
     result.warnings = diags.warnings
     return result
 

@@ -66,8 +66,8 @@ def code_stamp() -> str:
     return _code
 
 
-def _entry_path(scene: Path, model: str | None) -> Path:
-    who = json.dumps([str(scene.resolve()), model, os.getcwd()])
+def _entry_path(scene: Path, model: str | None, overrides=()) -> Path:
+    who = json.dumps([str(scene.resolve()), model, os.getcwd()] + ([repr(o) for o in overrides] if overrides else []))
     return memo_dir() / (hashlib.sha256(who.encode()).hexdigest()[:40] + ".json")
 
 
@@ -137,11 +137,11 @@ def _digest(doc: dict) -> str:
     return hashlib.sha256(json_bytes(body, sort_keys=True, separators=(",", ":"))).hexdigest()
 
 
-def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None
+def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None, overrides=()
          ) -> tuple[MemoPlan, list[dict]] | None:
-    """The memo of ``scene`` when every input is as it was: ``(MemoPlan, warnings)``; else None. A
-    damaged memo is set aside and ``warn`` told once."""
-    path = _entry_path(scene, model)
+    """The memo of ``scene`` (compiled with ``overrides``) when every input is as it was:
+    ``(MemoPlan, warnings)``; else None. A damaged memo is set aside and ``warn`` told once."""
+    path = _entry_path(scene, model, overrides)
     try:
         raw = path.read_bytes()
     except OSError:
@@ -167,7 +167,8 @@ def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = No
     return MemoPlan(doc["plan"]), doc["warnings"]
 
 
-def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any]) -> None:
+def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any],
+          overrides=()) -> None:
     """Write the memo of a scene that just compiled (best effort: a memo that cannot be written is skipped)."""
     doc = {
         "format": FORMAT,
@@ -182,7 +183,7 @@ def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, wa
     doc["sha256"] = _digest(doc)
     try:
         # no fsync: a torn memo does not verify, and then the scene is simply compiled
-        atomic_write(_entry_path(scene, model), json_bytes(doc, sort_keys=True), durable=False)
+        atomic_write(_entry_path(scene, model, overrides), json_bytes(doc, sort_keys=True), durable=False)
     except OSError:
         pass
 

@@ -25,6 +25,7 @@ class BuildOptions:
     force: bool = False  # rebuild selected outputs even when up to date
     masks: bool = False  # also write attention masks (outputs without them are stale)
     weights_hash: str = "stat"  # identity of local model directories: stat | content
+    overrides: tuple = ()  # --seed/--steps/--guidance/--set (scenec.spec.overrides.Override), every scene
     # how it runs
     dry_run: bool = False  # plan and report; build nothing
     device: str | None = None  # cuda | cpu (default: cuda when available)
@@ -39,3 +40,4 @@ class BuildOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", tuple(self.select or ()))
         object.__setattr__(self, "exclude", tuple(self.exclude or ()))
+        object.__setattr__(self, "overrides", tuple(self.overrides or ()))
