@@ -87,7 +87,8 @@ def p_expand(ir: IR) -> IR:
         for combo in combos:
             seed = combo["seed"]
             jid = render_name(template, {"scene": name, "group": group, "variant": variant.id if variant else None,
-                                         "index": index, **mx.name_values(combo)})
+                                         "index": index, **mx.name_values(combo)},
+                              dedupe="name" not in sc.output.model_fields_set)
             if jid in out.graph:
                 raise SceneError([_collision(ir, jid)])
             job = JobNode(jid, seed, index, group, variant.id if variant else None, present, line)

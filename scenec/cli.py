@@ -22,8 +22,23 @@ from scenec.spec.diagnostics import printable
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile declarative scene files into attention masks and schedules, and build images.")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from scenec import __version__
+
+        print(f"scenec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print scenec's version and exit")):
+    """Compile declarative scene files into attention masks and schedules, and build images."""
+
 @app.command()
-def validate(files: List[Path] = typer.Argument(..., help="scene files"),
+def validate(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs; "
+                                                           "a library file (only `defs`) is checked as one"),
              model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
                                                  "`default_model`, else flux-dev)"),
@@ -34,28 +49,40 @@ def validate(files: List[Path] = typer.Argument(..., help="scene files"),
     from scenec.spec.diagnostics import Diagnostics, SceneError
     from scenec.spec.load import load_scene
 
-    from scenec.compiler.check import check_scene
+    from scenec.compiler.check import check_partial, check_scene
     from scenec.compiler.resolve import resolve_model
 
+    from scenec.build.discovery import discover, is_library_file
+    from scenec.spec.load import load_library
+
     ovr = overrides(seed, steps, guidance, set_)
-    bad = 0
-    for f in files:
+    found, problems = discover(files, libraries=True)
+    print_diags(problems)
+    bad = sum(d.severity == "error" for d in problems)
+    for f in found:
         diags = Diagnostics()
+        if is_library_file(f):
+            load_library(f, diags)
+            print_diags(diags)
+            bad += diags.has_errors()
+            continue
         try:
             ls = load_scene(f, diags, ovr)
             _, info = resolve_model(ls, model, diags)
             check_scene(ls, info, diags)
         except SceneError as e:
+            check_partial(e, model)  # the checks' problems too, with the bad values left out
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
             internal(e)
         print_diags(diags)
         if diags.has_errors():
             bad += 1
+    n = len(found) + sum(d.severity == "error" for d in problems)
     if bad:
-        print(f"{bad} of {len(files)} file{'s' if len(files) != 1 else ''} invalid", file=sys.stderr)
+        print(f"{bad} of {n} file{'s' if n != 1 else ''} invalid", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
-    print(f"ok: {len(files)} file{'s' if len(files) != 1 else ''} valid", file=sys.stderr)
+    print(f"ok: {n} file{'s' if n != 1 else ''} valid", file=sys.stderr)
 
 
 @app.command("compile")
@@ -88,29 +115,29 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
 
 @app.command()
 def explain(file: Path = typer.Argument(..., help="scene file"),
-            after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass: check, expand, geometry, schedule or lower"),
+            after: Optional[str] = typer.Option(None, "--after", help="print only the IR after this pass: check, "
+                                                "expand, geometry, schedule, or lower (the plan)"),
             masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
-    """Print the IR as text (after every pass, or --after PASS)."""
+    """Print the IR as text after every pass, then the plan (or only what --after PASS made)."""
     from scenec.spec.diagnostics import SceneError
     from scenec.spec.load import load_scene
 
+    from scenec.compiler import explain_scene
     from scenec.compiler.passes import PASS_NAMES, run_passes
-    from scenec.compiler.printer import print_ir
 
     if after is not None and after not in PASS_NAMES:
         print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     try:
-        ir = run_passes(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model=model,
-                        until=None if after in (None, "lower") else after)
+        text, ir = explain_scene(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model, after)
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
         internal(e)
-    sys.stdout.write(print_ir(ir))
+    sys.stdout.write(text)
     if masks is not None:
         from scenec.compiler.preview import write_mask_pngs
 
@@ -339,7 +366,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
 
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
-                                             weights_hash=weights_hash,
+                                             weights_hash=weights_hash, last_out=out is None,
                                              overrides=overrides(seed, steps, guidance, set_)))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
@@ -350,7 +377,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
     for f, msg in rep["failed_compile"]:
         print(f"scenec: {f}: {msg}", file=sys.stderr)
     if json_:
-        print(json.dumps({k: rep[k] for k in ("outputs", "orphaned", "counts", "stale", "invalid", "scenes")}))
+        print(json.dumps({k: rep[k] for k in ("outputs", "orphaned", "counts", "stale", "invalid", "scenes",
+                                              "followed")}))
     else:
         print(format_status(rep, verbose=verbose))
     if rep["invalid"]:

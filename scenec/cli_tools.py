@@ -113,7 +113,7 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
     from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
 
     try:
-        width, height = parse_canvas(canvas)
+        width, height = parse_canvas(canvas, model)
         if out.exists() and not force:
             raise SplitError(f"{out} exists (use --force to overwrite)")
         prompts = read_prompts(file)

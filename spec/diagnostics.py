@@ -103,6 +103,9 @@ class SceneError(Exception):
             d.extend(diagnostics)
             diagnostics = d
         self.diagnostics = diagnostics
+        # a scene whose only problems are values that can be left out, with them left out: the semantic
+        # checks still run on it, so one bad value does not hide the others (spec.load; compiler.check)
+        self.partial = None
         super().__init__("\n".join(x.format() for x in diagnostics.sorted()))
 
 

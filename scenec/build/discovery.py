@@ -42,6 +42,17 @@ def is_scene_file(path: Path) -> bool:
         and re.search(r"[{,]\s*canvas\s*:", body) is not None
 
 
+def is_library_file(path: Path) -> bool:
+    """A library: top-level ``scenec:`` and ``defs:``, no ``canvas:`` (``scenec validate`` checks it as one)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return False
+    keys = set(re.findall(r"^(scenec|canvas|defs)\s*:", text, re.MULTILINE))
+    return keys == {"scenec", "defs"}
+
+
 def skip_reason(path: Path) -> str | None:
     """Why a YAML file that is not a scene but looks like one (scene keys at top level, not a library)
     is skipped; None for a library or YAML that is no scene at all."""
@@ -60,24 +71,25 @@ def skip_reason(path: Path) -> str | None:
     return None
 
 
-def _walk(d: Path, skipped: list | None = None) -> Iterator[Path]:
+def _walk(d: Path, skipped: list | None = None, libraries: bool = False) -> Iterator[Path]:
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS)
         for f in sorted(files):
             if f.endswith(SCENE_SUFFIXES) and not f.startswith("."):
                 p = Path(root) / f
-                if is_scene_file(p):
+                if is_scene_file(p) or libraries and is_library_file(p):
                     yield p
                 elif skipped is not None and (why := skip_reason(p)) is not None:
                     skipped.append((p, why))
 
 
-def discover(targets: Iterable[str | Path]) -> tuple[list[Path], list]:
+def discover(targets: Iterable[str | Path], libraries: bool = False) -> tuple[list[Path], list]:
     """Scene files named by ``DIR | GLOB | FILE`` arguments, in order, each once; and diagnostics.
 
     A directory is searched recursively for ``*.yaml`` / ``*.yml`` scenes (hidden directories
     skipped); a glob (``scenes/**/*.yaml``) likewise keeps only scenes; a file named explicitly is
     always taken (so that an invalid one is reported). A target that matches nothing is an error.
+    ``libraries``: library files too (``scenec validate``).
     """
     from scenec.spec.diagnostics import Diagnostic, Pos
 
@@ -95,7 +107,7 @@ def discover(targets: Iterable[str | Path]) -> tuple[list[Path], list]:
         p = Path(s)
         if p.is_dir():
             n = len(found)
-            for f in _walk(p, skipped):
+            for f in _walk(p, skipped, libraries):
                 add(f)
             if len(found) == n:
                 problems.append(Diagnostic(Pos(s), "no scene files here (a scene has top-level `scenec:` and "
@@ -107,9 +119,9 @@ def discover(targets: Iterable[str | Path]) -> tuple[list[Path], list]:
             for m in sorted(globmod.glob(s, recursive=True)):
                 mp = Path(m)
                 if mp.is_dir():
-                    for f in _walk(mp, skipped):
+                    for f in _walk(mp, skipped, libraries):
                         add(f)
-                elif mp.suffix in SCENE_SUFFIXES and is_scene_file(mp):
+                elif mp.suffix in SCENE_SUFFIXES and (is_scene_file(mp) or libraries and is_library_file(mp)):
                     add(mp)
             if len(found) == n:
                 problems.append(Diagnostic(Pos(s), "the pattern matches no scene file", "warning"))

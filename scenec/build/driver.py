@@ -48,6 +48,9 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     damaged = [d for d, man in bp.manifests.items() if man.damaged]
     if todo or damaged:
         _build(todo, bp, executor, report, options, damaged)
+    from .lastout import remember
+
+    remember({it.scene_file: options.out for it in chosen})  # for `scenec status` without -o
     return report.finish(time.perf_counter() - t0, not_selected=len(bp.items) - len(chosen))
 
 

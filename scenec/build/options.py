@@ -26,6 +26,7 @@ class BuildOptions:
     masks: bool = False  # also write attention masks (outputs without them are stale)
     weights_hash: str = "stat"  # identity of local model directories: stat | content
     overrides: tuple = ()  # --seed/--steps/--guidance/--set (scenec.spec.overrides.Override), every scene
+    last_out: bool = False  # without `out`: each scene's outputs where its last `build -o` wrote (status)
     # how it runs
     dry_run: bool = False  # plan and report; build nothing
     device: str | None = None  # cuda | cpu (default: cuda when available)

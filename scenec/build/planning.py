@@ -82,6 +82,7 @@ class BatchPlan:
     failed_compile: list[tuple[str, str]] = field(default_factory=list)  # (file, message): internal errors
     manifests: dict[Path, Manifest] = field(default_factory=dict)
     compile_s: float = 0.0
+    followed: dict[str, Path] = field(default_factory=dict)  # scene → its last `build -o` directory (last_out)
 
 
 def plan_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> BatchPlan:
@@ -179,6 +180,12 @@ class _Planner:
             self.identities[mkey] = model_identity(model, self.o.weights_hash)
         identity = self.identities[mkey]
         out_dir = Path(out) if out is not None else f.resolve().parent / (plan.json.get("output") or {}).get("dir", "out")
+        if out is None and self.o.last_out:
+            from .lastout import recall
+
+            last = recall(f)
+            if last is not None:
+                out_dir = bp.followed[display_path(f)] = last
         out_dir = Path(os.path.abspath(out_dir))
         display = display_path(f)
         added = []

@@ -107,7 +107,8 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     return {"outputs": rows, "orphaned": orphans, "counts": counts,
             "stale": sum(counts.get(s, 0) for s in STALE_STATES), "invalid": bp.invalid,
-            "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes)}
+            "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes),
+            "followed": {k: str(v) for k, v in bp.followed.items()}}
 
 
 def format_status(rep: dict, verbose: bool = False) -> str:
@@ -118,6 +119,8 @@ def format_status(rep: dict, verbose: bool = False) -> str:
                  f"{cached} up to date, {rep['stale']} to build"
                  + (f", {len(rep['invalid'])} invalid scene{'s' if len(rep['invalid']) != 1 else ''}"
                     if rep["invalid"] else ""))
+    for scene, d in (rep.get("followed") or {}).items():
+        lines.append(f"  ({scene}: outputs of its last `scenec build -o {printable(d)}`; -o chooses another)")
     cwd = Path.cwd()
     for r in rep["outputs"] + rep["orphaned"]:
         if r["state"] == "cached" and not verbose:
