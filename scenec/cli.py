@@ -294,6 +294,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
                                               "(Flux and SD; docs/batch.md)"),
           seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
           guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display and no line per image; "
+                                                                  "problems and the summary line still print"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
@@ -302,7 +304,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
     from scenec.build.options import BatchError, BuildOptions
     from scenec.build.reporting import BuildReport
 
-    report, t0 = BuildReport(), time.perf_counter()
+    # on a terminal: a live display (model loading, each image's steps, steps/s, time left)
+    report, t0 = BuildReport(live=True, lines=not quiet), time.perf_counter()
 
     def end(code: int, message: str | None = None) -> None:
         """Every build ends with its summary line, whatever stopped it."""

@@ -32,7 +32,7 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
         raise BatchError(f"-o {options.out}: not a directory")
     report = report if report is not None else BuildReport(options.quiet)
-    executor = make_executor(options, report.say)
+    executor = make_executor(options, report.say, report)
     t0 = time.perf_counter()
     bp = plan_batch(targets, options)
     report.planned(bp)
@@ -97,7 +97,11 @@ def _build(todo: list[Item], bp: BatchPlan, executor: Executor, report: BuildRep
             for it, r in built:
                 report.built(it, r)
 
-        executor.run(batches_of(units_of(todo), options.batch_size), done)
+        report.start_progress(len(todo))
+        try:
+            executor.run(batches_of(units_of(todo), options.batch_size), done)
+        finally:
+            report.stop_progress()
 
 
 def _reopen(d: Path, bp: BatchPlan, report: BuildReport) -> None:

@@ -23,14 +23,32 @@ class BuildReport:
     "seconds"}``; ``outputs`` has one entry per selected job (``status``: built | cached | failed |
     would-build)."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, live: bool = False, lines: bool = True):
         self.quiet = quiet
+        self.live = live  # a live progress display when stderr is a terminal (scenec.progress)
+        self.lines = lines  # one line per image built (off: `scenec build --quiet`)
+        self.progress = None  # the display while the build runs
         self.data: dict[str, Any] = {"built": 0, "cached": 0, "failed": 0, "invalid": 0, "outputs": [],
                                      "errors": [], "diagnostics": None, "plan": None}
 
     def say(self, msg: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.print(msg)  # above the bars
+        else:
             print(msg, file=sys.stderr)
+
+    def start_progress(self, images: int) -> None:
+        """The live display, for ``images`` images to make (none when off or not on a terminal)."""
+        from scenec.progress import build_progress
+
+        self.progress = build_progress(images, self.live and self.lines and not self.quiet)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     def planned(self, bp: BatchPlan) -> None:
         """The plan's diagnostics, invalid scenes and scenes that failed to compile."""
@@ -63,7 +81,9 @@ class BuildReport:
         self.data["built"] += 1
         self.data["outputs"].append({**result, "state": it.state, "reason": it.reason})
         t = (result.get("timings") or {}).get("total_s")
-        self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "") + f"  [{it.state}: {it.reason}]")
+        if self.lines:
+                self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "")
+                     + f"  [{it.state}: {it.reason}]")
 
     def failed(self, it: Item, msg: str) -> None:
         self.data["failed"] += 1
@@ -74,6 +94,7 @@ class BuildReport:
 
     def finish(self, seconds: float, not_selected: int | None = None) -> dict:
         """The summary; with ``not_selected`` (a build that ran), its last line too."""
+        self.stop_progress()
         s = self.data
         s["seconds"] = seconds
         if not_selected is not None:
