@@ -250,7 +250,11 @@ output:
 @app.command()
 def init(directory: Path = typer.Argument(Path("."), help="project directory"),
          force: bool = typer.Option(False, "--force", help="overwrite existing files")):
-    """Start a project: scenec.toml and a starter scene."""
+    """Start a project: scenec.toml, a starter scene, and the scene schema its modeline points at (editors
+    complete and check scene files offline)."""
+    from scenec.spec.fsio import atomic_write
+    from scenec.spec.schema import scene_schema_text
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -262,12 +266,14 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
             print(f"scenec: {f} exists (use --force to overwrite)", file=sys.stderr)
             raise typer.Exit(EXIT_INVALID)
     try:
-        toml.write_text("# scenec project: paths in scenes must stay inside this directory\n"
-                        "[project]\ndefault_model = \"tiny\"\n")
-        scene.write_text(STARTER.format(schema="https://scenec.dev/schemas/scene.schema.json"))
+        atomic_write(toml, b"# scenec project: paths in scenes must stay inside this directory\n"
+                           b"[project]\ndefault_model = \"tiny\"\n")
+        (directory / "schemas").mkdir(exist_ok=True)  # generated: rewritten by every init, this scenec's schema
+        atomic_write(directory / "schemas" / "scene.schema.json", scene_schema_text().encode())
+        atomic_write(scene, STARTER.format(schema="schemas/scene.schema.json").encode())
     except OSError as e:
         path_error(e)
-    print(f"wrote {toml} and {scene}; next: scenec build {scene}", file=sys.stderr)
+    print(f"wrote {toml}, {scene} and schemas/scene.schema.json; next: scenec build {scene}", file=sys.stderr)
 
 
 @app.command()
