@@ -21,6 +21,7 @@ from scenec.spec.paths import PathProblem
 
 from . import schedule as sch
 from .caps import ModelInfo, check_family
+from .schedule import schedule_file_values
 from .files import open_image, read_json
 
 PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
@@ -48,6 +49,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)
+    from .advice import check_advice
+
+    check_advice(ls, info, diags)  # negatives that cannot act, prompts cut short (compiler/advice.py)
     from .matrix import check_matrix
 
     check_matrix(ls, diags)  # matrix keys and {placeholders} in prompts (compiler/matrix.py)
@@ -60,20 +64,43 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 
-def validate_file(path: str | Path, model: str | None = None, lora=()) -> tuple[LoadedScene | None, Diagnostics]:
+def validate_file(path: str | Path, model: str | None = None, lora=(),
+                  overrides=()) -> tuple[LoadedScene | None, Diagnostics]:
     """Load and check one scene file; never raises for bad input. (scene or None, diagnostics)."""
     from .resolve import resolve_model
 
     diags = Diagnostics()
     try:
-        ls = load_scene(path, diags)
+        ls = load_scene(path, diags, overrides)
     except SceneError as e:
+        if e.diagnostics is not diags:
+            diags.extend(e.diagnostics)
+        check_partial(e, model)
         if e.diagnostics is not diags:
             diags.extend(e.diagnostics)
         return None, diags
     _, info = resolve_model(ls, model, diags)
     check_scene(ls, info, diags, model, lora)
     return ls, diags
+
+
+def check_partial(err: SceneError, model: str | None = None) -> None:
+    """Add to ``err`` what the semantic checks find in its scene with the bad values left out
+    (``err.partial``), so that a file's problems are reported in one run, not one layer at a time."""
+    ls = err.partial
+    if ls is None:
+        return
+    from .resolve import resolve_model
+
+    diags = Diagnostics()
+    try:
+        _, info = resolve_model(ls, model, diags)
+        check_scene(ls, info, diags)
+    except SceneError as e:  # a check that cannot go on (a bad file it reads): what it found so far
+        diags.extend(e.diagnostics)
+    except Exception:  # noqa: BLE001 - a check surprised by the left-out values: the errors already found stand
+        return
+    err.diagnostics.extend(d for d in diags if d.severity == "error")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -207,31 +234,10 @@ def _check_schedules(ls: LoadedScene, steps: int, diags: Diagnostics) -> None:
                 diags.error(pos, f"schedule file `{s.file}` {values}",
                             hint='write a JSON list of θ values, or {"values": [...]}')
                 continue
-            problems = _values_problems(values, steps)
+            problems = sch.values_problems(values, steps)
             if problems:
                 diags.error(pos, f"schedule file `{s.file}`: " + "; ".join(problems),
                             hint=_steps_hint(ls, steps, len(values)))
-
-
-def schedule_file_values(data: Any) -> list[float] | str:
-    """θ values of a schedule file's JSON (a list, or an object with ``values``), or what is wrong."""
-    if isinstance(data, dict):
-        if "values" not in data:
-            return 'holds an object without a "values" key'
-        data = data["values"]
-    if not isinstance(data, list):
-        return "must hold a list of numbers or an object with \"values\""
-    if not data:
-        return "holds no values"
-    out = []
-    for i, x in enumerate(data):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            return f"value {i + 1} is not a number"
-        try:
-            out.append(float(x))
-        except OverflowError:
-            return f"value {i + 1} is out of range"
-    return out
 
 
 def _steps_hint(ls: LoadedScene, steps: int, n: int) -> str | None:
@@ -242,28 +248,10 @@ def _steps_hint(ls: LoadedScene, steps: int, n: int) -> str | None:
     return f"give one value per step ({steps}), or set `sampler.steps: {n}`"
 
 
-def _first_decrease(values: list[float]) -> int | None:
-    for i in range(1, len(values)):
-        if values[i] < values[i - 1]:
-            return i
-    return None
-
-
-def _values_problems(values: list[float], steps: int) -> list[str]:
-    """``schedule.schedule_problems``, with the decreasing value named by its 1-based number."""
-    out = []
-    for msg in sch.schedule_problems(values, steps):
-        if msg.startswith("θ must be non-decreasing"):
-            i = _first_decrease(values)
-            msg = f"θ must be non-decreasing, but value {i + 1} is {values[i]:g} after {values[i - 1]:g}"
-        out.append(msg)
-    return out
-
-
 def _check_values(ls: LoadedScene, path: tuple, values: list[float], steps: int, diags: Diagnostics) -> None:
     """An inline ``{values: [...]}`` schedule: the count at the list, a decrease at its value."""
-    i = _first_decrease(values)
-    for msg in _values_problems(values, steps):
+    i = sch.first_decrease(values)
+    for msg in sch.values_problems(values, steps):
         if msg.startswith("θ must be non-decreasing") and i is not None:
             diags.error(ls.pos(path + (i,)), msg)
         else:
@@ -443,7 +431,7 @@ def _check_output(ls: LoadedScene, diags: Diagnostics) -> None:
     names: dict[str, dict] = {}
     for index, job in enumerate(jobs):
         values = {"scene": ls.name, **job, "index": index}
-        name = render_name(template, values)
+        name = render_name(template, values, dedupe="name" not in sc.output.model_fields_set)
         if not name or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in name.split("/")):
             diags.error(npos, f"`output.name` makes `{name}`, which is not a safe relative file name",
                         hint="names may hold `/` for subfolders, but no empty, `.` or `..` parts and no `\\`")

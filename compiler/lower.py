@@ -91,6 +91,11 @@ def lower(ir: IR) -> CompiledPlan:
             init = im.convert("RGB").resize(canvas, Image.Resampling.LANCZOS)
         init_name = "image/init"
         tensors[init_name] = np.asarray(init, dtype=np.uint8)
+    init_level = None
+    if init_name is not None and sc.background.strength is not None:
+        from .schedule import img2img_start
+
+        init_level = img2img_start(ir.steps, sc.background.strength)
 
     jobs_json = []
     for job in ir.jobs():
@@ -114,6 +119,8 @@ def lower(ir: IR) -> CompiledPlan:
                     acc = np.zeros(grid_size(canvas, px), np.float32)
                     for r in regs:
                         acc = np.maximum(acc, 1.0 if r is None else tensors[region_masks(r)[gname]])
+                    if sc.background.strength is not None:  # img2img repaints everything
+                        acc = np.ones_like(acc)
                     tensors[name] = acc
                 inpaint[gname] = name
         conds = []
@@ -126,6 +133,7 @@ def lower(ir: IR) -> CompiledPlan:
                     source=Source(file=scene_file, line=job.line),
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
                     init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
+                    init_level=init_level,
                     program=list(ir.programs.get(job.id, ())),
                     matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
         # the `matrix` and `visuals` keys are present only in scenes with a matrix and visual prompts
@@ -143,7 +151,7 @@ def lower(ir: IR) -> CompiledPlan:
     document = Document(
         format=FORMAT,
         scenec_version=__version__,
-        scene=SceneRef(name=ir.scene.name, file=scene_file),
+        scene=SceneRef(name=ir.scene.name, file=scene_file, overrides=list(ir.scene.overrides)),
         model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras)),
         canvas=Canvas(width=canvas[0], height=canvas[1]),

@@ -88,7 +88,8 @@ def p_expand(ir: IR) -> IR:
         for combo in combos:
             seed = combo["seed"]
             jid = render_name(template, {"scene": name, "group": group, "variant": variant.id if variant else None,
-                                         "index": index, **mx.name_values(combo)})
+                                         "index": index, **mx.name_values(combo)},
+                              dedupe="name" not in sc.output.model_fields_set)
             if jid in out.graph:
                 raise SceneError([_collision(ir, jid)])
             job = JobNode(jid, seed, index, group, variant.id if variant else None, present, line)
@@ -220,6 +221,9 @@ def p_schedule(ir: IR) -> IR:
         fork = prefix.get(job.group) if job.group else None
         programs[job.id] = sch.build_program(sch.ProgramInputs(
             steps=n, until=sc.attention.until, theta=theta, conditions=conds, fork_at=fork if fork else None))
+        if sc.background.strength is not None:  # img2img: the last steps only (no groups or references)
+            start = sch.img2img_start(n, sc.background.strength)
+            programs[job.id] = tuple(op for op in programs[job.id] if getattr(op, "from_", start) >= start)
     out.programs = programs
     return out
 

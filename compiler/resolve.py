@@ -37,8 +37,21 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
         return spec, model_info(None)
 
 
-def render_name(template: str, values: dict) -> str:
-    """Fill output-name placeholders; an empty part is dropped with one separator next to it."""
+def render_name(template: str, values: dict, dedupe: bool = False) -> str:
+    """Fill output-name placeholders; an empty part is dropped with one separator next to it. ``dedupe``
+    (the default name): a part that repeats the end of the name so far is dropped too, so scene
+    ``harbor`` with group ``harbor`` makes ``harbor-boat-7``, not ``harbor-harbor-boat-7``."""
+    if dedupe:
+        values, so_far = dict(values), ""
+        for key in re.findall(r"\{([^{}]*)\}", template):
+            val = values.get(key)
+            if val is None or val == "" or key == "seed":
+                continue
+            val = str(val)
+            if so_far == val or so_far.endswith("-" + val):
+                values[key] = None
+                continue
+            so_far = f"{so_far}-{val}" if so_far else val
     out = template
     for key in [*PLACEHOLDERS, *(k for k in values if k not in PLACEHOLDERS)]:  # then matrix keys
         val = values.get(key)

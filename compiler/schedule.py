@@ -116,6 +116,12 @@ class ProgramInputs:
     fork_at: int | None = None  # shared-prefix length of the job's group
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """The step img2img starts at for ``strength`` (diffusers' img2img pipelines: the last
+    ``int(steps·strength)`` steps run; strength 0 runs none, and the image is the init image)."""
+    return steps - min(int(steps * strength), steps)
+
+
 def build_program(p: ProgramInputs) -> tuple[Op, ...]:
     """Unroll a job's sampling into the plan format's typed ops (``spec/plan.py``, docs/plan-format.md).
 
@@ -200,3 +206,42 @@ def shared_prefix(thetas: list[np.ndarray]) -> int:
     while k < n and all(x[k] == 0.0 for x in thetas):
         k += 1
     return k
+
+
+def schedule_file_values(data: Any) -> list[float] | str:
+    """θ values of a schedule file's JSON (a list, or an object with ``values``), or what is wrong."""
+    if isinstance(data, dict):
+        if "values" not in data:
+            return 'holds an object without a "values" key'
+        data = data["values"]
+    if not isinstance(data, list):
+        return "must hold a list of numbers or an object with \"values\""
+    if not data:
+        return "holds no values"
+    out = []
+    for i, x in enumerate(data):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return f"value {i + 1} is not a number"
+        try:
+            out.append(float(x))
+        except OverflowError:
+            return f"value {i + 1} is out of range"
+    return out
+
+
+def first_decrease(values: list[float]) -> int | None:
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            return i
+    return None
+
+
+def values_problems(values: list[float], steps: int) -> list[str]:
+    """``schedule_problems``, with the decreasing value named by its 1-based number."""
+    out = []
+    for msg in schedule_problems(values, steps):
+        if msg.startswith("θ must be non-decreasing"):
+            i = first_decrease(values)
+            msg = f"θ must be non-decreasing, but value {i + 1} is {values[i]:g} after {values[i - 1]:g}"
+        out.append(msg)
+    return out

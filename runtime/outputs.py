@@ -54,7 +54,9 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
     """Provenance written into each PNG and its sidecar (what made this image)."""
     from scenec import __version__
 
+    extra = {"scenec:overrides": " ".join(plan.doc.scene.overrides)} if plan.doc.scene.overrides else {}
     return {
+        **extra,
         "scenec:scene": plan.doc.scene.name,
         "scenec:scene_file": plan.doc.scene.file,  # relative to the project root
         "scenec:job": job.id,
@@ -164,15 +166,20 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
             "masks": [str(p) for p in mask_paths], "timings": r.timings, "sha256": side["sha256"]}
 
 
-def execute_batch(entries: list[tuple], backend, masks: bool = False, stamps: list[dict | None] | None = None
-                  ) -> list[dict]:
+def execute_batch(entries: list[tuple], backend, masks: bool = False, stamps: list[dict | None] | None = None,
+                  progress: Progress | None = None) -> list[dict]:
     """Run batch-compatible jobs of one or more plans as one batch (:func:`run_batch`) and write each
     into its own output directory. ``entries``: ``(plan, job, out_dir)`` with the job typed, as its raw
     dict or by id; one result per entry; ``stamps``: each entry's sidecar stamp. The text cache is kept
     (the caller runs many plans)."""
     for p, _, _ in entries:
         _require_png(p)
-    rs = run_batch(backend, [(p, j) for p, j, _ in entries])
+    first = entries[0][1] if entries else None
+    name = (first.get("name") if isinstance(first, dict) else getattr(first, "name", None)) or "batch"
+    total = len(entries[0][0].json["jobs"][0].get("program") or []) if entries else 0
+    label = f"{name} (+{len(entries) - 1})"
+    rs = run_batch(backend, [(p, j) for p, j, _ in entries],
+                   progress=None if progress is None else (lambda k: progress(k, total, label)))
     results = []
     for k, ((p, j, d), r) in enumerate(zip(entries, rs)):
         try:

@@ -99,6 +99,11 @@ class FlowEuler:
     def model_time(self, level: int, batch: int, dtype, device) -> torch.Tensor:
         return (torch.full([batch], self.sig[level], device=device, dtype=torch.float32) * 1000).to(dtype)
 
+    def noised(self, z0: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        """x_σ = (1 − σ)·z₀ + σ·ε at a level (the img2img start, as FlowMatchEulerDiscreteScheduler.scale_noise)."""
+        s = self.sig[level]
+        return ((1 - s) * z0.to(torch.float32) + s * noise.to(torch.float32)).to(noise.dtype)
+
     def step(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int, eta: float, noise: Callable[[], torch.Tensor],
              dtype) -> torch.Tensor:
         """x + (σ_j − σ_i)·v in float32 (the scheduler's Euler step), or :func:`flow_step_eta` when η > 0."""

@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
+from scenec.cli_tools import eval_, split, tune
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
 
@@ -22,45 +24,77 @@ LORA_HELP = "PATH[:SCALE]: a LoRA .safetensors on the whole image (repeatable; a
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile declarative scene files into attention masks and schedules, and build images.")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from scenec import __version__
+
+        print(f"scenec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print scenec's version and exit")):
+    """Compile declarative scene files into attention masks and schedules, and build images."""
+
 @app.command()
-def validate(files: List[Path] = typer.Argument(..., help="scene files"),
+def validate(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs; "
+                                                           "a library file (only `defs`) is checked as one"),
              model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
                                                  "`default_model`, else flux-dev)"),
-             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP)):
+             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Check scene files; print every problem at FILE:LINE:COL, including what the model's family cannot run
     (canvas sizes, methods, entities per image)."""
     from scenec.spec.diagnostics import Diagnostics, SceneError
     from scenec.spec.load import load_scene
 
-    from scenec.compiler.check import check_scene
+    from scenec.compiler.check import check_partial, check_scene
     from scenec.compiler.resolve import resolve_model
 
-    bad = 0
-    for f in files:
+    from scenec.build.discovery import discover, is_library_file
+    from scenec.spec.load import load_library
+
+    ovr = overrides(seed, steps, guidance, set_)
+    found, problems = discover(files, libraries=True)
+    print_diags(problems)
+    bad = sum(d.severity == "error" for d in problems)
+    for f in found:
         diags = Diagnostics()
+        if is_library_file(f):
+            load_library(f, diags)
+            print_diags(diags)
+            bad += diags.has_errors()
+            continue
         try:
-            ls = load_scene(f, diags)
+            ls = load_scene(f, diags, ovr)
             _, info = resolve_model(ls, model, diags)
             check_scene(ls, info, diags, model, lora or ())
         except SceneError as e:
+            check_partial(e, model)  # the checks' problems too, with the bad values left out
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
             internal(e)
         print_diags(diags)
         if diags.has_errors():
             bad += 1
+    n = len(found) + sum(d.severity == "error" for d in problems)
     if bad:
-        print(f"{bad} of {len(files)} file{'s' if len(files) != 1 else ''} invalid", file=sys.stderr)
+        print(f"{bad} of {n} file{'s' if n != 1 else ''} invalid", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
-    print(f"ok: {len(files)} file{'s' if len(files) != 1 else ''} valid", file=sys.stderr)
+    print(f"ok: {n} file{'s' if n != 1 else ''} valid", file=sys.stderr)
 
 
 @app.command("compile")
 def compile_(file: Path = typer.Argument(..., help="scene file"),
              out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
              model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
-             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP)):
+             lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Compile a scene to a plan: DIR/plan.json + DIR/tensors.safetensors; prints the plan hash."""
     from scenec.spec.diagnostics import SceneError
 
@@ -69,7 +103,7 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
     if out.exists() and not out.is_dir():
         bad_path(out, "exists and is not a directory (-o names the plan directory)")
     try:
-        plan = compile_scene(file, model=model, lora=lora or ())
+        plan = compile_scene(file, model=model, lora=lora or (), overrides=overrides(seed, steps, guidance, set_))
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -85,26 +119,29 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
 
 @app.command()
 def explain(file: Path = typer.Argument(..., help="scene file"),
-            after: Optional[str] = typer.Option(None, "--after", help="print the IR after this pass: check, expand, geometry, schedule or lower"),
+            after: Optional[str] = typer.Option(None, "--after", help="print only the IR after this pass: check, "
+                                                "expand, geometry, schedule, or lower (the plan)"),
             masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
-    """Print the IR as text (after every pass, or --after PASS)."""
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
+    """Print the IR as text after every pass, then the plan (or only what --after PASS made)."""
     from scenec.spec.diagnostics import SceneError
     from scenec.spec.load import load_scene
 
+    from scenec.compiler import explain_scene
     from scenec.compiler.passes import PASS_NAMES, run_passes
-    from scenec.compiler.printer import print_ir
 
     if after is not None and after not in PASS_NAMES:
         print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     try:
-        ir = run_passes(load_scene(file), model=model, until=None if after in (None, "lower") else after)
+        text, ir = explain_scene(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model, after)
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
         internal(e)
-    sys.stdout.write(print_ir(ir))
+    sys.stdout.write(text)
     if masks is not None:
         from scenec.compiler.preview import write_mask_pngs
 
@@ -132,7 +169,9 @@ def _region(r):
 @app.command()
 def preview(file: Path = typer.Argument(..., help="scene file"),
             out: Path = typer.Option(..., "-o", "--out", help="PNG to write"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory")):
+            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Draw each image's layout (regions, references, related regions; groups as contact sheets)."""
     from scenec.spec.diagnostics import SceneError
     from scenec.spec.load import load_scene
@@ -144,7 +183,8 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
     if out.is_dir():
         bad_path(out, "is a directory (-o names the PNG to write)")
     try:
-        ir = run_passes(load_scene(file), model=model, until="geometry")
+        ir = run_passes(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model=model,
+                        until="geometry")
     except SceneError as e:
         fail_invalid(e)
     except Exception as e:  # noqa: BLE001
@@ -214,7 +254,11 @@ output:
 @app.command()
 def init(directory: Path = typer.Argument(Path("."), help="project directory"),
          force: bool = typer.Option(False, "--force", help="overwrite existing files")):
-    """Start a project: scenec.toml and a starter scene."""
+    """Start a project: scenec.toml, a starter scene, and the scene schema its modeline points at (editors
+    complete and check scene files offline)."""
+    from scenec.spec.fsio import atomic_write
+    from scenec.spec.schema import scene_schema_text
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -226,12 +270,14 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
             print(f"scenec: {f} exists (use --force to overwrite)", file=sys.stderr)
             raise typer.Exit(EXIT_INVALID)
     try:
-        toml.write_text("# scenec project: paths in scenes must stay inside this directory\n"
-                        "[project]\ndefault_model = \"tiny\"\n")
-        scene.write_text(STARTER.format(schema="https://scenec.dev/schemas/scene.schema.json"))
+        atomic_write(toml, b"# scenec project: paths in scenes must stay inside this directory\n"
+                           b"[project]\ndefault_model = \"tiny\"\n")
+        (directory / "schemas").mkdir(exist_ok=True)  # generated: rewritten by every init, this scenec's schema
+        atomic_write(directory / "schemas" / "scene.schema.json", scene_schema_text().encode())
+        atomic_write(scene, STARTER.format(schema="schemas/scene.schema.json").encode())
     except OSError as e:
         path_error(e)
-    print(f"wrote {toml} and {scene}; next: scenec build {scene}", file=sys.stderr)
+    print(f"wrote {toml}, {scene} and schemas/scene.schema.json; next: scenec build {scene}", file=sys.stderr)
 
 
 @app.command()
@@ -258,6 +304,10 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           batch_size: int = typer.Option(1, "--batch-size", "-b",
                                          help="run up to N compatible jobs (any scenes) as one batch on the model "
                                               "(Flux and SD; docs/batch.md)"),
+          seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+          guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display and no line per image; "
+                                                                  "problems and the summary line still print"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
     """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
     import json
@@ -266,7 +316,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
     from scenec.build.options import BatchError, BuildOptions
     from scenec.build.reporting import BuildReport
 
-    report, t0 = BuildReport(), time.perf_counter()
+    # on a terminal: a live display (model loading, each image's steps, steps/s, time left)
+    report, t0 = BuildReport(live=True, lines=not quiet), time.perf_counter()
 
     def end(code: int, message: str | None = None) -> None:
         """Every build ends with its summary line, whatever stopped it."""
@@ -279,6 +330,7 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
         end(EXIT_INVALID, f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`")
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
+    ovr = overrides(seed, steps, guidance, set_, on_error=lambda msg: end(EXIT_INVALID, msg))
     from scenec.build.driver import build_batch
     from scenec.runtime.memory import problem
     if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
@@ -288,7 +340,7 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
             out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
             weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
             compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
-            offload=offload, quantize=quantize), report=report)
+            offload=offload, quantize=quantize, overrides=ovr), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
     except KeyboardInterrupt:
@@ -298,9 +350,11 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
             raise
         end(EXIT_BUILD_FAILED, f"scenec: internal error: {type(e).__name__}: {e} (set SCENEC_DEBUG=1 for a traceback)")
     if dry_run and not json_:
-        for o in summary["outputs"]:
-            if o["status"] == "would-build":
-                print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
+        would = [o for o in summary["outputs"] if o["status"] == "would-build"]
+        for o in would:
+            print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
+        if not would:
+            print(f"nothing to build: {summary['cached']} up to date")
     if json_:
         print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):
@@ -317,6 +371,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
            exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
            weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),
            lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+           seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
+           guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
            verbose: bool = typer.Option(False, "-v", "--verbose", help="list up-to-date outputs too"),
            exit_code: bool = typer.Option(False, "--exit-code", help="exit 1 when an output is missing or stale"),
            json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
@@ -329,7 +385,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
 
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
-                                             weights_hash=weights_hash, lora=lora or ()))
+                                             weights_hash=weights_hash, lora=lora or (), last_out=out is None,
+                                             overrides=overrides(seed, steps, guidance, set_)))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
@@ -339,7 +396,8 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
     for f, msg in rep["failed_compile"]:
         print(f"scenec: {f}: {msg}", file=sys.stderr)
     if json_:
-        print(json.dumps({k: rep[k] for k in ("outputs", "orphaned", "counts", "stale", "invalid", "scenes")}))
+        print(json.dumps({k: rep[k] for k in ("outputs", "orphaned", "counts", "stale", "invalid", "scenes",
+                                              "followed")}))
     else:
         print(format_status(rep, verbose=verbose))
     if rep["invalid"]:
@@ -348,138 +406,10 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
         raise typer.Exit(EXIT_BUILD_FAILED)
 
 
-# --- eval / tune / split (logic in scenec/eval.py, metrics.py, clip.py, tune.py, isotonic.py, split.py) --
-
-def _fail_eval(e) -> None:
-    print(f"scenec: {e}", file=sys.stderr)
-    raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
-
-
-# the metric's options, shared by `eval` and `tune` (the objective tune maximises is eval's metric)
-CLIP_OPTION = typer.Option("openai/clip-vit-large-patch14", "--clip",
-                           help="CLIP model id or local directory; `tiny` (random), `none` to skip CLIPScore")
-WEIGHTS_OPTION = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore")
-TEXT_OPTION = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity")
-SEGMENTER_OPTION = typer.Option(None, "--segmenter", help="module:function masking prompt variants")
-
-
-@app.command("eval")
-def eval_(directory: Path = typer.Argument(..., help="directory of built images and their sidecars"),
-          scene: Optional[List[Path]] = typer.Option(None, "--scene", help="scene file the images were built from"),
-          plan: Optional[List[Path]] = typer.Option(None, "--plan", help="compiled plan directory instead of --scene"),
-          group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
-          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
-          segmenter: Optional[str] = SEGMENTER_OPTION,
-          model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
-          json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
-    """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
-    import json
-
-    from scenec.spec.diagnostics import SceneError
-
-    from scenec.eval import evaluate_dir, load_segmenter, render_table
-    from scenec.metrics import EvalError, parse_weights
-
-    try:
-        w = parse_weights(weights)
-        seg = load_segmenter(segmenter)
-        report = evaluate_dir(directory, scenes=scene or (), plan_dirs=plan or (), clip=clip, weights=w,
-                              segmenter=seg, text=text, model=model, groups=group or None)
-    except EvalError as e:
-        _fail_eval(e)
-    except SceneError as e:
-        fail_invalid(e)
-    except Exception as e:  # noqa: BLE001
-        from scenec.spec.errors import RuntimeErrorBase
-
-        if isinstance(e, RuntimeErrorBase):
-            _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
-        internal(e)
-    for msg in report["warnings"]:
-        print(f"scenec: warning: {msg}", file=sys.stderr)
-    if json_:
-        print(json.dumps(report, indent=1))
-    else:
-        from rich.console import Console
-
-        Console().print(render_table(report))
-
-
-@app.command()
-def tune(file: Path = typer.Argument(..., help="scene file"),
-         group: Optional[str] = typer.Option(None, "--group", help="the group to tune (default: the only one)"),
-         budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
-         method: str = typer.Option("both", "--method", help="param | vector | both"),
-         out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
-         clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
-         segmenter: Optional[str] = SEGMENTER_OPTION,
-         model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
-         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
-         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
-         seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
-    """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
-    from scenec.spec.diagnostics import SceneError
-
-    from scenec.eval import load_segmenter
-    from scenec.metrics import EvalError, parse_weights
-    from scenec.tune import tune as run_tune
-
-    try:
-        w = parse_weights(weights)
-        seg = load_segmenter(segmenter)
-        res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
-                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model,
-                       device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
-    except EvalError as e:
-        _fail_eval(e)
-    except SceneError as e:
-        fail_invalid(e)
-    except Exception as e:  # noqa: BLE001
-        internal(e)
-    best = res["best"]
-    print(f"scenec: {res['evaluated']} candidates ({res['built']} built now); best {best['objective']:.4f} "
-          f"by {best['method']}; wrote {res['output']} (state: {res['state']})", file=sys.stderr)
-    print(f"add to group `{res['group']}`:  {res['line']}", file=sys.stderr)
-    print(res["line"])
-
-
-@app.command()
-def split(file: Path = typer.Argument(..., help="text file: one full prompt per line"),
-          out: Path = typer.Option(..., "-o", "--out", help="scene file to write"),
-          model: str = typer.Option("tiny", "--model", help="the scene's `model`"),
-          canvas: str = typer.Option("1024x1024", "--canvas", help="WIDTHxHEIGHT"),
-          group: str = typer.Option("split", "--group", help="the group's id"),
-          llm: Optional[str] = typer.Option(None, "--llm", help="split with this local causal LM (transformers)"),
-          force: bool = typer.Option(False, "--force", help="overwrite an existing scene file")):
-    """Split N prompts into one shared background + N entity prompts; write a scene with one group."""
-    from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
-
-    try:
-        width, height = parse_canvas(canvas)
-        if out.exists() and not force:
-            raise SplitError(f"{out} exists (use --force to overwrite)")
-        prompts = read_prompts(file)
-        if llm:
-            from scenec.split import transformers_generator
-
-            res = llm_split(prompts, transformers_generator(llm))
-        else:
-            res = heuristic_split(prompts)
-    except SplitError as e:
-        print(f"scenec: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_INVALID)
-    except Exception as e:  # noqa: BLE001
-        internal(e)
-    for w in res.warnings:
-        print(f"scenec: warning: {w}", file=sys.stderr)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
-                       encoding="utf-8")
-    except OSError as e:
-        path_error(e)
-    print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
-          file=sys.stderr)
+# commands defined in other modules, in the order `scenec --help` and docs/cli.md list them
+app.command("eval")(eval_)
+app.command()(tune)
+app.command()(split)
 
 
 def main() -> None:

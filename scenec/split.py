@@ -224,8 +224,23 @@ def read_prompts(path: Path) -> list[str]:
     return [l.strip() for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
 
 
-def parse_canvas(text: str) -> tuple[int, int]:
+def parse_canvas(text: str, model: str | None = None) -> tuple[int, int]:
+    """``WIDTHxHEIGHT``, each side what the scene's model accepts (so the scene written validates)."""
+    from scenec.compiler.caps import UnknownModel, model_info
+    from scenec.spec.models import MAX_CANVAS
+
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text or "")
     if not m:
         raise SplitError(f"--canvas must be WIDTHxHEIGHT, e.g. 1024x768, not `{text}`")
+    try:
+        fam = model_info(model).family if model else None
+    except UnknownModel:
+        fam = None  # a model not here yet: the scene's `validate` will tell
+    k = fam.multiple if fam else 1
+    for side, v in (("width", int(m.group(1))), ("height", int(m.group(2)))):
+        if not 16 <= v <= MAX_CANVAS or v % k:
+            near = [x for x in (v // k * k, v // k * k + k) if 16 <= x <= MAX_CANVAS]
+            raise SplitError(f"--canvas {text}: the {side} {v} must be " + (f"a multiple of {k} " if k > 1 else "")
+                             + f"from 16 to {MAX_CANVAS}" + (f" ({fam.name} models such as `{model}`)" if fam else "")
+                             + (f"; nearest: {' or '.join(map(str, near))}" if near and v % k else ""))
     return int(m.group(1)), int(m.group(2))

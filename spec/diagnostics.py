@@ -22,6 +22,8 @@ class Pos:
     col: int = 1
 
     def __str__(self) -> str:
+        if self.line == 0:  # not in a file: a command-line flag (spec/overrides.py)
+            return self.file
         return f"{self.file}:{self.line}:{self.col}"
 
 
@@ -101,6 +103,9 @@ class SceneError(Exception):
             d.extend(diagnostics)
             diagnostics = d
         self.diagnostics = diagnostics
+        # a scene whose only problems are values that can be left out, with them left out: the semantic
+        # checks still run on it, so one bad value does not hide the others (spec.load; compiler.check)
+        self.partial = None
         super().__init__("\n".join(x.format() for x in diagnostics.sorted()))
 
 

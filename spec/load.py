@@ -10,12 +10,13 @@ import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
 from . import models as m
 from .diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from .overrides import Override, apply_overrides
 from .paths import PathProblem, find_project_root, resolve_inside
 from .yamlload import SourceMap, load_yaml
 
@@ -31,6 +32,7 @@ class LoadedScene:
     root: Path  # project root
     files: dict[str, Path] = field(default_factory=dict)  # display name -> absolute path, includes too
     warnings: list = field(default_factory=list)
+    overrides: tuple[str, ...] = ()  # the command-line overrides applied, as written (spec/overrides.py)
 
     @property
     def name(self) -> str:
@@ -67,8 +69,9 @@ class _Def:
     file: str
 
 
-def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScene:
-    """Load and structurally validate a scene file; raise SceneError with all problems found."""
+def load_scene(path: str | Path, diags: Diagnostics | None = None, overrides: Iterable[Override] = ()) -> LoadedScene:
+    """Load and structurally validate a scene file, with the command line's ``overrides`` applied; raise
+    SceneError with all problems found."""
     diags = diags if diags is not None else Diagnostics()
     path = Path(path)
     display = display_path(path)
@@ -83,17 +86,41 @@ def load_scene(path: str | Path, diags: Diagnostics | None = None) -> LoadedScen
     files = {display: path.resolve()}
 
     included: dict[str, _Def] = {}
+    before = len(diags.errors)
     _load_includes(data, smap, path.resolve(), display, root, diags, included, files, stack=[path.resolve()])
 
     own_defs = _entity_defs(data)
-    _apply_use(data, smap, own_defs, included, diags)
+    _apply_use(data, smap, own_defs, included, diags, includes_failed=len(diags.errors) > before)
+    overrides = tuple(overrides)
+    apply_overrides(data, smap, overrides, diags, display)
 
     scene = _validate(m.Scene, data, smap, diags)
     if scene is None or diags.has_errors():
-        raise SceneError(diags)
-    result = LoadedScene(scene=scene, smap=smap, file=path.resolve(), display=display, root=root, files=files)
+        err = SceneError(diags)
+        partial = scene if scene is not None else _without_bad_values(data)
+        if partial is not None:
+            err.partial = LoadedScene(scene=partial, smap=smap, file=path.resolve(), display=display, root=root,
+                                      files=files, overrides=tuple(o.flag for o in overrides))
+        raise err
+    result = LoadedScene(scene=scene, smap=smap, file=path.resolve(), display=display, root=root, files=files,
+                         overrides=tuple(o.flag for o in overrides))
     result.warnings = diags.warnings
     return result
+
+
+def load_library(path: str | Path, diags: Diagnostics) -> bool:
+    """Check a library file (only ``scenec``, ``defs`` and ``include``) and the libraries it includes;
+    problems go to ``diags``. True when it is valid."""
+    path = Path(path)
+    display = display_path(path)
+    loaded = load_yaml(path, display, diags)
+    if loaded is None:
+        return False
+    data, smap = loaded
+    _validate(m.Library, data, smap, diags)
+    _load_includes(data, smap, path.resolve(), display, find_project_root(path), diags, {}, {display: path.resolve()},
+                   stack=[path.resolve()])
+    return not diags.has_errors()
 
 
 def _load_includes(data, smap, file: Path, display: str, root: Path, diags: Diagnostics,
@@ -146,7 +173,8 @@ def _entity_defs(data: dict) -> dict:
     return ents if isinstance(ents, dict) else {}
 
 
-def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def], diags: Diagnostics) -> None:
+def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def], diags: Diagnostics,
+               includes_failed: bool = False) -> None:
     ents = data.get("entities")
     if not isinstance(ents, list):
         return
@@ -164,9 +192,12 @@ def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def],
             d = included[name]
         else:
             choices = list(own_defs) + list(included)
-            diags.error(smap.value(("entities", i, "use")), f"unknown def `{name}` in `use`",
-                        hint=did_you_mean(name, choices) or ("defs available: " + ", ".join(sorted(choices)) if choices
-                                                              else "define it under `defs.entities`"))
+            hint = did_you_mean(name, choices) or ("defs available: " + ", ".join(sorted(choices)) if choices
+                                                   else "define it under `defs.entities`")
+            if includes_failed:
+                hint = "an include did not load (above), and it may define it"
+            diags.error(smap.value(("entities", i, "use")), f"unknown def `{name}` in `use`", hint=hint)
+            ent.setdefault("prompt", "")  # the def would have given it: no second error for the same mistake
             continue
         if not isinstance(d.data, dict):
             continue
@@ -204,6 +235,27 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
             diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}")
         return None
+
+
+def _without_bad_values(data: Any, rounds: int = 3):
+    """The scene with every value that failed validation left out, when each can be (it has a default):
+    a Scene for the semantic checks, or None (a required value is wrong, or a list item)."""
+    data = copy.deepcopy(data)
+    for _ in range(rounds):
+        try:
+            return m.Scene.model_validate(data)
+        except ValidationError as e:
+            for err in e.errors(include_url=False):
+                if err["type"] == "missing":
+                    return None
+                path = _data_path(tuple(err["loc"]), data)
+                parent = data
+                for part in path[:-1]:
+                    parent = parent[part]
+                if not path or not isinstance(parent, dict) or path[-1] not in parent:
+                    return None
+                del parent[path[-1]]
+    return None
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:

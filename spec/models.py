@@ -170,6 +170,9 @@ class Background(_Node):
     negative: str = ""
     image: Annotated[str, Field(min_length=1)] | None = Field(
         None, description="start from this image; only entity regions change (inpainting fusion)")
+    strength: Unit | None = Field(
+        None, description="img2img: repaint the whole `image`, starting from it noised to this level (1 = pure "
+        "noise, the image ignored; 0 = unchanged); default: none (only entity regions change)")
 
 
 class Modulation(_Node):

@@ -124,6 +124,9 @@ class Job(_T):
     entities: list[EntityStream] = []
     init_image: str | None = None
     inpaint_mask: MaskRef | None = None
+    # img2img (background.strength): the level the init image is noised to, where the program starts;
+    # None: the program starts from noise and inpainting keeps the outside of the regions
+    init_level: int | None = None
     conditions: list[Condition] = []
     visuals: list[Visual] = []  # object-level visual prompts (spec/plan_visual.py)
     program: list[Op]
@@ -145,6 +148,7 @@ class Job(_T):
 class SceneRef(_T):
     name: str
     file: FileText
+    overrides: list[str] = []  # the command-line overrides it was compiled with (``--steps 8``)
 
 
 class Model(_T):
@@ -395,6 +399,8 @@ class Plan:
         if job.init_image is not None:
             self._check_image(job.init_image, (3,), "init image")
             self._check_masks(job.inpaint_mask, f"{what}: inpaint mask")
+        if job.init_level is not None and (job.init_image is None or not 0 <= job.init_level <= steps):
+            raise PlanError(f"{what}: init_level {job.init_level} needs an init image and a level in 0..{steps}")
         for c in job.conditions:
             cw = f"{what}: condition {c.entity!r}"
             self._check_image(c.image, (3, 4), "reference")

@@ -66,6 +66,22 @@ class SourceMap:
                     mine.setdefault(dst + p[n:], pos)
 
 
+# PyYAML's words for an indentation mistake, and what they mean: (its text, what happened, how to fix)
+_INDENT_HINT = "keys of one mapping start in the same column; a value on the next line is indented under its key"
+_YAML_WORDS = (
+    ("mapping values are not allowed here", "a `key:` where no mapping can start: a line indented too far, or "
+     "`: ` inside an unquoted value", _INDENT_HINT + "; quote a value that holds `: `"),
+    ("expected <block end>", "this line is indented less or more than the mapping or list it continues",
+     _INDENT_HINT),
+    ("did not find expected key", "this line is indented less or more than the mapping it continues",
+     _INDENT_HINT),
+    ("could not find expected ':'", "a line that is not `key: value` inside a mapping (a value continued "
+     "without indenting it, or a missing `:`)", "indent a continued value further than its key, or quote it"),
+    ("found character '\\t' that cannot start any token", "a tab: YAML indents with spaces only",
+     "replace the tab with spaces"),
+)
+
+
 def _problem(e: Exception, node: yaml.Node) -> str:
     if isinstance(e, yaml.YAMLError):
         return str(getattr(e, "problem", None) or e)
@@ -195,7 +211,11 @@ def load_yaml(path: Path, display: str, diags: Diagnostics) -> tuple[Any, Source
         msg = e.problem or str(e)
         if e.context:
             msg = f"{e.context}: {msg}" if msg else e.context
-        diags.error(pos, f"invalid YAML: {msg}")
+        plain = next(((w, h) for k, w, h in _YAML_WORDS if k in msg), None)
+        if plain is None:
+            diags.error(pos, f"invalid YAML: {msg}")
+        else:
+            diags.error(pos, f"invalid YAML: {plain[0]} (PyYAML: {msg})", hint=plain[1])
         return None
     except yaml.YAMLError as e:  # pragma: no cover - unmarked errors are rare
         diags.error(Pos(display), f"invalid YAML: {e}")

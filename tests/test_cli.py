@@ -102,6 +102,11 @@ def test_init_creates_a_valid_project(tmp_path):
     assert r.returncode == 0, r.stderr
     r = scenec("validate", tmp_path / "proj" / "scene.yaml")
     assert r.returncode == 0, r.stderr
+    # the modeline points at the schema written beside it (no URL that may not be served)
+    first = (tmp_path / "proj" / "scene.yaml").read_text().splitlines()[0]
+    assert first == "# yaml-language-server: $schema=schemas/scene.schema.json"
+    assert (tmp_path / "proj" / "schemas" / "scene.schema.json").read_text() == (ROOT / "schemas" /
+                                                                                 "scene.schema.json").read_text()
     assert scenec("init", tmp_path / "proj").returncode == 2  # refuses to overwrite
 
 

@@ -319,7 +319,7 @@ def test_a_damaged_memo_is_set_aside_and_the_scene_compiled(project, monkeypatch
     want = pngs(out)
     compiled: list[str] = []
     real = planning.compile_file
-    monkeypatch.setattr(planning, "compile_file", lambda f, m, lora=(): compiled.append(f.name) or real(f, m, lora))
+    monkeypatch.setattr(planning, "compile_file", lambda f, m, *a: compiled.append(f.name) or real(f, m, *a))
     target = next(f for f in memo.memo_dir().glob("*.json") if json.loads(f.read_bytes())["scene"].endswith("s01.yaml"))
     target.write_bytes(MEMO_DAMAGE[how](target.read_bytes()))
     st = status(["scenes"])

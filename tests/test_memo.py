@@ -36,7 +36,7 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "sub" / "b.yaml").write_text(SCENE.format(prompt="a forest", image=", image: ../init.png"))
     compiled: list[str] = []
     real = planning.compile_file
-    monkeypatch.setattr(planning, "compile_file", lambda f, m, lora=(): compiled.append(f.name) or real(f, m, lora))
+    monkeypatch.setattr(planning, "compile_file", lambda f, m, *a: compiled.append(f.name) or real(f, m, *a))
     be = tiny_backend()
     monkeypatch.setattr(pool, "load_model", lambda m, **kw: be)
     monkeypatch.chdir(tmp_path)

@@ -31,6 +31,30 @@ def _import_diffusers_quietly() -> None:
         transformers.logging.set_verbosity(level)
 
 
+_TRUNCATION_NOTICES = ("Token indices sequence length is longer than", "The following part of your input was truncated")
+
+
+def _drop_truncation_notice(record) -> bool:
+    return not str(record.getMessage()).startswith(_TRUNCATION_NOTICES)
+
+
+def mute_truncation_notices() -> None:
+    """Drop transformers' and diffusers' notices that a prompt was cut (the second one prints the whole cut
+    text: 50 KB for a long prompt): ``scenec validate`` and the build already warned, at the prompt, with
+    the count and the cut (compiler/advice.py)."""
+    import logging
+
+    import diffusers.utils.logging as dl
+    import transformers
+
+    transformers.logging.get_logger("transformers")  # the libraries' root handlers exist once a logger is asked for
+    dl.get_logger("diffusers")
+    for name in ("transformers", "diffusers"):
+        for h in logging.getLogger(name).handlers:
+            if _drop_truncation_notice not in h.filters:
+                h.addFilter(_drop_truncation_notice)
+
+
 def as_model(model: Model | dict | str) -> Model:
     """A plan's model from its typed form, its dict, or a spec string (an alias, an id or a directory)."""
     if isinstance(model, Model):
@@ -55,6 +79,7 @@ def load_backend(model: Model | dict | str, device=None, dtype=None, compile: bo
     if m.family not in FAMILIES:
         raise Unsupported(f"model family {m.family!r} ({m.spec}) is not supported by this runtime")
     _import_diffusers_quietly()
+    mute_truncation_notices()
     be = importlib.import_module(FAMILIES[m.family]).load(m, device=device, dtype=dtype, **kw)
     be.memory = {"offload": kw.get("offload", "none"), "quantize": kw.get("quantize", "none")}
     if compile:

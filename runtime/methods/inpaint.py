@@ -56,6 +56,19 @@ class Inpaint(Method):
             fixed.append(e)
         self.z0, self.m = torch.cat(zs), torch.cat(ms)
         self.fixed = None if self.flow else torch.cat(fixed)
+        self._img2img(zs)
+
+    def _img2img(self, zs: list) -> None:
+        """Rows with an ``init_level`` (background.strength) start from their init latent noised to that
+        level with the row's own initial noise (diffusers' img2img); their mask is all ones."""
+        run = self.run
+        if not any(row.job.init_level is not None for row in run.rows):
+            return
+        xs = []
+        for row, z in zip(run.rows, zs):
+            lv = row.job.init_level
+            xs.append(row.x if lv is None else run.solver.noised(z.to(row.x.dtype), row.x, lv).to(row.x.dtype))
+        run.x = torch.cat(xs)
 
     def output(self, n: int, op, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not self.flow:

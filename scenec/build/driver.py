@@ -32,7 +32,7 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
         raise BatchError(f"-o {options.out}: not a directory")
     report = report if report is not None else BuildReport(options.quiet)
-    executor = make_executor(options, report.say)
+    executor = make_executor(options, report.say, report)
     t0 = time.perf_counter()
     bp = plan_batch(targets, options)
     report.planned(bp)
@@ -48,6 +48,9 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     damaged = [d for d, man in bp.manifests.items() if man.damaged]
     if todo or damaged:
         _build(todo, bp, executor, report, options, damaged)
+    from .lastout import remember
+
+    remember({it.scene_file: options.out for it in chosen})  # for `scenec status` without -o
     return report.finish(time.perf_counter() - t0, not_selected=len(bp.items) - len(chosen))
 
 
@@ -94,7 +97,11 @@ def _build(todo: list[Item], bp: BatchPlan, executor: Executor, report: BuildRep
             for it, r in built:
                 report.built(it, r)
 
-        executor.run(batches_of(units_of(todo), options.batch_size), done)
+        report.start_progress(len(todo))
+        try:
+            executor.run(batches_of(units_of(todo), options.batch_size), done)
+        finally:
+            report.stop_progress()
 
 
 def _reopen(d: Path, bp: BatchPlan, report: BuildReport) -> None:

@@ -30,20 +30,28 @@ class LocalExecutor:
     """Batches in this process, one after another, each model loaded once."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, masks: bool = False,
-                 memory: dict | None = None):
+                 memory: dict | None = None, report=None):
         self.pool = BackendPool(device, dtype, memory)
         self.masks = masks
+        self.report = report  # its live display, when there is one (scenec.progress.BuildProgress)
 
     def run(self, batches: list[list[Unit]], done: Done) -> None:
         for batch in batches:
-            be = self.pool.get(batch[0].plan.json["model"])
+            live = getattr(self.report, "progress", None)
+            model = batch[0].plan.json["model"]
+            if live is not None and not self.pool.has(model):
+                with live.loading(model.get("spec") or model.get("repo") or "model"):
+                    be = self.pool.get(model)
+            else:
+                be = self.pool.get(model)
             if isinstance(be, Exception):
                 for u in batch:
                     done(u, None, ModelLoadError(str(be)))
                 continue
             try:
                 per_unit = execute_plans([u.subplan() for u in batch], be, [u.out_dir for u in batch],
-                                         masks=self.masks, stamps=[u.stamps() for u in batch])
+                                         masks=self.masks, stamps=[u.stamps() for u in batch],
+                                         progress=live.step if live is not None else None)
             except Exception as e:  # noqa: BLE001 - one batch's failure (OOM, a bug) must not stop the build
                 if os.environ.get("SCENEC_DEBUG"):
                     raise
@@ -52,9 +60,11 @@ class LocalExecutor:
                 continue
             for u, results in zip(batch, per_unit):
                 done(u, results)
+                if live is not None:
+                    live.unit_done(len(u.items))
 
 
-def make_executor(options: BuildOptions, say: Callable[[str], None]) -> Executor:
+def make_executor(options: BuildOptions, say: Callable[[str], None], report=None) -> Executor:
     """The executor ``options.executor`` names; raises BatchError for an unknown one, or for Ray when
     it is not installed (before anything is compiled: a usage error)."""
     if options.executor not in EXECUTORS:
@@ -64,4 +74,5 @@ def make_executor(options: BuildOptions, say: Callable[[str], None]) -> Executor
 
         return RayExecutor(device=options.device, dtype=options.dtype, masks=options.masks,
                            address=options.address, workers=options.workers, say=say, memory=options.memory)
-    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, memory=options.memory)
+    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, memory=options.memory,
+                         report=report)

@@ -66,8 +66,9 @@ def code_stamp() -> str:
     return _code
 
 
-def _entry_path(scene: Path, model: str | None, lora=()) -> Path:
-    who = json.dumps([str(scene.resolve()), model, os.getcwd()] + ([list(lora)] if lora else []))
+def _entry_path(scene: Path, model: str | None, lora=(), overrides=()) -> Path:
+    who = json.dumps([str(scene.resolve()), model, os.getcwd()] + ([list(lora)] if lora else [])
+                     + ([repr(o) for o in overrides] if overrides else []))
     return memo_dir() / (hashlib.sha256(who.encode()).hexdigest()[:40] + ".json")
 
 
@@ -137,11 +138,11 @@ def _digest(doc: dict) -> str:
     return hashlib.sha256(json_bytes(body, sort_keys=True, separators=(",", ":"))).hexdigest()
 
 
-def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None, lora=()
+def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = None, overrides=(), lora=()
          ) -> tuple[MemoPlan, list[dict]] | None:
-    """The memo of ``scene`` when every input is as it was: ``(MemoPlan, warnings)``; else None. A
-    damaged memo is set aside and ``warn`` told once."""
-    path = _entry_path(scene, model, lora)
+    """The memo of ``scene`` (compiled with ``overrides`` and ``lora``) when every input is as it was:
+    ``(MemoPlan, warnings)``; else None. A damaged memo is set aside and ``warn`` told once."""
+    path = _entry_path(scene, model, lora, overrides)
     try:
         raw = path.read_bytes()
     except OSError:
@@ -167,7 +168,8 @@ def load(scene: Path, model: str | None, warn: Callable[[str], None] | None = No
     return MemoPlan(doc["plan"]), doc["warnings"]
 
 
-def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any], lora=()) -> None:
+def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, warnings: list[Any],
+          overrides=(), lora=()) -> None:
     """Write the memo of a scene that just compiled (best effort: a memo that cannot be written is skipped)."""
     doc = {
         "format": FORMAT,
@@ -182,7 +184,7 @@ def store(scene: Path, model: str | None, inputs: list[str], plan_json: dict, wa
     doc["sha256"] = _digest(doc)
     try:
         # no fsync: a torn memo does not verify, and then the scene is simply compiled
-        atomic_write(_entry_path(scene, model, lora), json_bytes(doc, sort_keys=True), durable=False)
+        atomic_write(_entry_path(scene, model, lora, overrides), json_bytes(doc, sort_keys=True), durable=False)
     except OSError:
         pass
 

@@ -26,6 +26,8 @@ class BuildOptions:
     force: bool = False  # rebuild selected outputs even when up to date
     masks: bool = False  # also write attention masks (outputs without them are stale)
     weights_hash: str = "stat"  # identity of local model directories: stat | content
+    overrides: tuple = ()  # --seed/--steps/--guidance/--set (scenec.spec.overrides.Override), every scene
+    last_out: bool = False  # without `out`: each scene's outputs where its last `build -o` wrote (status)
     # how it runs
     dry_run: bool = False  # plan and report; build nothing
     device: str | None = None  # cuda | cpu (default: cuda when available)
@@ -44,6 +46,7 @@ class BuildOptions:
         object.__setattr__(self, "select", tuple(self.select or ()))
         object.__setattr__(self, "exclude", tuple(self.exclude or ()))
         object.__setattr__(self, "lora", tuple(self.lora or ()))
+        object.__setattr__(self, "overrides", tuple(self.overrides or ()))
 
     @property
     def memory(self) -> dict:

@@ -25,15 +25,16 @@ from .discovery import discover
 from .keys import cache_key, model_identity
 from .manifest import Manifest
 from .options import BatchError, BuildOptions
-from .selection import parse_selectors, selected
+from .selection import candidates, parse_selectors, selected, unmatched
 
 
-def compile_file(path: Path, model: str | None, lora=()):
-    """Compile one scene file (``lora``: the ``--lora`` arguments): a ``scenec.spec.plan.Plan`` with the
-    scene's ``warnings``; raises ``SceneError`` with every problem. The one place the build calls the compiler."""
+def compile_file(path: Path, model: str | None, overrides=(), lora=()):
+    """Compile one scene file (with the command line's ``overrides`` and ``--lora`` arguments): a
+    ``scenec.spec.plan.Plan`` with the scene's ``warnings``; raises ``SceneError`` with every problem. The
+    one place the build calls the compiler."""
     from scenec.compiler import compile_scene
 
-    return compile_scene(path, model=model, lora=lora)
+    return compile_scene(path, model=model, lora=lora, overrides=overrides)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class BatchPlan:
     failed_compile: list[tuple[str, str]] = field(default_factory=list)  # (file, message): internal errors
     manifests: dict[Path, Manifest] = field(default_factory=dict)
     compile_s: float = 0.0
+    followed: dict[str, Path] = field(default_factory=dict)  # scene → its last `build -o` directory (last_out)
 
 
 def plan_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> BatchPlan:
@@ -115,7 +117,8 @@ class _Planner:
             bp.diagnostics.error(Pos("."), "no scene files given")
         t0 = time.perf_counter()
         for f in files:
-            hit = memo.load(f, self.o.model, self.memo_warning(f), lora=self.o.lora) if self.partial else None
+            hit = memo.load(f, self.o.model, self.memo_warning(f), self.o.overrides, lora=self.o.lora) \
+                if self.partial else None
             if hit is not None:
                 bp.items += self.add_scene(f, hit[0], memo.warnings_of(hit[1]))
                 continue
@@ -125,10 +128,23 @@ class _Planner:
         bp.compile_s = time.perf_counter() - t0
         self.check(bp.items)
         self.compile_replayed()
+        self.check_selection()
         for man in bp.manifests.values():
             if man.problem:
                 bp.diagnostics.warning(Pos(display_path(man.path)), man.problem)
         return bp
+
+    def check_selection(self) -> None:
+        """A ``--select`` term that matches nothing is a usage error, listing what it could match (git's
+        "pathspec did not match"), unless a scene that did not compile might have held its match."""
+        bp = self.bp
+        jobs = [it.info for it in bp.items]
+        missing = unmatched(self.sel, jobs)
+        if not missing or bp.invalid or bp.failed_compile:
+            return
+        terms = ", ".join(f"`{s.text}`" for s in missing)
+        could = candidates(jobs) if jobs else "no scenes were found"
+        raise BatchError(f"--select {terms} matched nothing; {could}")
 
     def memo_warning(self, f: Path):
         return lambda msg: self.bp.diagnostics.warning(Pos(display_path(f)), msg)
@@ -139,7 +155,7 @@ class _Planner:
         bp = self.bp
         try:
             with recording_inputs() as inputs:
-                plan = compile_file(f, self.o.model, self.o.lora)
+                plan = compile_file(f, self.o.model, self.o.overrides, self.o.lora)
         except SceneError as e:
             bp.diagnostics.extend(e.diagnostics)
             if not e.diagnostics.has_errors():
@@ -153,7 +169,7 @@ class _Planner:
             return None
         warnings = list(plan.warnings)
         if self.partial:
-            memo.store(f, self.o.model, list(inputs), plan.json, warnings, lora=self.o.lora)
+            memo.store(f, self.o.model, list(inputs), plan.json, warnings, self.o.overrides, lora=self.o.lora)
         return plan, warnings
 
     def add_scene(self, f: Path, plan, warnings) -> list[Item]:
@@ -166,6 +182,12 @@ class _Planner:
             self.identities[mkey] = model_identity(model, self.o.weights_hash)
         identity = self.identities[mkey]
         out_dir = Path(out) if out is not None else f.resolve().parent / (plan.json.get("output") or {}).get("dir", "out")
+        if out is None and self.o.last_out:
+            from .lastout import recall
+
+            last = recall(f)
+            if last is not None:
+                out_dir = bp.followed[display_path(f)] = last
         out_dir = Path(os.path.abspath(out_dir))
         display = display_path(f)
         added = []

@@ -35,6 +35,10 @@ class BackendPool:
         self.device, self.dtype, self.memory = device, dtype, memory
         self._backends: dict[str, Any] = {}
 
+    def has(self, model: dict) -> bool:
+        """Whether ``model`` was loaded (or failed to load) already."""
+        return json.dumps(model, sort_keys=True) in self._backends
+
     def get(self, model: dict):
         """The backend of ``model``, or the ``RuntimeErrorBase`` that loading it raised."""
         from scenec.spec.errors import RuntimeErrorBase
@@ -48,27 +52,29 @@ class BackendPool:
         return self._backends[key]
 
 
-def execute_unit(plan, backend, out_dir: str | Path, masks: bool = False, stamps: dict | None = None) -> list[dict]:
+def execute_unit(plan, backend, out_dir: str | Path, masks: bool = False, stamps: dict | None = None,
+                 progress=None) -> list[dict]:
     """Execute one unit's sub-plan (a job, or the jobs of a coupling group) into ``out_dir``; ``stamps``
     (by job id) go into the sidecars.
 
     The backend's text cache is kept: the next scenes of the batch often share prompts."""
     from scenec.runtime.outputs import execute
 
-    return execute(plan, backend, out_dir, masks=masks, keep_cache=True, stamps=stamps)
+    return execute(plan, backend, out_dir, masks=masks, keep_cache=True, stamps=stamps, progress=progress)
 
 
 def execute_plans(plans: list, backend, out_dirs: list[Path], masks: bool = False,
-                  stamps: list[dict] | None = None) -> list[list[dict]]:
+                  stamps: list[dict] | None = None, progress=None) -> list[list[dict]]:
     """Execute one batch: a unit's sub-plan alone, or the single-job sub-plans of batch-compatible jobs
     (any scenes) as the rows of one batch. Returns each plan's results, in order. ``stamps``: each
-    plan's sidecar stamps by job id."""
+    plan's sidecar stamps by job id. ``progress(done, total, name)``: sampling ops done (a batch: its
+    first image's name)."""
     stamps = stamps or [None] * len(plans)
     if len(plans) == 1:
-        return [execute_unit(plans[0], backend, out_dirs[0], masks=masks, stamps=stamps[0])]
+        return [execute_unit(plans[0], backend, out_dirs[0], masks=masks, stamps=stamps[0], progress=progress)]
     from scenec.runtime.outputs import execute_batch
 
     jobs = [p.json["jobs"][0] for p in plans]
     rows = execute_batch([(p, j, d) for p, j, d in zip(plans, jobs, out_dirs)], backend, masks=masks,
-                         stamps=[(s or {}).get(j["id"]) for s, j in zip(stamps, jobs)])
+                         stamps=[(s or {}).get(j["id"]) for s, j in zip(stamps, jobs)], progress=progress)
     return [[r] for r in rows]

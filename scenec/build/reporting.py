@@ -24,15 +24,33 @@ class BuildReport:
     "seconds"}``; ``outputs`` has one entry per selected job (``status``: built | cached | failed |
     would-build)."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, live: bool = False, lines: bool = True):
         self.quiet = quiet
+        self.live = live  # a live progress display when stderr is a terminal (scenec.progress)
+        self.lines = lines  # one line per image built (off: `scenec build --quiet`)
+        self.progress = None  # the display while the build runs
         self.data: dict[str, Any] = {"built": 0, "cached": 0, "failed": 0, "invalid": 0, "outputs": [],
                                      "errors": [], "diagnostics": None, "plan": None}
         self._models_said: set[str] = set()  # model errors already printed
 
     def say(self, msg: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.print(msg)  # above the bars
+        else:
             print(msg, file=sys.stderr)
+
+    def start_progress(self, images: int) -> None:
+        """The live display, for ``images`` images to make (none when off or not on a terminal)."""
+        from scenec.progress import build_progress
+
+        self.progress = build_progress(images, self.live and self.lines and not self.quiet)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     def planned(self, bp: BatchPlan) -> None:
         """The plan's diagnostics, invalid scenes and scenes that failed to compile."""
@@ -65,7 +83,9 @@ class BuildReport:
         self.data["built"] += 1
         self.data["outputs"].append({**result, "state": it.state, "reason": it.reason})
         t = (result.get("timings") or {}).get("total_s")
-        self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "") + f"  [{it.state}: {it.reason}]")
+        if self.lines:
+                self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "")
+                     + f"  [{it.state}: {it.reason}]")
 
     def failed(self, it: Item, msg: str) -> None:
         """One line per failed image; a model that could not be loaded is explained once (its first line)."""
@@ -83,6 +103,7 @@ class BuildReport:
 
     def finish(self, seconds: float, not_selected: int | None = None) -> dict:
         """The summary; with ``not_selected`` (a build that ran), its last line too."""
+        self.stop_progress()
         s = self.data
         s["seconds"] = seconds
         if not_selected is not None:
@@ -116,7 +137,8 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     return {"outputs": rows, "orphaned": orphans, "counts": counts,
             "stale": sum(counts.get(s, 0) for s in STALE_STATES), "invalid": bp.invalid,
-            "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes)}
+            "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes),
+            "followed": {k: str(v) for k, v in bp.followed.items()}}
 
 
 def format_status(rep: dict, verbose: bool = False) -> str:
@@ -127,6 +149,8 @@ def format_status(rep: dict, verbose: bool = False) -> str:
                  f"{cached} up to date, {rep['stale']} to build"
                  + (f", {len(rep['invalid'])} invalid scene{'s' if len(rep['invalid']) != 1 else ''}"
                     if rep["invalid"] else ""))
+    for scene, d in (rep.get("followed") or {}).items():
+        lines.append(f"  ({scene}: outputs of its last `scenec build -o {printable(d)}`; -o chooses another)")
     cwd = Path.cwd()
     for r in rep["outputs"] + rep["orphaned"]:
         if r["state"] == "cached" and not verbose:

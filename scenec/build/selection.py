@@ -78,7 +78,7 @@ def _match_part(method: str, pat: str, job: dict) -> bool:
     if method == "scene":
         return _glob(pat, job["scene"])
     if method == "name":
-        return _glob(pat, job["scene"]) or _glob(pat, job.get("group"))
+        return _glob(pat, job["scene"]) or _glob(pat, job.get("group")) or _glob(pat, job.get("variant"))
     if method in ("group", "variant") and "/" in pat:  # a `variant` term always has its slash
         g, _, v = pat.partition("/")
         return _glob(g, job.get("group")) and _glob(v, job.get("variant"))
@@ -106,3 +106,24 @@ def selected(job: dict, select: list[Selector], exclude: list[Selector]) -> bool
     if select and not any(s.matches(job) for s in select):
         return False
     return not any(s.matches(job) for s in exclude)
+
+
+def unmatched(select: list[Selector], jobs: list[dict]) -> list[Selector]:
+    """The ``--select`` terms that match no job."""
+    return [s for s in select if not any(s.matches(j) for j in jobs)]
+
+
+def candidates(jobs: list[dict], limit: int = 12) -> str:
+    """What a selection could have named (as git lists what a pathspec could match): scene names, groups,
+    GROUP/VARIANT and seeds."""
+    def listed(values) -> str:
+        vals = list(dict.fromkeys(str(v) for v in values if v is not None))
+        return ", ".join(vals[:limit]) + (f", … ({len(vals) - limit} more)" if len(vals) > limit else "")
+
+    parts = [f"scenes: {listed(j['scene'] for j in jobs)}"]
+    grouped = [j for j in jobs if j.get("group")]
+    if grouped:
+        parts.append(f"groups: {listed(j['group'] for j in grouped)}")
+        parts.append("variants: " + listed(f"{j['group']}/{j.get('variant')}" for j in grouped))
+    parts.append(f"seeds: {listed(sorted({j['seed'] for j in jobs if j.get('seed') is not None}))}")
+    return "; ".join(parts)

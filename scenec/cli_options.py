@@ -1,0 +1,32 @@
+"""Options several commands share: the scene overrides (``--seed``, ``--steps``, ``--guidance``, ``--set``;
+scenec/spec/overrides.py) and how their parsing fails (one line naming the flag, exit 2)."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from scenec.exits import EXIT_INVALID
+
+SEED_OPTION = typer.Option(None, "--seed", help="override sampler.seed: N, A..B (inclusive) or A,B,C")
+STEPS_OPTION = typer.Option(None, "--steps", help="override sampler.steps")
+GUIDANCE_OPTION = typer.Option(None, "--guidance", help="override sampler.guidance")
+SET_OPTION = typer.Option(None, "--set", help="override any scene value: KEY.PATH=VALUE (repeatable; list "
+                                              "items by index or id: entities.fox.prompt=...)")
+
+
+def overrides(seed: Optional[str], steps: Optional[str], guidance: Optional[str], sets: Optional[List[str]],
+              on_error=None) -> tuple:
+    """The overrides the flags ask for; a flag that cannot be read prints one line and exits 2 (through
+    ``on_error(message)`` when given: a build still ends with its summary line)."""
+    from scenec.spec.overrides import OverrideError, from_flags
+
+    try:
+        return from_flags(seed, steps, guidance, sets or ())
+    except OverrideError as e:
+        if on_error is not None:
+            on_error(f"scenec: {e}")
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID) from None

@@ -1,0 +1,140 @@
+"""`scenec eval`, `tune` and `split`, registered on the app by scenec/cli.py (their logic: scenec/eval.py,
+metrics.py, clip.py, tune.py, isotonic.py, split.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, fail_invalid, internal, path_error
+
+def _fail_eval(e) -> None:
+    print(f"scenec: {e}", file=sys.stderr)
+    raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
+
+
+# the metric's options, shared by `eval` and `tune` (the objective tune maximises is eval's metric)
+CLIP_OPTION = typer.Option("openai/clip-vit-large-patch14", "--clip",
+                           help="CLIP model id or local directory; `tiny` (random), `none` to skip CLIPScore")
+WEIGHTS_OPTION = typer.Option("1,1", "--weights", help="a,b of the combined metric a·BgSim + b·CLIPScore")
+TEXT_OPTION = typer.Option("full", "--text", help="CLIPScore text: full (entity + background) | entity")
+SEGMENTER_OPTION = typer.Option(None, "--segmenter", help="module:function masking prompt variants")
+
+
+def eval_(directory: Path = typer.Argument(..., help="directory of built images and their sidecars"),
+          scene: Optional[List[Path]] = typer.Option(None, "--scene", help="scene file the images were built from"),
+          plan: Optional[List[Path]] = typer.Option(None, "--plan", help="compiled plan directory instead of --scene"),
+          group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
+          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
+          segmenter: Optional[str] = SEGMENTER_OPTION,
+          model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
+          json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
+    import json
+
+    from scenec.spec.diagnostics import SceneError
+
+    from scenec.eval import evaluate_dir, load_segmenter, render_table
+    from scenec.metrics import EvalError, parse_weights
+
+    try:
+        w = parse_weights(weights)
+        seg = load_segmenter(segmenter)
+        report = evaluate_dir(directory, scenes=scene or (), plan_dirs=plan or (), clip=clip, weights=w,
+                              segmenter=seg, text=text, model=model, groups=group or None)
+    except EvalError as e:
+        _fail_eval(e)
+    except SceneError as e:
+        fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        from scenec.spec.errors import RuntimeErrorBase
+
+        if isinstance(e, RuntimeErrorBase):
+            _fail_eval(EvalError(str(e), exit_code=EXIT_BUILD_FAILED))
+        internal(e)
+    for msg in report["warnings"]:
+        print(f"scenec: warning: {msg}", file=sys.stderr)
+    if json_:
+        print(json.dumps(report, indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(report))
+
+
+def tune(file: Path = typer.Argument(..., help="scene file"),
+         group: Optional[str] = typer.Option(None, "--group", help="the group to tune (default: the only one)"),
+         budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
+         method: str = typer.Option("both", "--method", help="param | vector | both"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
+         clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
+         segmenter: Optional[str] = SEGMENTER_OPTION,
+         model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
+         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
+         seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
+    """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
+    from scenec.spec.diagnostics import SceneError
+
+    from scenec.eval import load_segmenter
+    from scenec.metrics import EvalError, parse_weights
+    from scenec.tune import tune as run_tune
+
+    try:
+        w = parse_weights(weights)
+        seg = load_segmenter(segmenter)
+        res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
+                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model,
+                       device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
+    except EvalError as e:
+        _fail_eval(e)
+    except SceneError as e:
+        fail_invalid(e)
+    except Exception as e:  # noqa: BLE001
+        internal(e)
+    best = res["best"]
+    print(f"scenec: {res['evaluated']} candidates ({res['built']} built now); best {best['objective']:.4f} "
+          f"by {best['method']}; wrote {res['output']} (state: {res['state']})", file=sys.stderr)
+    print(f"add to group `{res['group']}`:  {res['line']}", file=sys.stderr)
+    print(res["line"])
+
+
+def split(file: Path = typer.Argument(..., help="text file: one full prompt per line"),
+          out: Path = typer.Option(..., "-o", "--out", help="scene file to write"),
+          model: str = typer.Option("tiny", "--model", help="the scene's `model`"),
+          canvas: str = typer.Option("1024x1024", "--canvas", help="WIDTHxHEIGHT"),
+          group: str = typer.Option("split", "--group", help="the group's id"),
+          llm: Optional[str] = typer.Option(None, "--llm", help="split with this local causal LM (transformers)"),
+          force: bool = typer.Option(False, "--force", help="overwrite an existing scene file")):
+    """Split N prompts into one shared background + N entity prompts; write a scene with one group."""
+    from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
+
+    try:
+        width, height = parse_canvas(canvas, model)
+        if out.exists() and not force:
+            raise SplitError(f"{out} exists (use --force to overwrite)")
+        prompts = read_prompts(file)
+        if llm:
+            from scenec.split import transformers_generator
+
+            res = llm_split(prompts, transformers_generator(llm))
+        else:
+            res = heuristic_split(prompts)
+    except SplitError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    except Exception as e:  # noqa: BLE001
+        internal(e)
+    for w in res.warnings:
+        print(f"scenec: warning: {w}", file=sys.stderr)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
+                       encoding="utf-8")
+    except OSError as e:
+        path_error(e)
+    print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
+          file=sys.stderr)
