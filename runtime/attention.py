@@ -164,7 +164,8 @@ class Modulation(Protocol):
 _flex_compiled: Callable | None = None
 
 
-def _flex():
+def flex_kernel():
+    """FlexAttention: compiled on CUDA (the fused kernel), eager elsewhere; created once."""
     global _flex_compiled
     if _flex_compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
@@ -271,7 +272,7 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
         img = bias.image_bias(n_img, q.device)
         if img is not None:
             if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
-                return _flex()(q, k, v, score_mod=bias.score_mod(n_text, n_img),
+                return flex_kernel()(q, k, v, score_mod=bias.score_mod(n_text, n_img),
                                block_mask=None if mask is None else mask.mask)
             key = (id(bias), n_text, n_img, id(mask), q.dtype)
             full = ctl.cache.get(key)
@@ -295,7 +296,7 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     if mask.impl == "flex":
-        out = _flex()(q, k, v, block_mask=mask.mask)
+        out = flex_kernel()(q, k, v, block_mask=mask.mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
     if ctl.probe is not None and bias is None:
@@ -351,7 +352,7 @@ def modulated_flex(q, k, v, mask: BuiltMask | None, mod, n_text: int, n_img: int
         his.append(hi)
         los.append(lo)
     hi, lo = mod.ranges((n_text, n_img, q.shape[0], q.shape[1]), torch.cat(his, -1), torch.cat(los, -1))
-    return _flex()(q, k, v, score_mod=mod.score_mod(n_text, n_img, hi, lo),
+    return flex_kernel()(q, k, v, score_mod=mod.score_mod(n_text, n_img, hi, lo),
                    block_mask=None if mask is None else mask.mask)
 
 

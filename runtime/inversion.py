@@ -45,7 +45,8 @@ def _anderson(df: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lstsq(df, f[:, None]).solution
     g = df.T @ df
     ridge = 1e-12 * g.diagonal().sum() + 1e-300
-    return torch.linalg.solve(g + ridge * torch.eye(g.shape[0], dtype=g.dtype, device=g.device), (df.T @ f)[:, None])
+    a = g + ridge * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    return torch.linalg.solve_ex(a, (df.T @ f)[:, None], check_errors=False).result  # solve() would sync
 
 
 def refine_step(x_next: torch.Tensor, x_guess: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],

@@ -205,8 +205,11 @@ class BatchLayout:
         return self.dense(device, rule)[:, self.n_text:, :self.n_text]
 
     def allow_rows(self, q: torch.Tensor, rule: str = "regional") -> torch.Tensor:
-        """Bool ``[len(q), N]`` of batch row 0 (as :meth:`RegionalLayout.allow_rows`)."""
-        return self.rows[0].allow_rows(q, rule)
+        """Bool ``[len(q), N]`` of batch row 0 (as :meth:`RegionalLayout.allow_rows`), from the stacked
+        tables where :meth:`to` put them (no round trip to the host)."""
+        o, b = self.owner[0], self.bits[0]
+        q, kv = q.to(o.device), torch.arange(self.N, device=o.device)
+        return _allow(o[q][:, None], o[kv][None, :], b[q][:, None], b[kv][None, :], self.image_self, rule)
 
     def block_mask(self, device, rule: str = "regional"):
         """FlexAttention BlockMask with a batch dimension (row b uses its own owners and bits)."""

@@ -281,3 +281,18 @@ def test_sd_bad_row_fails_alone():
     assert isinstance(got[2], PlanError) and "init image" in str(got[2])
     assert got[0].timings["batch"] == 1
     assert float((got[0].latents - run_job(be, ok, ok.jobs[0], decode=False).latents).abs().max()) <= SD_TOL
+
+
+@pytest.mark.parametrize("mode", ["open", "restricted"])
+def test_batch_layout_allow_rows_are_row_zeros_dense_rows(mode):
+    """What SOW's flex path reads per query chunk: rows of batch row 0's allow-matrix, from the stacked
+    tables (where the layout was moved), never the whole N×N."""
+    from scenec.runtime.layout import region_membership
+
+    grid = (8, 8)
+    a = RegionalLayout([6, 3], region_membership([box(grid, 0, 0, 4, 4)], grid), mode, 128, n_text_to=128)
+    b = RegionalLayout([9, 2, 4], region_membership([box(grid, 4, 4, 8, 8), box(grid, 0, 4, 4, 8)], grid),
+                       mode, 128, n_text_to=128)
+    lay = BatchLayout([a, b]).to("cpu")
+    q = torch.tensor([0, 5, 7, 127, 128, 130, 191])
+    assert torch.equal(lay.allow_rows(q), lay.dense()[0][q])
