@@ -63,6 +63,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     do_compile = (dev == "cuda" or args.compile) and not args.no_compile
+    torch._dynamo.config.recompile_limit = 64  # every case compiles for its own length: never fall back to eager
     anchor = load_anchor(args.anchor, "anchor_attention")
 
     if args.tiny:  # the anchor's tiny config
@@ -198,6 +199,18 @@ def main() -> None:
         cases = [c for c in cases if c[0] in keep]
 
     results, outs = {}, {}
+    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", dtype=str(dtype),
+                impl=ctl.impl, torch=torch.__version__, tiny=args.tiny)
+
+    def save(res):
+        """$OUT/bench_attention[_tiny].json, rewritten after every case: a run cut short keeps what it measured."""
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            from torch._dynamo.utils import counters
+
+            doc = {"meta": {**meta, "dynamo": dict(counters["stats"])}, "results": res}
+            with open(os.path.join(out_dir, "bench_attention%s.json" % ("_tiny" if args.tiny else "")), "w") as f:
+                json.dump(doc, f, indent=1)
     passes = [("eager", False)] + ([("compiled", True)] if do_compile else [])
     for label, comp in passes:
         if comp:
@@ -214,6 +227,7 @@ def main() -> None:
             out, r = run(name, each, mode)
             key = f"{name}@{label}"
             outs[key], results[key] = out, r
+            save(results)
             print(f"{key:26s} tokens={r['tokens']:5d} median_ms={r['ms']:9.2f} peak_GiB={r['peak_gib']:6.2f} "
                   f"mask_setup_ms={r['mask_setup_ms']:8.2f}", flush=True)
         base = results.get(f"base512@{label}", {}).get("ms")
@@ -227,13 +241,8 @@ def main() -> None:
                 rel = ((a - b).norm() / b.norm()).item()
                 results[f"relerr_{ours}_vs_{ref}@{label}"] = rel
                 print(f"rel_err {ours} vs {ref} ({label}): {rel:.2e}")
-    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", dtype=str(dtype),
-                impl=ctl.impl, torch=torch.__version__, tiny=args.tiny)
+    save(results)
     print(json.dumps({"meta": meta, "results": results}, indent=1))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_attention%s.json" % ("_tiny" if args.tiny else "")), "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

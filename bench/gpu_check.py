@@ -94,27 +94,41 @@ def main() -> int:
     use_checkout()
     from scenec.runtime.families import load_backend
 
+    torch._dynamo.config.recompile_limit = 64  # one kernel meets every case's shapes: never fall back to eager
     results, ok = {"device": args.device, "torch": torch.__version__, "cases": {}}, True
     keep = set(filter(None, args.cases.split(",")))
+
+    def save():
+        if args.out:  # after every case: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
     for dt in args.dtypes.split(","):
         bes = {impl: load_backend("tiny", device=args.device, dtype=dt, attn_impl=impl) for impl in ("sdpa", "flex")}
         for name, run in cases():
             if keep and name not in keep:
                 continue
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                outs = {impl: run(be) for impl, be in bes.items()}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    outs = {impl: run(be) for impl, be in bes.items()}
+            except Exception as e:  # noqa: BLE001 - one case's crash must not lose the others
+                ok = False
+                results["cases"][f"{name}@{dt}"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                print(f"{name:22s} {dt:5s} ERROR {type(e).__name__}: {e}", flush=True)
+                save()
+                continue
             errs = [_rel(f, s) for f, s in zip(outs["flex"], outs["sdpa"])]
-            good = len(outs["flex"]) == len(outs["sdpa"]) > 0 and max(errs) <= TOL[dt]
+            worst = max(errs) if errs else float("inf")
+            good = len(outs["flex"]) == len(outs["sdpa"]) > 0 and worst <= TOL[dt]
             ok &= good
-            results["cases"][f"{name}@{dt}"] = {"rel_err": max(errs), "images": len(errs), "tol": TOL[dt],
+            results["cases"][f"{name}@{dt}"] = {"rel_err": worst, "images": len(errs), "tol": TOL[dt],
                                                 "ok": good, "s": round(time.perf_counter() - t0, 2)}
-            print(f"{name:22s} {dt:5s} flex vs sdpa rel err {max(errs):.2e} over {len(errs)} image(s) "
+            print(f"{name:22s} {dt:5s} flex vs sdpa rel err {worst:.2e} over {len(errs)} image(s) "
                   f"{'ok' if good else 'FAIL'} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            save()
     results["ok"] = ok
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    save()
     return 0 if ok else 1
 
 

@@ -6,15 +6,18 @@ steps when the budget is spent, and always writes its results):
   check      FlexAttention vs SDPA through the runtime, every attention mode (bench/gpu_check.py)
   attention  regional attention with 4 entities vs plain, eager and per-block compiled, beside the
              anchor's processors; scenec's plain path vs diffusers' (bench/bench_attention.py)
-  coupled    a coupling group of 4 vs four plain images, beside the anchor (bench/bench_coupled.py)
-  cow        COW (inversion + 10 cycles) vs plain, Flux-sized at 1024² (bench/bench_cow.py)
   build      `scenec build` end to end on CUDA from a local random-weight diffusers directory with
              FLUX.1's transformer width: a regional, a coupled and a reference scene; then the regional
-             one with --compile and with --offload model
+             one with --offload model and with --compile (each runs even if another failed)
+  cow        COW (inversion + 10 cycles) vs plain, Flux-sized at 1024² (bench/bench_cow.py)
+  coupled    a coupling group of 4 vs four plain images, beside the anchor (bench/bench_coupled.py)
   anchor     the anchor attention script itself, eager (when bench/anchor/ holds it)
 
 Writes under OUT (default bench/results/<date>-<device>/): suite.json (every step's figures), summary.md
 (the goal table) and suite.log (all output): three files, as a device call brings back at most eight.
+Every benchmark rewrites its JSON after each case and the suite rewrites both files after each step,
+so a run cut short keeps what it measured. On a device call give ``--budget`` about 60 s less than the
+call's own time limit.
 ``--cpu-smoke`` runs every step at toy sizes on the CPU (CI runs it: tests/test_gpu_suite.py).
 
 Usage: python bench/gpu_suite.py [--cpu-smoke] [--budget SECONDS] [--steps check,attention,...]
@@ -61,17 +64,18 @@ def steps(smoke: bool, tmp: Path) -> list[tuple[str, list[list[str]], int]]:
         ]
     return [
         ("check", [[PY, "bench/gpu_check.py", "--device", "cuda", "--dtypes", "bf16",
-                    "--out", str(tmp / "check" / "check.json")]], 90),
-        ("attention", [[PY, "bench/bench_attention.py", "--reps", "5", *aa]], 200),
-        ("coupled", [[PY, "bench/bench_coupled.py", "--reps", "5", *ac]], 90),
-        ("cow", [[PY, "bench/bench_cow.py", "--cases", "flux", "--reps", "1", "--json"]], 110),
+                    "--out", str(tmp / "check" / "check.json")]], 75),
+        ("attention", [[PY, "bench/bench_attention.py", "--reps", "5", "--compiled-cases", "base512,ours1024",
+                        *aa]], 170),
         ("build", [[PY, "bench/make_random_model.py", str(model), "--device", "cuda"],
                    [*cli, "build", *SCENES, "--model", str(model), "-o", str(tmp / "images"), "--device", "cuda",
                     "--json"],
-                   [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-compiled"),
-                    "--device", "cuda", "--compile", "--force", "--json"],
                    [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-offload"),
-                    "--device", "cuda", "--offload", "model", "--force", "--json"]], 150),
+                    "--device", "cuda", "--offload", "model", "--force", "--json"],
+                   [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-compiled"),
+                    "--device", "cuda", "--compile", "--force", "--json"]], 130),
+        ("cow", [[PY, "bench/bench_cow.py", "--cases", "flux", "--reps", "1", "--json"]], 120),
+        ("coupled", [[PY, "bench/bench_coupled.py", "--reps", "5", *ac]], 70),
         ("anchor", [[PY, str(anchor_a), "--cases", "base512,flex1024,dense1024", "--reps", "5"]]
          if anchor_a.is_file() else [], 60),
     ]
@@ -113,8 +117,9 @@ def run_step(name: str, cmds: list[list[str]], limit: float, tmp: Path, log) -> 
         log.flush()
         res["outputs"].append({"rc": rc, "json": _json_tail(p.stdout) if rc != "timeout" else None})
         if rc != 0:
-            res.update(ok=False, error=f"exit {rc}")
-            break
+            res.update(ok=False, error=f"exit {rc}" if "error" not in res else res["error"] + f"; exit {rc}")
+            if rc == "timeout" or cmd is cmds[0]:  # later commands need the first (the model directory)
+                break
     for f in sorted(out_dir.glob("*.json")):
         try:
             res.setdefault("files", {})[f.name] = json.loads(f.read_text())
@@ -202,6 +207,7 @@ def main() -> int:
             print(f"gpu_suite: {name} {'ok' if r['ok'] else 'FAILED: ' + str(r.get('error'))} in {r['s']} s",
                   file=sys.stderr, flush=True)
             (out / "suite.json").write_text(json.dumps(results, indent=1, default=str))
+            (out / "summary.md").write_text(summary(results))  # after every step: a cut run keeps its tables
     results["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "suite.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "summary.md").write_text(summary(results))
