@@ -11,6 +11,7 @@ import typer
 
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, fail_invalid, internal, path_error
 
+
 def _fail_eval(e) -> None:
     print(f"scenec: {e}", file=sys.stderr)
     raise typer.Exit(getattr(e, "exit_code", EXIT_INVALID))
@@ -35,10 +36,9 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
     """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
     import json
 
-    from scenec.spec.diagnostics import SceneError
-
     from scenec.eval import evaluate_dir, load_segmenter, render_table
     from scenec.metrics import EvalError, parse_weights
+    from scenec.spec.diagnostics import SceneError
 
     try:
         w = parse_weights(weights)
@@ -69,7 +69,8 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
          group: Optional[str] = typer.Option(None, "--group", help="the group to tune (default: the only one)"),
          budget: int = typer.Option(20, "--budget", help="number of θ candidates to evaluate (each builds the group)"),
          method: str = typer.Option("both", "--method", help="param | vector | both"),
-         out: Optional[Path] = typer.Option(None, "-o", "--out", help="schedule file (default: schedules/SCENE-GROUP.json)"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out",
+                                            help="schedule file (default: schedules/SCENE-GROUP.json)"),
          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
          segmenter: Optional[str] = SEGMENTER_OPTION,
          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
@@ -77,10 +78,9 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
          seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
     """Optimise a group's θ schedule (non-decreasing, in [0, 1]) for a·BgSim + b·CLIPScore; resumable."""
-    from scenec.spec.diagnostics import SceneError
-
     from scenec.eval import load_segmenter
     from scenec.metrics import EvalError, parse_weights
+    from scenec.spec.diagnostics import SceneError
     from scenec.tune import tune as run_tune
 
     try:
@@ -131,9 +131,12 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
     for w in res.warnings:
         print(f"scenec: warning: {w}", file=sys.stderr)
     try:
+        from scenec.split import write_schema_for
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name),
-                       encoding="utf-8")
+        schema = write_schema_for(out)  # the modeline points at a file that exists: editors need no server
+        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name,
+                                  schema=schema), encoding="utf-8")
     except OSError as e:
         path_error(e)
     print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",

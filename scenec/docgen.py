@@ -1,6 +1,7 @@
 """docs/cli.md, generated from the commands themselves so the reference cannot drift.
 
-Regenerate with ``python -m scenec.docgen > docs/cli.md`` (a test fails when it is stale).
+Regenerate with ``python -m scenec.docgen > docs/cli.md`` (a test fails when it is stale);
+``python -m scenec.docgen language`` regenerates docs/language.md's key tables (scenec/docgen_language.py).
 """
 
 from __future__ import annotations
@@ -53,4 +54,8 @@ def cli_markdown() -> str:
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] == ["language"]:  # docs/language.md's key tables (scenec/docgen_language.py)
+        from scenec.docgen_language import main
+
+        sys.exit(main(sys.argv[2:]))
     sys.stdout.write(cli_markdown())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-SCHEMA_URL = "https://scenec.dev/schemas/scene.schema.json"
+SCHEMA_PATH = "schemas/scene.schema.json"  # under the project root, written beside the scene by `scenec split`
 PREPOSITIONS = ("in", "on", "at", "under", "over", "beneath", "below", "above", "near", "beside", "inside",
                 "amid", "amidst", "among", "along", "behind", "across", "through", "against", "during", "underneath")
 _PREP_RE = re.compile(r"\s+(?=(?:%s)\s)" % "|".join(PREPOSITIONS), re.IGNORECASE)
@@ -117,7 +117,8 @@ def heuristic_split(prompts: list[str]) -> Split:
             subj = p
         entities.append(subj)
     if not background:
-        warns.append("the prompts share no phrase; the background prompt is empty and each entity prompt is a whole prompt")
+        warns.append("the prompts share no phrase; the background prompt is empty and each entity prompt is a "
+                     "whole prompt")
         entities = prompts
     return Split(background, entities, _unique_ids([subject_id(e) for e in entities]), prompts, warns)
 
@@ -129,7 +130,7 @@ Given the prompts, answer with JSON only: {"background": "<the shared setting, a
 The background must describe only what all prompts share; each entity only what is particular to its prompt.
 
 Prompts:
-"""
+"""  # noqa: E501 (the instruction is read by the model as written)
 
 
 def llm_instruction(prompts: list[str]) -> str:
@@ -195,9 +196,10 @@ def _q(s: str) -> str:
 
 
 def scene_text(split: Split, model: str = "tiny", width: int = 1024, height: int = 1024,
-               group: str = "split", source: str | None = None) -> str:
-    """The scene file: the schema modeline first, one group with one ``prompt:`` variant per prompt."""
-    lines = [f"# yaml-language-server: $schema={SCHEMA_URL}",
+               group: str = "split", source: str | None = None, schema: str = SCHEMA_PATH) -> str:
+    """The scene file: the schema modeline first (``schema``: a path relative to the scene file), one group
+    with one ``prompt:`` variant per prompt."""
+    lines = [f"# yaml-language-server: $schema={schema}",
              f"# Written by `scenec split`{f' from {source}' if source else ''}: one shared background, "
              "one variant per prompt.",
              "scenec: 1",
@@ -214,6 +216,24 @@ def scene_text(split: Split, model: str = "tiny", width: int = 1024, height: int
     return "\n".join(lines) + "\n"
 
 
+def write_schema_for(scene: Path) -> str:
+    """Write the scene schema under the project root of ``scene`` (the nearest ancestor of its directory
+    holding scenec.toml, else that directory), as ``scenec init`` does; the modeline's path to it,
+    relative to the scene's directory."""
+    import os
+
+    from scenec.spec.fsio import atomic_write
+    from scenec.spec.paths import PROJECT_FILE
+    from scenec.spec.schema import scene_schema_text
+
+    here = scene.resolve().parent
+    root = next((d for d in (here, *here.parents) if (d / PROJECT_FILE).is_file()), here)
+    target = root / SCHEMA_PATH
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, scene_schema_text().encode())  # generated: this scenec's schema, as init writes it
+    return Path(os.path.relpath(target, here)).as_posix()
+
+
 def read_prompts(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -221,7 +241,7 @@ def read_prompts(path: Path) -> list[str]:
         raise SplitError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SplitError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-    return [l.strip() for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def parse_canvas(text: str, model: str | None = None) -> tuple[int, int]:

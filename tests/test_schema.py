@@ -93,3 +93,49 @@ def test_pydantic_and_schema_agree_on_the_valid_scene():
     from scenec.spec.models import Scene
 
     Scene.model_validate(json.loads(json.dumps(VALID)))
+
+
+def _properties(node, where="#"):
+    """Every (path, property schema) of a JSON Schema, at any depth: properties, $defs, anyOf/oneOf/allOf,
+    items, prefixItems, additionalProperties."""
+    if isinstance(node, dict):
+        for key, sub in node.get("properties", {}).items():
+            yield f"{where}/properties/{key}", sub
+        for k, v in node.items():
+            if k in ("properties", "$defs"):
+                for name, sub in v.items():
+                    yield from _properties(sub, f"{where}/{k}/{name}")
+            elif isinstance(v, (dict, list)):
+                yield from _properties(v, f"{where}/{k}")
+    elif isinstance(node, list):
+        for i, sub in enumerate(node):
+            yield from _properties(sub, f"{where}/{i}")
+
+
+def test_every_schema_key_has_a_description_and_an_example():
+    """Editors show `description` on hover and offer `examples`: every key at any depth has both."""
+    schema = scene_schema()
+    props = list(_properties(schema))
+    assert len(props) > 80  # the walk reaches the nested models ($defs), not only the top level
+    assert any(p.endswith("/$defs/EllipseSpec/properties/radii") for p, _ in props)
+    missing = [p for p, s in props if not (isinstance(s.get("description"), str) and s["description"].strip())]
+    assert not missing, f"keys without a description: {missing}"
+    missing = [p for p, s in props if not (isinstance(s.get("examples"), list) and s["examples"])]
+    assert not missing, f"keys without examples: {missing}"
+
+
+def test_every_example_is_valid_for_its_key():
+    """An example an editor offers must be a value the schema accepts there."""
+    schema = scene_schema()
+    for path, prop in _properties(schema):
+        sub = {**{k: v for k, v in prop.items() if k != "examples"}, "$defs": schema["$defs"]}
+        for ex in prop["examples"]:
+            assert not list(jsonschema.Draft202012Validator(sub).iter_errors(ex)), (path, ex)
+
+
+def test_the_walk_sees_a_key_without_description():
+    """The walk itself: a nested key that lost its description is found."""
+    schema = scene_schema()
+    del schema["$defs"]["Modulation"]["properties"]["decay"]["description"]
+    assert [p for p, s in _properties(schema) if "description" not in s] == [
+        "#/$defs/Modulation/properties/decay"]

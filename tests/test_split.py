@@ -128,3 +128,49 @@ def test_cli_split_one_prompt_is_an_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scenec", "split", str(p), "-o", str(tmp_path / "s.yaml")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "at least two prompts" in r.stderr and "Traceback" not in r.stderr
+
+
+def _modeline_target(scene: Path) -> Path:
+    first = scene.read_text().splitlines()[0]
+    prefix = "# yaml-language-server: $schema="
+    assert first.startswith(prefix), first
+    ref = first[len(prefix):]
+    assert "://" not in ref and not Path(ref).is_absolute(), ref  # a relative path, no URL that may not be served
+    return scene.parent / ref
+
+
+def test_cli_split_writes_the_schema_its_modeline_points_at(tmp_path):
+    """In a project (scenec.toml), the schema goes under the project root, as `scenec init` puts it; the
+    modeline is the path from the scene to it."""
+    from scenec.spec.schema import scene_schema_text
+
+    proj = tmp_path / "proj"
+    (proj / "scenes").mkdir(parents=True)
+    (proj / "scenec.toml").write_text("[project]\n")
+    p = proj / "prompts.txt"
+    p.write_text("\n".join(PAIRS[0][0]) + "\n", encoding="utf-8")
+    out = proj / "scenes" / "meadow.yaml"
+    r = subprocess.run([sys.executable, "-m", "scenec", "split", str(p), "-o", str(out)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    target = _modeline_target(out)
+    assert out.read_text().splitlines()[0].endswith("=../schemas/scene.schema.json")
+    assert target.resolve() == (proj / "schemas" / "scene.schema.json").resolve()
+    assert target.read_text() == scene_schema_text()
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_split_schema_without_a_project_goes_beside_the_scene(tmp_path):
+    from scenec.spec.schema import scene_schema_text
+    from scenec.split import write_schema_for
+
+    out = tmp_path / "a" / "b.yaml"
+    out.parent.mkdir()
+    (out.parent / "schemas").mkdir()
+    (out.parent / "schemas" / "scene.schema.json").write_text("{}")  # stale: rewritten with this scenec's schema
+    ref = write_schema_for(out)
+    assert ref == "schemas/scene.schema.json"
+    out.write_text(scene_text(heuristic_split(PAIRS[1][0]), schema=ref))
+    assert _modeline_target(out).read_text() == scene_schema_text()

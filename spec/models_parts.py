@@ -1,0 +1,166 @@
+"""The scene's parts (canvas, sampler, background, reference, LoRA, visual, output, attention) of scene
+language v1, re-exported by ``scenec.spec.models``; descriptions and examples as in models_shapes.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .models_shapes import Node, Shape, Unit
+
+MAX_CANVAS = 8192
+
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class Canvas(Node):
+    width: Annotated[int, Field(ge=16, le=MAX_CANVAS)] = Field(
+        description="image width in pixels, a multiple of the model family's canvas multiple (16 Flux, 8 SD)",
+        examples=[1024])
+    height: Annotated[int, Field(ge=16, le=MAX_CANVAS)] = Field(
+        description="image height in pixels, a multiple of the model family's canvas multiple (16 Flux, 8 SD)",
+        examples=[768])
+
+
+class Sampler(Node):
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="number of sampling steps N; default: the model's", examples=[28])
+    guidance: Annotated[float, Field(ge=0.0)] | None = Field(
+        None, description="Flux: the guidance embedding; CFG models: the CFG scale. Default: the model's",
+        examples=[3.5])
+    true_cfg: Annotated[float, Field(ge=1.0)] = Field(
+        1.0, description="> 1 runs a second, negative pass and mixes the two (true classifier-free guidance); "
+        "only then do negative prompts take effect on Flux", examples=[1.0])
+    seed: Seed | Annotated[list[Seed], Field(min_length=1)] = Field(
+        0, description="an integer, or a non-empty list: one image per seed", examples=[[1, 2]])
+
+
+class Background(Node):
+    prompt: str = Field("", description="the global prompt: it acts on every pixel",
+                        examples=["a vibrant meadow under a clear blue sky"])
+    negative: str = Field("", description="negative prompt of the background, and of every entity or variant "
+                          "without its own `negative`", examples=["blurry, low quality"])
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="start from this image (inpainting): only entity regions change",
+        examples=["refs/meadow.png"])
+    strength: Unit | None = Field(
+        None, description="img2img: repaint the whole `image`, starting from it noised to this level (1 = pure "
+        "noise, the image ignored; 0 = unchanged); default: none (only entity regions change)", examples=[0.6])
+
+
+class Modulation(Node):
+    """SOW attention modulation (scene option; see docs/language.md and docs/references.md)."""
+
+    suppress: Unit = Field(1.0, description="how far condition region → outside scores move towards their row's "
+                           "minimum (min–max scaled, DenseDiffusion-style)", examples=[1.0])
+    enhance: Unit = Field(1.0, description="how far related region → condition region scores move towards their "
+                          "row's maximum", examples=[1.0])
+    decay: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.8, description="multiplier per cycle", examples=[0.8])
+    distance: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="fall-off with distance from the region's centre", examples=[1.0])
+    threshold: Unit = Field(0.5, description="the share of attention at which modulation has faded to nothing: it "
+                            "scales with how far below it the attention share reaching the condition is",
+                            examples=[0.5])
+
+
+class Reference(Node):
+    image: Annotated[str, Field(min_length=1)] = Field(description="the reference image", examples=["refs/face.png"])
+    fit: Literal["contain", "cover", "stretch"] = Field(
+        "contain", description="how it is placed in the region's bounding box: `contain` (fit inside, aspect kept), "
+        "`cover` (fill and crop) or `stretch`", examples=["cover"])
+    window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.7, 0.5], description="`[start, end]` noise levels (1 = pure noise: σ on flow "
+        "models, t/1000 on DDPM models; start > end) between which the cycles run", examples=[[0.7, 0.5]])
+    cycles: Annotated[int, Field(ge=0, le=100)] = Field(10, description="how many times the window is sampled",
+                                                        examples=[10])
+    init: Literal["seed", "noise"] = Field(
+        "seed", description="`seed`: the cycles start from the inverted seed canvas (the reference on grey); "
+        "`noise`: sample from noise down to the window first (scene option)", examples=["noise"])
+    preserve: Unit | None = Field(0.4, description="noise level of one last replacement of the region; null = none",
+                                  examples=[0.4])
+    eta: Unit = Field(1.0, description="stochasticity of the steps inside the cycles (COW: 1; scene option)",
+                      examples=[1.0])
+    eta_after: Unit = Field(0.1, description="stochasticity of the steps after the cycles (COW: 0.1; scene option)",
+                            examples=[0.1])
+    related: Shape | None = Field(None, description="the guiding region (a shape, never feathered) whose attention "
+                                  "is drawn towards the reference", examples=[{"box": [0.35, 0.45, 0.65, 1.0]}])
+    modulation: Modulation | Literal[False] = Field(
+        default_factory=Modulation,
+        description="SOW attention modulation during the cycles; `false` turns it off (scene option)",
+        examples=[{"suppress": 1.0, "enhance": 0.8}, False])
+
+
+class Lora(Node):
+    """A LoRA (low-rank adapter): a safetensors file in the project, or a file of a hub repository.
+
+    Formats: diffusers/peft, kohya, xlabs and DiffSynth-Studio (EliGen's own); docs/models.md, LoRAs."""
+
+    file: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a `.safetensors` LoRA, relative to the file that names it, inside the project root; "
+        "exactly one of `file` and `repo`", examples=["loras/watercolor.safetensors"])
+    repo: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a hub repository (`org/name`) holding the LoRA, read from the local Hugging Face cache "
+        "(`hf download REPO FILE` first; never downloaded by scenec)", examples=["someone/film-grain-lora"])
+    weight_name: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="the .safetensors file in `repo`; default `pytorch_lora_weights.safetensors`",
+        examples=["grain.safetensors"])
+    scale: Annotated[float, Field(ge=-16.0, le=16.0)] = Field(
+        1.0, description="the delta's multiplier (times the file's alpha/rank); 0 = no LoRA, exactly", examples=[0.8])
+
+
+class ModelSpec(Node):
+    """A model with its LoRAs: ``model: {id: flux-dev, lora: [...]}``."""
+
+    id: Annotated[str, Field(min_length=1)] = Field(
+        description="a built-in alias, a model id, or a local diffusers directory", examples=["flux-dev"])
+    lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order",
+                             examples=[[{"file": "loras/watercolor.safetensors", "scale": 0.8}]])
+
+
+class Visual(Node):
+    """An object-level visual prompt (arXiv 2501.01424; docs/visual-prompts.md): the entity's look from an
+    image, as extra key/value tokens seen only by the image tokens of the entity's region."""
+
+    image: Annotated[str, Field(min_length=1)] = Field(
+        description="the object's image (under the project root; scaled to at most 512 px a side in the plan)",
+        examples=["refs/fox.png"])
+    mode: Literal["kv-mixed", "ip-adapter"] = Field(
+        "kv-mixed", description="kv-mixed: keys from a coarse adapter, values from a fine one (the paper); "
+        "ip-adapter (SD models only): keys and values from one IP-Adapter", examples=["ip-adapter"])
+    adapter: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="adapter weights (.safetensors, under the project root) of the mode's kind; kv-mixed: "
+        "required except on `tiny`, `tiny-sd`, `tiny-sdxl` (a deterministic random adapter); ip-adapter: always, "
+        "with its `image_encoder/` beside it", examples=["adapters/fox.safetensors"])
+    scale: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        1.0, description="weight of the visual tokens, 0 – 10; 0 = the scene without it", examples=[0.8])
+    window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise, as in `reference.window`) "
+        "between which the visual tokens act: the sampler steps that start inside [first, second)",
+        examples=[[1.0, 0.3]])
+
+
+class Output(Node):
+    dir: Annotated[str, Field(min_length=1)] = Field(
+        "out", description="output directory, relative to the scene file (`scenec build -o DIR` overrides it)",
+        examples=["out"])
+    name: Annotated[str, Field(min_length=1)] = Field(
+        "{scene}-{group}-{variant}-{seed}", description="each image's file name without extension (images are "
+        "PNG), with placeholders `{scene}`, `{group}`, `{variant}`, `{seed}`, `{index}` and matrix keys",
+        examples=["{scene}-{style}-{seed}"])
+
+
+class Attention(Node):
+    image_self: Literal["open", "restricted"] = Field(
+        "open", description="image ↔ image attention: `open` lets all image tokens see each other (EliGen); "
+        "`restricted` only tokens sharing a region, and background tokens (outside every region) each other "
+        "(InstantX, InvokeAI)", examples=["restricted"])
+    blocks: Literal["all", "double", "single"] = Field(
+        "all", description="which transformer blocks use the regional mask (Flux: double-stream, single-stream or "
+        "both); the others attend plainly", examples=["double"])
+    until: Unit = Field(1.0, description="regional masking only while sampling progress t < until; later steps attend "
+                        "plainly (1 = always)",
+                        examples=[0.75])
+    pad_prompts: Annotated[int, Field(ge=1, le=512)] | None = Field(
+        None, description="pad each entity prompt to this many tokens (512 matches EliGen exactly); null keeps each "
+        "at its real length", examples=[128])
