@@ -6,11 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
 
 LIB = """\
 scenec: 1
@@ -141,3 +144,30 @@ def test_show_does_not_import_torch(built):
             "assert 'torch' not in sys.modules, 'show imported torch'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_loras_travel_with_the_image(tmp_path):
+    """A scene's entity LoRA and a --lora flag: both in the embedded scene, by digest; the rebuild is identical."""
+    root = tmp_path / "p"
+    (root / "loras").mkdir(parents=True)
+    (root / "scenec.toml").write_text("[project]\n")
+    shutil.copyfile(REPO / "scenes" / "loras" / "fox-style.safetensors", root / "loras" / "fox.safetensors")
+    (root / "s.yaml").write_text(
+        "scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: 3}\n"
+        "entities:\n  - {id: fox, prompt: a fox, shape: {box: [0.1, 0.1, 0.6, 0.6]},\n"
+        "     lora: [{file: loras/fox.safetensors, scale: 0.8}]}\n")
+    r = scenec("build", "s.yaml", "-o", "out", "--lora", "loras/fox.safetensors:0.5", "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    [built] = (root / "out").glob("*.png")
+    png = tmp_path / "copy.png"
+    shutil.copyfile(built, png)
+    meta = json.loads(scenec("show", png, "--json", cwd=tmp_path).stdout)
+    digest = hashlib.sha256((root / "loras" / "fox.safetensors").read_bytes()).hexdigest()
+    assert meta["files"] == {"loras/fox.safetensors": digest}
+    assert [(lo["sha256"], lo["scale"]) for lo in meta["loras"]] == [(digest, 0.5)]
+    scene = yaml.safe_load(meta["scene.yaml"])
+    assert scene["model"] == {"id": "tiny", "lora": [{"file": "loras/fox.safetensors", "scale": 0.5}]}
+    assert scene["entities"][0]["lora"] == [{"file": "loras/fox.safetensors", "scale": 0.8}]
+    r = scenec("build", "--from", png, "-o", tmp_path / "again", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / built.name).read_bytes() == png.read_bytes()
