@@ -19,6 +19,7 @@ from scenec.spec.plan import (FORMAT, Attention, Canvas, Condition, Document, En
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode
+from .provenance import resolved_scene
 
 NEUTRAL_GREY = 128
 
@@ -148,10 +149,12 @@ def lower(ir: IR) -> CompiledPlan:
         groups.append(Group(id=gid, jobs=[j.id for j in ir.succ(gnode.id)], theta=name, schedule=gnode.schedule,
                             shared_prefix=int(ir.shared_prefix.get(gid, 0))))
 
+    resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras)
     document = Document(
         format=FORMAT,
         scenec_version=__version__,
-        scene=SceneRef(name=ir.scene.name, file=scene_file, overrides=list(ir.scene.overrides)),
+        scene=SceneRef(name=ir.scene.name, file=scene_file, overrides=list(ir.scene.overrides),
+                       resolved=resolved, files=files),
         model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras)),
         canvas=Canvas(width=canvas[0], height=canvas[1]),

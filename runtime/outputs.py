@@ -52,11 +52,26 @@ def _slug(s: str) -> str:
 
 def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
     """Provenance written into each PNG and its sidecar (what made this image)."""
+    import json
+
     from scenec import __version__
 
-    extra = {"scenec:overrides": " ".join(plan.doc.scene.overrides)} if plan.doc.scene.overrides else {}
+    doc = plan.doc
+    extra = {"scenec:overrides": " ".join(doc.scene.overrides)} if doc.scene.overrides else {}
+    sampler = {"seed": job.seed, "steps": doc.sampler.steps, "guidance": doc.sampler.guidance,
+               "true_cfg": doc.sampler.true_cfg, "kind": doc.sampler.kind, "group": job.group or "",
+               "variant": job.variant or ""}
+    # what rebuilds the image (`scenec show`, `scenec build --from`): the resolved scene and its files
+    rebuild = {"scenec:scene.yaml": doc.scene.resolved,
+               "scenec:files": json.dumps(doc.scene.files, sort_keys=True)} if doc.scene.resolved else {}
     return {
         **extra,
+        **rebuild,
+        "scenec:sampler": json.dumps(sampler),
+        "scenec:loras": json.dumps([{"name": lo.name, "sha256": lo.sha256, "scale": lo.scale, "format": lo.format}
+                                    for lo in doc.model.lora]),
+        "scenec:device": str(backend.device),
+        "scenec:dtype": str(backend.dtype).replace("torch.", ""),
         "scenec:scene": plan.doc.scene.name,
         "scenec:scene_file": plan.doc.scene.file,  # relative to the project root
         "scenec:job": job.id,
@@ -131,12 +146,14 @@ def _failed(raw: dict, error: Exception) -> dict:
             "job_hash": raw.get("job_hash", ""), "status": "failed", "error": str(error)}
 
 
-def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = False, stamp: dict | None = None) -> dict:
+def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = False, stamp: dict | None = None,
+                 meta: dict[str, str] | None = None) -> dict:
     """Write one job's image + sidecar (atomically, the image first); its result dict (built or failed).
 
     The sidecar holds the image's sha256 (and ``stamp`` as ``build``): written after the image, it
-    vouches for a complete image. A file that cannot be written (full or read-only disk) fails the job."""
-    meta = metadata(plan, job, backend)
+    vouches for a complete image. A file that cannot be written (full or read-only disk) fails the job.
+    ``meta``: the PNG's text chunks (default: :func:`metadata`; a rebuild passes the original's)."""
+    meta = meta if meta is not None else metadata(plan, job, backend)
     base = {"job": job.id, "name": job.name, "seed": job.seed, "job_hash": job.job_hash}
     try:
         stem = _safe_stem(out, base["name"])

@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
-from scenec.cli_tools import eval_, split, tune
+from scenec.cli_tools import eval_, show, split, tune
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
 
@@ -281,7 +281,12 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
 
 
 @app.command()
-def build(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs"),
+def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, directories (searched recursively) "
+                                                                 "or globs"),
+          from_: Optional[Path] = typer.Option(None, "--from", help="rebuild this PNG from the scene embedded in it "
+                                               "(with -o DIR; its files from the project root)"),
+          project: Optional[Path] = typer.Option(None, "--project", help="with --from: the project root holding "
+                                                 "the scene's files (default: nearest scenec.toml up from here)"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
           model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
           device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
@@ -309,7 +314,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display and no line per image; "
                                                                   "problems and the summary line still print"),
           json_: bool = typer.Option(False, "--json", help="print a one-line JSON summary")):
-    """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR)."""
+    """Build scenes incrementally: only outputs whose cache key changed (scenec-manifest.json in each OUTDIR);
+    `--from IMAGE.png -o DIR` rebuilds one built image from the scene embedded in it."""
     import json
     import time
 
@@ -330,6 +336,13 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
         end(EXIT_INVALID, f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`")
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
+    if from_ is not None or not files:
+        if from_ is None or files:
+            end(EXIT_INVALID, "scenec: give scene files to build, or --from IMAGE.png"
+                + (" (not both)" if files else ""))
+        from scenec.cli_tools import build_from
+
+        return build_from(from_, out, project, device, dtype, quiet, json_)
     ovr = overrides(seed, steps, guidance, set_, on_error=lambda msg: end(EXIT_INVALID, msg))
     from scenec.build.driver import build_batch
     from scenec.runtime.memory import problem
@@ -410,6 +423,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
 app.command("eval")(eval_)
 app.command()(tune)
 app.command()(split)
+app.command()(show)
 
 
 def main() -> None:

@@ -141,3 +141,53 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
         path_error(e)
     print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
           file=sys.stderr)
+
+
+def show(image: Path = typer.Argument(..., help="a PNG built by scenec"),
+         json_: bool = typer.Option(False, "--json", help="print the metadata as JSON")):
+    """Print what made a built image: the resolved scene, sampler settings, model, LoRAs, files and versions
+    (its PNG text chunks; `scenec build --from IMAGE.png` rebuilds it)."""
+    import json
+
+    from scenec.rebuild import RebuildError, as_record, describe, read_metadata
+
+    try:
+        meta = read_metadata(image)
+    except RebuildError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    print(json.dumps(as_record(meta), indent=1) if json_ else describe(image, meta))
+
+
+def build_from(image: Path, out, project, device, dtype, quiet: bool, json_: bool) -> None:
+    """`scenec build --from IMAGE.png -o DIR`: rebuild one image from its embedded scene (scenec/rebuild.py)."""
+    import json
+
+    from scenec.rebuild import RebuildError, rebuild
+    from scenec.spec.diagnostics import SceneError
+
+    if out is None:
+        print("scenec: --from needs -o DIR (where to write the rebuilt image)", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    say = None if quiet or json_ else (lambda msg: print(f"scenec: {msg}", file=sys.stderr))
+    try:
+        r = rebuild(image, out, root=project, device=device, dtype=dtype, say=say)
+    except RebuildError as e:
+        print(f"scenec: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    except SceneError as e:
+        print(f"scenec: {image}: its embedded scene does not compile here:", file=sys.stderr)
+        fail_invalid(e)
+    except OSError as e:
+        path_error(e)
+    except Exception as e:  # noqa: BLE001
+        internal(e)
+    if json_:
+        print(json.dumps(r))
+    if r.get("status") != "built":
+        print(f"scenec: rebuilding {image} failed: {r.get('error')}", file=sys.stderr)
+        raise typer.Exit(EXIT_BUILD_FAILED)
+    if not quiet and not json_:
+        same = ("byte-identical to the original" if r["identical"] else
+                "differs from the original (another device, dtype, model weights or library versions?)")
+        print(f"rebuilt {r['image']}: {same}", file=sys.stderr)

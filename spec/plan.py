@@ -149,6 +149,8 @@ class SceneRef(_T):
     name: str
     file: FileText
     overrides: list[str] = []  # the command-line overrides it was compiled with (``--steps 8``)
+    resolved: str = ""  # the scene as canonical YAML, self-contained (compiler/provenance.py)
+    files: dict[str, str] = {}  # the files `resolved` names, relative to the project root: their sha256
 
 
 class Model(_T):

@@ -1,0 +1,73 @@
+"""The resolved scene an image carries (issue 15, item 4): canonical YAML that rebuilds it.
+
+The scene after includes, ``use`` and command-line overrides, self-contained: no ``include``, ``defs`` or
+``use``; the model with every whole-image LoRA (the scene's and ``--lora``'s); each file it names
+(reference, visual, init and mask images, schedules, adapters, LoRAs) as a path relative to the project
+root, with the file's sha256 in ``files``. ``scenec build --from IMAGE.png`` writes it back into the
+project (scenec/rebuild.py) and checks those digests before building.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scenec.spec.fsio import sha256_file
+from scenec.spec.models import NAME_PATTERN
+
+# keys whose string values are file paths (under `output`, none are)
+PATH_KEYS = ("image", "adapter", "mask", "file")
+
+
+def resolved_scene(ls, model_spec: str | None, loras=()) -> tuple[str, dict[str, str]]:
+    """(canonical YAML of the scene, {path relative to the root: sha256}) for a loaded scene ``ls``
+    compiled with ``model_spec`` and the whole-image ``loras`` (``spec.plan.Lora``)."""
+    root = Path(ls.root).resolve()
+    data = ls.scene.model_dump(mode="json", exclude_unset=True)
+    data.pop("include", None)
+    data.pop("defs", None)
+    data["entities"] = [{"id": e.pop("id"), **{k: v for k, v in e.items() if k != "use"}}
+                        for e in data.get("entities") or []]
+    if not data["entities"]:
+        del data["entities"]
+    if re.fullmatch(NAME_PATTERN, ls.name):  # the outputs keep their names whatever the file is called
+        data["name"] = ls.name
+    data.pop("model", None)
+    files: dict[str, str] = {}
+
+    def rel(p: Path) -> str:
+        p = p.resolve()
+        r = p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+        if r not in files and p.is_file():
+            files[r] = sha256_file(p)
+        return r
+
+    def walk(x: Any, path: tuple) -> Any:
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                if k in PATH_KEYS and isinstance(v, str):
+                    out[k] = rel(ls.resolve(path + (k,), v))
+                else:
+                    out[k] = walk(v, path + (k,))
+            return out
+        if isinstance(x, list):
+            return [walk(v, path + (i,)) for i, v in enumerate(x)]
+        return x
+
+    body = {k: (v if k == "output" else walk(v, (k,))) for k, v in data.items()}
+    model: dict[str, Any] = {"id": model_spec} if model_spec else {}
+    whole = []
+    for lo in loras:
+        whole.append({"file": rel(Path(lo.path)), "scale": lo.scale})
+    if whole:
+        model["lora"] = whole
+    ordered = {"scenec": body.pop("scenec", 1), **({"name": body.pop("name")} if "name" in body else {})}
+    if model:
+        ordered["model"] = model if "lora" in model else model["id"]
+    ordered.update(body)
+    text = yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)
+    return text, dict(sorted(files.items()))

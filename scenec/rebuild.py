@@ -1,0 +1,212 @@
+"""Images that rebuild themselves: reading a built PNG's scenec text chunks (`scenec show`) and building the
+image again from them (`scenec build --from IMAGE.png`).
+
+Every PNG scenec writes carries, in tEXt/iTXt chunks named ``scenec:*`` (runtime/outputs.py): the resolved
+scene as canonical YAML (``scenec:scene.yaml``, compiler/provenance.py), the files it names with their
+sha256 (``scenec:files``, paths relative to the project root), the sampler settings, the model and LoRA
+identities, the device and dtype, the job and its ``job_hash`` and the scenec version. A rebuild writes
+the scene into the project root, checks every file's digest, compiles it, checks that the job compiles to
+the same ``job_hash``, runs that one job (its whole group, for a coupled group) and writes the image with
+the original's text chunks: on the same model, device and dtype the file is byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from scenec.spec.diagnostics import printable
+
+PREFIX = "scenec:"
+JSON_KEYS = ("files", "sampler", "loras")
+NEEDED = ("scene.yaml", "job", "job_hash")
+
+
+class RebuildError(Exception):
+    """A PNG that cannot be shown or rebuilt, in one sentence; exit 2."""
+
+
+def read_metadata(png: str | Path) -> dict[str, str]:
+    """The ``scenec:*`` text chunks of ``png`` (prefix kept), in file order; raises RebuildError."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(png)
+    name = printable(str(png))
+    try:
+        with Image.open(p) as im:
+            if im.format != "PNG":
+                raise RebuildError(f"{name}: not a PNG ({im.format or 'unknown format'})")
+            im.load()  # text chunks after the image data are read only then
+            text = dict(getattr(im, "text", {}) or {})
+    except FileNotFoundError:
+        raise RebuildError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise RebuildError(f"{name}: is a directory") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RebuildError(f"{name}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
+    meta = {k: str(v) for k, v in text.items() if k.startswith(PREFIX)}
+    if not meta:
+        raise RebuildError(f"{name}: no scenec metadata (not built by scenec, or its text chunks were removed)")
+    return meta
+
+
+def as_record(meta: dict[str, str]) -> dict:
+    """The metadata for machines: keys without the prefix, JSON-valued chunks parsed."""
+    out: dict = {}
+    for k, v in meta.items():
+        key = k[len(PREFIX):]
+        if key in JSON_KEYS:
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        out[key] = v
+    return out
+
+
+def describe(png: str | Path, meta: dict[str, str]) -> str:
+    """The metadata for people (`scenec show`)."""
+    r = as_record(meta)
+    s = r.get("sampler") if isinstance(r.get("sampler"), dict) else {}
+    lines = [f"{printable(str(png))}: built by scenec {r.get('version', '?')}"]
+
+    def row(label: str, value) -> None:
+        if value not in (None, "", [], {}):
+            lines.append(f"  {label:<9} {value}")
+
+    row("scene", f"{r.get('scene', '?')} ({r.get('scene_file', '?')})")
+    row("overrides", r.get("overrides"))
+    where = ", ".join(f"{k} {s[k]}" for k in ("group", "variant") if s.get(k))
+    row("job", f"{r.get('job', '?')}" + (f" ({where})" if where else ""))
+    row("model", r.get("model"))
+    row("device", " ".join(x for x in (r.get("device"), r.get("dtype")) if x))
+    row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind")
+                             if s.get(k) is not None))
+    for lo in r.get("loras") or []:
+        if isinstance(lo, dict):
+            digest = str(lo.get("sha256"))[:12]
+            row("lora", f"{lo.get('name')} ×{lo.get('scale')} ({lo.get('format')}, sha256 {digest}…)")
+    for f, digest in (r.get("files") or {}).items():
+        row("file", f"{f} (sha256 {str(digest)[:12]}…)")
+    row("job_hash", r.get("job_hash"))
+    row("plan_hash", r.get("plan_hash"))
+    if r.get("scene.yaml"):
+        lines += ["", "# the resolved scene (scenec build --from rebuilds the image from it)", r["scene.yaml"].rstrip()]
+    else:
+        lines.append("  (no embedded scene: built by an older scenec; it cannot be rebuilt with --from)")
+    return "\n".join(lines)
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project a copied PNG is rebuilt in: the nearest directory from ``start`` (default: the current
+    one) up holding scenec.toml, else ``start`` itself."""
+    from scenec.spec.paths import PROJECT_FILE
+
+    d = (start or Path.cwd()).resolve()
+    for c in (d, *d.parents):
+        if (c / PROJECT_FILE).is_file():
+            return c
+    return d
+
+
+def check_files(png: str | Path, meta: dict[str, str], root: Path) -> None:
+    """Every file the embedded scene names must be under ``root`` with the digest it had; else RebuildError
+    naming the first that is missing or different."""
+    from scenec.spec.fsio import sha256_file
+
+    name = printable(str(png))
+    try:
+        files = json.loads(meta.get(PREFIX + "files") or "{}")
+    except ValueError:
+        raise RebuildError(f"{name}: {PREFIX}files is not valid JSON (was the image edited?)") from None
+    for rel, digest in files.items():
+        p = Path(rel) if Path(rel).is_absolute() else root / rel
+        if not p.is_file():
+            raise RebuildError(f"{name}: the scene needs `{rel}`, not found under the project root {root} "
+                               "(rebuild inside the project, or pass --project)")
+        got = sha256_file(p)
+        if got != digest:
+            raise RebuildError(f"{name}: `{rel}` under {root} differs from the file the image was built with "
+                               f"(sha256 {got[:12]}…, expected {str(digest)[:12]}…)")
+
+
+def rebuild(png: str | Path, out: Path, root: Path | None = None, device: str | None = None,
+            dtype: str | None = None, say=None) -> dict:
+    """Build the image ``png`` again into ``out``; returns its result dict (``status`` built or failed) with
+    ``identical``: whether the new file's bytes equal ``png``'s. Raises RebuildError (exit 2) for a PNG
+    that cannot be rebuilt, SceneError for an embedded scene that no longer compiles."""
+    import hashlib
+
+    from scenec.compiler import compile_scene
+
+    meta = read_metadata(png)
+    name = printable(str(png))
+    missing = [k for k in NEEDED if not meta.get(PREFIX + k)]
+    if missing:
+        raise RebuildError(f"{name}: no {PREFIX}{missing[0]} chunk (built by an older scenec?): it cannot be rebuilt")
+    root = (root or project_root()).resolve()
+    if not root.is_dir():
+        raise RebuildError(f"--project {printable(str(root))}: not a directory")
+    check_files(png, meta, root)
+    stem = Path(meta.get(PREFIX + "scene_file") or "scene.yaml").stem or "scene"
+    scene = root / f".scenec-from-{os.getpid()}-{secrets.token_hex(4)}-{stem}.yaml"
+    try:
+        scene.write_text(meta[PREFIX + "scene.yaml"], encoding="utf-8")
+        plan = compile_scene(scene)
+    except OSError as e:
+        raise RebuildError(f"cannot write the embedded scene into {root}: {e.strerror or e}") from None
+    finally:
+        scene.unlink(missing_ok=True)
+    job_id = meta[PREFIX + "job"]
+    job = next((j for j in plan.jobs if j.id == job_id), None)
+    if job is None:
+        raise RebuildError(f"{name}: the embedded scene has no job `{job_id}`")
+    if job.job_hash != meta[PREFIX + "job_hash"]:
+        raise RebuildError(f"{name}: the embedded scene compiles to another job (job_hash {job.job_hash[:12]}…, "
+                           f"the image's {meta[PREFIX + 'job_hash'][:12]}…): another scenec version?")
+    result = _run(plan, job, meta, out, device or _device(meta.get(PREFIX + "device")),
+                  dtype or _dtype(meta.get(PREFIX + "dtype")), say)
+    if result.get("status") == "built":
+        original = hashlib.sha256(Path(png).read_bytes()).hexdigest()
+        result["identical"] = result["sha256"] == original
+    return result
+
+
+def _device(d: str | None) -> str | None:
+    if not d:
+        return None
+    return "cuda" if d == "cuda:0" else d
+
+
+def _dtype(d: str | None) -> str | None:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(d or "")
+
+
+def _run(plan, job, meta: dict[str, str], out: Path, device: str | None, dtype: str | None, say) -> dict:
+    from scenec.runtime.families import load_backend
+    from scenec.runtime.outputs import write_result
+    from scenec.runtime.sampler import run_group, run_job
+    from scenec.spec.errors import RuntimeErrorBase
+
+    if say is not None:
+        say(f"loading {plan.json['model'].get('spec') or 'the model'} on {device or 'the default device'}")
+    backend = load_backend(plan.json["model"], device=device, dtype=dtype)
+    try:
+        groups = {g.id for g in plan.groups}
+        r = None
+        try:
+            if job.group in groups:  # a coupled group's images are sampled together
+                members = [j for j in plan.jobs if j.group == job.group]
+                for j, res in run_group(backend, plan, plan.group(job.group), members):
+                    if j.id == job.id:
+                        r = res
+            else:
+                r = run_job(backend, plan, job)
+        except RuntimeErrorBase as e:
+            r = e
+        out.mkdir(parents=True, exist_ok=True)
+        return write_result(plan, job, r, backend, out, meta=meta)
+    finally:
+        backend.clear_cache()

@@ -1,0 +1,173 @@
+"""Images that rebuild themselves (issue 15, item 4): a built PNG carries its resolved scene and settings;
+`scenec show` prints them; `scenec build --from` rebuilds the image byte-identical, from a copy too."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+LIB = """\
+scenec: 1
+defs:
+  entities:
+    fox: {prompt: "a red fox", shape: {box: [0.1, 0.5, 0.5, 0.9]}}
+"""
+
+SCENE = """\
+scenec: 1
+include: [lib/animals.yaml]
+model: tiny
+canvas: {width: 64, height: 64}
+sampler: {steps: 3, seed: [1, 2]}
+background: {prompt: "a meadow", image: refs/meadow.png}
+entities:
+  - {id: fox, use: fox, reference: {image: refs/fox.png, cycles: 1}}
+  - {id: owl, prompt: "an owl", shape: {box: [0.6, 0.1, 0.9, 0.4]}}
+groups:
+  - id: pair
+    variants:
+      - {id: fox, entities: [fox]}
+      - {id: owl, entities: [owl]}
+"""
+
+
+def scenec(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "scenec", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def _image(path, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A project built once: (project dir, a PNG copied out of it, the PNG's metadata)."""
+    root = tmp_path_factory.mktemp("proj")
+    (root / "scenec.toml").write_text("[project]\n")
+    (root / "lib").mkdir()
+    (root / "lib" / "animals.yaml").write_text(LIB)
+    (root / "refs").mkdir()
+    _image(root / "refs" / "fox.png", 1)
+    _image(root / "refs" / "meadow.png", 2)
+    (root / "scenes").mkdir()
+    (root / "scenes" / "farm.yaml").write_text(SCENE.replace("refs/", "../refs/").replace("lib/", "../lib/"))
+    r = scenec("build", "scenes/farm.yaml", "-o", "out", "--steps", "2", "--select", "seed:2", "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    pngs = sorted((root / "out").glob("*.png"))
+    assert [p.name for p in pngs] == ["farm-pair-fox-2.png", "farm-pair-owl-2.png"]
+    away = tmp_path_factory.mktemp("elsewhere") / "copy.png"
+    shutil.copyfile(pngs[1], away)
+    return root, away
+
+
+def test_show_round_trips_the_chunks(built):
+    root, png = built
+    r = scenec("show", png, "--json", cwd=png.parent)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout)
+    with Image.open(png) as im:
+        chunks = {k[len("scenec:"):]: v for k, v in im.text.items() if k.startswith("scenec:")}
+    assert set(meta) == set(chunks) and meta["job"] == chunks["job"] and meta["scene.yaml"] == chunks["scene.yaml"]
+    assert meta["sampler"] == {"seed": 2, "steps": 2, "guidance": meta["sampler"]["guidance"], "true_cfg": 1.0,
+                               "kind": meta["sampler"]["kind"], "group": "pair", "variant": "owl"}
+    assert meta["model"] == "tiny" and meta["version"] and meta["overrides"] == "--steps 2" and meta["loras"] == []
+    scene = yaml.safe_load(meta["scene.yaml"])
+    # resolved: the include and `use` applied, the override in, paths relative to the project root
+    assert "include" not in scene and "defs" not in scene and "use" not in scene["entities"][0]
+    assert scene["entities"][0]["prompt"] == "a red fox" and scene["sampler"]["steps"] == 2
+    assert scene["background"]["image"] == "refs/meadow.png"
+    assert scene["entities"][0]["reference"]["image"] == "refs/fox.png" and scene["name"] == "farm"
+    digest = hashlib.sha256((root / "refs" / "fox.png").read_bytes()).hexdigest()
+    assert meta["files"] == {"refs/fox.png": digest,
+                             "refs/meadow.png": hashlib.sha256((root / "refs/meadow.png").read_bytes()).hexdigest()}
+    human = scenec("show", png, cwd=png.parent)
+    assert human.returncode == 0 and "variant owl" in human.stdout and "seed 2, steps 2" in human.stdout
+    assert "refs/fox.png" in human.stdout and "name: farm" in human.stdout
+
+
+def test_build_from_a_copied_png_is_byte_identical(built, tmp_path):
+    root, png = built
+    r = scenec("build", "--from", png, "-o", tmp_path / "again", cwd=root)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "again" / "farm-pair-owl-2.png"
+    assert out.read_bytes() == png.read_bytes() and "byte-identical" in r.stderr
+    assert [p.name for p in (tmp_path / "again").glob("*.png")] == [out.name]  # that image only
+    assert not list(root.glob(".scenec-from-*"))  # the scene written into the project is gone
+    # from outside the project, with --project
+    r = scenec("build", "--from", png, "-o", tmp_path / "third", "--project", root, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["identical"] is True
+
+
+def test_build_from_with_a_changed_or_missing_file_fails_located(built, tmp_path):
+    root, png = built
+    proj = tmp_path / "proj"
+    shutil.copytree(root, proj, ignore=shutil.ignore_patterns("out"))
+    _image(proj / "refs" / "fox.png", 99)  # changed
+    r = scenec("build", "--from", png, "-o", tmp_path / "o", cwd=proj)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "`refs/fox.png`" in r.stderr and "differs" in r.stderr and "Traceback" not in r.stderr
+    (proj / "refs" / "fox.png").unlink()
+    r = scenec("build", "--from", png, "-o", tmp_path / "o", cwd=proj)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "`refs/fox.png`" in r.stderr and "not found" in r.stderr and str(proj) in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_png_without_metadata_exits_2(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    for args in (["show", "plain.png"], ["build", "--from", "plain.png", "-o", "o"]):
+        r = scenec(*args, cwd=tmp_path)
+        assert r.returncode == 2 and "no scenec metadata" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "x.txt").write_text("not an image")
+    r = scenec("show", "x.txt", cwd=tmp_path)
+    assert r.returncode == 2 and "not a readable image" in r.stderr
+    r = scenec("build", "--from", "plain.png", "scene.yaml", "-o", "o", cwd=tmp_path)
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_show_does_not_import_torch(built):
+    _, png = built
+    code = (f"import sys\nsys.argv = ['scenec', 'show', {str(png)!r}]\nfrom scenec.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'show imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_loras_travel_with_the_image(tmp_path):
+    """A scene's entity LoRA and a --lora flag: both in the embedded scene, by digest; the rebuild is identical."""
+    root = tmp_path / "p"
+    (root / "loras").mkdir(parents=True)
+    (root / "scenec.toml").write_text("[project]\n")
+    shutil.copyfile(REPO / "scenes" / "loras" / "fox-style.safetensors", root / "loras" / "fox.safetensors")
+    (root / "s.yaml").write_text(
+        "scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: 3}\n"
+        "entities:\n  - {id: fox, prompt: a fox, shape: {box: [0.1, 0.1, 0.6, 0.6]},\n"
+        "     lora: [{file: loras/fox.safetensors, scale: 0.8}]}\n")
+    r = scenec("build", "s.yaml", "-o", "out", "--lora", "loras/fox.safetensors:0.5", "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    [built] = (root / "out").glob("*.png")
+    png = tmp_path / "copy.png"
+    shutil.copyfile(built, png)
+    meta = json.loads(scenec("show", png, "--json", cwd=tmp_path).stdout)
+    digest = hashlib.sha256((root / "loras" / "fox.safetensors").read_bytes()).hexdigest()
+    assert meta["files"] == {"loras/fox.safetensors": digest}
+    assert [(lo["sha256"], lo["scale"]) for lo in meta["loras"]] == [(digest, 0.5)]
+    scene = yaml.safe_load(meta["scene.yaml"])
+    assert scene["model"] == {"id": "tiny", "lora": [{"file": "loras/fox.safetensors", "scale": 0.5}]}
+    assert scene["entities"][0]["lora"] == [{"file": "loras/fox.safetensors", "scale": 0.8}]
+    r = scenec("build", "--from", png, "-o", tmp_path / "again", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / built.name).read_bytes() == png.read_bytes()
