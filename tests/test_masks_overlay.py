@@ -130,3 +130,62 @@ def test_preview_on_an_image_of_another_scene_or_size_exits_2(project):
     r = cli("preview", "s.yaml", "--on", d / "nosuch.png", "-o", d / "x.png")
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert not (d / "x.png").exists()
+
+
+# --- watch ----------------------------------------------------------------------------------------
+
+def _wait(cond, what: str, log: Path, timeout: float = 60.0):
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; log:\n{log.read_text()}")
+
+
+def test_watch_previews_on_save_reports_located_errors_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "scenec.toml").write_text("[project]\ndefault_model = \"tiny\"\n")
+    scene = tmp_path / "s.yaml"
+    scene.write_text(SCENE)
+    prev = tmp_path / "s.preview.png"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "scenec", "watch", "s.yaml", "--interval", "0.1",
+                              "--max-cycles", "3000"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _wait(prev.is_file, "the first preview", log)
+        first = prev.read_bytes()
+        time.sleep(0.05)
+        scene.write_text(SCENE.replace("[0.0, 0.5, 0.5, 1.0]", "[0.5, 0.0, 1.0, 0.5]"))  # the fox moves
+        _wait(lambda: prev.read_bytes() != first, "a new preview", log)
+        scene.write_text(SCENE.replace("shape: {box: [0.25", "shape: {box: [1.5"))  # an invalid edit, line 8
+        _wait(lambda: "error" in log.read_text(), "the error", log)
+        text = log.read_text()
+        assert "s.yaml:8:" in text and "1 error" in text and "Traceback" not in text
+        assert p.poll() is None  # still watching
+        scene.write_text(SCENE)  # fixed again: previews again
+        _wait(lambda: text.count("preview written") < log.read_text().count("preview written"), "recovery", log)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+    assert "watch stopped" in log.read_text()
+
+
+def test_watch_max_cycles_and_build(project):
+    d, loads = project
+    r = cli("watch", "s.yaml", "--build", "--max-cycles", "1", "-o", d / "previews")
+    assert r.exit_code == 0, r.output
+    assert (d / "previews" / "s.preview.png").is_file()
+    assert (d / "out" / "s-3.png").is_file() and len(loads) == 1
+    r = cli("watch", "nosuch.yaml", "--max-cycles", "1")
+    assert r.exit_code == 2
