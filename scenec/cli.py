@@ -145,7 +145,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
     sys.stdout.write(text)
     if masks is not None:
         from scenec.compiler.preview import write_mask_pngs
-        from scenec.layout import _region
+        from scenec.layout import plain_region
 
         if "geometry" not in ir.passes:
             ir = run_passes(ir.scene, model=model, until="geometry")
@@ -154,7 +154,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
             for s in ir.streams(job.id):
                 r = ir.region_of(s.id)
                 if r is not None:
-                    regs[s.name] = _region(r)
+                    regs[s.name] = plain_region(r)
             try:
                 write_mask_pngs(regs, ir.canvas, masks / job.id)
             except OSError as e:
@@ -231,7 +231,8 @@ def build(files: List[str] = typer.Argument(..., help="scene files, directories 
           lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
           offload: str = typer.Option("none", "--offload", help="none | model | sequential: CPU offload (CUDA)"),
           quantize: str = typer.Option("none", "--quantize", help="none | nf4 | int8 | fp8 (CUDA; scenec[quant])"),
-          masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
+          masks: bool = typer.Option(False, "--masks", help="also write canvas-size region masks beside the images "
+                                                "(up-to-date images are not rebuilt)"),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the model's repeated blocks"),
           select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="build only: NAME, GROUP/"
                                                      "VARIANT, scene:, group:, path:, seed:, KEY=VALUE, docs/batch.md"),

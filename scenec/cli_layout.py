@@ -17,7 +17,7 @@ from scenec.exits import EXIT_INVALID, bad_path, fail_invalid, internal, path_er
 def _layout_jobs(ir) -> list[dict]:
     """One layout per (group, variant): seeds do not change it."""
     from scenec.compiler.ir import ConditionNode
-    from scenec.layout import _region
+    from scenec.layout import plain_region
 
     jobs, seen = [], set()
     for job in ir.jobs():
@@ -29,7 +29,7 @@ def _layout_jobs(ir) -> list[dict]:
         for s in ir.streams(job.id):
             r = ir.region_of(s.id)
             if r is not None:
-                regions.append((s.name, _region(r)))
+                regions.append((s.name, plain_region(r)))
             elif s.role == "entity":
                 whole.append(s.name)  # a variant's prompt acts on the whole canvas
         by_entity = dict(regions)

@@ -22,7 +22,8 @@ class Layout:
     regions: dict[str, list] = field(default_factory=dict)  # job id → [(entity, Region)], scene order
 
 
-def _region(r):
+def plain_region(r):
+    """The geometry pass's region as a `compiler.geometry.Region` (what preview and the masks draw)."""
     from scenec.compiler.geometry import Region
 
     return Region(r.entity, r.geom, r.feather_px, r.z)
@@ -42,7 +43,7 @@ def scene_layout(file: Path, model: str | None = None, overrides=(), ls=None) ->
         for s in ir.streams(job.id):
             r = ir.region_of(s.id)
             if r is not None:
-                regs.append((s.name, _region(r)))
+                regs.append((s.name, plain_region(r)))
         out.regions[job.id] = regs
     return out
 
