@@ -375,6 +375,12 @@ def _ellipsize(draw, text: str, font, width: int) -> str:
 
 # --- overlay on a built image ------------------------------------------------------------------
 
+def z_ranks(regions: list) -> dict[str, int]:
+    """Each region's place in the z-order, 1 on top: higher ``z`` first; ties: the later entity wins."""
+    order = sorted(range(len(regions)), key=lambda k: (-regions[k][1].z, -k))
+    return {regions[k][0]: n + 1 for n, k in enumerate(order)}
+
+
 def render_overlay(image, regions: list, out_path, title: str | None = None) -> Path:
     """Draw ``regions`` ([(entity, Region)], scene order) over ``image`` (a PIL image at canvas size):
     translucent fills, outlines, and a label per region with its z and its place in the z-order
@@ -390,8 +396,7 @@ def render_overlay(image, regions: list, out_path, title: str | None = None) -> 
         layer.putalpha(Image.fromarray(np.round(cov * FILL_ALPHA * 0.8 * 255.0).astype(np.uint8), mode="L"))
         base = Image.alpha_composite(base, layer)
     draw = ImageDraw.Draw(base)
-    order = sorted(range(len(live)), key=lambda k: (-live[k][1].z, k))  # top first
-    rank = {live[k][0]: n + 1 for n, k in enumerate(order)}
+    rank = z_ranks(live)
     for eid, r in live:
         _outline(draw, r.geom, colours.get(eid, INK) + (255,), width=2)
     for eid, r in live:

@@ -189,3 +189,11 @@ def test_watch_max_cycles_and_build(project):
     assert (d / "out" / "s-3.png").is_file() and len(loads) == 1
     r = cli("watch", "nosuch.yaml", "--max-cycles", "1")
     assert r.exit_code == 2
+
+
+def test_z_ranks_put_the_higher_z_on_top_and_the_later_on_ties():
+    from scenec.compiler.geometry import Region
+    from scenec.compiler.preview import z_ranks
+
+    regs = [("a", Region("a", None, 0, 0.0)), ("b", Region("b", None, 0, 0.0)), ("c", Region("c", None, 0, 5.0))]
+    assert z_ranks(regs) == {"c": 1, "b": 2, "a": 3}
