@@ -371,3 +371,39 @@ def _ellipsize(draw, text: str, font, width: int) -> str:
     while text and draw.textlength(text + "…", font=font) > width:
         text = text[:-1]
     return text + "…"
+
+
+# --- overlay on a built image ------------------------------------------------------------------
+
+def z_ranks(regions: list) -> dict[str, int]:
+    """Each region's place in the z-order, 1 on top: higher ``z`` first; ties: the later entity wins."""
+    order = sorted(range(len(regions)), key=lambda k: (-regions[k][1].z, -k))
+    return {regions[k][0]: n + 1 for n, k in enumerate(order)}
+
+
+def render_overlay(image, regions: list, out_path, title: str | None = None) -> Path:
+    """Draw ``regions`` ([(entity, Region)], scene order) over ``image`` (a PIL image at canvas size):
+    translucent fills, outlines, and a label per region with its z and its place in the z-order
+    (1 = drawn on top). Written atomically to ``out_path`` at the image's size."""
+    base = image.convert("RGBA")
+    size = base.size
+    fonts = _Fonts()
+    colours = _colour_map([{"regions": regions}])
+    live = [(eid, r) for eid, r in regions if r is not None and r.geom is not None and not r.geom.is_empty]
+    for eid, r in live:
+        cov = rasterize(r.geom, r.feather_px, size, 1)
+        layer = Image.new("RGBA", size, colours.get(eid, INK) + (0,))
+        layer.putalpha(Image.fromarray(np.round(cov * FILL_ALPHA * 0.8 * 255.0).astype(np.uint8), mode="L"))
+        base = Image.alpha_composite(base, layer)
+    draw = ImageDraw.Draw(base)
+    rank = z_ranks(live)
+    for eid, r in live:
+        _outline(draw, r.geom, colours.get(eid, INK) + (255,), width=2)
+    for eid, r in live:
+        z = f"{r.z:g}"
+        _label(draw, _label_point(r.geom), f"{eid}  z={z} #{rank[eid]}", colours.get(eid, INK), fonts.label, size)
+    if title:
+        _label(draw, (8, size[1] - 8), title, (150, 150, 150), fonts.label, size, dashed=True)
+    out = Path(out_path)
+    atomic_write(out, _png_bytes(base.convert("RGB")))
+    return out

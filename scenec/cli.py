@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from scenec.cli_layout import preview, watch
 from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
@@ -144,6 +145,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
     sys.stdout.write(text)
     if masks is not None:
         from scenec.compiler.preview import write_mask_pngs
+        from scenec.layout import plain_region
 
         if "geometry" not in ir.passes:
             ir = run_passes(ir.scene, model=model, until="geometry")
@@ -152,7 +154,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
             for s in ir.streams(job.id):
                 r = ir.region_of(s.id)
                 if r is not None:
-                    regs[s.name] = _region(r)
+                    regs[s.name] = plain_region(r)
             try:
                 write_mask_pngs(regs, ir.canvas, masks / job.id)
             except OSError as e:
@@ -160,67 +162,7 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
         print(f"masks written to {masks}", file=sys.stderr)
 
 
-def _region(r):
-    from scenec.compiler.geometry import Region
-
-    return Region(r.entity, r.geom, r.feather_px, r.z)
-
-
-@app.command()
-def preview(file: Path = typer.Argument(..., help="scene file"),
-            out: Path = typer.Option(..., "-o", "--out", help="PNG to write"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
-            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
-            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
-    """Draw each image's layout (regions, references, related regions; groups as contact sheets)."""
-    from scenec.spec.diagnostics import SceneError
-    from scenec.spec.load import load_scene
-
-    from scenec.compiler.ir import ConditionNode
-    from scenec.compiler.passes import run_passes
-    from scenec.compiler.preview import render_preview
-
-    if out.is_dir():
-        bad_path(out, "is a directory (-o names the PNG to write)")
-    try:
-        ir = run_passes(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model=model,
-                        until="geometry")
-    except SceneError as e:
-        fail_invalid(e)
-    except Exception as e:  # noqa: BLE001
-        internal(e)
-    jobs = []
-    seen = set()
-    for job in ir.jobs():
-        key = (job.group, job.variant)
-        if key in seen:  # seeds do not change the layout
-            continue
-        seen.add(key)
-        regions, refs, related, whole = [], [], [], []
-        for s in ir.streams(job.id):
-            r = ir.region_of(s.id)
-            if r is not None:
-                regions.append((s.name, _region(r)))
-            elif s.role == "entity":
-                whole.append(s.name)  # a variant's prompt acts on the whole canvas
-        by_entity = dict(regions)
-        for c in ir.succ(job.id, ConditionNode):
-            if c.entity in by_entity:
-                refs.append((c.entity, c.path, c.fit, by_entity[c.entity]))
-            if c.related is not None:
-                related.append((c.entity, c.related))
-        title = ir.scene.name if job.group is None else f"{job.group} / {job.variant}"
-        jobs.append({"title": title, "group": job.group, "regions": regions, "references": refs, "related": related,
-                     "whole_canvas": whole})
-    bg = ir.scene.scene.background.image
-    kwargs = {}
-    if bg:
-        kwargs["background"] = ir.scene.resolve(("background", "image"), bg)
-    try:
-        render_preview(ir.scene, jobs, out, **kwargs)
-    except OSError as e:
-        path_error(e)
-    print(f"preview written to {out}", file=sys.stderr)
+app.command()(preview)
 
 
 @app.command()
@@ -294,7 +236,8 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
           lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
           offload: str = typer.Option("none", "--offload", help="none | model | sequential: CPU offload (CUDA)"),
           quantize: str = typer.Option("none", "--quantize", help="none | nf4 | int8 | fp8 (CUDA; scenec[quant])"),
-          masks: bool = typer.Option(False, "--masks", help="also write attention masks at token resolution"),
+          masks: bool = typer.Option(False, "--masks", help="also write canvas-size region masks beside the images "
+                                                "(up-to-date images are not rebuilt)"),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the model's repeated blocks"),
           select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="build only: NAME, GROUP/"
                                                      "VARIANT, scene:, group:, path:, seed:, KEY=VALUE, docs/batch.md"),
@@ -424,6 +367,7 @@ app.command("eval")(eval_)
 app.command()(tune)
 app.command()(split)
 app.command()(show)
+app.command()(watch)
 
 
 def main() -> None:

@@ -48,6 +48,10 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     damaged = [d for d, man in bp.manifests.items() if man.damaged]
     if todo or damaged:
         _build(todo, bp, executor, report, options, damaged)
+    if options.masks:  # from the geometry, beside images built now or already up to date: no model
+        from .canvas_masks import write_build_masks
+
+        write_build_masks(chosen, bp, options, report.say)
     from .lastout import remember
 
     remember({it.scene_file: options.out for it in chosen})  # for `scenec status` without -o
@@ -124,7 +128,7 @@ def _still_to_build(todo: list[Item], bp: BatchPlan, report: BuildReport, option
     still, theirs = [], 0
     for it in todo:
         man = bp.manifests[it.out_dir]
-        state, _ = man.check(it.name, it.key, masks=options.masks)
+        state, _ = man.check(it.name, it.key)
         if state == "cached" and (it.state != "forced" or man.outputs.get(it.name) != it.entry):
             report.cached(it, man)
             theirs += 1

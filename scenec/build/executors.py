@@ -72,7 +72,7 @@ def make_executor(options: BuildOptions, say: Callable[[str], None], report=None
     if options.executor == "ray":
         from .ray_executor import RayExecutor
 
-        return RayExecutor(device=options.device, dtype=options.dtype, masks=options.masks,
+        return RayExecutor(device=options.device, dtype=options.dtype, masks=False,
                            address=options.address, workers=options.workers, say=say, memory=options.memory)
-    return LocalExecutor(device=options.device, dtype=options.dtype, masks=options.masks, memory=options.memory,
+    return LocalExecutor(device=options.device, dtype=options.dtype, masks=False, memory=options.memory,
                          report=report)

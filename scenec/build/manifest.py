@@ -160,7 +160,7 @@ class Manifest:
         self.damaged = False
         return moved
 
-    def check(self, name: str, key: str, masks: bool = False) -> tuple[str, str]:
+    def check(self, name: str, key: str) -> tuple[str, str]:
         """(state, reason) of one output: cached | new | changed | missing | modified."""
         e = self.outputs.get(name)
         if e is None:
@@ -173,8 +173,6 @@ class Manifest:
         side = self.out_dir / e["sidecar"]
         if not side.is_file():
             return "missing", "sidecar deleted"
-        if masks and not e.get("masks") and e.get("has_entities"):
-            return "changed", "masks requested"
         try:
             if sha256_file(img) != e["sha256"]:
                 return "modified", "image differs from the manifest's sha256"

@@ -24,7 +24,7 @@ class BuildOptions:
     select: Iterable[str] = ()  # --select terms (selection.parse_selectors)
     exclude: Iterable[str] = ()  # --exclude terms
     force: bool = False  # rebuild selected outputs even when up to date
-    masks: bool = False  # also write attention masks (outputs without them are stale)
+    masks: bool = False  # also write canvas-size region masks beside the images (scenec.build.canvas_masks)
     weights_hash: str = "stat"  # identity of local model directories: stat | content
     overrides: tuple = ()  # --seed/--steps/--guidance/--set (scenec.spec.overrides.Override), every scene
     last_out: bool = False  # without `out`: each scene's outputs where its last `build -o` wrote (status)

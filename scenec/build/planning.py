@@ -215,7 +215,7 @@ class _Planner:
             if item.out_dir not in self.bp.manifests:
                 self.bp.manifests[item.out_dir] = Manifest.load(item.out_dir)
             man = self.bp.manifests[item.out_dir]
-            item.state, item.reason = man.check(item.name, item.key, masks=self.o.masks)
+            item.state, item.reason = man.check(item.name, item.key)
             item.entry = man.outputs.get(item.name)
             if self.o.force and item.selected and item.state == "cached":
                 item.state, item.reason = "forced", "--force"
