@@ -3,6 +3,7 @@ registered on the app by scenec/cli.py. No torch unless `watch --build` builds."
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -207,8 +208,18 @@ def watch(files: List[Path] = typer.Argument(..., help="scene files"),
             path_error(e)
     seen: dict[Path, dict] = {}  # scene → {path it read: stamp}
     cycles = 0
+    stop: list[int] = []
+
+    def on_sigint(signum, frame):
+        """The first Ctrl-C stops after the check in progress (never an exception inside a library
+        call); a second one interrupts it."""
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while True:
+        while not stop:
             for f in files:
                 old = seen.get(f)
                 if old is None or any(_stamp(p) != s for p, s in old.items()):
@@ -222,7 +233,13 @@ def watch(files: List[Path] = typer.Argument(..., help="scene files"),
             if cycles == 1:
                 print(f"watching {len(files)} scene{'s' if len(files) != 1 else ''} (Ctrl-C to stop)",
                       file=sys.stderr, flush=True)
-            time.sleep(max(0.05, interval))
+            end = time.monotonic() + max(0.05, interval)
+            while not stop and time.monotonic() < end:
+                time.sleep(0.05)
+        if stop:
+            print("scenec: watch stopped", file=sys.stderr)
     except KeyboardInterrupt:
         print("scenec: watch stopped", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     raise typer.Exit(0)
