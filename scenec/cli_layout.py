@@ -196,7 +196,8 @@ def watch(files: List[Path] = typer.Argument(..., help="scene files"),
           seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
           guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Re-validate and re-preview each scene on every save (its includes and images too); --build rebuilds.
-    Errors print at FILE:LINE:COL and the watch goes on; Ctrl-C stops it (exit 0)."""
+    Errors print at FILE:LINE:COL and the watch goes on; Ctrl-C stops it after the check in progress
+    (exit 0), a second Ctrl-C at once."""
     ovr = overrides(seed, steps, guidance, set_)
     for f in files:
         if not f.is_file():
