@@ -224,6 +224,7 @@ class TokenWeights:
 
     def __init__(self, text: dict, image: dict):
         self.text, self.image = text, image
+        self.cache: dict = {}  # the weights as each layer shape wants them: built once per call, not per layer
 
 
 class Hooks:
@@ -259,7 +260,16 @@ class Hooks:
 
     def _weight(self, tw: TokenWeights | None, sha: str, kind: str | None, out: torch.Tensor):
         """The weight of LoRA ``sha`` on this output: a float (every token), a tensor broadcasting against
-        ``out``, or None (nothing to add)."""
+        ``out``, or None (nothing to add). Every adapted layer of one call with the same token layout gets
+        the same weight: it is built once per call (``TokenWeights.cache``)."""
+        if tw is None:
+            return self._build_weight(tw, sha, kind, out)
+        key = (sha, kind, tuple(out.shape[1:]) if out.dim() == 4 else out.shape[1], out.dtype, out.device)
+        if key not in tw.cache:
+            tw.cache[key] = self._build_weight(tw, sha, kind, out)
+        return tw.cache[key]
+
+    def _build_weight(self, tw: TokenWeights | None, sha: str, kind: str | None, out: torch.Tensor):
         g = self.global_scale.get(sha, 0.0)
         text = tw.text.get(sha) if tw is not None else None
         image = tw.image.get(sha) if tw is not None else None

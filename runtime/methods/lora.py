@@ -122,7 +122,8 @@ class Lora(Method):
                 for sha, s in stream.lora:
                     if s == 0.0:
                         continue
-                    t = text.setdefault(sha, torch.zeros(B, n_text))
+                    # on the owners' device: a flex mask moves the layout to the GPU before this runs
+                    t = text.setdefault(sha, torch.zeros(B, n_text, device=mine.device))
                     t[b] += s * mine
                     per = image.setdefault(sha, {})
                     for g in plan.doc.grids:
