@@ -246,11 +246,17 @@ class VisualPrompts(Method):
         self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
         layers = attention_layers(model, self.joint | self.cross)
         self.prompts = []
+        # adapters and encoders are read once per loaded model, not once per job (a batch build reuses them)
+        loaded = be.__dict__.setdefault("visual_models", {})
         for vp in run.job.visuals:
-            adapter, encoder, proc, used = self._load(vp, layers, model)
+            key = (vp.mode, vp.adapter_sha256, vp.adapter, _stamp(vp.adapter))  # a changed file is read again
+            if key not in loaded:
+                adapter, encoder, proc, used = self._load(vp, layers, model)
+                adapter.to(device=be.device, dtype=torch.float32)
+                encoder.to(device=be.device, dtype=torch.float32)
+                loaded[key] = adapter, encoder, proc, used
+            adapter, encoder, proc, used = loaded[key]
             names = {id(mod): layer_key(name) for name, mod in used.items()}
-            adapter.to(device=be.device, dtype=torch.float32)
-            encoder.to(device=be.device, dtype=torch.float32)
             pos, neg = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
             visible = {}
             for g in be.image_grids:
@@ -297,6 +303,19 @@ class VisualPrompts(Method):
 
 
 @torch.no_grad()
+def _stamp(path: str | None) -> tuple | None:
+    """A file's (mtime, size), or None: what tells a cached adapter from a file changed since."""
+    import os
+
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
     """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
     from PIL import Image
