@@ -413,7 +413,7 @@ def test_sow_indicator_on_the_device_path_gives_the_host_paths_gains(threshold):
     host.measure(q, k, 8, allow, slice(0, 1))
     dev = sow.Sow({256: [term]}, [0], "cpu", frozenset({"double"}))
     dev.begin_step(2, [True])
-    dev._measure_on_device(q, k, 8, allow, slice(0, 1))
+    dev.measure(q, k, 8, allow, slice(0, 1), on_device=True)
     assert dev.gains_t.tolist() == pytest.approx(host.gains, abs=1e-6)
     assert float(dev.history[-1]["share"][0]) == pytest.approx(host.history[-1]["share"][0], abs=1e-6)
     assert dev.active()  # decided before φ, on the host: the kernels then read the device gains

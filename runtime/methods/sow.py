@@ -130,11 +130,14 @@ def sow_share_t(t: SowTerm, q: torch.Tensor, k: torch.Tensor, n_txt: int = 0,
     return share.mean()
 
 
-def indicator_factor(share: float, threshold: float) -> float:
-    """φ(s) = clip((threshold − s)/threshold, 0, 1): full strength while nothing has spread, 0 at the threshold."""
+def indicator_factor(share, threshold: float):
+    """φ(s) = clip((threshold − s)/threshold, 0, 1): full strength while nothing has spread, 0 at the threshold.
+    ``share`` a float, or a device scalar (then φ stays on the device)."""
+    on_device = isinstance(share, torch.Tensor)
     if threshold <= 0.0:
-        return 0.0
-    return min(1.0, max(0.0, (threshold - share) / threshold))
+        return share * 0.0 if on_device else 0.0
+    f = (threshold - share) / threshold
+    return f.clamp(0.0, 1.0) if on_device else min(1.0, max(0.0, f))
 
 
 class Sow:
@@ -198,13 +201,12 @@ class Sow:
         """Whether this op modulates at all (host gains; on a GPU before φ, which stays on the device)."""
         return any(g != 0.0 for g in self.gains)
 
-    def measure(self, q, k, n_text: int, allow, rows: slice) -> None:
+    def measure(self, q, k, n_text: int, allow, rows: slice, on_device: bool | None = None) -> None:
         """The indicator from one call's unmodulated scores; scales each term's gain by φ(share).
 
-        On a GPU φ and the gains stay on the device (no host sync inside the step loop): the kernels
-        read ``gains_t``; ``history`` then holds device scalars."""
-        if q.device.type == "cuda":
-            return self._measure_on_device(q, k, n_text, allow, rows)
+        On a GPU (``on_device``, default: q is on CUDA) φ and the gains stay on the device (no host sync
+        inside the step loop): the kernels read ``gains_t``; ``history`` then holds device scalars."""
+        on_device = q.device.type == "cuda" if on_device is None else on_device
         n = q.shape[2] - n_text
         shares, factors, gains = [], [], list(self.gains)
         for ti, t in enumerate(self.terms_for(n)):
@@ -212,32 +214,21 @@ class Sow:
                 shares.append(None)
                 factors.append(None)
                 continue
-            s = sow_share(t, q[rows], k[rows], n_text, allow(n_text + t.probe.to(q.device)))
+            s = sow_share_t(t, q[rows], k[rows], n_text, allow(n_text + t.probe.to(q.device)))
+            s = s if on_device else float(s)
             f = indicator_factor(s, self.threshold[ti])
             shares.append(s)
             factors.append(f)
-            gains[ti] *= f
-        self._set_gains(gains)
+            if on_device:
+                self.gains_t[ti] = self.gains_t[ti] * f.to(self.gains_t.dtype)
+            else:
+                gains[ti] *= f
+        if on_device:
+            self._weights.clear()
+        else:
+            self._set_gains(gains)
         self.history.append({"cycle": self.cycle, "grid": n, "share": shares, "factor": factors,
-                             "gains": list(self.gains)})
-
-    def _measure_on_device(self, q, k, n_text: int, allow, rows: slice) -> None:
-        n = q.shape[2] - n_text
-        shares, factors = [], []
-        for ti, t in enumerate(self.terms_for(n)):
-            if self.gains[ti] == 0.0:
-                shares.append(None)
-                factors.append(None)
-                continue
-            s = sow_share_t(t, q[rows], k[rows], n_text, allow(n_text + t.probe.to(q.device)))
-            thr = self.threshold[ti]
-            f = ((thr - s) / thr).clamp(0.0, 1.0) if thr > 0 else s * 0.0
-            self.gains_t[ti] = self.gains_t[ti] * f.to(self.gains_t.dtype)
-            shares.append(s)
-            factors.append(f)
-        self._weights.clear()
-        self.history.append({"cycle": self.cycle, "grid": n, "share": shares, "factor": factors,
-                             "gains": self.gains_t.clone()})
+                             "gains": self.gains_t.clone() if on_device else list(self.gains)})
 
     def weights(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This op's (E, U), float ``[n, n]`` on the grid of n tokens, or None when every gain is 0."""
