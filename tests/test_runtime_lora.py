@@ -2,12 +2,13 @@
 
 - A LoRA at scale 0, global or per entity, is the model's own computation: byte-identical latents.
 - A global LoRA gives the latents diffusers gives after ``load_lora_weights`` + ``fuse_lora`` (Flux in
-  diffusers' naming, SD in kohya's, SDXL in diffusers').
+  diffusers', xlabs' and kohya's naming, SD in kohya's, SDXL in diffusers'). Where diffusers' kohya-Flux
+  converter drops a layer (the top-level `img_in`), scenec applies it as the same LoRA in diffusers' naming.
 - A LoRA in DiffSynth-Studio's naming (EliGen's) maps to the very layers and deltas of the same LoRA in
   diffusers' naming: identical latents.
 - An entity's LoRA changes, at the first layers (Flux: the image and text embedders, whose outputs enter
-  the first block; SD: the first attention's input convolution), exactly the rows of its region's image
-  tokens and of its prompt's tokens; every other row is byte-identical to the base model's. Covering the
+  the first block; SD and SDXL: the first attention's input projection), exactly the rows of its region's
+  image tokens and of its prompt's tokens; every other row is byte-identical to the base model's. Covering the
   whole canvas, it equals the global LoRA on layers that see image tokens only; covering nothing, it is
   no LoRA there.
 """
@@ -220,40 +221,61 @@ def _sd_with(entry, entity=None, entities=None):
     return sd_plan(steps=STEPS, entities=entities, edit=lambda d, t: with_lora(d, [entry], entity))
 
 
-def test_sd_entity_lora_scale_zero_and_region(tmp_path):
+def _unet_plan(family, steps=STEPS, entities=None, edit=None):
+    def to(d, t):
+        if family == "sdxl":
+            d["model"] = {**d["model"], "spec": "tiny-sdxl", "family": "sdxl"}
+        if edit:
+            edit(d, t)
+    return sd_plan(steps=steps, entities=entities, edit=to)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unet_entity_lora_scale_zero_and_region(tmp_path, family):
     import numpy as np
     from safetensors.numpy import save_file
 
-    be = tiny_sd_backend()
+    from scenec.runtime.families import load_backend
+
+    be = tiny_sd_backend() if family == "sd" else load_backend("tiny-sdxl", device="cpu", dtype="fp32")
     mods = linears(be.denoiser, "down_blocks.", "up_blocks.", "mid_block.")
     lora_file(lora_layers(be.denoiser, mods, seed=4), tmp_path / "sd.safetensors", prefix="unet")
     ents = [{"id": "fox", "prompt": "a red fox", "token": FOX}]
-    base = latents(be, sd_plan(steps=STEPS, entities=ents))
-    assert torch.equal(latents(be, _sd_with(lora_entry(tmp_path / "sd.safetensors", 0.0), "fox", ents)), base)
-    on = latents(be, _sd_with(lora_entry(tmp_path / "sd.safetensors", 1.0), "fox", ents))
+    base = latents(be, _unet_plan(family, entities=ents))
+
+    def with_(entry, steps=STEPS):
+        return _unet_plan(family, steps=steps, entities=ents, edit=lambda d, t: with_lora(d, [entry], "fox"))
+
+    assert torch.equal(latents(be, with_(lora_entry(tmp_path / "sd.safetensors", 0.0))), base)
+    on = latents(be, with_(lora_entry(tmp_path / "sd.safetensors", 1.0)))
     assert (on - base).abs().max() > 1e-3
-    # a LoRA on the first attention's input projection (a 1×1 convolution): it changes exactly the image
-    # rows of the fox's region (on the latent grid) that the first transformer block receives
-    conv = dict(be.denoiser.named_modules())["down_blocks.0.attentions.0.proj_in"]
+    # a LoRA on the first attention's input projection (SD: a 1×1 convolution, SDXL: a linear layer): it
+    # changes exactly the image rows of the fox's region (on that attention's grid) that the first
+    # transformer block receives (SD: the latent grid; the tiny SDXL has no attention in its first down block)
+    i = next(i for i, b in enumerate(be.denoiser.down_blocks) if getattr(b, "attentions", None))
+    grid = "latent" if i == 0 else f"a{8 << i}"
+    conv = dict(be.denoiser.named_modules())[f"down_blocks.{i}.attentions.0.proj_in"]
     rng = np.random.default_rng(6)
-    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight":
-               rng.standard_normal((2, conv.in_channels, 1, 1)).astype(np.float32),
-               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight":
-               rng.standard_normal((conv.out_channels, 2, 1, 1)).astype(np.float32)},
+    lin = isinstance(conv, torch.nn.Linear)  # SDXL projects linearly
+    a_shape = (2, conv.in_features) if lin else (2, conv.in_channels, 1, 1)
+    b_shape = (conv.out_features, 2) if lin else (conv.out_channels, 2, 1, 1)
+    save_file({f"unet.down_blocks.{i}.attentions.0.proj_in.lora_A.weight":
+               rng.standard_normal(a_shape).astype(np.float32),
+               f"unet.down_blocks.{i}.attentions.0.proj_in.lora_B.weight":
+               rng.standard_normal(b_shape).astype(np.float32)},
               str(tmp_path / "conv.safetensors"))
-    block = be.denoiser.down_blocks[0].attentions[0].transformer_blocks[0]
+    block = be.denoiser.down_blocks[i].attentions[0].transformer_blocks[0]
     got = []
     h = block.register_forward_pre_hook(lambda m, args, kw: got.append((args[0] if args else kw["hidden_states"])
                                                                       .clone()), with_kwargs=True)
     try:
-        latents(be, sd_plan(steps=1, entities=ents))
-        conv_entry = lora_entry(tmp_path / "conv.safetensors", 1.0)
-        latents(be, sd_plan(steps=1, entities=ents, edit=lambda d, t: with_lora(d, [conv_entry], "fox")))
+        latents(be, _unet_plan(family, steps=1, entities=ents))
+        latents(be, with_(lora_entry(tmp_path / "conv.safetensors", 1.0), steps=1))
     finally:
         h.remove()
     n = len(got) // 2
-    plan = sd_plan(steps=1, entities=ents)
-    inside = torch.from_numpy(plan.tensors["region/fox/latent"].reshape(-1) > 0)
+    plan = _unet_plan(family, steps=1, entities=ents)
+    inside = torch.from_numpy(plan.tensors[f"region/fox/{grid}"].reshape(-1) > 0)
     for b0, b1 in zip(got[:n], got[n:]):
         changed = (b1 != b0).any(-1)
         assert changed[:, inside].all() and not changed[:, ~inside].any()
@@ -272,3 +294,79 @@ def test_lora_for_another_model_is_one_sentence(tmp_path):
     with pytest.raises(LoraError, match=r"takes A \[2, 32\].*a LoRA for another model"):
         latents(be, plan_with([lora_entry(tmp_path / "big.safetensors", 1.0)]))
     assert Lora.name == "lora"
+
+
+def _flux_reference(path, scale):
+    from diffusers import FluxPipeline
+
+    from scenec.runtime.families.flux import FluxBackend
+    from scenec.runtime.tiny import build_tiny_flux
+
+    pipe = FluxPipeline(**build_tiny_flux(dtype=torch.float32, device="cpu").components())
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=scale)
+    return latents(FluxBackend(pipe, "tiny", torch.device("cpu"), torch.float32), make_plan(steps=STEPS))
+
+
+def _save(path, pairs: dict, down="lora_down", up="lora_up", alpha=None):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    sd = {}
+    for key, (n_in, n_out) in pairs.items():
+        sd[f"{key}.{down}.weight"] = (0.3 * rng.standard_normal((4, n_in))).astype(np.float32)
+        sd[f"{key}.{up}.weight"] = (0.3 * rng.standard_normal((n_out, 4))).astype(np.float32)
+        if alpha is not None:
+            sd[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+    save_file(sd, str(path))
+
+
+# the tiny Flux: width 32, MLP 128, 64 latent channels. Fused q|k|v layers are one file entry that diffusers
+# splits: the split is part of what these tests check. (kohya's single-block `linear1`, q|k|v|MLP-in, is left
+# out: diffusers' converter hard-codes FLUX.1's widths [3072, 3072, 3072, 12288] for it; `img_in` has its own
+# test below.)
+XLABS_KEYS = {"double_blocks.0.processor.qkv_lora1": (32, 96), "double_blocks.0.processor.proj_lora1": (32, 32),
+              "double_blocks.1.processor.qkv_lora2": (32, 96), "double_blocks.1.processor.proj_lora2": (32, 32),
+              "single_blocks.1.processor.qkv_lora": (32, 96), "single_blocks.1.processor.proj_lora": (160, 32)}
+KOHYA_FLUX_KEYS = {"lora_unet_double_blocks_0_img_attn_qkv": (32, 96),
+                   "lora_unet_double_blocks_1_txt_mlp_0": (32, 128),
+                   "lora_unet_double_blocks_1_img_mod_lin": (32, 192),
+                   "lora_unet_single_blocks_0_modulation_lin": (32, 96),
+                   "lora_unet_single_blocks_0_linear2": (160, 32)}
+
+
+@pytest.mark.parametrize("fmt", ["xlabs", "kohya"])
+def test_global_flux_lora_in_xlabs_and_kohya_naming_matches_diffusers_fuse(tmp_path, fmt):
+    from scenec.compiler.lora import inspect_file
+
+    path = tmp_path / f"{fmt}.safetensors"
+    if fmt == "xlabs":
+        _save(path, XLABS_KEYS, down="down", up="up")
+    else:
+        _save(path, KOHYA_FLUX_KEYS, alpha=2.0)
+    info = inspect_file(path)
+    keys = XLABS_KEYS if fmt == "xlabs" else KOHYA_FLUX_KEYS
+    assert (info.format, info.kind, info.layers, info.problems) == (fmt, "flux", len(keys), ())
+    be = tiny_backend()
+    base = latents(be, make_plan(steps=STEPS))
+    ours = latents(be, plan_with([lora_entry(path, 0.8, fmt)]))
+    assert (ours - base).abs().max() > 1e-2  # the LoRA does something
+    torch.testing.assert_close(ours, _flux_reference(path, 0.8), rtol=1e-5, atol=2e-5)
+
+
+def test_kohya_flux_img_in_is_applied_as_x_embedder(tmp_path):
+    """diffusers' kohya converter names the top-level layers without the `transformer.` prefix, so
+    ``load_lora_weights`` silently loads none of them (only a warning); scenec applies them: a kohya
+    `img_in` LoRA is the same LoRA on `x_embedder` in diffusers' naming (alpha = rank: scale 1)."""
+    from safetensors.torch import load_file, save_file
+
+    _save(tmp_path / "k.safetensors", {"lora_unet_img_in": (64, 32)}, alpha=4.0)
+    k = load_file(str(tmp_path / "k.safetensors"))
+    save_file({"transformer.x_embedder.lora_A.weight": k["lora_unet_img_in.lora_down.weight"],
+               "transformer.x_embedder.lora_B.weight": k["lora_unet_img_in.lora_up.weight"]},
+              str(tmp_path / "d.safetensors"))
+    be = tiny_backend()
+    kohya = latents(be, plan_with([lora_entry(tmp_path / "k.safetensors", 0.8, "kohya")]))
+    assert (kohya - latents(be, make_plan(steps=STEPS))).abs().max() > 1e-2
+    assert torch.equal(kohya, latents(be, plan_with([lora_entry(tmp_path / "d.safetensors", 0.8)])))
