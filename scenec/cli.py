@@ -15,12 +15,10 @@ from typing import List, Optional
 import typer
 
 from scenec.cli_layout import preview, watch
-from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
+from scenec.cli_options import GUIDANCE_OPTION, LORA_HELP, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
-
-LORA_HELP = "PATH[:SCALE]: a LoRA .safetensors on the whole image (repeatable; after the scene's own)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile declarative scene files into attention masks and schedules, and build images.")

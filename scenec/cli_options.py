@@ -13,6 +13,7 @@ from scenec.exits import EXIT_INVALID
 SEED_OPTION = typer.Option(None, "--seed", help="override sampler.seed: N, A..B (inclusive) or A,B,C")
 STEPS_OPTION = typer.Option(None, "--steps", help="override sampler.steps")
 GUIDANCE_OPTION = typer.Option(None, "--guidance", help="override sampler.guidance")
+LORA_HELP = "PATH[:SCALE]: a LoRA .safetensors on the whole image (repeatable; after the scene's own)"
 SET_OPTION = typer.Option(None, "--set", help="override any scene value: KEY.PATH=VALUE (repeatable; list "
                                               "items by index or id: entities.fox.prompt=...)")
 

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from scenec.cli_options import LORA_HELP
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, fail_invalid, internal, path_error
 
 
@@ -32,6 +33,7 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
           clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
           segmenter: Optional[str] = SEGMENTER_OPTION,
           model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
+          lora: Optional[List[str]] = typer.Option(None, "--lora", help="the --lora the images were built with"),
           json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
     import json
@@ -44,7 +46,8 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
         w = parse_weights(weights)
         seg = load_segmenter(segmenter)
         report = evaluate_dir(directory, scenes=scene or (), plan_dirs=plan or (), clip=clip, weights=w,
-                              segmenter=seg, text=text, model=model, groups=group or None)
+                              segmenter=seg, text=text, model=model, lora=lora or (),
+                              groups=group or None)
     except EvalError as e:
         _fail_eval(e)
     except SceneError as e:
@@ -74,6 +77,7 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
          segmenter: Optional[str] = SEGMENTER_OPTION,
          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+         lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
          device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
          seed: int = typer.Option(0, "--seed", help="seed of the vector search's random directions")):
@@ -87,7 +91,7 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
         w = parse_weights(weights)
         seg = load_segmenter(segmenter)
         res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
-                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model,
+                       clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model, lora=lora or (),
                        device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
     except EvalError as e:
         _fail_eval(e)

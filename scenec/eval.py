@@ -261,7 +261,7 @@ def locate_scene(directory: Path, scene: str, meta: dict | None = None, limit: i
 
 def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_dirs: Iterable[str | Path] = (),
                  clip: ClipScorer | str | None = None, weights: tuple[float, float] = (1.0, 1.0),
-                 segmenter: Segmenter | None = None, text: str = "full", model: str | None = None,
+                 segmenter: Segmenter | None = None, text: str = "full", model: str | None = None, lora=(),
                  groups: Iterable[str] | None = None) -> dict:
     """Metrics of every coupling group whose images are in ``directory``.
 
@@ -285,7 +285,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
         p = load_plan(pd)
         plans[p.json.get("scene", {}).get("name", "")] = p
     for sf in scenes:
-        p = compile_scene(sf, model=model)
+        p = compile_scene(sf, model=model, lora=lora)
         plans[p.json.get("scene", {}).get("name", "")] = p
     warns: list[str] = []
     by_scene: dict[str, list[Output]] = {}
@@ -300,13 +300,13 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
             if sf is None:
                 raise EvalError(f"cannot find the scene file of `{scene}` (images in {directory}); "
                                 "pass it with --scene FILE or a compiled plan with --plan DIR")
-            plan = compile_scene(sf, model=model)
+            plan = compile_scene(sf, model=model, lora=lora)
             plans[scene] = plan
         hashes = {o.plan_hash for o in outs}
         if plan.plan_hash not in hashes:
             warns.append(f"scene `{scene}`: the images were built from another plan (hash "
                          f"{sorted(hashes)[0][:12]}…, now {plan.plan_hash[:12]}…): the scene changed since the "
-                         "build or it was built with another --model; regions and prompts are today's")
+                         "build or it was built with another --model or --lora; regions and prompts are today's")
         elif len(hashes) > 1:
             warns.append(f"scene `{scene}`: images from {len(hashes)} different plans; regions and prompts are today's")
         jobs = {j["id"]: j for j in plan.json["jobs"]}

@@ -41,7 +41,7 @@ class GroupObjective:
     """
 
     def __init__(self, scene: str | Path, group: str | None, model: str | None = None, device: str | None = None,
-                 dtype: str | None = None, clip: ClipScorer | None = None, weights=(1.0, 1.0),
+                 dtype: str | None = None, lora=(), clip: ClipScorer | None = None, weights=(1.0, 1.0),
                  segmenter: Segmenter | None = None, text: str = "full", backend=None):
         from scenec.spec.load import load_scene
 
@@ -59,7 +59,7 @@ class GroupObjective:
             raise EvalError(f"{self.scene_path}: no group `{group}`; groups: {', '.join(groups)}")
         self.group = group
         self.gi = groups.index(group)
-        self.model, self.device, self.dtype = model, device, dtype
+        self.model, self.device, self.dtype, self.lora = model, device, dtype, tuple(lora)
         self.clip, self.weights, self.segmenter, self.text = clip, tuple(weights), segmenter, text
         self.backend = backend
         base = self._compile(None)
@@ -84,7 +84,7 @@ class GroupObjective:
             sched = m.ValuesSchedule(values=[float(v) for v in theta])
             groups[self.gi] = groups[self.gi].model_copy(update={"schedule": sched})
             ls = dataclasses.replace(ls, scene=ls.scene.model_copy(update={"groups": groups}))
-        return lower(run_passes(ls, model=self.model))
+        return lower(run_passes(ls, model=self.model, lora=self.lora))
 
     def plan_for(self, theta):
         """The plan of the group's jobs only, with θ as its schedule (``plan_hash`` is that of the whole
@@ -176,7 +176,7 @@ def write_schedule(path: Path, doc: dict) -> None:
 
 def tune(scene: str | Path, group: str | None = None, budget: int = 20, method: str = "both",
          output: str | Path | None = None, weights=(1.0, 1.0), clip: ClipScorer | str | None = None,
-         model: str | None = None, device: str | None = None, dtype: str | None = None,
+         model: str | None = None, device: str | None = None, dtype: str | None = None, lora=(),
          segmenter: Segmenter | None = None, text: str = "full", seed: int = 0,
          log: Callable[[str], None] | None = None, objective: GroupObjective | None = None) -> dict:
     """Tune one group's θ; write the schedule file and its state file; return a summary dict."""
@@ -185,7 +185,7 @@ def tune(scene: str | Path, group: str | None = None, budget: int = 20, method: 
         raise EvalError(f"--method must be one of {', '.join(METHODS)}, not `{method}`")
     if budget < 1:
         raise EvalError("--budget must be at least 1")
-    obj = objective or GroupObjective(scene, group, model=model, device=device, dtype=dtype, clip=None,
+    obj = objective or GroupObjective(scene, group, model=model, device=device, dtype=dtype, lora=lora, clip=None,
                                       weights=weights, segmenter=segmenter, text=text)
     if objective is None and clip is not None:
         # loaded after the scene and group are known to be fine (a missing model is the costlier problem)

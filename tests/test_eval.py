@@ -226,6 +226,27 @@ def test_evaluate_dir_warns_on_plan_hash_mismatch(project):
     assert any("another plan" in w for w in rep["warnings"])
 
 
+def _tiny_lora(path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": rng.standard_normal((2, 32), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": rng.standard_normal((32, 2), np.float32)},
+              str(path))
+    return path
+
+
+def test_evaluate_dir_with_the_builds_lora(project):
+    """Images built with `--lora` are today's plan only when eval is given the same `--lora`."""
+    lora = str(_tiny_lora(project / "style.safetensors"))
+    out = _write_outputs(project, compile_scene(project / "pair.yaml", lora=[f"{lora}:0.5"]))
+    assert not evaluate_dir(out, weights=(1, 0), lora=[f"{lora}:0.5"])["warnings"]
+    assert any("another plan" in w and "--lora" in w for w in evaluate_dir(out, weights=(1, 0))["warnings"])
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--weights", "1,0",
+                        "--json", "--lora", f"{lora}:0.5"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_evaluate_dir_errors(tmp_path):
     with pytest.raises(EvalError, match="no built images"):
         evaluate_dir(tmp_path)

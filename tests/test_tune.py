@@ -253,3 +253,19 @@ def test_cli_tune_bad_input(project):
                         "--clip", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ})
     assert r.returncode == 2 and "no group `nope`" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_group_objective_compiles_with_the_command_lines_lora(project):
+    """`tune --lora` builds every candidate with the LoRA (it is in each plan, and in the resume fingerprint)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": rng.standard_normal((2, 32), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": rng.standard_normal((32, 2), np.float32)},
+              str(project / "style.safetensors"))
+    plain = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=FakeBackend())
+    styled = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=FakeBackend(),
+                            lora=[f"{project / 'style.safetensors'}:0.7"])
+    assert [lo["scale"] for lo in styled.plan_for(TARGET).json["model"]["lora"]] == [0.7]
+    assert plain.plan_for(TARGET).json["model"]["lora"] == []
+    assert styled.fingerprint()["plan_hash_theta0"] != plain.fingerprint()["plan_hash_theta0"]
