@@ -8,7 +8,7 @@ steps when the budget is spent, and always writes its results):
              anchor's processors; scenec's plain path vs diffusers' (bench/bench_attention.py)
   build      `scenec build` end to end on CUDA from a local random-weight diffusers directory with
              FLUX.1's transformer width: a regional, a coupled and a reference scene; then the regional
-             one with --offload model and with --compile (each runs even if another failed)
+             one with --offload model, with --compile and with --quantize fp8 (each runs even if another failed)
   cow        COW (inversion + 10 cycles) vs plain, Flux-sized at 1024² (bench/bench_cow.py)
   coupled    a coupling group of 4 vs four plain images, beside the anchor (bench/bench_coupled.py)
   anchor     the anchor attention script itself, eager (when bench/anchor/ holds it)
@@ -73,7 +73,10 @@ def steps(smoke: bool, tmp: Path) -> list[tuple[str, list[list[str]], int]]:
                    [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-offload"),
                     "--device", "cuda", "--offload", "model", "--force", "--json"],
                    [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-compiled"),
-                    "--device", "cuda", "--compile", "--force", "--json"]], 130),
+                    "--device", "cuda", "--compile", "--force", "--json"],
+                   # torchao's fp8 weight-only (its wheel is carried; bitsandbytes' is too large to carry)
+                   [*cli, "build", *SCENES[:1], "--model", str(model), "-o", str(tmp / "images-fp8"),
+                    "--device", "cuda", "--quantize", "fp8", "--force", "--json"]], 130),
         ("cow", [[PY, "bench/bench_cow.py", "--cases", "flux", "--reps", "1", "--json"]], 120),
         ("coupled", [[PY, "bench/bench_coupled.py", "--reps", "5", *ac]], 70),
         ("anchor", [[PY, str(anchor_a), "--cases", "base512,flex1024,dense1024", "--reps", "5"]]
@@ -164,7 +167,13 @@ def summary(results: dict) -> str:
         outs = _get(results, "steps", name, "outputs") or []
         js = [o["json"] for o in outs if o.get("json") is not None]
         files = _get(results, "steps", name, "files")
-        if js or files:
+        if name == "build" and outs:  # one build per command (plain, offload, compiled, fp8): each its own
+            cmds = _get(results, "steps", name, "commands") or []
+            lines += ["## build", ""]
+            for cmd, o in zip(cmds[1:], outs[1:]):
+                lines += [f"`{cmd[-90:]}`: rc {o.get('rc')}", "", "```",
+                          json.dumps(o.get("json"), indent=1)[:1500], "```", ""]
+        elif js or files:
             lines += [f"## {name}", "", "```", json.dumps(files or js[-1], indent=1)[:4000], "```", ""]
     return "\n".join(lines)
 
