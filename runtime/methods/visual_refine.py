@@ -16,10 +16,10 @@ serve the rest of the job. Each refinement costs ``steps`` forward + backward pa
 decode and image encoder, and one more forward to measure the loss after (recorded in the run's
 ``diagnostics``, the image's sidecar, and logged at debug level).
 
-The sampler runs under ``torch.inference_mode()``; the refinement leaves it locally
-(``inference_mode(False)`` + ``enable_grad``) and works on a copy of the latent. Tensors that the run
-made in inference mode and that autograd would save (the region masks, the text keys) are copied for
-the refinement's duration: inference tensors cannot be saved for backward.
+The sampler's entry points run under ``torch.no_grad()``, not ``inference_mode``: tensors made in
+inference mode (the adapter and encoder loaded in a run's setup, the region masks) cannot be saved
+for backward, and the refinement needs them in its graph. It turns gradients on locally
+(``enable_grad``), every weight frozen (:func:`frozen`), on a copy of the latent.
 """
 
 from __future__ import annotations
@@ -110,26 +110,6 @@ def frozen(*modules):
     finally:
         for p, r in zip(params, before):
             p.requires_grad_(r)
-
-
-@contextmanager
-def normal_tensors(prompt, run):
-    """The run's inference-mode tensors that autograd may save, as normal copies for the block: the
-    region masks of every visual prompt (the method's) and the run's assembled text keys."""
-    from .visual import VisualPrompts
-
-    method = next(m for m in run.methods if isinstance(m, VisualPrompts))
-    saved = [(p, p.visible) for p in method.prompts]
-    conds = run._conds
-    for p in method.prompts:
-        p.visible = {k: v.clone() for k, v in p.visible.items()}
-    run._conds = {}  # assembled again, outside inference mode
-    try:
-        yield
-    finally:
-        for p, vis in saved:
-            p.visible = vis
-        run._conds = conds
 
 
 def refine(run, prompt, op) -> dict:
