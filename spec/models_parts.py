@@ -126,8 +126,8 @@ class VisualRefine(Node):
         "pass of the model, a VAE decode and the image encoder)", examples=[3])
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = Field(0.01, description="Adam's learning rate", examples=[0.02])
     at: Annotated[list[Unit], Field(min_length=1, max_length=1000)] = Field(
-        description="noise levels (as in `window`) of the sampler steps that refine first: each names the step "
-        "whose start is nearest, which must lie inside `window`", examples=[[0.8, 0.6]])
+        description="noise levels (as in `window`) naming the sampler steps before which the tokens are refined: "
+        "each names the step whose start is nearest, which must lie inside `window`", examples=[[0.8, 0.6]])
 
 
 class Visual(Node):
