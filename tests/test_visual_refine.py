@@ -116,3 +116,12 @@ def test_a_bad_refine_is_a_located_error_with_status_2():
     out = p.stderr + p.stdout
     assert "visual-refine.yaml:20:19: error: refine at 0.1 is sampler step 3" in out
     assert "visual-refine.yaml:27:15: error: `refine` on a visual prompt of scale 0" in out
+
+
+def test_refine_under_inference_mode_is_a_clear_error(tmp_path):
+    """Gradients cannot be taken in inference mode: a caller that wraps the sampler in it is told so."""
+    from scenec.spec.errors import Unsupported
+
+    plan = compile_(tmp_path, "r", "tiny-sd", fox=refined("tiny-sd"))
+    with torch.inference_mode(), pytest.raises(Unsupported, match="inference_mode"):
+        sampler.run_job.__wrapped__(BACKENDS["tiny-sd"](), plan, plan.jobs[0], decode=False)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scenec.spec.errors import Unsupported
+
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,8 @@ def vae_image(backend, z: torch.Tensor, plan) -> torch.Tensor:
     (Flux: unpacked, unscaled and unshifted as FluxPipeline does; SD/SDXL: unscaled)."""
     pipe = backend.pipe
     vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # as SDXL's decode does: its VAE overflows in fp16
     if backend.family == "flux":
         width, height = plan.canvas
         z = pipe._unpack_latents(z, height, width, pipe.vae_scale_factor)
@@ -115,9 +119,12 @@ def frozen(*modules):
 def refine(run, prompt, op) -> dict:
     """Refine ``prompt``'s positive value tokens before denoise ``op`` (module docstring); the losses."""
     vp, be, r = prompt.vp, run.backend, prompt.vp.refine
+    if torch.is_inference_mode_enabled():
+        raise Unsupported(f"visual prompt {vp.entity!r}: refine takes gradients, which torch.inference_mode() "
+                          "forbids: run the job through run_job/run_batch (torch.no_grad())")
     encoder, proc = prompt.encoder
     denoiser = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
-    with torch.inference_mode(False), torch.enable_grad(), frozen(denoiser, be.pipe.vae, encoder, prompt.adapter):
+    with torch.enable_grad(), frozen(denoiser, be.pipe.vae, encoder, prompt.adapter):
         target = target_embedding(prompt, run.plan.tensor(vp.image), be.device).clone()
         x = run.x.clone()
         fine = prompt.pos[1].detach().clone().requires_grad_(True)
@@ -137,9 +144,7 @@ def refine(run, prompt, op) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        refined = fine.detach()
-    with torch.inference_mode():
-        prompt.set_fine(refined.clone())
+        prompt.set_fine(fine.detach())
     note = {"entity": vp.entity, "step": op.from_, "steps": r.steps, "lr": r.lr, "loss_before": losses[0],
             "loss_after": losses[-1]}
     run.diagnostics.setdefault("visual_refine", []).append(note)
