@@ -21,6 +21,7 @@ from scenec.spec.plan_visual import MAX_VISUAL_SIDE, Visual
 
 from .caps import ModelInfo
 from .files import open_image, resolve_file
+from .visual_refine import check_refine, lower_refine
 
 KV_MIXED_FORMAT = "scenec-kv-mixed/1"  # the `format` entry of a kv-mixed adapter's safetensors metadata
 MAX_HEADER = 100 << 20
@@ -110,6 +111,8 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         if level_index(hi, table) == level_index(lo, table):
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
+        if v.refine is not None:
+            check_refine(ls, path, v, table, steps, diags)
 
 
 def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
@@ -137,4 +140,5 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
     table = noise_levels(ir.info, ir.canvas, ir.steps)
     return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
                   adapter_sha256=digest, scale=v.scale, masks=masks,
-                  window=(level_index(v.window[0], table), level_index(v.window[1], table)))
+                  window=(level_index(v.window[0], table), level_index(v.window[1], table)),
+                  refine=lower_refine(v, table))

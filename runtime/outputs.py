@@ -173,6 +173,8 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
                 "memory": {**getattr(backend, "memory", {"offload": "none", "quantize": "none"}),
                            "peak": peak(backend.device)}}
         reset_peak(backend.device)
+        if getattr(r, "diagnostics", None):  # only when a method measured something (visual.refine)
+            side["diagnostics"] = r.diagnostics
         if stamp is not None:
             side["build"] = stamp
         path = side_path

@@ -45,6 +45,7 @@ class JobResult:
     image: object  # PIL.Image, or None when not decoded
     latents: torch.Tensor  # the final latent of the job's row
     timings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # what methods measured (visual.refine's losses); sidecar
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Run:
         self.x = torch.cat([r.x for r in self.rows])
         self._noise: torch.Generator | None = None
         self._conds: dict = {}
+        self.diagnostics: dict = {}  # methods' measurements for the job's sidecar (run_job's JobResult)
         classes = [M for M in registered() if any(M.wants(r.plan, r.job) for r in self.rows)]
         if len(self.rows) > 1:
             alone = [M.name for M in classes if not M.batchable]
@@ -194,7 +196,7 @@ def _job(plan: Plan, job) -> Job:
     return plan.job(job["id"] if isinstance(job, dict) else job)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: visual.refine takes gradients mid-run (methods/visual_refine.py)
 def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = None, decode: bool = True,
             stop_at_fork: bool = False, resume: tuple[int, torch.Tensor] | None = None) -> JobResult:
     """Sample one job and decode it.
@@ -218,10 +220,10 @@ def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = N
     image = backend.decode(x, plan) if decode else None
     t_dec = time.perf_counter()
     return JobResult(image, x, {"encode_s": t_enc - t0, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
-                                "total_s": t_dec - t0})
+                                "total_s": t_dec - t0}, run.diagnostics)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def run_batch(backend, plan_jobs: list[tuple[Plan, object]], progress: Callable[[int], None] | None = None,
               ) -> list[JobResult | Exception]:
     """Sample batch-compatible jobs (runtime/batching.batch_key), possibly of different plans, as the

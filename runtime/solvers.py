@@ -109,8 +109,13 @@ class FlowEuler:
         """x + (σ_j − σ_i)·v in float32 (the scheduler's Euler step), or :func:`flow_step_eta` when η > 0."""
         x32 = x.to(torch.float32)
         if eta > 0:
-            return flow_step_eta(x32, out, self.sig[i], self.sig[j], eta, noise() if self.sig[j] > 0 else None).to(dtype)
+            fresh = noise() if self.sig[j] > 0 else None
+            return flow_step_eta(x32, out, self.sig[i], self.sig[j], eta, fresh).to(dtype)
         return (x32 + (self.sigmas[j] - self.sigmas[i]) * out).to(dtype)
+
+    def clean(self, x: torch.Tensor, out: torch.Tensor, level: int) -> torch.Tensor:
+        """The predicted clean latent x̂₀ = x − σ·v of the rectified flow (as :func:`flow_step_eta`), float32."""
+        return x.to(torch.float32) - self.sig[level] * out.to(torch.float32)
 
     def renoise(self, x: torch.Tensor, a: int, b: int, noise: torch.Tensor) -> torch.Tensor:
         return renoise_flow(x, self.sig[a], self.sig[b], noise).to(x.dtype)
@@ -154,6 +159,18 @@ class DDIM:
              dtype) -> torch.Tensor:
         kw = {"eta": eta, "variance_noise": noise().to(x.dtype)} if eta > 0 else {}
         return self.scheduler.step(out, self.timesteps[i], x, return_dict=False, **kw)[0]
+
+    def clean(self, x: torch.Tensor, out: torch.Tensor, level: int) -> torch.Tensor:
+        """The predicted clean latent (DDIM, Song et al. 2021, Eq. 12's x̂₀), float32: ε-prediction
+        (x − √(1−ᾱ)·ε)/√ᾱ, v-prediction √ᾱ·x − √(1−ᾱ)·v, sample-prediction the output itself."""
+        a = self.alpha(level)
+        x, out = x.to(torch.float32), out.to(torch.float32)
+        kind = self.scheduler.config.prediction_type
+        if kind == "v_prediction":
+            return a ** 0.5 * x - (1 - a) ** 0.5 * out
+        if kind == "sample":
+            return out
+        return (x - (1 - a) ** 0.5 * out) / a ** 0.5
 
     def renoise(self, x: torch.Tensor, a: int, b: int, noise: torch.Tensor) -> torch.Tensor:
         return renoise_ddpm(x, self.alpha(a), self.alpha(b), noise).to(x.dtype)

@@ -28,6 +28,7 @@ from .models_parts import (
     Sampler,
     Seed,
     Visual,
+    VisualRefine,
 )
 from .models_shapes import (
     DEFAULT_SCHEDULE,
@@ -61,8 +62,8 @@ __all__ = [
     "SCHEDULE_MODELS", "DEFAULT_SCHEDULE", "BoxShape", "PolygonShape", "EllipseSpec", "EllipseShape", "MaskShape",
     "UnionShape", "IntersectionShape", "DifferenceShape", "Shape", "StepSchedule", "RampSchedule", "ArctanSchedule",
     "ValuesSchedule", "FileSchedule", "Schedule", "Canvas", "Sampler", "Background", "Modulation", "Reference",
-    "Lora", "ModelSpec", "Visual", "EntityFields", "Entity", "EntityDef", "Variant", "Group", "Defs", "Output",
-    "Attention", "Scene", "Library", "SCENE_KEYS", "Node", "ShapeBase", "tagged",
+    "Lora", "ModelSpec", "Visual", "VisualRefine", "EntityFields", "Entity", "EntityDef", "Variant", "Group", "Defs",
+    "Output", "Attention", "Scene", "Library", "SCENE_KEYS", "Node", "ShapeBase", "tagged",
 ]
 
 ID_PATTERN = r"^[a-z0-9_-]+$"

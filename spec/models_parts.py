@@ -118,6 +118,18 @@ class ModelSpec(Node):
                              examples=[[{"file": "loras/watercolor.safetensors", "scale": 0.8}]])
 
 
+class VisualRefine(Node):
+    """Test-time refinement of a visual prompt's value tokens (arXiv 2501.01424, §3.4; docs/visual-prompts.md)."""
+
+    steps: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="Adam steps on the value tokens at each sampler step in `at` (each: a forward and backward "
+        "pass of the model, a VAE decode and the image encoder)", examples=[3])
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = Field(0.01, description="Adam's learning rate", examples=[0.02])
+    at: Annotated[list[Unit], Field(min_length=1, max_length=1000)] = Field(
+        description="noise levels (as in `window`) naming the sampler steps before which the tokens are refined: "
+        "each names the step whose start is nearest, which must lie inside `window`", examples=[[0.8, 0.6]])
+
+
 class Visual(Node):
     """An object-level visual prompt (arXiv 2501.01424; docs/visual-prompts.md): the entity's look from an
     image, as extra key/value tokens seen only by the image tokens of the entity's region."""
@@ -138,6 +150,9 @@ class Visual(Node):
         default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise, as in `reference.window`) "
         "between which the visual tokens act: the sampler steps that start inside [first, second)",
         examples=[[1.0, 0.3]])
+    refine: VisualRefine | None = Field(
+        None, description="refine the value tokens at chosen steps so the region's predicted image matches the "
+        "visual prompt's (kv-mixed only); default: none", examples=[{"steps": 3, "lr": 0.01, "at": [0.8]}])
 
 
 class Output(Node):

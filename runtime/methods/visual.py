@@ -21,8 +21,8 @@ unconditional branch does. Adapters load from ``.safetensors`` (``format: scenec
 metadata, the configuration beside it, the image encoder as a local directory); the offline tiny
 models build a deterministic random adapter and image encoder in code (docs/visual-prompts.md).
 ``ip-adapter`` mode (SD) loads IP-Adapter weights in diffusers' checkpoint format instead: keys and
-values from one adapter's tokens, region-masked (:class:`IPAdapterKV`). Not implemented here: the
-paper's test-time refinement of the value tokens.
+values from one adapter's tokens, region-masked (:class:`IPAdapterKV`). The paper's test-time
+refinement of the value tokens (``visual.refine``) is runtime/methods/visual_refine.py.
 """
 
 from __future__ import annotations
@@ -209,9 +209,15 @@ class VisualPrompt:
     grid, and the per-layer projections (cached per layer and row pattern)."""
 
     def __init__(self, vp, adapter: KVMixedAdapter, pos: tuple, neg: tuple, visible: dict[int, torch.Tensor],
-                 names: dict[int, str]):
+                 names: dict[int, str], encoder=None):
         self.vp, self.adapter, self.pos, self.neg, self.visible, self.names = vp, adapter, pos, neg, visible, names
+        self.encoder = encoder  # (image encoder, its processor): what visual.refine compares with
         self._kv: dict = {}
+
+    def set_fine(self, fine: torch.Tensor) -> None:
+        """New positive value (fine) tokens (``visual.refine``): the per-layer projections are made again."""
+        self.pos = (self.pos[0], fine)
+        self._kv.clear()
 
     def project(self, negatives: tuple[bool, ...], module) -> tuple[torch.Tensor, torch.Tensor]:
         key = (id(module), negatives)
@@ -262,7 +268,7 @@ class VisualPrompts(Method):
             for g in be.image_grids:
                 h, w = run.plan.grid(g)
                 visible[h * w] = region_membership([run.plan.mask(vp.masks, g)], (h, w))[0].to(be.device)
-            self.prompts.append(VisualPrompt(vp, adapter, pos, neg, visible, names))
+            self.prompts.append(VisualPrompt(vp, adapter, pos, neg, visible, names, (encoder, proc)))
 
     def _load(self, vp, layers, model):
         """(adapter, image encoder, its processor, the attention layers it serves)."""
@@ -286,6 +292,13 @@ class VisualPrompts(Method):
             return tiny_adapter(layers, encoder.config.hidden_size), encoder, proc, layers
         adapter, enc = load_adapter(vp.adapter, vp.adapter_sha256, layers)
         return (adapter, *image_encoder(enc), layers)
+
+    def before_denoise(self, n: int, op) -> None:
+        from .visual_refine import refine
+
+        for p in self.prompts:
+            if p.vp.refines(op.from_):
+                refine(self.run, p, op)
 
     def modifiers(self, call) -> list:
         from ..attention import ExtraKV

@@ -1,0 +1,54 @@
+"""``visual.refine`` in the compiler: checks at FILE:LINE:COL and lowering to step indices.
+
+Test-time refinement of a visual prompt's value tokens (Parmar et al., arXiv 2501.01424, §3.4): the
+scene names the sampler steps by noise level, as ``visual.window`` does; each level lowers to the step
+index whose noise level is nearest (``compiler.levels.level_index``), which must be a step the visual
+tokens act on (inside the window). Only kv-mixed prompts have value tokens of their own (ip-adapter mode
+takes keys and values from the same tokens), and a prompt of scale 0 is seen by nobody: both refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.load import LoadedScene
+from scenec.spec.plan_visual import Refine
+
+
+def check_refine(ls: LoadedScene, path: tuple, v, table: np.ndarray, steps: int, diags: Diagnostics) -> None:
+    """Entity visual ``v``'s ``refine`` (at ``path`` + refine) against its mode, scale and window on the
+    model's noise-level ``table`` at ``steps`` steps; every problem at the key that has it."""
+    from .levels import level_index
+
+    r, rp = v.refine, path + ("refine",)
+    if v.mode != "kv-mixed":
+        diags.error(ls.pos(rp), f"`refine` needs kv-mixed mode: {v.mode} takes keys and values from the same "
+                    "tokens, so there are no value tokens of their own to refine", hint="drop `refine`")
+    if v.scale <= 0:
+        diags.error(ls.pos(rp), "`refine` on a visual prompt of scale 0: its tokens are seen by no query, so "
+                    "there is nothing to refine", hint="set `scale` > 0 or drop `refine`")
+    lo, hi = level_index(v.window[0], table), level_index(v.window[1], table)
+    seen: dict[int, float] = {}
+    for k, a in enumerate(r.at):
+        s = level_index(a, table)
+        if not lo <= s < hi:
+            inside = f"steps {lo}–{hi - 1}" if hi > lo else "no step"
+            diags.error(ls.pos(rp + ("at", k)), f"refine at {a:g} is sampler step {s} (noise level "
+                        f"{table[s]:.3g}) at {steps} steps, outside the visual window [{v.window[0]:g}, "
+                        f"{v.window[1]:g}] ({inside})", hint="pick a level inside `window`")
+        elif s in seen:
+            diags.warning(ls.pos(rp + ("at", k)), f"refine at {a:g} and at {seen[s]:g} are the same sampler step "
+                          f"({s}) at {steps} steps: it refines once there", hint="drop one, or use more steps")
+        else:
+            seen[s] = a
+
+
+def lower_refine(v, table: np.ndarray) -> Refine | None:
+    """The plan's refinement of entity visual ``v`` (None without one): its levels as distinct sorted step indices."""
+    from .levels import level_index
+
+    if v.refine is None:
+        return None
+    r = v.refine
+    return Refine(steps=r.steps, lr=r.lr, at=tuple(sorted({level_index(a, table) for a in r.at})))

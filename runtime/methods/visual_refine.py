@@ -1,0 +1,152 @@
+"""Test-time refinement of a visual prompt's value tokens (``visual.refine``).
+
+"Object-level Visual Prompts for Compositional Image Generation" (Parmar et al., arXiv 2501.01424),
+§3.4, compositional guidance: at inference the appearance (value) tokens of each visual prompt are
+refined by a few gradient steps on an image-similarity loss between the predicted clean image's object
+region and the visual prompt, the diffusion model, the key (layout) tokens and every weight frozen.
+
+Before a denoise op whose start step the plan lists in ``refine.at``: the positive branch's fine
+tokens become a leaf; the guided model output at the current latent (the family's own ``predict``,
+every method's modifiers as in the real step) gives the predicted clean latent (the solver's
+``clean``: x − σ·v on flow models, (x − √(1−ᾱ)·ε)/√ᾱ on ε models), the VAE decodes it, the region's
+bounding box is cropped, resized and normalised in torch as the image encoder's processor does, and
+the encoder's pooled embedding is compared with the visual prompt's:
+loss = 1 − cos(e(crop), e(prompt)), minimised by Adam (``lr``) for ``steps`` steps. The refined tokens
+serve the rest of the job. Each refinement costs ``steps`` forward + backward passes of the model, VAE
+decode and image encoder, and one more forward to measure the loss after (recorded in the run's
+``diagnostics``, the image's sidecar, and logged at debug level).
+
+The sampler's entry points run under ``torch.no_grad()``, not ``inference_mode``: tensors made in
+inference mode (the adapter and encoder loaded in a run's setup, the region masks) cannot be saved
+for backward, and the refinement needs them in its graph. It turns gradients on locally
+(``enable_grad``), every weight frozen (:func:`frozen`), on a copy of the latent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scenec.spec.errors import Unsupported
+
+log = logging.getLogger(__name__)
+
+
+def region_box(plan, vp, height: int, width: int) -> tuple[int, int, int, int]:
+    """The pixel bounding box ``(top, bottom, left, right)`` of the visual prompt's region on an image of
+    ``height`` × ``width`` (the region's mask on its finest grid, coverage > 0); the whole image without one."""
+    if not vp.masks:
+        return 0, height, 0, width
+    g = max(vp.masks, key=lambda name: math.prod(plan.grid(name)))
+    m = plan.mask(vp.masks, g) > 0
+    if not m.any():
+        return 0, height, 0, width
+    gh, gw = m.shape
+    ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    return (ys[0] * height // gh, -(-(ys[-1] + 1) * height // gh), xs[0] * width // gw,
+            -(-(xs[-1] + 1) * width // gw))
+
+
+def clip_pixels(img: torch.Tensor, proc) -> torch.Tensor:
+    """An image ``[B, 3, h, w]`` in [-1, 1] as ``CLIPImageProcessor`` prepares one, differentiably:
+    resize the shortest edge (bicubic, antialiased), centre crop, rescale to [0, 1], mean/std normalise."""
+    x = ((img.float() + 1) / 2).clamp(0, 1)
+    ch, cw = proc.crop_size["height"], proc.crop_size["width"]
+    short = proc.size.get("shortest_edge", min(ch, cw))
+    h, w = x.shape[-2:]
+    nh, nw = max(ch, round(h * short / min(h, w))), max(cw, round(w * short / min(h, w)))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - ch) // 2, (nw - cw) // 2
+    x = x[..., top:top + ch, left:left + cw]
+    mean = torch.tensor(proc.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(proc.image_std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def vae_image(backend, z: torch.Tensor, plan) -> torch.Tensor:
+    """A latent as the family's VAE decodes it, differentiably: ``[1, 3, H, W]`` float32 in about [-1, 1]
+    (Flux: unpacked, unscaled and unshifted as FluxPipeline does; SD/SDXL: unscaled)."""
+    pipe = backend.pipe
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # as SDXL's decode does: its VAE overflows in fp16
+    if backend.family == "flux":
+        width, height = plan.canvas
+        z = pipe._unpack_latents(z, height, width, pipe.vae_scale_factor)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+    else:
+        z = z / vae.config.scaling_factor
+    return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+
+
+def _pooled(encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The image encoder's pooled embedding (CLIP vision: the post-layernormed class token)."""
+    return encoder(pixel_values=pixels.to(encoder.dtype)).pooler_output.float()
+
+
+def target_embedding(prompt, rgb: np.ndarray, device) -> torch.Tensor:
+    """The visual prompt image's pooled embedding (its processor's own preprocessing), once per prompt."""
+    from PIL import Image
+
+    if getattr(prompt, "target", None) is None:
+        encoder, proc = prompt.encoder
+        pix = proc(images=Image.fromarray(np.asarray(rgb, np.uint8)), return_tensors="pt").pixel_values.to(device)
+        with torch.no_grad():
+            prompt.target = _pooled(encoder, pix)
+    return prompt.target
+
+
+@contextmanager
+def frozen(*modules):
+    """Every parameter of ``modules`` with ``requires_grad`` False for the block (restored after): only the
+    value tokens get a gradient, and nothing else is recorded for backward."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield params
+    finally:
+        for p, r in zip(params, before):
+            p.requires_grad_(r)
+
+
+def refine(run, prompt, op) -> dict:
+    """Refine ``prompt``'s positive value tokens before denoise ``op`` (module docstring); the losses."""
+    vp, be, r = prompt.vp, run.backend, prompt.vp.refine
+    if torch.is_inference_mode_enabled():
+        raise Unsupported(f"visual prompt {vp.entity!r}: refine takes gradients, which torch.inference_mode() "
+                          "forbids: run the job through run_job/run_batch (torch.no_grad())")
+    encoder, proc = prompt.encoder
+    denoiser = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
+    with torch.enable_grad(), frozen(denoiser, be.pipe.vae, encoder, prompt.adapter):
+        target = target_embedding(prompt, run.plan.tensor(vp.image), be.device).clone()
+        x = run.x.clone()
+        fine = prompt.pos[1].detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([fine], lr=r.lr)
+        losses = []
+        for k in range(r.steps + 1):
+            last = k == r.steps  # the loss after the last update: measured, not stepped
+            prompt.set_fine(fine)
+            with torch.set_grad_enabled(not last):
+                out = run.predict(x, op.from_, op)
+                img = vae_image(be, run.solver.clean(x, out, op.from_), run.plan)
+                top, bottom, left, right = region_box(run.plan, vp, img.shape[-2], img.shape[-1])
+                emb = _pooled(encoder, clip_pixels(img[..., top:bottom, left:right], proc))
+                loss = 1 - F.cosine_similarity(emb, target, dim=-1).mean()
+            losses.append(float(loss.detach()))
+            if not last:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        prompt.set_fine(fine.detach())
+    note = {"entity": vp.entity, "step": op.from_, "steps": r.steps, "lr": r.lr, "loss_before": losses[0],
+            "loss_after": losses[-1]}
+    run.diagnostics.setdefault("visual_refine", []).append(note)
+    log.debug("visual.refine %s at step %d: loss %.6f -> %.6f", vp.entity, op.from_, losses[0], losses[-1])
+    return note
