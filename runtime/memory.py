@@ -20,7 +20,7 @@ import importlib.util
 
 OFFLOAD = ("none", "model", "sequential")
 QUANTIZE = ("none", "nf4", "int8", "fp8")
-QUANT_EXTRA = "pip install 'scenec[quant]'"
+QUANT_EXTRA = "pip install 'scenec[quant]' (in a clone: pip install -e '.[quant]')"
 QUANT_LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "fp8": "torchao"}
 QUANTIZED = {"flux": ("transformer", "text_encoder_2"), "sd": ("unet",), "sdxl": ("unet",)}  # components
 TILE_ABOVE = 1024 * 1024  # canvases with more pixels decode tiled
@@ -34,11 +34,13 @@ def problem(offload: str, quantize: str, device: str | None, values_only: bool =
         return f"--offload must be none, model or sequential, not `{offload}`"
     if quantize not in QUANTIZE:
         return f"--quantize must be none, nf4, int8 or fp8, not `{quantize}`"
-    if values_only or (offload == "none" and quantize == "none"):
-        return None
+    if offload == "none" and quantize == "none":
+        return None if values_only else device_problem(device)
     asked = " and ".join(f"--{k} {v}" for k, v in (("offload", offload), ("quantize", quantize)) if v != "none")
     if device is not None and not device.startswith("cuda"):
         return f"{asked} needs a CUDA device, not --device {device}"
+    if values_only:
+        return None
     import torch
 
     if not torch.cuda.is_available():
@@ -49,6 +51,21 @@ def problem(offload: str, quantize: str, device: str | None, values_only: bool =
             return f"--quantize {quantize} needs {lib}, which is not installed: {QUANT_EXTRA}"
         if quantize == "fp8" and torch.cuda.get_device_capability(torch.device(device or "cuda")) < FP8_CAPABILITY:
             return "--quantize fp8 needs a GPU of compute capability 8.9 or higher (Ada, Hopper); use nf4 or int8"
+    return None
+
+
+def device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used here, in one sentence (a CUDA device torch cannot see); None when it
+    can, or when it is left to the default (CUDA if available, else the CPU)."""
+    if device is None or not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--device {device} needs a CUDA GPU, and torch {torch.__version__} sees none here (use --device cpu)"
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        return f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0 …)"
     return None
 
 

@@ -233,7 +233,8 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
           dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
           lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
           offload: str = typer.Option("none", "--offload", help="none | model | sequential: CPU offload (CUDA)"),
-          quantize: str = typer.Option("none", "--quantize", help="none | nf4 | int8 | fp8 (CUDA; scenec[quant])"),
+          quantize: str = typer.Option("none", "--quantize",
+                                       help="none | nf4 | int8 | fp8 (CUDA; the scenec\\[quant] extra)"),
           masks: bool = typer.Option(False, "--masks", help="also write canvas-size region masks beside the images "
                                                 "(up-to-date images are not rebuilt)"),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the model's repeated blocks"),
@@ -281,6 +282,16 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
         if from_ is None or files:
             end(EXIT_INVALID, "scenec: give scene files to build, or --from IMAGE.png"
                 + (" (not both)" if files else ""))
+        # --from rebuilds the image as it was made: a flag that would change it (or what is built) is refused
+        ignored = [flag for flag, given in (
+            ("--model", model), ("--lora", lora), ("--offload", offload != "none"), ("--quantize", quantize != "none"),
+            ("--masks", masks), ("--compile", compile_), ("--select", select), ("--exclude", exclude),
+            ("--force", force), ("--dry-run", dry_run), ("--executor", executor != "local"), ("--address", address),
+            ("--workers", workers), ("--weights-hash", weights_hash != "stat"), ("--batch-size", batch_size != 1),
+            ("--seed", seed), ("--steps", steps), ("--guidance", guidance), ("--set", set_)) if given]
+        if ignored:
+            end(EXIT_INVALID, f"scenec: --from rebuilds the image as it was made; {', '.join(ignored)} cannot be "
+                "combined with it (to change it, build its scene: `scenec show IMAGE.png` prints it)")
         from scenec.cli_tools import build_from
 
         return build_from(from_, out, project, device, dtype, quiet, json_)

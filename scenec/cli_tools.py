@@ -87,6 +87,11 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     from scenec.spec.diagnostics import SceneError
     from scenec.tune import tune as run_tune
 
+    from scenec.runtime.memory import device_problem
+
+    if why := device_problem(device):
+        print(f"scenec: {why}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
     try:
         w = parse_weights(weights)
         seg = load_segmenter(segmenter)
@@ -170,8 +175,13 @@ def build_from(image: Path, out, project, device, dtype, quiet: bool, json_: boo
     from scenec.rebuild import RebuildError, rebuild
     from scenec.spec.diagnostics import SceneError
 
+    from scenec.runtime.memory import device_problem
+
     if out is None:
         print("scenec: --from needs -o DIR (where to write the rebuilt image)", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    if why := device_problem(device):
+        print(f"scenec: {why}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
     say = None if quiet or json_ else (lambda msg: print(f"scenec: {msg}", file=sys.stderr))
     try:

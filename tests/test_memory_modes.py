@@ -44,7 +44,30 @@ def test_problem_without_cuda_or_extra(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: None)
     assert memory.problem("none", "int8", "cuda") == ("--quantize int8 needs bitsandbytes, which is not installed: "
-                                                      "pip install 'scenec[quant]'")
+                                                      "pip install 'scenec[quant]' (in a clone: pip install -e "
+                                                      "'.[quant]')")
+
+
+def test_a_cuda_device_torch_cannot_see(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.device_problem("cuda").startswith("--device cuda needs a CUDA GPU, and torch ")
+    assert memory.device_problem("cpu") is None and memory.device_problem(None) is None
+    # a contradiction is one even in a dry run (which loads nothing)
+    assert memory.problem("sequential", "none", "cpu", values_only=True) == ("--offload sequential needs a CUDA "
+                                                                            "device, not --device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert memory.device_problem("cuda:0") is None and "sees 1 CUDA device" in memory.device_problem("cuda:1")
+    monkeypatch.undo()
+    if torch.cuda.is_available():
+        return  # the command line below needs a machine without CUDA
+    for args in (["build", SCENE, "-o", tmp_path], ["tune", ROOT / "scenes" / "forest-tuned.yaml"]):
+        r = scenec(*args, "--device", "cuda")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines()[0].startswith("scenec: --device cuda needs a CUDA GPU"), r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_quantization_configs():

@@ -125,6 +125,17 @@ def test_build_from_with_a_changed_or_missing_file_fails_located(built, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_build_from_refuses_flags_that_would_change_the_image(built, tmp_path):
+    root, png = built
+    r = scenec("build", "--from", png, "-o", tmp_path / "o", "--lora", "x.safetensors:0.3", "--seed", "3",
+               "--offload", "model", cwd=root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[0] == ("scenec: --from rebuilds the image as it was made; --lora, --offload, --seed "
+                                        "cannot be combined with it (to change it, build its scene: `scenec show "
+                                        "IMAGE.png` prints it)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_png_without_metadata_exits_2(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     for args in (["show", "plain.png"], ["build", "--from", "plain.png", "-o", "o"]):
