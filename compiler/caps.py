@@ -18,7 +18,6 @@ from pathlib import Path
 
 from scenec.spec.fsio import note_input
 
-
 # The methods a family's runtime may implement, and what each is called in messages.
 METHODS: dict[str, str] = {
     "regional": "regional attention",  # entities' prompts restricted to their regions (EliGen)
@@ -50,8 +49,7 @@ class Family:
 # Both families' regional attention is built on them.
 MAX_ENTITIES = 62
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES,
-              methods=ALL_METHODS - {"ip-adapter"})
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
 # SDXL: SD's UNet geometry (attention at 1/16 and 1/32 of the canvas on the released models; the

@@ -150,8 +150,9 @@ def test_region_and_scale_zero(tmp_path, model):
         assert torch.all(r["gain"][~inside] == 0) and torch.all(r["gain"][inside] == 1.0)
 
 
-@pytest.mark.parametrize("model,error", [("tiny", "which flux models"),
-                                         ("sd15", "no `image_encoder` directory")])
+@pytest.mark.parametrize("model,error", [("tiny", "is an SD/SDXL IP-Adapter (h94"),
+                                         ("sd15", "no `image_encoder` directory"),
+                                         ("sdxl", "no `image_encoder` directory")])
 def test_ip_adapter_refused_where_it_cannot_run(tmp_path, model, error):
     be = tiny_sd_backend()
     write_ip_adapter(tmp_path, be.unet)

@@ -217,8 +217,8 @@ class VisualPrompts(Method):
 
         tiny = getattr(self.run.backend, "model_id", "") in ("tiny", "tiny-sd", "tiny-sdxl")
         if vp.mode == "ip-adapter":
-            if vp.adapter is None or self.joint:
-                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter and a UNet")
+            if vp.adapter is None:
+                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter")
             adapter, enc, used = load_ip(vp, model, tiny)
             return (adapter, *(tiny_clip_vision(projection=True) if enc is None else image_encoder(enc, True)), used)
         if vp.adapter is None:
@@ -237,10 +237,16 @@ class VisualPrompts(Method):
         for p in self.prompts:
             if not p.vp.acts(call.level):
                 continue
-            for sites, decoupled in ((self.joint, False), (self.cross, True)):
+            # kv-mixed: one softmax on joint sites, decoupled on cross ones; IP-Adapter: decoupled on its layers'
+            # sites (Flux: added to the block's residual stream)
+            ip = p.vp.mode == "ip-adapter"
+            kinds = ((p.adapter.sites, True, p.adapter.residual),) if ip else \
+                ((self.joint, False, False), (self.cross, True, False))
+            for sites, decoupled, residual in kinds:
                 if sites:
                     mods.append(ExtraKV(None, None, p.visible, p.vp.scale, frozenset(sites),
-                                        project=partial(p.project, negatives), decoupled=decoupled))
+                                        project=partial(p.project, negatives), decoupled=decoupled,
+                                        residual=residual))
         return mods
 
 
@@ -262,6 +268,11 @@ def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tup
     """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
     from PIL import Image
 
-    pix = proc(images=Image.fromarray(np.asarray(rgb, np.uint8)), return_tensors="pt").pixel_values.to(device)
-    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, torch.zeros_like(pix)))
+    def pixels(a):
+        return proc(images=Image.fromarray(np.asarray(a, np.uint8)), return_tensors="pt").pixel_values.to(device)
+
+    pix = pixels(rgb)
+    # the negative input: zero pixel values (SD's IP-Adapter), or an all-black image (Flux's, as FluxPipeline)
+    blank = pixels(np.zeros_like(rgb)) if getattr(adapter, "black_negative", False) else torch.zeros_like(pix)
+    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, blank))
     return adapter.pair(pos, neg)
