@@ -29,11 +29,40 @@ entities:
 {shape}{visual}"""
 
 
-def write_ip_adapter(d, unet, seed=3):
-    """An IP-Adapter (4 tokens, as diffusers reads `image_proj.proj.weight` checkpoints) for this UNet, in
-    the checkpoint format (`image_proj.*`, `ip_adapter.<2k+1>.to_{k,v}_ip.weight`), with its image encoder
-    beside it as h94/IP-Adapter lays them out."""
-    from diffusers.models.embeddings import ImageProjection
+def plus_checkpoint_names(state: dict) -> dict:
+    """diffusers' IPAdapterPlusImageProjection state → the original Plus checkpoint's names (the inverse of
+    ``UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers``' Plus branch: one `to_kv`, the
+    resampler layers' `0.norm1`/`0.norm2`, `1.0`/`1.1`/`1.3` for the feed-forward)."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"layers\.(\d)\.(.*)", k)
+        if m is None:
+            out[k] = v
+            continue
+        i, rest = m.groups()
+        if rest.startswith("attn.to_v"):
+            continue
+        if rest.startswith("attn.to_k"):
+            out[f"layers.{i}.0.to_kv.weight"] = torch.cat([v, state[f"layers.{i}.attn.to_v.weight"]])
+            continue
+        for a, b in (("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_out.0", "0.to_out"),
+                     ("ff.0", "1.0"), ("ff.1.net.0.proj", "1.1"), ("ff.1.net.2", "1.3")):
+            if rest.startswith(a + "."):
+                out[f"layers.{i}.{b}{rest[len(a):]}"] = v
+                break
+        else:
+            raise AssertionError(k)
+    return out
+
+
+def write_ip_adapter(d, unet, seed=3, plus=False):
+    """An IP-Adapter for this UNet (4 tokens, as diffusers reads `image_proj.proj.weight` checkpoints; or an
+    IP-Adapter Plus: a Perceiver resampler over the encoder's grid, 4 layers of 64-wide heads as diffusers
+    builds it), in the checkpoint format (`image_proj.*`, `ip_adapter.<2k+1>.to_{k,v}_ip.weight`), with its
+    image encoder beside it as h94/IP-Adapter lays them out."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
     from safetensors.torch import save_file
 
     d.mkdir(parents=True, exist_ok=True)
@@ -42,10 +71,16 @@ def write_ip_adapter(d, unet, seed=3):
     dim = unet.config.cross_attention_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        proj = ImageProjection(image_embed_dim=enc.config.projection_dim, cross_attention_dim=dim,
-                               num_image_text_embeds=4)
-    # the checkpoint names ImageProjection's `image_embeds` layer `proj` (diffusers renames it on loading)
-    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v.contiguous() for k, v in proj.state_dict().items()}
+        if plus:
+            proj = IPAdapterPlusImageProjection(embed_dims=enc.config.hidden_size, output_dims=dim, hidden_dims=64,
+                                                heads=1, num_queries=4)
+            state = {f"image_proj.{k}": v.contiguous() for k, v in plus_checkpoint_names(proj.state_dict()).items()}
+        else:
+            proj = ImageProjection(image_embed_dim=enc.config.projection_dim, cross_attention_dim=dim,
+                                   num_image_text_embeds=4)
+            # the checkpoint names ImageProjection's `image_embeds` layer `proj` (diffusers renames it on loading)
+            state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v.contiguous()
+                     for k, v in proj.state_dict().items()}
     mods = dict(unet.named_modules())
     key = 1
     for name in unet.attn_processors:
@@ -92,10 +127,11 @@ def sdxl_backend():
     return load_backend("tiny-sdxl", device="cpu", dtype="fp32")
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_whole_canvas_equals_diffusers_ip_adapter(tmp_path, model):
+@pytest.mark.parametrize("model,plus", [("tiny-sd", False), ("tiny-sdxl", False), ("tiny-sd", True),
+                                        ("tiny-sdxl", True)])
+def test_whole_canvas_equals_diffusers_ip_adapter(tmp_path, model, plus):
     be, comps, pipeline, added = unet_setup(model)
-    enc, proc = write_ip_adapter(tmp_path, be.unet)
+    enc, proc = write_ip_adapter(tmp_path, be.unet, plus=plus)
     plan = compile_(tmp_path, model=model)
     (vp,) = plan.jobs[0].visuals
     assert vp.mode == "ip-adapter" and all((plan.mask(vp.masks, g) == 1).all() for g in vp.masks)  # whole canvas
