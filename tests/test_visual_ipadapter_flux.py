@@ -189,3 +189,38 @@ def test_adapter_of_another_family_refused_at_the_key(tmp_path, model, writer, e
     _, diags = validate_file(tmp_path / "s.yaml")
     errs = [d for d in diags if d.severity == "error"]
     assert any(d.pos.line == 9 and d.pos.col > 1 and error in d.message for d in errs), [d.message for d in errs]
+
+
+@pytest.mark.parametrize("width", [32, 16])
+def test_encoder_directory_may_be_a_whole_clip_model(tmp_path, width):
+    """openai/clip-vit-large-patch14 (Flux IP-Adapter's encoder) is a whole CLIPModel directory: its vision
+    tower and projection are what the adapter reads; an encoder of another width is a plan error."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from scenec.spec.errors import PlanError
+
+    be = tiny_backend()
+    write_flux_ip_adapter(tmp_path, be.transformer)
+    shutil.rmtree(tmp_path / "image_encoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(9)
+        clip = CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                             num_attention_heads=4),
+            vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8), projection_dim=width)).eval()
+    clip.save_pretrained(tmp_path / "image_encoder", safe_serialization=True)
+    plan = compile_(tmp_path)
+    run = Run(be, [(plan, plan.jobs[0])])
+    if width != 32:
+        with pytest.raises(PlanError, match="does not fit its image projection"):
+            run.setup()
+        return
+    run.setup()
+    (adapter, encoder, _, _), = [v for k, v in be.visual_models.items() if k[2] == str(tmp_path / "ip.safetensors")]
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=x)
+        torch.testing.assert_close(encoder(pixel_values=x).image_embeds, getattr(feats, "pooler_output", feats))

@@ -20,9 +20,9 @@ The negative (guidance) branch sees the tokens of an all-zero input image, as IP
 unconditional branch does. Adapters load from ``.safetensors`` (``format: scenec-kv-mixed/1`` in the
 metadata, the configuration beside it, the image encoder as a local directory); the offline tiny
 models build a deterministic random adapter and image encoder in code (docs/visual-prompts.md).
-``ip-adapter`` mode (SD) loads IP-Adapter weights in diffusers' checkpoint format instead: keys and
-values from one adapter's tokens, region-masked (runtime/methods/ip_adapter.py). Not implemented here: the
-paper's test-time refinement of the value tokens.
+``ip-adapter`` mode loads IP-Adapter weights in the checkpoint formats diffusers reads instead (h94's on
+SD/SDXL, XLabs' on Flux's dual-stream blocks): keys and values from one adapter's tokens, region-masked
+(runtime/methods/ip_adapter.py). Not implemented here: the paper's test-time refinement of the value tokens.
 """
 
 from __future__ import annotations
@@ -136,13 +136,29 @@ def image_encoder(spec: str, projection: bool = False):
     ``projection``: CLIPVisionModelWithProjection (IP-Adapter's)."""
     from pathlib import Path
 
-    from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     d = Path(spec)
     if not (d / "config.json").is_file():
         raise PlanError(f"the adapter's image encoder `{spec}` is not a local CLIPVisionModel directory")
     cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
-    model = cls.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
+    try:
+        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        config = None
+        if raw.get("model_type") == "clip" and isinstance(raw.get("vision_config"), dict):
+            # a whole CLIPModel (openai/clip-vit-large-patch14, Flux IP-Adapter's encoder): its vision tower, with
+            # the model's projection width (a vision_config may lack it)
+            config = CLIPVisionConfig(**{**raw["vision_config"], "projection_dim": raw.get("projection_dim", 512)})
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a whole CLIPModel's text tower is reported as unexpected weights
+        try:
+            model = cls.from_pretrained(str(d), config=config, use_safetensors=True, local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PlanError(f"the adapter's image encoder `{spec}` does not load: {e}") from None
     if (d / "preprocessor_config.json").is_file():
         proc = CLIPImageProcessor.from_pretrained(str(d), local_files_only=True)
     else:
