@@ -8,7 +8,8 @@ the family's processors pass the ones for their site to :func:`attend`:
 - :class:`Branches`: two attentions mixed (coupling on single-stream blocks);
 - a bias: additive logits on image–image pairs (anything with the :class:`Bias` methods);
 - a modulation: image–image scores moved within each query's min–max range (SOW, :class:`Modulation`);
-- :class:`ExtraKV`: extra key/value tokens visible to chosen image queries.
+- :class:`ExtraKV`: extra key/value tokens visible to chosen image queries (in the call's softmax, a
+  decoupled attention added to its output, or one handed to the block: :func:`residual_extra`).
 
 **Sites** (:class:`Site`) say what an attention call is: joint text+image (Flux dual- and
 single-stream blocks), cross (SD ``attn2``: image queries, text keys) or self (SD ``attn1``: image
