@@ -105,7 +105,9 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
                     not (p.parent / "image_encoder" / "config.json").is_file():
                 diags.error(ls.pos(path + ("adapter",)), f"IP-Adapter `{v.adapter}` has no `image_encoder` "
                             "directory beside it (its CLIP vision encoder)",
-                            hint="lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
+                            hint="put openai/clip-vit-large-patch14 in image_encoder/ beside it (docs/visual-"
+                            "prompts.md)" if info.family.name == "flux" else
+                            "lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
         elif v.mode == "ip-adapter":
             diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
                         hint="add `adapter: path/to/ip-adapter.safetensors`")
