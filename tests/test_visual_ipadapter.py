@@ -1,7 +1,8 @@
-"""`visual.mode: ip-adapter` on SD: IP-Adapter weights in diffusers' checkpoint format (a tiny one written
-here from diffusers' own ImageProjection), loaded by the visual-prompt method. With a whole-canvas region
-the UNet's output equals diffusers' own IP-Adapter path (``load_ip_adapter`` + ``image_embeds``) on
-both guidance branches; with a region it acts only there; scale 0 is the scene without it."""
+"""`visual.mode: ip-adapter` on SD and SDXL: IP-Adapter weights in diffusers' checkpoint format (tiny ones
+written here from diffusers' own ImageProjection / IPAdapterPlusImageProjection), loaded by the
+visual-prompt method. With a whole-canvas region the UNet's output equals diffusers' own IP-Adapter path
+(``load_ip_adapter`` + ``image_embeds``; SDXL's added conditions beside them) on both guidance branches;
+with a region it acts only there; scale 0 is the scene without it. Flux: test_visual_ipadapter_flux.py."""
 
 import functools
 from types import SimpleNamespace
