@@ -224,3 +224,30 @@ def test_encoder_directory_may_be_a_whole_clip_model(tmp_path, width):
     with torch.no_grad():
         feats = clip.get_image_features(pixel_values=x)
         torch.testing.assert_close(encoder(pixel_values=x).image_embeds, getattr(feats, "pooler_output", feats))
+
+
+def test_kv_mixed_and_ip_adapter_prompts_in_one_image(tmp_path):
+    """Two entities, one kv-mixed (the tiny built-in adapter: in the joint softmax of every block) and one
+    IP-Adapter (handed to the dual-stream blocks): each acts in its own region."""
+    be = tiny_backend()
+    write_flux_ip_adapter(tmp_path, be.transformer)
+    compile_(tmp_path, "    shape: {box: [0.0, 0.0, 0.5, 0.5]}\n", scale=1.0)
+    owl = "  - id: owl\n    prompt: an owl\n    shape: {box: [0.5, 0.5, 1.0, 1.0]}\n    visual: {image: obj.png}\n"
+    (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text() + owl)
+    plan = compile_scene(tmp_path / "s.yaml")
+    be.attn.probe = []
+    try:
+        run_job(be, plan, plan.jobs[0], decode=False)
+        recs = be.attn.probe
+    finally:
+        be.attn.probe = None
+    fox, owl = (torch.from_numpy(plan.mask(e.masks, "token").reshape(-1) > 0) for e in plan.jobs[0].entities)
+    residual = [r for r in recs if r["kind"] == "extra-residual"]
+    joint = [r for r in recs if r["kind"] == "extra"]
+    assert residual and joint and {r["site"] for r in joint} == {"double", "single"}
+    for r in residual:
+        assert torch.all(r["gain"][~fox] == 0) and torch.all(r["gain"][fox] == 1.0)
+    for r in joint:  # the owl's tokens (the last 4 keys): weight only from the owl's image queries
+        w = r["weights"][..., -4:].sum(-1)[0, 0]
+        n_txt = r["n_q"] - owl.numel()
+        assert torch.all(w[:n_txt] == 0) and torch.all(w[n_txt:][~owl] == 0) and torch.all(w[n_txt:][owl] > 0)
