@@ -18,7 +18,6 @@ from pathlib import Path
 
 from scenec.spec.fsio import note_input
 
-
 # The methods a family's runtime may implement, and what each is called in messages.
 METHODS: dict[str, str] = {
     "regional": "regional attention",  # entities' prompts restricted to their regions (EliGen)
@@ -30,8 +29,6 @@ METHODS: dict[str, str] = {
     "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
 }
 ALL_METHODS = frozenset(METHODS)
-# IP-Adapter weights load on SD's UNet only so far (docs/visual-prompts.md)
-KV_ONLY = ALL_METHODS - {"ip-adapter"}
 
 
 @dataclass(frozen=True)
@@ -52,14 +49,13 @@ class Family:
 # Both families' regional attention is built on them.
 MAX_ENTITIES = 62
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, methods=KV_ONLY)
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
 # SDXL: SD's UNet geometry (attention at 1/16 and 1/32 of the canvas on the released models; the
 # other grids cost nothing), two text encoders, a pooled vector and size micro-conditioning
 SDXL = Family("sdxl", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
-              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
-            methods=KV_ONLY)
+              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
 FAMILIES = {"flux": FLUX, "sd": SD, "sdxl": SDXL}
 # a diffusers model directory's `model_index.json` names its pipeline class: the family it runs on
 PIPELINE_FAMILIES = {"FluxPipeline": FLUX, "StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}

@@ -48,7 +48,14 @@ def adapter_header(path) -> dict | None:
     return head if isinstance(head, dict) else None
 
 
-def _adapter_problem(head: dict | None, mode: str) -> str | None:
+# IP-Adapter checkpoints by tensor-name prefixes: (image projection, attention layers) — h94/IP-Adapter's for
+# UNets (SD, SDXL), XLabs' for Flux (the names diffusers' IPAdapterMixin / FluxIPAdapterMixin read)
+IP_NAMES = {"unet": ("image_proj.", "ip_adapter."), "flux": ("ip_adapter_proj_model.", "double_blocks.")}
+IP_KINDS = {"unet": "an SD/SDXL IP-Adapter (h94/IP-Adapter's `image_proj.*`, `ip_adapter.*`)",
+            "flux": "a Flux IP-Adapter (XLabs' `ip_adapter_proj_model.*`, `double_blocks.*`)"}
+
+
+def _adapter_problem(head: dict | None, mode: str, family: str) -> str | None:
     if head is None:
         return "is not a safetensors file"
     names = [k for k in head if k != "__metadata__"]
@@ -57,9 +64,14 @@ def _adapter_problem(head: dict | None, mode: str) -> str | None:
         if meta.get("format") != KV_MIXED_FORMAT:
             return f"is not a kv-mixed adapter (its metadata has no `format: {KV_MIXED_FORMAT}`)"
         return None
-    if not any(k.startswith("image_proj.") for k in names) or not any(k.startswith("ip_adapter.") for k in names):
-        return "is not an IP-Adapter (no `image_proj.*` and `ip_adapter.*` tensors)"
-    return None
+    kinds = [kind for kind, (proj, layers) in IP_NAMES.items()
+             if any(k.startswith(proj) for k in names) and any(k.startswith(layers) for k in names)]
+    want = "flux" if family == "flux" else "unet"
+    if want in kinds:
+        return None
+    if kinds:
+        return f"is {IP_KINDS[kinds[0]]}; {family} models load {IP_KINDS[want]}"
+    return f"is not an IP-Adapter; {family} models load {IP_KINDS[want]}"
 
 
 def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnostics) -> None:
@@ -86,7 +98,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
-            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode)
+            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode, info.family.name)
             if problem:
                 diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
                             hint="docs/visual-prompts.md says which weights each mode loads")
@@ -94,7 +106,9 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
                     not (p.parent / "image_encoder" / "config.json").is_file():
                 diags.error(ls.pos(path + ("adapter",)), f"IP-Adapter `{v.adapter}` has no `image_encoder` "
                             "directory beside it (its CLIP vision encoder)",
-                            hint="lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
+                            hint="put openai/clip-vit-large-patch14 in image_encoder/ beside it (docs/visual-"
+                            "prompts.md)" if info.family.name == "flux" else
+                            "lay it out as h94/IP-Adapter's `models/`: the .safetensors and image_encoder/")
         elif v.mode == "ip-adapter":
             diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
                         hint="add `adapter: path/to/ip-adapter.safetensors`")

@@ -8,7 +8,8 @@ the family's processors pass the ones for their site to :func:`attend`:
 - :class:`Branches`: two attentions mixed (coupling on single-stream blocks);
 - a bias: additive logits on image–image pairs (anything with the :class:`Bias` methods);
 - a modulation: image–image scores moved within each query's min–max range (SOW, :class:`Modulation`);
-- :class:`ExtraKV`: extra key/value tokens visible to chosen image queries.
+- :class:`ExtraKV`: extra key/value tokens visible to chosen image queries (in the call's softmax, a
+  decoupled attention added to its output, or one handed to the block: :func:`residual_extra`).
 
 **Sites** (:class:`Site`) say what an attention call is: joint text+image (Flux dual- and
 single-stream blocks), cross (SD ``attn2``: image queries, text keys) or self (SD ``attn1``: image
@@ -99,7 +100,11 @@ class ExtraKV:
     ``project``: the tokens per attention layer instead (the layer's module → (k, v)), for adapters with
     their own projections in every layer (visual prompts, runtime/methods/visual.py). ``decoupled``: a
     separate attention over the extra tokens added to the call's output, ``out + scale·vis·attn(q, k_x, v_x)``
-    (IP-Adapter's decoupled cross-attention, arXiv 2308.06721, §3.2), instead of one softmax over both."""
+    (IP-Adapter's decoupled cross-attention, arXiv 2308.06721, §3.2), instead of one softmax over both.
+    ``residual``: that separate attention is not added to the attention's output but handed to the block,
+    which adds it to its residual stream (:func:`residual_extra`; XLabs' Flux IP-Adapter adds it after the
+    feed-forward, past the output projection and the gate), from the image queries before positional
+    encoding; a processor whose site has such tokens calls :func:`residual_extra` itself."""
 
     k: torch.Tensor | None
     v: torch.Tensor | None
@@ -108,6 +113,7 @@ class ExtraKV:
     sites: frozenset[str]
     project: Callable | None = None
     decoupled: bool = False
+    residual: bool = False
 
     def tokens(self, module) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.k, self.v) if self.project is None else self.project(module)
@@ -234,11 +240,13 @@ def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torc
             if m.scale.shape[0] != n_text:
                 raise PlanError(f"key scale for {m.scale.shape[0]} text tokens, the call has {n_text}")
             kb = k.transpose(1, 2)
-            k = torch.cat([kb[:, :n_text] * m.scale.to(k.dtype)[None, :, None, None], kb[:, n_text:]], 1).transpose(1, 2)
+            k = torch.cat([kb[:, :n_text] * m.scale.to(k.dtype)[None, :, None, None], kb[:, n_text:]], 1)
+            k = k.transpose(1, 2)
         elif isinstance(m, Branches):
             branches = m
         elif isinstance(m, ExtraKV):
-            extra.append(m)
+            if not m.residual:  # residual ones are the block's (residual_extra)
+                extra.append(m)
         else:
             bias = m
     if mask is not None and site.text and site.image_keys and mask.layout.N != n_text + n_img:
@@ -288,8 +296,8 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
             if ctl.probe is not None:
                 logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-                ctl.probe.append({"kind": getattr(bias, "kind", "bias"), "site": site.name, "n_q": q.shape[2], "logits": logits,
-                                  "bias": full[0, 0].float(), "n_txt": n_text,
+                ctl.probe.append({"kind": getattr(bias, "kind", "bias"), "site": site.name, "n_q": q.shape[2],
+                                  "logits": logits, "bias": full[0, 0].float(), "n_txt": n_text,
                                   "expected": torch.softmax(logits + full[0, 0].float(), -1) @ v.float(),
                                   "out": out.float()})
             return out
@@ -434,4 +442,25 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
             ctl.probe.append({"kind": "extra-decoupled", "site": site.name, "n_q": N_q, "gain": gain,
                               "base": out.float(), "extra": ip.float()})
         out = out + ip * gain.to(q.dtype)[None, None, :, None]
+    return out
+
+
+def residual_extra(ctl: Attention, site: Site, q_img: torch.Tensor, mods: list) -> torch.Tensor | None:
+    """The residual extra tokens' attention (:class:`ExtraKV` with ``residual``) for image queries ``q_img``
+    (``[B, H, n_img, D]``): Σ scale·vis·softmax(q k_xᵀ/√d) v_x over them, ``[B, H, n_img, D]``, exactly 0 on
+    the queries outside each one's region; None when the call has none."""
+    out = None
+    for e in mods:
+        if not (isinstance(e, ExtraKV) and e.residual):
+            continue
+        B, n_img = q_img.shape[0], q_img.shape[2]
+        ek, ev = e.tokens(ctl.module)
+        ek, ev = ek.to(q_img.dtype).expand(B, -1, -1, -1), ev.to(q_img.dtype).expand(B, -1, -1, -1)
+        gain = e.visible_for(n_img).to(q_img.device, torch.float32) * e.scale  # per query: 0 outside
+        ip = F.scaled_dot_product_attention(q_img, ek, ev)
+        if ctl.probe is not None:
+            ctl.probe.append({"kind": "extra-residual", "site": site.name, "n_q": n_img, "gain": gain,
+                              "extra": ip.float()})
+        ip = ip * gain.to(q_img.dtype)[None, None, :, None]
+        out = ip if out is None else out + ip
     return out

@@ -139,7 +139,8 @@ class Visual(Node):
         examples=["refs/fox.png"])
     mode: Literal["kv-mixed", "ip-adapter"] = Field(
         "kv-mixed", description="kv-mixed: keys from a coarse adapter, values from a fine one (the paper); "
-        "ip-adapter (SD models only): keys and values from one IP-Adapter", examples=["ip-adapter"])
+        "ip-adapter: keys and values from one IP-Adapter (h94's format on SD/SDXL, XLabs' on Flux)",
+        examples=["ip-adapter"])
     adapter: Annotated[str, Field(min_length=1)] | None = Field(
         None, description="adapter weights (.safetensors, under the project root) of the mode's kind; kv-mixed: "
         "required except on `tiny`, `tiny-sd`, `tiny-sdxl` (a deterministic random adapter); ip-adapter: always, "

@@ -106,8 +106,8 @@ def test_every_problem_located_at_once(tmp_path):
     assert "`missing.png` not found" in errs[at(9, "missing.png")]
     assert "is not a safetensors file" in errs[at(13, "not.safetensors")]
     assert "must go from a higher noise level" in errs[at(13, "[0.2")]
-    assert "IP-Adapter visual prompts, which flux models" in errs[at(16, "mode")]
-    assert "is not an IP-Adapter" in errs[at(16, "plain.safetensors")]
+    assert at(16, "mode") not in errs  # Flux runs IP-Adapters (XLabs' format)
+    assert "is not an IP-Adapter; flux models load a Flux IP-Adapter" in errs[at(16, "plain.safetensors")]
     assert "is not a kv-mixed adapter" in errs[at(19, "plain.safetensors")]
     assert "outside" in errs[at(19, "../outside.png")] or "project" in errs[at(19, "../outside.png")]
 

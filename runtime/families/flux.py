@@ -23,7 +23,7 @@ import torch
 
 from scenec.spec.errors import PlanError, Unsupported
 
-from ..attention import DOUBLE, SINGLE, Attention, Site, attend
+from ..attention import DOUBLE, SINGLE, Attention, Site, attend, residual_extra
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
@@ -60,6 +60,7 @@ class FluxProcessor:
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
         q, k = attn.norm_q(q), attn.norm_k(k)
+        q_img = q  # the image queries before RoPE: what a residual adapter attends from
         if attn.added_kv_proj_dim is not None:
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
@@ -70,11 +71,16 @@ class FluxProcessor:
         self.ctl.module = attn  # layer-specific extra tokens (ExtraKV.project)
         out = attend(self.ctl, self.site, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mods)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        ip = residual_extra(self.ctl, self.site, q_img.transpose(1, 2), mods)
         if encoder_hidden_states is not None:
             n_txt = encoder_hidden_states.shape[1]
             e, h = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
             h = attn.to_out[1](attn.to_out[0](h.contiguous()))
+            if ip is not None:  # the block adds the third output after its feed-forward (FluxTransformerBlock)
+                return h, attn.to_add_out(e.contiguous()), ip.transpose(1, 2).flatten(2, 3).to(h.dtype)
             return h, attn.to_add_out(e.contiguous())
+        if ip is not None:
+            raise Unsupported("residual extra tokens on a single-stream block (only dual-stream blocks add them)")
         return out
 
 
@@ -166,7 +172,8 @@ class FluxBackend:
                 seqs.append(self.encode_global(plan.prompt(spec.global_.text(negative)), msl).seq)
             for e in spec.entities:
                 text = plan.prompt(e.text(negative))
-                seqs.append(self.encode_global(text, msl).seq if e.as_global else self.encode_entity(text, msl, pad).seq)
+                enc = self.encode_global(text, msl) if e.as_global else self.encode_entity(text, msl, pad)
+                seqs.append(enc.seq)
             if spec.global_ is None:  # an empty global slot
                 width = self.transformer.config.joint_attention_dim
                 seqs.insert(0, torch.zeros(1, 0, width, device=self.device, dtype=self.pipe.text_encoder_2.dtype))
@@ -175,7 +182,8 @@ class FluxBackend:
             pooled.append([self.encode_global(plan.prompt(s.text(negative)), msl).pooled for s in spec.pooled])
         seq, lengths, layouts = assemble(parts, regional, {"token": plan0.grid("token")}, plan0.attention.image_self,
                                          self.pad_multiple)
-        ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.pipe.text_encoder.dtype)  # Flux: text ids are zeros
+        # Flux: text ids are zeros
+        ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=self.pipe.text_encoder.dtype)
         return Cond(seq, [torch.cat(ps) for ps in zip(*pooled)], lengths, layouts, {"txt_ids": ids})
 
     # -- latents, solver, model ------------------------------------------------------------------------

@@ -20,9 +20,10 @@ The negative (guidance) branch sees the tokens of an all-zero input image, as IP
 unconditional branch does. Adapters load from ``.safetensors`` (``format: scenec-kv-mixed/1`` in the
 metadata, the configuration beside it, the image encoder as a local directory); the offline tiny
 models build a deterministic random adapter and image encoder in code (docs/visual-prompts.md).
-``ip-adapter`` mode (SD) loads IP-Adapter weights in diffusers' checkpoint format instead: keys and
-values from one adapter's tokens, region-masked (:class:`IPAdapterKV`). The paper's test-time
-refinement of the value tokens (``visual.refine``) is runtime/methods/visual_refine.py.
+``ip-adapter`` mode loads IP-Adapter weights in the checkpoint formats diffusers reads instead (h94's on
+SD/SDXL, XLabs' on Flux's dual-stream blocks): keys and values from one adapter's tokens, region-masked
+(runtime/methods/ip_adapter.py). The paper's test-time refinement of the value tokens (``visual.refine``)
+is runtime/methods/visual_refine.py.
 """
 
 from __future__ import annotations
@@ -38,14 +39,10 @@ from scenec.spec.errors import PlanError
 
 from ..layout import region_membership
 from .base import Method
+from .ip_adapter import layer_key, load_ip
 
 FORMAT = "scenec-kv-mixed/1"  # compiler/visual.py KV_MIXED_FORMAT: what the check pass accepts
 TINY_SEED = 20250401
-
-
-def layer_key(name: str) -> str:
-    """A module path as a ModuleDict key (no dots)."""
-    return name.replace(".", "__")
 
 
 class KVMixedAdapter(nn.Module):
@@ -75,55 +72,6 @@ class KVMixedAdapter(nn.Module):
     def pair(self, pos, neg) -> tuple[tuple, tuple]:
         """The (key, value) tokens of the image's encoder output and of the all-zero input's."""
         return tuple(self(h.pooler_output, h.hidden_states[-2]) for h in (pos, neg))
-
-
-class IPAdapterKV(nn.Module):
-    """An IP-Adapter (Ye et al., arXiv 2308.06721) in the original/diffusers checkpoint format
-    (``image_proj.*``, ``ip_adapter.<i>.to_k_ip.weight``): diffusers' own conversion builds the image
-    projection (``UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers``: IP-Adapter, Plus,
-    Full Face, …); cross-attention layer k (in ``attn_processors`` order) has the projections of entry
-    2k + 1, as diffusers' ``_convert_ip_adapter_attn_to_diffusers`` reads them. Keys and values come from
-    the same tokens; the negative branch sees a zero embedding (IP-Adapter) or a zero image's grid (Plus),
-    as ``StableDiffusionPipeline.prepare_ip_adapter_image_embeds`` does."""
-
-    def __init__(self, unet, state: dict[str, torch.Tensor], names: list[str], path: str):
-        super().__init__()
-        proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
-        self.image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(proj, low_cpu_mem_usage=False)
-        self.grid_input = "latents" in proj  # Plus: the resampler reads the penultimate grid features
-        self.to_k, self.to_v = nn.ModuleDict(), nn.ModuleDict()
-        for i, name in enumerate(names):
-            for kv, dest in (("to_k_ip", self.to_k), ("to_v_ip", self.to_v)):
-                w = state.get(f"ip_adapter.{2 * i + 1}.{kv}.weight")
-                if w is None:
-                    raise PlanError(f"IP-Adapter {path} has no {kv} for cross-attention {i} ({name}): it was made "
-                                    "for another model")
-                dest[layer_key(name)] = nn.Linear(w.shape[1], w.shape[0], bias=False)
-                dest[layer_key(name)].weight.data.copy_(w)
-
-    def pair(self, pos, neg) -> tuple[tuple, tuple]:
-        if self.grid_input:
-            toks = [self.image_proj(h.hidden_states[-2]) for h in (pos, neg)]
-        else:
-            toks = [self.image_proj(e) for e in (pos.image_embeds, torch.zeros_like(pos.image_embeds))]
-        return (toks[0], toks[0]), (toks[1], toks[1])
-
-
-def load_ip_adapter(path: str, sha256: str, unet) -> tuple[IPAdapterKV, dict[str, nn.Module]]:
-    """An IP-Adapter file (digest checked) for this UNet's cross-attention layers; and those layers."""
-    from safetensors.torch import load_file
-
-    from scenec.spec.fsio import sha256_file
-
-    try:
-        if sha256_file(path) != sha256:
-            raise PlanError(f"adapter {path} changed since the plan was compiled (compile again)")
-        state = load_file(path)
-    except (OSError, ValueError) as e:
-        raise PlanError(f"adapter {path}: {e}") from None
-    names = [k[:-len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
-    mods = dict(unet.named_modules())
-    return IPAdapterKV(unet, state, names, path).eval().requires_grad_(False), {n: mods[n] for n in names}
 
 
 def attention_layers(model: nn.Module, sites: set[str]) -> dict[str, nn.Module]:
@@ -189,13 +137,29 @@ def image_encoder(spec: str, projection: bool = False):
     ``projection``: CLIPVisionModelWithProjection (IP-Adapter's)."""
     from pathlib import Path
 
-    from transformers import CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     d = Path(spec)
     if not (d / "config.json").is_file():
         raise PlanError(f"the adapter's image encoder `{spec}` is not a local CLIPVisionModel directory")
     cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
-    model = cls.from_pretrained(str(d), use_safetensors=True, local_files_only=True)
+    try:
+        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        config = None
+        if raw.get("model_type") == "clip" and isinstance(raw.get("vision_config"), dict):
+            # a whole CLIPModel (openai/clip-vit-large-patch14, Flux IP-Adapter's encoder): its vision tower, with
+            # the model's projection width (a vision_config may lack it)
+            config = CLIPVisionConfig(**{**raw["vision_config"], "projection_dim": raw.get("projection_dim", 512)})
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a whole CLIPModel's text tower is reported as unexpected weights
+        try:
+            model = cls.from_pretrained(str(d), config=config, use_safetensors=True, local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PlanError(f"the adapter's image encoder `{spec}` does not load: {e}") from None
     if (d / "preprocessor_config.json").is_file():
         proc = CLIPImageProcessor.from_pretrained(str(d), local_files_only=True)
     else:
@@ -272,19 +236,14 @@ class VisualPrompts(Method):
 
     def _load(self, vp, layers, model):
         """(adapter, image encoder, its processor, the attention layers it serves)."""
-        from pathlib import Path
-
         from ..tiny import tiny_clip_vision
 
         tiny = getattr(self.run.backend, "model_id", "") in ("tiny", "tiny-sd", "tiny-sdxl")
         if vp.mode == "ip-adapter":
-            if vp.adapter is None or self.joint:
-                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter and a UNet")
-            adapter, used = load_ip_adapter(vp.adapter, vp.adapter_sha256, model)
-            enc = Path(vp.adapter).parent / "image_encoder"  # h94/IP-Adapter's layout: models/image_encoder
-            if not enc.is_dir() and tiny:
-                return (adapter, *tiny_clip_vision(projection=True), used)
-            return (adapter, *image_encoder(str(enc), projection=True), used)
+            if vp.adapter is None:
+                raise PlanError(f"visual prompt {vp.entity!r}: ip-adapter mode needs an adapter")
+            adapter, enc, used = load_ip(vp, model, tiny)
+            return (adapter, *(tiny_clip_vision(projection=True) if enc is None else image_encoder(enc, True)), used)
         if vp.adapter is None:
             if not tiny:
                 raise PlanError(f"visual prompt {vp.entity!r}: no adapter, and only the tiny models build one")
@@ -308,14 +267,19 @@ class VisualPrompts(Method):
         for p in self.prompts:
             if not p.vp.acts(call.level):
                 continue
-            for sites, decoupled in ((self.joint, False), (self.cross, True)):
+            # kv-mixed: one softmax on joint sites, decoupled on cross ones; IP-Adapter: decoupled on its layers'
+            # sites (Flux: added to the block's residual stream)
+            ip = p.vp.mode == "ip-adapter"
+            kinds = ((p.adapter.sites, True, p.adapter.residual),) if ip else \
+                ((self.joint, False, False), (self.cross, True, False))
+            for sites, decoupled, residual in kinds:
                 if sites:
                     mods.append(ExtraKV(None, None, p.visible, p.vp.scale, frozenset(sites),
-                                        project=partial(p.project, negatives), decoupled=decoupled))
+                                        project=partial(p.project, negatives), decoupled=decoupled,
+                                        residual=residual))
         return mods
 
 
-@torch.no_grad()
 def _stamp(path: str | None) -> tuple | None:
     """A file's (mtime, size), or None: what tells a cached adapter from a file changed since."""
     import os
@@ -329,10 +293,16 @@ def _stamp(path: str | None) -> tuple | None:
     return st.st_mtime_ns, st.st_size
 
 
+@torch.no_grad()  # the tokens are inputs: refine makes its own leaf of the values
 def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
     """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
     from PIL import Image
 
-    pix = proc(images=Image.fromarray(np.asarray(rgb, np.uint8)), return_tensors="pt").pixel_values.to(device)
-    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, torch.zeros_like(pix)))
+    def pixels(a):
+        return proc(images=Image.fromarray(np.asarray(a, np.uint8)), return_tensors="pt").pixel_values.to(device)
+
+    pix = pixels(rgb)
+    # the negative input: zero pixel values (SD's IP-Adapter), or an all-black image (Flux's, as FluxPipeline)
+    blank = pixels(np.zeros_like(rgb)) if getattr(adapter, "black_negative", False) else torch.zeros_like(pix)
+    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, blank))
     return adapter.pair(pos, neg)
