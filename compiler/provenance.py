@@ -1,9 +1,10 @@
 """The resolved scene an image carries (issue 15, item 4): canonical YAML that rebuilds it.
 
 The scene after includes, ``use`` and command-line overrides, self-contained: no ``include``, ``defs`` or
-``use``; the model with every whole-image LoRA (the scene's and ``--lora``'s); each file it names
-(reference, visual, init and mask images, schedules, adapters, LoRAs) as a path relative to the project
-root, with the file's sha256 in ``files``. ``scenec build --from IMAGE.png`` writes it back into the
+``use``; the model with every whole-image LoRA (the scene's and ``--lora``'s: a hub file as its ``repo``,
+a file outside the project root by its absolute path, which ``--from`` passes back as ``--lora``); each
+file it names (reference, visual, init and mask images, schedules, adapters, LoRAs) as a path relative to
+the project root, with the file's sha256 in ``files``. ``scenec build --from IMAGE.png`` writes it back into the
 project (scenec/rebuild.py) and checks those digests before building.
 """
 
@@ -20,6 +21,16 @@ from scenec.spec.models import NAME_PATTERN
 
 # keys whose string values are file paths (under `output`, none are)
 PATH_KEYS = ("image", "adapter", "mask", "file")
+
+
+def hub_file(path: Path) -> tuple[str, str] | None:
+    """(repo, file name) of a file in the Hugging Face cache (``…/models--ORG--NAME/snapshots/REV/FILE``), or
+    None: how a ``repo:`` LoRA travels in the resolved scene."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-3]):
+        if part.startswith("models--") and "--" in part[8:] and parts[i + 1] == "snapshots":
+            return part[8:].replace("--", "/", 1), "/".join(parts[i + 3:])
+    return None
 
 
 def resolved_scene(ls, model_spec: str | None, loras=()) -> tuple[str, dict[str, str]]:
@@ -61,8 +72,10 @@ def resolved_scene(ls, model_spec: str | None, loras=()) -> tuple[str, dict[str,
     body = {k: (v if k == "output" else walk(v, (k,))) for k, v in data.items()}
     model: dict[str, Any] = {"id": model_spec} if model_spec else {}
     whole = []
-    for lo in loras:
-        whole.append({"file": rel(Path(lo.path)), "scale": lo.scale})
+    for lo in loras:  # a hub file as its repo (the cache is no project path); one outside the root by its path
+        hub = hub_file(Path(lo.path))
+        whole.append({"repo": hub[0], "weight_name": hub[1], "scale": lo.scale} if hub and not
+                     Path(lo.path).resolve().is_relative_to(root) else {"file": rel(Path(lo.path)), "scale": lo.scale})
     if whole:
         model["lora"] = whole
     ordered = {"scenec": body.pop("scenec", 1), **({"name": body.pop("name")} if "name" in body else {})}

@@ -152,9 +152,10 @@ def rebuild(png: str | Path, out: Path, root: Path | None = None, device: str | 
     check_files(png, meta, root)
     stem = Path(meta.get(PREFIX + "scene_file") or "scene.yaml").stem or "scene"
     scene = root / f".scenec-from-{os.getpid()}-{secrets.token_hex(4)}-{stem}.yaml"
+    text, outside = _outside_loras(meta[PREFIX + "scene.yaml"])
     try:
-        scene.write_text(meta[PREFIX + "scene.yaml"], encoding="utf-8")
-        plan = compile_scene(scene)
+        scene.write_text(text, encoding="utf-8")
+        plan = compile_scene(scene, lora=outside)
     except OSError as e:
         raise RebuildError(f"cannot write the embedded scene into {root}: {e.strerror or e}") from None
     finally:
@@ -172,6 +173,28 @@ def rebuild(png: str | Path, out: Path, root: Path | None = None, device: str | 
         original = hashlib.sha256(Path(png).read_bytes()).hexdigest()
         result["identical"] = result["sha256"] == original
     return result
+
+
+def _outside_loras(text: str) -> tuple[str, list[str]]:
+    """The embedded scene without its whole-image LoRAs given by absolute path (a ``--lora`` outside the
+    project: a scene may not name one), and those as ``--lora PATH:SCALE`` arguments (a build's ``--lora``
+    come after the scene's own, as here)."""
+    import yaml
+
+    doc = yaml.safe_load(text)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    loras = model.get("lora") if isinstance(model, dict) else None
+    if not loras:
+        return text, []
+    outside = [lo for lo in loras if Path(str(lo.get("file", ""))).is_absolute()]
+    if not outside:
+        return text, []
+    model["lora"] = [lo for lo in loras if lo not in outside]
+    if not model["lora"]:
+        del model["lora"]
+        doc["model"] = model["id"]
+    return (yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100),
+            [f"{lo['file']}:{lo.get('scale', 1.0)!r}" for lo in outside])
 
 
 def _device(d: str | None) -> str | None:

@@ -182,3 +182,40 @@ def test_loras_travel_with_the_image(tmp_path):
     r = scenec("build", "--from", png, "-o", tmp_path / "again", cwd=root)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "again" / built.name).read_bytes() == png.read_bytes()
+
+
+def test_hub_and_outside_loras_travel_with_the_image(tmp_path):
+    """A whole-image `repo:` LoRA travels as its repo (the hub cache is no project path), a `--lora` outside the
+    project by its absolute path; `--from` rebuilds the image byte for byte with both."""
+    import os
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--style-lora" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "models--someone--style-lora" / "refs").mkdir()
+    (cache / "models--someone--style-lora" / "refs" / "main").write_text("abc123")
+    shutil.copyfile(REPO / "scenes" / "loras" / "fox-style.safetensors", snap / "style.safetensors")
+    shutil.copyfile(REPO / "scenes" / "loras" / "fox-style.safetensors", tmp_path / "outside.safetensors")
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "scenec.toml").write_text("[project]\n")
+    (root / "s.yaml").write_text(
+        "scenec: 1\nmodel: {id: tiny, lora: [{repo: someone/style-lora, weight_name: style.safetensors, "
+        "scale: 0.4}]}\ncanvas: {width: 64, height: 64}\nsampler: {steps: 2, seed: 3}\n"
+        "entities:\n  - {id: fox, prompt: a fox, shape: {box: [0.1, 0.1, 0.6, 0.6]}}\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "scenec", *map(str, args)], capture_output=True, text=True,
+                              cwd=root, timeout=600, env=env)
+
+    r = run("build", "s.yaml", "-o", "out", "--lora", f"{tmp_path / 'outside.safetensors'}:0.5", "-q")
+    assert r.returncode == 0, r.stderr
+    [built] = (root / "out").glob("*.png")
+    scene = yaml.safe_load(json.loads(run("show", built, "--json").stdout)["scene.yaml"])
+    assert scene["model"]["lora"] == [
+        {"repo": "someone/style-lora", "weight_name": "style.safetensors", "scale": 0.4},
+        {"file": str((tmp_path / "outside.safetensors").resolve()), "scale": 0.5}]
+    r = run("build", "--from", built, "-o", tmp_path / "again")
+    assert r.returncode == 0 and "byte-identical" in r.stderr, r.stderr
+    assert (tmp_path / "again" / built.name).read_bytes() == built.read_bytes()
