@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from scenec.spec.errors import PlanError
+from scenec.spec.errors import NonFinite, PlanError
 from scenec.spec.plan import FORMAT as PLAN_FORMAT
 from scenec.spec.plan import Plan
 
@@ -395,7 +395,7 @@ class Trainer:
             loss = self.train_step()
             done += 1
             if not math.isfinite(loss):
-                raise PlanError(f"the training loss is {loss} at step {self.step} (lower --lr)")
+                raise NonFinite(f"the training loss is {loss} at step {self.step} (lower --lr)")
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self.val_loss = self.evaluate()
             if ckpt_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -419,6 +419,7 @@ class Trainer:
                  "model": self.cfg.model, "train_examples": str(len(self.train)), "val_examples": str(len(self.val))}
         try:
             save_adapter(self.adapter.cpu(), tmp, image_encoder, extra)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600: the output gets the mode any new file gets
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -436,15 +437,30 @@ class Trainer:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        from transformers.utils import logging as tl
+
+        bars = tl.is_progress_bar_enabled()
+        tl.disable_progress_bar()  # "Writing model shards": this command has its own display
         try:
             self.encoder.save_pretrained(tmp, safe_serialization=True)
             self.proc.save_pretrained(tmp)
+            for f in [tmp, *tmp.iterdir()]:
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if bars:
+                tl.enable_progress_bar()
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def data_digest(examples: list[TrainExample]) -> str:
