@@ -45,6 +45,7 @@ from scenec.spec.plan import FORMAT as PLAN_FORMAT
 from scenec.spec.plan import Plan
 
 from .attention import ExtraKV
+from .cache import TextCache
 from .methods.visual import KVMixedAdapter, VisualPrompt, attention_layers, layer_key, save_adapter
 from .sampler import Run, model_output
 from .solvers import DDIM, FlowEuler
@@ -52,6 +53,7 @@ from .solvers import DDIM, FlowEuler
 CKPT_FORMAT = "scenec-train-ckpt/1"
 TINY = ("tiny", "tiny-sd", "tiny-sdxl")
 GRAY = 128  # outside the object's mask in its crop: ~0 after CLIP's normalisation
+PREPARED = 512  # examples kept prepared (latent, crop, region) at once
 
 
 @dataclass
@@ -155,9 +157,9 @@ def training_plan(model, family, width: int, height: int, caption: str, guidance
 
 @dataclass
 class Prepared:
-    """An example ready to train on: its run (plan, text, latent ids), clean latent, crop and region."""
+    """An example ready to train on: its plan, clean latent (on the CPU), crop and region per grid."""
 
-    run: Run
+    plan: Plan
     x0: torch.Tensor
     crop: np.ndarray
     visible: dict[int, torch.Tensor]
@@ -193,7 +195,7 @@ class Trainer:
         self.gen = torch.Generator("cpu").manual_seed(int(cfg.seed))
         self.step = 0
         self.val_loss: float | None = None
-        self._prepared: dict[int, Prepared] = {}
+        self._prepared = TextCache(PREPARED)  # an LRU (runtime/cache.py)
         if self.be.family != "flux":
             from diffusers import DDPMScheduler
 
@@ -262,18 +264,17 @@ class Trainer:
             raise PlanError(f"{ex.where}: the mask vanishes at {W}x{H} (raise --resolution)")
         guidance = float(self.info.guidance) if fam.name == "flux" else 1.0  # SD: the conditional branch only
         plan = training_plan(self.model, fam, W, H, ex.text, guidance)
-        run = Run(self.be, [(plan, plan.jobs[0])])
-        x0 = self.be.encode_image(img).clone()  # out of inference mode
+        x0 = self.be.encode_image(img).to("cpu", copy=True)  # a copy: out of inference mode
         px = dict(fam.grids)
         visible = {}
         for g in self.be.image_grids:
             gh, gw = plan.grid(g)
-            visible[gh * gw] = cells(small, px[g], (gh, gw)).to(self.be.device)
-        return Prepared(run, x0, object_crop(rgb, mask), visible)
+            visible[gh * gw] = cells(small, px[g], (gh, gw))
+        return Prepared(plan, x0, object_crop(rgb, mask, 256), visible)
 
     def _get(self, examples: list[TrainExample], i: int) -> Prepared:
         key = id(examples[i])
-        if key not in self._prepared:
+        if key not in self._prepared:  # bounded: a large data set is prepared again when it comes round
             self._prepared[key] = self.prepare(examples[i])
         return self._prepared[key]
 
@@ -286,11 +287,12 @@ class Trainer:
         with torch.no_grad():
             h = self.encoder(pixel_values=pix, output_hidden_states=True)
         toks = self.adapter(h.pooler_output, h.hidden_states[-2])
-        vp = VisualPrompt(None, self.adapter, toks, toks, p.visible, self.names)
-        mods = [ExtraKV(None, None, p.visible, 1.0, frozenset(sites), project=partial(vp.project, (False,)),
+        visible = {n: v.to(dev) for n, v in p.visible.items()}
+        vp = VisualPrompt(None, self.adapter, toks, toks, visible, self.names)
+        mods = [ExtraKV(None, None, visible, 1.0, frozenset(sites), project=partial(vp.project, (False,)),
                         decoupled=decoupled)
                 for sites, decoupled in ((self.joint, False), (self.cross, True)) if sites]
-        x0 = p.x0.float()
+        x0 = p.x0.to(dev, torch.float32)
         eps = noise.to(dev)
         i = min(999, int(u * 1000))
         if self.be.family == "flux":
@@ -303,7 +305,8 @@ class Trainer:
             solver = DDIM(self.sched, t)
             pred = self.sched.config.prediction_type
             target = self.sched.get_velocity(x0, eps, t) if pred == "v_prediction" else eps
-        out = model_output(p.run, xt.to(p.x0.dtype), solver, mods)
+        run = Run(self.be, [(p.plan, p.plan.jobs[0])])  # per call: its assembled text is not kept
+        out = model_output(run, xt.to(p.x0.dtype), solver, mods)
         return torch.nn.functional.mse_loss(out.float(), target.float())
 
     def train_step(self) -> float:
