@@ -128,6 +128,12 @@ def test_cli_trains_resumes_and_the_adapter_builds_in_a_scene(tmp_path):
     assert (tmp_path / "adapters" / "trained.safetensors.ckpt" / "last.pt").is_file()
     again = CliRunner().invoke(app, args)  # the same command: resumes (here: already done)
     assert again.exit_code == 0 and "resuming from" in again.output and "at step 2 of 2" in again.output
+    other = CliRunner().invoke(app, args + ["--lr", "3e-4"])  # other settings: refused, saying what differs
+    assert other.exit_code == 2 and "lr: 0.0001 there, 0.0003 now" in other.output
+    fresh = CliRunner().invoke(app, args[:5] + ["1"] + args[6:] + ["--fresh"])
+    assert fresh.exit_code == 0 and "starting over" in fresh.output
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["steps"] == "1"
     moved = tmp_path / "elsewhere"
     shutil.copytree(out.parent, moved)  # the folder moves as a whole: its image encoder is read beside it
     shutil.rmtree(out.parent)
@@ -170,3 +176,32 @@ def test_bad_data_folders_are_reported_at_once_with_exit_2(tmp_path):
     assert r.exit_code == 2 and "training needs at least 2" in r.output
     r = CliRunner().invoke(app, ["train-adapter", str(tmp_path / "nowhere"), "-o", str(tmp_path / "a.safetensors")])
     assert r.exit_code == 2 and "not a directory" in r.output
+
+
+def test_the_trained_region_is_the_one_inference_uses_and_the_crop_is_gray_outside(tmp_path):
+    """The cells a training example's visual tokens reach are the tokens a scene's `shape: {mask: …}` region
+    holds at inference (coverage > 0 on every grid); the crop keeps the object and grays the rest."""
+    from scenec.compiler import compile_scene
+    from scenec.runtime.families.flux import FluxBackend
+    from scenec.runtime.families.sd import SDBackend
+    from scenec.runtime.layout import region_membership
+    from scenec.runtime.train_adapter import GRAY, cells, object_crop
+
+    make_data(tmp_path, n=2)
+    for model, be in (("tiny", FluxBackend), ("tiny-sd", SDBackend)):
+        (tmp_path / "s.yaml").write_text(SCENE.replace("model: tiny", f"model: {model}").replace(
+            "{box: [0.0, 0.5, 0.5, 1.0]}", "{mask: 1_mask.png}").replace(
+            "    visual: {image: fox.png, adapter: trained.safetensors}\n", ""))
+        plan = compile_scene(tmp_path / "s.yaml")
+        masks = plan.jobs[0].entities[0].masks
+        mask = np.asarray(Image.open(tmp_path / "1_mask.png")) > 127
+        px = {"token": 16, "latent": 8, "a16": 16, "a32": 32, "a64": 64}
+        for g in be.image_grids:
+            grid = plan.grid(g)
+            want = region_membership([plan.mask(masks, g)], grid)[0]
+            assert torch.equal(cells(mask, px[g], grid), want), (model, g)
+    rgb = np.asarray(Image.open(tmp_path / "1.png").convert("RGB"))
+    crop = object_crop(rgb, mask)
+    assert crop.shape == (24, 24, 3)  # the 24x20 box, padded to a square
+    assert (crop[:, :2] == GRAY).all() and (crop[:, -2:] == GRAY).all()
+    assert (crop[:, 2:22] == COLORS[1]).all()
