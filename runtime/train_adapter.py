@@ -190,7 +190,7 @@ class Trainer:
         self.names = {id(m): layer_key(n) for n, m in self.layers.items()}
         self.encoder, self.proc = self._encoder()
         self.adapter = self._adapter()
-        self.params = [p for p in self.adapter.parameters()]
+        self.params = list(self.adapter.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=1e-2)  # IP-Adapter's optimiser
         self.gen = torch.Generator("cpu").manual_seed(int(cfg.seed))
         self.step = 0
@@ -215,7 +215,8 @@ class Trainer:
                             "CLIPVisionModel directory); only the tiny models have one built in")
         return enc.to(self.be.device, torch.float32).requires_grad_(False), proc
 
-    def _text_kv(self, name: str, mod) -> tuple:
+    @staticmethod
+    def _text_kv(mod) -> tuple:
         """The layer's own key/value projections of text (SD ``attn2.to_k/to_v``; Flux ``add_k/v_proj``
         on dual-stream blocks, ``to_k/to_v`` on single-stream ones)."""
         if getattr(mod, "add_k_proj", None) is not None:
@@ -225,7 +226,7 @@ class Trainer:
     def _adapter(self) -> KVMixedAdapter:
         """A fresh adapter (seeded); each layer's to_k/to_v starts as that layer's text projections where
         the widths match (IP-Adapter's initialisation of to_k_ip/to_v_ip, arXiv 2308.06721, §3.2)."""
-        widths = {self._text_kv(n, m)[0].in_features for n, m in self.layers.items()}
+        widths = {self._text_kv(m)[0].in_features for m in self.layers.values()}
         w = widths.pop() if len(widths) == 1 else 768
         dim = w if w <= 2048 else 768
         tiny = self.tiny
@@ -238,7 +239,7 @@ class Trainer:
             ad = KVMixedAdapter(c)
         with torch.no_grad():
             for n, m in self.layers.items():
-                tk, tv = self._text_kv(n, m)
+                tk, tv = self._text_kv(m)
                 for src, dst in ((tk, ad.to_k[layer_key(n)]), (tv, ad.to_v[layer_key(n)])):
                     if src.weight.shape == dst.weight.shape:
                         dst.weight.copy_(src.weight.float())

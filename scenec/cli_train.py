@@ -114,7 +114,6 @@ def train_adapter(
                       device=device, dtype=dtype, val_every=val_every, checkpoint_every=checkpoint_every,
                       data=f"{data_digest(train)}:{data_digest(val)}")
     ckpt = Path(f"{out}.ckpt")
-    display = None
     trainer = None
     try:
         from scenec.runtime.train_adapter import Trainer
@@ -131,13 +130,13 @@ def train_adapter(
             _say(f"{len(train)} training and {len(val)} held-out examples on {model}; held-out loss before "
                  f"training {trainer.evaluate():.4f}")
         display = _Display(steps, trainer.step, val_every or 50)
-        trainer.fit(ckpt, on_step=display)
-        display.close()
+        try:
+            trainer.fit(ckpt, on_step=display)
+        finally:
+            display.close()  # the bar leaves the terminal before any message
         encoder = _encoder_entry(trainer, out, image_encoder)
         trainer.save(out, encoder)
     except KeyboardInterrupt:
-        if display is not None:
-            display.close()
         at = "" if trainer is None else f" at step {trainer.step}"
         kept = ckpt / "last.pt"
         what = f"{kept} resumes it: run the same command again" if kept.is_file() else "no checkpoint was written yet"
