@@ -153,6 +153,24 @@ class Run:
         return self.predict(x, level)
 
 
+def model_output(run: Run, x: torch.Tensor, solver, mods: list = ()) -> torch.Tensor:
+    """One model output outside the sampling loop (adapter training, runtime/train_adapter.py): the family's
+    guided output at level 0 of ``solver`` (a one-level table: the training noise level) on each row's
+    global prompt, no method taking part, with ``mods`` added to every call's attention modifiers. The
+    families assemble the text and run the model as in sampling; called outside inference mode,
+    gradients reach whatever ``mods`` hold."""
+    def call(pairs):
+        c = run.call(pairs, None, 0)
+        c.mods = c.mods + list(mods)
+        return c
+
+    kept, run.solver = run.solver, solver
+    try:
+        return run.backend.predict(run, x, 0, call)
+    finally:
+        run.solver = kept
+
+
 def denoise(run: Run, n: int, op: Denoise) -> torch.Tensor:
     """One sampler step (see the module docstring)."""
     for m in run.methods:

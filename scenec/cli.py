@@ -17,6 +17,7 @@ import typer
 from scenec.cli_layout import preview, watch
 from scenec.cli_options import GUIDANCE_OPTION, LORA_HELP, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
 from scenec.cli_tools import eval_, show, split, tune
+from scenec.cli_train import train_adapter
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 from scenec.spec.diagnostics import printable
 
@@ -377,6 +378,7 @@ app.command()(tune)
 app.command()(split)
 app.command()(show)
 app.command()(watch)
+app.command("train-adapter")(train_adapter)
 
 
 def main() -> None:

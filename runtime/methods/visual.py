@@ -29,6 +29,7 @@ is runtime/methods/visual_refine.py.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 
 import numpy as np
@@ -93,17 +94,19 @@ def tiny_adapter(layers: dict[str, nn.Module], embed_dim: int) -> KVMixedAdapter
         return KVMixedAdapter(config).eval().requires_grad_(False)
 
 
-def save_adapter(adapter: KVMixedAdapter, path, image_encoder: str) -> None:
-    """Write an adapter as ``.safetensors`` with its format, configuration and image encoder in the metadata."""
+def save_adapter(adapter: KVMixedAdapter, path, image_encoder: str, extra: dict | None = None) -> None:
+    """Write an adapter as ``.safetensors`` with its format, configuration and image encoder in the metadata
+    (a relative image encoder is read relative to the file's directory); ``extra``: more metadata strings."""
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT, "config": json.dumps(adapter.config, sort_keys=True), "image_encoder": image_encoder}
+    meta = {**(extra or {}), "format": FORMAT, "config": json.dumps(adapter.config, sort_keys=True),
+            "image_encoder": image_encoder}
     save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_adapter(path: str, sha256: str, layers: dict[str, nn.Module]) -> tuple[KVMixedAdapter, str]:
     """An adapter file as the plan names it (its digest checked) for these attention layers; and its image
-    encoder's directory."""
+    encoder's directory (a relative one resolved against the adapter file's directory)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -129,7 +132,10 @@ def load_adapter(path: str, sha256: str, layers: dict[str, nn.Module]) -> tuple[
     keep = {k: v for k, v in state.items() if not k.startswith(("to_k.", "to_v.")) or k.split(".")[1] in
             {layer_key(n) for n in layers}}
     adapter.load_state_dict(keep, strict=True)
-    return adapter.eval().requires_grad_(False), meta.get("image_encoder", "")
+    enc = meta.get("image_encoder", "")
+    if enc and not os.path.isabs(enc):  # beside the file: an adapter's folder can move as a whole
+        enc = os.path.join(os.path.dirname(os.path.abspath(path)), enc)
+    return adapter.eval().requires_grad_(False), enc
 
 
 def image_encoder(spec: str, projection: bool = False):
