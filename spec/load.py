@@ -214,7 +214,7 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
         return model.model_validate(data)
     except ValidationError as e:
         errs = e.errors(include_url=False)
-        paths = [_data_path(tuple(x["loc"]), data) for x in errs]
+        paths = [_data_path(tuple(x["loc"]), data, x["type"]) for x in errs]
         # A union (`seed: int | list[int]`) reports every branch. Keep the branch that fits the input:
         # drop an error when another points deeper into the same value, and for a list or mapping
         # report "must be an integer" last (one error per position keeps the first).
@@ -248,7 +248,7 @@ def _without_bad_values(data: Any, rounds: int = 3):
             for err in e.errors(include_url=False):
                 if err["type"] == "missing":
                     return None
-                path = _data_path(tuple(err["loc"]), data)
+                path = _data_path(tuple(err["loc"]), data, err["type"])
                 parent = data
                 for part in path[:-1]:
                     parent = parent[part]
@@ -258,8 +258,12 @@ def _without_bad_values(data: Any, rounds: int = 3):
     return None
 
 
-def _data_path(loc: tuple, data: Any) -> tuple:
-    """Drop the parts of a pydantic location that are not in the data (union tags, type names)."""
+KEY_ERRORS = ("missing", "extra_forbidden")  # errors about a key, which the data may lack
+
+
+def _data_path(loc: tuple, data: Any, typ: str = "missing") -> tuple:
+    """Drop the parts of a pydantic location that are not in the data (union tags, type names); the last
+    part, absent from the data, is kept for an error about a key (``typ``: missing or unknown)."""
     out = []
     cur = data
     for part in loc:
@@ -269,7 +273,8 @@ def _data_path(loc: tuple, data: Any) -> tuple:
         elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             out.append(part)
             cur = cur[part]
-        elif isinstance(cur, dict) and isinstance(part, str) and part not in cur and loc[-1] == part:
+        elif (typ in KEY_ERRORS and isinstance(cur, dict) and isinstance(part, str) and part not in cur
+              and loc[-1] == part):
             out.append(part)  # a missing or unknown key: keep it, the report needs its name
             cur = None
     return tuple(out)
@@ -303,7 +308,7 @@ _TYPE_WORDS = {
 def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) -> None:
     loc = tuple(err["loc"])
     typ = err["type"]
-    path = _data_path(loc, data)
+    path = _data_path(loc, data, typ)
     value = err.get("input")
     if typ == "extra_forbidden":
         key = path[-1] if path else loc[-1]

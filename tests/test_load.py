@@ -205,3 +205,14 @@ def test_use_of_a_def_that_is_not_a_mapping_is_not_unknown(tmp_path):
     msgs = [m for _, _, m in errors(p)]
     assert "`defs.entities.b` must be a mapping, found null" in msgs
     assert not any("unknown def" in m for m in msgs)
+
+
+def test_a_bad_value_inside_a_union_mapping_is_one_error(tmp_path):
+    """`model` is a string or a mapping: a bad value inside the mapping is reported there, and the string
+    branch's "must be a string" (pydantic's other union branch) is not reported as an unknown key."""
+    p = write(tmp_path, "m.yaml", """
+        scenec: 1
+        model: {id: tiny, lora: [{file: x.safetensors, scale: abc}]}
+        canvas: {width: 64, height: 64}
+        """)
+    assert errors(p) == [(2, 55, "`model.lora.0.scale` must be a number, found string `abc`")]
