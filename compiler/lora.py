@@ -263,6 +263,30 @@ def parse_cli_lora(arg: str) -> tuple[str, float]:
     return arg, 1.0
 
 
+def cli_lora_problems(cli_lora) -> list[str]:
+    """What is wrong with the command line's ``--lora`` arguments, one sentence each, checked once before
+    any scene (the arguments do not depend on a scene; which family a LoRA fits is the scene's check)."""
+    out = []
+    for arg in cli_lora or ():
+        try:
+            value, _scale = parse_cli_lora(arg)
+        except ValueError as e:
+            out.append(str(e))
+            continue
+        p = Path(value).expanduser()
+        if not p.is_file():
+            out.append(f"--lora {arg}: {'not found' if not p.exists() else 'not a file'} (looked for {p.resolve()})")
+        elif p.suffix != ".safetensors":
+            out.append(f"--lora {arg}: not a .safetensors file: scenec loads safetensors only")
+        else:
+            got = inspect_file(p)
+            if isinstance(got, str):
+                out.append(f"--lora {arg}: {got}")
+            else:
+                out += [f"--lora {arg}: {problem}" for problem in got.problems]
+    return out
+
+
 def asked_model_loras(ls, model_override: str | None, cli_lora, diags: Diagnostics) -> list[Asked]:
     """The LoRAs of the whole image: the scene's ``model.lora`` (unless ``--model`` replaces the model), or
     the ``default_model`` table's of scenec.toml when the scene names no model, then each ``--lora``."""
@@ -278,6 +302,10 @@ def asked_model_loras(ls, model_override: str | None, cli_lora, diags: Diagnosti
                              lo.file or lo.repo or "lora"))
     elif model_override is None and sc_model is None:
         out += _toml_loras(ls, diags)
+    elif isinstance(sc_model, m.ModelSpec) and sc_model.lora:
+        n = len(sc_model.lora)
+        diags.warning(ls.pos(("model", "lora")), f"--model replaces the scene's model, and with it its "
+                      f"{n} LoRA{'s' if n > 1 else ''}: not applied (give {'them' if n > 1 else 'it'} with --lora)")
     for arg in cli_lora or ():
         try:
             path, scale = parse_cli_lora(arg)
@@ -301,12 +329,19 @@ def _toml_loras(ls, diags: Diagnostics) -> list[Asked]:
         return []  # reported by resolve_model
     if not isinstance(table, dict):
         return []
-    pos = Pos(display_path(ls.root / "scenec.toml"))
+    toml = ls.root / "scenec.toml"
+    try:  # TOML carries no positions: the line that sets default_model
+        line = next((i for i, t in enumerate(toml.read_text(encoding="utf-8").splitlines(), 1)
+                     if re.match(r"\s*default_model\s*=", t)), 1)
+    except (OSError, UnicodeDecodeError):
+        line = 1
+    pos = Pos(display_path(toml), line, 1)
     try:
         spec = m.ModelSpec.model_validate(table)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        diags.error(pos, f"`default_model`: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}".replace(": : ", ": "))
+        for err in e.errors(include_url=False):
+            where = ".".join(["default_model", *(str(p) for p in err["loc"])])
+            diags.error(pos, f"`{where}`: {err['msg'][:1].lower()}{err['msg'][1:]}, found `{err.get('input')}`")
         return []
     return [Asked(lo, pos, pos, ls.root, f"default_model.lora[{i}]") for i, lo in enumerate(spec.lora)]
 

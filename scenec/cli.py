@@ -15,7 +15,15 @@ from typing import List, Optional
 import typer
 
 from scenec.cli_layout import preview, watch
-from scenec.cli_options import GUIDANCE_OPTION, LORA_HELP, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
+from scenec.cli_options import (
+    GUIDANCE_OPTION,
+    LORA_HELP,
+    SEED_OPTION,
+    SET_OPTION,
+    STEPS_OPTION,
+    check_loras,
+    overrides,
+)
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.cli_train import train_adapter
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
@@ -59,6 +67,7 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
     from scenec.spec.load import load_library
 
     ovr = overrides(seed, steps, guidance, set_)
+    check_loras(lora)
     found, problems = discover(files, libraries=True)
     print_diags(problems)
     bad = sum(d.severity == "error" for d in problems)
@@ -102,6 +111,7 @@ def compile_(file: Path = typer.Argument(..., help="scene file"),
 
     if out.exists() and not out.is_dir():
         bad_path(out, "exists and is not a directory (-o names the plan directory)")
+    check_loras(lora)
     try:
         plan = compile_scene(file, model=model, lora=lora or (), overrides=overrides(seed, steps, guidance, set_))
     except SceneError as e:
@@ -297,6 +307,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
 
         return build_from(from_, out, project, device, dtype, quiet, json_)
     ovr = overrides(seed, steps, guidance, set_, on_error=lambda msg: end(EXIT_INVALID, msg))
+    check_loras(lora, on_error=lambda msg: end(EXIT_INVALID, msg))
     from scenec.build.driver import build_batch
     from scenec.runtime.memory import problem
     if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
@@ -349,6 +360,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
     from scenec.build.reporting import format_status
     from scenec.build.reporting import status as run_status
 
+    check_loras(lora)
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
                                              weights_hash=weights_hash, lora=lora or (), last_out=out is None,

@@ -31,3 +31,18 @@ def overrides(seed: Optional[str], steps: Optional[str], guidance: Optional[str]
             on_error(f"scenec: {e}")
         print(f"scenec: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID) from None
+
+
+def check_loras(lora: Optional[List[str]], on_error=None) -> None:
+    """The ``--lora`` arguments checked once, before any scene: each problem one line, exit 2 (through
+    ``on_error(message)`` when given)."""
+    from scenec.compiler.lora import cli_lora_problems
+
+    problems = cli_lora_problems(lora)
+    if not problems:
+        return
+    message = "\n".join(f"scenec: {p}" for p in problems)
+    if on_error is not None:
+        on_error(message)
+    print(message, file=sys.stderr)
+    raise typer.Exit(EXIT_INVALID)

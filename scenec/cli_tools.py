@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from scenec.cli_options import LORA_HELP
+from scenec.cli_options import LORA_HELP, check_loras
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, fail_invalid, internal, path_error
 
 
@@ -33,7 +33,8 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
           clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
           segmenter: Optional[str] = SEGMENTER_OPTION,
           model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
-          lora: Optional[List[str]] = typer.Option(None, "--lora", help="the --lora the images were built with"),
+          lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:SCALE]: the --lora the images were "
+                                                   "built with (with --scene; a --plan has its LoRAs)"),
           json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """Coupled-generation metrics per group: BgSim, CLIPScore and a·BgSim + b·CLIPScore."""
     import json
@@ -42,6 +43,7 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
     from scenec.metrics import EvalError, parse_weights
     from scenec.spec.diagnostics import SceneError
 
+    check_loras(lora)
     try:
         w = parse_weights(weights)
         seg = load_segmenter(segmenter)
@@ -92,6 +94,7 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     if why := device_problem(device):
         print(f"scenec: {why}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
+    check_loras(lora)
     try:
         w = parse_weights(weights)
         seg = load_segmenter(segmenter)

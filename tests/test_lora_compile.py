@@ -2,6 +2,7 @@
 their digests and scales in the cache key; bad input located at FILE:LINE:COL with exit 2."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,7 @@ def test_cli_lora_and_toml_default_model_table(tmp_path):
     plan = compile_scene(p, model="tiny", lora=[str(b)])
     assert [lo["scale"] for lo in plan.json["model"]["lora"]] == [1.0] and "b.safetensors" in \
         plan.json["model"]["lora"][0]["path"]
+    assert any("--model replaces the scene's model, and with it its 1 LoRA" in w.message for w in plan.warnings)
     # scenec.toml: default_model as a table
     (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = {id = "tiny", lora = [{file = "a.safetensors", '
                                           'scale = 0.6}]}\n')
@@ -168,11 +170,20 @@ def test_bad_loras_are_located(tmp_path):
 
 
 def test_bad_cli_lora_exit_2(tmp_path):
+    """A bad --lora is one line before any scene, however many scenes the command has (not one per scene)."""
     p = scene(tmp_path, "tiny")
-    r = scenec("validate", p, "--lora", tmp_path / "nope.safetensors")
-    assert r.returncode == 2 and "LoRA" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr
+    shutil.copyfile(p, tmp_path / "t.yaml")
+    nope = tmp_path / "nope.safetensors"
+    for cmd in ("validate", "build"):
+        r = scenec(cmd, p, tmp_path / "t.yaml", "--lora", nope, *(["-o", tmp_path / "o"] if cmd == "build" else []))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines()[0] == f"scenec: --lora {nope}: not found (looked for {nope.resolve()})"
+        assert r.stderr.count("not found") == 1
     r = scenec("validate", p, "--lora", f"{flux_lora(tmp_path / 'a.safetensors')}:lots")
     assert r.returncode == 2 and "must be a number" in r.stderr
+    (tmp_path / "b.ckpt").write_bytes(b"x")
+    r = scenec("compile", p, "-o", tmp_path / "plan", "--lora", tmp_path / "b.ckpt")
+    assert r.returncode == 2 and "not a .safetensors file" in r.stderr and not (tmp_path / "plan").exists()
 
 
 def test_lora_entry_needs_file_or_repo(tmp_path):
@@ -269,3 +280,15 @@ def test_repo_lora_from_the_local_hub_cache(tmp_path):
     (lo,) = json.loads((tmp_path / "plan" / "plan.json").read_text())["model"]["lora"]
     assert lo["name"] == "someone/style-lora/style.safetensors" and lo["scale"] == 0.4
     assert lo["path"].endswith("snapshots/abc123/style.safetensors")
+
+
+def test_bad_default_model_lora_in_scenec_toml_names_its_line(tmp_path):
+    p = scene(tmp_path, "tiny")
+    p.write_text(p.read_text().replace("model: tiny\n", ""))
+    (tmp_path / "scenec.toml").write_text('[project]\n\ndefault_model = {id = "tiny", lora = [{file = "a.safetensors", '
+                                          'scale = "abc"}]}\n')
+    with pytest.raises(SceneError) as e:
+        compile_scene(p)
+    [d] = [d for d in e.value.diagnostics.sorted() if d.severity == "error"]
+    assert (d.pos.file.endswith("scenec.toml"), d.pos.line) == (True, 3)
+    assert d.message.startswith("`default_model.lora.0.scale`: input should be a valid number") and "`abc`" in d.message
