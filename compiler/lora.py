@@ -48,6 +48,7 @@ KOHYA_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_b
 XLABS = re.compile(r"(double_blocks\.\d+\.processor\.(qkv|proj)_lora[12]"
                    r"|single_blocks\.\d+\.processor\.(qkv|proj)_lora)")
 FAMILY_OF_FORMAT = {"diffsynth": "flux", "xlabs": "flux"}
+FAMILY_NAMES = {"flux": "a Flux model", "sd": "an SD model", "sdxl": "an SDXL model"}
 
 # --- DiffSynth-Studio's Flux DiT names → diffusers' ----------------------------------------------
 # DiffSynth's FluxDiT fuses q, k, v (a_to_qkv: image, b_to_qkv: text) and, in single-stream blocks,
@@ -382,12 +383,13 @@ def resolve(ls, asked: Asked, family: str, diags: Diagnostics) -> Lora | None:
     fam_of = FAMILY_OF_FORMAT.get(got.format, got.kind)
     if not got.problems and fam_of is not None and fam_of != want:
         diags.error(asked.file_pos, f"LoRA `{name}` adapts {'Flux' if fam_of == 'flux' else 'UNet (SD, SDXL)'} "
-                    f"layers; this scene's model is a {family} model")
+                    f"layers; this scene's model is {FAMILY_NAMES.get(family, family)}")
         return None
     if got.problems:
         return None
     if got.text_layers:
-        diags.warning(asked.file_pos, f"LoRA `{name}` also adapts {got.text_layers} text-encoder layers; scenec "
+        diags.warning(asked.file_pos, f"LoRA `{name}` also adapts {got.text_layers} text-encoder "
+                      f"layer{'s' if got.text_layers > 1 else ''}; scenec "
                       "applies LoRAs to the transformer or UNet only, so those are left out")
     return Lora(name=name, path=str(path), sha256=got.sha256, scale=float(lo.scale), format=got.format)
 
