@@ -185,3 +185,24 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 
     with pytest.raises(PlanError, match="made for another model"):
         vis.load_adapter(str(d / "a.safetensors"), sha256_file(d / "a.safetensors"), layers)
+
+
+def test_sd_negative_branch_sees_the_no_image_tokens_in_a_batched_call(tmp_path, monkeypatch):
+    """After `until`, SD runs both guidance branches as one UNet call (equal text lengths, no mask): its
+    negative row must get the no-image tokens, as IP-Adapter's unconditional branch (the positive's were
+    reused there before)."""
+    compile_(tmp_path, "cfg", "tiny-sd", fox="    visual: {image: fox.png}\n")
+    scene = tmp_path / "cfg" / "s.yaml"
+    scene.write_text(scene.read_text().replace("sampler:", "attention: {until: 0.5}\nsampler:"))
+    plan = compile_scene(scene)
+    seen = []
+    orig = vis.VisualPrompt.project
+
+    def spy(self, negatives, module):
+        seen.append(negatives)
+        return orig(self, negatives, module)
+
+    monkeypatch.setattr(vis.VisualPrompt, "project", spy)
+    latents("tiny-sd", plan)
+    assert (True, False) in seen  # the batched calls after `until` (regional steps run a branch at a time)
+    assert set(seen) <= {(True, False), (False,), (True,)}

@@ -205,6 +205,12 @@ class SDBackend:
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
             return e_u + g * (e_c - e_u)
         pos, neg = call([(0, False)]), call([(0, True)])
+        if any(getattr(m, "per_branch", False) for m in pos.mods):
+            # tokens made per branch (visual prompts: the negative sees the no-image input's): one call
+            # shaped for both rows by the methods, as a batch's, never the positive's reused on the negative
+            c = call([(0, True), (0, False)])
+            e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
+            return e_u + g * (e_c - e_u)
         masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
         # key scales and LoRA token weights are laid out on the positive branch's text
         scaled = any(isinstance(m, KeyScale) or getattr(m, "rows_bound", False) for m in pos.mods)
