@@ -86,7 +86,7 @@ def refine_step(x_next: torch.Tensor, x_guess: torch.Tensor, step: Callable[[tor
     return x
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def invert(solver, model: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Tensor, levels: list[int],
            refine: int | None = None) -> dict[int, torch.Tensor]:
     """From the clean latent ``z`` (level N) up to ``min(levels)``; returns {level: float32 latent}.

@@ -44,6 +44,8 @@ class Layer:
 
     def tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
+        if key in self._on and self._on[key][0].is_inference() and not torch.is_inference_mode_enabled():
+            del self._on[key]  # made under a caller's inference_mode: autograd (visual.refine) cannot save it
         if key not in self._on:
             self._on[key] = (self.A.to(like.device, like.dtype), self.B.to(like.device, like.dtype))
         return self._on[key]

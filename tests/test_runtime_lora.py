@@ -370,3 +370,17 @@ def test_kohya_flux_img_in_is_applied_as_x_embedder(tmp_path):
     kohya = latents(be, plan_with([lora_entry(tmp_path / "k.safetensors", 0.8, "kohya")]))
     assert (kohya - latents(be, make_plan(steps=STEPS))).abs().max() > 1e-2
     assert torch.equal(kohya, latents(be, plan_with([lora_entry(tmp_path / "d.safetensors", 0.8)])))
+
+
+def test_lora_copies_made_under_inference_mode_are_not_kept_for_gradients():
+    """A caller's inference_mode (or any earlier run) must not leave a LoRA's device copies as inference
+    tensors: visual.refine's backward saves them (the copies are per device and dtype, so fp32 → bf16)."""
+    from scenec.runtime.lora import Layer
+
+    layer = Layer(torch.randn(2, 8), torch.randn(8, 2), 0.5)
+    lin = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    with torch.inference_mode():
+        layer.delta(lin, torch.randn(3, 8, dtype=torch.bfloat16))
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    layer.delta(lin, x).sum().backward()  # "Inference tensors cannot be saved for backward" before
+    assert x.grad is not None and not layer.tensors(x)[0].is_inference()

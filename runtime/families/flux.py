@@ -132,7 +132,7 @@ class FluxBackend:
         self._cache.clear()
 
     # -- text ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_global(self, text: str, max_sequence_length: int) -> Encoded:
         """CLIP pooled + T5 padded to max_sequence_length: exactly FluxPipeline.encode_prompt."""
         key = ("global", text, max_sequence_length)
@@ -142,7 +142,7 @@ class FluxBackend:
             self._cache[key] = Encoded(seq, pooled)
         return self._cache[key]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_entity(self, text: str, max_sequence_length: int, pad_to: int | None = None) -> Encoded:
         """T5 over the entity's real tokens only (with </s>), or padded to ``pad_to`` tokens."""
         key = ("entity", text, max_sequence_length, pad_to)
@@ -254,7 +254,7 @@ class FluxBackend:
         return v
 
     # -- images ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 ``[H, W, 3]`` → packed latent (FluxImg2ImgPipeline's encoding, the VAE's mode: deterministic)."""
         from PIL import Image
@@ -276,7 +276,7 @@ class FluxBackend:
         mt = mt[None, None].expand(1, c, lh, lw).contiguous()
         return self.pipe._pack_latents(mt, 1, c, lh, lw)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, plan):
         """Packed latents → PIL image, as FluxPipeline does (unpack, unscale/unshift, VAE decode)."""
         pipe = self.pipe

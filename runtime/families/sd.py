@@ -109,7 +109,7 @@ class SDBackend:
         return "image"
 
     # -- text ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_global(self, text: str, negative: bool = False) -> torch.Tensor:
         """CLIP last hidden state, padded to 77 tokens: exactly StableDiffusionPipeline.encode_prompt."""
         key = ("global", text)
@@ -117,7 +117,7 @@ class SDBackend:
             self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0]
         return self._cache[key]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_entity(self, text: str) -> torch.Tensor:
         """CLIP over the entity's real tokens only (with start/end tokens), no padding."""
         key = ("entity", text)
@@ -230,7 +230,7 @@ class SDBackend:
         return e_u + g * (e_c - e_u)
 
     # -- images ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 ``[H, W, 3]`` → scaled latent (the VAE distribution's mode: deterministic)."""
         from PIL import Image
@@ -244,7 +244,7 @@ class SDBackend:
     def latent_mask(self, m: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(m, np.float32)).to(self.device)[None, None]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe
         f = pipe.vae_scale_factor

@@ -35,7 +35,7 @@ class SDXLBackend(SDBackend):
     def _zero_negative(self, text: str, negative: bool) -> bool:
         return negative and not text and bool(self.pipe.config.get("force_zeros_for_empty_prompt", True))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _encode(self, text: str, negative: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("global", text, self._zero_negative(text, negative))
         if key not in self._cache:
@@ -53,7 +53,7 @@ class SDXLBackend(SDBackend):
     def pooled_of(self, text: str, negative: bool) -> torch.Tensor:
         return self._encode(text, negative)[1]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_entity(self, text: str) -> torch.Tensor:
         """Both encoders over the entity's real tokens only (with start/end tokens), concatenated."""
         key = ("entity", text)
@@ -82,12 +82,12 @@ class SDXLBackend(SDBackend):
             vae.to(torch.float32)
         return vae
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, rgb: np.ndarray) -> torch.Tensor:
         self._vae()
         return super().encode_image(rgb)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, plan=None):
         self._vae()
         return super().decode(latents, plan)
