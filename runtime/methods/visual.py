@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from ..layout import region_membership
 from .base import Method
 from .ip_adapter import layer_key, load_ip
 
+MAX_LOADED = 4  # adapters (with their image encoders) kept per loaded model
 FORMAT = "scenec-kv-mixed/1"  # compiler/visual.py KV_MIXED_FORMAT: what the check pass accepts
 TINY_SEED = 20250401
 
@@ -222,15 +225,23 @@ class VisualPrompts(Method):
         self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
         layers = attention_layers(model, self.joint | self.cross)
         self.prompts = []
-        # adapters and encoders are read once per loaded model, not once per job (a batch build reuses them)
-        loaded = be.__dict__.setdefault("visual_models", {})
+        # adapters and encoders are read once per loaded model, not once per job (a batch build reuses them);
+        # the few most recent only (an image encoder is up to ~2.5 GB in bf16: ViT-bigG for SDXL's)
+        loaded = be.__dict__.setdefault("visual_models", OrderedDict())
+        # the encoder in the model's dtype on a GPU (its outputs are upcast), float32 on the CPU
+        enc_dtype = be.dtype if be.device.type == "cuda" else torch.float32
         for vp in run.job.visuals:
             key = (vp.mode, vp.adapter_sha256, vp.adapter, _stamp(vp.adapter))  # a changed file is read again
             if key not in loaded:
+                for old in [k for k in loaded if k[2] == vp.adapter and k[0] == vp.mode]:
+                    del loaded[old]  # the same file before it changed
                 adapter, encoder, proc, used = self._load(vp, layers, model)
                 adapter.to(device=be.device, dtype=torch.float32)
-                encoder.to(device=be.device, dtype=torch.float32)
+                encoder.to(device=be.device, dtype=enc_dtype)
                 loaded[key] = adapter, encoder, proc, used
+                while len(loaded) > MAX_LOADED:
+                    loaded.popitem(last=False)
+            loaded.move_to_end(key)
             adapter, encoder, proc, used = loaded[key]
             names = {id(mod): layer_key(name) for name, mod in used.items()}
             pos, neg = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
@@ -310,5 +321,11 @@ def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tup
     pix = pixels(rgb)
     # the negative input: zero pixel values (SD's IP-Adapter), or an all-black image (Flux's, as FluxPipeline)
     blank = pixels(np.zeros_like(rgb)) if getattr(adapter, "black_negative", False) else torch.zeros_like(pix)
-    pos, neg = (encoder(pixel_values=x.float(), output_hidden_states=True) for x in (pix, blank))
+    pos, neg = (_upcast(encoder(pixel_values=x.to(encoder.dtype), output_hidden_states=True)) for x in (pix, blank))
     return adapter.pair(pos, neg)
+
+
+def _upcast(out) -> SimpleNamespace:
+    """An encoder's outputs in float32 (the adapters' dtype), whatever the encoder ran in."""
+    return SimpleNamespace(**{k: tuple(t.float() for t in v) if isinstance(v, tuple) else v.float()
+                              for k, v in out.items()})
