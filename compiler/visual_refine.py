@@ -31,9 +31,9 @@ def check_refine(ls: LoadedScene, path: tuple, v, table: np.ndarray, steps: int,
     lo, hi = level_index(v.window[0], table), level_index(v.window[1], table)
     seen: dict[int, float] = {}
     for k, a in enumerate(r.at):
-        s = level_index(a, table)
+        s = refine_step(a, table)
         if not lo <= s < hi:
-            inside = f"steps {lo}–{hi - 1}" if hi > lo else "no step"
+            inside = "no step" if hi <= lo else f"step {lo}" if hi == lo + 1 else f"steps {lo}–{hi - 1}"
             diags.error(ls.pos(rp + ("at", k)), f"refine at {a:g} is sampler step {s} (noise level "
                         f"{table[s]:.3g}) at {steps} steps, outside the visual window [{v.window[0]:g}, "
                         f"{v.window[1]:g}] ({inside})", hint="pick a level inside `window`")
@@ -44,11 +44,17 @@ def check_refine(ls: LoadedScene, path: tuple, v, table: np.ndarray, steps: int,
             seen[s] = a
 
 
-def lower_refine(v, table: np.ndarray) -> Refine | None:
-    """The plan's refinement of entity visual ``v`` (None without one): its levels as distinct sorted step indices."""
+def refine_step(level: float, table: np.ndarray) -> int:
+    """The sampler step a refinement level names: the one whose starting level is nearest (the table's last
+    entry, the end of sampling, starts no step)."""
     from .levels import level_index
 
+    return level_index(level, table[:-1])
+
+
+def lower_refine(v, table: np.ndarray) -> Refine | None:
+    """The plan's refinement of entity visual ``v`` (None without one): its levels as distinct sorted step indices."""
     if v.refine is None:
         return None
     r = v.refine
-    return Refine(steps=r.steps, lr=r.lr, at=tuple(sorted({level_index(a, table) for a in r.at})))
+    return Refine(steps=r.steps, lr=r.lr, at=tuple(sorted({refine_step(a, table) for a in r.at})))

@@ -149,7 +149,8 @@ class Visual(Node):
         1.0, description="weight of the visual tokens, 0 – 10; 0 = the scene without it", examples=[0.8])
     window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
         default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise, as in `reference.window`) "
-        "between which the visual tokens act: the sampler steps that start inside [first, second)",
+        "between which the visual tokens act: the sampler steps from the one whose starting level is nearest "
+        "`first` up to (not including) the one nearest `second`",
         examples=[[1.0, 0.3]])
     refine: VisualRefine | None = Field(
         None, description="refine the value tokens at chosen steps so the region's predicted image matches the "

@@ -125,3 +125,10 @@ def test_refine_under_inference_mode_is_a_clear_error(tmp_path):
     plan = compile_(tmp_path, "r", "tiny-sd", fox=refined("tiny-sd"))
     with torch.inference_mode(), pytest.raises(Unsupported, match="inference_mode"):
         sampler.run_job.__wrapped__(BACKENDS["tiny-sd"](), plan, plan.jobs[0], decode=False)
+
+
+def test_refine_levels_name_the_step_that_starts_nearest(tmp_path):
+    """`at` near 0 is the last step (the table's end, level 0, starts no step): it was refused as "step N"."""
+    plan = compile_(tmp_path, "late", fox=refined("tiny", at="[0.05, 1.0]"))
+    (vp,) = plan.jobs[0].visuals
+    assert vp.refine.at == (0, plan.steps - 1)
