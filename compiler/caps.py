@@ -113,6 +113,12 @@ def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
     for a in ALIASES.values():
         if a.repo == spec:  # an alias's repository, named by its id
             return ModelInfo(spec, a.family, "hub", spec, a.steps, a.guidance, a.max_sequence_length)
+    if "/" not in spec:  # a hub id is ORG/NAME: no download can make this one a model
+        from scenec.spec.diagnostics import did_you_mean
+
+        close = did_you_mean(spec, ALIASES)
+        raise UnknownModel(f"`{spec}` is no alias, local diffusers directory or hub id (ORG/NAME)"
+                           + (f": {close}" if close else "; aliases: " + ", ".join(ALIASES)))
     index = _cached_model_index(spec)
     if index is None:
         raise UnknownModel(f"the model family of `{spec}` is unknown until its weights are here: `hf download "

@@ -481,3 +481,12 @@ def test_family_without_a_method_refuses_the_key_that_asks_for_it(proj, monkeypa
     assert errs(d) == [(6, 5, "`reference` needs reference images, which bare models such as `bare` do not run")]
     assert d.errors[0].hint == "bare models run: regional attention"
     assert errs(diags_of(p, "tiny-sd")) == []
+
+
+def test_a_mistyped_alias_suggests_the_alias_not_a_download():
+    from scenec.compiler.caps import UnknownModel
+
+    with pytest.raises(UnknownModel, match=r"`flux-devv` is no alias, .*: did you mean `flux-dev`\?"):
+        model_info("flux-devv")
+    with pytest.raises(UnknownModel, match="hf download someone/model"):  # a hub id: where to get it
+        model_info("someone/model")
