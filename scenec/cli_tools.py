@@ -101,6 +101,9 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
         res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
                        clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model, lora=lora or (),
                        device=device, dtype=dtype, segmenter=seg, text=text, seed=seed)
+    except KeyboardInterrupt:
+        print("scenec: interrupted (the evaluations so far are kept: run it again to resume)", file=sys.stderr)
+        raise typer.Exit(130)
     except EvalError as e:
         _fail_eval(e)
     except SceneError as e:

@@ -160,8 +160,8 @@ class Evaluator:
             return
         if doc.get("format") != STATE_FORMAT or doc.get("fingerprint") != _jsonable(self.fingerprint) \
                 or doc.get("steps") != self.steps:
-            self.log(f"{p}: the state belongs to another problem (scene, group, model, weights or CLIP changed); "
-                     "starting afresh")
+            self.log(f"{p}: the state belongs to another problem (scene, group, model, LoRAs, weights or CLIP "
+                     "changed); starting afresh")
             return
         for e in doc.get("evaluations", []):
             ev = Evaluation([float(x) for x in e["values"]], float(e["objective"]), e.get("method", "?"),
