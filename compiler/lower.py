@@ -290,6 +290,7 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
                                 for e in material["entities"]]
         for vp in material.get("visuals", ()):  # an adapter is its content (the digest), not where it lies
             vp.pop("adapter", None)
+            vp.pop("encoder", None)  # its encoder's files are in the cache key (scenec/build/keys.py)
         if job["group"]:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])

@@ -55,7 +55,60 @@ IP_KINDS = {"unet": "an SD/SDXL IP-Adapter (h94/IP-Adapter's `image_proj.*`, `ip
             "flux": "a Flux IP-Adapter (XLabs' `ip_adapter_proj_model.*`, `double_blocks.*`)"}
 
 
-def _adapter_problem(head: dict | None, mode: str, family: str) -> str | None:
+# a kv-mixed adapter's layers (its `config`'s module paths) tell the model kind it was made for
+FLUX_LAYERS, UNET_LAYERS = ("transformer_blocks.", "single_transformer_blocks."), ("down_blocks.", "up_blocks.",
+                                                                                  "mid_block.")
+
+
+def encoder_dir(meta: dict, adapter):
+    """The image encoder directory a kv-mixed adapter's metadata names (relative: beside the adapter)."""
+    from pathlib import Path
+
+    enc = Path(meta.get("image_encoder", ""))
+    return enc if enc.is_absolute() else Path(adapter).parent / enc
+
+
+def adapter_encoder(mode: str, adapter) -> str | None:
+    """The absolute path of the image encoder directory an adapter file runs with, when it exists (kv-mixed:
+    the one its metadata names; ip-adapter: ``image_encoder/`` beside it, h94's layout); None without one
+    (the tiny models' built-in encoder)."""
+    from pathlib import Path
+
+    from scenec.spec.fsio import note_input
+
+    if mode == "kv-mixed":
+        head = adapter_header(adapter) or {}
+        d = encoder_dir(head.get("__metadata__") or {}, adapter)
+    else:
+        d = Path(adapter).parent / "image_encoder"
+    note_input(d / "config.json")  # the encoder appearing or going changes the plan
+    return str(d.resolve()) if (d / "config.json").is_file() else None
+
+
+def _kv_mixed_problem(meta: dict, family: str, where) -> str | None:
+    """What the header of a kv-mixed adapter (``where``: its path) says against this model: its configuration,
+    the model kind its layers belong to, its image encoder directory."""
+    try:
+        config = json.loads(meta.get("config", ""))
+        layers = config["layers"]
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return "has no valid `config` in its metadata (JSON with `layers`): write it with save_adapter"
+    kinds = {"flux" for n in layers if n.startswith(FLUX_LAYERS)} | \
+        {"unet" for n in layers if n.startswith(UNET_LAYERS)}
+    want = "flux" if family == "flux" else "unet"
+    if kinds and want not in kinds:
+        made = "a Flux model" if "flux" in kinds else "a UNet model (SD, SDXL)"
+        return f"was made for {made} (its `config.layers`); this scene's model is {family}"
+    enc = encoder_dir(meta, where)
+    if not meta.get("image_encoder") or not (enc / "config.json").is_file():
+        return (f"names its image encoder `{meta.get('image_encoder', '')}`, which is no CLIP vision directory "
+                f"(looked for {enc / 'config.json'}): keep the image_encoder/ written beside it")
+    return None
+
+
+def _adapter_problem(head: dict | None, mode: str, family: str, where=".") -> str | None:
     if head is None:
         return "is not a safetensors file"
     names = [k for k in head if k != "__metadata__"]
@@ -63,7 +116,7 @@ def _adapter_problem(head: dict | None, mode: str, family: str) -> str | None:
         meta = head.get("__metadata__") or {}
         if meta.get("format") != KV_MIXED_FORMAT:
             return f"is not a kv-mixed adapter (its metadata has no `format: {KV_MIXED_FORMAT}`)"
-        return None
+        return _kv_mixed_problem(meta, family, where)
     kinds = [kind for kind, (proj, layers) in IP_NAMES.items()
              if any(k.startswith(proj) for k in names) and any(k.startswith(layers) for k in names)]
     want = "flux" if family == "flux" else "unet"
@@ -98,7 +151,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
-            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode, info.family.name)
+            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode, info.family.name, p)
             if problem:
                 diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
                             hint="docs/visual-prompts.md says which weights each mode loads")
@@ -147,12 +200,12 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
         if max(rgb.size) > MAX_VISUAL_SIDE:
             rgb.thumbnail((MAX_VISUAL_SIDE, MAX_VISUAL_SIDE), Image.Resampling.LANCZOS)
         tensors[name] = np.asarray(rgb, dtype=np.uint8)
-    adapter = digest = None
+    adapter = digest = encoder = None
     if v.adapter is not None:
         a = ir.scene.resolve(path + ("adapter",), v.adapter)
-        adapter, digest = str(a), sha256_file(a)
+        adapter, digest, encoder = str(a), sha256_file(a), adapter_encoder(v.mode, a)
     table = noise_levels(ir.info, ir.canvas, ir.steps)
     return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
-                  adapter_sha256=digest, scale=v.scale, masks=masks,
+                  adapter_sha256=digest, encoder=encoder, scale=v.scale, masks=masks,
                   window=(level_index(v.window[0], table), level_index(v.window[1], table)),
                   refine=lower_refine(v, table))

@@ -38,6 +38,9 @@ class Visual(BaseModel):
     mode: Literal["kv-mixed", "ip-adapter"] = "kv-mixed"
     adapter: str | None = None  # absolute path of a .safetensors file; None = the tiny models' built-in one
     adapter_sha256: str | None = None
+    # absolute path of the adapter's image encoder directory (None: built in); like `adapter`, not part of the
+    # job_hash: the build's cache key holds a digest of its files (scenec/build/keys.py, as a model directory's)
+    encoder: str | None = None
     scale: float = Field(1.0, ge=0.0)
     window: tuple[int, int]  # acts on the denoise ops with window[0] <= from < window[1]
     masks: dict[str, str] | None = None

@@ -3,6 +3,7 @@ image and adapter resolved under the project root and checked like every image, 
 prompts (image, region masks, window, adapter digest) and the job hash."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,14 +60,22 @@ def test_large_images_are_scaled_to_the_plans_limit(tmp_path):
     assert img.shape == (256, 512, 3) and (img[100, 100] == (10, 200, 30)).all()
 
 
+def kv_meta(layers=("transformer_blocks.0.attn",), encoder="enc"):
+    """A kv-mixed adapter's metadata (format, config, image encoder beside it)."""
+    return {"format": "scenec-kv-mixed/1", "config": json.dumps({"layers": {n: 32 for n in layers}}),
+            "image_encoder": encoder}
+
+
 def test_job_hash_follows_the_visual_prompt_and_the_adapters_content(tmp_path):
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text("{}")
     from safetensors.numpy import save_file
 
     def adapter(name, value):
-        save_file({"w": np.full(3, value, np.float32)}, str(tmp_path / name), metadata={"format": "scenec-kv-mixed/1"})
+        save_file({"w": np.full(3, value, np.float32)}, str(tmp_path / name), metadata=kv_meta())
 
     adapter("a.safetensors", 1.0)
-    adapter("b.safetensors", 1.0)  # the same bytes under another name
+    shutil.copyfile(tmp_path / "a.safetensors", tmp_path / "b.safetensors")  # the same bytes under another name
     adapter("c.safetensors", 2.0)
     h = {}
     for key, vis in [("none", ""), ("s1", "    visual: {image: obj.png}\n"),
@@ -142,3 +151,64 @@ def test_schema_has_the_visual_key():
     schema = json.loads((Path(__file__).parents[1] / "schemas" / "scene.schema.json").read_text())
     vis = schema["$defs"]["Visual"]
     assert vis["properties"]["mode"]["enum"] == ["kv-mixed", "ip-adapter"] and vis["required"] == ["image"]
+
+
+def test_a_kv_mixed_adapters_header_is_checked_against_the_model(tmp_path):
+    """What the adapter's header tells is located at `adapter`: a configuration that is not JSON, layers of
+    another model kind, an image encoder directory that is not there."""
+    from safetensors.numpy import save_file
+
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text("{}")
+    w = {"w": np.zeros(2, np.float32)}
+    save_file(w, str(tmp_path / "noconfig.safetensors"), metadata={**kv_meta(), "config": "{layers"})
+    save_file(w, str(tmp_path / "unet.safetensors"), metadata=kv_meta(("down_blocks.0.attentions.0.attn2",)))
+    save_file(w, str(tmp_path / "lone.safetensors"), metadata=kv_meta(encoder="gone"))
+    save_file(w, str(tmp_path / "ok.safetensors"), metadata=kv_meta())
+    for name, says in [("noconfig", "has no valid `config` in its metadata"),
+                       ("unet", "was made for a UNet model (SD, SDXL) (its `config.layers`); this scene's model "
+                                "is flux"),
+                       ("lone", "names its image encoder `gone`, which is no CLIP vision directory"), ("ok", None)]:
+        p = write(tmp_path, f"    visual: {{image: obj.png, adapter: {name}.safetensors}}\n", name=name)
+        _, diags = validate_file(p)
+        errs = [d for d in diags if d.severity == "error"]
+        if says is None:
+            assert not errs, errs
+        else:
+            assert len(errs) == 1 and errs[0].pos.line == 9 and says in errs[0].message, errs
+
+
+def test_a_changed_image_encoder_rebuilds_its_images(tmp_path):
+    """The adapter's image encoder is not in the job hash (a path), but its files are in the build's cache
+    key, as a local model directory's: changing them makes the image stale."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    from scenec.runtime.methods import visual as vis
+    from scenec.runtime.testing import tiny_backend
+    from scenec.runtime.tiny import tiny_clip_vision
+
+    be = tiny_backend()
+    layers = vis.attention_layers(be.transformer, {s.name for s in be.sites if s.text})
+    encoder, proc = tiny_clip_vision()
+    encoder.save_pretrained(tmp_path / "enc")
+    proc.save_pretrained(tmp_path / "enc")
+    vis.save_adapter(vis.tiny_adapter(layers, encoder.config.hidden_size), tmp_path / "a.safetensors", "enc")
+    (tmp_path / "scenec.toml").write_text("[project]\n")
+    p = write(tmp_path, "    visual: {image: obj.png, adapter: a.safetensors}\n")
+    plan = compile_scene(p)
+    assert plan.jobs[0].visuals[0].encoder == str((tmp_path / "enc").resolve())
+
+    def scenec(*args):
+        return subprocess.run([sys.executable, "-m", "scenec", *map(str, args)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600)
+
+    r = scenec("build", p, "-o", "out", "-q", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "0 to build" in scenec("status", p, "-o", "out", "--steps", "1").stdout
+    save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "enc" / "extra.safetensors"))  # the encoder changes
+    assert compile_scene(p).jobs[0].job_hash == plan.jobs[0].job_hash
+    r = scenec("status", p, "-o", "out", "--steps", "1")
+    assert "1 to build" in r.stdout, r.stdout

@@ -231,7 +231,8 @@ class VisualPrompts(Method):
         # the encoder in the model's dtype on a GPU (its outputs are upcast), float32 on the CPU
         enc_dtype = be.dtype if be.device.type == "cuda" else torch.float32
         for vp in run.job.visuals:
-            key = (vp.mode, vp.adapter_sha256, vp.adapter, _stamp(vp.adapter))  # a changed file is read again
+            # a changed file (the adapter, or its image encoder's) is read again
+            key = (vp.mode, vp.adapter_sha256, vp.adapter, _stamp(vp.adapter), _dir_stamp(vp.encoder))
             if key not in loaded:
                 for old in [k for k in loaded if k[2] == vp.adapter and k[0] == vp.mode]:
                     del loaded[old]  # the same file before it changed
@@ -295,6 +296,14 @@ class VisualPrompts(Method):
                                         project=partial(p.project, negatives), decoupled=decoupled,
                                         residual=residual))
         return mods
+
+
+def _dir_stamp(path: str | None) -> tuple | None:
+    """A directory's files' (name, mtime, size), or None."""
+    if path is None or not os.path.isdir(path):
+        return None
+    files = sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name)
+    return tuple((e.name, *(_stamp(e.path) or ())) for e in files)
 
 
 def _stamp(path: str | None) -> tuple | None:

@@ -60,6 +60,16 @@ def model_identity(model: dict, weights_hash: str = "stat") -> dict:
     return {"id": repo, "revision": rev}
 
 
+def job_identity(identity: dict, job: dict, weights_hash: str = "stat") -> dict:
+    """The model's identity, and that of the image encoders of the job's visual prompts (their directories'
+    files, digested as a local model directory's): a changed encoder rebuilds exactly its images."""
+    encoders = sorted({vp["encoder"] for vp in job.get("visuals") or () if vp.get("encoder")})
+    if not encoders:
+        return identity
+    return {**identity, "encoders": " ".join(f"{weights_hash}:{weights_digest(Path(e), weights_hash)}"
+                                             if Path(e).is_dir() else "missing" for e in encoders)}
+
+
 def cache_key(job_hash: str, identity: dict, seed: int) -> str:
     """sha256 of (job_hash, model identity, seed, scenec version): canonical JSON."""
     from scenec import __version__

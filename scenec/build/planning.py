@@ -22,7 +22,7 @@ from scenec.spec.fsio import recording_inputs
 
 from . import memo
 from .discovery import discover
-from .keys import cache_key, model_identity
+from .keys import cache_key, job_identity, model_identity
 from .manifest import Manifest
 from .options import BatchError, BuildOptions
 from .selection import candidates, parse_selectors, selected, unmatched
@@ -193,8 +193,9 @@ class _Planner:
         added = []
         for job in plan.json["jobs"]:
             name = job.get("name", job["id"])
-            item = Item(f, display, plan, job, out_dir, name, cache_key(job.get("job_hash", ""), identity, job["seed"]),
-                        identity)
+            ident = job_identity(identity, job, self.o.weights_hash)
+            item = Item(f, display, plan, job, out_dir, name, cache_key(job.get("job_hash", ""), ident, job["seed"]),
+                        ident)
             item.selected = selected(item.info, self.sel, self.exc)
             other = self.owners.get((out_dir, name))
             if other is not None:
