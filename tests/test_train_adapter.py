@@ -185,7 +185,7 @@ def test_the_trained_region_is_the_one_inference_uses_and_the_crop_is_gray_outsi
     from scenec.runtime.families.flux import FluxBackend
     from scenec.runtime.families.sd import SDBackend
     from scenec.runtime.layout import region_membership
-    from scenec.runtime.train_adapter import GRAY, cells, object_crop
+    from scenec.runtime.train_data_prep import GRAY, cells, object_crop
 
     make_data(tmp_path, n=2)
     for model, be in (("tiny", FluxBackend), ("tiny-sd", SDBackend)):
