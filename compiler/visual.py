@@ -4,7 +4,8 @@
 pass opens both through the same code as every other file a scene names (``compiler.files``: inside
 the project root, regular files, the image pixel limit and format checks); an adapter is read only as
 far as its safetensors header (no torch here). Lowering puts the image (scaled to at most
-``MAX_VISUAL_SIDE`` a side), the adapter's path and digest, the scale, the window as step indices and
+``MAX_VISUAL_SIDE`` a side, prepared as the adapter saw its training crops: :func:`prepare_image`), the
+adapter's path and digest, the scale, the window as step indices and
 the entity's region masks into each job that shows the entity (``spec.plan_visual.Visual``).
 """
 
@@ -23,8 +24,48 @@ from .caps import ModelInfo
 from .files import open_image, resolve_file
 from .visual_refine import check_refine, lower_refine
 
+GRAY = 128  # the visual prompt's background: transparent pixels and square padding (~0 after CLIP's normalisation)
 KV_MIXED_FORMAT = "scenec-kv-mixed/1"  # the `format` entry of a kv-mixed adapter's safetensors metadata
 MAX_HEADER = 100 << 20
+
+
+def on_gray(im) -> np.ndarray:
+    """A PIL image as uint8 RGB ``[h, w, 3]``, its transparent pixels composited onto gray ``GRAY`` (a cut-out's
+    background is what the adapter saw outside its training objects' masks, not the RGB under alpha 0)."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        back = Image.new("RGBA", rgba.size, (GRAY, GRAY, GRAY, 255))
+        return np.asarray(Image.alpha_composite(back, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def pad_square(rgb: np.ndarray) -> np.ndarray:
+    """uint8 ``[h, w, 3]`` centred in a gray square of side max(h, w): CLIP's processor (shortest-edge resize,
+    centre crop) then keeps the whole object. The kv-mixed trainer pads its object crops with this function
+    (runtime/train_adapter.py, the paper's object crops, arXiv 2501.01424 §3), so inference sees the same."""
+    h, w = rgb.shape[:2]
+    s = max(h, w)
+    sq = np.full((s, s, 3), GRAY, np.uint8)
+    sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = rgb
+    return sq
+
+
+def prepare_image(im, mode: str) -> np.ndarray:
+    """A visual prompt's image as the plan holds it: alpha on gray (:func:`on_gray`); ``kv-mixed``: padded
+    to a gray square (:func:`pad_square`, as the trainer's crops); ``ip-adapter``: as is (diffusers'
+    preprocessing: CLIP's resize and centre crop); then at most ``MAX_VISUAL_SIDE`` a side."""
+    from PIL import Image
+
+    rgb = on_gray(im)
+    if mode == "kv-mixed":
+        rgb = pad_square(rgb)
+    if max(rgb.shape[:2]) > MAX_VISUAL_SIDE:
+        small = Image.fromarray(rgb)
+        small.thumbnail((MAX_VISUAL_SIDE, MAX_VISUAL_SIDE), Image.Resampling.LANCZOS)
+        rgb = np.asarray(small, dtype=np.uint8)
+    return rgb
 
 
 def builtin_adapter(info: ModelInfo) -> bool:
@@ -196,10 +237,7 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
     name = f"visual/{e.id}/image"
     if name not in tensors:
         with Image.open(p) as im:
-            rgb = im.convert("RGB")
-        if max(rgb.size) > MAX_VISUAL_SIDE:
-            rgb.thumbnail((MAX_VISUAL_SIDE, MAX_VISUAL_SIDE), Image.Resampling.LANCZOS)
-        tensors[name] = np.asarray(rgb, dtype=np.uint8)
+            tensors[name] = prepare_image(im, v.mode)
     adapter = digest = encoder = None
     if v.adapter is not None:
         a = ir.scene.resolve(path + ("adapter",), v.adapter)

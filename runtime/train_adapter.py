@@ -17,7 +17,14 @@ values, and each attention layer's ``to_k``/``to_v``) is what learns. For one ex
 3. the **loss** is the model's own: flow matching on Flux (x_σ = (1−σ)x₀ + σε, target ε − x₀, σ drawn
    uniformly from the scheduler's 1000 training levels, as diffusers' Flux training scripts with
    ``weighting_scheme=none``), ε-prediction on SD/SDXL (DDPM ``add_noise`` at t ~ U{0..999}, target ε,
-   or v for v-prediction models, as ``train_text_to_image.py``).
+   or v for v-prediction models, as ``train_text_to_image.py``);
+4. **condition dropout** (IP-Adapter, Ye et al., arXiv 2308.06721 §4.1): with probability ``drop_image``
+   the visual prompt is replaced by the runtime's negative-branch input (zero pixel values:
+   ``methods.visual.negative_pixels``), with ``drop_text`` the caption by an empty one, with
+   ``drop_both`` both (0.05 each by default, as IP-Adapter), so the inputs CFG's negative branch gives
+   mean "no condition" to the adapter.
+
+The crop, its augmentation, the region and the one-job plan are ``runtime/train_data_prep.py``.
 
 Each example is its own forward (its region differs), so ``batch_size`` examples are accumulated per
 optimizer step. Every random draw comes from one CPU generator whose state is checkpointed with the
@@ -41,18 +48,18 @@ import numpy as np
 import torch
 
 from scenec.spec.errors import NonFinite, PlanError
-from scenec.spec.plan import FORMAT as PLAN_FORMAT
-from scenec.spec.plan import Plan
 
 from .attention import ExtraKV
 from .cache import TextCache
-from .methods.visual import KVMixedAdapter, VisualPrompt, attention_layers, layer_key, save_adapter
+from .methods.visual import KVMixedAdapter, VisualPrompt, attention_layers, layer_key, negative_pixels, save_adapter
 from .sampler import Run, model_output
 from .solvers import DDIM, FlowEuler
+from .train_data_prep import Prepared, augment, cells, object_crop, training_plan
 
 CKPT_FORMAT = "scenec-train-ckpt/1"
+FP16 = ("--dtype fp16: training in fp16 needs a gradient scaler, which scenec does not have; use --dtype bf16 "
+        "(CUDA) or fp32")
 TINY = ("tiny", "tiny-sd", "tiny-sdxl")
-GRAY = 128  # outside the object's mask in its crop: ~0 after CLIP's normalisation
 PREPARED = 512  # examples kept prepared (latent, crop, region) at once
 
 
@@ -84,85 +91,15 @@ class TrainConfig:
     val_every: int = 50
     checkpoint_every: int = 100
     data: str = ""  # a digest of the examples (files and captions)
+    drop_image: float = 0.05  # condition dropout (IP-Adapter, arXiv 2308.06721 §4.1): the image alone,
+    drop_text: float = 0.05  # the caption alone,
+    drop_both: float = 0.05  # both at once
     extra: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
-        keep = ("model", "lr", "batch_size", "tokens", "seed", "resolution", "image_encoder", "data")
+        keep = ("model", "lr", "batch_size", "tokens", "seed", "resolution", "image_encoder", "data",
+                "drop_image", "drop_text", "drop_both")
         return {k: v for k, v in asdict(self).items() if k in keep}
-
-
-# --- one example ----------------------------------------------------------------------------------
-
-def object_crop(rgb: np.ndarray, mask: np.ndarray, side: int = 512) -> np.ndarray:
-    """The object cut from its own image (arXiv 2501.01424, §3): the mask's bounding box, gray outside
-    the mask, padded to a gray square (CLIP's processor center-crops: the whole object stays in view),
-    at most ``side`` px; uint8 ``[s, s, 3]``."""
-    from PIL import Image
-
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cut = np.where(mask[y0:y1, x0:x1, None], rgb[y0:y1, x0:x1], GRAY).astype(np.uint8)
-    h, w = cut.shape[:2]
-    s = max(h, w)
-    sq = np.full((s, s, 3), GRAY, np.uint8)
-    sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = cut
-    if s > side:
-        sq = np.asarray(Image.fromarray(sq).resize((side, side), Image.LANCZOS))
-    return sq
-
-
-def augment(crop: np.ndarray, gen: torch.Generator):
-    """A random horizontal flip and the object scaled by 0.8–1 at a random place in its gray square
-    (the paper's augmentation of the visual prompt, §3), as a PIL image; draws from ``gen``."""
-    from PIL import Image
-
-    flip, scale, ox, oy = torch.rand(4, generator=gen).tolist()
-    s = crop.shape[0]
-    k = max(1, round(s * (0.8 + 0.2 * scale)))
-    img = Image.fromarray(crop)
-    if flip < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    out = Image.new("RGB", (s, s), (GRAY, GRAY, GRAY))
-    out.paste(img.resize((k, k), Image.BILINEAR), (int(ox * (s - k)), int(oy * (s - k))))
-    return out
-
-
-def cells(mask: np.ndarray, px: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Bool ``[h*w]``: the grid cells of ``px`` pixels holding any of the mask (coverage > 0, the rule of
-    ``layout.region_membership`` that inference uses)."""
-    h, w = grid
-    pad = np.zeros((h * px, w * px), bool)
-    pad[:mask.shape[0], :mask.shape[1]] = mask
-    return torch.from_numpy(pad.reshape(h, px, w, px).any(axis=(1, 3)).reshape(-1))
-
-
-def training_plan(model, family, width: int, height: int, caption: str, guidance: float) -> Plan:
-    """A one-job plan of one unguided denoise op over the caption (what :func:`model_output` needs of a
-    run: the canvas, the family's grids, the text), in the plan format (docs/plan-format.md)."""
-    from scenec.compiler.caps import grid_size
-
-    grids = {g: list(grid_size((width, height), px)) for g, px in family.grids}
-    program = [{"op": "denoise", "from": 0, "to": 1, "regional": False, "theta": None, "eta": 0.0}]
-    job = {"id": "train", "job_hash": "train", "name": "train", "seed": 0, "group": None, "variant": None,
-           "source": {"file": "metadata.jsonl", "line": 1}, "global": {"prompt": 0, "negative": 1},
-           "entities": [], "init_image": None, "inpaint_mask": None, "conditions": [], "program": program}
-    doc = {"format": PLAN_FORMAT, "scenec_version": "0.1.0", "plan_hash": "train",
-           "scene": {"name": "train", "file": "metadata.jsonl"}, "model": model.model_dump(),
-           "canvas": {"width": width, "height": height}, "grids": grids,
-           "sampler": {"kind": family.sampler, "steps": 1, "guidance": guidance, "true_cfg": 1.0},
-           "attention": {"image_self": "open", "blocks": "all", "until": 1.0, "pad_prompts": None},
-           "prompts": [caption, ""], "output": {"dir": "out", "ext": "png"}, "jobs": [job], "groups": []}
-    return Plan(doc, {})
-
-
-@dataclass
-class Prepared:
-    """An example ready to train on: its plan, clean latent (on the CPU), crop and region per grid."""
-
-    plan: Plan
-    x0: torch.Tensor
-    crop: np.ndarray
-    visible: dict[int, torch.Tensor]
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -177,10 +114,18 @@ class Trainer:
 
         if not train or not val:
             raise PlanError("training needs at least one training and one held-out example")
+        drops = (cfg.drop_image, cfg.drop_text, cfg.drop_both)
+        if not all(0 <= d <= 1 for d in drops) or sum(drops) > 1:
+            raise PlanError(f"condition dropout {drops}: each in [0, 1], together at most 1")
         self.cfg, self.train, self.val = cfg, train, val
         self.model = as_model(cfg.model)
         self.info = model_info(cfg.model)
-        self.be = backend or load_backend(self.model, device=cfg.device, dtype=cfg.dtype)
+        dtype = cfg.dtype
+        if dtype is None and str(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+            dtype = "bf16"  # not the SD families' fp16 default: no gradient scaler here
+        self.be = backend or load_backend(self.model, device=cfg.device, dtype=dtype)
+        if next(self.be.denoiser.parameters()).dtype == torch.float16:
+            raise PlanError(FP16)
         self.tiny = self.be.model_id in TINY
         self.denoiser = self.be.denoiser
         self.denoiser.requires_grad_(False)  # frozen: only the adapter learns (and nothing else holds grads)
@@ -225,7 +170,13 @@ class Trainer:
 
     def _adapter(self) -> KVMixedAdapter:
         """A fresh adapter (seeded); each layer's to_k/to_v starts as that layer's text projections where
-        the widths match (IP-Adapter's initialisation of to_k_ip/to_v_ip, arXiv 2308.06721, §3.2)."""
+        the widths match (IP-Adapter's initialisation of to_k_ip/to_v_ip, arXiv 2308.06721, §3.2). ``to_v``
+        starts at zero where it is not copied, and always on joint-attention sites (Flux): the extra tokens'
+        values are then zero and they add nothing to any output but take some softmax mass (their keys are
+        not zero), so at step 0 the model's output with the tokens is the one without them scaled by the
+        share of attention left to the image and text (exactly equal would need e.g. a large negative key
+        bias, which would also starve to_k of gradient: not done). On Flux the widths differ anyway
+        (3072-wide text projections, 768-wide tokens); on SD/SDXL cross-attention the copy stays."""
         widths = {self._text_kv(m)[0].in_features for m in self.layers.values()}
         w = widths.pop() if len(widths) == 1 else 768
         dim = w if w <= 2048 else 768
@@ -241,8 +192,11 @@ class Trainer:
             for n, m in self.layers.items():
                 tk, tv = self._text_kv(m)
                 for src, dst in ((tk, ad.to_k[layer_key(n)]), (tv, ad.to_v[layer_key(n)])):
-                    if src.weight.shape == dst.weight.shape:
+                    if src.weight.shape == dst.weight.shape and not (dst is ad.to_v[layer_key(n)] and
+                                                                     m.processor.site.name in self.joint):
                         dst.weight.copy_(src.weight.float())
+                    elif dst is ad.to_v[layer_key(n)]:
+                        dst.weight.zero_()
         return ad.to(self.be.device, torch.float32).train()
 
     def prepare(self, ex: TrainExample) -> Prepared:
@@ -265,13 +219,14 @@ class Trainer:
             raise PlanError(f"{ex.where}: the mask vanishes at {W}x{H} (raise --resolution)")
         guidance = float(self.info.guidance) if fam.name == "flux" else 1.0  # SD: the conditional branch only
         plan = training_plan(self.model, fam, W, H, ex.text, guidance)
+        blank = training_plan(self.model, fam, W, H, "", guidance)
         x0 = self.be.encode_image(img).to("cpu", copy=True)  # a copy: out of inference mode
         px = dict(fam.grids)
         visible = {}
         for g in self.be.image_grids:
             gh, gw = plan.grid(g)
             visible[gh * gw] = cells(small, px[g], (gh, gw))
-        return Prepared(plan, x0, object_crop(rgb, mask, 256), visible)
+        return Prepared(plan, blank, x0, object_crop(rgb, mask, 256), visible)
 
     def _get(self, examples: list[TrainExample], i: int) -> Prepared:
         key = id(examples[i])
@@ -280,11 +235,16 @@ class Trainer:
         return self._prepared[key]
 
     # -- the loss ------------------------------------------------------------------------------------
-    def loss(self, p: Prepared, image, noise: torch.Tensor, u: float) -> torch.Tensor:
+    def loss(self, p: Prepared, image, noise: torch.Tensor, u: float, drop_image: bool = False,
+             drop_text: bool = False) -> torch.Tensor:
         """The model's own diffusion loss on one example with the visual prompt ``image`` (PIL) in its
-        region, at noise ``noise`` and level ``u`` ∈ [0, 1) (module docstring)."""
+        region, at noise ``noise`` and level ``u`` ∈ [0, 1) (module docstring); ``drop_image``: the
+        runtime's "no image" input instead (its negative branch's, ``negative_pixels``), ``drop_text``: an
+        empty caption (condition dropout, module docstring)."""
         dev = self.be.device
         pix = self.proc(images=image, return_tensors="pt").pixel_values.to(dev, torch.float32)
+        if drop_image:
+            pix = negative_pixels(self.adapter, self.proc, pix, np.asarray(image)).to(dev, torch.float32)
         with torch.no_grad():
             h = self.encoder(pixel_values=pix, output_hidden_states=True)
         toks = self.adapter(h.pooler_output, h.hidden_states[-2])
@@ -306,7 +266,8 @@ class Trainer:
             solver = DDIM(self.sched, t)
             pred = self.sched.config.prediction_type
             target = self.sched.get_velocity(x0, eps, t) if pred == "v_prediction" else eps
-        run = Run(self.be, [(p.plan, p.plan.jobs[0])])  # per call: its assembled text is not kept
+        plan = p.blank if drop_text else p.plan
+        run = Run(self.be, [(plan, plan.jobs[0])])  # per call: its assembled text is not kept
         out = model_output(run, xt.to(p.x0.dtype), solver, mods)
         return torch.nn.functional.mse_loss(out.float(), target.float())
 
@@ -321,7 +282,11 @@ class Trainer:
             image = augment(p.crop, self.gen)
             noise = torch.randn(p.x0.shape, generator=self.gen, dtype=torch.float32)
             u = float(torch.rand(1, generator=self.gen))
-            loss = self.loss(p, image, noise, u) / B
+            r = float(torch.rand(1, generator=self.gen))  # condition dropout: image, text, both, or neither
+            c = self.cfg
+            image_off = r < c.drop_image or c.drop_image + c.drop_text <= r < c.drop_image + c.drop_text + c.drop_both
+            text_off = c.drop_image <= r < c.drop_image + c.drop_text + c.drop_both
+            loss = self.loss(p, image, noise, u, image_off, text_off) / B
             loss.backward()
             total += float(loss.detach())
         self.opt.step()
@@ -420,7 +385,9 @@ class Trainer:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         extra = {"val_loss": "" if self.val_loss is None else repr(float(self.val_loss)), "steps": str(self.step),
-                 "model": self.cfg.model, "train_examples": str(len(self.train)), "val_examples": str(len(self.val))}
+                 "model": self.cfg.model, "train_examples": str(len(self.train)), "val_examples": str(len(self.val)),
+                 "drop_image": repr(self.cfg.drop_image), "drop_text": repr(self.cfg.drop_text),
+                 "drop_both": repr(self.cfg.drop_both)}
         try:
             save_adapter(self.adapter.cpu(), tmp, image_encoder, extra)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600: the output gets the mode any new file gets

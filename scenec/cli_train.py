@@ -22,7 +22,10 @@ def _say(msg: str) -> None:
 
 
 def _check_args(out: Path, steps: int, lr: float, batch_size: int, tokens: Optional[int], val_fraction: float,
-                val_every: int, checkpoint_every: int, resolution: int, image_encoder: Optional[Path]) -> list[str]:
+                val_every: int, checkpoint_every: int, resolution: int, image_encoder: Optional[Path],
+                dtype: Optional[str] = None, drops: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[str]:
+    from scenec.runtime.train_adapter import FP16
+
     problems = []
     if out.suffix != ".safetensors":
         problems.append(f"-o {out}: the adapter is a .safetensors file (name it …/NAME.safetensors)")
@@ -34,9 +37,15 @@ def _check_args(out: Path, steps: int, lr: float, batch_size: int, tokens: Optio
                             ("--val-fraction", val_fraction, 0 < val_fraction < 1),
                             ("--val-every", val_every, val_every >= 0),
                             ("--checkpoint-every", checkpoint_every, checkpoint_every >= 0),
-                            ("--resolution", resolution, resolution >= 16)):
+                            ("--resolution", resolution, resolution >= 16),
+                            *((f"--drop-{k}", d, 0 <= d <= 1) for k, d in zip(("image", "text", "both"), drops))):
         if not ok:
             problems.append(f"{name} {value}: out of range")
+    if all(0 <= d <= 1 for d in drops) and sum(drops) > 1:
+        problems.append(f"--drop-image + --drop-text + --drop-both = {sum(drops):g}: at most 1 (the shares of steps "
+                        "without the image, the text, both)")
+    if dtype is not None and dtype.lower() in ("fp16", "float16", "half"):
+        problems.append(FP16)
     if image_encoder is not None and not (image_encoder / "config.json").is_file():
         problems.append(f"--image-encoder {image_encoder}: not a local CLIPVisionModel directory (no config.json)")
     return problems
@@ -90,7 +99,12 @@ def train_adapter(
         image_encoder: Optional[Path] = typer.Option(None, "--image-encoder",
                                                      help="local CLIPVisionModel directory (tiny models: built in)"),
         device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="the frozen model's dtype: bf16 | fp16 | fp32"),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="the frozen model's dtype: bf16 | fp32 (CUDA "
+                                            "default: bf16; fp16 is refused: no gradient scaler)"),
+        drop_image: float = typer.Option(0.05, "--drop-image", help="share of examples without the visual prompt "
+                                         "(the runtime's negative input; IP-Adapter's condition dropout)"),
+        drop_text: float = typer.Option(0.05, "--drop-text", help="share of examples with an empty caption"),
+        drop_both: float = typer.Option(0.05, "--drop-both", help="share of examples without image and caption"),
         fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming OUT.ckpt/")):
     """Train a KV-mixed visual-prompt adapter (coarse keys, fine values; arXiv 2501.01424 §3); resumable."""
     from scenec.runtime.train_adapter import TrainConfig, data_digest
@@ -98,7 +112,7 @@ def train_adapter(
     from scenec.train_data import DataError, read_examples, split
 
     problems = _check_args(out, steps, lr, batch_size, tokens, val_fraction, val_every, checkpoint_every,
-                           resolution, image_encoder)
+                           resolution, image_encoder, dtype, (drop_image, drop_text, drop_both))
     try:
         examples = read_examples(data)
     except DataError as e:
@@ -112,7 +126,8 @@ def train_adapter(
     cfg = TrainConfig(model=model, steps=steps, lr=lr, batch_size=batch_size, tokens=tokens, seed=seed,
                       resolution=resolution, image_encoder=str(image_encoder.resolve()) if image_encoder else None,
                       device=device, dtype=dtype, val_every=val_every, checkpoint_every=checkpoint_every,
-                      data=f"{data_digest(train)}:{data_digest(val)}")
+                      data=f"{data_digest(train)}:{data_digest(val)}", drop_image=drop_image, drop_text=drop_text,
+                      drop_both=drop_both)
     ckpt = Path(f"{out}.ckpt")
     trainer = None
     try:

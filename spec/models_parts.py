@@ -135,7 +135,8 @@ class Visual(Node):
     image, as extra key/value tokens seen only by the image tokens of the entity's region."""
 
     image: Annotated[str, Field(min_length=1)] = Field(
-        description="the object's image (under the project root; scaled to at most 512 px a side in the plan)",
+        description="the object's image (under the project root; in the plan: transparency on gray 128, kv-mixed "
+                    "padded to a gray square, at most 512 px a side)",
         examples=["refs/fox.png"])
     mode: Literal["kv-mixed", "ip-adapter"] = Field(
         "kv-mixed", description="kv-mixed: keys from a coarse adapter, values from a fine one (the paper); "

@@ -41,8 +41,9 @@ def test_visual_prompt_lowered_with_the_entitys_region(tmp_path):
     fox = next(e for e in job.entities if e.id == "fox")
     assert vp.masks == fox.masks  # the entity's own region on every grid
     img = plan.tensor(vp.image)
-    assert img.dtype == np.uint8 and img.shape == (48, 64, 3)
-    np.testing.assert_array_equal(img, np.asarray(Image.open(tmp_path / "obj.png").convert("RGB")))
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)  # kv-mixed: centred in a gray square
+    np.testing.assert_array_equal(img[8:56], np.asarray(Image.open(tmp_path / "obj.png").convert("RGB")))
+    assert (img[:8] == 128).all() and (img[56:] == 128).all()
     from scenec.compiler.caps import ALIASES
     from scenec.compiler.levels import level_index, noise_levels
 
@@ -57,7 +58,28 @@ def test_large_images_are_scaled_to_the_plans_limit(tmp_path):
     p = write(tmp_path, "    visual: {image: big.png}\n")
     Image.new("RGB", (1200, 600), (10, 200, 30)).save(tmp_path / "big.png")
     img = compile_scene(p).tensor("visual/fox/image")
-    assert img.shape == (256, 512, 3) and (img[100, 100] == (10, 200, 30)).all()
+    assert img.shape == (512, 512, 3) and (img[256, 100] == (10, 200, 30)).all()  # padded, then scaled
+    assert (img[:100] == 128).all() and (img[-100:] == 128).all()
+
+
+def test_transparent_cutouts_are_on_gray_and_kv_mixed_images_square(tmp_path):
+    """A non-square RGBA cut-out: alpha 0 becomes gray 128 (not the black RGB under it); kv-mixed pads it to a
+    centred gray square, as the trainer's crops; ip-adapter keeps its shape (diffusers' preprocessing)."""
+    from scenec.compiler.visual import prepare_image
+
+    rgba = np.zeros((20, 40, 4), np.uint8)  # black, transparent
+    rgba[5:15, 10:30] = (200, 30, 40, 255)  # an opaque red box
+    im = Image.fromarray(rgba, "RGBA")
+    sq = prepare_image(im, "kv-mixed")
+    assert sq.shape == (40, 40, 3)
+    assert (sq[:10] == 128).all() and (sq[30:] == 128).all()  # the padding
+    assert (sq[10:30, :10] == 128).all() and (sq[15:25, 10:30] == (200, 30, 40)).all()  # alpha 0 → gray
+    ip = prepare_image(im, "ip-adapter")
+    assert ip.shape == (20, 40, 3) and (ip[0, 0] == 128).all() and (ip[5, 10] == (200, 30, 40)).all()
+    # through the compiler: the plan's image is this one
+    p = write(tmp_path, "    visual: {image: cut.png}\n")
+    im.save(tmp_path / "cut.png")
+    np.testing.assert_array_equal(compile_scene(p).tensor("visual/fox/image"), sq)
 
 
 def kv_meta(layers=("transformer_blocks.0.attn",), encoder="enc"):

@@ -319,6 +319,18 @@ def _stamp(path: str | None) -> tuple | None:
     return st.st_mtime_ns, st.st_size
 
 
+def negative_pixels(adapter, proc, pix: torch.Tensor, rgb: np.ndarray) -> torch.Tensor:
+    """The negative (guidance) branch's encoder input for an image of pixel values ``pix`` (``rgb``): zero
+    pixel values (SD's IP-Adapter, and kv-mixed adapters), or an all-black image (Flux's IP-Adapter, as
+    FluxPipeline). The kv-mixed trainer drops the image with this input (condition dropout)."""
+    from PIL import Image
+
+    if getattr(adapter, "black_negative", False):
+        black = Image.fromarray(np.zeros_like(np.asarray(rgb, np.uint8)))
+        return proc(images=black, return_tensors="pt").pixel_values.to(pix.device)
+    return torch.zeros_like(pix)
+
+
 @torch.no_grad()  # the tokens are inputs: refine makes its own leaf of the values
 def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tuple]:
     """(key, value) tokens of the image and of the negative branch (the adapter's ``pair``), float32."""
@@ -328,8 +340,7 @@ def _encode(encoder, proc, adapter, rgb: np.ndarray, device) -> tuple[tuple, tup
         return proc(images=Image.fromarray(np.asarray(a, np.uint8)), return_tensors="pt").pixel_values.to(device)
 
     pix = pixels(rgb)
-    # the negative input: zero pixel values (SD's IP-Adapter), or an all-black image (Flux's, as FluxPipeline)
-    blank = pixels(np.zeros_like(rgb)) if getattr(adapter, "black_negative", False) else torch.zeros_like(pix)
+    blank = negative_pixels(adapter, proc, pix, rgb)
     pos, neg = (_upcast(encoder(pixel_values=x.to(encoder.dtype), output_hidden_states=True)) for x in (pix, blank))
     return adapter.pair(pos, neg)
 
