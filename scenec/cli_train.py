@@ -23,7 +23,8 @@ def _say(msg: str) -> None:
 
 def _check_args(out: Path, steps: int, lr: float, batch_size: int, tokens: Optional[int], val_fraction: float,
                 val_every: int, checkpoint_every: int, resolution: int, image_encoder: Optional[Path],
-                dtype: Optional[str] = None, drops: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[str]:
+                dtype: Optional[str] = None, drops: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                device: Optional[str] = None) -> list[str]:
     from scenec.runtime.train_adapter import FP16
 
     problems = []
@@ -31,16 +32,17 @@ def _check_args(out: Path, steps: int, lr: float, batch_size: int, tokens: Optio
         problems.append(f"-o {out}: the adapter is a .safetensors file (name it …/NAME.safetensors)")
     elif out.is_dir():
         problems.append(f"-o {out}: is a directory")
-    for name, value, ok in (("--steps", steps, steps >= 1), ("--lr", lr, lr > 0),
-                            ("--batch-size", batch_size, batch_size >= 1),
-                            ("--tokens", tokens, tokens is None or tokens >= 1),
-                            ("--val-fraction", val_fraction, 0 < val_fraction < 1),
-                            ("--val-every", val_every, val_every >= 0),
-                            ("--checkpoint-every", checkpoint_every, checkpoint_every >= 0),
-                            ("--resolution", resolution, resolution >= 16),
-                            *((f"--drop-{k}", d, 0 <= d <= 1) for k, d in zip(("image", "text", "both"), drops))):
+    for name, value, ok, want in (
+            ("--steps", steps, steps >= 1, "at least 1"), ("--lr", lr, lr > 0, "above 0"),
+            ("--batch-size", batch_size, batch_size >= 1, "at least 1"),
+            ("--tokens", tokens, tokens is None or tokens >= 1, "at least 1"),
+            ("--val-fraction", val_fraction, 0 < val_fraction < 1, "between 0 and 1"),
+            ("--val-every", val_every, val_every >= 0, "0 (never) or more"),
+            ("--checkpoint-every", checkpoint_every, checkpoint_every >= 0, "0 (never) or more"),
+            ("--resolution", resolution, resolution >= 16, "at least 16"),
+            *((f"--drop-{k}", d, 0 <= d <= 1, "in [0, 1]") for k, d in zip(("image", "text", "both"), drops))):
         if not ok:
-            problems.append(f"{name} {value}: out of range")
+            problems.append(f"{name} {value}: out of range (must be {want})")
     if all(0 <= d <= 1 for d in drops) and sum(drops) > 1:
         problems.append(f"--drop-image + --drop-text + --drop-both = {sum(drops):g}: at most 1 (the shares of steps "
                         "without the image, the text, both)")
@@ -48,7 +50,27 @@ def _check_args(out: Path, steps: int, lr: float, batch_size: int, tokens: Optio
         problems.append(FP16)
     if image_encoder is not None and not (image_encoder / "config.json").is_file():
         problems.append(f"--image-encoder {image_encoder}: not a local CLIPVisionModel directory (no config.json)")
+    from scenec.runtime.memory import device_problem
+
+    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        problems.append(f"--device must be cuda or cpu, not `{device}`")
+    elif why := device_problem(device):
+        problems.append(why)
+    problems += _unwritable(out)
     return problems
+
+
+def _unwritable(out: Path) -> list[str]:
+    """Where the adapter, its checkpoints and its encoder go must be a directory that can be written (known
+    before training starts, not at the first checkpoint)."""
+    d = out.resolve().parent
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        return [f"-o {out}: {d} is not a directory"]
+    if not os.access(d, os.W_OK | os.X_OK):
+        return [f"-o {out}: {d} is not writable"]
+    return []
 
 
 class _Display:
@@ -112,7 +134,7 @@ def train_adapter(
     from scenec.train_data import DataError, read_examples, split
 
     problems = _check_args(out, steps, lr, batch_size, tokens, val_fraction, val_every, checkpoint_every,
-                           resolution, image_encoder, dtype, (drop_image, drop_text, drop_both))
+                           resolution, image_encoder, dtype, (drop_image, drop_text, drop_both), device)
     try:
         examples = read_examples(data)
     except DataError as e:
@@ -165,15 +187,17 @@ def train_adapter(
         raise typer.Exit(EXIT_BUILD_FAILED if isinstance(e, NonFinite) else EXIT_INVALID)
     except Exception as e:  # noqa: BLE001
         internal(e)
-    _say(f"wrote {out} ({trainer.step} steps, held-out loss {trainer.val_loss:.4f}); checkpoint {ckpt}/last.pt")
+    _say(f"wrote {out} ({trainer.step} step{'s' if trainer.step != 1 else ''}, held-out loss "
+         f"{trainer.val_loss:.4f}); checkpoint {ckpt}/last.pt")
 
 
 def _encoder_entry(trainer, out: Path, given: Optional[Path]) -> str:
     """The image encoder as the adapter's metadata names it: the given directory (relative to the adapter's
     folder when inside it, so the folder moves as a whole), else the built-in one saved beside the adapter."""
     folder = out.resolve().parent
-    if given is None:
-        trainer.save_encoder(folder / "image_encoder")
-        return "image_encoder"
+    if given is None:  # named after the adapter: never another adapter's, nor h94's shared image_encoder/
+        name = f"{out.stem}.image_encoder"
+        trainer.save_encoder(folder / name)
+        return name
     g = given.resolve()
     return os.path.relpath(g, folder) if folder in g.parents else str(g)

@@ -132,9 +132,9 @@ def test_cli_trains_resumes_and_the_adapter_builds_in_a_scene(tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "scenec-kv-mixed/1" and meta["steps"] == "2" and meta["model"] == "tiny"
-    assert np.isfinite(float(meta["val_loss"])) and meta["image_encoder"] == "image_encoder"
+    assert np.isfinite(float(meta["val_loss"])) and meta["image_encoder"] == "trained.image_encoder"
     assert (meta["drop_image"], meta["drop_text"], meta["drop_both"]) == ("0.05", "0.05", "0.05")
-    assert (out.parent / "image_encoder" / "config.json").is_file()
+    assert (out.parent / "trained.image_encoder" / "config.json").is_file()
     assert (tmp_path / "adapters" / "trained.safetensors.ckpt" / "last.pt").is_file()
     again = CliRunner().invoke(app, args)  # the same command: resumes (here: already done)
     assert again.exit_code == 0 and "resuming from" in again.output and "at step 2 of 2" in again.output
@@ -346,3 +346,26 @@ def test_the_loss_is_the_models_own_with_the_visual_tokens_out_of_sight(tmp_path
     assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
     wrong = float(torch.nn.functional.mse_loss(out, noise if model == "tiny" else noise - x0))
     assert got != pytest.approx(wrong, rel=1e-3)  # the test tells the targets apart
+
+
+def test_cli_refuses_before_training_what_would_fail_later(tmp_path):
+    """A CUDA device torch cannot see and an output under a file are refused at once (exit 2), before the
+    model loads; an `image_encoder/` already beside the output (h94's layout) is left alone."""
+    import torch
+
+    make_data(tmp_path / "data")
+    (tmp_path / "afile").write_text("x")
+    bad = ["--steps", "1"] + (["--device", "cuda"] if not torch.cuda.is_available() else [])
+    data = str(tmp_path / "data")
+    r = CliRunner().invoke(app, ["train-adapter", data, "-o", str(tmp_path / "afile" / "a.safetensors"), *bad])
+    assert r.exit_code == 2 and "is not a directory" in r.output, r.output
+    if not torch.cuda.is_available():
+        assert "--device cuda needs a CUDA GPU" in r.output
+    shared = tmp_path / "ip" / "image_encoder"
+    shared.mkdir(parents=True)
+    (shared / "config.json").write_text('{"precious": true}')
+    r = CliRunner().invoke(app, ["train-adapter", data, "-o", str(tmp_path / "ip" / "mine.safetensors"), "--steps", "1",
+                                 "--val-fraction", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert (shared / "config.json").read_text() == '{"precious": true}'
+    assert (tmp_path / "ip" / "mine.image_encoder" / "config.json").is_file()
