@@ -161,12 +161,15 @@ def image_encoder(spec: str, projection: bool = False):
             config = CLIPVisionConfig(**{**raw["vision_config"], "projection_dim": raw.get("projection_dim", 512)})
         from transformers.utils import logging as hf_logging
 
-        level = hf_logging.get_verbosity()
+        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # a whole CLIPModel's text tower is reported as unexpected weights
+        hf_logging.disable_progress_bar()  # "Loading weights": the build has its own display
         try:
             model = cls.from_pretrained(str(d), config=config, use_safetensors=True, local_files_only=True)
         finally:
             hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
     except (OSError, ValueError, RuntimeError) as e:
         raise PlanError(f"the adapter's image encoder `{spec}` does not load: {e}") from None
     if (d / "preprocessor_config.json").is_file():
