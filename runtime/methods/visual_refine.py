@@ -79,13 +79,18 @@ def region_crop(plan, vp, img: torch.Tensor) -> torch.Tensor:
 
 def clip_pixels(img: torch.Tensor, proc) -> torch.Tensor:
     """An image ``[B, 3, h, w]`` in [-1, 1] as ``CLIPImageProcessor`` prepares one, differentiably:
-    resize the shortest edge (bicubic, antialiased), centre crop, rescale to [0, 1], mean/std normalise."""
+    resize the shortest edge (bicubic, antialiased, the long edge truncated), centre crop, rescale to [0, 1],
+    mean/std normalise. Against the processor (PIL) on uniform noise: ≤ 0.014 max / 0.004 mean (normalised
+    units) when downscaling; up to 0.3 max / 0.006 mean when upscaling (bicubic −0.75 in torch, −0.5 in PIL)."""
     x = ((img.float() + 1) / 2).clamp(0, 1)
     ch, cw = proc.crop_size["height"], proc.crop_size["width"]
     short = proc.size.get("shortest_edge", min(ch, cw))
     h, w = x.shape[-2:]
-    nh, nw = max(ch, round(h * short / min(h, w))), max(cw, round(w * short / min(h, w)))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    # the long edge truncated, as transformers' get_resize_output_image_size does
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    nh, nw = max(ch, nh), max(cw, nw)
+    # clamped as PIL's uint8 resize saturates bicubic's overshoot
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     top, left = (nh - ch) // 2, (nw - cw) // 2
     x = x[..., top:top + ch, left:left + cw]
     mean = torch.tensor(proc.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
