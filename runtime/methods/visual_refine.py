@@ -9,12 +9,16 @@ Before a denoise op whose start step the plan lists in ``refine.at``: the positi
 tokens become a leaf; the guided model output at the current latent (the family's own ``predict``,
 every method's modifiers as in the real step) gives the predicted clean latent (the solver's
 ``clean``: x − σ·v on flow models, (x − √(1−ᾱ)·ε)/√ᾱ on ε models), the VAE decodes it, the region's
-bounding box is cropped, resized and normalised in torch as the image encoder's processor does, and
-the encoder's pooled embedding is compared with the visual prompt's:
+bounding box is cropped (gray 128 outside the region's mask), resized and normalised in torch as the
+image encoder's processor does, and the encoder's pooled embedding is compared with the visual prompt's:
 loss = 1 − cos(e(crop), e(prompt)), minimised by Adam (``lr``) for ``steps`` steps. The refined tokens
 serve the rest of the job. Each refinement costs ``steps`` forward + backward passes of the model, VAE
 decode and image encoder, and one more forward to measure the loss after (recorded in the run's
 ``diagnostics``, the image's sidecar, and logged at debug level).
+
+The loss and the fixed region are scenec's choices: the paper segments the predicted image and matches
+segments with DINOv2 (docs/visual-prompts.md). The denoiser and the VAE are gradient-checkpointed during
+the refinement (:func:`checkpointed`).
 
 The sampler's entry points run under ``torch.no_grad()``, not ``inference_mode``: tensors made in
 inference mode (the adapter and encoder loaded in a run's setup, the region masks) cannot be saved
