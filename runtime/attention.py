@@ -436,8 +436,11 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
         # flex has no backward on CPU (refinement there takes the dense path)
         if ctl.impl == "flex" and (mask is None or mask.impl == "flex") and (
                 q.device.type == "cuda" or not torch.is_grad_enabled()):
-            o1, lse = flex_kernel()(q, k, v, block_mask=None if mask is None else mask.mask, return_lse=True)
-            out = merge_lse(o1, lse, q, ek, ev, add)
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            o1, aux = flex_kernel()(q, k, v, block_mask=None if mask is None else mask.mask,
+                                    return_aux=AuxRequest(lse=True))
+            out = merge_lse(o1, aux.lse, q, ek, ev, add)
         else:
             out = F.scaled_dot_product_attention(q, _seq_cat([k, ek]), _seq_cat([v, ev]), attn_mask=dense())
         if ctl.probe is not None:
