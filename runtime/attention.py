@@ -400,41 +400,59 @@ def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: i
 
 def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, extra: list[ExtraKV],
                 n_text: int, n_img: int):
-    """Attention with extra key/value tokens (see :class:`ExtraKV`): the joint ones appended after the call's
-    own keys in one softmax, then each decoupled one's attention added to the output."""
-    B, N_q = q.shape[0], q.shape[2]
-    N_k = k.shape[2]
-    q_img = torch.arange(N_q, device=q.device) >= (N_q - n_img)  # image queries (joint: after the text)
+    """Attention with extra key/value tokens (see :class:`ExtraKV`): the joint ones in the call's softmax,
+    then each decoupled one's attention added to the output.
+
+    Joint tokens with FlexAttention: the call's own attention runs as without them (its BlockMask, no
+    dense N×N) and returns its log-sum-exp L₁; the extra tokens' logits s = q·k_xᵀ/√d + log(scale) (−∞
+    outside their queries) are merged exactly, out = (e^{L₁}·o₁ + Σ e^{s}·v_x) / (e^{L₁} + Σ e^{s}) — one
+    softmax over both, as flash attention merges its key blocks (Dao et al. 2022, arXiv 2205.14135, §3.1).
+    SDPA returns no log-sum-exp: one softmax over [keys | extra] with a dense bias ``[N_q, N_k + M]`` built
+    once per model call (``ctl.cache``, shared by every block and by backward)."""
+    B, N_q, N_k = q.shape[0], q.shape[2], k.shape[2]
 
     def visible(e: ExtraKV) -> torch.Tensor:
         vis = torch.zeros(N_q, dtype=torch.bool, device=q.device)
-        vis[q_img] = e.visible_for(n_img).to(q.device)
+        vis[N_q - n_img:] = e.visible_for(n_img).to(q.device)  # image queries (joint: after the text)
         return vis
 
     joint = [e for e in extra if not e.decoupled]
     if not joint:
         out = _kernel(ctl, site, q, k, v, mask, None, n_text, n_img)
     else:
-        if mask is None:
-            allow = torch.ones(N_q, N_k, dtype=torch.bool, device=q.device)
+        toks = [e.tokens(ctl.module) for e in joint]
+        ek = _seq_cat([t[0].to(k.dtype).expand(B, -1, -1, -1) for t in toks])
+        ev = _seq_cat([t[1].to(v.dtype).expand(B, -1, -1, -1) for t in toks])
+        key = ("extra", tuple(id(e) for e in joint), tuple(t[0].shape[2] for t in toks), N_q, n_img, q.device)
+        add = ctl.cache.get(key)
+        if add is None:  # [N_q, M] float32: log(scale) where a query sees the tokens, −∞ elsewhere
+            add = ctl.cache[key] = torch.cat([torch.where(
+                visible(e)[:, None].expand(N_q, t[0].shape[2]), float(np.log(e.scale)) if e.scale > 0
+                else float("-inf"), float("-inf")) for e, t in zip(joint, toks)], 1)
+
+        def dense() -> torch.Tensor:  # [N_q, N_k + M] in q's dtype, once per model call
+            dkey = key + (id(mask), N_k, q.dtype)
+            if dkey not in ctl.cache:
+                allow = (torch.ones(N_q, N_k, dtype=torch.bool, device=q.device) if mask is None else
+                         mask.dense_allow(q.device) if mask.impl != "cross" else mask.mask[0, 0])
+                main = torch.zeros(N_q, N_k, device=q.device).masked_fill(~allow, float("-inf"))
+                ctl.cache[dkey] = torch.cat([main, add], 1).to(q.dtype)
+            return ctl.cache[dkey]
+
+        # flex has no backward on CPU (refinement there takes the dense path)
+        if ctl.impl == "flex" and (mask is None or mask.impl == "flex") and (
+                q.device.type == "cuda" or not torch.is_grad_enabled()):
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            o1, aux = flex_kernel()(q, k, v, block_mask=None if mask is None else mask.mask,
+                                    return_aux=AuxRequest(lse=True))
+            out = merge_lse(o1, aux.lse, q, ek, ev, add)
         else:
-            allow = mask.dense_allow(q.device) if mask.impl != "cross" else mask.mask[0, 0]
-        ks, vs, cols, adds = [k], [v], [allow], []
-        for e in joint:
-            ek, ev = e.tokens(ctl.module)
-            M = ek.shape[2]
-            ks.append(ek.to(k.dtype).expand(B, -1, -1, -1))
-            vs.append(ev.to(v.dtype).expand(B, -1, -1, -1))
-            cols.append(visible(e)[:, None].expand(N_q, M))
-            adds.append(torch.full((M,), float(np.log(e.scale)) if e.scale > 0 else float("-inf"), device=q.device))
-        allow_all = torch.cat(cols, dim=1)
-        add = torch.cat([torch.zeros(N_k, device=q.device)] + adds)
-        logit_bias = torch.where(allow_all, add[None, :], torch.tensor(float("-inf"), device=q.device))
-        kk, vv = _seq_cat(ks), _seq_cat(vs)
-        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=logit_bias.to(q.dtype)[None, None])
+            out = F.scaled_dot_product_attention(q, _seq_cat([k, ek]), _seq_cat([v, ev]), attn_mask=dense())
         if ctl.probe is not None:
-            logits = (q.float() @ kk.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5) + logit_bias
-            w = torch.softmax(logits, -1)
+            kk, vv = _seq_cat([k, ek]), _seq_cat([v, ev])
+            w = torch.softmax((q.float() @ kk.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+                              + dense().float(), -1)
             ctl.probe.append({"kind": "extra", "site": site.name, "n_q": N_q, "n_k": N_k, "weights": w,
                               "expected": w @ vv.float(), "out": out.float()})
     for e in extra:
@@ -449,6 +467,19 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
                               "base": out.float(), "extra": ip.float()})
         out = out + ip * gain.to(q.dtype)[None, None, :, None]
     return out
+
+
+def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, q, ek, ev, add: torch.Tensor) -> torch.Tensor:
+    """One softmax over a call's keys and M extra ones, from the call's output ``o1`` and log-sum-exp ``lse1``
+    (``[B, H, N_q]``) and the extra logits q·k_xᵀ/√d + ``add`` (``[N_q, M]``): (Z₁·o₁ + Σ e^{s}·v_x)/(Z₁ + Σ e^{s}),
+    Z₁ = e^{L₁}, in float32 shifted by the row maximum (detached: it cancels); a row that sees nothing is 0."""
+    s = (q.float() @ ek.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + add  # [B, H, N_q, M]
+    m = torch.maximum(lse1.float(), s.amax(-1)).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z1, p = torch.exp(lse1.float() - m), torch.exp(s - m[..., None])
+    den = z1 + p.sum(-1)
+    den = torch.where(den > 0, den, torch.ones_like(den))
+    return (z1 / den).to(o1.dtype)[..., None] * o1 + (p / den[..., None]).to(ev.dtype) @ ev
 
 
 def residual_extra(ctl: Attention, site: Site, q_img: torch.Tensor, mods: list) -> torch.Tensor | None:

@@ -189,6 +189,7 @@ class VisualPrompt:
         self.vp, self.adapter, self.pos, self.neg, self.visible, self.names = vp, adapter, pos, neg, visible, names
         self.encoder = encoder  # (image encoder, its processor): what visual.refine compares with
         self._kv: dict = {}
+        self.cached = True  # False: projected at every call (visual.refine's checkpointed blocks recompute them)
 
     def set_fine(self, fine: torch.Tensor) -> None:
         """New positive value (fine) tokens (``visual.refine``): the per-layer projections are made again."""
@@ -197,7 +198,7 @@ class VisualPrompt:
 
     def project(self, negatives: tuple[bool, ...], module) -> tuple[torch.Tensor, torch.Tensor]:
         key = (id(module), negatives)
-        if key not in self._kv:
+        if not self.cached or key not in self._kv:
             name = self.names[id(module)]
             coarse = torch.cat([self.neg[0] if n else self.pos[0] for n in negatives])
             fine = torch.cat([self.neg[1] if n else self.pos[1] for n in negatives])

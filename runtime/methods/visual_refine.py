@@ -9,12 +9,16 @@ Before a denoise op whose start step the plan lists in ``refine.at``: the positi
 tokens become a leaf; the guided model output at the current latent (the family's own ``predict``,
 every method's modifiers as in the real step) gives the predicted clean latent (the solver's
 ``clean``: x − σ·v on flow models, (x − √(1−ᾱ)·ε)/√ᾱ on ε models), the VAE decodes it, the region's
-bounding box is cropped, resized and normalised in torch as the image encoder's processor does, and
-the encoder's pooled embedding is compared with the visual prompt's:
+bounding box is cropped (gray 128 outside the region's mask), resized and normalised in torch as the
+image encoder's processor does, and the encoder's pooled embedding is compared with the visual prompt's:
 loss = 1 − cos(e(crop), e(prompt)), minimised by Adam (``lr``) for ``steps`` steps. The refined tokens
 serve the rest of the job. Each refinement costs ``steps`` forward + backward passes of the model, VAE
 decode and image encoder, and one more forward to measure the loss after (recorded in the run's
 ``diagnostics``, the image's sidecar, and logged at debug level).
+
+The loss and the fixed region are scenec's choices: the paper segments the predicted image and matches
+segments with DINOv2 (docs/visual-prompts.md). The denoiser and the VAE are gradient-checkpointed during
+the refinement (:func:`checkpointed`).
 
 The sampler's entry points run under ``torch.no_grad()``, not ``inference_mode``: tensors made in
 inference mode (the adapter and encoder loaded in a run's setup, the region masks) cannot be saved
@@ -31,20 +35,27 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from scenec.spec.errors import Unsupported
 
 log = logging.getLogger(__name__)
 
 
+def region_mask(plan, vp) -> np.ndarray | None:
+    """The visual prompt's region on its finest grid (bool, coverage > 0), or None: no region, or an empty one."""
+    if not vp.masks:
+        return None
+    g = max(vp.masks, key=lambda name: math.prod(plan.grid(name)))
+    m = plan.mask(vp.masks, g) > 0
+    return m if m.any() else None
+
+
 def region_box(plan, vp, height: int, width: int) -> tuple[int, int, int, int]:
     """The pixel bounding box ``(top, bottom, left, right)`` of the visual prompt's region on an image of
     ``height`` × ``width`` (the region's mask on its finest grid, coverage > 0); the whole image without one."""
-    if not vp.masks:
-        return 0, height, 0, width
-    g = max(vp.masks, key=lambda name: math.prod(plan.grid(name)))
-    m = plan.mask(vp.masks, g) > 0
-    if not m.any():
+    m = region_mask(plan, vp)
+    if m is None:
         return 0, height, 0, width
     gh, gw = m.shape
     ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
@@ -52,15 +63,38 @@ def region_box(plan, vp, height: int, width: int) -> tuple[int, int, int, int]:
             -(-(xs[-1] + 1) * width // gw))
 
 
+GRAY = 128 / 127.5 - 1  # uint8 gray 128 in the VAE's [-1, 1]
+
+
+def region_crop(plan, vp, img: torch.Tensor) -> torch.Tensor:
+    """The region's bounding box of ``img`` (``[B, 3, H, W]`` in [-1, 1]) with the pixels outside the region's
+    mask set to gray 128, as the visual prompt image's background is (docs/visual-prompts.md)."""
+    h, w = img.shape[-2:]
+    top, bottom, left, right = region_box(plan, vp, h, w)
+    crop = img[..., top:bottom, left:right]
+    m = region_mask(plan, vp)
+    if m is None:
+        return crop
+    gh, gw = m.shape
+    rows, cols = np.arange(top, bottom) * gh // h, np.arange(left, right) * gw // w  # each pixel's cell
+    inside = torch.from_numpy(np.ascontiguousarray(m[rows][:, cols])).to(img.device)
+    return torch.where(inside, crop, torch.full((), GRAY, dtype=crop.dtype, device=crop.device))
+
+
 def clip_pixels(img: torch.Tensor, proc) -> torch.Tensor:
     """An image ``[B, 3, h, w]`` in [-1, 1] as ``CLIPImageProcessor`` prepares one, differentiably:
-    resize the shortest edge (bicubic, antialiased), centre crop, rescale to [0, 1], mean/std normalise."""
+    resize the shortest edge (bicubic, antialiased, the long edge truncated), centre crop, rescale to [0, 1],
+    mean/std normalise. Against the processor (PIL) on uniform noise: ≤ 0.014 max / 0.004 mean (normalised
+    units) when downscaling; up to 0.3 max / 0.006 mean when upscaling (bicubic −0.75 in torch, −0.5 in PIL)."""
     x = ((img.float() + 1) / 2).clamp(0, 1)
     ch, cw = proc.crop_size["height"], proc.crop_size["width"]
     short = proc.size.get("shortest_edge", min(ch, cw))
     h, w = x.shape[-2:]
-    nh, nw = max(ch, round(h * short / min(h, w))), max(cw, round(w * short / min(h, w)))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    # the long edge truncated, as transformers' get_resize_output_image_size does
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    nh, nw = max(ch, nh), max(cw, nw)
+    # clamped as PIL's uint8 resize saturates bicubic's overshoot
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     top, left = (nh - ch) // 2, (nw - cw) // 2
     x = x[..., top:top + ch, left:left + cw]
     mean = torch.tensor(proc.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
@@ -116,6 +150,49 @@ def frozen(*modules):
             p.requires_grad_(r)
 
 
+CALL_STATE = ("mods", "n_img", "rows", "cache")  # the Attention state a model call sets (runtime/attention.py)
+
+
+@contextmanager
+def checkpointed(model, ctl=None):
+    """Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174, §3) of a diffusers model for the block:
+    each checkpointed block keeps only its inputs and recomputes its activations in backward, instead of
+    keeping every activation of every block until backward; restored after. ``ctl``: the family's
+    :class:`~scenec.runtime.attention.Attention`, whose per-call state (modifiers, image tokens, rows, the
+    call's bias cache) is that of the last model call when backward runs (true CFG calls the model twice):
+    each block is recomputed under the state of the call that ran it. A model without checkpointing runs as is."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        yield
+        return
+    was = model.is_gradient_checkpointing
+
+    def ckpt(block, *args):
+        state = None if ctl is None else {a: getattr(ctl, a) for a in CALL_STATE}
+
+        def run(*a):
+            if state is None:
+                return block(*a)
+            now = {n: getattr(ctl, n) for n in CALL_STATE}
+            for n, val in state.items():
+                setattr(ctl, n, val)
+            try:
+                return block(*a)
+            finally:
+                for n, val in now.items():
+                    setattr(ctl, n, val)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(ckpt)
+    try:
+        yield
+    finally:
+        if was:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+
+
 def refine(run, prompt, op) -> dict:
     """Refine ``prompt``'s positive value tokens before denoise ``op`` (module docstring); the losses."""
     vp, be, r = prompt.vp, run.backend, prompt.vp.refine
@@ -124,26 +201,29 @@ def refine(run, prompt, op) -> dict:
                           "forbids: run the job through run_job/run_batch (torch.no_grad())")
     encoder, proc = prompt.encoder
     denoiser = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
-    with torch.enable_grad(), frozen(denoiser, be.pipe.vae, encoder, prompt.adapter):
+    with torch.enable_grad(), frozen(denoiser, be.pipe.vae, encoder, prompt.adapter), \
+            checkpointed(denoiser, be.attn), checkpointed(be.pipe.vae):
         target = target_embedding(prompt, run.plan.tensor(vp.image), be.device).clone()
         x = run.x.clone()
         fine = prompt.pos[1].detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([fine], lr=r.lr)
-        losses = []
-        for k in range(r.steps + 1):
-            last = k == r.steps  # the loss after the last update: measured, not stepped
-            prompt.set_fine(fine)
-            with torch.set_grad_enabled(not last):
-                out = run.predict(x, op.from_, op)
-                img = vae_image(be, run.solver.clean(x, out, op.from_), run.plan)
-                top, bottom, left, right = region_box(run.plan, vp, img.shape[-2], img.shape[-1])
-                emb = _pooled(encoder, clip_pixels(img[..., top:bottom, left:right], proc))
-                loss = 1 - F.cosine_similarity(emb, target, dim=-1).mean()
-            losses.append(float(loss.detach()))
-            if not last:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        losses, prompt.cached = [], False  # each checkpointed block makes its own projections, forward and again
+        try:
+            for k in range(r.steps + 1):
+                last = k == r.steps  # the loss after the last update: measured, not stepped
+                prompt.set_fine(fine)
+                with torch.set_grad_enabled(not last):
+                    out = run.predict(x, op.from_, op)
+                    img = vae_image(be, run.solver.clean(x, out, op.from_), run.plan)
+                    emb = _pooled(encoder, clip_pixels(region_crop(run.plan, vp, img), proc))
+                    loss = 1 - F.cosine_similarity(emb, target, dim=-1).mean()
+                losses.append(float(loss.detach()))
+                if not last:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            prompt.cached = True
         prompt.set_fine(fine.detach())
     note = {"entity": vp.entity, "step": op.from_, "steps": r.steps, "lr": r.lr, "loss_before": losses[0],
             "loss_after": losses[-1]}
