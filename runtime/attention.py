@@ -111,15 +111,9 @@ class ExtraKV:
     visible: torch.Tensor | dict
     scale: float
     sites: frozenset[str]
-    project: Callable | None = None
+    project: Callable | None = None  # made for the call's rows (a negative row: the no-image input's)
     decoupled: bool = False
     residual: bool = False
-
-    @property
-    def per_branch(self) -> bool:
-        """Projected tokens are made for the rows of the call the method saw (a negative row gets the
-        negative input's): a family may not reuse them for a call of other rows."""
-        return self.project is not None
 
     def tokens(self, module) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.k, self.v) if self.project is None else self.project(module)

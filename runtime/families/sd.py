@@ -18,7 +18,7 @@ import torch
 
 from scenec.spec.errors import PlanError, Unsupported
 
-from ..attention import CROSS, SELF, Attention, KeyScale, Mask, Site, attend
+from ..attention import CROSS, SELF, Attention, ExtraKV, KeyScale, Mask, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
@@ -205,7 +205,7 @@ class SDBackend:
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
             return e_u + g * (e_c - e_u)
         pos, neg = call([(0, False)]), call([(0, True)])
-        if any(getattr(m, "per_branch", False) for m in pos.mods):
+        if any(isinstance(m, ExtraKV) and m.project is not None for m in pos.mods):
             # tokens made per branch (visual prompts: the negative sees the no-image input's): one call
             # shaped for both rows by the methods, as a batch's, never the positive's reused on the negative
             c = call([(0, True), (0, False)])
