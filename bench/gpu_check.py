@@ -4,8 +4,8 @@ Each case runs the same plan on two tiny Flux backends on one device, ``attn_imp
 compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`` (dense boolean
 mask, no padding), and compares the final latents (relative L2 error). Cases: regional open and
 restricted image self-attention, masks in double / single blocks only, ``until`` < 1 (unmasked steps
-after), prompt padding, two batch rows of different text lengths, a coupling group (θ schedule), and a
-reference with COW cycles and SOW modulation. Runs in fp32 (the tolerance then tests the mask logic,
+after), prompt padding, two batch rows of different text lengths, a coupling group (θ schedule), a
+reference with COW cycles and SOW modulation, and visual prompts with a refinement step. Runs in fp32 (the tolerance then tests the mask logic,
 not bf16 rounding) and in bf16 (reported against bf16's own tolerance).
 
 Usage: python bench/gpu_check.py [--device cuda|cpu] [--dtypes fp32,bf16] [--out FILE.json]
@@ -81,6 +81,9 @@ def cases():
         ("batch_rows", batch_rows),
         ("coupling_group", scene_case(scenes / "coupled.yaml")),
         ("cow_sow", scene_case(scenes / "reference.yaml")),
+        # visual prompts: flex merges the extra tokens by log-sum-exp, SDPA uses a dense bias; the scene's
+        # refine step takes gradients through the (compiled, on CUDA) kernel
+        ("visual_refine", scene_case(ROOT / "scenes" / "visual-fox.yaml")),
     ]
 
 
