@@ -288,6 +288,9 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
         p = compile_scene(sf, model=model, lora=lora)
         plans[p.json.get("scene", {}).get("name", "")] = p
     warns: list[str] = []
+    if lora and plan_dirs:  # a compiled plan carries the LoRAs it was compiled with
+        warns.append("--lora applies to the scenes compiled here, not to the --plan directories (they keep the "
+                     "LoRAs they were compiled with)")
     by_scene: dict[str, list[Output]] = {}
     for o in outputs:
         by_scene.setdefault(o.scene, []).append(o)

@@ -245,6 +245,10 @@ def test_evaluate_dir_with_the_builds_lora(project):
     r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--weights", "1,0",
                         "--json", "--lora", f"{lora}:0.5"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    plan = compile_scene(project / "pair.yaml", lora=[f"{lora}:0.5"])
+    plan.write(project / "plan")
+    rep = evaluate_dir(out, plan_dirs=[project / "plan"], weights=(1, 0), lora=[f"{lora}:0.5"])
+    assert any("not to the --plan directories" in w for w in rep["warnings"])
 
 
 def test_evaluate_dir_errors(tmp_path):
