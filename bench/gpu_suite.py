@@ -64,7 +64,7 @@ def steps(smoke: bool, tmp: Path) -> list[tuple[str, list[list[str]], int]]:
         ]
     return [
         ("check", [[PY, "bench/gpu_check.py", "--device", "cuda", "--dtypes", "bf16",
-                    "--out", str(tmp / "check" / "check.json")]], 75),
+                    "--out", str(tmp / "check" / "check.json")]], 100),
         ("attention", [[PY, "bench/bench_attention.py", "--reps", "5", "--compiled-cases", "base512,ours1024",
                         *aa]], 170),
         ("build", [[PY, "bench/make_random_model.py", str(model), "--device", "cuda"],
