@@ -5,7 +5,7 @@ compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`
 mask, no padding), and compares the final latents (relative L2 error). Cases: regional open and
 restricted image self-attention, masks in double / single blocks only, ``until`` < 1 (unmasked steps
 after), prompt padding, two batch rows of different text lengths, a coupling group (θ schedule), a
-reference with COW cycles and SOW modulation, and visual prompts with a refinement step. Runs in fp32 (the tolerance then tests the mask logic,
+reference with COW cycles and SOW modulation, visual prompts with a refinement step, and a visual prompt in a coupling group. Runs in fp32 (the tolerance then tests the mask logic,
 not bf16 rounding) and in bf16 (reported against bf16's own tolerance).
 
 Usage: python bench/gpu_check.py [--device cuda|cpu] [--dtypes fp32,bf16] [--out FILE.json]
@@ -84,6 +84,7 @@ def cases():
         # visual prompts: flex merges the extra tokens by log-sum-exp, SDPA uses a dense bias; the scene's
         # refine step takes gradients through the (compiled, on CUDA) kernel
         ("visual_refine", scene_case(ROOT / "scenes" / "visual-fox.yaml")),
+        ("visual_coupled", scene_case(scenes / "visual-coupled.yaml")),
     ]
 
 

@@ -183,9 +183,10 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         if v is None:
             continue
         path = ("entities", i, "visual")
-        if e.id in grouped:
-            diags.error(ls.pos(path), f"`{e.id}` has a visual prompt and is shown in a coupling group: the two "
-                        "do not run together yet", hint="use the entity outside `groups`, or drop `visual`")
+        if e.id in grouped and v.refine is not None:
+            diags.error(ls.pos(path + ("refine",)), f"`{e.id}` is shown in a coupling group: `refine` does not run "
+                        "there yet (its visual tokens carry the entity stream's weight θ)",
+                        hint="drop `refine`, or use the entity outside `groups`")
         if sow and info.family.name == "flux":
             diags.error(ls.pos(path), "visual prompts and SOW attention modulation do not run in one Flux image yet",
                         hint="set `modulation: false` on the reference")

@@ -251,12 +251,12 @@ def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torc
             bias = m
     if mask is not None and site.text and site.image_keys and mask.layout.N != n_text + n_img:
         raise PlanError(f"sequence of {n_text + n_img} tokens but the region mask is for {mask.layout.N}")
+    if extra and bias is not None:
+        raise Unsupported("extra key/value tokens together with SOW's modulation in one call")
+    if branches is not None:  # coupling: extra tokens are the entity stream's (its branch)
+        return _branches(ctl, site, q, k, v, branches, bias, n_text, n_img, extra)
     if extra:
-        if branches is not None or bias is not None:
-            raise Unsupported("extra key/value tokens together with coupling or SOW in one call")
         return _with_extra(ctl, site, q, k, v, mask, extra, n_text, n_img)
-    if branches is not None:
-        return _branches(ctl, site, q, k, v, branches, bias, n_text, n_img)
     return _kernel(ctl, site, q, k, v, mask, bias, n_text, n_img)
 
 
@@ -378,8 +378,9 @@ def _record(ctl: Attention, site: Site, q, k, v, out, mask: BuiltMask) -> None:
                       "expected": w @ v.float(), "out": out.float()})
 
 
-def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: int, n_img: int):
-    """Coupling's two branches on a single-stream block (:class:`Branches`), mixed on the image rows."""
+def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: int, n_img: int, extra=()):
+    """Coupling's two branches on a single-stream block (:class:`Branches`), mixed on the image rows;
+    ``extra`` tokens (an entity's visual prompt) join the entity branch."""
     nb = br.n_bg
     ne = n_text - nb  # entity text and its padding
 
@@ -387,7 +388,9 @@ def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: i
         return _seq_cat([t[:, :, :nb], t[:, :, n_text:]])
 
     a_bg = _kernel(ctl, site, bg_part(q), bg_part(k), bg_part(v), None, bias, nb, n_img).transpose(1, 2)
-    a_ent = _kernel(ctl, site, q[:, :, nb:], k[:, :, nb:], v[:, :, nb:], br.ent_mask, bias, ne, n_img).transpose(1, 2)
+    qe, ke, ve = q[:, :, nb:], k[:, :, nb:], v[:, :, nb:]
+    a_ent = (_with_extra(ctl, site, qe, ke, ve, br.ent_mask, list(extra), ne, n_img) if extra else
+             _kernel(ctl, site, qe, ke, ve, br.ent_mask, bias, ne, n_img)).transpose(1, 2)
     img = (1 - br.theta) * a_bg[:, nb:] + br.theta * a_ent[:, ne:]
     return torch.cat([a_bg[:, :nb], a_ent[:, :ne], img], dim=1).transpose(1, 2)
 

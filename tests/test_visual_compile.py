@@ -160,11 +160,15 @@ def test_cli_exit_2_with_every_error_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
-def test_visual_prompts_with_groups_refused(tmp_path, model):
+def test_visual_prompts_in_groups_but_not_their_refinement(tmp_path, model):
     p = write(tmp_path, "    visual: {image: obj.png}\n", model=model)
     p.write_text(p.read_text() + "groups:\n  - id: g\n    variants:\n      - {id: a, entities: [fox]}\n")
     _, diags = validate_file(p)
-    assert any(d.pos.line == 9 and "coupling group" in d.message for d in diags if d.severity == "error")
+    assert not [d for d in diags if d.severity == "error"]
+    p.write_text(p.read_text().replace("visual: {image: obj.png}", "visual: {image: obj.png, refine: {at: [1.0]}}"))
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 9 and "coupling group: `refine` does not run" in errs[0].message
 
 
 def test_schema_has_the_visual_key():

@@ -191,8 +191,9 @@ def test_sd_negative_branch_sees_the_no_image_tokens_in_a_batched_call(tmp_path,
     """After `until`, SD runs both guidance branches as one UNet call (equal text lengths, no mask): its
     negative row must get the no-image tokens, as IP-Adapter's unconditional branch (the positive's were
     reused there before)."""
-    compile_(tmp_path, "cfg", "tiny-sd", fox="    visual: {image: fox.png}\n")
-    scene = tmp_path / "cfg" / "s.yaml"
+    compile_(tmp_path, "cfg", "tiny-sd", fox="    negative: \"a blue dog\"\n    visual: {image: fox.png}\n",
+             cat="    negative: \"a dog\"\n")
+    scene = tmp_path / "cfg" / "s.yaml"  # after `until`, branches of equal text lengths fit one UNet call
     scene.write_text(scene.read_text().replace("sampler:", "attention: {until: 0.5}\nsampler:"))
     plan = compile_scene(scene)
     seen = []

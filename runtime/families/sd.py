@@ -205,17 +205,19 @@ class SDBackend:
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
             return e_u + g * (e_c - e_u)
         pos, neg = call([(0, False)]), call([(0, True)])
-        if any(isinstance(m, ExtraKV) and m.project is not None for m in pos.mods):
-            # tokens made per branch (visual prompts: the negative sees the no-image input's): one call
-            # shaped for both rows by the methods, as a batch's, never the positive's reused on the negative
-            c = call([(0, True), (0, False)])
-            e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
-            return e_u + g * (e_c - e_u)
         masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
         # key scales and LoRA token weights are laid out on the positive branch's text
         scaled = any(isinstance(m, KeyScale) or getattr(m, "rows_bound", False) for m in pos.mods)
-        if not masked and pos.cond.seq.shape == neg.cond.seq.shape and \
-                (not scaled or pos.cond.lengths == neg.cond.lengths):
+        one_call = not masked and pos.cond.seq.shape == neg.cond.seq.shape and \
+            (not scaled or pos.cond.lengths == neg.cond.lengths)
+        # tokens made per branch (visual prompts: the negative sees the no-image input's) are never the
+        # positive's reused on the negative row: one call shaped for both rows by the methods, as a batch's
+        per_branch = any(isinstance(m, ExtraKV) and m.project is not None for m in pos.mods)
+        if one_call and per_branch and not scaled:
+            c = call([(0, True), (0, False)])
+            e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
+            return e_u + g * (e_c - e_u)
+        if one_call and not per_branch:
             pooled = [torch.cat([n, p]) for n, p in zip(neg.cond.pooled, pos.cond.pooled)]
             both = Call(neg.rows + pos.rows, [True, False], neg.specs + pos.specs, level,
                         pooled_weights=pos.pooled_weights, mods=pos.mods,

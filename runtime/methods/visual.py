@@ -227,6 +227,7 @@ class VisualPrompts(Method):
         model = be.transformer if getattr(be, "transformer", None) is not None else be.unet  # Flux | UNet
         self.joint = {s.name for s in be.sites if s.text and s.image_keys}
         self.cross = {s.name for s in be.sites if s.text and not s.image_keys}
+        self.single = {s.name for s in be.sites if s.single_stream}  # coupling mixes two branches there
         layers = attention_layers(model, self.joint | self.cross)
         self.prompts = []
         # adapters and encoders are read once per loaded model, not once per job (a batch build reuses them);
@@ -286,6 +287,9 @@ class VisualPrompts(Method):
 
         mods = []
         negatives = tuple(call.negatives)
+        th = coupled_weight(self.run.job, call)
+        if th <= 0:  # a coupling group's θ = 0 steps: the background alone (its images stay identical)
+            return mods
         for p in self.prompts:
             if not p.vp.acts(call.level):
                 continue
@@ -295,11 +299,22 @@ class VisualPrompts(Method):
             kinds = ((p.adapter.sites, True, p.adapter.residual),) if ip else \
                 ((self.joint, False, False), (self.cross, True, False))
             for sites, decoupled, residual in kinds:
-                if sites:
-                    mods.append(ExtraKV(None, None, p.visible, p.vp.scale, frozenset(sites),
-                                        project=partial(p.project, negatives), decoupled=decoupled,
-                                        residual=residual))
+                # coupled (0 < θ < 1): the tokens are the entity stream's — weight θ where coupling scales the
+                # entity keys, their own scale inside the entity branch of single-stream blocks (mixed by θ)
+                parts = ((sites, p.vp.scale),) if th >= 1 else \
+                    ((sites & self.single, p.vp.scale), (sites - self.single, p.vp.scale * th))
+                for part, scale in parts:
+                    if part:
+                        mods.append(ExtraKV(None, None, p.visible, scale, frozenset(part),
+                                            project=partial(p.project, negatives), decoupled=decoupled,
+                                            residual=residual))
         return mods
+
+
+def coupled_weight(job, call) -> float:
+    """The entity stream's weight in a call: θ in a coupled job (arXiv 2506.06826; 0 before its θ rises),
+    else 1."""
+    return min(1.0, float(call.theta or 0.0)) if job.coupled else 1.0
 
 
 def _dir_stamp(path: str | None) -> tuple | None:
