@@ -1,12 +1,12 @@
 """CUDA correctness: FlexAttention against SDPA for every attention mode, through the real runtime.
-
 Each case runs the same plan on two tiny Flux backends on one device, ``attn_impl="flex"`` (BlockMask,
-compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`` (dense boolean
-mask, no padding), and compares the final latents (relative L2 error). Cases: regional open and
-restricted image self-attention, masks in double / single blocks only, ``until`` < 1 (unmasked steps
-after), prompt padding, two batch rows of different text lengths, a coupling group (θ schedule), a
-reference with COW cycles and SOW modulation, visual prompts with a refinement step, and a visual prompt in a coupling group. Runs in fp32 (the tolerance then tests the mask logic,
-not bf16 rounding) and in bf16 (reported against bf16's own tolerance).
+compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`` (dense boolean mask,
+no padding), and compares the final latents (relative L2 error). Cases: regional open and restricted
+image self-attention, masks in double / single blocks only, ``until`` < 1 (unmasked steps after), prompt
+padding, two batch rows of different text lengths, a coupling group (θ schedule), a reference with COW
+cycles and SOW modulation, visual prompts with a refinement step, and a visual prompt in a coupling
+group. Runs in fp32 (the tolerance then tests the mask logic, not bf16 rounding) and in bf16 (reported
+against bf16's own tolerance).
 
 Usage: python bench/gpu_check.py [--device cuda|cpu] [--dtypes fp32,bf16] [--out FILE.json]
 """
