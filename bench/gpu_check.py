@@ -1,4 +1,5 @@
 """CUDA correctness: FlexAttention against SDPA for every attention mode, through the real runtime.
+
 Each case runs the same plan on two tiny Flux backends on one device, ``attn_impl="flex"`` (BlockMask,
 compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`` (dense boolean mask,
 no padding), and compares the final latents (relative L2 error). Cases: regional open and restricted
