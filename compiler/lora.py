@@ -274,9 +274,9 @@ def cli_lora_problems(cli_lora) -> list[str]:
         except ValueError as e:
             out.append(str(e))
             continue
-        p = Path(value).expanduser()
+        p = Path(value).expanduser().resolve()  # as the scenes' check resolves it: one inspect_file per file
         if not p.is_file():
-            out.append(f"--lora {arg}: {'not found' if not p.exists() else 'not a file'} (looked for {p.resolve()})")
+            out.append(f"--lora {arg}: {'not found' if not p.exists() else 'not a file'} (looked for {p})")
         elif p.suffix != ".safetensors":
             out.append(f"--lora {arg}: not a .safetensors file: scenec loads safetensors only")
         else:

@@ -60,14 +60,18 @@ def model_identity(model: dict, weights_hash: str = "stat") -> dict:
     return {"id": repo, "revision": rev}
 
 
-def job_identity(identity: dict, job: dict, weights_hash: str = "stat") -> dict:
+def job_identity(identity: dict, job: dict, weights_hash: str = "stat", digests: dict | None = None) -> dict:
     """The model's identity, and that of the image encoders of the job's visual prompts (their directories'
-    files, digested as a local model directory's): a changed encoder rebuilds exactly its images."""
+    files, digested as a local model directory's): a changed encoder rebuilds exactly its images.
+    ``digests``: the encoders digested so far in this build (one walk per directory, not one per job)."""
     encoders = sorted({vp["encoder"] for vp in job.get("visuals") or () if vp.get("encoder")})
     if not encoders:
         return identity
-    return {**identity, "encoders": " ".join(f"{weights_hash}:{weights_digest(Path(e), weights_hash)}"
-                                             if Path(e).is_dir() else "missing" for e in encoders)}
+    digests = {} if digests is None else digests
+    for e in encoders:
+        if e not in digests:
+            digests[e] = f"{weights_hash}:{weights_digest(Path(e), weights_hash)}" if Path(e).is_dir() else "missing"
+    return {**identity, "encoders": " ".join(digests[e] for e in encoders)}
 
 
 def cache_key(job_hash: str, identity: dict, seed: int) -> str:

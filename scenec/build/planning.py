@@ -103,6 +103,7 @@ class _Planner:
         self.sel, self.exc = parse_selectors(options.select), parse_selectors(options.exclude)
         self.bp = BatchPlan(diagnostics=Diagnostics())
         self.identities: dict[str, dict] = {}
+        self.encoders: dict[str, str] = {}  # visual prompts' image encoder directories digested so far
         self.owners: dict[tuple[Path, str], Item] = {}
         self.partial = memo.enabled()
 
@@ -193,7 +194,7 @@ class _Planner:
         added = []
         for job in plan.json["jobs"]:
             name = job.get("name", job["id"])
-            ident = job_identity(identity, job, self.o.weights_hash)
+            ident = job_identity(identity, job, self.o.weights_hash, self.encoders)
             item = Item(f, display, plan, job, out_dir, name, cache_key(job.get("job_hash", ""), ident, job["seed"]),
                         ident)
             item.selected = selected(item.info, self.sel, self.exc)
