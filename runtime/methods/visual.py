@@ -250,7 +250,14 @@ class VisualPrompts(Method):
             loaded.move_to_end(key)
             adapter, encoder, proc, used = loaded[key]
             names = {id(mod): layer_key(name) for name, mod in used.items()}
-            pos, neg = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
+            # the image's tokens once per adapter and image, not once per job (a scene's seeds share them)
+            tokens = be.__dict__.setdefault("visual_tokens", OrderedDict())
+            tkey = (key, vp.sha256)
+            if tkey not in tokens:
+                tokens[tkey] = _encode(encoder, proc, adapter, run.plan.tensor(vp.image), be.device)
+                while len(tokens) > 8 * MAX_LOADED:
+                    tokens.popitem(last=False)
+            pos, neg = tokens[tkey]
             visible = {}
             for g in be.image_grids:
                 h, w = run.plan.grid(g)
