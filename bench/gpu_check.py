@@ -5,8 +5,8 @@ compiled FlexAttention on CUDA, text padded to a bucket) and ``attn_impl="sdpa"`
 no padding), and compares the final latents (relative L2 error). Cases: regional open and restricted
 image self-attention, masks in double / single blocks only, ``until`` < 1 (unmasked steps after), prompt
 padding, two batch rows of different text lengths, a coupling group (θ schedule), a reference with COW
-cycles and SOW modulation, visual prompts with a refinement step, and a visual prompt in a coupling
-group. Runs in fp32 (the tolerance then tests the mask logic, not bf16 rounding) and in bf16 (reported
+cycles and SOW modulation, visual prompts with a refinement step, a visual prompt in a coupling group,
+and one beside SOW's modulation. Runs in fp32 (the tolerance then tests the mask logic, not bf16 rounding) and in bf16 (reported
 against bf16's own tolerance).
 
 Usage: python bench/gpu_check.py [--device cuda|cpu] [--dtypes fp32,bf16] [--out FILE.json]
@@ -86,6 +86,7 @@ def cases():
         # refine step takes gradients through the (compiled, on CUDA) kernel
         ("visual_refine", scene_case(ROOT / "scenes" / "visual-fox.yaml")),
         ("visual_coupled", scene_case(scenes / "visual-coupled.yaml")),
+        ("visual_sow", scene_case(scenes / "visual-sow.yaml")),  # extra tokens in SOW's modulated softmax
     ]
 
 

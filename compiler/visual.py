@@ -176,8 +176,6 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
     table = None
     sc = ls.scene
     grouped = {eid for g in sc.groups for v in g.variants for eid in (v.entities or ())}
-    sow = any(e.reference is not None and e.reference.modulation is not False and e.reference.cycles > 0
-              for e in sc.entities)
     for i, e in enumerate(sc.entities):
         v = e.visual
         if v is None:
@@ -187,9 +185,6 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             diags.error(ls.pos(path + ("refine",)), f"`{e.id}` is shown in a coupling group: `refine` does not run "
                         "there yet (its visual tokens carry the entity stream's weight θ)",
                         hint="drop `refine`, or use the entity outside `groups`")
-        if sow and info.family.name == "flux":
-            diags.error(ls.pos(path), "visual prompts and SOW attention modulation do not run in one Flux image yet",
-                        hint="set `modulation: false` on the reference")
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")

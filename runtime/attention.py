@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from scenec.spec.errors import PlanError, Unsupported
 
+from .kernels import flex_kernel, merge_lse, modulated_dense, modulated_flex
 from .layout import BuiltMask
 
 BLOCK_KINDS = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}
@@ -167,20 +168,6 @@ class Modulation(Protocol):
         """The same modulation as a FlexAttention ``score_mod`` with the call's row ranges ``[B, H, n_img]``."""
 
 
-_flex_compiled: Callable | None = None
-
-
-def flex_kernel():
-    """FlexAttention: compiled on CUDA (the fused kernel), eager elsewhere; created once."""
-    global _flex_compiled
-    if _flex_compiled is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        # compiled flex is the fused kernel; eager flex materialises scores (only for tests/CPU)
-        _flex_compiled = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-    return _flex_compiled
-
-
 class Attention:
     """The processors' shared state: the kernel implementation, this model call's modifiers, and a probe.
 
@@ -251,32 +238,22 @@ def attend(ctl: Attention, site: Site, q: torch.Tensor, k: torch.Tensor, v: torc
             bias = m
     if mask is not None and site.text and site.image_keys and mask.layout.N != n_text + n_img:
         raise PlanError(f"sequence of {n_text + n_img} tokens but the region mask is for {mask.layout.N}")
-    if extra and bias is not None:
-        raise Unsupported("extra key/value tokens together with SOW's modulation in one call")
     if branches is not None:  # coupling: extra tokens are the entity stream's (its branch)
         return _branches(ctl, site, q, k, v, branches, bias, n_text, n_img, extra)
     if extra:
-        return _with_extra(ctl, site, q, k, v, mask, extra, n_text, n_img)
+        return _with_extra(ctl, site, q, k, v, mask, extra, n_text, n_img, bias)
     return _kernel(ctl, site, q, k, v, mask, bias, n_text, n_img)
 
 
 def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n_text: int, n_img: int):
     """SDPA or FlexAttention with an optional mask and an optional image–image bias or modulation."""
+    if bias is not None and hasattr(bias, "weights"):
+        out = _modulate(ctl, site, q, k, v, mask, bias, n_text, n_img)
+        if out is not None:
+            return out
+        bias = None
     if bias is not None:
-        def allow(qi: torch.Tensor):
-            return None if mask is None else mask.allow_rows(qi, q.device)
-
-        bias.observe(q, k, n_text, allow, ctl.rows)
-        if hasattr(bias, "weights"):
-            if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
-                if bias.active():  # the score_mod reads the gains: no [n_img, n_img] weights on this path
-                    return modulated_flex(q, k, v, mask, bias, n_text, n_img)
-            else:
-                w = bias.weights(n_img, q.device)
-                if w is not None:
-                    return modulated_dense(ctl, site, q, k, v, mask, w, n_text, n_img)
-            bias = None
-    if bias is not None:
+        _observe(ctl, q, k, mask, bias, n_text)
         img = bias.image_bias(n_img, q.device)
         if img is not None:
             if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
@@ -312,56 +289,24 @@ def _kernel(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, bias, n
     return out
 
 
-def _allow4(mask: BuiltMask | None, device) -> torch.Tensor | None:
-    """A mask as a dense bool ``[B|1, 1, N, N]`` (None: everything allowed)."""
-    if mask is None:
-        return None
-    return mask.mask if mask.impl == "sdpa" else mask.dense_allow(device)[None, None]
+def _observe(ctl: Attention, q, k, mask: BuiltMask | None, bias, n_text: int) -> None:
+    """A bias's or modulation's indicator reads the call's unmodulated q/k (mask rows built only if asked)."""
+    def allow(qi: torch.Tensor):
+        return None if mask is None else mask.allow_rows(qi, q.device)
+
+    bias.observe(q, k, n_text, allow, ctl.rows)
 
 
-def _range(scores: torch.Tensor, allow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's max and min over the keys it may see."""
-    if allow is None:
-        return scores.amax(-1), scores.amin(-1)
-    return scores.masked_fill(~allow, float("-inf")).amax(-1), scores.masked_fill(~allow, float("inf")).amin(-1)
-
-
-def modulated_dense(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, w, n_text: int, n_img: int):
-    """Attention with image–image scores S' = S + E·(hi − S) − U·(S − lo) (:class:`Modulation`), explicitly:
-    the scores, each image query's range over the image keys it may see, the modulation, the mask, softmax."""
-    e, u = w
-    allow = _allow4(mask, q.device)
-    logits = (q.float() @ k.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-    img = logits[..., n_text:, n_text:]
-    hi, lo = _range(img, None if allow is None else allow[..., n_text:, n_text:])
-    moved = logits.clone()
-    moved[..., n_text:, n_text:] = img + e * (hi[..., None] - img) - u * (img - lo[..., None])
-    if allow is not None:
-        moved = moved.masked_fill(~allow, float("-inf"))
-    out = (torch.softmax(moved, dim=-1) @ v.float()).to(q.dtype)
-    if ctl.probe is not None:
-        ctl.probe.append({"kind": "sow", "site": site.name, "n_q": q.shape[2], "n_txt": n_text, "logits": logits,
-                          "e": e, "u": u, "allow": None if allow is None else allow[0, 0], "v": v.float(),
-                          "out": out.float()})
-    return out
-
-
-def modulated_flex(q, k, v, mask: BuiltMask | None, mod, n_text: int, n_img: int, chunk: int = 1024):
-    """The same modulation through FlexAttention: each image query's range computed here in query chunks
-    (no dense N×N: the mask's rows per chunk, ``BuiltMask.allow_rows``), the modulation in
-    ``mod.score_mod``, the mask as the BlockMask."""
-    kk = k[:, :, n_text:].float().transpose(-1, -2)
-    his, los = [], []
-    for s0 in range(n_text, q.shape[2], chunk):
-        sc = (q[:, :, s0:s0 + chunk].float() @ kk) / (q.shape[-1] ** 0.5)
-        qi = torch.arange(s0, min(s0 + chunk, q.shape[2]), device=q.device)
-        a = None if mask is None else mask.allow_rows(qi, q.device)[None, None, :, n_text:]
-        hi, lo = _range(sc, a)
-        his.append(hi)
-        los.append(lo)
-    hi, lo = mod.ranges((n_text, n_img, q.shape[0], q.shape[1]), torch.cat(his, -1), torch.cat(los, -1))
-    return flex_kernel()(q, k, v, score_mod=mod.score_mod(n_text, n_img, hi, lo),
-                   block_mask=None if mask is None else mask.mask)
+def _modulate(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, mod, n_text: int, n_img: int,
+              lse: bool = False):
+    """A modulation's attention (SOW): its indicator sees the call's unmodulated q/k first; None when this op
+    moves nothing. Fused FlexAttention on CUDA, the explicit dense form elsewhere; ``lse``: (out, log-sum-exp)."""
+    _observe(ctl, q, k, mask, mod, n_text)
+    if ctl.impl == "flex" and q.device.type == "cuda" and (mask is None or mask.impl == "flex"):
+        # the score_mod reads the gains: no [n_img, n_img] weights on this path
+        return modulated_flex(q, k, v, mask, mod, n_text, n_img, lse=lse) if mod.active() else None
+    w = mod.weights(n_img, q.device)
+    return None if w is None else modulated_dense(ctl, site, q, k, v, mask, w, n_text, n_img, lse=lse)
 
 
 def _record(ctl: Attention, site: Site, q, k, v, out, mask: BuiltMask) -> None:
@@ -389,14 +334,14 @@ def _branches(ctl: Attention, site: Site, q, k, v, br: Branches, bias, n_text: i
 
     a_bg = _kernel(ctl, site, bg_part(q), bg_part(k), bg_part(v), None, bias, nb, n_img).transpose(1, 2)
     qe, ke, ve = q[:, :, nb:], k[:, :, nb:], v[:, :, nb:]
-    a_ent = (_with_extra(ctl, site, qe, ke, ve, br.ent_mask, list(extra), ne, n_img) if extra else
+    a_ent = (_with_extra(ctl, site, qe, ke, ve, br.ent_mask, list(extra), ne, n_img, bias) if extra else
              _kernel(ctl, site, qe, ke, ve, br.ent_mask, bias, ne, n_img)).transpose(1, 2)
     img = (1 - br.theta) * a_bg[:, nb:] + br.theta * a_ent[:, ne:]
     return torch.cat([a_bg[:, :nb], a_ent[:, :ne], img], dim=1).transpose(1, 2)
 
 
 def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, extra: list[ExtraKV],
-                n_text: int, n_img: int):
+                n_text: int, n_img: int, bias=None):
     """Attention with extra key/value tokens (see :class:`ExtraKV`): the joint ones in the call's softmax,
     then each decoupled one's attention added to the output.
 
@@ -405,7 +350,9 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
     outside their queries) are merged exactly, out = (e^{L₁}·o₁ + Σ e^{s}·v_x) / (e^{L₁} + Σ e^{s}) — one
     softmax over both, as flash attention merges its key blocks (Dao et al. 2022, arXiv 2205.14135, §3.1).
     SDPA returns no log-sum-exp: one softmax over [keys | extra] with a dense bias ``[N_q, N_k + M]`` built
-    once per model call (``ctl.cache``, shared by every block and by backward)."""
+    once per model call (``ctl.cache``, shared by every block and by backward). With a modulation (SOW)
+    the call's own part is the modulated one and its log-sum-exp that of the modulated scores: the extra
+    tokens join that softmax unmodulated (SOW moves image–image scores only)."""
     B, N_q, N_k = q.shape[0], q.shape[2], k.shape[2]
 
     def visible(e: ExtraKV) -> torch.Tensor:
@@ -415,8 +362,11 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
 
     joint = [e for e in extra if not e.decoupled]
     if not joint:
-        out = _kernel(ctl, site, q, k, v, mask, None, n_text, n_img)
+        out = _kernel(ctl, site, q, k, v, mask, bias, n_text, n_img)
     else:
+        if bias is not None and not hasattr(bias, "weights"):
+            raise Unsupported("extra key/value tokens together with an additive image bias in one call")
+        moved = None if bias is None else _modulate(ctl, site, q, k, v, mask, bias, n_text, n_img, lse=True)
         toks = [e.tokens(ctl.module) for e in joint]
         ek = _seq_cat([t[0].to(k.dtype).expand(B, -1, -1, -1) for t in toks])
         ev = _seq_cat([t[1].to(v.dtype).expand(B, -1, -1, -1) for t in toks])
@@ -436,8 +386,10 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
                 ctl.cache[dkey] = torch.cat([main, add], 1).to(q.dtype)
             return ctl.cache[dkey]
 
+        if moved is not None:
+            out = merge_lse(moved[0], moved[1], q, ek, ev, add)
         # flex has no backward on CPU (refinement there takes the dense path)
-        if ctl.impl == "flex" and (mask is None or mask.impl == "flex") and (
+        elif ctl.impl == "flex" and (mask is None or mask.impl == "flex") and (
                 q.device.type == "cuda" or not torch.is_grad_enabled()):
             from torch.nn.attention.flex_attention import AuxRequest
 
@@ -446,7 +398,7 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
             out = merge_lse(o1, aux.lse, q, ek, ev, add)
         else:
             out = F.scaled_dot_product_attention(q, _seq_cat([k, ek]), _seq_cat([v, ev]), attn_mask=dense())
-        if ctl.probe is not None:
+        if ctl.probe is not None and moved is None:  # modulated: the "sow" record holds the call's own part
             kk, vv = _seq_cat([k, ek]), _seq_cat([v, ev])
             w = torch.softmax((q.float() @ kk.float().transpose(-1, -2)) / (q.shape[-1] ** 0.5)
                               + dense().float(), -1)
@@ -464,19 +416,6 @@ def _with_extra(ctl: Attention, site: Site, q, k, v, mask: BuiltMask | None, ext
                               "base": out.float(), "extra": ip.float()})
         out = out + ip * gain.to(q.dtype)[None, None, :, None]
     return out
-
-
-def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, q, ek, ev, add: torch.Tensor) -> torch.Tensor:
-    """One softmax over a call's keys and M extra ones, from the call's output ``o1`` and log-sum-exp ``lse1``
-    (``[B, H, N_q]``) and the extra logits q·k_xᵀ/√d + ``add`` (``[N_q, M]``): (Z₁·o₁ + Σ e^{s}·v_x)/(Z₁ + Σ e^{s}),
-    Z₁ = e^{L₁}, in float32 shifted by the row maximum (detached: it cancels); a row that sees nothing is 0."""
-    s = (q.float() @ ek.float().transpose(-1, -2)) * q.shape[-1] ** -0.5 + add  # [B, H, N_q, M]
-    m = torch.maximum(lse1.float(), s.amax(-1)).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    z1, p = torch.exp(lse1.float() - m), torch.exp(s - m[..., None])
-    den = z1 + p.sum(-1)
-    den = torch.where(den > 0, den, torch.ones_like(den))
-    return (z1 / den).to(o1.dtype)[..., None] * o1 + (p / den[..., None]).to(ev.dtype) @ ev
 
 
 def residual_extra(ctl: Attention, site: Site, q_img: torch.Tensor, mods: list) -> torch.Tensor | None:

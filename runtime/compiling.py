@@ -33,7 +33,7 @@ def compile_blocks(module: torch.nn.Module, backend: str = "inductor", log: bool
         cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
     if log:
         torch._logging.set_logs(recompiles=True)
-    from .attention import flex_kernel
+    from .kernels import flex_kernel
 
     flex_kernel()  # create the compiled kernel before tracing: made lazily inside a block it costs a recompile
     names = set(getattr(module, "_repeated_blocks", None) or ())

@@ -126,3 +126,67 @@ def test_sdpa_gradient_and_the_bias_is_built_once_per_call():
                                torch.autograd.grad((ref * g).sum(), ref_q)[0], atol=5e-5, rtol=1e-4)
     ctl.set([], n_img=N_IMG)
     assert ctl.cache == {}  # a new model call builds its own
+
+
+def _sow(grid_mask):
+    """A SOW modulation (runtime/methods/sow.py) on the 8×8 grid, armed for one op without its indicator."""
+    from scenec.runtime.methods import sow
+
+    cond = np.zeros(GRID, np.float32)
+    cond[0:3, 0:3] = 1
+    term = sow.sow_term(cond, grid_mask, {"suppress": 0.7, "enhance": 0.9, "decay": 0.8, "distance": 1.0,
+                                          "threshold": 0.5})
+    s = sow.Sow({N_IMG: [term]}, [0], "cpu", frozenset({"double"}))
+    s.begin_step(1, [True])
+    s.pending = False
+    return s
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("mask_impl", [None, "sdpa", "flex"])
+def test_sow_modulation_and_extra_tokens_share_one_softmax(mask_impl):
+    """A visual prompt's tokens beside SOW's modulation in one joint call (Flux, COW cycles): one softmax over
+    [the modulated scores S' = S + E·(hi − S) − U·(S − lo) of the call's keys | the extra logits + log scale],
+    the extra tokens unmodulated; the flex path's modulated kernel with its log-sum-exp gives the same."""
+    from scenec.runtime.kernels import modulated_flex
+
+    lay, q, k, v, extra, toks = setup(seed=3)
+    related = np.zeros(GRID, np.float32)
+    related[2:6, 2:6] = 1
+    mod = _sow(related)
+    e, u = mod.weights(N_IMG, "cpu")
+    n_text = lay.n_text
+    allow = None if mask_impl is None else build_mask(lay, "sdpa", "cpu").mask
+    logits = q @ k.transpose(-1, -2) / D ** 0.5
+    img = logits[..., n_text:, n_text:]
+    a_img = None if allow is None else allow[..., n_text:, n_text:]
+    hi = (img if a_img is None else img.masked_fill(~a_img, float("-inf"))).amax(-1, keepdim=True)
+    lo = (img if a_img is None else img.masked_fill(~a_img, float("inf"))).amin(-1, keepdim=True)
+    moved = logits.clone()
+    moved[..., n_text:, n_text:] = img + e * (hi - img) - u * (img - lo)
+    assert not torch.allclose(moved, logits)  # the modulation moves something here
+    if allow is not None:
+        moved = moved.masked_fill(~allow, float("-inf"))
+    parts = [moved]
+    for x, (ek, _) in zip(extra, toks):
+        s = q @ ek.transpose(-1, -2) / D ** 0.5 + np.log(x.scale)
+        vis = torch.zeros(lay.N, dtype=torch.bool)
+        vis[lay.N - N_IMG:] = x.visible
+        parts.append(s.masked_fill(~vis[:, None], float("-inf")))
+    want = torch.softmax(torch.cat(parts, -1), -1) @ torch.cat([v] + [ev for _, ev in toks], 2)
+
+    ctl = Attention("flex" if mask_impl == "flex" else "sdpa")
+    ctl.set([], n_img=N_IMG)
+    mods = list(extra) + [mod]
+    if mask_impl is not None:
+        mods.append(Mask({N_IMG: build_mask(lay, mask_impl, "cpu")}, frozenset({"double"})))
+    torch.testing.assert_close(attend(ctl, DOUBLE, q, k, v, mods), want, atol=1e-5, rtol=1e-4)
+
+    # the CUDA path's kernel (eager flex here): the modulated call and its log-sum-exp, merged
+    fm = None if mask_impl is None else build_mask(lay, "flex", "cpu")
+    o1, lse = modulated_flex(q, k, v, fm, mod, n_text, N_IMG, chunk=40, lse=True)
+    ek, ev = torch.cat([t[0] for t in toks], 2), torch.cat([t[1] for t in toks], 2)
+    add = torch.cat([torch.where(torch.cat([torch.zeros(lay.N - N_IMG, dtype=torch.bool), x.visible])[:, None]
+                                 .expand(lay.N, t[0].shape[2]), float(np.log(x.scale)), float("-inf"))
+                     for x, t in zip(extra, toks)], 1)
+    torch.testing.assert_close(merge_lse(o1, lse, q, ek, ev, add), want, atol=1e-5, rtol=1e-4)

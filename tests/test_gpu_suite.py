@@ -20,7 +20,7 @@ def test_gpu_suite_cpu_smoke_runs_every_step(tmp_path):
     assert {"check", "attention", "coupled", "cow", "build"} <= set(res["steps"])
     assert all(s["ok"] for s in res["steps"].values())
     cases = res["steps"]["check"]["files"]["check.json"]["cases"]
-    assert len(cases) == 11 and all(c["rel_err"] <= c["tol"] for c in cases.values())
+    assert len(cases) == 12 and all(c["rel_err"] <= c["tol"] for c in cases.values())
     assert any(name.startswith("visual_refine@") for name in cases)
     built = res["steps"]["build"]["outputs"][-1]["json"]
     assert built["built"] >= 1 and built["failed"] == 0

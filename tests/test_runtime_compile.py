@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from scenec.runtime import attention
+from scenec.runtime import kernels
 from scenec.runtime.compiling import compile_blocks, denoiser_of
 from scenec.runtime.sampler import run_job
 from scenec.runtime.testing import box, make_plan
@@ -48,7 +48,7 @@ def test_compiled_flex_meets_one_length_per_bucket(flex_backend, monkeypatch):
 
     torch._dynamo.reset()
     before = _graphs()  # the counters are the process's (other tests in this worker compiled too)
-    monkeypatch.setattr(attention, "_flex_compiled", torch.compile(flex_attention, dynamic=False, backend="eager"))
+    monkeypatch.setattr(kernels, "_flex_compiled", torch.compile(flex_attention, dynamic=False, backend="eager"))
     seen = []
     orig = layout.RegionalLayout.__post_init__
 

@@ -71,9 +71,9 @@ def test_flux_single_stream_entity_branch_sees_the_tokens_at_their_scale(tmp_pat
     seen = []
     orig = attention._with_extra
 
-    def spy(ctl, site, q, k, v, mask, extra, n_text, n_img):
+    def spy(ctl, site, q, k, v, mask, extra, n_text, n_img, bias=None):
         seen.append((site.name, q.shape[2], tuple(round(e.scale, 6) for e in extra)))
-        return orig(ctl, site, q, k, v, mask, extra, n_text, n_img)
+        return orig(ctl, site, q, k, v, mask, extra, n_text, n_img, bias)
 
     monkeypatch.setattr(attention, "_with_extra", spy)
     group_latents(tmp_path, "tiny", "{values: [0.5, 0.5, 0.5, 0.5]}", True, "v")
