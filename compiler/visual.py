@@ -22,7 +22,7 @@ from scenec.spec.plan_visual import MAX_VISUAL_SIDE, Visual
 
 from .caps import ModelInfo
 from .files import open_image, resolve_file
-from .visual_refine import check_refine, lower_refine
+from .visual_refine import check_refine, group_thetas, lower_refine
 
 GRAY = 128  # the visual prompt's background: transparent pixels and square padding (~0 after CLIP's normalisation)
 KV_MIXED_FORMAT = "scenec-kv-mixed/1"  # the `format` entry of a kv-mixed adapter's safetensors metadata
@@ -175,16 +175,17 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
 
     table = None
     sc = ls.scene
-    grouped = {eid for g in sc.groups for v in g.variants for eid in (v.entities or ())}
+    shown = {}  # entity id → the groups whose variants show it
+    for g in sc.groups:
+        for var in g.variants:
+            for eid in var.entities or ():
+                shown.setdefault(eid, set()).add(g.id)
+    thetas = None
     for i, e in enumerate(sc.entities):
         v = e.visual
         if v is None:
             continue
         path = ("entities", i, "visual")
-        if e.id in grouped and v.refine is not None:
-            diags.error(ls.pos(path + ("refine",)), f"`{e.id}` is shown in a coupling group: `refine` does not run "
-                        "there yet (its visual tokens carry the entity stream's weight θ)",
-                        hint="drop `refine`, or use the entity outside `groups`")
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
@@ -216,7 +217,10 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
         if v.refine is not None:
-            check_refine(ls, path, v, table, steps, diags)
+            if e.id in shown and thetas is None:
+                thetas = group_thetas(ls, steps)
+            check_refine(ls, path, v, table, steps, diags,
+                         {g: th for g, th in (thetas or {}).items() if g in shown.get(e.id, ())})
 
 
 def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:

@@ -160,15 +160,20 @@ def test_cli_exit_2_with_every_error_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
-def test_visual_prompts_in_groups_but_not_their_refinement(tmp_path, model):
+def test_visual_prompts_and_their_refinement_in_groups_where_theta_is_above_0(tmp_path, model):
     p = write(tmp_path, "    visual: {image: obj.png}\n", model=model)
-    p.write_text(p.read_text() + "groups:\n  - id: g\n    variants:\n      - {id: a, entities: [fox]}\n")
+    p.write_text(p.read_text() + "groups:\n  - id: g\n    schedule: {values: [0, 0.5, 1, 1]}\n    variants:\n"
+                 "      - {id: a, entities: [fox]}\n")
     _, diags = validate_file(p)
     assert not [d for d in diags if d.severity == "error"]
-    p.write_text(p.read_text().replace("visual: {image: obj.png}", "visual: {image: obj.png, refine: {at: [1.0]}}"))
+    p.write_text(p.read_text().replace("visual: {image: obj.png}", "visual: {image: obj.png, refine: {at: [0.5]}}"))
+    _, diags = validate_file(p)
+    assert not [d for d in diags if d.severity == "error"]  # step 2: θ = 1
+    p.write_text(p.read_text().replace("at: [0.5]", "at: [0.5, 1.0]"))
     _, diags = validate_file(p)
     errs = [d for d in diags if d.severity == "error"]
-    assert len(errs) == 1 and errs[0].pos.line == 9 and "coupling group: `refine` does not run" in errs[0].message
+    assert len(errs) == 1 and errs[0].pos.line == 9 and "where θ of group `g` is 0" in errs[0].message
+    assert errs[0].pos.col > p.read_text().splitlines()[8].index("1.0") - 2  # at the level, not the key
 
 
 def test_schema_has_the_visual_key():

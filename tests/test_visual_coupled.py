@@ -33,19 +33,23 @@ entities:
 BACKENDS = {"tiny": tiny_backend, "tiny-sd": tiny_sd_backend}
 
 
-def group_latents(tmp_path, model: str, schedule: str, visual: bool, name: str) -> dict:
+def group_results(tmp_path, model: str, schedule: str, visual: bool, name: str, refine: str = "") -> dict:
     d = tmp_path / name
     d.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / "stag.png")
-    vis = "    visual: {image: stag.png, scale: 2.0}\n" if visual else ""
+    vis = f"    visual: {{image: stag.png, scale: 2.0{refine}}}\n" if visual else ""
     (d / "s.yaml").write_text(SCENE.format(model=model, visual=vis, schedule=schedule), encoding="utf-8")
     plan = compile_scene(d / "s.yaml")
     assert bool(plan.jobs[1].visuals) == visual
     out = {}
     for job, r in run_group(BACKENDS[model](), plan, plan.groups[0], plan.jobs, decode=False):
         assert not isinstance(r, Exception), r
-        out[job.variant] = r.latents
+        out[job.variant] = r
     return out
+
+
+def group_latents(tmp_path, model: str, schedule: str, visual: bool, name: str) -> dict:
+    return {k: r.latents for k, r in group_results(tmp_path, model, schedule, visual, name).items()}
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd"])
@@ -82,3 +86,36 @@ def test_flux_single_stream_entity_branch_sees_the_tokens_at_their_scale(tmp_pat
     n_single = {n for s, n, _ in seen if s == "single"}
     n_double = {n for s, n, _ in seen if s == "double"}
     assert max(n_single) < max(n_double)  # the entity branch: without the background's text rows
+
+
+@pytest.mark.parametrize("model,lr", [("tiny", 0.5), ("tiny-sd", 0.2)])
+def test_refine_in_a_group_acts_in_its_variant_where_theta_has_risen(tmp_path, model, lr):
+    """visual.refine in a coupling group (§3.4 of arXiv 2501.01424 on the entity stream): the loss falls at a
+    step where θ > 0, the refined tokens change the entity's image, the other variant is untouched."""
+    schedule = "{values: [0, 0.6, 1, 1]}"
+    plain = group_results(tmp_path, model, schedule, True, "plain")
+    ref = group_results(tmp_path, model, schedule, True, "ref", f", refine: {{steps: 2, lr: {lr}, at: [0.5]}}")
+    notes = ref["stag"].diagnostics["visual_refine"]
+    assert len(notes) == 1 and notes[0]["step"] >= 1  # a step with θ > 0
+    assert notes[0]["loss_after"] < notes[0]["loss_before"], notes
+    assert "visual_refine" not in ref["fox"].diagnostics
+    assert torch.equal(ref["fox"].latents, plain["fox"].latents)
+    assert float((ref["stag"].latents - plain["stag"].latents).abs().max()) > 1e-5
+
+
+def test_refine_where_theta_is_0_is_refused_at_run_time_too(tmp_path):
+    """A plan edited by hand past the compiler's check: a clear error, not a failed backward."""
+    from scenec.runtime.sampler import run_job
+    from scenec.spec.errors import PlanError
+
+    d = tmp_path / "h"
+    d.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(d / "stag.png")
+    (d / "s.yaml").write_text(SCENE.format(model="tiny", schedule="{values: [0, 1, 1, 1]}",
+                                           visual="    visual: {image: stag.png, refine: {at: [0.1]}}\n"))
+    plan = compile_scene(d / "s.yaml")
+    job = plan.jobs[1]
+    vp = job.visuals[0]
+    job.visuals[0] = vp.model_copy(update={"refine": vp.refine.model_copy(update={"at": (0,)})})
+    with pytest.raises(PlanError, match="θ is 0"):
+        run_job(tiny_backend(), plan, job, decode=False)

@@ -287,6 +287,9 @@ class VisualPrompts(Method):
 
         for p in self.prompts:
             if p.vp.refines(op.from_):
+                if coupled_weight(self.run.job, op) <= 0:  # the compiler refuses it; a hand-made plan may not
+                    raise PlanError(f"visual prompt {p.vp.entity!r}: refine at step {op.from_}, where the "
+                                    "group's θ is 0 (the tokens act on nothing there)")
                 refine(self.run, p, op)
 
     def modifiers(self, call) -> list:
