@@ -42,20 +42,24 @@ class Family:
     grids: tuple[tuple[str, int], ...]
     max_entities: int | None = None  # entity prompts one image may hold; None: no limit
     methods: frozenset[str] = ALL_METHODS  # names in METHODS this family's runtime implements
+    solvers: tuple[str, ...] = ()  # what `sampler.solver` may name (compiler/solvers.py); `sampler` is the default
 
 
 # The runtime's token layouts (runtime/layout.py) key each token by an int64 bitmask of the prompts it
 # may see: bit 0 is the global prompt, so 62 entity prompts fit beside it in the non-negative range.
 # Both families' regional attention is built on them.
 MAX_ENTITIES = 62
+DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras")
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES)
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
-            grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
+            grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
+            solvers=DDPM_SOLVERS)
 # SDXL: SD's UNet geometry (attention at 1/16 and 1/32 of the canvas on the released models; the
 # other grids cost nothing), two text encoders, a pooled vector and size micro-conditioning
 SDXL = Family("sdxl", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
-              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES)
+              grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
+              solvers=DDPM_SOLVERS)
 FAMILIES = {"flux": FLUX, "sd": SD, "sdxl": SDXL}
 # a diffusers model directory's `model_index.json` names its pipeline class: the family it runs on
 PIPELINE_FAMILIES = {"FluxPipeline": FLUX, "StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}

@@ -21,6 +21,7 @@ from scenec.spec.paths import PathProblem
 
 from . import schedule as sch
 from .caps import ModelInfo, check_family
+from .solvers import check_solver
 from .schedule import schedule_file_values
 from .files import open_image, read_json
 
@@ -40,6 +41,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     _check_groups(ls, entity_ids, diags)
     _check_canvas(ls, info, diags)
     check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
+    check_solver(ls, info, diags)  # sampler.solver (compiler/solvers.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)
@@ -264,7 +266,7 @@ def _check_references(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagn
     from .levels import level_index, noise_levels
 
     sc = ls.scene
-    table = noise_levels(info, (sc.canvas.width, sc.canvas.height), steps)
+    table = noise_levels(info, (sc.canvas.width, sc.canvas.height), steps, sc.sampler.solver)
     starts: dict[int, int] = {}  # entity index -> its window's start index, when it cycles
     for i, e in enumerate(sc.entities):
         r = e.reference

@@ -92,6 +92,7 @@ class IR:
     steps: int
     guidance: float
     true_cfg: float
+    solver: str = ""  # the sampler's update rule (compiler/solvers.py; "" before initial_ir sets it)
     model_override: str | None = None  # --model, which replaces the scene's model and its LoRAs
     cli_lora: tuple[str, ...] = ()  # --lora PATH[:SCALE]
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)

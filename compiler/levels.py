@@ -66,12 +66,17 @@ def ddpm_timesteps(steps: int, config: dict) -> np.ndarray:
     return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + int(c["steps_offset"])
 
 
-def noise_levels(info, canvas: tuple[int, int], steps: int) -> np.ndarray:
-    """The noise level at each step index 0..N of a model (``caps.ModelInfo``) on a canvas (w, h)."""
+def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None = None) -> np.ndarray:
+    """The noise level at each step index 0..N of a model (``caps.ModelInfo``) on a canvas (w, h) under
+    ``solver`` (compiler/solvers.py; None: the family's default)."""
+    from .solvers import dpm_timesteps
+
     config = scheduler_config(info)
     if info.family.sampler == "flow-euler":
         return flow_sigmas(steps, canvas, config)
     T = float(config.get("num_train_timesteps", DDPM_LEADING["num_train_timesteps"]))
+    if solver in ("dpm++2m", "dpm++2m-karras"):
+        return np.append(dpm_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)
     return np.append(ddpm_timesteps(steps, config) / T, 0.0)
 
 
@@ -101,7 +106,7 @@ def _read(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = set(FLOW_DEV) | set(DDPM_LEADING)
+    keys = set(FLOW_DEV) | set(DDPM_LEADING) | {"beta_start", "beta_end", "beta_schedule"}  # ᾱ: Karras σ
     return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
 
 

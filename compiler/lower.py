@@ -159,7 +159,7 @@ def lower(ir: IR) -> CompiledPlan:
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras)),
         canvas=Canvas(width=canvas[0], height=canvas[1]),
         grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
-        sampler=Sampler(kind=fam.sampler, steps=ir.steps, guidance=float(ir.guidance), true_cfg=float(ir.true_cfg)),
+        sampler=Sampler(kind=ir.solver or fam.sampler, steps=ir.steps, guidance=float(ir.guidance), true_cfg=float(ir.true_cfg)),
         attention=Attention(**{**sc.attention.model_dump(), **_eligen(ir)}),
         prompts=[p.text for p in prompts],
         output=Output(dir=sc.output.dir, ext="png"),
@@ -205,7 +205,7 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
     related = None
     if c.related is not None:
         related = _rasterized(tensors, f"related/{c.id}", c.related, 0.0, canvas, ir.info.family.grids)
-    table = noise_levels(ir.info, canvas, ir.steps)
+    table = noise_levels(ir.info, canvas, ir.steps, ir.solver)
     return Condition(entity=c.entity, image=name, sha256=c.sha256, fit=c.fit,
                      window=(level_index(c.window[0], table), level_index(c.window[1], table)),
                      cycles=c.cycles, preserve=None if c.preserve is None else level_index(c.preserve, table),

@@ -17,6 +17,7 @@ from scenec.spec.load import LoadedScene
 from . import schedule as sch
 from .levels import level_index, noise_levels
 from .resolve import render_name, resolve_model
+from .solvers import solver_of
 from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
 
 
@@ -210,7 +211,7 @@ def p_schedule(ir: IR) -> IR:
         prefix[g.id] = sch.shared_prefix([thetas[g.id]])
     out.shared_prefix = prefix
     programs = {}
-    table = noise_levels(ir.info, ir.canvas, n)  # where each noise level lands (compiler/levels.py)
+    table = noise_levels(ir.info, ir.canvas, n, ir.solver)  # where each noise level lands (compiler/levels.py)
     for job in out.jobs():
         conds = []
         for ci, c in enumerate(out.succ(job.id, ConditionNode)):
@@ -258,7 +259,8 @@ def initial_ir(ls: LoadedScene, model: str | None = None, lora=()) -> IR:
     return IR(scene=ls, info=info, model_spec=spec, canvas=(sc.canvas.width, sc.canvas.height),
               steps=sc.sampler.steps or info.steps,
               guidance=sc.sampler.guidance if sc.sampler.guidance is not None else info.guidance,
-              true_cfg=sc.sampler.true_cfg, model_override=model, cli_lora=tuple(lora or ()))
+              true_cfg=sc.sampler.true_cfg, solver=solver_of(sc.sampler.solver, info.family), model_override=model,
+              cli_lora=tuple(lora or ()))
 
 
 def run_passes(ls: LoadedScene, model: str | None = None, until: str | None = None, lora=()) -> IR:

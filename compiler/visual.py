@@ -212,7 +212,8 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             diags.error(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] must go from a higher noise "
                         "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
             continue
-        table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps) if table is None else table
+        table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps,
+                             ls.scene.sampler.solver) if table is None else table
         if level_index(hi, table) == level_index(lo, table):
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
@@ -242,7 +243,7 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
     if v.adapter is not None:
         a = ir.scene.resolve(path + ("adapter",), v.adapter)
         adapter, digest, encoder = str(a), sha256_file(a), adapter_encoder(v.mode, a)
-    table = noise_levels(ir.info, ir.canvas, ir.steps)
+    table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver)
     return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
                   adapter_sha256=digest, encoder=encoder, scale=v.scale, masks=masks,
                   window=(level_index(v.window[0], table), level_index(v.window[1], table)),

@@ -296,11 +296,14 @@ def sharing_enabled(share: bool | None = None) -> bool:
     return os.environ.get("SCENEC_SHARED_PREFIX", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _share_key(job: Job) -> str | None:
+def _share_key(plan: Plan, job: Job) -> str | None:
     """What the prefix before a job's ``fork`` depends on, when it is only θ = 0 deterministic denoise
-    steps and the job has no reference conditions: jobs with equal keys compute it identically."""
+    steps and the job has no reference conditions: jobs with equal keys compute it identically. None under a
+    multistep solver (its history would not carry over to the resumed runs: compiler/solvers.py)."""
+    from scenec.compiler.solvers import MULTISTEP
+
     k = job.fork_at
-    if not k or job.conditions:
+    if not k or job.conditions or plan.sampler.kind in MULTISTEP:
         return None
     pre = job.program[:k]
     if not all(isinstance(op, Denoise) and op.theta == 0.0 and not op.eta for op in pre):
@@ -326,7 +329,7 @@ def run_group(backend, plan: Plan, group, jobs: list, progress: Callable[[str, i
     buckets: dict[str, list[Job]] = {}
     order: list[tuple[str | None, Job]] = []
     for job in jobs:
-        key = _share_key(job) if share else None
+        key = _share_key(plan, job) if share else None
         if key is not None:
             if key not in buckets:
                 buckets[key] = []

@@ -195,3 +195,61 @@ class DDIM:
     def inversion_step(self, y: torch.Tensor, i: int, model: Model, dtype) -> torch.Tensor:
         yy = y.to(dtype)
         return self.scheduler.step(model(yy, i), self.timesteps[i], yy, return_dict=False)[0].to(torch.float32)
+
+
+class DPMSolverPP(DDIM):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2: data prediction, second-order
+    multistep) as diffusers' ``DPMSolverMultistepScheduler`` steps it, optionally on Karras' σ spacing
+    (arXiv 2206.00364, Eq. 5). A level's ᾱ is 1/(1 + σ²) of the scheduler's σ table (Karras' σ fall between
+    the training timesteps), 1 at level N (σ = 0).
+
+    Multistep: each step reads the previous one's prediction, kept in the scheduler, so the steps must run
+    in order (a run may start mid-table: img2img); it cannot re-noise or invert (COW's cycles need DDIM)."""
+
+    multistep = True
+
+    def __init__(self, scheduler, name: str):
+        super().__init__(scheduler, scheduler.timesteps)
+        self.name = name
+        self._sigma = [float(s) for s in scheduler.sigmas]
+
+    def identity(self) -> dict:
+        return {"solver": self.name, "timesteps": self._t, "scheduler": dict(self.scheduler.config)}
+
+    def alpha(self, level: int) -> float:
+        return 1.0 / (1.0 + self._sigma[level] ** 2)
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int, eta: float, noise: Callable[[], torch.Tensor],
+             dtype) -> torch.Tensor:
+        s = self.scheduler
+        if eta > 0 or j != i + 1:
+            raise PlanError(f"{self.name} steps one level at a time without fresh noise (step {i} → {j}, η {eta:g})")
+        if s.step_index is None:
+            s.set_begin_index(i)
+        elif s.step_index != i:
+            raise PlanError(f"{self.name} is multistep: step {i} after step {s.step_index - 1}")
+        return s.step(out, self.timesteps[i], x, return_dict=False)[0]
+
+    def _refuse(self, *_a, **_k):
+        raise PlanError(f"{self.name} cannot re-noise or invert its step (COW's cycles need `solver: ddim`)")
+
+    renoise = inversion_guess = inversion_step = _refuse
+
+
+def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
+    """The plan's solver on an SD/SDXL model: ``ddim`` on the pipeline's DDIMScheduler, ``dpm++2m`` /
+    ``dpm++2m-karras`` on a DPMSolverMultistepScheduler made from its config (diffusers' own idiom,
+    ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``), one per run (it holds the history)."""
+    if kind == "ddim":
+        s = scheduler
+    elif kind in ("dpm++2m", "dpm++2m-karras"):
+        from diffusers import DPMSolverMultistepScheduler
+
+        s = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
+                                                    use_karras_sigmas=kind.endswith("karras"))
+    else:
+        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras)")
+    s.set_timesteps(steps, device=device)
+    if len(s.timesteps) != steps:
+        raise PlanError(f"scheduler gave {len(s.timesteps)} steps, the plan has {steps}")
+    return DDIM(s, s.timesteps) if kind == "ddim" else DPMSolverPP(s, kind)

@@ -207,6 +207,8 @@ class FluxBackend:
 
     def solver(self, plan) -> FlowEuler:
         """FluxPipeline's sigma table (linear sigmas, resolution-dependent shift μ)."""
+        if plan.sampler.kind != "flow-euler":
+            raise PlanError(f"solver {plan.sampler.kind!r} does not run on Flux models (flow-euler)")
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         lh, lw = self._grid(plan)

@@ -23,7 +23,7 @@ from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_
 from ..cache import TextCache
 from ..finite import require_finite
 from ..memory import vae_tiling
-from ..solvers import DDIM
+from ..solvers import DDIM, ddpm_solver
 
 SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
 UNET_GRIDS = ("latent", "a16", "a32", "a64")
@@ -167,11 +167,8 @@ class SDBackend:
         return x, gen
 
     def solver(self, plan) -> DDIM:
-        sched = self.pipe.scheduler
-        sched.set_timesteps(plan.steps, device=self.device)
-        if len(sched.timesteps) != plan.steps:
-            raise PlanError(f"scheduler gave {len(sched.timesteps)} steps, the plan has {plan.steps}")
-        return DDIM(sched, sched.timesteps)
+        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras; runtime/solvers.py)."""
+        return ddpm_solver(plan.sampler.kind, self.pipe.scheduler, plan.steps, self.device)
 
     def guided(self, plan) -> bool:
         return float(plan.sampler.guidance) > 1.0 and self.unet.config.time_cond_proj_dim is None

@@ -1,0 +1,90 @@
+"""The sampler's solver: which update rule a scene's steps use (``sampler.solver``), its noise levels and what
+it cannot run. numpy only.
+
+Flux samples with flow-matching Euler (``flow-euler``); SD and SDXL with DDIM (``ddim``, the default: its
+step is deterministic, can be inverted and re-noised, so every method runs on it) or DPM-Solver++(2M)
+(Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+arXiv 2211.01095, Algorithm 2), as diffusers' ``DPMSolverMultistepScheduler`` with
+``algorithm_type="dpmsolver++"``, ``solver_order=2``, on the model's own timestep spacing
+(``dpm++2m``), or on Karras et al.'s σ spacing (arXiv 2206.00364, Eq. 5, ρ = 7: ``dpm++2m-karras``, what
+A1111 calls "DPM++ 2M Karras").
+
+DPM-Solver++(2M) is a multistep method: each step reads the previous step's prediction. COW's cycles
+(``reference``) re-noise the latent and invert the sampler's step, neither of which a multistep history
+survives, so a scene with references needs ``ddim``; a coupling group's shared θ = 0 prefix is not shared
+under it (each variant runs its prefix, the same images as with sharing off).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras"})
+NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras")  # the language's enum (spec/models_parts.py)
+
+
+def solver_of(scene_solver: str | None, family) -> str:
+    """The solver a scene runs: its ``sampler.solver``, else its family's default (``Family.sampler``)."""
+    return scene_solver or family.sampler
+
+
+def check_solver(ls, info, diags) -> None:
+    """``sampler.solver`` against the model's family and the scene's methods, at the key that has the problem."""
+    sc = ls.scene
+    name = sc.sampler.solver
+    if name is None:
+        return
+    fam = info.family
+    if name not in fam.solvers:
+        diags.error(ls.pos(("sampler", "solver")), f"solver `{name}` does not run {fam.name} models such as "
+                    f"`{info.spec}`", hint=f"{fam.name} models run: " + ", ".join(fam.solvers))
+        return
+    if name in MULTISTEP:
+        for i, e in enumerate(sc.entities):
+            if e.reference is not None:
+                diags.error(ls.key_pos(("entities", i, "reference")), f"`reference` needs `solver: ddim`: COW's "
+                            f"cycles re-noise the latent and invert the sampler's step, which {name}'s multistep "
+                            "history does not survive", hint="drop `sampler.solver` (ddim is the default)")
+
+
+def alphas_cumprod(config: dict) -> np.ndarray:
+    """ᾱ_t of a DDPM scheduler config, float32 as diffusers computes it (``linear``, ``scaled_linear``)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    b0, b1 = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    kind = config.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        betas = np.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=np.float32) ** 2
+    elif kind == "linear":
+        betas = np.linspace(b0, b1, T, dtype=np.float32)
+    else:
+        raise ValueError(f"beta schedule {kind!r}: scenec reads linear and scaled_linear")
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def karras_timesteps(steps: int, config: dict) -> np.ndarray:
+    """The timesteps of Karras' σ spacing (ρ = 7) between the schedule's σ_max and σ_min, each the (rounded)
+    timestep of its σ by log-σ interpolation: DPMSolverMultistepScheduler with ``use_karras_sigmas``."""
+    a = alphas_cumprod(config)
+    sig = ((1 - a) / a) ** 0.5
+    log_sig = np.log(sig)
+    lo, hi = float(sig[0]), float(sig[-1])
+    ramp = np.linspace(0, 1, steps)
+    karras = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    ls = np.log(np.maximum(karras, 1e-10))
+    dists = ls - log_sig[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sig) - 2)
+    w = np.clip((log_sig[low] - ls) / (log_sig[low] - log_sig[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).round().astype(np.int64)
+
+
+def dpm_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:
+    """DPMSolverMultistepScheduler.set_timesteps' timesteps (noisiest first) for the model's spacing, or Karras'."""
+    if karras:
+        return karras_timesteps(steps, config)
+    T, spacing = int(config.get("num_train_timesteps", 1000)), config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "trailing":
+        return np.arange(T, 0, -T / steps).round().astype(np.int64) - 1
+    return (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + \
+        int(config.get("steps_offset", 0))
