@@ -347,8 +347,13 @@ def _toml_loras(ls, diags: Diagnostics) -> list[Asked]:
     return [Asked(lo, pos, pos, ls.root, f"default_model.lora[{i}]") for i, lo in enumerate(spec.lora)]
 
 
-def resolve(ls, asked: Asked, family: str, diags: Diagnostics) -> Lora | None:
-    """One asked LoRA as the plan's :class:`spec.plan.Lora`, or None with its problems in ``diags``."""
+TEXT_ENCODER_FAMILIES = ("sd", "sdxl")  # whole-image LoRAs adapt their CLIP text encoders too
+
+
+def resolve(ls, asked: Asked, family: str, diags: Diagnostics, whole_image: bool = True) -> Lora | None:
+    """One asked LoRA as the plan's :class:`spec.plan.Lora`, or None with its problems in ``diags``. A
+    whole-image LoRA on a UNet model (SD, SDXL) adapts the text encoders too, as diffusers' ``load_lora_weights``
+    and A1111 do; an entity's LoRA, and any on Flux, acts in the denoiser only (its text layers left out)."""
     lo = asked.spec
     if (lo.file is None) == (lo.repo is None):
         diags.error(asked.pos, "a LoRA needs exactly one of `file` and `repo`",
@@ -387,11 +392,15 @@ def resolve(ls, asked: Asked, family: str, diags: Diagnostics) -> Lora | None:
         return None
     if got.problems:
         return None
-    if got.text_layers:
+    text = bool(got.text_layers) and whole_image and family in TEXT_ENCODER_FAMILIES
+    if got.text_layers and not text:
+        where = "on Flux models" if family not in TEXT_ENCODER_FAMILIES else "for an entity's LoRA (its prompt and " \
+            "region)"
         diags.warning(asked.file_pos, f"LoRA `{name}` also adapts {got.text_layers} text-encoder "
-                      f"layer{'s' if got.text_layers > 1 else ''}; scenec "
-                      "applies LoRAs to the transformer or UNet only, so those are left out")
-    return Lora(name=name, path=str(path), sha256=got.sha256, scale=float(lo.scale), format=got.format)
+                      f"layer{'s' if got.text_layers > 1 else ''}; {where} scenec applies LoRAs to the transformer "
+                      "or UNet only, so those are left out")
+    return Lora(name=name, path=str(path), sha256=got.sha256, scale=float(lo.scale), format=got.format,
+                text_encoder=text)
 
 
 def _resolve_file(ls, asked: Asked, diags: Diagnostics) -> Path | None:
@@ -440,7 +449,7 @@ def check_loras(ls, family: str, diags: Diagnostics, model_override: str | None 
             path = ("entities", i, "lora", k)
             asked = Asked(lo, ls.pos(path), ls.pos(path + ("file" if lo.file else "repo",)),
                           ls.base_dir(path + ("file",)), lo.file or lo.repo or "lora")
-            r = resolve(ls, asked, family, diags)
+            r = resolve(ls, asked, family, diags, whole_image=False)
             if r is not None:
                 by_entity.setdefault(e.id, []).append(r)
     return glob, by_entity
@@ -463,5 +472,5 @@ def identity(node: dict) -> dict:
     loras = node.get("lora") or []
     out = {k: v for k, v in node.items() if k != "lora"}
     if loras:
-        out["lora"] = [{k: lo[k] for k in ("sha256", "scale", "format")} for lo in loras]
+        out["lora"] = [{k: lo[k] for k in ("sha256", "scale", "format", "text_encoder") if k in lo} for lo in loras]
     return out

@@ -62,11 +62,13 @@ class Layer:
 
 @dataclass
 class Adapter:
-    """A LoRA file's layers by module name (relative to the family's denoiser)."""
+    """A LoRA file's layers by module name (relative to the family's denoiser); ``text``: its text-encoder
+    layers by pipeline component (``text_encoder``, ``text_encoder_2``), read when the plan asks for them."""
 
     sha256: str
     name: str
     layers: dict[str, Layer]
+    text: dict[str, dict[str, Layer]] = field(default_factory=dict)
 
 
 def read_adapter(lora, backend) -> Adapter:
@@ -79,14 +81,29 @@ def read_adapter(lora, backend) -> Adapter:
             meta = f.metadata() or {}
     except (OSError, RuntimeError, ValueError) as e:
         raise LoraError(f"LoRA `{lora.name}`: cannot read {lora.path} ({type(e).__name__}: {e})") from None
+    text_pairs: dict = {}
     if lora.format == "diffsynth":
         pairs = _from_diffsynth(raw)
     else:
-        pairs = _from_diffusers(raw, backend, lora)
-    layers = {}
-    root = backend.denoiser
-    mods = dict(root.named_modules())
+        pairs = _from_diffusers(raw, backend, lora, text_pairs)
     default_alpha = _metadata_alpha(meta)
+    layers = _layers(lora, pairs, backend.denoiser, backend, default_alpha)
+    if not layers:
+        raise LoraError(f"LoRA `{lora.name}` adapts no layer of {backend.model_id}")
+    text = {}
+    if getattr(lora, "text_encoder", False):
+        for comp, tp in text_pairs.items():
+            enc = getattr(backend.pipe, comp, None)
+            if enc is None:
+                raise LoraError(f"LoRA `{lora.name}` adapts `{comp}`, which {backend.model_id} does not have")
+            text[comp] = _layers(lora, tp, enc, backend, default_alpha)
+    return Adapter(lora.sha256, lora.name, layers, text)
+
+
+def _layers(lora, pairs: dict, root: torch.nn.Module, backend, default_alpha: float | None) -> dict[str, Layer]:
+    """``pairs`` (module → its A, B, alpha) as :class:`Layer` s of ``root``'s modules, checked."""
+    layers = {}
+    mods = dict(root.named_modules())
     for name, parts in pairs.items():
         mod = mods.get(name)
         if mod is None or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -99,9 +116,7 @@ def read_adapter(lora, backend) -> Adapter:
         r = a.shape[0]
         alpha = parts.get("alpha", default_alpha)
         layers[name] = Layer(a.float(), b.float(), float(alpha) / r if alpha is not None else 1.0)
-    if not layers:
-        raise LoraError(f"LoRA `{lora.name}` adapts no layer of {backend.model_id}")
-    return Adapter(lora.sha256, lora.name, layers)
+    return layers
 
 
 def _check_shapes(lora, name: str, mod, a: torch.Tensor, b: torch.Tensor, backend) -> None:
@@ -168,9 +183,11 @@ def _from_diffsynth(raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return out
 
 
-def _from_diffusers(raw: dict[str, torch.Tensor], backend, lora) -> dict[str, dict[str, torch.Tensor]]:
+def _from_diffusers(raw: dict[str, torch.Tensor], backend, lora, text: dict | None = None
+                    ) -> dict[str, dict[str, torch.Tensor]]:
     """diffusers/peft, kohya and xlabs files through the pipeline's ``lora_state_dict`` (diffusers' own
-    converters), then diffusers' older attention-processor names to module names."""
+    converters), then diffusers' older attention-processor names to module names. Text-encoder layers go to
+    ``text`` (component → module → roles) in the text encoders' own module names."""
     import warnings
 
     from diffusers.utils.state_dict_utils import UNET_TO_DIFFUSERS
@@ -191,6 +208,8 @@ def _from_diffusers(raw: dict[str, torch.Tensor], backend, lora) -> dict[str, di
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in state.items():
         if key.startswith(TEXT_ENCODERS):
+            if text is not None:
+                _text_key(key, v, text)
             continue
         for old, new in UNET_TO_DIFFUSERS.items():
             key = key.replace(old, new)
@@ -209,6 +228,23 @@ def _from_diffusers(raw: dict[str, torch.Tensor], backend, lora) -> dict[str, di
         if "alpha" in roles:
             roles["alpha"] = float(roles["alpha"])
     return out
+
+
+def _text_key(key: str, v: torch.Tensor, text: dict) -> None:
+    """One converted text-encoder key (``text_encoder[_2].<module>…``, diffusers' older ``to_q_lora`` /
+    ``lora_linear_layer`` names or peft's) into ``text[component][module][role]``."""
+    from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT
+
+    comp, rest = key.split(".", 1)
+    if comp not in ("text_encoder", "text_encoder_2"):
+        return  # kohya names diffusers could not convert: left out, as the compiler's warning says
+    for old, new in DIFFUSERS_OLD_TO_PEFT.items():
+        rest = rest.replace(old, new)
+    if rest.endswith((".lora_A.weight.alpha", ".lora_B.weight.alpha")):
+        rest = rest.rsplit(".lora_", 1)[0] + ".alpha"
+    s = split_key(rest)
+    if s is not None:
+        text.setdefault(comp, {}).setdefault(s[0], {})[s[1]] = float(v) if s[1] == "alpha" else v
 
 
 # --- applying them ------------------------------------------------------------------------------------

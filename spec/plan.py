@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
 
 from .diagnostics import printable
 from .errors import PlanError, Unsupported
@@ -49,6 +49,16 @@ class Lora(_T):
     sha256: str
     scale: float = 1.0
     format: Literal["diffusers", "kohya", "xlabs", "diffsynth"] = "diffusers"
+    # its text-encoder layers act too (a whole-image LoRA that has some); absent from the plan when False, so
+    # plans of LoRAs without them keep their hashes
+    text_encoder: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_absent_text_encoder(self, handler):
+        d = handler(self)
+        if not self.text_encoder:
+            d.pop("text_encoder", None)
+        return d
 
 
 class GlobalStream(_T):

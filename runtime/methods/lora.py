@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,12 +42,13 @@ _adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def adapter(backend, lora):
     """The backend's :class:`runtime.lora.Adapter` of a plan LoRA, read once per file content."""
     cache = _adapters.setdefault(backend, OrderedDict())
-    if lora.sha256 not in cache:
-        cache[lora.sha256] = read_adapter(lora, backend)
+    key = (lora.sha256, lora.text_encoder)  # read with its text-encoder layers or without
+    if key not in cache:
+        cache[key] = read_adapter(lora, backend)
         while len(cache) > ADAPTERS_KEPT:
             cache.popitem(last=False)
-    cache.move_to_end(lora.sha256)
-    return cache[lora.sha256]
+    cache.move_to_end(key)
+    return cache[key]
 
 
 class Lora(Method):
@@ -63,11 +65,16 @@ class Lora(Method):
         run = self.run
         be = run.backend
         self.hooks = None
+        self.text_hooks: list[Hooks] = []
         scale: dict[str, float] = {}
         used: dict[str, object] = {}
+        text: set[str] = set()  # whole-image LoRAs whose text-encoder layers act (plan `Lora.text_encoder`)
         for lo in run.plan.model.lora:  # batch rows share the model section (runtime/batching.py)
             scale[lo.sha256] = scale.get(lo.sha256, 0.0) + float(lo.scale)
             used.setdefault(lo.sha256, lo)
+            if lo.text_encoder:
+                used[lo.sha256] = lo
+                text.add(lo.sha256)
         self.entity = False
         for row in run.rows:
             for e in row.job.entities:
@@ -81,6 +88,19 @@ class Lora(Method):
             return  # every LoRA at scale 0: the model as it is
         adapters = {sha: adapter(be, lo) for sha, lo in live.items()}
         self.hooks = Hooks(be.denoiser, adapters, {sha: scale[sha] for sha in live}, be.token_kind, self._current)
+        self._text_hooks(adapters, {sha: scale[sha] for sha in live if scale[sha] != 0.0 and sha in text})
+
+    def _text_hooks(self, adapters: dict, scale: dict[str, float]) -> None:
+        """The whole-image LoRAs' text-encoder layers (plan ``Lora.text_encoder``), at their scale on every
+        token of every prompt, as diffusers' ``load_lora_weights`` + ``fuse_lora(lora_scale)`` applies them. The
+        backend's text cache holds encodings made without them: it is emptied now and when the run ends."""
+        be = self.run.backend
+        comps = {c for sha in scale for c in adapters[sha].text}
+        for comp in sorted(comps):
+            ads = {sha: SimpleNamespace(layers=adapters[sha].text[comp]) for sha in scale if comp in adapters[sha].text}
+            self.text_hooks.append(Hooks(getattr(be.pipe, comp), ads, scale, lambda _n: None, lambda: None))
+        if self.text_hooks and hasattr(be, "clear_cache"):
+            be.clear_cache()
 
     def _entity_uses(self, sha: str) -> bool:
         return any(lo.sha256 == sha and lo.scale != 0.0 for row in self.run.rows for e in row.job.entities
@@ -96,6 +116,11 @@ class Lora(Method):
         if getattr(self, "hooks", None) is not None:
             self.hooks.remove()
             self.hooks = None
+        if getattr(self, "text_hooks", None):
+            for h in self.text_hooks:
+                h.remove()
+            self.text_hooks = []
+            self.run.backend.clear_cache()  # encodings made under them
 
     def modifiers(self, call) -> list:
         if self.hooks is None or not self.entity:
