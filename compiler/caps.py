@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "inpaint": "inpainting",  # `background.image`: keep the init image outside the regions
     "visual": "object-level visual prompts",  # `visual` (kv-mixed): image tokens in the region's attention
     "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
+    "control": "ControlNet conditions",  # `control`: a ControlNet's residuals added to the UNet's
 }
 ALL_METHODS = frozenset(METHODS)
 
@@ -51,7 +52,8 @@ class Family:
 MAX_ENTITIES = 62
 DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras")
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",),
+              methods=ALL_METHODS - {"control"})
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
             solvers=DDPM_SOLVERS)
@@ -181,6 +183,8 @@ def check_family(ls, info: ModelInfo, diags) -> None:
         lacks("coupling", ("groups",), "`groups` need")
     if sc.background.image is not None:
         lacks("inpaint", ("background", "image"), "`background.image` needs")
+    if sc.control:
+        lacks("control", ("control",), "`control` needs")
     for i, e in enumerate(sc.entities):
         r, path = e.reference, ("entities", i, "reference")
         if r is not None and not lacks("reference", path, "`reference` needs") and r.modulation is not False \

@@ -21,9 +21,10 @@ from scenec.spec.paths import PathProblem
 
 from . import schedule as sch
 from .caps import ModelInfo, check_family
-from .solvers import check_solver
-from .schedule import schedule_file_values
+from .control import check_controls
 from .files import open_image, read_json
+from .schedule import schedule_file_values
+from .solvers import check_solver
 
 PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -48,6 +49,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     from .visual import check_visuals
 
     check_visuals(ls, info, steps, diags)  # entities' visual prompts (compiler/visual.py)
+    check_controls(ls, info, diags)  # ControlNet conditions (compiler/control.py)
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)

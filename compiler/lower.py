@@ -14,10 +14,28 @@ from typing import Any
 import numpy as np
 
 from scenec import __version__
-from scenec.spec.plan import (FORMAT, Attention, Canvas, Condition, Document, EntityStream, GlobalStream, Group,
-                              Job, Model, Modulation, Output, Plan, Sampler, SceneRef, Source, write_plan)
+from scenec.spec.plan import (
+    FORMAT,
+    Attention,
+    Canvas,
+    Condition,
+    Document,
+    EntityStream,
+    GlobalStream,
+    Group,
+    Job,
+    Model,
+    Modulation,
+    Output,
+    Plan,
+    Sampler,
+    SceneRef,
+    Source,
+    write_plan,
+)
 
 from .caps import grid_size
+from .control import lower_controls
 from .ir import IR, ConditionNode, GroupNode, PromptNode
 from .provenance import resolved_scene
 
@@ -130,15 +148,16 @@ def lower(ir: IR) -> CompiledPlan:
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
         visuals = _lower_visuals(ir, streams, region_masks, tensors)
+        controls = lower_controls(ir, tensors) if ir.scene.scene.control else []
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line),
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
                     init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
-                    init_level=init_level,
+                    controls=controls, init_level=init_level,
                     program=list(ir.programs.get(job.id, ())),
                     matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
-        # the `matrix` and `visuals` keys are present only in scenes with a matrix and visual prompts
-        absent = {k for k in ("matrix", "visuals") if not getattr(typed, k)}
+        # the `matrix`, `visuals` and `controls` keys are present only in scenes that have them
+        absent = {k for k in ("matrix", "visuals", "controls") if not getattr(typed, k)}
         jobs_json.append(typed.model_dump(by_alias=True, mode="json", exclude=absent or None))
 
     groups = []
@@ -159,7 +178,8 @@ def lower(ir: IR) -> CompiledPlan:
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras)),
         canvas=Canvas(width=canvas[0], height=canvas[1]),
         grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
-        sampler=Sampler(kind=ir.solver or fam.sampler, steps=ir.steps, guidance=float(ir.guidance), true_cfg=float(ir.true_cfg)),
+        sampler=Sampler(kind=ir.solver or fam.sampler, steps=ir.steps, guidance=float(ir.guidance),
+                        true_cfg=float(ir.true_cfg)),
         attention=Attention(**{**sc.attention.model_dump(), **_eligen(ir)}),
         prompts=[p.text for p in prompts],
         output=Output(dir=sc.output.dir, ext="png"),
@@ -291,6 +311,9 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
         for vp in material.get("visuals", ()):  # an adapter is its content (the digest), not where it lies
             vp.pop("adapter", None)
             vp.pop("encoder", None)  # its encoder's files are in the cache key (scenec/build/keys.py)
+        for c in material.get("controls", ()):  # as an encoder: its files are in the cache key
+            c.pop("model", None)
+            c.pop("model_spec", None)
         if job["group"]:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])

@@ -15,12 +15,10 @@ from scenec.spec.diagnostics import Diagnostics, SceneError
 from scenec.spec.load import LoadedScene
 
 from . import schedule as sch
+from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
 from .levels import level_index, noise_levels
 from .resolve import render_name, resolve_model
 from .solvers import solver_of
-from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
-
-
 
 # --- passes -----------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ def print_ir(ir: IR) -> str:
              f"scene {_q(ir.scene.name)} file {_q(ir.scene.file.relative_to(ir.scene.root).as_posix())}",
              f"model {ir.model_spec or '-'} family={fam.name} canvas={w}x{h} grids="
              + ",".join(f"{n}:{gw}x{gh}" for n, px in fam.grids for gh, gw in [grid_size(ir.canvas, px)]),
-             f"sampler {ir.solver or fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} true_cfg={_f(ir.true_cfg)}",
+             f"sampler {ir.solver or fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} "
+             f"true_cfg={_f(ir.true_cfg)}",
              "attention image_self={} blocks={} until={} pad_prompts={}".format(
                  sc.attention.image_self, sc.attention.blocks, _f(sc.attention.until), sc.attention.pad_prompts or "-")]
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))

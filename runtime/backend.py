@@ -123,6 +123,8 @@ class Call:
     pooled_weights: tuple[float, ...] | None = None  # mix of Cond.pooled (None: the first as is)
     cond: Cond | None = None
     mods: list = field(default_factory=list)
+    # methods' ``denoiser_inputs`` for this call: the family calls each with (call, model input, t, kwargs so far)
+    inputs: list = field(default_factory=list)
 
 
 class Backend(Protocol):

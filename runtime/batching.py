@@ -21,8 +21,9 @@ def batch_key(plan_json: dict, job: dict) -> str | None:
     model = plan_json.get("model") or {}
     if model.get("family", "flux") not in FAMILIES:
         return None
-    if job.get("group") or job.get("conditions") or job.get("visuals"):
-        return None  # coupling groups run together (shared prefix); references run cycles; visual prompts alone
+    if job.get("group") or job.get("conditions") or job.get("visuals") or job.get("controls"):
+        return None  # coupling groups run together (shared prefix); references run cycles; visual prompts and
+        # ControlNets alone
     program = []
     for op in job.get("program") or []:
         if op.get("op") != "denoise" or op.get("theta") is not None or op.get("eta"):

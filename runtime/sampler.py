@@ -30,7 +30,7 @@ from scenec.spec.plan import Denoise, Fork, Job, Plan
 
 from .backend import Call, Stream, TextSpec, host_to_device, pad_masks
 from .finite import require_finite
-from .methods import registered
+from .methods import Method, registered
 
 NOISE_SALT = 0x5EED_C0C0  # the job's noise stream (η steps, re-noising) is independent of its initial noise
 
@@ -140,6 +140,8 @@ class Run:
         c.cond = self._conds[key]
         for m in methods:
             c.mods.extend(m.modifiers(c))
+            if type(m).denoiser_inputs is not Method.denoiser_inputs:
+                c.inputs.append(m.denoiser_inputs)
         be = self.backend
         c.mods.extend(pad_masks(c, be.sites, be.mask_impl, be.device))
         return c

@@ -162,6 +162,26 @@ class Visual(Node):
         "visual prompt's (kv-mixed only); default: none", examples=[{"steps": 3, "lr": 0.01, "at": [0.8]}])
 
 
+class Control(Node):
+    """A ControlNet condition on the whole image (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image
+    Diffusion Models", arXiv 2302.05543; docs/controlnet.md): residuals from a ControlNet added to the UNet's."""
+
+    image: Annotated[str, Field(min_length=1)] = Field(
+        description="the control image as the ControlNet expects it (edges, depth, pose…), under the project "
+        "root; scaled to the canvas", examples=["refs/edges.png"])
+    model: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a diffusers ControlNetModel for the scene's model: a hub id (downloaded beforehand) or "
+        "a local directory; required except on `tiny-sd`, `tiny-sdxl` (a deterministic random one)",
+        examples=["lllyasviel/control_v11p_sd15_canny"])
+    scale: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        1.0, description="weight of its residuals (diffusers' `controlnet_conditioning_scale`); 0 = the scene "
+        "without it", examples=[0.8])
+    window: Annotated[list[Unit], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise) between which it acts: "
+        "the sampler steps from the one whose starting level is nearest `first` up to (not including) the one "
+        "nearest `second`", examples=[[1.0, 0.4]])
+
+
 class Output(Node):
     dir: Annotated[str, Field(min_length=1)] = Field(
         "out", description="output directory, relative to the scene file (`scenec build -o DIR` overrides it)",

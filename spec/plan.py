@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from .diagnostics import printable
 from .errors import PlanError, Unsupported
 from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
+from .plan_control import Control, check_control
 from .plan_visual import Visual, check_visual
 
 FORMAT = "scenec-plan/1"
@@ -139,6 +140,7 @@ class Job(_T):
     init_level: int | None = None
     conditions: list[Condition] = []
     visuals: list[Visual] = []  # object-level visual prompts (spec/plan_visual.py)
+    controls: list[Control] = []  # ControlNet conditions (spec/plan_control.py)
     program: list[Op]
     matrix: dict[str, Any] | None = None
 
@@ -423,6 +425,8 @@ class Plan:
                 raise PlanError(f"{cw}: window {list(c.window)} outside 0..{steps}")
         for vp in job.visuals:
             check_visual(self, vp, what)
+        for c in job.controls:
+            check_control(self, c, what)
         if job.group is not None and job.coupled:
             self.group(job.group)
         forks = 0

@@ -180,8 +180,11 @@ class SDBackend:
     def _unet(self, plan, x, t, call: Call, rows: slice = slice(None)) -> torch.Tensor:
         self.attn.set(call.mods, rows=rows)
         try:
-            return self.unet(self.pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=call.cond.seq,
-                             return_dict=False, **self.unet_kwargs(plan, call, x.shape[0]))[0]
+            xin = self.pipe.scheduler.scale_model_input(x, t)
+            kw = self.unet_kwargs(plan, call, x.shape[0])
+            for f in call.inputs:  # methods' extra inputs (a ControlNet's residuals)
+                kw.update(f(call, xin, t, kw))
+            return self.unet(xin, t, encoder_hidden_states=call.cond.seq, return_dict=False, **kw)[0]
         finally:
             self.attn.clear()
 
@@ -217,7 +220,7 @@ class SDBackend:
         if one_call and not per_branch:
             pooled = [torch.cat([n, p]) for n, p in zip(neg.cond.pooled, pos.cond.pooled)]
             both = Call(neg.rows + pos.rows, [True, False], neg.specs + pos.specs, level,
-                        pooled_weights=pos.pooled_weights, mods=pos.mods,
+                        pooled_weights=pos.pooled_weights, mods=pos.mods, inputs=pos.inputs,
                         cond=Cond(torch.cat([neg.cond.seq, pos.cond.seq]), pooled, pos.cond.lengths))
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, both, rows=slice(B, 2 * B)).chunk(2)
         elif any(hasattr(m, "observe") for m in pos.mods):

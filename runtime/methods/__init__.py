@@ -8,7 +8,8 @@ and calls the hooks in registration order:
 - :meth:`run_op` for the step ops the method owns (``ops``);
 - around each ``denoise`` op: :meth:`before_denoise`, then for every model call :meth:`shape` (which
   streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`
-  (attention modifiers); then :meth:`output` (the model output before the solver step) and
+  (attention modifiers) and :meth:`denoiser_inputs` (extra denoiser inputs, computed by the family right
+  before its forward); then :meth:`output` (the model output before the solver step) and
   :meth:`after_step` (the new latent).
 
 Adding a method: a module here with a :class:`Method` subclass, and its class in :func:`registered` (or
@@ -22,6 +23,7 @@ from .base import Method
 
 def registered() -> list[type[Method]]:
     """The methods in hook order (imported on first use: they import torch)."""
+    from .control import ControlNet
     from .coupling import Coupling
     from .inpaint import Inpaint
     from .lora import Lora
@@ -30,7 +32,7 @@ def registered() -> list[type[Method]]:
     from .visual import VisualPrompts
 
     # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
-    return [Lora, Coupling, Regional, OneWay, Inpaint, VisualPrompts, *EXTRA]
+    return [Lora, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins

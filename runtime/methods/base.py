@@ -43,6 +43,11 @@ class Method:
         """Attention modifiers for ``call`` (its ``cond`` is assembled)."""
         return []
 
+    def denoiser_inputs(self, call, x: torch.Tensor, t, kwargs: dict) -> dict:
+        """Extra keyword inputs of the denoiser for ``call`` (e.g. a ControlNet's residuals), from the model's
+        input ``x``, timestep ``t`` and the keyword inputs so far; the family passes them to its forward."""
+        return {}
+
     def output(self, n: int, op, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
 

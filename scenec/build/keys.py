@@ -64,7 +64,8 @@ def job_identity(identity: dict, job: dict, weights_hash: str = "stat", digests:
     """The model's identity, and that of the image encoders of the job's visual prompts (their directories'
     files, digested as a local model directory's): a changed encoder rebuilds exactly its images.
     ``digests``: the encoders digested so far in this build (one walk per directory, not one per job)."""
-    encoders = sorted({vp["encoder"] for vp in job.get("visuals") or () if vp.get("encoder")})
+    encoders = sorted({vp["encoder"] for vp in job.get("visuals") or () if vp.get("encoder")} |
+                      {c["model"] for c in job.get("controls") or () if c.get("model")})  # ControlNets too
     if not encoders:
         return identity
     digests = {} if digests is None else digests

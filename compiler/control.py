@@ -1,0 +1,113 @@
+"""ControlNet conditions (``control``) in the compiler: checks at FILE:LINE:COL and lowering to the plan.
+
+ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models", arXiv
+2302.05543, §3.2): a trainable copy of the UNet's encoder reads a control image (edges, depth, pose…) and
+adds its outputs, through zero convolutions, to the UNet's skip connections and middle block. A scene names
+the control image, the ControlNet (a diffusers ``ControlNetModel`` directory or hub id, never downloaded
+here), its scale and the noise levels it acts between; the plan carries the image at canvas size (resized
+as diffusers' control image processor does: RGB, Lanczos) and the model's directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.fsio import note_input
+from scenec.spec.load import LoadedScene
+from scenec.spec.paths import PathProblem
+from scenec.spec.plan_control import Control
+
+from .caps import ModelInfo
+from .files import open_image
+
+
+def builtin(info: ModelInfo) -> bool:
+    """The offline tiny models build a deterministic random ControlNet in code (no directory needed)."""
+    return info.source == "alias" and info.repo is None
+
+
+def control_model(ls: LoadedScene, path: tuple, spec: str) -> tuple[str | None, str | None]:
+    """(the absolute directory of a ControlNet named by ``spec``, None) or (None, a sentence why not): a local
+    diffusers directory under the project root, or a hub id whose files are in the Hugging Face cache."""
+    local = None
+    try:
+        local = ls.resolve(path, spec)
+    except PathProblem:
+        pass
+    if local is not None and local.exists():
+        if not (local / "config.json").is_file():
+            return None, f"`{spec}` is not a diffusers ControlNetModel directory (no config.json)"
+        if not any(local.glob("*.safetensors")):
+            return None, f"`{spec}` has no .safetensors weights (scenec loads safetensors only)"
+        return str(local.resolve()), None
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        hit = _cached(spec)
+        if hit is not None:
+            return hit, None
+        return None, f"ControlNet `{spec}` is not downloaded: `hf download {spec}` (or give a local directory)"
+    return None, f"`{spec}` is no directory under the project and no hub id (ORG/NAME)"
+
+
+def _cached(repo: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(repo, "config.json")
+    except ValueError:
+        return None
+    if not isinstance(hit, str):
+        return None
+    note_input(hit)
+    return str(Path(hit).parent)
+
+
+def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
+    """Every ``control`` entry: its image, its model (needed except on the tiny models) and its window; all
+    problems at the keys that have them. (A family without ControlNet is refused by ``check_family``.)"""
+    if "control" not in info.family.methods:
+        return
+    for i, c in enumerate(ls.scene.control):
+        path = ("control", i)
+        open_image(ls, path + ("image",), c.image, diags, "control image")
+        if c.model is not None:
+            _, why = control_model(ls, path + ("model",), c.model)
+            if why:
+                diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
+        elif not builtin(info):
+            diags.error(ls.pos(path), f"`control` on `{info.spec}` needs `model`: a diffusers ControlNetModel "
+                        "for it (only the tiny models build one in code)",
+                        hint="e.g. `model: lllyasviel/control_v11p_sd15_canny` after `hf download` it")
+        hi, lo = c.window
+        if hi <= lo:
+            diags.error(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] must go from a higher noise "
+                        "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+
+
+def lower_controls(ir, tensors: dict) -> list[Control]:
+    """The scene's controls for a job: images at canvas size (RGB, Lanczos, uint8) and step windows."""
+    from PIL import Image
+
+    from scenec.spec.fsio import sha256_file
+
+    from .levels import level_index, noise_levels
+
+    out = []
+    table = None
+    w, h = ir.canvas
+    for i, c in enumerate(ir.scene.scene.control):
+        path = ("control", i)
+        p = ir.scene.resolve(path + ("image",), c.image)
+        name = f"control/{i}/image"
+        if name not in tensors:
+            with Image.open(p) as im:
+                tensors[name] = np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS), np.uint8)
+        model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
+        table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver) if table is None else table
+        out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
+                           window=(level_index(c.window[0], table), level_index(c.window[1], table))))
+    return out

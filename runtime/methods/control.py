@@ -1,0 +1,100 @@
+"""ControlNet conditions (``control``; Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion
+Models", arXiv 2302.05543, §3.2 and Eq. 2): for every UNet call inside a control's window, its ControlNet reads
+the call's latent input, timestep, the global prompt's text and the control image, and its residuals, scaled
+by ``scale``, are added to the UNet's skip connections and middle block (diffusers' ``ControlNetModel`` and
+``down_block_additional_residuals`` / ``mid_block_additional_residual``, as ``StableDiffusionControlNetPipeline``
+and the SDXL one call them). Several controls add their residuals (diffusers' MultiControlNet).
+
+The ControlNet's own cross-attention is diffusers' stock one and reads the global prompt only: entity prompts
+act through the UNet's regional attention, not through the ControlNet. Without entities its text is the whole
+prompt, so a job reproduces the ControlNet pipeline (tests/test_controlnet.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from scenec.spec.errors import ModelUnavailable, PlanError
+
+from .base import Method
+
+KEPT = 4  # ControlNets kept loaded per backend (least recently used first out)
+
+
+def tiny_controlnet(unet) -> torch.nn.Module:
+    """The tiny models' ControlNet: diffusers' ``ControlNetModel.from_unet`` (the UNet's encoder copied), its zero
+    convolutions given small seeded random weights instead, so that a tiny control visibly acts."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet)
+    g = torch.Generator().manual_seed(0)
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        for p in conv.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def load_controlnet(backend, model: str | None) -> torch.nn.Module:
+    """The backend's ControlNet for a plan control's ``model`` (a directory; None: the tiny built-in), loaded
+    once (safetensors only), frozen, on the backend's device and dtype."""
+    loaded = backend.__dict__.setdefault("controlnets", OrderedDict())
+    if model not in loaded:
+        if model is None:
+            if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl"):
+                raise PlanError("a control without `model`: only the tiny models build a ControlNet in code")
+            net = tiny_controlnet(backend.unet)
+        else:
+            from diffusers import ControlNetModel
+
+            try:
+                net = ControlNetModel.from_pretrained(model, use_safetensors=True, torch_dtype=backend.dtype)
+            except (OSError, ValueError) as e:
+                raise ModelUnavailable(f"ControlNet {model}: cannot load it ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200]})") from None
+        net.requires_grad_(False)  # visual.refine takes gradients through the UNet call, not into the ControlNet
+        net.to(backend.device)
+        if net.dtype != backend.dtype:
+            net.to(dtype=backend.dtype)
+        loaded[model] = net.eval()
+        while len(loaded) > KEPT:
+            loaded.popitem(last=False)
+    loaded.move_to_end(model)
+    return loaded[model]
+
+
+class ControlNet(Method):
+    name = "control"
+    batchable = False  # each job its own images (runtime/batching.py runs them alone)
+
+    @classmethod
+    def wants(cls, plan, job) -> bool:
+        return bool(job.controls)
+
+    def setup(self) -> None:
+        run = self.run
+        be = run.backend
+        self.controls = []
+        for c in run.job.controls:
+            net = load_controlnet(be, c.model)
+            rgb = np.asarray(run.plan.tensor(c.image), np.float32) / 255.0  # diffusers: [0, 1], not normalised
+            image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+            self.controls.append((c, net, image.to(be.device, net.dtype)))
+
+    def denoiser_inputs(self, call, x: torch.Tensor, t, kwargs: dict) -> dict:
+        """The UNet's residual inputs for this call: each acting control's ControlNet on the call's model input
+        ``x`` (``[B, C, h, w]``), timestep ``t`` and global text (the first ``lengths[0]`` tokens of each row)."""
+        acting = [(c, net, img) for c, net, img in self.controls if c.acts(call.level)]
+        if not acting:
+            return {}
+        text = call.cond.seq[:, :call.cond.lengths[0]]
+        extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
+        down = mid = None
+        for c, net, img in acting:
+            d, m = net(x, t, encoder_hidden_states=text, controlnet_cond=img.expand(x.shape[0], -1, -1, -1),
+                       conditioning_scale=float(c.scale), guess_mode=False, return_dict=False, **extra)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -1,0 +1,140 @@
+"""ControlNet conditions (``control``, arXiv 2302.05543) on the tiny SD and SDXL models: with no entities a job
+reproduces diffusers' ControlNet pipelines with the same ControlNet; scale 0 is the scene without it, byte for
+byte; the window limits the steps; entities keep their regional prompts; located errors, exit 2; Flux refuses
+it at the key; a changed ControlNet rebuilds its images."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.compiler.check import validate_file
+from scenec.runtime.families import load_backend
+from scenec.runtime.methods.control import load_controlnet
+from scenec.runtime.sampler import run_job
+
+SCENE = """scenec: 1
+model: {model}
+canvas: {{width: 128, height: 128}}
+sampler: {{steps: 3, seed: 7}}
+background: {{prompt: "a lighthouse on a cliff", negative: "blurry"}}
+{entities}{control}"""
+FOX = """entities:
+  - id: fox
+    prompt: "a red fox"
+    shape: {box: [0.1, 0.4, 0.5, 0.9]}
+"""
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return {m: load_backend(m, device="cpu", dtype="fp32") for m in ("tiny-sd", "tiny-sdxl")}
+
+
+def edges(path, size=(128, 128)):
+    a = np.zeros((size[1], size[0], 3), np.uint8)
+    a[::9] = 255
+    a[:, 40:44] = 255
+    Image.fromarray(a).save(path)
+
+
+def build(tmp_path, backends, name, model="tiny-sd", control="", entities=""):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    edges(d / "edges.png")
+    (d / "s.yaml").write_text(SCENE.format(model=model, control=control, entities=entities), encoding="utf-8")
+    plan = compile_scene(d / "s.yaml")
+    return plan, run_job(backends[model], plan, plan.jobs[0], decode=False).latents
+
+
+def control(scale=1.0, window="[1.0, 0.0]"):
+    return f"control:\n  - {{image: edges.png, scale: {scale}, window: {window}}}\n"
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_no_entities_reproduces_the_controlnet_pipeline(tmp_path, backends, model):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    be = backends[model]
+    _, ours = build(tmp_path, backends, "c", model, control(0.7))
+    net = load_controlnet(be, None)
+    p = be.pipe
+    if model == "tiny-sd":
+        pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, net, p.scheduler,
+                                                 None, None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLControlNetPipeline(p.vae, p.text_encoder, p.text_encoder_2, p.tokenizer,
+                                                   p.tokenizer_2, p.unet, net, p.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "c" / "edges.png"), negative_prompt="blurry",
+               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance(model),
+               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    assert float((ours - ref).abs().max()) <= 1e-5
+    _, plain = build(tmp_path, backends, "p", model)
+    assert float((ours - plain).abs().max()) > 1e-3  # the control acts
+
+
+def be_guidance(model):
+    from scenec.compiler.caps import ALIASES
+
+    return ALIASES[model].guidance
+
+
+def test_scale_zero_window_and_entities(tmp_path, backends):
+    _, plain = build(tmp_path, backends, "plain")
+    _, zero = build(tmp_path, backends, "zero", control=control(0.0))
+    assert torch.equal(zero, plain)  # byte for byte
+    plan, late = build(tmp_path, backends, "late", control=control(1.0, "[0.5, 0.0]"))
+    assert plan.jobs[0].controls[0].window[0] > 0
+    _, full = build(tmp_path, backends, "full", control=control(1.0))
+    assert float((late - plain).abs().max()) > 1e-4 and float((full - plain).abs().max()) > 1e-4
+    assert float((late - full).abs().max()) > 1e-4  # fewer steps, another image
+    _, fox = build(tmp_path, backends, "fox", entities=FOX)
+    _, fox_c = build(tmp_path, backends, "fox_c", control=control(1.0), entities=FOX)
+    assert float((fox_c - fox).abs().max()) > 1e-3 and float((fox_c - full).abs().max()) > 1e-3
+
+
+def test_errors_are_located_and_flux_refuses_it(tmp_path):
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="tiny-sd", entities="", control="control:\n  - {image: nope.png, window: "
+                              "[0.2, 0.5]}\n  - {image: edges.png, model: nowhere/none}\n  - {image: edges.png, "
+                              "model: ./edges.png}\n"))
+    _, diags = validate_file(p)
+    errs = sorted((d.pos.line, d.message) for d in diags if d.severity == "error")
+    assert [line for line, _ in errs] == [7, 7, 8, 9], errs
+    assert "nope.png" in errs[0][1] + errs[1][1] and "higher noise level" in errs[0][1] + errs[1][1]
+    assert "hf download nowhere/none" in errs[2][1] and "not a diffusers ControlNetModel" in errs[3][1]
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "s.yaml:8:" in r.stdout + r.stderr
+    p.write_text(SCENE.format(model="tiny", entities="", control=control()))
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 6 and "ControlNet conditions" in errs[0].message
+    p.write_text(SCENE.format(model="sd15", entities="", control=control()))
+    _, diags = validate_file(p)
+    assert any("needs `model`" in d.message for d in diags if d.severity == "error")
+
+
+def test_a_local_controlnet_directory_is_loaded_and_in_the_cache_key(tmp_path, backends):
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    be = backends["tiny-sd"]
+    cn = tmp_path / "local" / "cn"
+    tiny_controlnet(be.unet).save_pretrained(cn, safe_serialization=True)
+    plan, ours = build(tmp_path, backends, "local", control=control(0.7).replace("edges.png,", "edges.png, model: cn,"))
+    assert plan.jobs[0].controls[0].model == str(cn.resolve())
+    _, builtin = build(tmp_path, backends, "builtin", control=control(0.7))
+    torch.testing.assert_close(ours, builtin, rtol=0, atol=1e-6)  # the same weights, saved and loaded
+    from scenec.build.keys import job_identity
+
+    job = plan.json["jobs"][0]
+    before = job_identity({}, job, "content")
+    w = next(cn.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-8] + bytes(8))  # the ControlNet's weights changed: its images rebuild
+    assert job_identity({}, job, "content") != before
