@@ -9,6 +9,7 @@ from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise, Seed
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
+from .solvers import MULTISTEP
 
 
 def _f(x: float) -> str:
@@ -27,7 +28,8 @@ def print_ir(ir: IR) -> str:
              f"scene {_q(ir.scene.name)} file {_q(ir.scene.file.relative_to(ir.scene.root).as_posix())}",
              f"model {ir.model_spec or '-'} family={fam.name} canvas={w}x{h} grids="
              + ",".join(f"{n}:{gw}x{gh}" for n, px in fam.grids for gh, gw in [grid_size(ir.canvas, px)]),
-             f"sampler {ir.solver or fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} true_cfg={_f(ir.true_cfg)}",
+             f"sampler {ir.solver or fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} "
+             f"true_cfg={_f(ir.true_cfg)}",
              "attention image_self={} blocks={} until={} pad_prompts={}".format(
                  sc.attention.image_self, sc.attention.blocks, _f(sc.attention.until), sc.attention.pad_prompts or "-")]
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))
@@ -81,7 +83,10 @@ def print_ir(ir: IR) -> str:
             k = prefix.get(gid, 0)
             seeds = len({j.seed for j in jobs})
             saved = k * (len(jobs) - seeds)
-            lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
+            if ir.solver in MULTISTEP and k:  # each variant runs it (runtime/sampler.py _share_key)
+                lines.append(f"  shared_prefix = {k} steps (not shared: {ir.solver} is multistep)")
+            else:
+                lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
     return "\n".join(lines) + "\n"
 
 

@@ -186,3 +186,11 @@ def test_img2img_under_dpm_solver_starts_mid_table(tmp_path, sd):
         out[s] = run_job(sd, plan, plan.jobs[0], decode=False).latents
         assert torch.isfinite(out[s]).all()
     assert float((out[0.4] - out[0.8]).abs().max()) > 1e-3
+
+
+def test_explain_says_a_groups_prefix_is_not_shared_under_a_multistep_solver(tmp_path):
+    for solver, want in (("", "shared_prefix = 2 steps (saves 2 of 10 job-steps)"),
+                         ("dpm++2m", "shared_prefix = 2 steps (not shared: dpm++2m is multistep)")):
+        p = write(tmp_path, solver=solver, extra=GROUP, name=f"g{solver}")
+        r = subprocess.run([sys.executable, "-m", "scenec", "explain", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0 and want in r.stdout, r.stdout + r.stderr
