@@ -235,3 +235,24 @@ def test_karras_levels_of_the_other_beta_schedules_are_diffusers(extra, tmp_path
                           dpm_timesteps(10, cfg, True))
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
     assert "internal error" not in r.stderr + r.stdout, r.stderr
+
+
+def test_a_models_own_dpm_settings_do_not_change_the_solver(sd):
+    """A model that ships a DPMSolverMultistepScheduler config (its keys survive DDIMScheduler.from_config):
+    dpm++2m is still DPM-Solver++(2M) on the model's spacing — the compiler's levels, σ_N = 0, the midpoint
+    update — not Lu's λ spacing, exponential σ, a clipped λ, σ_min at the end or a final Euler step."""
+    from diffusers import DDIMScheduler
+
+    from scenec.compiler.caps import ALIASES
+    from scenec.compiler.levels import noise_levels
+    from scenec.runtime.solvers import ddpm_solver
+
+    own = {"use_lu_lambdas": True, "use_exponential_sigmas": True, "lambda_min_clipped": -2.0, "solver_type": "heun",
+           "final_sigmas_type": "sigma_min", "euler_at_final": True, "lower_order_final": False}
+    sched = DDIMScheduler.from_config({**sd.pipe.scheduler.config, **own})
+    for kind in ("dpm++2m", "dpm++2m-karras"):
+        s = ddpm_solver(kind, sched, 10, "cpu")
+        want = noise_levels(ALIASES["tiny-sd"], (128, 128), 10, kind)[:-1] * 1000
+        assert np.array_equal(np.asarray(s._t), want.round().astype(np.int64)), kind
+        assert s.alpha(10) == 1.0 and s.scheduler.config.solver_type == "midpoint"
+        assert not s.scheduler.config.euler_at_final and s.scheduler.config.lower_order_final
