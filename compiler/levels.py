@@ -106,7 +106,7 @@ def _read(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = set(FLOW_DEV) | set(DDPM_LEADING) | {"beta_start", "beta_end", "beta_schedule"}  # ᾱ: Karras σ
+    keys = set(FLOW_DEV) | set(DDPM_LEADING) | {"beta_start", "beta_end", "beta_schedule", "trained_betas"}  # ᾱ
     return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
 
 

@@ -9,6 +9,7 @@ from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise, Seed
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
+from .solvers import MULTISTEP
 
 
 def _f(x: float) -> str:
@@ -82,7 +83,10 @@ def print_ir(ir: IR) -> str:
             k = prefix.get(gid, 0)
             seeds = len({j.seed for j in jobs})
             saved = k * (len(jobs) - seeds)
-            lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
+            if ir.solver in MULTISTEP and k:  # each variant runs it (runtime/sampler.py _share_key)
+                lines.append(f"  shared_prefix = {k} steps (not shared: {ir.solver} is multistep)")
+            else:
+                lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,8 @@ under it (each variant runs its prefix, the same images as with sharing off).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras"})
@@ -48,17 +50,25 @@ def check_solver(ls, info, diags) -> None:
 
 
 def alphas_cumprod(config: dict) -> np.ndarray:
-    """ᾱ_t of a DDPM scheduler config, float32 as diffusers computes it (``linear``, ``scaled_linear``)."""
+    """ᾱ_t of a DDPM scheduler config, float32 as diffusers computes it (``trained_betas``, ``linear``,
+    ``scaled_linear``, ``squaredcos_cap_v2``: ``betas_for_alpha_bar``'s cosine, β ≤ 0.999)."""
     T = int(config.get("num_train_timesteps", 1000))
     b0, b1 = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
     kind = config.get("beta_schedule", "scaled_linear")
-    if kind == "scaled_linear":
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float32)
+    elif kind == "scaled_linear":
         betas = np.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=np.float32) ** 2
     elif kind == "linear":
         betas = np.linspace(b0, b1, T, dtype=np.float32)
+    elif kind == "squaredcos_cap_v2":
+        def bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)], dtype=np.float32)
     else:
-        raise ValueError(f"beta schedule {kind!r}: scenec reads linear and scaled_linear")
-    return np.cumprod(1.0 - betas, dtype=np.float32)
+        raise ValueError(f"beta schedule {kind!r}: scenec reads linear, scaled_linear and squaredcos_cap_v2")
+    return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)  # torch accumulates in float64
 
 
 def karras_timesteps(steps: int, config: dict) -> np.ndarray:
@@ -74,7 +84,10 @@ def karras_timesteps(steps: int, config: dict) -> np.ndarray:
     dists = ls - log_sig[:, None]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sig) - 2)
     w = np.clip((log_sig[low] - ls) / (log_sig[low] - log_sig[low + 1]), 0, 1)
-    return ((1 - w) * low + w * (low + 1)).round().astype(np.int64)
+    t = (1 - w) * low + w * (low + 1)
+    # diffusers rounds them, except on the cosine schedule, where its int64 cast truncates: there a t that
+    # falls on an integer may come out 1 lower in diffusers (torch's float32 σ differ from numpy's in the last bit)
+    return (t if config.get("beta_schedule") == "squaredcos_cap_v2" else t.round()).astype(np.int64)
 
 
 def dpm_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:

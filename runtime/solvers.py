@@ -236,16 +236,26 @@ class DPMSolverPP(DDIM):
     renoise = inversion_guess = inversion_step = _refuse
 
 
+# what makes DPMSolverMultistepScheduler DPM-Solver++(2M) on the model's spacing or Karras' σ, as the compiler's
+# levels assume (compiler/solvers.py): its defaults, set over whatever a model's own scheduler config holds
+# (a model that ships a DPMSolverMultistepScheduler config keeps these keys through DDIMScheduler.from_config)
+DPM_PINNED = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "use_lu_lambdas": False,
+              "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+              "lambda_min_clipped": -float("inf"), "final_sigmas_type": "zero", "euler_at_final": False,
+              "lower_order_final": True, "thresholding": False}
+
+
 def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
     """The plan's solver on an SD/SDXL model: ``ddim`` on the pipeline's DDIMScheduler, ``dpm++2m`` /
     ``dpm++2m-karras`` on a DPMSolverMultistepScheduler made from its config (diffusers' own idiom,
-    ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``), one per run (it holds the history)."""
+    ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``, with :data:`DPM_PINNED`), one per run
+    (it holds the history)."""
     if kind == "ddim":
         s = scheduler
     elif kind in ("dpm++2m", "dpm++2m-karras"):
         from diffusers import DPMSolverMultistepScheduler
 
-        s = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
+        s = DPMSolverMultistepScheduler.from_config(scheduler.config, **DPM_PINNED,
                                                     use_karras_sigmas=kind.endswith("karras"))
     else:
         raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras)")

@@ -28,7 +28,6 @@ from .eval import evaluate_group
 from .isotonic import METHODS, Evaluation, Evaluator, optimise
 from .metrics import EvalError, Segmenter, to_float_image
 
-
 # --- the real objective: build the group with θ, measure it -------------------------------------------
 
 class GroupObjective:
@@ -83,8 +82,34 @@ class GroupObjective:
             groups = list(ls.scene.groups)
             sched = m.ValuesSchedule(values=[float(v) for v in theta])
             groups[self.gi] = groups[self.gi].model_copy(update={"schedule": sched})
-            ls = dataclasses.replace(ls, scene=ls.scene.model_copy(update={"groups": groups}))
+            ls = dataclasses.replace(ls, scene=ls.scene.model_copy(update={"groups": groups,
+                                                                           "entities": self._refined(theta)}))
         return lower(run_passes(ls, model=self.model, lora=self.lora))
+
+    def _refined(self, theta) -> list:
+        """The scene's entities, each ``visual.refine`` of one the group shows kept only at the levels whose
+        step has θ > 0 (the compiler refuses a level at a θ = 0 step, where the tokens act on nothing and a
+        refinement would change nothing: a candidate θ that is 0 there is built without it)."""
+        from scenec.compiler.levels import noise_levels
+        from scenec.compiler.passes import initial_ir
+        from scenec.compiler.visual_refine import refine_step
+
+        shown, out, table = self._shown(), [], None
+        for e in self.ls.scene.entities:
+            r = e.visual.refine if e.id in shown and e.visual is not None else None
+            if r is not None:
+                if table is None:
+                    ir = initial_ir(self.ls, self.model, self.lora)
+                    table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver)
+                at = [a for a in r.at if theta[refine_step(a, table)] > 0]
+                keep = r.model_copy(update={"at": at}) if at else None
+                e = e.model_copy(update={"visual": e.visual.model_copy(update={"refine": keep})})
+            out.append(e)
+        return out
+
+    def _shown(self) -> set[str]:
+        """The ids of the entities the group's variants show."""
+        return {eid for var in self.ls.scene.groups[self.gi].variants for eid in var.entities or ()}
 
     def plan_for(self, theta):
         """The plan of the group's jobs only, with θ as its schedule (``plan_hash`` is that of the whole
@@ -99,8 +124,11 @@ class GroupObjective:
 
     def fingerprint(self) -> dict:
         """What a state file must match to be resumed: everything J depends on except θ."""
-        p = self.plan_for(np.zeros(self.steps))
+        p = self.plan_for(np.zeros(self.steps))  # without visual.refine (at θ = 0: _refined); it is here
+        refine = {e.id: e.visual.refine.model_dump(mode="json") for e in self.ls.scene.entities
+                  if e.id in self._shown() and e.visual is not None and e.visual.refine is not None}
         return {"scene": self.scene_name, "group": self.group, "plan_hash_theta0": p.plan_hash,
+                **({"refine": refine} if refine else {}),
                 "model": p.json["model"].get("spec"), "weights": list(self.weights),
                 "clip": self.clip.name if self.clip is not None else None, "text": self.text,
                 "segmenter": getattr(self.segmenter, "__qualname__", None) if self.segmenter else None}

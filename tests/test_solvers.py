@@ -3,6 +3,7 @@
 StableDiffusionPipeline / StableDiffusionXLPipeline with DPMSolverMultistepScheduler; located errors where it
 cannot run; a group's images equal with and without prefix sharing; the solver is in the job hash."""
 
+import json
 import subprocess
 import sys
 
@@ -186,3 +187,72 @@ def test_img2img_under_dpm_solver_starts_mid_table(tmp_path, sd):
         out[s] = run_job(sd, plan, plan.jobs[0], decode=False).latents
         assert torch.isfinite(out[s]).all()
     assert float((out[0.4] - out[0.8]).abs().max()) > 1e-3
+
+
+def test_explain_says_a_groups_prefix_is_not_shared_under_a_multistep_solver(tmp_path):
+    for solver, want in (("", "shared_prefix = 2 steps (saves 2 of 10 job-steps)"),
+                         ("dpm++2m", "shared_prefix = 2 steps (not shared: dpm++2m is multistep)")):
+        p = write(tmp_path, solver=solver, extra=GROUP, name=f"g{solver}")
+        r = subprocess.run([sys.executable, "-m", "scenec", "explain", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0 and want in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("extra", [{"beta_schedule": "squaredcos_cap_v2"},
+                                   {"trained_betas": np.linspace(0.0002, 0.03, 1000).tolist()}])
+def test_karras_levels_of_the_other_beta_schedules_are_diffusers(extra, tmp_path):
+    """A model whose scheduler has a cosine schedule or trained betas: the compiler's Karras levels are
+    diffusers' (not an internal error on the cosine schedule, nor scaled_linear's ᾱ for trained betas)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cfg = {**CFG, "timestep_spacing": "leading", **extra}
+    cfg.pop("beta_schedule") if "trained_betas" in extra else None
+    base = DDIMScheduler(**cfg)
+    np.testing.assert_allclose(alphas_cumprod(cfg), base.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+    for n in (1, 4, 10, 25, 50):
+        s = DPMSolverMultistepScheduler.from_config(base.config, use_karras_sigmas=True)
+        s.set_timesteps(n)
+        ours = dpm_timesteps(n, cfg, True)
+        if "trained_betas" in extra:
+            assert np.array_equal(ours, s.timesteps.numpy()), n
+        else:  # truncated, not rounded: an integer t may come out 1 lower in diffusers (float32 σ's last bit)
+            assert np.abs(ours - s.timesteps.numpy()).max() <= 1, n
+    model = tmp_path / "m"
+    (model / "scheduler").mkdir(parents=True)
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    p = write(tmp_path, model=str(model), solver="dpm++2m-karras", extra="    visual: {image: v.png}\n")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "v.png")
+    from scenec.compiler.levels import noise_levels
+    from scenec.compiler.resolve import resolve_model
+    from scenec.spec.diagnostics import Diagnostics
+    from scenec.spec.load import load_scene
+
+    ls = load_scene(p)
+    _, info = resolve_model(ls, None, Diagnostics())
+    assert np.array_equal(noise_levels(info, (128, 128), 10, "dpm++2m-karras")[:-1] * 1000,
+                          dpm_timesteps(10, cfg, True))
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
+    assert "internal error" not in r.stderr + r.stdout, r.stderr
+
+
+def test_a_models_own_dpm_settings_do_not_change_the_solver(sd):
+    """A model that ships a DPMSolverMultistepScheduler config (its keys survive DDIMScheduler.from_config):
+    dpm++2m is still DPM-Solver++(2M) on the model's spacing — the compiler's levels, σ_N = 0, the midpoint
+    update — not Lu's λ spacing, exponential σ, a clipped λ, σ_min at the end or a final Euler step."""
+    from diffusers import DDIMScheduler
+
+    from scenec.compiler.caps import ALIASES
+    from scenec.compiler.levels import noise_levels
+    from scenec.runtime.solvers import ddpm_solver
+
+    own = {"use_lu_lambdas": True, "use_exponential_sigmas": True, "lambda_min_clipped": -2.0, "solver_type": "heun",
+           "final_sigmas_type": "sigma_min", "euler_at_final": True, "lower_order_final": False}
+    sched = DDIMScheduler.from_config({**sd.pipe.scheduler.config, **own})
+    for kind in ("dpm++2m", "dpm++2m-karras"):
+        s = ddpm_solver(kind, sched, 10, "cpu")
+        want = noise_levels(ALIASES["tiny-sd"], (128, 128), 10, kind)[:-1] * 1000
+        assert np.array_equal(np.asarray(s._t), want.round().astype(np.int64)), kind
+        assert s.alpha(10) == 1.0 and s.scheduler.config.solver_type == "midpoint"
+        assert not s.scheduler.config.euler_at_final and s.scheduler.config.lower_order_final

@@ -269,3 +269,25 @@ def test_group_objective_compiles_with_the_command_lines_lora(project):
     assert [lo["scale"] for lo in styled.plan_for(TARGET).json["model"]["lora"]] == [0.7]
     assert plain.plan_for(TARGET).json["model"]["lora"] == []
     assert styled.fingerprint()["plan_hash_theta0"] != plain.fingerprint()["plan_hash_theta0"]
+
+
+def test_a_group_with_a_visual_refine_tunes(project):
+    """visual.refine in the tuned group (a level on a step where θ must be above 0): the θ = 0 fingerprint and
+    a candidate that is 0 at that step compile, without the refinement there (the tokens act on nothing at
+    θ = 0: it would change nothing); a candidate above 0 there keeps it; the refinement is in the fingerprint."""
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(project / "stag.png")
+    refine = "visual: {image: stag.png, refine: {steps: 1, lr: 0.5, at: [0.6]}}, "
+    (project / "pair.yaml").write_text(SCENE.replace('{id: stag, prompt: "a stag", ',
+                                                     '{id: stag, prompt: "a stag", ' + refine))
+    obj = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=FakeBackend())
+    fp = obj.fingerprint()
+
+    def refined(theta):
+        return [vp.get("refine") for j in obj.plan_for(theta).json["jobs"] for vp in j.get("visuals") or ()]
+
+    assert refined(np.array([0.0, 0.0, 0.0, 1.0])) == [None]  # step 2 (level 0.6) has θ = 0
+    assert refined(np.array([0.0, 0.5, 0.5, 1.0]))[0]["at"] == [2]
+    assert obj(np.array([0.0, 0.0, 0.0, 1.0])) < 0
+    (project / "pair.yaml").write_text((project / "pair.yaml").read_text().replace("lr: 0.5", "lr: 0.25"))
+    other = GroupObjective(project / "pair.yaml", "pair", weights=(1.0, 0.0), backend=FakeBackend())
+    assert other.fingerprint() != fp
