@@ -22,11 +22,8 @@ from scenec.spec.plan_control import Control
 
 from .caps import ModelInfo
 from .files import open_image
-
-
-def builtin(info: ModelInfo) -> bool:
-    """The offline tiny models build a deterministic random ControlNet in code (no directory needed)."""
-    return info.source == "alias" and info.repo is None
+from .levels import window_ok
+from .visual import builtin_adapter
 
 
 def control_model(ls: LoadedScene, path: tuple, spec: str) -> tuple[str | None, str | None]:
@@ -78,14 +75,11 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None
             _, why = control_model(ls, path + ("model",), c.model)
             if why:
                 diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
-        elif not builtin(info):
+        elif not builtin_adapter(info):  # the tiny models build a random ControlNet in code
             diags.error(ls.pos(path), f"`control` on `{info.spec}` needs `model`: a diffusers ControlNetModel "
                         "for it (only the tiny models build one in code)",
                         hint="e.g. `model: lllyasviel/control_v11p_sd15_canny` after `hf download` it")
-        hi, lo = c.window
-        if hi <= lo:
-            diags.error(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] must go from a higher noise "
-                        "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+        window_ok(ls, path, c.window, "control", diags)
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:

@@ -80,6 +80,17 @@ def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None =
     return np.append(ddpm_timesteps(steps, config) / T, 0.0)
 
 
+def window_ok(ls, path: tuple, window, what: str, diags) -> bool:
+    """A ``[first, second]`` window of noise levels must go from a higher level to a lower one (error at
+    ``path`` + window otherwise); whether it does."""
+    hi, lo = window
+    if hi > lo:
+        return True
+    diags.error(ls.pos(path + ("window",)), f"{what} window [{hi:g}, {lo:g}] must go from a higher noise level to "
+                "a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+    return False
+
+
 def level_index(level: float, levels: np.ndarray) -> int:
     """The step index whose noise level is nearest ``level`` (ties: the noisier, earlier index)."""
     return int(np.argmin(np.abs(np.asarray(levels, np.float64) - float(level))))

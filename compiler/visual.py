@@ -171,7 +171,7 @@ def _adapter_problem(head: dict | None, mode: str, family: str, where=".") -> st
 def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnostics) -> None:
     """Every entity's ``visual``: its image, its adapter (present where the model needs one, a safetensors
     file of the mode's kind) and its window; problems at the key that has them, all of them."""
-    from .levels import level_index, noise_levels
+    from .levels import level_index, noise_levels, window_ok
 
     table = None
     sc = ls.scene
@@ -207,11 +207,9 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             diags.error(ls.pos(path), f"`visual` on `{info.spec}` needs `adapter`: a {v.mode} adapter's .safetensors "
                         "file (only the tiny models build one in code)",
                         hint="add `adapter: path/to/adapter.safetensors`")
-        hi, lo = v.window
-        if hi <= lo:
-            diags.error(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] must go from a higher noise "
-                        "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+        if not window_ok(ls, path, v.window, "visual", diags):
             continue
+        hi, lo = v.window
         table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps,
                              ls.scene.sampler.solver) if table is None else table
         if level_index(hi, table) == level_index(lo, table):
