@@ -94,6 +94,17 @@ def test_both_is_never_worse_than_the_start_and_respects_the_budget():
     assert best.objective > optimum - 0.06
 
 
+@pytest.mark.parametrize("method", ["both", "param", "vector"])
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_the_budget_is_never_exceeded_small_budgets(method, budget):
+    # --budget 1 with the default `both` used to evaluate 2 candidates: the start, then one by the
+    # families, whose share was at least one more than what was used, even past the budget
+    target = np.array([0.0, 0.3, 0.6, 1.0])
+    f = Evaluator(_quadratic(target), 4, budget=budget)
+    optimise(f, 4, method=method, start=np.linspace(0, 1, 4))
+    assert f.used == budget and len(f.cache) == budget
+
+
 def test_resume_replays_without_evaluating(tmp_path):
     target = np.array([0.2, 0.1, 0.6, 0.9])
     calls = []
