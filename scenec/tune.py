@@ -185,6 +185,8 @@ def tune(scene: str | Path, group: str | None = None, budget: int = 20, method: 
         raise EvalError(f"--method must be one of {', '.join(METHODS)}, not `{method}`")
     if budget < 1:
         raise EvalError("--budget must be at least 1")
+    if text not in ("full", "entity"):  # before the state file is read and a model loads
+        raise EvalError(f"--text must be full or entity, not `{text}`")
     obj = objective or GroupObjective(scene, group, model=model, device=device, dtype=dtype, lora=lora, clip=None,
                                       weights=weights, segmenter=segmenter, text=text)
     if objective is None and clip is not None:

@@ -266,6 +266,20 @@ def test_cli_tune_bad_input(project):
     assert r.returncode == 2 and "no group `nope`" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_tune_bad_text_is_refused_before_the_state_is_read(project):
+    # --text bogus used to be noticed at the first evaluation: after the state file was read (and
+    # called "another problem; starting afresh", the text being part of its fingerprint) and the model loaded
+    out = project / "schedules" / "t.json"
+    state = state_path_for(out)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text('{"format": "scenec-tune-state/1", "fingerprint": {}, "steps": 4, "evaluations": []}')
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--text", "bogus",
+                        "--clip", "none", "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ})
+    assert r.returncode == 2 and "--text must be full or entity, not `bogus`" in r.stderr
+    assert "starting afresh" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_group_objective_compiles_with_the_command_lines_lora(project):
     """`tune --lora` builds every candidate with the LoRA (it is in each plan, and in the resume fingerprint)."""
     from safetensors.numpy import save_file
