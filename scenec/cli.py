@@ -228,7 +228,8 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
         atomic_write(scene, STARTER.format(schema="schemas/scene.schema.json").encode())
     except OSError as e:
         path_error(e)
-    print(f"wrote {toml}, {scene} and schemas/scene.schema.json; next: scenec build {scene}", file=sys.stderr)
+    print(f"wrote {toml}, {scene} and {directory / 'schemas' / 'scene.schema.json'}; next: scenec build {scene}",
+          file=sys.stderr)
 
 
 @app.command()

@@ -100,6 +100,8 @@ def test_schema_command_matches_checked_in_file():
 def test_init_creates_a_valid_project(tmp_path):
     r = scenec("init", tmp_path / "proj")
     assert r.returncode == 0, r.stderr
+    # every file it names is where it says (the schema was named `schemas/…`, relative to nothing)
+    assert f"and {tmp_path / 'proj' / 'schemas' / 'scene.schema.json'};" in r.stderr
     r = scenec("validate", tmp_path / "proj" / "scene.yaml")
     assert r.returncode == 0, r.stderr
     # the modeline points at the schema written beside it (no URL that may not be served)
