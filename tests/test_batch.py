@@ -472,3 +472,14 @@ def test_batch_size_on_sd_batches_both_cfg_branches_of_every_row(tmp_path, monke
         a = np.asarray(Image.open(o["image"]), np.int16)
         c = np.asarray(Image.open(tmp_path / "single" / Path(o["image"]).name), np.int16)
         assert np.abs(a - c).max() <= 1, o["name"]
+
+
+def test_cli_only_invalid_scenes_says_nothing_else_is_built(tmp_path):
+    # a build of one invalid scene said "1 invalid scene; building the others" with no others to build
+    (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    r = scenec("build", tmp_path / "bad.yaml", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "scenec: 1 invalid scene; nothing else to build" in r.stderr, r.stderr
+    assert "building the others" not in r.stderr
+    write_scene(tmp_path, "good", seeds=(1,))
+    r = scenec("build", tmp_path, "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 2 and "scenec: 1 invalid scene; building the others" in r.stderr, r.stderr

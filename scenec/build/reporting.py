@@ -58,8 +58,8 @@ class BuildReport:
         for d in bp.diagnostics.sorted():
             self.say(d.format())
         if bp.invalid:
-            self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; "
-                     "building the others")
+            others = "building the others" if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
+            self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; {others}")
         for f, msg in bp.failed_compile:
             self.data["failed"] += 1
             self.data["errors"].append(f"{f}: {msg}")
