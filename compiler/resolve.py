@@ -31,9 +31,10 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     try:
         return spec, model_info(spec, ls.file.parent)
     except UnknownModel as e:
+        # --model: at the flag (line 0), as every value set on the command line is, not at FILE:1:1
         where = ls.pos(("model",)) if override is None and ls.scene.model is not None else \
-            Pos(str(ls.root / "scenec.toml")) if override is None else Pos(ls.display)
-        diags.error(where, str(e) if override is None else f"--model {spec}: {e}")
+            Pos(str(ls.root / "scenec.toml")) if override is None else Pos(f"--model {spec}", 0, 0)
+        diags.error(where, str(e))
         return spec, model_info(None)
 
 

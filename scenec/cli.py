@@ -71,6 +71,7 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
     found, problems = discover(files, libraries=True)
     print_diags(problems)
     bad = sum(d.severity == "error" for d in problems)
+    flags: set = set()  # a problem with a flag (--steps abc) is the same for every file: printed once
     for f in found:
         diags = Diagnostics()
         if is_library_file(f):
@@ -87,7 +88,8 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
             internal(e)
-        print_diags(diags)
+        print_diags([d for d in diags.sorted() if d.pos.line or d.format() not in flags])
+        flags.update(d.format() for d in diags if not d.pos.line)
         if diags.has_errors():
             bad += 1
     n = len(found) + sum(d.severity == "error" for d in problems)

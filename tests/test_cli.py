@@ -116,3 +116,15 @@ def test_cli_reference_is_current():
     from scenec.docgen import cli_markdown
 
     assert (ROOT / "docs" / "cli.md").read_text() == cli_markdown(), "run `python -m scenec.docgen > docs/cli.md`"
+
+
+def test_a_bad_model_flag_is_reported_at_the_flag_once():
+    # it was `FILE:1:1: error: --model nope: …`, once per file: a position in no file, repeated
+    r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--model", "nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+    assert lines == ["--model nope: error: `nope` is no alias, local diffusers directory or hub id (ORG/NAME); "
+                     "aliases: flux-dev, flux-schnell, tiny, sd15, sd21, tiny-sd, sdxl, sdxl-turbo, tiny-sdxl"], r.stderr
+    assert "2 of 2 files invalid" in r.stderr
+    r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--steps", "abc")
+    assert r.returncode == 2 and r.stderr.count("--steps abc: error:") == 1, r.stderr
