@@ -483,3 +483,13 @@ def test_cli_only_invalid_scenes_says_nothing_else_is_built(tmp_path):
     write_scene(tmp_path, "good", seeds=(1,))
     r = scenec("build", tmp_path, "-o", tmp_path / "out", "--dry-run")
     assert r.returncode == 2 and "scenec: 1 invalid scene; building the others" in r.stderr, r.stderr
+
+
+def test_bad_workers_is_refused_before_an_executor_starts(tmp_path, monkeypatch):
+    # `--executor ray --workers 0` started a local Ray (seconds, and its warnings) before saying no
+    import scenec.build.driver as driver
+
+    write_scene(tmp_path, "a", seeds=(1,))
+    monkeypatch.setattr(driver, "make_executor", lambda *a, **k: pytest.fail("an executor was made"))
+    with pytest.raises(BatchError, match="--workers must be at least 1, not 0"):
+        build_batch([tmp_path], BuildOptions(executor="ray", workers=0, quiet=True))

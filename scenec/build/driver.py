@@ -29,6 +29,8 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     bad options."""
     if options.batch_size < 1:
         raise BatchError(f"--batch-size must be at least 1, not {options.batch_size}")
+    if options.workers is not None and options.workers < 1:  # before a Ray cluster is started for nothing
+        raise BatchError(f"--workers must be at least 1, not {options.workers}")
     if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
         raise BatchError(f"-o {options.out}: not a directory")
     report = report if report is not None else BuildReport(options.quiet)
