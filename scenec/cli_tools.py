@@ -128,7 +128,10 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
     from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
 
     try:
+        from scenec.split import check_group_id
+
         width, height = parse_canvas(canvas, model)
+        check_group_id(group)
         if out.exists() and not force:
             raise SplitError(f"{out} exists (use --force to overwrite)")
         prompts = read_prompts(file)

@@ -244,6 +244,15 @@ def read_prompts(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def check_group_id(group: str) -> str:
+    """``--group``: an id as the scene language takes it (so the scene written validates)."""
+    from scenec.spec.models import ID_PATTERN
+
+    if not re.fullmatch(ID_PATTERN.strip("^$"), group or "") or len(group) > 64:
+        raise SplitError(f"--group `{group}` is not a valid id: use 1 to 64 lowercase letters, digits, `_` and `-`")
+    return group
+
+
 def parse_canvas(text: str, model: str | None = None) -> tuple[int, int]:
     """``WIDTHxHEIGHT``, each side what the scene's model accepts (so the scene written validates)."""
     from scenec.compiler.caps import UnknownModel, model_info
