@@ -147,6 +147,8 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
     if after is not None and after not in PASS_NAMES:
         print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
+    if masks is not None and masks.exists() and not masks.is_dir():
+        bad_path(masks, "exists and is not a directory (--masks names the directory for the mask PNGs)")
     try:
         text, ir = explain_scene(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model, after)
     except SceneError as e:

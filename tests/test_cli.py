@@ -89,6 +89,13 @@ def test_explain_after_and_masks(tmp_path):
                     "regional-2/eagle.png", "regional-2/fox.png", "regional-2/rock.png"]
     r = scenec("explain", SCENES / "regional.yaml", "--after", "nope")
     assert r.returncode == 2
+    # --masks naming a file: refused before the IR is printed (it printed it all, then
+    # `scenec: FILE/regional-1: Not a directory`)
+    (tmp_path / "f").write_text("x")
+    r = scenec("explain", SCENES / "regional.yaml", "--masks", tmp_path / "f")
+    assert r.returncode == 2 and r.stdout == "", r.stdout[:200]
+    assert r.stderr == f"scenec: {tmp_path / 'f'}: exists and is not a directory (--masks names the directory for " \
+                       "the mask PNGs)\n", r.stderr
 
 
 def test_schema_command_matches_checked_in_file():
