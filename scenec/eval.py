@@ -274,6 +274,7 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
     from PIL import Image
 
     from scenec.compiler import compile_scene
+    from scenec.spec.errors import PlanError
     from scenec.spec.plan import Plan, load_plan
 
     directory = Path(directory)
@@ -282,7 +283,10 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
         raise EvalError(f"{directory}: no built images with scenec sidecars (build first: scenec build)")
     plans: dict[str, Plan] = {}
     for pd in plan_dirs:
-        p = load_plan(pd)
+        try:
+            p = load_plan(pd)
+        except PlanError as e:  # a --plan that is no plan is bad input (exit 2), not a failed run
+            raise EvalError(f"--plan {e}" if str(e).startswith(str(pd)) else f"--plan {pd}: {e}") from None
         plans[p.json.get("scene", {}).get("name", "")] = p
     for sf in scenes:
         p = compile_scene(sf, model=model, lora=lora)

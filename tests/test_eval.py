@@ -15,6 +15,7 @@ from scenec.compiler import compile_scene
 from scenec.clip import ClipScorer, tiny_clip
 from scenec.eval import evaluate_dir, evaluate_group, find_outputs, locate_scene
 from scenec.metrics import EvalError, bg_similarity, combined, parse_weights, upsample_mask
+from scenec.spec.plan import write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,3 +276,20 @@ def test_cli_eval_table_and_json(project):
     r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--weights", "x"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--weights" in r.stderr
+
+
+def test_a_plan_that_is_no_plan_is_bad_input(project, tmp_path):
+    # --plan DIR without plan.json, or with damaged tensors, exited 1 ("a model is missing or a build failed");
+    # damaged tensors were an "internal error"
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    with pytest.raises(EvalError, match=r"--plan .*nope: no plan.json") as e:
+        evaluate_dir(out, plan_dirs=[tmp_path / "nope"])
+    assert e.value.exit_code == 2
+    bad = tmp_path / "bad"
+    write_plan(plan, bad)
+    (bad / "tensors.safetensors").write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--plan", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "internal error" not in r.stderr, \
+        r.stderr
