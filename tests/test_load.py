@@ -216,3 +216,13 @@ def test_a_bad_value_inside_a_union_mapping_is_one_error(tmp_path):
         canvas: {width: 64, height: 64}
         """)
     assert errors(p) == [(2, 55, "`model.lora.0.scale` must be a number, found string `abc`")]
+
+
+def test_a_shape_with_two_kinds_says_so(tmp_path):
+    # it read as a box with an unknown key: "unknown key `ellipse`, allowed here: units, box"
+    p = write(tmp_path, "s.yaml", BASE + """
+        entities:
+          - {id: a, prompt: a, shape: {ellipse: {center: [0.5, 0.5], radii: [0.1, 0.1]}, box: [0, 0, 1, 1]}}
+        """)
+    assert errors(p) == [(5, 31, "a shape needs exactly one of: box, polygon, ellipse, mask, union, intersection, "
+                                 "difference; found `box` and `ellipse`")]
