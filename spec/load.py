@@ -342,10 +342,12 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         diags.error(pos, f"`{value}` is not a valid {'id' if pat == m.ID_PATTERN else 'name'}: use {allowed}")
         return
     if typ in ("shape_kind", "schedule_kind"):
-        kinds = [k for k in m.SHAPE_KINDS if k in value] if typ == "shape_kind" and isinstance(value, dict) else []
+        forms = m.SHAPE_KINDS if typ == "shape_kind" else ("shape", "values", "file")
+        kinds = [k for k in forms if k in value] if isinstance(value, dict) else []
         if len(kinds) > 1:
             diags.error(pos, f"{err['msg']}; found {' and '.join(f'`{k}`' for k in kinds)}",
-                        hint="one region made of several shapes: `union: [...]` (or `difference`, `intersection`)")
+                        hint="one region made of several shapes: `union: [...]` (or `difference`, `intersection`)"
+                        if typ == "shape_kind" else "keep one of them")
         else:
             diags.error(pos, err["msg"])
         return

@@ -141,6 +141,8 @@ class FileSchedule(Node):
 
 def _schedule_tag(v: Any) -> str | None:
     if isinstance(v, dict):
+        if sum(k in v for k in ("values", "file", "shape")) > 1:  # two forms fit none (as two shape kinds)
+            return None
         if "values" in v:
             return "Values"
         if "file" in v:

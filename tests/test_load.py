@@ -226,3 +226,18 @@ def test_a_shape_with_two_kinds_says_so(tmp_path):
         """)
     assert errors(p) == [(5, 31, "a shape needs exactly one of: box, polygon, ellipse, mask, union, intersection, "
                                  "difference; found `box` and `ellipse`")]
+
+
+def test_a_schedule_with_two_forms_says_so(tmp_path):
+    # it read as a `values` schedule with unknown keys `shape` and `center` ("allowed here: values")
+    p = write(tmp_path, "s.yaml", BASE + """
+        sampler: {steps: 4}
+        entities:
+          - {id: a, prompt: a, shape: {box: [0, 0, 0.5, 1]}}
+        groups:
+          - id: g
+            schedule: {values: [0, 0.5, 1, 1], shape: step, center: 0.5}
+            variants: [{id: v, entities: [a]}, {id: w, prompt: b}]
+        """)
+    assert errors(p) == [(9, 15, "a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}; "
+                                 "found `shape` and `values`")]
