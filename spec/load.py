@@ -233,7 +233,10 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
             _report(model, errs[i], data, smap, diags)
         for parent, keys in missing.items():
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}")
+            library = parent == () and keys == ["`canvas`"] and isinstance(data, dict) and "defs" in data
+            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}",
+                        "this is a library file (`defs`, no `canvas`): build or compile the scenes that "
+                        "include it" if library else None)
         return None
 
 

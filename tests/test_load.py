@@ -241,3 +241,21 @@ def test_a_schedule_with_two_forms_says_so(tmp_path):
         """)
     assert errors(p) == [(9, 15, "a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}; "
                                  "found `shape` and `values`")]
+
+
+def test_a_library_file_loaded_as_a_scene_says_what_it_is(tmp_path):
+    # `scenec build lib/animals.yaml` said only "missing required key `canvas`"
+    p = write(tmp_path, "lib.yaml", """
+        scenec: 1
+        defs:
+          entities:
+            fox: {prompt: a fox}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert d.message == "missing required key `canvas`" and "library file" in d.hint
+    p = write(tmp_path, "s.yaml", "scenec: 1\nbackground: {prompt: x}\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint for d in e.value.diagnostics.errors] == [None]  # a scene without canvas is just that
