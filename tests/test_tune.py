@@ -280,6 +280,16 @@ def test_cli_tune_bad_text_is_refused_before_the_state_is_read(project):
     assert "starting afresh" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_tune_refuses_a_schedule_file_outside_the_project(project, tmp_path_factory):
+    # -o outside the project root wrote a schedule and printed `schedule: {file: ../../x.json}` to add, which
+    # `scenec validate` then refuses ("resolves outside the project root"); now refused before any build
+    out = tmp_path_factory.mktemp("elsewhere") / "t.json"
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--clip", "none",
+                        "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ})
+    assert r.returncode == 2 and "outside the project root" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and r.stdout == ""
+
+
 def test_group_objective_compiles_with_the_command_lines_lora(project):
     """`tune --lora` builds every candidate with the LoRA (it is in each plan, and in the resume fingerprint)."""
     from safetensors.numpy import save_file
