@@ -330,7 +330,13 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
             with Image.open(o.image) as im:
                 images.setdefault(j["group"], {})[o.job] = to_float_image(im)
         if images and isinstance(clip, str):
-            clip = load_clip(clip)
+            try:
+                clip = load_clip(clip)
+            except EvalError as e:  # CLIPScore weighs nothing at b = 0: it may be missing
+                if weights[1] != 0 or e.exit_code != 1:
+                    raise
+                warns.append(f"{e}; CLIPScore left out (its weight is 0)")
+                clip = None
         for g in sorted(images):
             ge = evaluate_group(plan, g, images[g], clip=clip, weights=weights, segmenter=segmenter, text=text)
             warns.extend(ge.warnings)

@@ -293,3 +293,22 @@ def test_a_plan_that_is_no_plan_is_bad_input(project, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "internal error" not in r.stderr, \
         r.stderr
+
+
+def test_a_missing_clip_model_is_no_error_at_weight_zero(project, monkeypatch):
+    # docs: "a term whose weight is 0 may be missing"; `--weights 1,0` without the default CLIP downloaded
+    # exited 1 ("CLIP model … is not available here")
+    import scenec.eval as ev
+
+    def missing(spec, device=None):
+        raise EvalError(f"CLIP model `{spec}` is not available here (OSError)", exit_code=1)
+
+    monkeypatch.setattr(ev, "load_clip", missing)
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    rep = evaluate_dir(out, clip="openai/clip-vit-large-patch14", weights=(1.0, 0.0))
+    assert rep["groups"][0]["clipscore"] is None and rep["groups"][0]["bgsim"] is not None
+    assert any("CLIPScore left out" in w for w in rep["warnings"])
+    with pytest.raises(EvalError, match="not available") as e:  # it counts: still an error
+        evaluate_dir(out, clip="openai/clip-vit-large-patch14", weights=(1.0, 1.0))
+    assert e.value.exit_code == 1
