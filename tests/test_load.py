@@ -259,3 +259,15 @@ def test_a_library_file_loaded_as_a_scene_says_what_it_is(tmp_path):
     with pytest.raises(SceneError) as e:
         load_scene(p)
     assert [d.hint for d in e.value.diagnostics.errors] == [None]  # a scene without canvas is just that
+
+
+def test_no_far_fetched_did_you_mean(tmp_path):
+    # `colour` was "did you mean `lora`?"; with nothing close, the hint lists the keys allowed
+    p = write(tmp_path, "s.yaml", BASE + """
+        entities:
+          - {id: a, prompt: a, colour: red, shape: {box: [0, 0, 1, 1]}}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert d.message == "unknown key `colour`" and d.hint.startswith("allowed here: ") and "did you mean" not in d.hint
