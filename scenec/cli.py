@@ -335,8 +335,10 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
         would = [o for o in summary["outputs"] if o["status"] == "would-build"]
         for o in would:
             print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
-        if not would:
-            print(f"nothing to build: {summary['cached']} up to date")
+        if not would:  # (with invalid scenes: nothing more that can be built until they are fixed)
+            bad = summary.get("invalid")
+            print(f"nothing to build: {summary['cached']} up to date"
+                  + (f", {bad} invalid scene{'s' if bad != 1 else ''} (above)" if bad else ""))
     if json_:
         print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):

@@ -493,3 +493,10 @@ def test_bad_workers_is_refused_before_an_executor_starts(tmp_path, monkeypatch)
     monkeypatch.setattr(driver, "make_executor", lambda *a, **k: pytest.fail("an executor was made"))
     with pytest.raises(BatchError, match="--workers must be at least 1, not 0"):
         build_batch([tmp_path], BuildOptions(executor="ray", workers=0, quiet=True))
+
+
+def test_dry_run_of_invalid_scenes_does_not_say_all_is_up_to_date(tmp_path):
+    # it printed "nothing to build: 0 up to date" on stdout, as if the build were complete
+    (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    r = scenec("build", tmp_path / "bad.yaml", "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 2 and r.stdout == "nothing to build: 0 up to date, 1 invalid scene (above)\n", r.stdout
