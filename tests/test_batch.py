@@ -500,3 +500,15 @@ def test_dry_run_of_invalid_scenes_does_not_say_all_is_up_to_date(tmp_path):
     (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
     r = scenec("build", tmp_path / "bad.yaml", "-o", tmp_path / "out", "--dry-run")
     assert r.returncode == 2 and r.stdout == "nothing to build: 0 up to date, 1 invalid scene (above)\n", r.stdout
+
+
+def test_a_scene_or_library_saved_with_a_bom_is_found(tmp_path):
+    # editors on Windows save UTF-8 with a BOM: such a scene validated when named, but a directory build
+    # skipped it ("has scene keys but no top-level `scenec: 1`") and a library was not checked as one
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "b.yaml").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.yaml").read_bytes())
+    (tmp_path / "lib.yaml").write_bytes(b"\xef\xbb\xbfscenec: 1\ndefs:\n  entities:\n    fox: {prompt: a fox}\n")
+    found, problems = discover([tmp_path])
+    assert sorted(p.name for p in found) == ["a.yaml", "b.yaml"] and not problems, problems
+    found, problems = discover([tmp_path], libraries=True)
+    assert sorted(p.name for p in found) == ["a.yaml", "b.yaml", "lib.yaml"] and not problems, problems
