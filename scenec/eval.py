@@ -327,8 +327,11 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
                 continue
             if want is not None and j["group"] not in want:
                 continue
-            with Image.open(o.image) as im:
-                images.setdefault(j["group"], {})[o.job] = to_float_image(im)
+            try:
+                with Image.open(o.image) as im:
+                    images.setdefault(j["group"], {})[o.job] = to_float_image(im)
+            except (OSError, ValueError) as e:  # a damaged file is one image less, not an internal error
+                warns.append(f"{o.image.name}: not a readable image ({e}); skipped")
         if images and isinstance(clip, str):
             try:
                 clip = load_clip(clip)

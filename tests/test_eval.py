@@ -312,3 +312,14 @@ def test_a_missing_clip_model_is_no_error_at_weight_zero(project, monkeypatch):
     with pytest.raises(EvalError, match="not available") as e:  # it counts: still an error
         evaluate_dir(out, clip="openai/clip-vit-large-patch14", weights=(1.0, 1.0))
     assert e.value.exit_code == 1
+
+
+def test_a_damaged_image_is_skipped_with_a_warning(project):
+    # a PNG that does not decode was an "internal error" (exit 1) that hid every other group's numbers
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    victim = sorted(out.glob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    rep = evaluate_dir(out)
+    assert any(w.startswith(f"{victim.name}: not a readable image") for w in rep["warnings"]), rep["warnings"]
+    assert rep["groups"][0]["images"] == len(list(out.glob("*.png"))) - 1
