@@ -136,3 +136,19 @@ def test_the_concepts_command_table_lists_every_command():
     text = (ROOT / "docs" / "concepts.md").read_text()
     for name in typer.main.get_command(app).commands:
         assert f"| `scenec {name}" in text, name
+
+
+def test_the_error_example_of_concepts_md_is_what_compile_prints(tmp_path):
+    # the page showed `shap` at 9:5 before `missing required key` at 10:5: an order and lines no run prints
+    import re
+
+    text = (ROOT / "docs" / "concepts.md").read_text()
+    i = text.index("For example, a scene where `shape` is misspelt")
+    scene = re.search(r"```yaml\n(.*?)```", text[i:], re.S).group(1)
+    shown = re.search(r"```\n\$ scenec compile scenes/meadow.yaml -o plan\n(.*?)\$ echo \$\?\n2\n```", text[i:], re.S)
+    (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = "tiny"\n')
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenes" / "meadow.yaml").write_text(scene)
+    r = subprocess.run([sys.executable, "-m", "scenec", "compile", "scenes/meadow.yaml", "-o", "plan"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr == shown.group(1), r.stderr
