@@ -512,3 +512,15 @@ def test_a_scene_or_library_saved_with_a_bom_is_found(tmp_path):
     assert sorted(p.name for p in found) == ["a.yaml", "b.yaml"] and not problems, problems
     found, problems = discover([tmp_path], libraries=True)
     assert sorted(p.name for p in found) == ["a.yaml", "b.yaml", "lib.yaml"] and not problems, problems
+
+
+def test_status_lists_orphans_and_says_when_their_image_is_gone(project):
+    # an orphan whose image had been deleted was listed as if the file were there
+    d, _ = project
+    run(["alpha.yaml"])
+    write_scene(d, "alpha", "a meadow", seeds=(1,))
+    [o] = status(["alpha.yaml"])["orphaned"]
+    assert (o["name"], o["reason"]) == ("alpha-2", "no scene makes it any more")
+    Path(o["image"]).unlink()
+    [o] = status(["alpha.yaml"])["orphaned"]
+    assert o["reason"] == "no scene makes it any more; the image is gone too"

@@ -130,8 +130,10 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
         for name, e in man.outputs.items():
             src = (man.out_dir / (e.get("scene") or {}).get("file", "")).resolve()
             if src in scanned and (d, name) not in made:
-                orphans.append({"state": "orphaned", "name": name, "image": str(d / e.get("image", name + ".png")),
-                                "scene": display_path(src), "reason": "no scene makes it any more"})
+                image = d / e.get("image", name + ".png")
+                orphans.append({"state": "orphaned", "name": name, "image": str(image), "scene": display_path(src),
+                                "reason": "no scene makes it any more" + ("" if image.is_file() else
+                                                                          "; the image is gone too")})
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
