@@ -181,7 +181,8 @@ def find_outputs(directory: str | Path) -> list[Output]:
     """Every image with a scenec sidecar under ``directory`` (recursively)."""
     d = Path(directory)
     if not d.is_dir():
-        raise EvalError(f"{d}: no such directory")
+        raise EvalError(f"{d}: not a directory (eval takes the directory of built images)" if d.exists()
+                        else f"{d}: no such directory")
     out = []
     for p in sorted(d.rglob("*.json")):
         try:

@@ -239,6 +239,8 @@ def read_prompts(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SplitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SplitError(f"{path}: is a directory, not a text file of prompts") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SplitError(f"{path}: cannot read it as UTF-8 text ({e})") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -76,7 +76,8 @@ def load_scene(path: str | Path, diags: Diagnostics | None = None, overrides: It
     path = Path(path)
     display = display_path(path)
     if not path.is_file():
-        diags.error(Pos(display), "no such scene file" if not path.exists() else "not a regular file")
+        diags.error(Pos(display), "no such scene file" if not path.exists() else
+                    "is a directory, not a scene file" if path.is_dir() else "not a regular file")
         raise SceneError(diags)
     root = find_project_root(path)
     loaded = load_yaml(path, display, diags)

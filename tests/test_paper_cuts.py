@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,3 +154,23 @@ def test_the_error_example_of_concepts_md_is_what_compile_prints(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scenec", "compile", "scenes/meadow.yaml", "-o", "plan"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr == shown.group(1), r.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    # "not a regular file", "no such directory" (it exists) and "cannot read it as UTF-8 text (Is a directory)"
+    (["compile", "{dir}", "-o", "{tmp}/p"], "d.yaml:1:1: error: is a directory, not a scene file"),
+    (["eval", "{file}"], "scenec: {file}: not a directory (eval takes the directory of built images)"),
+    (["split", "{dir}", "-o", "{tmp}/s.yaml"], "scenec: {dir}: is a directory, not a text file of prompts"),
+])
+def test_a_directory_for_a_file_and_a_file_for_a_directory_say_so(tmp_path, args, expect):
+    (tmp_path / "d.yaml").mkdir()
+    (tmp_path / "f.txt").write_text("x\n")
+    sub = {"{dir}": str(tmp_path / "d.yaml"), "{file}": str(tmp_path / "f.txt"), "{tmp}": str(tmp_path)}
+
+    def fill(a):
+        for k, v in sub.items():
+            a = a.replace(k, v)
+        return a
+    r = subprocess.run([sys.executable, "-m", "scenec", *map(fill, args)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and fill(expect) in r.stderr, r.stderr
