@@ -177,8 +177,9 @@ class Output:
     meta: dict
 
 
-def find_outputs(directory: str | Path) -> list[Output]:
-    """Every image with a scenec sidecar under ``directory`` (recursively)."""
+def find_outputs(directory: str | Path, warns: list[str] | None = None) -> list[Output]:
+    """Every image with a scenec sidecar under ``directory`` (recursively); a sidecar that does not parse
+    beside an image of its name is one warning in ``warns`` (other JSON files are not sidecars)."""
     d = Path(directory)
     if not d.is_dir():
         raise EvalError(f"{d}: not a directory (eval takes the directory of built images)" if d.exists()
@@ -188,6 +189,8 @@ def find_outputs(directory: str | Path) -> list[Output]:
         try:
             meta = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
+            if warns is not None and p.with_suffix(".png").is_file():
+                warns.append(f"{p.name}: sidecar does not parse; {p.with_suffix('.png').name} skipped")
             continue
         if not isinstance(meta, dict) or "scenec:job" not in meta:
             continue
@@ -279,7 +282,8 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
     from scenec.spec.plan import Plan, load_plan
 
     directory = Path(directory)
-    outputs = find_outputs(directory)
+    warns: list[str] = []
+    outputs = find_outputs(directory, warns)
     if not outputs:
         raise EvalError(f"{directory}: no built images with scenec sidecars (build first: scenec build)")
     plans: dict[str, Plan] = {}
@@ -292,7 +296,6 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
     for sf in scenes:
         p = compile_scene(sf, model=model, lora=lora)
         plans[p.json.get("scene", {}).get("name", "")] = p
-    warns: list[str] = []
     if lora and plan_dirs:  # a compiled plan carries the LoRAs it was compiled with
         warns.append("--lora applies to the scenes compiled here, not to the --plan directories (they keep the "
                      "LoRAs they were compiled with)")

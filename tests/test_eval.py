@@ -323,3 +323,13 @@ def test_a_damaged_image_is_skipped_with_a_warning(project):
     rep = evaluate_dir(out)
     assert any(w.startswith(f"{victim.name}: not a readable image") for w in rep["warnings"]), rep["warnings"]
     assert rep["groups"][0]["images"] == len(list(out.glob("*.png"))) - 1
+
+
+def test_a_damaged_sidecar_is_a_warning_not_silence(project):
+    # its image was left out of the numbers without a word
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    side = sorted(out.glob("*.json"))[0]
+    side.write_text("{broken")
+    rep = evaluate_dir(out)
+    assert f"{side.name}: sidecar does not parse; {side.stem}.png skipped" in rep["warnings"], rep["warnings"]
