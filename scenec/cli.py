@@ -214,6 +214,8 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
     from scenec.spec.fsio import atomic_write
     from scenec.spec.schema import scene_schema_text
 
+    if directory.exists() and not directory.is_dir():
+        bad_path(directory, "exists and is not a directory (init takes the project directory)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -117,6 +117,11 @@ def test_init_creates_a_valid_project(tmp_path):
     assert (tmp_path / "proj" / "schemas" / "scene.schema.json").read_text() == (ROOT / "schemas" /
                                                                                  "scene.schema.json").read_text()
     assert scenec("init", tmp_path / "proj").returncode == 2  # refuses to overwrite
+    # a file for DIRECTORY was "scenec: FILE: File exists"
+    (tmp_path / "f.txt").write_text("x")
+    r = scenec("init", tmp_path / "f.txt")
+    assert r.returncode == 2 and r.stderr == f"scenec: {tmp_path / 'f.txt'}: exists and is not a directory (init " \
+                                             "takes the project directory)\n", r.stderr
 
 
 def test_cli_reference_is_current():
