@@ -524,3 +524,12 @@ def test_status_lists_orphans_and_says_when_their_image_is_gone(project):
     Path(o["image"]).unlink()
     [o] = status(["alpha.yaml"])["orphaned"]
     assert o["reason"] == "no scene makes it any more; the image is gone too"
+
+
+def test_status_with_a_file_for_out_is_refused_as_build_refuses_it(tmp_path):
+    # it warned "unreadable manifest (Not a directory)", listed outputs under the file, and exited 0
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "f.txt").write_text("x")
+    r = scenec("status", tmp_path / "a.yaml", "-o", tmp_path / "f.txt")
+    assert r.returncode == 2 and f"scenec: -o {tmp_path / 'f.txt'}: not a directory" in r.stderr, r.stderr
+    assert "unreadable manifest" not in r.stderr and r.stdout == ""
