@@ -174,3 +174,16 @@ def test_a_directory_for_a_file_and_a_file_for_a_directory_say_so(tmp_path, args
     r = subprocess.run([sys.executable, "-m", "scenec", *map(fill, args)], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and fill(expect) in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["preview", str(ROOT / "tests" / "scenes" / "regional.yaml"), "-o", "{f}/p.png"],
+    ["watch", str(ROOT / "tests" / "scenes" / "regional.yaml"), "-o", "{f}", "--max-cycles", "1"],
+])
+def test_an_output_folder_that_is_a_file_says_so(tmp_path, args):
+    # "scenec: FILE: File exists" (mkdir's errno text), as if the file were the problem for existing
+    (tmp_path / "f.txt").write_text("x")
+    f = str(tmp_path / "f.txt")
+    r = subprocess.run([sys.executable, "-m", "scenec", *(a.replace("{f}", f) for a in args)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"scenec: {f}: exists and is not a directory", r.stderr
