@@ -97,6 +97,10 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     check_loras(lora)
     try:
         w = parse_weights(weights)
+        if clip.lower() == "none":  # docs: `--clip none` is BgSim only (b = 0), not "the metric is undefined"
+            w = (w[0], 0.0)
+        if w == (0.0, 0.0):
+            raise EvalError("--weights: both terms weigh 0 (or --clip none with a = 0): nothing to optimise")
         seg = load_segmenter(segmenter)
         res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
                        clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model, lora=lora or (),

@@ -259,6 +259,21 @@ def test_cli_tune_end_to_end_tiny(project):
     assert "Traceback" not in r.stderr
 
 
+def test_cli_tune_clip_none_is_bgsim_only(project):
+    # docs: `--clip none` is BgSim only; with the default weights 1,1 it built a candidate, then failed:
+    # "the metric is undefined (no values)"
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "pair",
+                        "--budget", "1", "--clip", "none", "--device", "cpu",
+                        "-o", str(project / "schedules" / "n.json")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((project / "schedules" / "n.json").read_text())
+    assert doc["weights"] == [1.0, 0.0] and doc["clip"] is None and doc["objective"] is not None
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "pair",
+                        "--clip", "none", "--weights", "0,1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "nothing to optimise" in r.stderr
+
+
 def test_cli_tune_bad_input(project):
     r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "nope",
                         "--clip", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300,
