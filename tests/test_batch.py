@@ -533,3 +533,14 @@ def test_status_with_a_file_for_out_is_refused_as_build_refuses_it(tmp_path):
     r = scenec("status", tmp_path / "a.yaml", "-o", tmp_path / "f.txt")
     assert r.returncode == 2 and f"scenec: -o {tmp_path / 'f.txt'}: not a directory" in r.stderr, r.stderr
     assert "unreadable manifest" not in r.stderr and r.stdout == ""
+
+
+def test_an_out_dir_below_a_file_is_bad_input(tmp_path):
+    # `-o notes.txt/renders`: "unreadable manifest (Not a directory)", then every job failed "cannot write", exit 1
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "f.txt").write_text("x")
+    for cmd in ("build", "status"):
+        r = scenec(cmd, tmp_path / "a.yaml", "-o", tmp_path / "f.txt" / "sub")
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert f"scenec: -o {tmp_path / 'f.txt' / 'sub'}: {tmp_path / 'f.txt'} is not a directory" in r.stderr
+        assert "unreadable manifest" not in r.stderr and "cannot write" not in r.stderr

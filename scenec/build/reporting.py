@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from scenec.spec.diagnostics import display_path, printable
 
 from .manifest import Manifest
-from .options import BatchError, BuildOptions
+from .options import BuildOptions, check_out_dir
 from .planning import BatchPlan, Item, plan_batch
 from .pool import ModelLoadError
 
@@ -117,8 +117,7 @@ class BuildReport:
 def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> dict:
     """What a build would do, like ``git status``: each output's state, and manifest entries of these
     scenes that no scene makes any more (``orphaned``). Never imports torch."""
-    if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
-        raise BatchError(f"-o {options.out}: not a directory")  # as build says (it read no manifest there)
+    check_out_dir(options.out)  # as build says (it read no manifest there)
     bp = plan_batch(targets, options)
     rows = []
     for it in bp.items:
