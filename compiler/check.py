@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from scenec.spec import models as m
-from scenec.spec.diagnostics import Diagnostics, Pos, SceneError, did_you_mean
+from scenec.spec.diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
 from scenec.spec.load import LoadedScene, load_scene
 from scenec.spec.paths import PathProblem
 
@@ -392,9 +392,14 @@ def _check_output(ls: LoadedScene, diags: Diagnostics) -> None:
     out = sc.output
     dpath = ("output", "dir")
     try:
-        ls.resolve(dpath, out.dir)
+        d = ls.resolve(dpath, out.dir)
     except PathProblem as e:
         diags.error(ls.pos(dpath), f"`output.dir`: {e.message}", e.hint)
+    else:  # a file there fails every job of a build without -o ("cannot write"): say so where it is named
+        blocker = next((q for q in (d, *d.parents) if q.exists()), None) if d is not None else None
+        if blocker is not None and not blocker.is_dir():
+            diags.warning(ls.pos(dpath), f"`output.dir` `{out.dir}`: {display_path(blocker)} is a file, not a "
+                          "directory; a build without -o cannot write there", hint="name a directory, or build with -o")
 
     npath = ("output", "name")
     from .matrix import combinations, name_values, output_template

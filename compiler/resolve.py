@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from scenec.spec.diagnostics import Diagnostics, Pos
+from scenec.spec.diagnostics import Diagnostics, Pos, display_path
 from scenec.spec.load import LoadedScene
-from scenec.spec.paths import project_config
+from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line, project_problems
 
 from .caps import ModelInfo, UnknownModel, model_info
 
@@ -17,23 +17,28 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     """Model resolution order: --model, the scene's `model`, scenec.toml's default_model, else none."""
     scene_model = ls.scene.model
     spec = override or (scene_model.id if hasattr(scene_model, "id") else scene_model)
+    toml = display_path(ls.root / PROJECT_FILE)
+    for line, message, hint in project_problems(ls.root):
+        diags.error(Pos(toml, line), message, hint=hint)
     if spec is None:
         try:
             spec = project_config(ls.root).get("default_model")
-        except ValueError as e:
-            diags.error(Pos(str(ls.root / "scenec.toml")), str(e))
+        except ProjectFileError as e:
+            diags.error(Pos(toml, e.line, e.col), str(e))
         if isinstance(spec, dict):  # {id = "...", lora = [...]}: the LoRAs are compiler/lora.py's
             spec = spec.get("id")
         if spec is not None and not isinstance(spec, str):
-            diags.error(Pos(str(ls.root / "scenec.toml")), "`default_model` must be a string or a table "
-                        "{id = \"...\", lora = [...]}")
+            diags.error(Pos(toml, project_key_line(ls.root, "default_model")), "`default_model` must be a string "
+                        "or a table {id = \"...\", lora = [...]}")
             spec = None
     try:
         return spec, model_info(spec, ls.file.parent)
     except UnknownModel as e:
+        # --model: at the flag (line 0), as every value set on the command line is, not at FILE:1:1
         where = ls.pos(("model",)) if override is None and ls.scene.model is not None else \
-            Pos(str(ls.root / "scenec.toml")) if override is None else Pos(ls.display)
-        diags.error(where, str(e) if override is None else f"--model {spec}: {e}")
+            Pos(toml, project_key_line(ls.root, "default_model")) if override is None else \
+            Pos(f"--model {spec}", 0, 0)
+        diags.error(where, str(e))
         return spec, model_info(None)
 
 

@@ -71,6 +71,7 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
     found, problems = discover(files, libraries=True)
     print_diags(problems)
     bad = sum(d.severity == "error" for d in problems)
+    flags: set = set()  # a problem with a flag (--steps abc) is the same for every file: printed once
     for f in found:
         diags = Diagnostics()
         if is_library_file(f):
@@ -87,7 +88,8 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
             diags = e.diagnostics
         except Exception as e:  # noqa: BLE001 - never a traceback for a user's file
             internal(e)
-        print_diags(diags)
+        print_diags([d for d in diags.sorted() if d.pos.line or d.format() not in flags])
+        flags.update(d.format() for d in diags if not d.pos.line)
         if diags.has_errors():
             bad += 1
     n = len(found) + sum(d.severity == "error" for d in problems)
@@ -145,6 +147,8 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
     if after is not None and after not in PASS_NAMES:
         print(f"scenec: unknown pass `{after}`; passes: {', '.join(PASS_NAMES)}", file=sys.stderr)
         raise typer.Exit(EXIT_INVALID)
+    if masks is not None and masks.exists() and not masks.is_dir():
+        bad_path(masks, "exists and is not a directory (--masks names the directory for the mask PNGs)")
     try:
         text, ir = explain_scene(load_scene(file, overrides=overrides(seed, steps, guidance, set_)), model, after)
     except SceneError as e:
@@ -210,6 +214,8 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
     from scenec.spec.fsio import atomic_write
     from scenec.spec.schema import scene_schema_text
 
+    if directory.exists() and not directory.is_dir():
+        bad_path(directory, "exists and is not a directory (init takes the project directory)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -228,7 +234,8 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
         atomic_write(scene, STARTER.format(schema="schemas/scene.schema.json").encode())
     except OSError as e:
         path_error(e)
-    print(f"wrote {toml}, {scene} and schemas/scene.schema.json; next: scenec build {scene}", file=sys.stderr)
+    print(f"wrote {toml}, {scene} and {directory / 'schemas' / 'scene.schema.json'}; next: scenec build {scene}",
+          file=sys.stderr)
 
 
 @app.command()
@@ -330,8 +337,10 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
         would = [o for o in summary["outputs"] if o["status"] == "would-build"]
         for o in would:
             print(f"{o['state']:<9} {printable(o['image'])}  ({o['reason']}; {o['scene']})")
-        if not would:
-            print(f"nothing to build: {summary['cached']} up to date")
+        if not would:  # (with invalid scenes: nothing more that can be built until they are fixed)
+            bad = summary.get("invalid")
+            print(f"nothing to build: {summary['cached']} up to date"
+                  + (f", {bad} invalid scene{'s' if bad != 1 else ''} (above)" if bad else ""))
     if json_:
         print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
     if summary.get("invalid"):

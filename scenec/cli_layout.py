@@ -201,7 +201,8 @@ def watch(files: List[Path] = typer.Argument(..., help="scene files"),
     ovr = overrides(seed, steps, guidance, set_)
     for f in files:
         if not f.is_file():
-            bad_path(f, "no such scene file")
+            bad_path(f, "is a directory (watch takes scene files: name each, or a glob your shell expands)"
+                     if f.is_dir() else "no such scene file")
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,10 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
     check_loras(lora)
     try:
         w = parse_weights(weights)
+        if clip.lower() == "none":  # docs: `--clip none` is BgSim only (b = 0), not "the metric is undefined"
+            w = (w[0], 0.0)
+        if w == (0.0, 0.0):
+            raise EvalError("--weights: both terms weigh 0 (or --clip none with a = 0): nothing to optimise")
         seg = load_segmenter(segmenter)
         res = run_tune(file, group=group, budget=budget, method=method, output=out, weights=w,
                        clip=None if clip.lower() == "none" or w[1] == 0 else clip, model=model, lora=lora or (),
@@ -128,7 +132,10 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
     from scenec.split import SplitError, heuristic_split, llm_split, parse_canvas, read_prompts, scene_text
 
     try:
+        from scenec.split import check_group_id
+
         width, height = parse_canvas(canvas, model)
+        check_group_id(group)
         if out.exists() and not force:
             raise SplitError(f"{out} exists (use --force to overwrite)")
         prompts = read_prompts(file)

@@ -177,16 +177,20 @@ class Output:
     meta: dict
 
 
-def find_outputs(directory: str | Path) -> list[Output]:
-    """Every image with a scenec sidecar under ``directory`` (recursively)."""
+def find_outputs(directory: str | Path, warns: list[str] | None = None) -> list[Output]:
+    """Every image with a scenec sidecar under ``directory`` (recursively); a sidecar that does not parse
+    beside an image of its name is one warning in ``warns`` (other JSON files are not sidecars)."""
     d = Path(directory)
     if not d.is_dir():
-        raise EvalError(f"{d}: no such directory")
+        raise EvalError(f"{d}: not a directory (eval takes the directory of built images)" if d.exists()
+                        else f"{d}: no such directory")
     out = []
     for p in sorted(d.rglob("*.json")):
         try:
             meta = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
+            if warns is not None and p.with_suffix(".png").is_file():
+                warns.append(f"{p.name}: sidecar does not parse; {p.with_suffix('.png').name} skipped")
             continue
         if not isinstance(meta, dict) or "scenec:job" not in meta:
             continue
@@ -274,20 +278,24 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
     from PIL import Image
 
     from scenec.compiler import compile_scene
+    from scenec.spec.errors import PlanError
     from scenec.spec.plan import Plan, load_plan
 
     directory = Path(directory)
-    outputs = find_outputs(directory)
+    warns: list[str] = []
+    outputs = find_outputs(directory, warns)
     if not outputs:
         raise EvalError(f"{directory}: no built images with scenec sidecars (build first: scenec build)")
     plans: dict[str, Plan] = {}
     for pd in plan_dirs:
-        p = load_plan(pd)
+        try:
+            p = load_plan(pd)
+        except PlanError as e:  # a --plan that is no plan is bad input (exit 2), not a failed run
+            raise EvalError(f"--plan {e}" if str(e).startswith(str(pd)) else f"--plan {pd}: {e}") from None
         plans[p.json.get("scene", {}).get("name", "")] = p
     for sf in scenes:
         p = compile_scene(sf, model=model, lora=lora)
         plans[p.json.get("scene", {}).get("name", "")] = p
-    warns: list[str] = []
     if lora and plan_dirs:  # a compiled plan carries the LoRAs it was compiled with
         warns.append("--lora applies to the scenes compiled here, not to the --plan directories (they keep the "
                      "LoRAs they were compiled with)")
@@ -323,10 +331,19 @@ def evaluate_dir(directory: str | Path, scenes: Iterable[str | Path] = (), plan_
                 continue
             if want is not None and j["group"] not in want:
                 continue
-            with Image.open(o.image) as im:
-                images.setdefault(j["group"], {})[o.job] = to_float_image(im)
+            try:
+                with Image.open(o.image) as im:
+                    images.setdefault(j["group"], {})[o.job] = to_float_image(im)
+            except (OSError, ValueError) as e:  # a damaged file is one image less, not an internal error
+                warns.append(f"{o.image.name}: not a readable image ({e}); skipped")
         if images and isinstance(clip, str):
-            clip = load_clip(clip)
+            try:
+                clip = load_clip(clip)
+            except EvalError as e:  # CLIPScore weighs nothing at b = 0: it may be missing
+                if weights[1] != 0 or e.exit_code != 1:
+                    raise
+                warns.append(f"{e}; CLIPScore left out (its weight is 0)")
+                clip = None
         for g in sorted(images):
             ge = evaluate_group(plan, g, images[g], clip=clip, weights=weights, segmenter=segmenter, text=text)
             warns.extend(ge.warnings)

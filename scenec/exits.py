@@ -40,7 +40,10 @@ def path_error(e: OSError, what: str = "", code: int = EXIT_INVALID) -> None:
     from scenec.spec.diagnostics import printable
 
     where = what or (printable(str(e.filename)) if e.filename else "")
-    print(f"scenec: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+    why = e.strerror or str(e)
+    if isinstance(e, FileExistsError):  # mkdir(parents=True) through a file: "File exists" says nothing useful
+        why = "exists and is not a directory"
+    print(f"scenec: {where + ': ' if where else ''}{why}", file=sys.stderr)
     raise typer.Exit(code)
 
 

@@ -315,7 +315,7 @@ def optimise(f: Evaluator, steps: int, method: str = "both", start=None, seed: i
         if start is not None:
             f(start, method="start")
         if method in ("param", "both"):
-            f.limit = max(f.used + 1, f.budget // 2) if method == "both" else f.budget
+            f.limit = min(f.budget, max(f.used + 1, f.budget // 2)) if method == "both" else f.budget
             try:
                 param_search(f, steps)
             except BudgetSpent:

@@ -12,12 +12,13 @@ the original's text chunks: on the same model, device and dtype the file is byte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
 from pathlib import Path
 
-from scenec.spec.diagnostics import printable
+from scenec.spec.diagnostics import SceneError, printable
 
 PREFIX = "scenec:"
 JSON_KEYS = ("files", "sampler", "loras")
@@ -152,12 +153,18 @@ def rebuild(png: str | Path, out: Path, root: Path | None = None, device: str | 
     check_files(png, meta, root)
     stem = Path(meta.get(PREFIX + "scene_file") or "scene.yaml").stem or "scene"
     scene = root / f".scenec-from-{os.getpid()}-{secrets.token_hex(4)}-{stem}.yaml"
-    text, outside = _outside_loras(meta[PREFIX + "scene.yaml"])
+    try:
+        text, outside = _outside_loras(meta[PREFIX + "scene.yaml"])
+    except ValueError as e:  # yaml.YAMLError is no ValueError: _outside_loras turns it into one
+        raise RebuildError(f"{name}: {PREFIX}scene.yaml is not valid YAML (was the image edited?): {e}") from None
     try:
         scene.write_text(text, encoding="utf-8")
         plan = compile_scene(scene, lora=outside)
     except OSError as e:
         raise RebuildError(f"cannot write the embedded scene into {root}: {e.strerror or e}") from None
+    except SceneError as e:  # at the chunk, not at the temporary file (gone when the message is read)
+        raise SceneError([dataclasses.replace(d, pos=dataclasses.replace(d.pos, file=f"{name}[{PREFIX}scene.yaml]"))
+                          if d.pos.file.endswith(scene.name) else d for d in e.diagnostics]) from None
     finally:
         scene.unlink(missing_ok=True)
     job_id = meta[PREFIX + "job"]
@@ -181,7 +188,12 @@ def _outside_loras(text: str) -> tuple[str, list[str]]:
     come after the scene's own, as here)."""
     import yaml
 
-    doc = yaml.safe_load(text)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ValueError((getattr(e, "problem", None) or str(e).splitlines()[0])
+                         + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")) from None
     model = doc.get("model") if isinstance(doc, dict) else None
     loras = model.get("lora") if isinstance(model, dict) else None
     if not loras:

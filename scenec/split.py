@@ -239,9 +239,20 @@ def read_prompts(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SplitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SplitError(f"{path}: is a directory, not a text file of prompts") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SplitError(f"{path}: cannot read it as UTF-8 text ({e})") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_group_id(group: str) -> str:
+    """``--group``: an id as the scene language takes it (so the scene written validates)."""
+    from scenec.spec.models import ID_PATTERN
+
+    if not re.fullmatch(ID_PATTERN.strip("^$"), group or "") or len(group) > 64:
+        raise SplitError(f"--group `{group}` is not a valid id: use 1 to 64 lowercase letters, digits, `_` and `-`")
+    return group
 
 
 def parse_canvas(text: str, model: str | None = None) -> tuple[int, int]:

@@ -189,6 +189,18 @@ def schedule_document(best: Evaluation, steps: int, extra: dict | None = None) -
     return doc
 
 
+def _check_inside_project(scene: Path, out: Path) -> None:
+    """A scene names only files inside its project root: a schedule written elsewhere could not be used
+    (the line printed to add would fail `scenec validate`), so -o there is refused before any build."""
+    from scenec.spec.paths import find_project_root
+
+    root = find_project_root(scene)
+    where = out.resolve()
+    if where != root and root not in where.parents:
+        raise EvalError(f"-o {out}: outside the project root {root}, where the scene cannot name it; "
+                        "write the schedule under the project root")
+
+
 def schedule_line(scene: Path, output: Path) -> str:
     """The line to put in the group: ``schedule: {file: <output relative to the scene file>}``."""
     try:
@@ -213,6 +225,10 @@ def tune(scene: str | Path, group: str | None = None, budget: int = 20, method: 
         raise EvalError(f"--method must be one of {', '.join(METHODS)}, not `{method}`")
     if budget < 1:
         raise EvalError("--budget must be at least 1")
+    if text not in ("full", "entity"):  # before the state file is read and a model loads
+        raise EvalError(f"--text must be full or entity, not `{text}`")
+    if output is not None:  # (the default, schedules/ beside the scene, is inside)
+        _check_inside_project(Path(scene), Path(output))
     obj = objective or GroupObjective(scene, group, model=model, device=device, dtype=dtype, lora=lora, clip=None,
                                       weights=weights, segmenter=segmenter, text=text)
     if objective is None and clip is not None:

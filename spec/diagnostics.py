@@ -111,7 +111,8 @@ class SceneError(Exception):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest valid choice, or None."""
-    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    # above 0.6: at exactly 0.6 `colour` was "did you mean `lora`?" (3 letters of 10 in common, in order)
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.61)
     return f"did you mean `{match[0]}`?" if match else None
 
 

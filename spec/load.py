@@ -76,7 +76,8 @@ def load_scene(path: str | Path, diags: Diagnostics | None = None, overrides: It
     path = Path(path)
     display = display_path(path)
     if not path.is_file():
-        diags.error(Pos(display), "no such scene file" if not path.exists() else "not a regular file")
+        diags.error(Pos(display), "no such scene file" if not path.exists() else
+                    "is a directory, not a scene file" if path.is_dir() else "not a regular file")
         raise SceneError(diags)
     root = find_project_root(path)
     loaded = load_yaml(path, display, diags)
@@ -233,7 +234,10 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
             _report(model, errs[i], data, smap, diags)
         for parent, keys in missing.items():
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}")
+            library = parent == () and keys == ["`canvas`"] and isinstance(data, dict) and "defs" in data
+            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}",
+                        "this is a library file (`defs`, no `canvas`): build or compile the scenes that "
+                        "include it" if library else None)
         return None
 
 
@@ -342,7 +346,14 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         diags.error(pos, f"`{value}` is not a valid {'id' if pat == m.ID_PATTERN else 'name'}: use {allowed}")
         return
     if typ in ("shape_kind", "schedule_kind"):
-        diags.error(pos, err["msg"])
+        forms = m.SHAPE_KINDS if typ == "shape_kind" else ("shape", "values", "file")
+        kinds = [k for k in forms if k in value] if isinstance(value, dict) else []
+        if len(kinds) > 1:
+            diags.error(pos, f"{err['msg']}; found {' and '.join(f'`{k}`' for k in kinds)}",
+                        hint="one region made of several shapes: `union: [...]` (or `difference`, `intersection`)"
+                        if typ == "shape_kind" else "keep one of them")
+        else:
+            diags.error(pos, err["msg"])
         return
     if typ in ("too_short", "too_long"):
         ctx = err.get("ctx", {})

@@ -79,11 +79,9 @@ SHAPE_KINDS = ("box", "polygon", "ellipse", "mask", "union", "intersection", "di
 
 
 def _shape_tag(v: Any) -> str | None:
-    if isinstance(v, dict):
-        for k in SHAPE_KINDS:
-            if k in v:
-                return k.capitalize()
-        return None
+    if isinstance(v, dict):  # two kinds in one mapping fit none (it read as a box with an unknown key `ellipse`)
+        kinds = [k for k in SHAPE_KINDS if k in v]
+        return kinds[0].capitalize() if len(kinds) == 1 else None
     for k in SHAPE_KINDS:
         if hasattr(v, k):
             return k.capitalize()
@@ -143,6 +141,8 @@ class FileSchedule(Node):
 
 def _schedule_tag(v: Any) -> str | None:
     if isinstance(v, dict):
+        if sum(k in v for k in ("values", "file", "shape")) > 1:  # two forms fit none (as two shape kinds)
+            return None
         if "values" in v:
             return "Values"
         if "file" in v:

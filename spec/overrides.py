@@ -84,6 +84,8 @@ def parse_seeds(text: str) -> int | list[int]:
                 raise OverrideError(f"--seed {text}: {len(seeds)} seeds, over the limit of {MAX_SEEDS}")
         else:
             seeds = int(s)
+    except OverrideError:
+        raise  # its own message (a reversed or too long range), not the generic one below
     except ValueError:
         raise OverrideError(f"--seed {text}: expected N, A..B or A,B,C (non-negative integers)") from None
     if any(x < 0 for x in (seeds if isinstance(seeds, list) else [seeds])):

@@ -62,18 +62,83 @@ def _has_symlink(p: Path, root: Path) -> bool:
     return False
 
 
-def project_config(root: Path) -> dict:
-    """The `[project]` table of the root's scenec.toml ({} when absent); ValueError when invalid."""
+PROJECT_KEYS = ("default_model",)  # the keys of the `[project]` table
+
+
+class ProjectFileError(ValueError):
+    """scenec.toml cannot be read; ``line``/``col`` where (TOML's parser names them only in its message)."""
+
+    def __init__(self, message: str, line: int = 1, col: int = 1):
+        super().__init__(message)
+        self.line, self.col = line, col
+
+
+def project_key_line(root: Path, key: str, table: str | None = "project") -> int:
+    """The line of scenec.toml that sets ``key`` inside ``[table]`` (with ``table`` None: the header ``[key]``
+    or a top-level ``key = …``), else 1: TOML parsers keep no positions."""
+    import re
+
+    try:
+        lines = (root / PROJECT_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 1
+    current = None
+    for i, t in enumerate(lines, 1):
+        head = re.match(r"\s*\[+\s*([^\]]*?)\s*\]", t)
+        if head:
+            current = head.group(1)
+            if table is None and current == key:
+                return i
+        elif current == table and re.match(rf"\s*{re.escape(key)}\s*=", t):
+            return i
+    return 1
+
+
+def project_problems(root: Path) -> list[tuple[int, str, str | None]]:
+    """(line, message, hint) for each table or key scenec.toml has that scenec does not know: strict, as scene
+    keys are, so `default_modle = "tiny"` is not silently a project without a default model."""
+    from .diagnostics import did_you_mean
+
+    try:
+        data = _read_toml(root)
+    except ProjectFileError:
+        return []  # project_config reports it
+    out = []
+    for key, val in data.items():
+        if key != "project":
+            kind = "table" if isinstance(val, dict) else "key"
+            hint = ("write it under `[project]`" if key in PROJECT_KEYS else did_you_mean(key, ["project"])
+                    or f"{PROJECT_FILE} has one table, `[project]`")
+            out.append((project_key_line(root, key, None), f"unknown {kind} `{key}` in {PROJECT_FILE}", hint))
+    proj = data.get("project")
+    for key in proj if isinstance(proj, dict) else ():
+        if key not in PROJECT_KEYS:
+            out.append((project_key_line(root, key), f"unknown key `{key}` in `[project]`",
+                        did_you_mean(key, PROJECT_KEYS) or f"allowed here: {', '.join(PROJECT_KEYS)}"))
+    return out
+
+
+def _read_toml(root: Path) -> dict:
+    import re
     import tomllib
 
     f = root / PROJECT_FILE
     if not f.is_file():
         return {}
     try:
-        data = tomllib.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"invalid {PROJECT_FILE}: {e}") from None
-    proj = data.get("project", {})
+        return tomllib.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProjectFileError(f"invalid {PROJECT_FILE}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        at = re.search(r"\s*\(at line (\d+), column (\d+)\)", str(e))
+        msg = str(e).replace(at.group(0), "") if at else str(e)
+        raise ProjectFileError(f"invalid {PROJECT_FILE}: {msg}", *(map(int, at.groups()) if at else ())) from None
+
+
+def project_config(root: Path) -> dict:
+    """The `[project]` table of the root's scenec.toml ({} when absent); ProjectFileError when invalid."""
+    proj = _read_toml(root).get("project", {})
     if not isinstance(proj, dict):
-        raise ValueError(f"invalid {PROJECT_FILE}: `project` must be a table")
+        line = project_key_line(root, "project", None)
+        raise ProjectFileError(f"invalid {PROJECT_FILE}: `project` must be a table", line)
     return proj

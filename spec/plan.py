@@ -466,7 +466,10 @@ def load_plan(directory: str | Path) -> Plan:
     except ValueError as e:
         raise PlanError(f"{d / 'plan.json'}: not valid JSON ({e})") from None
     tpath = d / "tensors.safetensors"
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    try:
+        tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a damaged file, not an internal error
+        raise PlanError(f"{tpath}: not a readable safetensors file ({e})") from None
     return Plan(doc, tensors)
 
 

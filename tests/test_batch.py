@@ -472,3 +472,75 @@ def test_batch_size_on_sd_batches_both_cfg_branches_of_every_row(tmp_path, monke
         a = np.asarray(Image.open(o["image"]), np.int16)
         c = np.asarray(Image.open(tmp_path / "single" / Path(o["image"]).name), np.int16)
         assert np.abs(a - c).max() <= 1, o["name"]
+
+
+def test_cli_only_invalid_scenes_says_nothing_else_is_built(tmp_path):
+    # a build of one invalid scene said "1 invalid scene; building the others" with no others to build
+    (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    r = scenec("build", tmp_path / "bad.yaml", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "scenec: 1 invalid scene; nothing else to build" in r.stderr, r.stderr
+    assert "building the others" not in r.stderr
+    write_scene(tmp_path, "good", seeds=(1,))
+    r = scenec("build", tmp_path, "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 2 and "scenec: 1 invalid scene; building the others" in r.stderr, r.stderr
+
+
+def test_bad_workers_is_refused_before_an_executor_starts(tmp_path, monkeypatch):
+    # `--executor ray --workers 0` started a local Ray (seconds, and its warnings) before saying no
+    import scenec.build.driver as driver
+
+    write_scene(tmp_path, "a", seeds=(1,))
+    monkeypatch.setattr(driver, "make_executor", lambda *a, **k: pytest.fail("an executor was made"))
+    with pytest.raises(BatchError, match="--workers must be at least 1, not 0"):
+        build_batch([tmp_path], BuildOptions(executor="ray", workers=0, quiet=True))
+
+
+def test_dry_run_of_invalid_scenes_does_not_say_all_is_up_to_date(tmp_path):
+    # it printed "nothing to build: 0 up to date" on stdout, as if the build were complete
+    (tmp_path / "bad.yaml").write_text("scenec: 1\ncanvas: {width: 60, height: 64}\n")
+    r = scenec("build", tmp_path / "bad.yaml", "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 2 and r.stdout == "nothing to build: 0 up to date, 1 invalid scene (above)\n", r.stdout
+
+
+def test_a_scene_or_library_saved_with_a_bom_is_found(tmp_path):
+    # editors on Windows save UTF-8 with a BOM: such a scene validated when named, but a directory build
+    # skipped it ("has scene keys but no top-level `scenec: 1`") and a library was not checked as one
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "b.yaml").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.yaml").read_bytes())
+    (tmp_path / "lib.yaml").write_bytes(b"\xef\xbb\xbfscenec: 1\ndefs:\n  entities:\n    fox: {prompt: a fox}\n")
+    found, problems = discover([tmp_path])
+    assert sorted(p.name for p in found) == ["a.yaml", "b.yaml"] and not problems, problems
+    found, problems = discover([tmp_path], libraries=True)
+    assert sorted(p.name for p in found) == ["a.yaml", "b.yaml", "lib.yaml"] and not problems, problems
+
+
+def test_status_lists_orphans_and_says_when_their_image_is_gone(project):
+    # an orphan whose image had been deleted was listed as if the file were there
+    d, _ = project
+    run(["alpha.yaml"])
+    write_scene(d, "alpha", "a meadow", seeds=(1,))
+    [o] = status(["alpha.yaml"])["orphaned"]
+    assert (o["name"], o["reason"]) == ("alpha-2", "no scene makes it any more")
+    Path(o["image"]).unlink()
+    [o] = status(["alpha.yaml"])["orphaned"]
+    assert o["reason"] == "no scene makes it any more; the image is gone too"
+
+
+def test_status_with_a_file_for_out_is_refused_as_build_refuses_it(tmp_path):
+    # it warned "unreadable manifest (Not a directory)", listed outputs under the file, and exited 0
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "f.txt").write_text("x")
+    r = scenec("status", tmp_path / "a.yaml", "-o", tmp_path / "f.txt")
+    assert r.returncode == 2 and f"scenec: -o {tmp_path / 'f.txt'}: not a directory" in r.stderr, r.stderr
+    assert "unreadable manifest" not in r.stderr and r.stdout == ""
+
+
+def test_an_out_dir_below_a_file_is_bad_input(tmp_path):
+    # `-o notes.txt/renders`: "unreadable manifest (Not a directory)", then every job failed "cannot write", exit 1
+    write_scene(tmp_path, "a", seeds=(1,))
+    (tmp_path / "f.txt").write_text("x")
+    for cmd in ("build", "status"):
+        r = scenec(cmd, tmp_path / "a.yaml", "-o", tmp_path / "f.txt" / "sub")
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert f"scenec: -o {tmp_path / 'f.txt' / 'sub'}: {tmp_path / 'f.txt'} is not a directory" in r.stderr
+        assert "unreadable manifest" not in r.stderr and "cannot write" not in r.stderr

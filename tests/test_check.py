@@ -490,3 +490,17 @@ def test_a_mistyped_alias_suggests_the_alias_not_a_download():
         model_info("flux-devv")
     with pytest.raises(UnknownModel, match="hf download someone/model"):  # a hub id: where to get it
         model_info("someone/model")
+
+
+def test_an_output_dir_that_is_a_file_is_a_located_warning(tmp_path):
+    # validate said "ok"; a build then warned "unreadable manifest (Not a directory)" and failed every job
+    (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = "tiny"\n')
+    (tmp_path / "notes.txt").write_text("x")
+    p = tmp_path / "s.yaml"
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: x}\noutput: {dir: notes.txt/sub}\n")
+    _, diags = validate_file(p)
+    assert not diags.has_errors()
+    [w] = diags.warnings
+    assert (w.pos.line, w.pos.col) == (4, 15) and "is a file, not a directory" in w.message
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: x}\noutput: {dir: renders}\n")
+    assert not validate_file(p)[1].warnings  # a directory still to be made is fine

@@ -89,6 +89,13 @@ def test_explain_after_and_masks(tmp_path):
                     "regional-2/eagle.png", "regional-2/fox.png", "regional-2/rock.png"]
     r = scenec("explain", SCENES / "regional.yaml", "--after", "nope")
     assert r.returncode == 2
+    # --masks naming a file: refused before the IR is printed (it printed it all, then
+    # `scenec: FILE/regional-1: Not a directory`)
+    (tmp_path / "f").write_text("x")
+    r = scenec("explain", SCENES / "regional.yaml", "--masks", tmp_path / "f")
+    assert r.returncode == 2 and r.stdout == "", r.stdout[:200]
+    assert r.stderr == f"scenec: {tmp_path / 'f'}: exists and is not a directory (--masks names the directory for " \
+                       "the mask PNGs)\n", r.stderr
 
 
 def test_schema_command_matches_checked_in_file():
@@ -100,6 +107,8 @@ def test_schema_command_matches_checked_in_file():
 def test_init_creates_a_valid_project(tmp_path):
     r = scenec("init", tmp_path / "proj")
     assert r.returncode == 0, r.stderr
+    # every file it names is where it says (the schema was named `schemas/…`, relative to nothing)
+    assert f"and {tmp_path / 'proj' / 'schemas' / 'scene.schema.json'};" in r.stderr
     r = scenec("validate", tmp_path / "proj" / "scene.yaml")
     assert r.returncode == 0, r.stderr
     # the modeline points at the schema written beside it (no URL that may not be served)
@@ -108,9 +117,26 @@ def test_init_creates_a_valid_project(tmp_path):
     assert (tmp_path / "proj" / "schemas" / "scene.schema.json").read_text() == (ROOT / "schemas" /
                                                                                  "scene.schema.json").read_text()
     assert scenec("init", tmp_path / "proj").returncode == 2  # refuses to overwrite
+    # a file for DIRECTORY was "scenec: FILE: File exists"
+    (tmp_path / "f.txt").write_text("x")
+    r = scenec("init", tmp_path / "f.txt")
+    assert r.returncode == 2 and r.stderr == f"scenec: {tmp_path / 'f.txt'}: exists and is not a directory (init " \
+                                             "takes the project directory)\n", r.stderr
 
 
 def test_cli_reference_is_current():
     from scenec.docgen import cli_markdown
 
     assert (ROOT / "docs" / "cli.md").read_text() == cli_markdown(), "run `python -m scenec.docgen > docs/cli.md`"
+
+
+def test_a_bad_model_flag_is_reported_at_the_flag_once():
+    # it was `FILE:1:1: error: --model nope: …`, once per file: a position in no file, repeated
+    r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--model", "nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
+    assert lines == ["--model nope: error: `nope` is no alias, local diffusers directory or hub id (ORG/NAME); "
+                     "aliases: flux-dev, flux-schnell, tiny, sd15, sd21, tiny-sd, sdxl, sdxl-turbo, tiny-sdxl"], r.stderr
+    assert "2 of 2 files invalid" in r.stderr
+    r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--steps", "abc")
+    assert r.returncode == 2 and r.stderr.count("--steps abc: error:") == 1, r.stderr

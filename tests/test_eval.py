@@ -15,6 +15,7 @@ from scenec.compiler import compile_scene
 from scenec.clip import ClipScorer, tiny_clip
 from scenec.eval import evaluate_dir, evaluate_group, find_outputs, locate_scene
 from scenec.metrics import EvalError, bg_similarity, combined, parse_weights, upsample_mask
+from scenec.spec.plan import write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,3 +276,60 @@ def test_cli_eval_table_and_json(project):
     r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--weights", "x"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--weights" in r.stderr
+
+
+def test_a_plan_that_is_no_plan_is_bad_input(project, tmp_path):
+    # --plan DIR without plan.json, or with damaged tensors, exited 1 ("a model is missing or a build failed");
+    # damaged tensors were an "internal error"
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    with pytest.raises(EvalError, match=r"--plan .*nope: no plan.json") as e:
+        evaluate_dir(out, plan_dirs=[tmp_path / "nope"])
+    assert e.value.exit_code == 2
+    bad = tmp_path / "bad"
+    write_plan(plan, bad)
+    (bad / "tensors.safetensors").write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "-m", "scenec", "eval", str(out), "--clip", "none", "--plan", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "internal error" not in r.stderr, \
+        r.stderr
+
+
+def test_a_missing_clip_model_is_no_error_at_weight_zero(project, monkeypatch):
+    # docs: "a term whose weight is 0 may be missing"; `--weights 1,0` without the default CLIP downloaded
+    # exited 1 ("CLIP model … is not available here")
+    import scenec.eval as ev
+
+    def missing(spec, device=None):
+        raise EvalError(f"CLIP model `{spec}` is not available here (OSError)", exit_code=1)
+
+    monkeypatch.setattr(ev, "load_clip", missing)
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    rep = evaluate_dir(out, clip="openai/clip-vit-large-patch14", weights=(1.0, 0.0))
+    assert rep["groups"][0]["clipscore"] is None and rep["groups"][0]["bgsim"] is not None
+    assert any("CLIPScore left out" in w for w in rep["warnings"])
+    with pytest.raises(EvalError, match="not available") as e:  # it counts: still an error
+        evaluate_dir(out, clip="openai/clip-vit-large-patch14", weights=(1.0, 1.0))
+    assert e.value.exit_code == 1
+
+
+def test_a_damaged_image_is_skipped_with_a_warning(project):
+    # a PNG that does not decode was an "internal error" (exit 1) that hid every other group's numbers
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    victim = sorted(out.glob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    rep = evaluate_dir(out)
+    assert any(w.startswith(f"{victim.name}: not a readable image") for w in rep["warnings"]), rep["warnings"]
+    assert rep["groups"][0]["images"] == len(list(out.glob("*.png"))) - 1
+
+
+def test_a_damaged_sidecar_is_a_warning_not_silence(project):
+    # its image was left out of the numbers without a word
+    plan = compile_scene(project / "pair.yaml")
+    out = _write_outputs(project, plan)
+    side = sorted(out.glob("*.json"))[0]
+    side.write_text("{broken")
+    rep = evaluate_dir(out)
+    assert f"{side.name}: sidecar does not parse; {side.stem}.png skipped" in rep["warnings"], rep["warnings"]

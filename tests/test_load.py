@@ -216,3 +216,58 @@ def test_a_bad_value_inside_a_union_mapping_is_one_error(tmp_path):
         canvas: {width: 64, height: 64}
         """)
     assert errors(p) == [(2, 55, "`model.lora.0.scale` must be a number, found string `abc`")]
+
+
+def test_a_shape_with_two_kinds_says_so(tmp_path):
+    # it read as a box with an unknown key: "unknown key `ellipse`, allowed here: units, box"
+    p = write(tmp_path, "s.yaml", BASE + """
+        entities:
+          - {id: a, prompt: a, shape: {ellipse: {center: [0.5, 0.5], radii: [0.1, 0.1]}, box: [0, 0, 1, 1]}}
+        """)
+    assert errors(p) == [(5, 31, "a shape needs exactly one of: box, polygon, ellipse, mask, union, intersection, "
+                                 "difference; found `box` and `ellipse`")]
+
+
+def test_a_schedule_with_two_forms_says_so(tmp_path):
+    # it read as a `values` schedule with unknown keys `shape` and `center` ("allowed here: values")
+    p = write(tmp_path, "s.yaml", BASE + """
+        sampler: {steps: 4}
+        entities:
+          - {id: a, prompt: a, shape: {box: [0, 0, 0.5, 1]}}
+        groups:
+          - id: g
+            schedule: {values: [0, 0.5, 1, 1], shape: step, center: 0.5}
+            variants: [{id: v, entities: [a]}, {id: w, prompt: b}]
+        """)
+    assert errors(p) == [(9, 15, "a schedule is {shape: step|linear|sin|arctan, ...}, {values: [...]} or {file: ...}; "
+                                 "found `shape` and `values`")]
+
+
+def test_a_library_file_loaded_as_a_scene_says_what_it_is(tmp_path):
+    # `scenec build lib/animals.yaml` said only "missing required key `canvas`"
+    p = write(tmp_path, "lib.yaml", """
+        scenec: 1
+        defs:
+          entities:
+            fox: {prompt: a fox}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert d.message == "missing required key `canvas`" and "library file" in d.hint
+    p = write(tmp_path, "s.yaml", "scenec: 1\nbackground: {prompt: x}\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint for d in e.value.diagnostics.errors] == [None]  # a scene without canvas is just that
+
+
+def test_no_far_fetched_did_you_mean(tmp_path):
+    # `colour` was "did you mean `lora`?"; with nothing close, the hint lists the keys allowed
+    p = write(tmp_path, "s.yaml", BASE + """
+        entities:
+          - {id: a, prompt: a, colour: red, shape: {box: [0, 0, 1, 1]}}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert d.message == "unknown key `colour`" and d.hint.startswith("allowed here: ") and "did you mean" not in d.hint

@@ -189,6 +189,9 @@ def test_watch_max_cycles_and_build(project):
     assert (d / "out" / "s-3.png").is_file() and len(loads) == 1
     r = cli("watch", "nosuch.yaml", "--max-cycles", "1")
     assert r.exit_code == 2
+    # a directory was "no such scene file", as if it did not exist
+    r = cli("watch", ".", "--max-cycles", "1")
+    assert r.exit_code == 2 and "is a directory (watch takes scene files" in r.output, r.output
 
 
 def test_z_ranks_put_the_higher_z_on_top_and_the_later_on_ties():

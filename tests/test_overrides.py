@@ -36,6 +36,20 @@ def test_seed_forms():
             parse_seeds(bad)
 
 
+@pytest.mark.parametrize("bad,message", [
+    ("5..3", "--seed 5..3: the range ends before it starts"),
+    ("0..-1", "--seed 0..-1: the range ends before it starts"),
+    ("0..100000", "--seed 0..100000: 100001 seeds, over the limit of 10000"),
+    (",".join(map(str, range(10001))), "10001 seeds, over the limit of 10000"),
+])
+def test_seed_range_problems_say_what_is_wrong(bad, message):
+    # they all said "expected N, A..B or A,B,C": the specific error was swallowed by the parser's own
+    # `except ValueError` (OverrideError is one)
+    with pytest.raises(OverrideError) as e:
+        parse_seeds(bad)
+    assert message in str(e.value) and "expected N" not in str(e.value)
+
+
 def test_set_values_are_yaml_but_prompts_stay_text():
     assert parse_set("sampler.steps=8").value == 8
     assert parse_set("sampler.seed=[1, 2]").value == [1, 2]

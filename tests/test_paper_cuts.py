@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -136,3 +138,52 @@ def test_the_concepts_command_table_lists_every_command():
     text = (ROOT / "docs" / "concepts.md").read_text()
     for name in typer.main.get_command(app).commands:
         assert f"| `scenec {name}" in text, name
+
+
+def test_the_error_example_of_concepts_md_is_what_compile_prints(tmp_path):
+    # the page showed `shap` at 9:5 before `missing required key` at 10:5: an order and lines no run prints
+    import re
+
+    text = (ROOT / "docs" / "concepts.md").read_text()
+    i = text.index("For example, a scene where `shape` is misspelt")
+    scene = re.search(r"```yaml\n(.*?)```", text[i:], re.S).group(1)
+    shown = re.search(r"```\n\$ scenec compile scenes/meadow.yaml -o plan\n(.*?)\$ echo \$\?\n2\n```", text[i:], re.S)
+    (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = "tiny"\n')
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenes" / "meadow.yaml").write_text(scene)
+    r = subprocess.run([sys.executable, "-m", "scenec", "compile", "scenes/meadow.yaml", "-o", "plan"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr == shown.group(1), r.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    # "not a regular file", "no such directory" (it exists) and "cannot read it as UTF-8 text (Is a directory)"
+    (["compile", "{dir}", "-o", "{tmp}/p"], "d.yaml:1:1: error: is a directory, not a scene file"),
+    (["eval", "{file}"], "scenec: {file}: not a directory (eval takes the directory of built images)"),
+    (["split", "{dir}", "-o", "{tmp}/s.yaml"], "scenec: {dir}: is a directory, not a text file of prompts"),
+])
+def test_a_directory_for_a_file_and_a_file_for_a_directory_say_so(tmp_path, args, expect):
+    (tmp_path / "d.yaml").mkdir()
+    (tmp_path / "f.txt").write_text("x\n")
+    sub = {"{dir}": str(tmp_path / "d.yaml"), "{file}": str(tmp_path / "f.txt"), "{tmp}": str(tmp_path)}
+
+    def fill(a):
+        for k, v in sub.items():
+            a = a.replace(k, v)
+        return a
+    r = subprocess.run([sys.executable, "-m", "scenec", *map(fill, args)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and fill(expect) in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["preview", str(ROOT / "tests" / "scenes" / "regional.yaml"), "-o", "{f}/p.png"],
+    ["watch", str(ROOT / "tests" / "scenes" / "regional.yaml"), "-o", "{f}", "--max-cycles", "1"],
+])
+def test_an_output_folder_that_is_a_file_says_so(tmp_path, args):
+    # "scenec: FILE: File exists" (mkdir's errno text), as if the file were the problem for existing
+    (tmp_path / "f.txt").write_text("x")
+    f = str(tmp_path / "f.txt")
+    r = subprocess.run([sys.executable, "-m", "scenec", *(a.replace("{f}", f) for a in args)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"scenec: {f}: exists and is not a directory", r.stderr

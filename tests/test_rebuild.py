@@ -125,6 +125,33 @@ def test_build_from_with_a_changed_or_missing_file_fails_located(built, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def _edited(png, out, edit):
+    from PIL.PngImagePlugin import PngInfo
+
+    with Image.open(png) as im:
+        info = PngInfo()
+        for k, v in im.text.items():
+            info.add_text(k, edit(v) if k == "scenec:scene.yaml" else v)
+        im.save(out, pnginfo=info)
+    return out
+
+
+def test_build_from_an_edited_embedded_scene_is_bad_input(built, tmp_path):
+    root, png = built
+    # not YAML: it was an internal error (exit 1, a YAML parser's message of many lines)
+    bad = _edited(png, tmp_path / "yaml.png", lambda v: "scenec: [broken")
+    r = scenec("build", "--from", bad, "-o", tmp_path / "o", cwd=root)
+    assert r.returncode == 2 and "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"scenec: {bad}: scenec:scene.yaml is not valid YAML (was the image "
+                                             "edited?): expected ',' or ']', but got '<stream end>' at line 1, "
+                                             "column 16"]
+    # YAML, but not a valid scene: located in the chunk, not in the temporary file that is gone by then
+    bad = _edited(png, tmp_path / "key.png", lambda v: v.replace("scenec: 1\n", "scenec: 1\ncolour: red\n"))
+    r = scenec("build", "--from", bad, "-o", tmp_path / "o", cwd=root)
+    assert r.returncode == 2 and f"{bad}[scenec:scene.yaml]:2:1: error: unknown key `colour`" in r.stderr, r.stderr
+    assert ".scenec-from-" not in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_build_from_refuses_flags_that_would_change_the_image(built, tmp_path):
     root, png = built
     r = scenec("build", "--from", png, "-o", tmp_path / "o", "--lora", "x.safetensors:0.3", "--seed", "3",

@@ -130,6 +130,17 @@ def test_cli_split_one_prompt_is_an_error(tmp_path):
     assert r.returncode == 2 and "at least two prompts" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("group", ["BAD!", "Animals", "a: b", "x" * 65, ""])
+def test_cli_split_a_bad_group_id_is_an_error(tmp_path, group):
+    # it wrote `- id: BAD!` (an invalid scene, or YAML that does not parse) and exited 0
+    p = tmp_path / "p.txt"
+    p.write_text("a fox in a meadow\nan owl in a meadow\n")
+    r = subprocess.run([sys.executable, "-m", "scenec", "split", str(p), "-o", str(tmp_path / "s.yaml"),
+                        "--group", group], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "is not a valid id" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "s.yaml").exists()
+
+
 def _modeline_target(scene: Path) -> Path:
     first = scene.read_text().splitlines()[0]
     prefix = "# yaml-language-server: $schema="

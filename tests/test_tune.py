@@ -94,6 +94,17 @@ def test_both_is_never_worse_than_the_start_and_respects_the_budget():
     assert best.objective > optimum - 0.06
 
 
+@pytest.mark.parametrize("method", ["both", "param", "vector"])
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_the_budget_is_never_exceeded_small_budgets(method, budget):
+    # --budget 1 with the default `both` used to evaluate 2 candidates: the start, then one by the
+    # families, whose share was at least one more than what was used, even past the budget
+    target = np.array([0.0, 0.3, 0.6, 1.0])
+    f = Evaluator(_quadratic(target), 4, budget=budget)
+    optimise(f, 4, method=method, start=np.linspace(0, 1, 4))
+    assert f.used == budget and len(f.cache) == budget
+
+
 def test_resume_replays_without_evaluating(tmp_path):
     target = np.array([0.2, 0.1, 0.6, 0.9])
     calls = []
@@ -248,11 +259,50 @@ def test_cli_tune_end_to_end_tiny(project):
     assert "Traceback" not in r.stderr
 
 
+def test_cli_tune_clip_none_is_bgsim_only(project):
+    # docs: `--clip none` is BgSim only; with the default weights 1,1 it built a candidate, then failed:
+    # "the metric is undefined (no values)"
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "pair",
+                        "--budget", "1", "--clip", "none", "--device", "cpu",
+                        "-o", str(project / "schedules" / "n.json")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((project / "schedules" / "n.json").read_text())
+    assert doc["weights"] == [1.0, 0.0] and doc["clip"] is None and doc["objective"] is not None
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "pair",
+                        "--clip", "none", "--weights", "0,1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "nothing to optimise" in r.stderr
+
+
 def test_cli_tune_bad_input(project):
     r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--group", "nope",
                         "--clip", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ})
     assert r.returncode == 2 and "no group `nope`" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_tune_bad_text_is_refused_before_the_state_is_read(project):
+    # --text bogus used to be noticed at the first evaluation: after the state file was read (and
+    # called "another problem; starting afresh", the text being part of its fingerprint) and the model loaded
+    out = project / "schedules" / "t.json"
+    state = state_path_for(out)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text('{"format": "scenec-tune-state/1", "fingerprint": {}, "steps": 4, "evaluations": []}')
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--text", "bogus",
+                        "--clip", "none", "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ})
+    assert r.returncode == 2 and "--text must be full or entity, not `bogus`" in r.stderr
+    assert "starting afresh" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_tune_refuses_a_schedule_file_outside_the_project(project, tmp_path_factory):
+    # -o outside the project root wrote a schedule and printed `schedule: {file: ../../x.json}` to add, which
+    # `scenec validate` then refuses ("resolves outside the project root"); now refused before any build
+    out = tmp_path_factory.mktemp("elsewhere") / "t.json"
+    r = subprocess.run([sys.executable, "-m", "scenec", "tune", str(project / "pair.yaml"), "--clip", "none",
+                        "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ})
+    assert r.returncode == 2 and "outside the project root" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and r.stdout == ""
 
 
 def test_group_objective_compiles_with_the_command_lines_lora(project):

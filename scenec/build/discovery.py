@@ -31,7 +31,7 @@ def is_scene_file(path: Path) -> bool:
     """
     try:
         with open(path, "rb") as f:
-            text = f.read(1 << 20).decode("utf-8", "replace")
+            text = f.read(1 << 20).decode("utf-8-sig", "replace")  # a BOM is no key
     except OSError:
         return False
     found = set(_TOP_KEY.findall(text))
@@ -46,7 +46,7 @@ def is_library_file(path: Path) -> bool:
     """A library: top-level ``scenec:`` and ``defs:``, no ``canvas:`` (``scenec validate`` checks it as one)."""
     try:
         with open(path, "rb") as f:
-            text = f.read(1 << 20).decode("utf-8", "replace")
+            text = f.read(1 << 20).decode("utf-8-sig", "replace")  # a BOM is no key
     except OSError:
         return False
     keys = set(re.findall(r"^(scenec|canvas|defs)\s*:", text, re.MULTILINE))
@@ -58,7 +58,7 @@ def skip_reason(path: Path) -> str | None:
     is skipped; None for a library or YAML that is no scene at all."""
     try:
         with open(path, "rb") as f:
-            text = f.read(1 << 20).decode("utf-8", "replace")
+            text = f.read(1 << 20).decode("utf-8-sig", "replace")  # a BOM is no key
     except OSError as e:
         return f"cannot be read: {e.strerror or e}"
     found = set(_SCENE_KEY.findall(text))

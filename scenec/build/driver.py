@@ -16,7 +16,7 @@ from typing import Iterable
 
 from .executors import Executor, make_executor
 from .manifest import Manifest, clean_temp_files, locked_all
-from .options import BatchError, BuildOptions
+from .options import BatchError, BuildOptions, check_out_dir
 from .planning import BatchPlan, Item, plan_batch
 from .reporting import BuildReport
 from .units import Unit, batches_of, units_of
@@ -29,8 +29,9 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     bad options."""
     if options.batch_size < 1:
         raise BatchError(f"--batch-size must be at least 1, not {options.batch_size}")
-    if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
-        raise BatchError(f"-o {options.out}: not a directory")
+    if options.workers is not None and options.workers < 1:  # before a Ray cluster is started for nothing
+        raise BatchError(f"--workers must be at least 1, not {options.workers}")
+    check_out_dir(options.out)
     report = report if report is not None else BuildReport(options.quiet)
     executor = make_executor(options, report.say, report)
     t0 = time.perf_counter()

@@ -52,3 +52,16 @@ class BuildOptions:
     def memory(self) -> dict:
         """How models are loaded: ``{"offload", "quantize", "compile"}`` (keyword arguments of ``load_backend``)."""
         return {"offload": self.offload, "quantize": self.quantize, "compile": self.compile}
+
+
+def check_out_dir(out: str | Path | None) -> None:
+    """-o must be a directory or a path that can become one: BatchError when it, or the nearest part of it that
+    exists, is a file (`-o notes.txt/renders` failed every job as "cannot write", exit 1)."""
+    if out is None:
+        return
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise BatchError(f"-o {out}: not a directory" if q == p else f"-o {out}: {q} is not a directory")
+            return

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from scenec.spec.diagnostics import display_path, printable
 
 from .manifest import Manifest
-from .options import BuildOptions
+from .options import BuildOptions, check_out_dir
 from .planning import BatchPlan, Item, plan_batch
 from .pool import ModelLoadError
 
@@ -58,8 +58,8 @@ class BuildReport:
         for d in bp.diagnostics.sorted():
             self.say(d.format())
         if bp.invalid:
-            self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; "
-                     "building the others")
+            others = "building the others" if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
+            self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; {others}")
         for f, msg in bp.failed_compile:
             self.data["failed"] += 1
             self.data["errors"].append(f"{f}: {msg}")
@@ -117,6 +117,7 @@ class BuildReport:
 def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> dict:
     """What a build would do, like ``git status``: each output's state, and manifest entries of these
     scenes that no scene makes any more (``orphaned``). Never imports torch."""
+    check_out_dir(options.out)  # as build says (it read no manifest there)
     bp = plan_batch(targets, options)
     rows = []
     for it in bp.items:
@@ -130,8 +131,10 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
         for name, e in man.outputs.items():
             src = (man.out_dir / (e.get("scene") or {}).get("file", "")).resolve()
             if src in scanned and (d, name) not in made:
-                orphans.append({"state": "orphaned", "name": name, "image": str(d / e.get("image", name + ".png")),
-                                "scene": display_path(src), "reason": "no scene makes it any more"})
+                image = d / e.get("image", name + ".png")
+                orphans.append({"state": "orphaned", "name": name, "image": str(image), "scene": display_path(src),
+                                "reason": "no scene makes it any more" + ("" if image.is_file() else
+                                                                          "; the image is gone too")})
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
