@@ -55,11 +55,16 @@ def check_refine(ls: LoadedScene, path: tuple, v, table: np.ndarray, steps: int,
         diags.error(ls.pos(rp), "`refine` on a visual prompt of scale 0: its tokens are seen by no query, so "
                     "there is nothing to refine", hint="set `scale` > 0 or drop `refine`")
     lo, hi = level_index(v.window[0], table), level_index(v.window[1], table)
+    if hi <= lo:  # the window covers no step (warned at `window`): no level of `at` can be inside it
+        diags.error(ls.pos(rp + ("at",)), f"`refine` has no step to run on: the visual window [{v.window[0]:g}, "
+                    f"{v.window[1]:g}] covers no sampler step at {steps} steps",
+                    hint="widen `window` or use more steps, or drop `refine`")
+        return
     seen: dict[int, float] = {}
     for k, a in enumerate(r.at):
         s = refine_step(a, table)
         if not lo <= s < hi:
-            inside = "no step" if hi <= lo else f"step {lo}" if hi == lo + 1 else f"steps {lo}–{hi - 1}"
+            inside = f"step {lo}" if hi == lo + 1 else f"steps {lo}–{hi - 1}"
             diags.error(ls.pos(rp + ("at", k)), f"refine at {a:g} is sampler step {s} (noise level "
                         f"{table[s]:.3g}) at {steps} steps, outside the visual window [{v.window[0]:g}, "
                         f"{v.window[1]:g}] ({inside})", hint="pick a level inside `window`")

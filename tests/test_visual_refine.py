@@ -132,3 +132,23 @@ def test_refine_levels_name_the_step_that_starts_nearest(tmp_path):
     plan = compile_(tmp_path, "late", fox=refined("tiny", at="[0.05, 1.0]"))
     (vp,) = plan.jobs[0].visuals
     assert vp.refine.at == (0, plan.steps - 1)
+
+
+def test_a_window_covering_no_step_is_one_error_at_refine_at(tmp_path):
+    """At 2 steps on tiny-sd [1, 0.3] covers no step: the refinement says so once, not that a level is
+    `outside the visual window (no step)` (which read as a contradiction of the window it named)."""
+    import numpy as np
+    from PIL import Image
+
+    from scenec.compiler.check import validate_file
+
+    p = tmp_path / "s.yaml"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "fox.png")
+    p.write_text('scenec: 1\nmodel: tiny-sd\ncanvas: {width: 128, height: 128}\nsampler: {steps: 2}\n'
+                 'entities:\n  - id: fox\n    prompt: "a fox"\n'
+                 '    visual: {image: fox.png, window: [1.0, 0.3], refine: {at: [0.9, 0.8]}}\n')
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and "covers no sampler step at 2 steps" in errs[0].message
+    assert (errs[0].pos.line, errs[0].pos.col) == (8, 63)  # the `at` list
+    assert any(d.severity == "warning" and "covers no sampler step" in d.message for d in diags)
