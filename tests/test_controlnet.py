@@ -138,3 +138,14 @@ def test_a_local_controlnet_directory_is_loaded_and_in_the_cache_key(tmp_path, b
     w = next(cn.glob("*.safetensors"))
     w.write_bytes(w.read_bytes()[:-8] + bytes(8))  # the ControlNet's weights changed: its images rebuild
     assert job_identity({}, job, "content") != before
+
+
+def test_a_controlnet_for_another_base_model_fails_in_one_sentence(tmp_path, backends):
+    """An SDXL ControlNet on an SD model (was a TypeError inside diffusers' ControlNet forward)."""
+    from scenec.runtime.methods.control import tiny_controlnet
+    from scenec.spec.errors import ModelUnavailable
+
+    cn = tmp_path / "xl" / "cn"
+    tiny_controlnet(backends["tiny-sdxl"].unet).save_pretrained(cn, safe_serialization=True)
+    with pytest.raises(ModelUnavailable, match="is not for tiny-sd: its text width"):
+        build(tmp_path, backends, "xl", control=control().replace("edges.png,", "edges.png, model: cn,"))

@@ -54,6 +54,10 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             except (OSError, ValueError) as e:
                 raise ModelUnavailable(f"ControlNet {model}: cannot load it ({type(e).__name__}: "
                                        f"{str(e).splitlines()[0][:200]})") from None
+            why = misfit(net, backend.unet)
+            if why:
+                raise ModelUnavailable(f"ControlNet {model} is not for {getattr(backend, 'model_id', 'this model')}: "
+                                       f"{why}")
         net.requires_grad_(False)  # visual.refine takes gradients through the UNet call, not into the ControlNet
         net.to(backend.device)
         if net.dtype != backend.dtype:
@@ -63,6 +67,15 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             loaded.popitem(last=False)
     loaded.move_to_end(model)
     return loaded[model]
+
+
+def misfit(net, unet) -> str | None:
+    """Why a ControlNet cannot condition ``unet`` (made for another base model: SD 1.x, SD 2.x, SDXL), or None."""
+    for key, what in (("cross_attention_dim", "text width"), ("addition_embed_type", "added conditioning")):
+        a, b = net.config.get(key), unet.config.get(key)
+        if a != b:
+            return f"its {what} (`{key}`) is {a}, the model's {b}"
+    return None
 
 
 class ControlNet(Method):
