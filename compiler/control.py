@@ -66,7 +66,7 @@ def _cached(repo: str) -> str | None:
     return str(Path(hit).parent)
 
 
-def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
+def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: int | None = None) -> None:
     """Every ``control`` entry: its image, its model (needed except on the tiny models) and its window; all
     problems at the keys that have them. (A family without ControlNet is refused by ``check_family``.)"""
     if "control" not in info.family.methods:
@@ -86,6 +86,13 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None
         if hi <= lo:
             diags.error(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] must go from a higher noise "
                         "level to a lower one", hint="e.g. [1.0, 0.0] (every step; 1 = pure noise)")
+        elif steps and c.scale > 0:
+            from .levels import level_index, noise_levels
+
+            table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
+            if level_index(hi, table) == level_index(lo, table):
+                diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
+                              f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:

@@ -149,3 +149,12 @@ def test_a_controlnet_for_another_base_model_fails_in_one_sentence(tmp_path, bac
     tiny_controlnet(backends["tiny-sdxl"].unet).save_pretrained(cn, safe_serialization=True)
     with pytest.raises(ModelUnavailable, match="is not for tiny-sd: its text width"):
         build(tmp_path, backends, "xl", control=control().replace("edges.png,", "edges.png, model: cn,"))
+
+
+def test_a_window_covering_no_step_is_a_warning(tmp_path):
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="tiny-sd", entities="", control=control(1.0, "[0.5, 0.45]")))
+    _, diags = validate_file(p)
+    warn = [d for d in diags if "covers no sampler step" in d.message]
+    assert len(warn) == 1 and warn[0].severity == "warning" and warn[0].pos.line == 7
