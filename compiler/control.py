@@ -46,6 +46,9 @@ def control_model(ls: LoadedScene, path: tuple, spec: str) -> tuple[str | None, 
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         hit = _cached(spec)
         if hit is not None:
+            if not any(Path(hit).glob("*.safetensors")):
+                return None, f"ControlNet `{spec}` has no .safetensors weights in the Hugging Face cache (scenec " \
+                    "loads safetensors only)"
             return hit, None
         return None, f"ControlNet `{spec}` is not downloaded: `hf download {spec}` (or give a local directory)"
     return None, f"`{spec}` is no directory under the project and no hub id (ORG/NAME)"

@@ -158,3 +158,25 @@ def test_a_window_covering_no_step_is_a_warning(tmp_path):
     _, diags = validate_file(p)
     warn = [d for d in diags if "covers no sampler step" in d.message]
     assert len(warn) == 1 and warn[0].severity == "warning" and warn[0].pos.line == 7
+
+
+def test_a_hub_controlnet_from_the_cache_needs_safetensors(tmp_path, backends, monkeypatch):
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    snap = tmp_path / "hub" / "models--org--cn" / "snapshots" / "abc"
+    tiny_controlnet(backends["tiny-sd"].unet).save_pretrained(snap, safe_serialization=True)
+    (tmp_path / "hub" / "models--org--cn" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cn" / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="tiny-sd", entities="", control=control().replace("edges.png,",
+                                                                                      "edges.png, model: org/cn,")))
+    _, diags = validate_file(p)
+    assert not [d for d in diags if d.severity == "error"]
+    for w in snap.glob("*.safetensors"):
+        w.rename(w.with_suffix(".bin"))
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 7 and "no .safetensors" in errs[0].message
