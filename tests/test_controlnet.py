@@ -180,3 +180,27 @@ def test_a_hub_controlnet_from_the_cache_needs_safetensors(tmp_path, backends, m
     _, diags = validate_file(p)
     errs = [d for d in diags if d.severity == "error"]
     assert len(errs) == 1 and errs[0].pos.line == 7 and "no .safetensors" in errs[0].message
+
+
+def test_a_pooled_condition_controlnet_runs_as_diffusers_guess_mode(tmp_path, backends):
+    """A ControlNet with ``global_pool_conditions`` (e.g. lllyasviel's shuffle): diffusers' pipeline runs it in
+    guess mode, on the conditional branch only (zeros on the unconditional one); so do we."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    be = backends["tiny-sd"]
+    net = tiny_controlnet(be.unet)
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "pool" / "cn", safe_serialization=True)
+    plan, ours = build(tmp_path, backends, "pool", control=control(0.7).replace("edges.png,", "edges.png, model: cn,"))
+    net = load_controlnet(be, plan.jobs[0].controls[0].model)
+    p = be.pipe
+    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, net, p.scheduler, None, None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "pool" / "edges.png"), negative_prompt="blurry",
+               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance("tiny-sd"),
+               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    assert float((ours - ref).abs().max()) <= 1e-5

@@ -106,8 +106,37 @@ class ControlNet(Method):
         extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
         down = mid = None
         for c, net, img in acting:
-            d, m = net(x, t, encoder_hidden_states=text, controlnet_cond=img.expand(x.shape[0], -1, -1, -1),
-                       conditioning_scale=float(c.scale), guess_mode=False, return_dict=False, **extra)
+            rows = None
+            if net.config.get("global_pool_conditions", False) and any(call.negatives):
+                # diffusers runs a pooled-condition ControlNet (e.g. shuffle) in guess mode: on the conditional
+                # rows only, zeros on the unconditional ones
+                rows = [i for i, neg in enumerate(call.negatives) if not neg]
+                if not rows:
+                    continue
+            d, m = _residuals(net, x, t, text, extra, img, float(c.scale), rows)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
+        if down is None:
+            return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _residuals(net, x, t, text, extra: dict, img, scale: float, rows: list[int] | None):
+    """``net``'s residuals on every row of ``x``, or on ``rows`` only (zeros on the others)."""
+    if rows is None:
+        return net(x, t, encoder_hidden_states=text, controlnet_cond=img.expand(x.shape[0], -1, -1, -1),
+                   conditioning_scale=scale, guess_mode=False, return_dict=False, **extra)
+    idx = torch.tensor(rows, device=x.device)
+    if torch.is_tensor(t) and t.ndim and t.shape[0] == x.shape[0]:
+        t = t[idx]
+    if extra:
+        extra = {"added_cond_kwargs": {k: v[idx] for k, v in extra["added_cond_kwargs"].items()}}
+    d, m = net(x[idx], t, encoder_hidden_states=text[idx], controlnet_cond=img.expand(len(rows), -1, -1, -1),
+               conditioning_scale=scale, guess_mode=True, return_dict=False, **extra)
+
+    def full(r):
+        out = r.new_zeros((x.shape[0], *r.shape[1:]))
+        out[idx] = r
+        return out
+
+    return [full(r) for r in d], full(m)
