@@ -204,3 +204,16 @@ def test_a_pooled_condition_controlnet_runs_as_diffusers_guess_mode(tmp_path, ba
                controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
                output_type="latent").images
     assert float((ours - ref).abs().max()) <= 1e-5
+
+
+def test_the_tiny_controlnet_reads_its_image(tmp_path, backends):
+    """The built-in ControlNet acts through its control image (its image encoder's last convolution is not left
+    at zero), so the pipeline comparisons above check the image's preprocessing too."""
+    _, ours = build(tmp_path, backends, "edges", control=control())
+    d = tmp_path / "blank"
+    d.mkdir()
+    (d / "s.yaml").write_text(SCENE.format(model="tiny-sd", entities="", control=control()), encoding="utf-8")
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(d / "edges.png")
+    plan = compile_scene(d / "s.yaml")
+    blank = run_job(backends["tiny-sd"], plan, plan.jobs[0], decode=False).latents
+    assert float((ours - blank).abs().max()) > 1e-2

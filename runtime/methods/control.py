@@ -26,7 +26,9 @@ KEPT = 4  # ControlNets kept loaded per backend (least recently used first out)
 
 def tiny_controlnet(unet) -> torch.nn.Module:
     """The tiny models' ControlNet: diffusers' ``ControlNetModel.from_unet`` (the UNet's encoder copied), its zero
-    convolutions given small seeded random weights instead, so that a tiny control visibly acts."""
+    convolutions and its control image encoder (``controlnet_cond_embedding``, whose last convolution is zero too,
+    the rest drawn from the global random state) given small seeded random weights instead, so that a tiny control
+    visibly acts, through its image."""
     from diffusers import ControlNetModel
 
     net = ControlNetModel.from_unet(unet)
@@ -34,6 +36,8 @@ def tiny_controlnet(unet) -> torch.nn.Module:
     for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
         for p in conv.parameters():
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for p in net.controlnet_cond_embedding.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return net
 
 
