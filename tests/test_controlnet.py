@@ -217,3 +217,25 @@ def test_the_tiny_controlnet_reads_its_image(tmp_path, backends):
     plan = compile_scene(d / "s.yaml")
     blank = run_job(backends["tiny-sd"], plan, plan.jobs[0], decode=False).latents
     assert float((ours - blank).abs().max()) > 1e-2
+
+
+def test_a_changed_controlnet_directory_is_read_again(tmp_path, backends):
+    """A backend kept across builds (tune, the Python API) does not serve a ControlNet's old weights."""
+    import os
+
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    be = backends["tiny-sd"]
+    cn = tmp_path / "cn"
+    net = tiny_controlnet(be.unet)
+    net.save_pretrained(cn, safe_serialization=True)
+    first = load_controlnet(be, str(cn))
+    with torch.no_grad():
+        net.controlnet_mid_block.weight.mul_(2.0)
+    net.save_pretrained(cn, safe_serialization=True)
+    w = next(cn.glob("*.safetensors"))
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # a later mtime even on coarse clocks
+    again = load_controlnet(be, str(cn))
+    assert again is not first
+    torch.testing.assert_close(again.controlnet_mid_block.weight, 2 * first.controlnet_mid_block.weight)
+    assert load_controlnet(be, str(cn)) is again  # unchanged: kept

@@ -43,9 +43,15 @@ def tiny_controlnet(unet) -> torch.nn.Module:
 
 def load_controlnet(backend, model: str | None) -> torch.nn.Module:
     """The backend's ControlNet for a plan control's ``model`` (a directory; None: the tiny built-in), loaded
-    once (safetensors only), frozen, on the backend's device and dtype."""
+    once (safetensors only), frozen, on the backend's device and dtype; read again when its files changed (a
+    backend kept across builds: ``scenec tune``, the Python API), as visual prompts' encoders are."""
+    from .visual import _dir_stamp
+
     loaded = backend.__dict__.setdefault("controlnets", OrderedDict())
-    if model not in loaded:
+    key = (model, _dir_stamp(model))
+    if key not in loaded:
+        for old in [k for k in loaded if k[0] == model]:
+            del loaded[old]  # the same directory before its files changed
         if model is None:
             if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl"):
                 raise PlanError("a control without `model`: only the tiny models build a ControlNet in code")
@@ -66,11 +72,11 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
         net.to(backend.device)
         if net.dtype != backend.dtype:
             net.to(dtype=backend.dtype)
-        loaded[model] = net.eval()
+        loaded[key] = net.eval()
         while len(loaded) > KEPT:
             loaded.popitem(last=False)
-    loaded.move_to_end(model)
-    return loaded[model]
+    loaded.move_to_end(key)
+    return loaded[key]
 
 
 def misfit(net, unet) -> str | None:
