@@ -165,7 +165,7 @@ class LoraFile:
     format: str
     kind: str | None  # "flux" | "unet" | None (only text-encoder layers)
     layers: int  # denoiser layers it adapts
-    text_layers: int  # text-encoder layers (scenec leaves them out)
+    text_layers: int  # text-encoder layers (they act for whole-image LoRAs on SD and SDXL)
     problems: tuple[str, ...]  # what is wrong, one sentence each
 
 

@@ -153,3 +153,22 @@ def test_a_lora_with_only_text_encoder_layers(tmp_path):
     whole = "model: {id: tiny-sd, lora: [{file: te.safetensors}]}\n"
     p.write_text(SCENE.format(model_lora=whole, entity_lora="").replace("model: tiny-sd\n", ""))
     assert compile_scene(p).json["model"]["lora"][0]["text_encoder"] is True
+
+
+def test_show_says_when_a_loras_text_encoder_layers_acted(tmp_path):
+    """The image's metadata marks a LoRA whose text-encoder layers acted (absent otherwise: other images keep
+    their bytes), and `scenec show` says so."""
+    import json
+
+    from scenec.rebuild import describe
+    from scenec.runtime.outputs import metadata
+
+    be = tiny_sd_backend()
+    path = tmp_path / "te.safetensors"
+    save_file(kohya("t", te_pairs(be.pipe.text_encoder, 0, 2), "lora_te"), str(path))
+    for te in (True, False):
+        entry = {**lora_entry(path, 0.8, "kohya"), **({"text_encoder": True} if te else {})}
+        plan = sd_plan(steps=STEPS, prompt="a red fox", edit=lambda d, t: with_lora(d, [entry]))
+        meta = metadata(plan, plan.jobs[0], be)
+        assert ("text_encoder" in json.loads(meta["scenec:loras"])[0]) is te
+        assert ("text encoders too" in describe("x.png", meta)) is te
