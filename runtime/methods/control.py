@@ -12,6 +12,7 @@ prompt, so a job reproduces the ControlNet pipeline (tests/test_controlnet.py).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -45,10 +46,8 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
     """The backend's ControlNet for a plan control's ``model`` (a directory; None: the tiny built-in), loaded
     once (safetensors only), frozen, on the backend's device and dtype; read again when its files changed (a
     backend kept across builds: ``scenec tune``, the Python API), as visual prompts' encoders are."""
-    from .visual import _dir_stamp
-
     loaded = backend.__dict__.setdefault("controlnets", OrderedDict())
-    key = (model, _dir_stamp(model))
+    key = (model, _files_stamp(model))
     if key not in loaded:
         for old in [k for k in loaded if k[0] == model]:
             del loaded[old]  # the same directory before its files changed
@@ -77,6 +76,17 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             loaded.popitem(last=False)
     loaded.move_to_end(key)
     return loaded[key]
+
+
+def _files_stamp(path: str | None) -> tuple | None:
+    """A directory's files' (name, mtime, size), or None: what tells a loaded ControlNet from one changed since."""
+    if path is None or not os.path.isdir(path):
+        return None
+    out = []
+    for e in sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name):
+        st = os.stat(e.path)
+        out.append((e.name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 def misfit(net, unet) -> str | None:
