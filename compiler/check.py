@@ -49,7 +49,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     from .visual import check_visuals
 
     check_visuals(ls, info, steps, diags)  # entities' visual prompts (compiler/visual.py)
-    check_controls(ls, info, diags)  # ControlNet conditions (compiler/control.py)
+    check_controls(ls, info, diags, steps)  # ControlNet conditions (compiler/control.py)
     _check_files(ls, diags)
     _check_output(ls, diags)
     _check_includes(ls, diags)
@@ -134,7 +134,8 @@ def _check_entities(ls: LoadedScene, diags: Diagnostics) -> set[str]:
     sc = ls.scene
     seen: dict[str, tuple] = {}
     for i, e in enumerate(sc.entities):
-        _unique(ls, diags, seen, e.id, ("entities", i, "id"), f"entity id `{e.id}`", "entity ids must be unique in a scene")
+        _unique(ls, diags, seen, e.id, ("entities", i, "id"), f"entity id `{e.id}`",
+                "entity ids must be unique in a scene")
         if not e.prompt.strip():
             diags.warning(ls.pos(("entities", i, "prompt")), f"entity `{e.id}` has an empty prompt")
     return set(seen)

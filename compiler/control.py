@@ -22,7 +22,7 @@ from scenec.spec.plan_control import Control
 
 from .caps import ModelInfo
 from .files import open_image
-from .levels import window_ok
+from .levels import level_index, noise_levels, window_ok
 from .visual import builtin_adapter
 
 
@@ -43,6 +43,9 @@ def control_model(ls: LoadedScene, path: tuple, spec: str) -> tuple[str | None, 
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         hit = _cached(spec)
         if hit is not None:
+            if not any(Path(hit).glob("*.safetensors")):
+                return None, f"ControlNet `{spec}` has no .safetensors weights in the Hugging Face cache (scenec " \
+                    "loads safetensors only)"
             return hit, None
         return None, f"ControlNet `{spec}` is not downloaded: `hf download {spec}` (or give a local directory)"
     return None, f"`{spec}` is no directory under the project and no hub id (ORG/NAME)"
@@ -63,7 +66,7 @@ def _cached(repo: str) -> str | None:
     return str(Path(hit).parent)
 
 
-def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
+def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: int | None = None) -> None:
     """Every ``control`` entry: its image, its model (needed except on the tiny models) and its window; all
     problems at the keys that have them. (A family without ControlNet is refused by ``check_family``.)"""
     if "control" not in info.family.methods:
@@ -79,7 +82,12 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None
             diags.error(ls.pos(path), f"`control` on `{info.spec}` needs `model`: a diffusers ControlNetModel "
                         "for it (only the tiny models build one in code)",
                         hint="e.g. `model: lllyasviel/control_v11p_sd15_canny` after `hf download` it")
-        window_ok(ls, path, c.window, "control", diags)
+        if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
+            hi, lo = c.window
+            table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
+            if level_index(hi, table) == level_index(lo, table):
+                diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
+                              f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:

@@ -165,7 +165,7 @@ class LoraFile:
     format: str
     kind: str | None  # "flux" | "unet" | None (only text-encoder layers)
     layers: int  # denoiser layers it adapts
-    text_layers: int  # text-encoder layers (scenec leaves them out)
+    text_layers: int  # text-encoder layers (they act for whole-image LoRAs on SD and SDXL)
     problems: tuple[str, ...]  # what is wrong, one sentence each
 
 
@@ -396,6 +396,11 @@ def resolve(ls, asked: Asked, family: str, diags: Diagnostics, whole_image: bool
     if got.text_layers and not text:
         where = "on Flux models" if family not in TEXT_ENCODER_FAMILIES else "for an entity's LoRA (its prompt and " \
             "region)"
+        if not got.layers:  # nothing of it would act: the runtime would find no layer to adapt
+            diags.error(asked.file_pos, f"LoRA `{name}` adapts only text-encoder layers; {where} scenec applies "
+                        "LoRAs to the transformer or UNet only, so it would do nothing",
+                        hint="use it as a whole-image LoRA (`model.lora`) on SD or SDXL, or leave it out")
+            return None
         diags.warning(asked.file_pos, f"LoRA `{name}` also adapts {got.text_layers} text-encoder "
                       f"layer{'s' if got.text_layers > 1 else ''}; {where} scenec applies LoRAs to the transformer "
                       "or UNet only, so those are left out")

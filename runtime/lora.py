@@ -88,8 +88,6 @@ def read_adapter(lora, backend) -> Adapter:
         pairs = _from_diffusers(raw, backend, lora, text_pairs)
     default_alpha = _metadata_alpha(meta)
     layers = _layers(lora, pairs, backend.denoiser, backend, default_alpha)
-    if not layers:
-        raise LoraError(f"LoRA `{lora.name}` adapts no layer of {backend.model_id}")
     text = {}
     if getattr(lora, "text_encoder", False):
         for comp, tp in text_pairs.items():
@@ -97,6 +95,8 @@ def read_adapter(lora, backend) -> Adapter:
             if enc is None:
                 raise LoraError(f"LoRA `{lora.name}` adapts `{comp}`, which {backend.model_id} does not have")
             text[comp] = _layers(lora, tp, enc, backend, default_alpha)
+    if not layers and not any(text.values()):  # a text-encoder-only LoRA acts through its text layers alone
+        raise LoraError(f"LoRA `{lora.name}` adapts no layer of {backend.model_id}")
     return Adapter(lora.sha256, lora.name, layers, text)
 
 

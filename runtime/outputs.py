@@ -68,7 +68,9 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
         **extra,
         **rebuild,
         "scenec:sampler": json.dumps(sampler),
-        "scenec:loras": json.dumps([{"name": lo.name, "sha256": lo.sha256, "scale": lo.scale, "format": lo.format}
+        # `text_encoder` only where its text-encoder layers acted (other images keep their bytes)
+        "scenec:loras": json.dumps([{"name": lo.name, "sha256": lo.sha256, "scale": lo.scale, "format": lo.format,
+                                     **({"text_encoder": True} if lo.text_encoder else {})}
                                     for lo in doc.model.lora]),
         "scenec:device": str(backend.device),
         "scenec:dtype": str(backend.dtype).replace("torch.", ""),

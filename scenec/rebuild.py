@@ -88,7 +88,8 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     for lo in r.get("loras") or []:
         if isinstance(lo, dict):
             digest = str(lo.get("sha256"))[:12]
-            row("lora", f"{lo.get('name')} ×{lo.get('scale')} ({lo.get('format')}, sha256 {digest}…)")
+            te = ", text encoders too" if lo.get("text_encoder") else ""
+            row("lora", f"{lo.get('name')} ×{lo.get('scale')} ({lo.get('format')}{te}, sha256 {digest}…)")
     for f, digest in (r.get("files") or {}).items():
         row("file", f"{f} (sha256 {str(digest)[:12]}…)")
     row("job_hash", r.get("job_hash"))

@@ -138,3 +138,104 @@ def test_a_local_controlnet_directory_is_loaded_and_in_the_cache_key(tmp_path, b
     w = next(cn.glob("*.safetensors"))
     w.write_bytes(w.read_bytes()[:-8] + bytes(8))  # the ControlNet's weights changed: its images rebuild
     assert job_identity({}, job, "content") != before
+
+
+def test_a_controlnet_for_another_base_model_fails_in_one_sentence(tmp_path, backends):
+    """An SDXL ControlNet on an SD model (was a TypeError inside diffusers' ControlNet forward)."""
+    from scenec.runtime.methods.control import tiny_controlnet
+    from scenec.spec.errors import ModelUnavailable
+
+    cn = tmp_path / "xl" / "cn"
+    tiny_controlnet(backends["tiny-sdxl"].unet).save_pretrained(cn, safe_serialization=True)
+    with pytest.raises(ModelUnavailable, match="is not for tiny-sd: its text width"):
+        build(tmp_path, backends, "xl", control=control().replace("edges.png,", "edges.png, model: cn,"))
+
+
+def test_a_window_covering_no_step_is_a_warning(tmp_path):
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="tiny-sd", entities="", control=control(1.0, "[0.5, 0.45]")))
+    _, diags = validate_file(p)
+    warn = [d for d in diags if "covers no sampler step" in d.message]
+    assert len(warn) == 1 and warn[0].severity == "warning" and warn[0].pos.line == 7
+
+
+def test_a_hub_controlnet_from_the_cache_needs_safetensors(tmp_path, backends, monkeypatch):
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    snap = tmp_path / "hub" / "models--org--cn" / "snapshots" / "abc"
+    tiny_controlnet(backends["tiny-sd"].unet).save_pretrained(snap, safe_serialization=True)
+    (tmp_path / "hub" / "models--org--cn" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cn" / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="tiny-sd", entities="", control=control().replace("edges.png,",
+                                                                                      "edges.png, model: org/cn,")))
+    _, diags = validate_file(p)
+    assert not [d for d in diags if d.severity == "error"]
+    for w in snap.glob("*.safetensors"):
+        w.rename(w.with_suffix(".bin"))
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 7 and "no .safetensors" in errs[0].message
+
+
+def test_a_pooled_condition_controlnet_runs_as_diffusers_guess_mode(tmp_path, backends):
+    """A ControlNet with ``global_pool_conditions`` (e.g. lllyasviel's shuffle): diffusers' pipeline runs it in
+    guess mode, on the conditional branch only (zeros on the unconditional one); so do we."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    be = backends["tiny-sd"]
+    net = tiny_controlnet(be.unet)
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "pool" / "cn", safe_serialization=True)
+    plan, ours = build(tmp_path, backends, "pool", control=control(0.7).replace("edges.png,", "edges.png, model: cn,"))
+    net = load_controlnet(be, plan.jobs[0].controls[0].model)
+    p = be.pipe
+    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, net, p.scheduler, None, None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "pool" / "edges.png"), negative_prompt="blurry",
+               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance("tiny-sd"),
+               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    assert float((ours - ref).abs().max()) <= 1e-5
+
+
+def test_the_tiny_controlnet_reads_its_image(tmp_path, backends):
+    """The built-in ControlNet acts through its control image (its image encoder's last convolution is not left
+    at zero), so the pipeline comparisons above check the image's preprocessing too."""
+    _, ours = build(tmp_path, backends, "edges", control=control())
+    d = tmp_path / "blank"
+    d.mkdir()
+    (d / "s.yaml").write_text(SCENE.format(model="tiny-sd", entities="", control=control()), encoding="utf-8")
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(d / "edges.png")
+    plan = compile_scene(d / "s.yaml")
+    blank = run_job(backends["tiny-sd"], plan, plan.jobs[0], decode=False).latents
+    assert float((ours - blank).abs().max()) > 1e-2
+
+
+def test_a_changed_controlnet_directory_is_read_again(tmp_path, backends):
+    """A backend kept across builds (tune, the Python API) does not serve a ControlNet's old weights."""
+    import os
+
+    from scenec.runtime.methods.control import tiny_controlnet
+
+    be = backends["tiny-sd"]
+    cn = tmp_path / "cn"
+    net = tiny_controlnet(be.unet)
+    net.save_pretrained(cn, safe_serialization=True)
+    first = load_controlnet(be, str(cn))
+    with torch.no_grad():
+        net.controlnet_mid_block.weight.mul_(2.0)
+    net.save_pretrained(cn, safe_serialization=True)
+    w = next(cn.glob("*.safetensors"))
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # a later mtime even on coarse clocks
+    again = load_controlnet(be, str(cn))
+    assert again is not first
+    torch.testing.assert_close(again.controlnet_mid_block.weight, 2 * first.controlnet_mid_block.weight)
+    assert load_controlnet(be, str(cn)) is again  # unchanged: kept

@@ -129,3 +129,46 @@ def test_the_compiler_asks_for_text_layers_only_where_they_act(tmp_path):
     p.write_text(SCENE.format(model_lora=whole.replace("te.safetensors", "unet.safetensors"), entity_lora="")
                  .replace("model: tiny-sd\n", ""))
     assert "text_encoder" not in compile_scene(p).json["model"]["lora"][0]  # its plan and hash as before
+
+
+def test_a_lora_with_only_text_encoder_layers(tmp_path):
+    """A LoRA with text-encoder layers only acts through them as a whole-image LoRA (diffusers loads it too);
+    as an entity's LoRA nothing of it would act: a located error, not a failure at run time."""
+    from scenec.compiler import compile_scene
+    from scenec.compiler.check import validate_file
+
+    be = tiny_sd_backend()
+    path = tmp_path / "te.safetensors"
+    save_file(kohya("t", te_pairs(be.pipe.text_encoder, 0, 2), "lora_te"), str(path))
+    entry = {**lora_entry(path, 0.8, "kohya"), "text_encoder": True}
+    ours = latents(be, sd_plan(steps=STEPS, prompt="a red fox", edit=lambda d, t: with_lora(d, [entry])))
+    ref = reference("sd", path, 0.8, sd_plan(steps=STEPS, prompt="a red fox"))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=5e-5)
+    assert (ours - latents(be, sd_plan(steps=STEPS, prompt="a red fox"))).abs().max() > 1e-3
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model_lora="", entity_lora="    lora: [{file: te.safetensors}]\n"))
+    _, diags = validate_file(p)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 9 and "only text-encoder layers" in errs[0].message
+    whole = "model: {id: tiny-sd, lora: [{file: te.safetensors}]}\n"
+    p.write_text(SCENE.format(model_lora=whole, entity_lora="").replace("model: tiny-sd\n", ""))
+    assert compile_scene(p).json["model"]["lora"][0]["text_encoder"] is True
+
+
+def test_show_says_when_a_loras_text_encoder_layers_acted(tmp_path):
+    """The image's metadata marks a LoRA whose text-encoder layers acted (absent otherwise: other images keep
+    their bytes), and `scenec show` says so."""
+    import json
+
+    from scenec.rebuild import describe
+    from scenec.runtime.outputs import metadata
+
+    be = tiny_sd_backend()
+    path = tmp_path / "te.safetensors"
+    save_file(kohya("t", te_pairs(be.pipe.text_encoder, 0, 2), "lora_te"), str(path))
+    for te in (True, False):
+        entry = {**lora_entry(path, 0.8, "kohya"), **({"text_encoder": True} if te else {})}
+        plan = sd_plan(steps=STEPS, prompt="a red fox", edit=lambda d, t: with_lora(d, [entry]))
+        meta = metadata(plan, plan.jobs[0], be)
+        assert ("text_encoder" in json.loads(meta["scenec:loras"])[0]) is te
+        assert ("text encoders too" in describe("x.png", meta)) is te

@@ -12,6 +12,7 @@ prompt, so a job reproduces the ControlNet pipeline (tests/test_controlnet.py).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -26,7 +27,9 @@ KEPT = 4  # ControlNets kept loaded per backend (least recently used first out)
 
 def tiny_controlnet(unet) -> torch.nn.Module:
     """The tiny models' ControlNet: diffusers' ``ControlNetModel.from_unet`` (the UNet's encoder copied), its zero
-    convolutions given small seeded random weights instead, so that a tiny control visibly acts."""
+    convolutions and its control image encoder (``controlnet_cond_embedding``, whose last convolution is zero too,
+    the rest drawn from the global random state) given small seeded random weights instead, so that a tiny control
+    visibly acts, through its image."""
     from diffusers import ControlNetModel
 
     net = ControlNetModel.from_unet(unet)
@@ -34,14 +37,20 @@ def tiny_controlnet(unet) -> torch.nn.Module:
     for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
         for p in conv.parameters():
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for p in net.controlnet_cond_embedding.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return net
 
 
 def load_controlnet(backend, model: str | None) -> torch.nn.Module:
     """The backend's ControlNet for a plan control's ``model`` (a directory; None: the tiny built-in), loaded
-    once (safetensors only), frozen, on the backend's device and dtype."""
+    once (safetensors only), frozen, on the backend's device and dtype; read again when its files changed (a
+    backend kept across builds: ``scenec tune``, the Python API), as visual prompts' encoders are."""
     loaded = backend.__dict__.setdefault("controlnets", OrderedDict())
-    if model not in loaded:
+    key = (model, _files_stamp(model))
+    if key not in loaded:
+        for old in [k for k in loaded if k[0] == model]:
+            del loaded[old]  # the same directory before its files changed
         if model is None:
             if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl"):
                 raise PlanError("a control without `model`: only the tiny models build a ControlNet in code")
@@ -54,15 +63,39 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             except (OSError, ValueError) as e:
                 raise ModelUnavailable(f"ControlNet {model}: cannot load it ({type(e).__name__}: "
                                        f"{str(e).splitlines()[0][:200]})") from None
+            why = misfit(net, backend.unet)
+            if why:
+                raise ModelUnavailable(f"ControlNet {model} is not for {getattr(backend, 'model_id', 'this model')}: "
+                                       f"{why}")
         net.requires_grad_(False)  # visual.refine takes gradients through the UNet call, not into the ControlNet
         net.to(backend.device)
         if net.dtype != backend.dtype:
             net.to(dtype=backend.dtype)
-        loaded[model] = net.eval()
+        loaded[key] = net.eval()
         while len(loaded) > KEPT:
             loaded.popitem(last=False)
-    loaded.move_to_end(model)
-    return loaded[model]
+    loaded.move_to_end(key)
+    return loaded[key]
+
+
+def _files_stamp(path: str | None) -> tuple | None:
+    """A directory's files' (name, mtime, size), or None: what tells a loaded ControlNet from one changed since."""
+    if path is None or not os.path.isdir(path):
+        return None
+    out = []
+    for e in sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name):
+        st = os.stat(e.path)
+        out.append((e.name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def misfit(net, unet) -> str | None:
+    """Why a ControlNet cannot condition ``unet`` (made for another base model: SD 1.x, SD 2.x, SDXL), or None."""
+    for key, what in (("cross_attention_dim", "text width"), ("addition_embed_type", "added conditioning")):
+        a, b = net.config.get(key), unet.config.get(key)
+        if a != b:
+            return f"its {what} (`{key}`) is {a}, the model's {b}"
+    return None
 
 
 class ControlNet(Method):
@@ -93,8 +126,37 @@ class ControlNet(Method):
         extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
         down = mid = None
         for c, net, img in acting:
-            d, m = net(x, t, encoder_hidden_states=text, controlnet_cond=img.expand(x.shape[0], -1, -1, -1),
-                       conditioning_scale=float(c.scale), guess_mode=False, return_dict=False, **extra)
+            rows = None
+            if net.config.get("global_pool_conditions", False) and any(call.negatives):
+                # diffusers runs a pooled-condition ControlNet (e.g. shuffle) in guess mode: on the conditional
+                # rows only, zeros on the unconditional ones
+                rows = [i for i, neg in enumerate(call.negatives) if not neg]
+                if not rows:
+                    continue
+            d, m = _residuals(net, x, t, text, extra, img, float(c.scale), rows)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
+        if down is None:
+            return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _residuals(net, x, t, text, extra: dict, img, scale: float, rows: list[int] | None):
+    """``net``'s residuals on every row of ``x``, or on ``rows`` only (zeros on the others)."""
+    if rows is None:
+        return net(x, t, encoder_hidden_states=text, controlnet_cond=img.expand(x.shape[0], -1, -1, -1),
+                   conditioning_scale=scale, guess_mode=False, return_dict=False, **extra)
+    idx = torch.tensor(rows, device=x.device)
+    if torch.is_tensor(t) and t.ndim and t.shape[0] == x.shape[0]:
+        t = t[idx]
+    if extra:
+        extra = {"added_cond_kwargs": {k: v[idx] for k, v in extra["added_cond_kwargs"].items()}}
+    d, m = net(x[idx], t, encoder_hidden_states=text[idx], controlnet_cond=img.expand(len(rows), -1, -1, -1),
+               conditioning_scale=scale, guess_mode=True, return_dict=False, **extra)
+
+    def full(r):
+        out = r.new_zeros((x.shape[0], *r.shape[1:]))
+        out[idx] = r
+        return out
+
+    return [full(r) for r in d], full(m)
