@@ -96,8 +96,6 @@ def lower_controls(ir, tensors: dict) -> list[Control]:
 
     from scenec.spec.fsio import sha256_file
 
-    from .levels import level_index, noise_levels
-
     out = []
     table = None
     w, h = ir.canvas
