@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,30 @@ def png_bytes(image, text: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def _scenec_made(path: Path) -> bool:
+    """Whether ``path`` carries scenec's marks: a PNG with scenec's text chunks, or a sidecar (JSON with an
+    image digest and scenec's keys)."""
+    try:
+        if path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return any(k.startswith("scenec:") for k in getattr(im, "text", {}))
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(doc, dict) and "sha256" in doc and any(k.startswith("scenec:") for k in doc)
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def foreign(img: Path, side: Path) -> Path | None:
+    """An output's image or sidecar path holding a file scenec did not write, or None. Either file carrying
+    scenec's marks vouches for the pair (a damaged image beside its sidecar is scenec's to rebuild)."""
+    there = [p for p in (img, side) if p.exists()]
+    if not there or any(_scenec_made(p) for p in there):
+        return None
+    return there[0]
 
 
 def _safe_stem(out_dir: Path, name: str) -> Path:
@@ -165,6 +190,10 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
         return {**base, "status": "failed", "error": str(e)}
     img_path = path = stem.with_name(stem.name + ".png")
     side_path = stem.with_name(stem.name + ".json")
+    theirs = foreign(img_path, side_path)
+    if theirs is not None:  # nothing is lost: a file scenec did not make is never replaced
+        return {**base, "status": "failed", "error": f"{theirs} exists and was not written by scenec; move it "
+                "away or pick another output.name / -o (scenec never replaces a file it did not make)"}
     try:
         data = png_bytes(r.image, meta)
         atomic_write(img_path, data)

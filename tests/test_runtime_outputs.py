@@ -55,3 +55,22 @@ def test_failed_job_does_not_stop_the_others(backend, tmp_path):
 def test_unsafe_output_name(backend, tmp_path):
     plan = make_plan(edit=lambda doc, tensors: doc["jobs"][0].update(name="../escape"))
     assert execute(plan, backend, tmp_path)[0]["status"] == "failed"
+
+
+def test_a_file_scenec_did_not_write_is_never_replaced(backend, tmp_path):
+    """Nothing is lost: a user's own image (or JSON) at an output path fails that job, the file untouched; an
+    image scenec wrote there before is replaced as usual."""
+    plan = make_plan(seeds=[1, 2])
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "test-1.png")  # the user's, no scenec metadata
+    (tmp_path / "test-2.json").write_text('{"mine": true}')
+    before = (tmp_path / "test-1.png").read_bytes()
+    res = execute(plan, backend, tmp_path)
+    assert [r["status"] for r in res] == ["failed", "failed"]
+    assert "test-1.png exists and was not written by scenec" in res[0]["error"]
+    assert "test-2.json exists and was not written by scenec" in res[1]["error"]
+    assert (tmp_path / "test-1.png").read_bytes() == before and not (tmp_path / "test-2.png").exists()
+    (tmp_path / "test-1.png").unlink()
+    (tmp_path / "test-2.json").unlink()
+    assert [r["status"] for r in execute(plan, backend, tmp_path)] == ["built", "built"]
+    again = make_plan(seeds=[1, 2], prompt="another prompt")
+    assert [r["status"] for r in execute(again, backend, tmp_path)] == ["built", "built"]  # ours: replaced
