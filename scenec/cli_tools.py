@@ -157,8 +157,10 @@ def split(file: Path = typer.Argument(..., help="text file: one full prompt per 
 
         out.parent.mkdir(parents=True, exist_ok=True)
         schema = write_schema_for(out)  # the modeline points at a file that exists: editors need no server
-        out.write_text(scene_text(res, model=model, width=width, height=height, group=group, source=file.name,
-                                  schema=schema), encoding="utf-8")
+        from scenec.spec.fsio import atomic_write
+
+        atomic_write(out, scene_text(res, model=model, width=width, height=height, group=group, source=file.name,
+                                     schema=schema).encode("utf-8"))  # an interrupted split leaves no half scene
     except OSError as e:
         path_error(e)
     print(f"wrote {out}: background {res.background!r}, {len(res.entities)} variants; next: scenec validate {out}",
