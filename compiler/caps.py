@@ -71,7 +71,7 @@ PIPELINE_FAMILIES = {"FluxPipeline": FLUX, "StableDiffusionPipeline": SD, "Stabl
 class ModelInfo:
     spec: str  # what the user wrote
     family: Family
-    source: str  # "alias" | "local" | "hub"
+    source: str  # "alias" | "local" | "hub" | "unknown" (a spec no family was found for: the default stands in)
     repo: str | None  # hub id or local directory the runtime loads
     steps: int
     guidance: float

@@ -40,9 +40,11 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     steps = sc.sampler.steps or info.steps
     entity_ids = _check_entities(ls, diags)
     _check_groups(ls, entity_ids, diags)
-    _check_canvas(ls, info, diags)
-    check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
-    check_solver(ls, info, diags)  # sampler.solver (compiler/solvers.py)
+    known = info.source != "unknown"  # an unknown model is one error (compiler/resolve.py), not its family's too
+    if known:
+        _check_canvas(ls, info, diags)
+        check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
+        check_solver(ls, info, diags)  # sampler.solver (compiler/solvers.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)
@@ -55,7 +57,8 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     _check_includes(ls, diags)
     from .advice import check_advice
 
-    check_advice(ls, info, diags)  # negatives that cannot act, prompts cut short (compiler/advice.py)
+    if known:
+        check_advice(ls, info, diags)  # negatives that cannot act, prompts cut short (compiler/advice.py)
     from .matrix import check_matrix
 
     check_matrix(ls, diags)  # matrix keys and {placeholders} in prompts (compiler/matrix.py)

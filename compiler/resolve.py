@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from scenec.spec.diagnostics import Diagnostics, Pos, display_path
 from scenec.spec.load import LoadedScene
@@ -39,7 +40,9 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
             Pos(toml, project_key_line(ls.root, "default_model")) if override is None else \
             Pos(f"--model {spec}", 0, 0)
         diags.error(where, str(e))
-        return spec, model_info(None)
+        # the default's geometry stands in so the other checks run; "unknown" tells the checks that depend on
+        # the family to stay quiet (a canvas multiple or a method of a model nobody asked for is no news)
+        return spec, replace(model_info(None), spec=str(spec), source="unknown")
 
 
 def render_name(template: str, values: dict, dedupe: bool = False) -> str:

@@ -504,3 +504,17 @@ def test_an_output_dir_that_is_a_file_is_a_located_warning(tmp_path):
     assert (w.pos.line, w.pos.col) == (4, 15) and "is a file, not a directory" in w.message
     p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: x}\noutput: {dir: renders}\n")
     assert not validate_file(p)[1].warnings  # a directory still to be made is fine
+
+
+def test_an_unknown_model_is_one_error_not_its_stand_in_familys_too(tmp_path):
+    """`model: nope` said so, and then what flux-dev (the stand-in) would refuse: a canvas not a multiple of
+    16, `solver: ddim` not a Flux solver, negatives that cannot act on Flux. Only the model's error now."""
+    p = tmp_path / "s.yaml"
+    p.write_text("scenec: 1\nmodel: nope\ncanvas: {width: 200, height: 200}\nsampler: {solver: ddim}\n"
+                 "background: {prompt: x, negative: y}\n"
+                 "entities:\n  - {id: a, prompt: a, shape: {box: [0.1, 0.1, 0.5, 0.5]}}\n")
+    _, d = validate_file(p)
+    assert [(x.pos.line, x.severity) for x in d] == [(2, "error")] and "`nope` is no alias" in d.errors[0].message
+    p.write_text(p.read_text().replace("model: nope", "model: flux-dev"))
+    _, d = validate_file(p)
+    assert len(d.errors) >= 2  # the same scene on a known model: its family's errors are real
