@@ -54,7 +54,12 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
         if model is None:
             if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl"):
                 raise PlanError("a control without `model`: only the tiny models build a ControlNet in code")
-            net = tiny_controlnet(backend.unet)
+            # from a fresh tiny UNet (the same deterministic weights): the backend's may be offloaded or quantised
+            if backend.model_id == "tiny-sd":
+                from ..tiny_sd import build_tiny_sd as build
+            else:
+                from ..tiny_sdxl import build_tiny_sdxl as build
+            net = tiny_controlnet(build()["unet"])
         else:
             from diffusers import ControlNetModel
 
