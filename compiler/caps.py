@@ -125,7 +125,7 @@ def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
         close = did_you_mean(spec, ALIASES)
         raise UnknownModel(f"`{spec}` is no alias, local diffusers directory or hub id (ORG/NAME)"
                            + (f": {close}" if close else "; aliases: " + ", ".join(ALIASES)))
-    index = _cached_model_index(spec)
+    index = cached_hub_file(spec, "model_index.json")
     if index is None:
         raise UnknownModel(f"the model family of `{spec}` is unknown until its weights are here: `hf download "
                            f"{spec}` (after `hf auth login` if it is gated), or point it at a local diffusers "
@@ -146,17 +146,16 @@ def _with_family(spec: str, source: str, repo: str, index: Path) -> ModelInfo:
     return ModelInfo(spec, fam, source, repo, d.steps, d.guidance, d.max_sequence_length)
 
 
-def _cached_model_index(repo: str) -> Path | None:
-    """A hub model's ``model_index.json`` from the local Hugging Face cache, if it is there (no network)."""
+def cached_hub_file(repo: str, filename: str) -> Path | None:
+    """A hub repository's file from the local Hugging Face cache, if it is there: the compiler never downloads
+    (model indexes, scheduler configs, LoRAs, ControlNets); None for anything else, a malformed id included."""
     if repo.count("/") != 1:
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        hit = try_to_load_from_cache(repo, "model_index.json")
-    except ValueError:  # not a valid repo id
+
+        hit = try_to_load_from_cache(repo, filename)
+    except (ImportError, ValueError):  # ValueError: not a valid repo id
         return None
     return Path(hit) if isinstance(hit, str) else None
 

@@ -20,7 +20,7 @@ from scenec.spec.load import LoadedScene
 from scenec.spec.paths import PathProblem
 from scenec.spec.plan_control import Control
 
-from .caps import ModelInfo
+from .caps import ModelInfo, cached_hub_file
 from .files import open_image
 from .levels import level_index, noise_levels, window_ok
 from .visual import builtin_adapter
@@ -41,29 +41,16 @@ def control_model(ls: LoadedScene, path: tuple, spec: str) -> tuple[str | None, 
             return None, f"`{spec}` has no .safetensors weights (scenec loads safetensors only)"
         return str(local.resolve()), None
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        hit = _cached(spec)
+        hit = cached_hub_file(spec, "config.json")
         if hit is not None:
+            note_input(hit)
+            hit = str(hit.parent)
             if not any(Path(hit).glob("*.safetensors")):
                 return None, f"ControlNet `{spec}` has no .safetensors weights in the Hugging Face cache (scenec " \
                     "loads safetensors only)"
             return hit, None
         return None, f"ControlNet `{spec}` is not downloaded: `hf download {spec}` (or give a local directory)"
     return None, f"`{spec}` is no directory under the project and no hub id (ORG/NAME)"
-
-
-def _cached(repo: str) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        hit = try_to_load_from_cache(repo, "config.json")
-    except ValueError:
-        return None
-    if not isinstance(hit, str):
-        return None
-    note_input(hit)
-    return str(Path(hit).parent)
 
 
 def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: int | None = None) -> None:

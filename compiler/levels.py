@@ -27,6 +27,8 @@ import numpy as np
 
 from scenec.spec.fsio import note_input
 
+from .caps import cached_hub_file
+
 # FLUX.1-dev's scheduler (the offline `tiny` uses it too); FLUX.1-schnell does not shift
 FLOW_DEV = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
             "base_image_seq_len": 256, "max_image_seq_len": 4096}
@@ -106,7 +108,7 @@ def scheduler_config(info) -> dict:
         path = Path(info.repo) / "scheduler" / "scheduler_config.json"
         note_input(path)
     elif info.source == "hub" and info.repo:
-        path = _cached(info.repo)
+        path = cached_hub_file(info.repo, "scheduler/scheduler_config.json")
         if path is not None:
             note_input(path)
     return {**default, **_read(path)} if path is not None else dict(default)
@@ -121,13 +123,3 @@ def _read(path: Path) -> dict:
     return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
 
 
-def _cached(repo: str) -> Path | None:
-    if repo.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo, "scheduler/scheduler_config.json")
-    except (ImportError, ValueError):
-        return None
-    return Path(hit) if isinstance(hit, str) else None

@@ -24,6 +24,8 @@ from scenec.spec.diagnostics import Diagnostics, Pos, display_path
 from scenec.spec.fsio import note_input, sha256_file
 from scenec.spec.plan import Lora
 
+from .caps import cached_hub_file
+
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights
 EXAMPLE_KEYS = 3  # unknown keys named in a message
 
@@ -367,7 +369,9 @@ def resolve(ls, asked: Asked, family: str, diags: Diagnostics, whole_image: bool
         name = lo.file
     else:
         weight = lo.weight_name or DEFAULT_WEIGHT_NAME
-        path = _cached_hub_file(lo.repo, weight)
+        path = cached_hub_file(lo.repo, weight)
+        if path is not None:
+            note_input(path)
         name = f"{lo.repo}/{weight}"
         if path is None:
             diags.error(asked.file_pos, f"LoRA `{name}` is not downloaded", hint=f"hf download {lo.repo} {weight}")
@@ -427,20 +431,6 @@ def _resolve_file(ls, asked: Asked, diags: Diagnostics) -> Path | None:
                     hint=f"looked for {p}")
         return None
     return p
-
-
-def _cached_hub_file(repo: str, weight: str) -> Path | None:
-    """A hub repository's file from the local Hugging Face cache (never downloaded at compile time)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo, weight)
-    except (ImportError, ValueError):
-        return None
-    if isinstance(hit, str):
-        note_input(hit)
-        return Path(hit)
-    return None
 
 
 def check_loras(ls, family: str, diags: Diagnostics, model_override: str | None = None,
