@@ -6,6 +6,7 @@ background, a style, a negative), so encodings are kept across scenes, bounded i
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 TEXT_CACHE_ENTRIES = 128  # Flux: a 512-token T5 sequence in bf16 is 4 MiB, so at most ~0.5 GiB
@@ -38,3 +39,22 @@ class TextCache(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.limit:
             self.popitem(last=False)
+
+
+def file_stamp(path: str | None) -> tuple | None:
+    """A file's (mtime, size), or None: what tells a loaded adapter or model from a file changed since."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def dir_stamp(path: str | None) -> tuple | None:
+    """A directory's files' (name, mtime, size), or None (no directory): image encoders, ControlNets."""
+    if path is None or not os.path.isdir(path):
+        return None
+    files = sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name)
+    return tuple((e.name, *(file_stamp(e.path) or ())) for e in files)

@@ -12,7 +12,6 @@ prompt, so a job reproduces the ControlNet pipeline (tests/test_controlnet.py).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 
 from scenec.spec.errors import ModelUnavailable, PlanError
 
+from ..cache import dir_stamp
 from .base import Method
 
 KEPT = 4  # ControlNets kept loaded per backend (least recently used first out)
@@ -47,7 +47,7 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
     once (safetensors only), frozen, on the backend's device and dtype; read again when its files changed (a
     backend kept across builds: ``scenec tune``, the Python API), as visual prompts' encoders are."""
     loaded = backend.__dict__.setdefault("controlnets", OrderedDict())
-    key = (model, _files_stamp(model))
+    key = (model, dir_stamp(model))
     if key not in loaded:
         for old in [k for k in loaded if k[0] == model]:
             del loaded[old]  # the same directory before its files changed
@@ -81,17 +81,6 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             loaded.popitem(last=False)
     loaded.move_to_end(key)
     return loaded[key]
-
-
-def _files_stamp(path: str | None) -> tuple | None:
-    """A directory's files' (name, mtime, size), or None: what tells a loaded ControlNet from one changed since."""
-    if path is None or not os.path.isdir(path):
-        return None
-    out = []
-    for e in sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name):
-        st = os.stat(e.path)
-        out.append((e.name, st.st_mtime_ns, st.st_size))
-    return tuple(out)
 
 
 def misfit(net, unet) -> str | None:

@@ -40,6 +40,7 @@ from torch import nn
 
 from scenec.spec.errors import PlanError
 
+from ..cache import dir_stamp, file_stamp
 from ..layout import region_membership
 from .base import Method
 from .ip_adapter import layer_key, load_ip
@@ -237,7 +238,7 @@ class VisualPrompts(Method):
         enc_dtype = be.dtype if be.device.type == "cuda" else torch.float32
         for vp in run.job.visuals:
             # a changed file (the adapter, or its image encoder's) is read again
-            key = (vp.mode, vp.adapter_sha256, vp.adapter, _stamp(vp.adapter), _dir_stamp(vp.encoder))
+            key = (vp.mode, vp.adapter_sha256, vp.adapter, file_stamp(vp.adapter), dir_stamp(vp.encoder))
             if key not in loaded:
                 for old in [k for k in loaded if k[2] == vp.adapter and k[0] == vp.mode]:
                     del loaded[old]  # the same file before it changed
@@ -325,27 +326,6 @@ def coupled_weight(job, call) -> float:
     """The entity stream's weight in a call: θ in a coupled job (arXiv 2506.06826; 0 before its θ rises),
     else 1."""
     return min(1.0, float(call.theta or 0.0)) if job.coupled else 1.0
-
-
-def _dir_stamp(path: str | None) -> tuple | None:
-    """A directory's files' (name, mtime, size), or None."""
-    if path is None or not os.path.isdir(path):
-        return None
-    files = sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name)
-    return tuple((e.name, *(_stamp(e.path) or ())) for e in files)
-
-
-def _stamp(path: str | None) -> tuple | None:
-    """A file's (mtime, size), or None: what tells a cached adapter from a file changed since."""
-    import os
-
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 def negative_pixels(adapter, proc, pix: torch.Tensor, rgb: np.ndarray) -> torch.Tensor:
