@@ -78,23 +78,22 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:
-    """The scene's controls for a job: images at canvas size (RGB, Lanczos, uint8) and step windows."""
+    """The scene's controls, the same for every job (lowered once per plan): images at canvas size (RGB,
+    Lanczos, uint8) and step windows."""
     from PIL import Image
 
     from scenec.spec.fsio import sha256_file
 
     out = []
-    table = None
+    table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver)
     w, h = ir.canvas
     for i, c in enumerate(ir.scene.scene.control):
         path = ("control", i)
         p = ir.scene.resolve(path + ("image",), c.image)
         name = f"control/{i}/image"
-        if name not in tensors:
-            with Image.open(p) as im:
-                tensors[name] = np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS), np.uint8)
+        with Image.open(p) as im:
+            tensors[name] = np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS), np.uint8)
         model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
-        table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver) if table is None else table
         out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
                            window=(level_index(c.window[0], table), level_index(c.window[1], table))))
     return out

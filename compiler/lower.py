@@ -116,6 +116,8 @@ def lower(ir: IR) -> CompiledPlan:
 
         init_level = img2img_start(ir.steps, sc.background.strength)
 
+    # ControlNets act on the whole image of every job: lowered once per plan (each image read and hashed once)
+    controls = lower_controls(ir, tensors) if sc.control else []
     jobs_json = []
     for job in ir.jobs():
         streams = ir.streams(job.id)
@@ -148,7 +150,6 @@ def lower(ir: IR) -> CompiledPlan:
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
         visuals = _lower_visuals(ir, streams, region_masks, tensors)
-        controls = lower_controls(ir, tensors) if ir.scene.scene.control else []
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line),
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
