@@ -168,6 +168,34 @@ def test_key_covers_model_identity_seed_and_version(tmp_path, monkeypatch):
     assert hub["id"] == "black-forest-labs/FLUX.1-dev" and "revision" in hub
 
 
+def test_runtime_code_change_makes_outputs_stale(project, monkeypatch, tmp_path_factory, request):
+    """A checkout's version string does not change with its code: the key holds the runtime's sources."""
+    import scenec.build.keys as keys
+
+    src = tmp_path_factory.mktemp("rt")
+    (src / "methods").mkdir()
+    (src / "solvers.py").write_text("x = 1\n")
+    (src / "methods" / "m.py").write_text("y = 1\n")
+    real = keys.find_spec
+
+    class Spec:
+        submodule_search_locations = [str(src)]
+
+    monkeypatch.setattr(keys, "find_spec", lambda name: Spec if name == "scenec.runtime" else real(name))
+    keys.runtime_code.cache_clear()
+    request.addfinalizer(keys.runtime_code.cache_clear)  # later tests see the real code's stamp
+    a = keys.runtime_code()
+    d, _ = project
+    run(["."], select=["alpha"])
+    assert {o["status"] for o in run(["."], dry_run=True, select=["alpha"])["outputs"]} == {"cached"}
+    (src / "methods" / "m.py").write_text("y = 2\n")  # a method's code changed
+    keys.runtime_code.cache_clear()
+    assert keys.runtime_code() != a
+    s = run(["."], dry_run=True, select=["alpha"])
+    assert {(o["state"], o["reason"]) for o in s["outputs"]} == \
+        {("changed", "scenec's runtime code changed (same version " + __import__("scenec").__version__ + ")")}
+
+
 def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):
     d, _ = project
     run(["."], select=["alpha"])

@@ -1,11 +1,14 @@
 """The cache key of an output (docs/batch.md, "The cache key"): sha256 of the job's ``job_hash``, the
-identity of the model's weights, the seed and the scenec version. No torch, no model load."""
+identity of the model's weights, the seed, the scenec version and its runtime's code. No torch, no
+model load."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
 
 from scenec.spec.fsio import sha256_file
@@ -75,9 +78,27 @@ def job_identity(identity: dict, job: dict, weights_hash: str = "stat", digests:
     return {**identity, "encoders": " ".join(digests[e] for e in encoders)}
 
 
+@cache
+def runtime_code() -> str:
+    """sha256 of every source file of ``scenec.runtime`` (its families and methods too), first 16 hex.
+
+    What a plan's images look like is the plan (its ``job_hash``), the weights, and this code: a
+    change to a solver or a method changes images without changing the version string of a checkout
+    (an editable install), so outputs built before it must count as stale. Located without importing
+    the runtime (no torch here); ~1 MB hashed once per process."""
+    spec = find_spec("scenec.runtime")
+    h = hashlib.sha256()
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        for p in sorted(Path(d).rglob("*.py")):
+            h.update(p.relative_to(d).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def cache_key(job_hash: str, identity: dict, seed: int) -> str:
-    """sha256 of (job_hash, model identity, seed, scenec version): canonical JSON."""
+    """sha256 of (job_hash, model identity, seed, scenec version, runtime code): canonical JSON."""
     from scenec import __version__
 
-    doc = {"job_hash": job_hash, "model": identity, "seed": seed, "scenec": __version__}
+    doc = {"job_hash": job_hash, "model": identity, "seed": seed, "scenec": __version__,
+           "runtime": runtime_code()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from scenec.spec.fsio import atomic_write, json_bytes, set_aside, sha256_file
 
+from .keys import runtime_code
+
 MANIFEST = "scenec-manifest.json"
 MANIFEST_FORMAT = "scenec-manifest/1"
 LOCK = ".scenec-manifest.lock"
@@ -59,6 +61,7 @@ class Stamp(_Loose):
     model: dict[str, str]
     seed: int
     scenec_version: str
+    runtime_code: str | None = None  # keys.runtime_code() of the build (absent in older manifests)
     has_entities: bool = False
     scene: SceneOf
 
@@ -198,7 +201,7 @@ def stamp(item) -> dict:
 
     job = item.job
     return {"key": item.key, "job_hash": job.get("job_hash", ""), "model": item.identity, "seed": job["seed"],
-            "scenec_version": __version__, "has_entities": bool(job.get("entities")),
+            "scenec_version": __version__, "runtime_code": runtime_code(), "has_entities": bool(job.get("entities")),
             "scene": {"name": item.plan.json["scene"]["name"], "file": _rel(item.scene_file.resolve(), item.out_dir),
                       "line": (job.get("source") or {}).get("line"), "job": job["id"], "group": job.get("group"),
                       "variant": job.get("variant"), "matrix": job.get("matrix")}}
@@ -248,6 +251,8 @@ def _what_changed(e: dict) -> str:
 
     if e.get("scenec_version") not in (None, __version__):
         return f"scenec version {e.get('scenec_version')} → {__version__}"
+    if e.get("runtime_code") != runtime_code():
+        return f"scenec's runtime code changed (same version {__version__})"
     return "job or model changed"
 
 
