@@ -305,3 +305,13 @@ def test_plans_carry_them_by_content_and_rebuild_from_the_resolved_scene(tmp_pat
     p.write_text("scenec: 1\nmodel: tiny-sd\ncanvas: {width: 128, height: 128}\n")
     m = compile_scene(p).json["model"]
     assert "embeddings" not in m and "clip_skip" not in m  # plans without them: as before
+
+
+def test_a_flux_plan_with_text_options_is_refused_by_the_runtime_too():
+    """The compiler refuses them on Flux at the key; a hand-made plan that has them fails in one line."""
+    from scenec.runtime.testing import make_plan, tiny_backend
+    from scenec.spec.errors import Unsupported
+
+    p = make_plan(steps=1, width=64, height=64, edit=lambda d, t: d["model"].update(clip_skip=1))
+    with pytest.raises(Unsupported, match="SD and SDXL models only"):
+        run_job(tiny_backend(), p, p.jobs[0], decode=False)
