@@ -68,6 +68,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
         geometry.check_geometry(ls, info.family, diags)
     except NotImplementedError:
         pass  # geometry is not written yet
+    from .text_options import check_text_options
+
+    check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (compiler/text_options.py)
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 

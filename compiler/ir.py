@@ -101,6 +101,8 @@ class IR:
     warnings: tuple[Diagnostic, ...] = ()  # check: the scene's warnings (errors stop the pipeline)
     loras: tuple = ()  # check: the whole image's LoRAs (spec.plan.Lora), in order
     entity_loras: dict[str, tuple] = field(default_factory=dict)  # check: entity id → its LoRAs
+    embeddings: tuple = ()  # check: textual inversions (spec.plan_text.Embedding)
+    clip_skip: int | None = None  # check: diffusers' clip_skip
     matrix: dict[str, dict[str, Any]] = field(default_factory=dict)  # expand: job id → its matrix values
     theta: dict[str, np.ndarray] = field(default_factory=dict)  # schedule: group id → θ per step (float64)
     shared_prefix: dict[str, int] = field(default_factory=dict)  # schedule: group id → shared θ = 0 steps

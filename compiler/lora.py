@@ -464,8 +464,12 @@ def identity(node: dict) -> dict:
     """A plan model or entity as its ``job_hash`` sees it: each LoRA by what affects images (digest, scale,
     format), not where its file is; without LoRAs, no ``lora`` key at all (the hash of a plan without
     LoRAs is what it was before plans had them)."""
+    from .text_options import identity as text_identity
+
     loras = node.get("lora") or []
     out = {k: v for k, v in node.items() if k != "lora"}
+    if node.get("embeddings"):  # by digest and token, as LoRAs by digest
+        out["embeddings"] = text_identity(node["embeddings"])
     if loras:
         out["lora"] = [{k: lo[k] for k in ("sha256", "scale", "format", "text_encoder") if k in lo} for lo in loras]
     return out

@@ -33,6 +33,10 @@ def p_check(ir: IR) -> IR:
     out = ir.evolve("check")
     out.warnings = tuple(diags.warnings)
     out.loras, out.entity_loras = tuple(glob), {k: tuple(v) for k, v in by_entity.items()}
+    from .text_options import check_text_options
+
+    embeddings, out.clip_skip = check_text_options(ir.scene, ir.info, Diagnostics(), ir.model_override)
+    out.embeddings = tuple(embeddings)
     return out
 
 

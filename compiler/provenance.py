@@ -33,9 +33,10 @@ def hub_file(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def resolved_scene(ls, model_spec: str | None, loras=()) -> tuple[str, dict[str, str]]:
+def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_skip=None) -> tuple[str, dict[str, str]]:
     """(canonical YAML of the scene, {path relative to the root: sha256}) for a loaded scene ``ls``
-    compiled with ``model_spec`` and the whole-image ``loras`` (``spec.plan.Lora``)."""
+    compiled with ``model_spec``, the whole-image ``loras`` (``spec.plan.Lora``), and the text options
+    (``spec.plan_text.Embedding``s, ``clip_skip``)."""
     root = Path(ls.root).resolve()
     data = ls.scene.model_dump(mode="json", exclude_unset=True)
     data.pop("include", None)
@@ -78,9 +79,18 @@ def resolved_scene(ls, model_spec: str | None, loras=()) -> tuple[str, dict[str,
                      Path(lo.path).resolve().is_relative_to(root) else {"file": rel(Path(lo.path)), "scale": lo.scale})
     if whole:
         model["lora"] = whole
+    embs = []
+    for e in embeddings:  # as LoRAs: a hub file as its repo, a project file by its path
+        hub = hub_file(Path(e.path))
+        embs.append({"repo": hub[0], "weight_name": hub[1], "token": e.token} if hub and not
+                    Path(e.path).resolve().is_relative_to(root) else {"file": rel(Path(e.path)), "token": e.token})
+    if embs:
+        model["embeddings"] = embs
+    if clip_skip:
+        model["clip_skip"] = clip_skip
     ordered = {"scenec": body.pop("scenec", 1), **({"name": body.pop("name")} if "name" in body else {})}
     if model:
-        ordered["model"] = model if "lora" in model else model["id"]
+        ordered["model"] = model if set(model) - {"id"} else model["id"]
     ordered.update(body)
     text = yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)
     return text, dict(sorted(files.items()))

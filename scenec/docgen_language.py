@@ -24,6 +24,7 @@ _BLOCK = re.compile(r"(<!-- generated:keys (?P<name>[a-z_-]+):[^\n]*-->\n)(?P<bo
 ANCHORS = {"Canvas": ("canvas", "#canvas"), "Sampler": ("sampler", "#sampler"),
            "Background": ("background", "#background"), "Entity": ("entity", "#entities"),
            "EntityDef": ("entity def", "#defs-use-and-include"), "Lora": ("LoRA", "#lora"),
+           "Embedding": ("embedding", "#embeddings-and-clip-skip"),
            "ModelSpec": ("model", "#model"), "Reference": ("reference", "#reference-one-way-diffusion"),
            "Modulation": ("modulation", "#reference-one-way-diffusion"),
            "Visual": ("visual", "#visual-object-level-visual-prompts"),
@@ -42,7 +43,7 @@ def blocks() -> dict[str, list[tuple[type, str]]]:
     return {
         "top-level": [(m.Scene, "")], "canvas": [(m.Canvas, "")], "model": [(m.ModelSpec, "")],
         "sampler": [(m.Sampler, "")], "background": [(m.Background, "")], "entities": [(m.Entity, "")],
-        "lora": [(m.Lora, "")],
+        "lora": [(m.Lora, "")], "embeddings": [(m.Embedding, "")],
         "shapes": [(s, "") for s in m.SHAPE_MODELS] + [(m.EllipseSpec, "ellipse.")],
         "reference": [(m.Reference, "")], "modulation": [(m.Modulation, "")],
         "visual": [(m.Visual, ""), (m.VisualRefine, "refine.")], "control": [(m.Control, "")],

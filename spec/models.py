@@ -21,6 +21,7 @@ from .models_parts import (
     Background,
     Canvas,
     Control,
+    Embedding,
     Lora,
     ModelSpec,
     Modulation,
@@ -63,7 +64,8 @@ __all__ = [
     "SCHEDULE_MODELS", "DEFAULT_SCHEDULE", "BoxShape", "PolygonShape", "EllipseSpec", "EllipseShape", "MaskShape",
     "UnionShape", "IntersectionShape", "DifferenceShape", "Shape", "StepSchedule", "RampSchedule", "ArctanSchedule",
     "ValuesSchedule", "FileSchedule", "Schedule", "Canvas", "Sampler", "Background", "Modulation", "Reference",
-    "Lora", "ModelSpec", "Visual", "VisualRefine", "EntityFields", "Entity", "EntityDef", "Variant", "Group", "Defs",
+    "Lora", "Embedding", "ModelSpec", "Visual", "VisualRefine", "EntityFields", "Entity", "EntityDef", "Variant",
+    "Group", "Defs",
     "Output", "Attention", "Scene", "Library", "SCENE_KEYS", "Node", "ShapeBase", "tagged",
 ]
 
@@ -155,8 +157,9 @@ class Scene(Node):
         None, description="the scene's name (`{scene}` in output names); default: the file's stem",
         examples=["meadow"])
     model: Annotated[str, Field(min_length=1)] | ModelSpec | None = Field(
-        None, description="a built-in alias, a model id or a local diffusers directory; or `{id, lora}` with "
-        "LoRAs. Default: `--model`, else scenec.toml's `default_model`, else flux-dev", examples=["flux-dev"])
+        None, description="a built-in alias, a model id or a local diffusers directory; or `{id, lora, "
+        "embeddings, clip_skip}` with LoRAs and text options. Default: `--model`, else scenec.toml's `default_model`, "
+        "else flux-dev", examples=["flux-dev"])
     canvas: Canvas = Field(description="image size in pixels", examples=[{"width": 1024, "height": 768}])
     sampler: Sampler = Field(default_factory=Sampler, description="steps, guidance, true CFG, seeds",
                              examples=[{"steps": 4, "seed": [1, 2]}])

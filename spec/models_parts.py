@@ -113,13 +113,43 @@ class Lora(Node):
         1.0, description="the delta's multiplier (times the file's alpha/rank); 0 = no LoRA, exactly", examples=[0.8])
 
 
+class Embedding(Node):
+    """A textual-inversion embedding (Gal et al. 2022, arXiv 2208.01618): new words for the text encoders, as
+    diffusers' ``load_textual_inversion`` and A1111 load them (docs/models.md, Embeddings). SD and SDXL."""
+
+    file: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a `.safetensors` embedding, relative to the file that names it, inside the project "
+        "root: one tensor `[vectors, width]` (SD), or `clip_l` and `clip_g` (SDXL); exactly one of `file` and "
+        "`repo`", examples=["embeddings/badhands.safetensors"])
+    repo: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a hub repository (`org/name`) holding it, read from the local Hugging Face cache "
+        "(`hf download REPO FILE` first; never downloaded by scenec)", examples=["someone/negative-embeddings"])
+    weight_name: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="the .safetensors file in `repo`; default `learned_embeds.safetensors` (diffusers')",
+        examples=["badhands.safetensors"])
+    token: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")] | None = Field(
+        None, description="the word prompts use for it (no spaces); a multi-vector embedding becomes that many "
+        "tokens wherever the word appears; default: the file's stem, as A1111 names it", examples=["badhands"])
+
+
 class ModelSpec(Node):
-    """A model with its LoRAs: ``model: {id: flux-dev, lora: [...]}``."""
+    """A model with its LoRAs and text options: ``model: {id: sd15, lora: [...], embeddings: [...], clip_skip: 1}``.
+
+    Embeddings and CLIP skip belong to the model, beside its LoRAs, because they change its text encoders for
+    every prompt of the scene (the background's, the entities', the negatives) and only fit the encoders they
+    were trained for: ``--model`` replaces them with the model."""
 
     id: Annotated[str, Field(min_length=1)] = Field(
         description="a built-in alias, a model id, or a local diffusers directory", examples=["flux-dev"])
     lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order",
                              examples=[[{"file": "loras/watercolor.safetensors", "scale": 0.8}]])
+    embeddings: Annotated[list[Embedding], Field(max_length=64)] = Field(
+        default_factory=list, description="textual-inversion embeddings whose tokens every prompt may use (SD, "
+        "SDXL)", examples=[[{"file": "embeddings/badhands.safetensors", "token": "badhands"}]])
+    clip_skip: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        None, description="CLIP skip as diffusers' `clip_skip`: the text is read this many layers before the "
+        "last (SD: through the final layer norm; SDXL: before the penultimate). A1111's \"Clip skip N\" is N − 1 "
+        "here; 0 = none. SD, SDXL; at most the text encoder's layers (SDXL: minus 1)", examples=[1])
 
 
 class VisualRefine(Node):

@@ -23,6 +23,7 @@ from .diagnostics import printable
 from .errors import PlanError, Unsupported
 from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
 from .plan_control import Control, check_control
+from .plan_text import Embedding, without_absent_text_options
 from .plan_visual import Visual, check_visual
 
 FORMAT = "scenec-plan/1"
@@ -171,6 +172,12 @@ class Model(_T):
     repo: str | None = None
     max_sequence_length: int | None = None
     lora: list[Lora] = []  # acting on the whole image, in order
+    embeddings: list[Embedding] = []  # textual inversions in the text encoders (spec/plan_text.py)
+    clip_skip: int | None = Field(None, ge=1)  # diffusers' clip_skip
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler):
+        return without_absent_text_options(handler(self))
 
 
 class Canvas(_T):

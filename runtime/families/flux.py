@@ -162,6 +162,8 @@ class FluxBackend:
     def cond(self, rows: list[tuple[object, TextSpec, bool]]) -> Cond:
         """The text of a call for each batch row: ``[global | entities… | pad]``, pooled vectors, layouts."""
         plan0 = rows[0][0]
+        if plan0.model.embeddings or plan0.model.clip_skip:  # the compiler refuses them on Flux
+            raise Unsupported("textual-inversion embeddings and clip_skip act on SD and SDXL models only")
         regional = any(spec.regional for _, spec, _ in rows)
         parts, pooled = [], []
         for plan, spec, negative in rows:

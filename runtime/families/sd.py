@@ -24,6 +24,7 @@ from ..cache import TextCache
 from ..finite import require_finite
 from ..memory import vae_tiling
 from ..solvers import DDIM, ddpm_solver
+from ..textual_inversion import TextOptions, check_layers, encode_skipped, hidden
 
 SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
 UNET_GRIDS = ("latent", "a16", "a32", "a64")
@@ -93,6 +94,9 @@ class SDBackend:
             procs[name] = p if site is None else SDProcessor(self.attn, site, p)
         self.unet.set_attn_processor(procs)
         self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
+        # the plan's embeddings and clip_skip (runtime/textual_inversion.py): part of every text cache key
+        self.text = TextOptions(pipe, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
+        self._text_key: tuple = ((), None)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -109,23 +113,35 @@ class SDBackend:
         return "image"
 
     # -- text ----------------------------------------------------------------------------------------
+    def use_text_options(self, plan) -> None:
+        """Load the plan's embeddings (unloading another plan's) and take its clip_skip for what is encoded next."""
+        model = plan.model
+        for _, te in self.text.pairs:
+            check_layers(getattr(self.pipe, te), model.clip_skip, self.family == "sdxl")
+        self._text_key = (self.text.use(model.embeddings), model.clip_skip)
+
     @torch.no_grad()
     def encode_global(self, text: str, negative: bool = False) -> torch.Tensor:
-        """CLIP last hidden state, padded to 77 tokens: exactly StableDiffusionPipeline.encode_prompt."""
-        key = ("global", text)
+        """CLIP last hidden state (or ``clip_skip`` layers before it), padded to 77 tokens: exactly
+        StableDiffusionPipeline.encode_prompt."""
+        key = ("global", text, self._text_key)
         if key not in self._cache:
-            self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0]
+            skip = self._text_key[1]
+            self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0] if skip is None else \
+                encode_skipped(self.pipe, text, skip, self.device)
         return self._cache[key]
 
     @torch.no_grad()
     def encode_entity(self, text: str) -> torch.Tensor:
-        """CLIP over the entity's real tokens only (with start/end tokens), no padding."""
-        key = ("entity", text)
+        """CLIP over the entity's real tokens only (with start/end tokens; a multi-vector embedding's word as its
+        tokens, ``maybe_convert_prompt``), no padding; ``clip_skip`` as the pipeline's."""
+        key = ("entity", text, self._text_key)
         if key not in self._cache:
             tok, te = self.pipe.tokenizer, self.pipe.text_encoder
-            ids = tok(text, padding=False, max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            self._cache[key] = te(ids.to(te.device))[0].to(dtype=self.dtype, device=self.device)
+            ids = tok(self.pipe.maybe_convert_prompt(text, tok), padding=False, max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids
+            out = hidden(te, ids.to(te.device), self._text_key[1], sdxl=False)
+            self._cache[key] = out.to(dtype=self.dtype, device=self.device)
         return self._cache[key]
 
     def pooled_of(self, text: str, negative: bool) -> torch.Tensor | None:
@@ -138,6 +154,7 @@ class SDBackend:
     def cond(self, rows: list[tuple[object, TextSpec, bool]]) -> Cond:
         """The keys of a call for each batch row: ``[global (77) | entities…]``, padded to the longest row."""
         plan0 = rows[0][0]
+        self.use_text_options(plan0)  # batch rows share the model section (runtime/batching.py)
         regional = any(spec.regional for _, spec, _ in rows)
         parts, pooled = [], []
         for plan, spec, negative in rows:

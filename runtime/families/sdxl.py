@@ -22,6 +22,7 @@ import torch
 from scenec.spec.errors import Unsupported
 
 from ..backend import Call, load_pipeline, mix_pooled
+from ..textual_inversion import hidden
 from .sd import SDBackend
 
 SDXL_ALIASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
@@ -37,10 +38,11 @@ class SDXLBackend(SDBackend):
 
     @torch.no_grad()
     def _encode(self, text: str, negative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("global", text, self._zero_negative(text, negative))
+        key = ("global", text, self._zero_negative(text, negative), self._text_key)
         if key not in self._cache:
             seq, _, pooled, _ = self.pipe.encode_prompt(prompt=text, device=self.device, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=False)
+                                                        do_classifier_free_guidance=False,
+                                                        clip_skip=self._text_key[1])
             if key[2]:
                 seq, pooled = torch.zeros_like(seq), torch.zeros_like(pooled)
             self._cache[key] = (seq, pooled)
@@ -55,15 +57,16 @@ class SDXLBackend(SDBackend):
 
     @torch.no_grad()
     def encode_entity(self, text: str) -> torch.Tensor:
-        """Both encoders over the entity's real tokens only (with start/end tokens), concatenated."""
-        key = ("entity", text)
+        """Both encoders over the entity's real tokens only (with start/end tokens; an embedding's word as its
+        tokens), concatenated; ``clip_skip`` as the pipeline's."""
+        key = ("entity", text, self._text_key)
         if key not in self._cache:
             seqs = []
             for tok, te in ((self.pipe.tokenizer, self.pipe.text_encoder),
                             (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):
-                ids = tok(text, padding=False, max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
-                seqs.append(te(ids.to(te.device), output_hidden_states=True).hidden_states[-2])
+                ids = tok(self.pipe.maybe_convert_prompt(text, tok), padding=False, max_length=tok.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+                seqs.append(hidden(te, ids.to(te.device), self._text_key[1], sdxl=True))
             if seqs[0].shape[1] != seqs[1].shape[1]:
                 raise Unsupported(f"the two text encoders split {text!r} into different token counts")
             self._cache[key] = torch.cat(seqs, -1).to(dtype=self.dtype, device=self.device)

@@ -135,7 +135,9 @@ class OneWay(Method):
                  "sampler": plan.sampler.model_dump(), "msl": plan.model.max_sequence_length,
                  "levels": levels, "canvas": [w, h], **run.solver.identity(),
                  "refine": [inversion.refine_cap(be.dtype), inversion.inversion_tol(be.dtype)],
-                 **({"lora": [[lo.sha256, lo.scale] for lo in plan.model.lora]} if plan.model.lora else {})}
+                 **({"lora": [[lo.sha256, lo.scale] for lo in plan.model.lora]} if plan.model.lora else {}),
+                 **({"text": [[e.sha256, e.token] for e in plan.model.embeddings], "clip_skip": plan.model.clip_skip}
+                    if plan.model.embeddings or plan.model.clip_skip else {})}  # the text the trajectory was guided by
         key = inversion.inversion_key(parts, {"rgb": rgb})
         cache = inversion.CACHE
         hit = cache.get(key, shape=tuple(run.x.shape))  # an entry of another shape is a miss
