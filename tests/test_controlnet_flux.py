@@ -188,6 +188,29 @@ def test_a_union_controlnet_reads_its_mode(tmp_path, be):
     assert "this one is not" in errs[2][2] and "this one is not" in errs[3][2]
 
 
+def test_an_xlabs_controlnet_reads_pixels_through_its_hint_block(tmp_path, be):
+    """XLabs' kind (``conditioning_embedding_channels``: a convolutional hint block on the [-1, 1] pixels, residuals
+    repeated over the transformer's blocks) equals the pipeline too; mixed with the other kind, one sentence."""
+    from scenec.spec.errors import ModelUnavailable
+
+    net = other_net(be, seed=3, conditioning_embedding_channels=16, patch_size=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.input_hint_block.parameters():  # its last convolution is zero-initialised
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = scene(tmp_path, "x", [control(0.7, extra=", model: cn")])
+    save(net, tmp_path / "x" / "cn")
+    plan, ours = build(be, path)
+    ref = pipeline(be, plan, load_controlnet(be, plan.jobs[0].controls[0].model),
+                   Image.open(tmp_path / "x" / "edges.png"), 0.7)
+    assert float((ours - ref).abs().max()) <= 1e-5
+    _, plain = build(be, scene(tmp_path, "plain"))
+    assert float((ours - plain).abs().max()) > 1e-2
+    path = scene(tmp_path, "x", [control(0.7, extra=", model: cn"), control()])
+    with pytest.raises(ModelUnavailable, match="cannot be combined: .*XLabs, repeated.*must match"):
+        build(be, path)
+
+
 def test_a_controlnet_for_the_other_kind_of_model_is_one_error(tmp_path, be):
     from scenec.runtime.methods.control import tiny_controlnet
     from scenec.runtime.tiny_sd import build_tiny_sd
@@ -218,3 +241,22 @@ def test_a_controlnet_for_the_other_kind_of_model_is_one_error(tmp_path, be):
     save(wide, tmp_path / "wide")
     with pytest.raises(ModelUnavailable, match="is not for tiny: its hidden width is 16, the transformer's 32"):
         load_controlnet(be, str(tmp_path / "wide"))
+
+
+def test_a_coupling_group_shares_its_prefix_with_a_control(tmp_path, be):
+    """The ControlNet reads the global slot (the background prompt while θ < 1) and the same image in every
+    variant: a group's shared θ = 0 prefix stays exact with a control (shared = each variant run alone)."""
+    from test_runtime_coupled import SCENE as COUPLED
+    from test_runtime_coupled import compile_text, run
+
+    (tmp_path / "scene").mkdir()
+    edges(tmp_path / "scene" / "edges.png")
+    text = COUPLED.format(steps=4, seeds=1, schedule="{values: [0, 0, 0.5, 1]}")
+    plan = compile_text(tmp_path, text + "control:\n" + control(0.8))
+    assert plan.json["groups"][0]["shared_prefix"] == 2 and plan.jobs[0].controls
+    shared, alone = run(be, plan, share=True), run(be, plan, share=False)
+    assert all(torch.equal(shared[k].latents, alone[k].latents) for k in alone)
+    (tmp_path / "plain").mkdir()
+    plain = run(be, compile_text(tmp_path, text, "plain"))
+    assert all(float((plain[k.replace("scene-", "plain-")].latents - alone[k].latents).abs().max()) > 1e-2
+               for k in alone)  # the control acts in every variant
