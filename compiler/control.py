@@ -59,6 +59,7 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
     problems at the keys that have them. (A family without ControlNet is refused by ``check_family``.)"""
     if "control" not in info.family.methods:
         return
+    kinds: dict[tuple, tuple] = {}  # Flux: what residuals each control's ControlNet gives -> its path
     for i, c in enumerate(ls.scene.control):
         path = ("control", i)
         open_image(ls, path + ("image",), c.image, diags, "control image")
@@ -81,6 +82,8 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
                                                                 "lllyasviel/control_v11p_sd15_canny")
                         + "` after `hf download` it")
         _check_mode(ls, path, c, flux, config, c.model is None or bool(config), diags)
+        if flux and (c.model is None or config):
+            _check_kind(ls, path + (("model",) if c.model else ()), config, kinds, diags)
         if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
             hi, lo = c.window
             table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
@@ -120,6 +123,24 @@ def _check_mode(ls: LoadedScene, path: tuple, c, flux: bool, config: dict, known
         at = path if c.mode is None else path + ("mode",)
         diags.error(ls.pos(at), f"this Union ControlNet needs `mode`: its control type, 0..{num - 1}"
                     + ("" if c.mode is None else f" (got {c.mode})"), hint="its model card lists the types")
+
+
+def _check_kind(ls: LoadedScene, at: tuple, config: dict, kinds: dict, diags: Diagnostics) -> None:
+    """Flux controls add their ControlNets' residuals block by block (diffusers' FluxMultiControlNetModel): each
+    must give as many dual- and single-stream ones, of one kind (XLabs' hint block or not), as the first."""
+    kind = (1, 1, False)  # {}: the tiny built-in (runtime/methods/control_flux.py); else FluxControlNetModel's defaults
+    if config:
+        kind = (config.get("num_layers", 19), config.get("num_single_layers", 38),
+                config.get("conditioning_embedding_channels") is not None)
+    kinds.setdefault(kind, at)
+    first = next(iter(kinds))
+    if kind != first:
+        def say(k):
+            return f"{k[0]} dual- and {k[1]} single-stream residuals" + (" (XLabs' kind, repeated)" if k[2] else "")
+
+        diags.error(ls.pos(at), f"this ControlNet gives {say(kind)}, control[{kinds[first][1]}]'s {say(first)}: "
+                    "Flux adds several controls' residuals block by block, so they must match",
+                    hint="use ControlNets of one family (e.g. two InstantX ones, or one Union ControlNet twice)")
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:

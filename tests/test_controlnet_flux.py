@@ -207,8 +207,14 @@ def test_an_xlabs_controlnet_reads_pixels_through_its_hint_block(tmp_path, be):
     _, plain = build(be, scene(tmp_path, "plain"))
     assert float((ours - plain).abs().max()) > 1e-2
     path = scene(tmp_path, "x", [control(0.7, extra=", model: cn"), control()])
+    _, diags = validate_file(path)
+    errs = [d for d in diags if d.severity == "error"]
+    assert len(errs) == 1 and errs[0].pos.line == 8 and "1 dual- and 1 single-stream residuals, control[0]'s 1 " \
+        "dual- and 1 single-stream residuals (XLabs' kind, repeated)" in errs[0].message, errs
+    from scenec.runtime.methods.control_flux import check_together
+
     with pytest.raises(ModelUnavailable, match="cannot be combined: .*XLabs, repeated.*must match"):
-        build(be, path)
+        check_together([net, load_controlnet(be, None)], ["cn", "(built-in)"])  # the runtime's own: one sentence
 
 
 def test_a_controlnet_for_the_other_kind_of_model_is_one_error(tmp_path, be):

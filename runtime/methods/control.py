@@ -3,7 +3,8 @@ Models", arXiv 2302.05543, §3.2 and Eq. 2): for every UNet call inside a contro
 the call's latent input, timestep, the global prompt's text and the control image, and its residuals, scaled
 by ``scale``, are added to the UNet's skip connections and middle block (diffusers' ``ControlNetModel`` and
 ``down_block_additional_residuals`` / ``mid_block_additional_residual``, as ``StableDiffusionControlNetPipeline``
-and the SDXL one call them). Several controls add their residuals (diffusers' MultiControlNet).
+and the SDXL one call them). Several controls add their residuals (diffusers' MultiControlNet). On Flux the
+ControlNet is a ``FluxControlNetModel`` and its residuals go to the transformer's blocks (control_flux.py).
 
 The ControlNet's own cross-attention is diffusers' stock one and reads the global prompt only: entity prompts
 act through the UNet's regional attention, not through the ControlNet. Without entities its text is the whole
@@ -153,8 +154,9 @@ class ControlNet(Method):
                                         [c.model_spec or "(built-in)" for c, *_ in self.controls])
 
     def denoiser_inputs(self, call, x: torch.Tensor, t, kwargs: dict) -> dict:
-        """The UNet's residual inputs for this call: each acting control's ControlNet on the call's model input
-        ``x`` (``[B, C, h, w]``), timestep ``t`` and global text (the first ``lengths[0]`` tokens of each row)."""
+        """The denoiser's residual inputs for this call: each acting control's ControlNet on the call's model input
+        ``x`` (``[B, C, h, w]``; Flux: packed ``[B, N, C]``), timestep ``t`` and global text (the first
+        ``lengths[0]`` tokens of each row)."""
         acting = [a for a in self.controls if a[0].acts(call.level)]
         if not acting:
             return {}
