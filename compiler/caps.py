@@ -27,7 +27,7 @@ METHODS: dict[str, str] = {
     "inpaint": "inpainting",  # `background.image`: keep the init image outside the regions
     "visual": "object-level visual prompts",  # `visual` (kv-mixed): image tokens in the region's attention
     "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
-    "control": "ControlNet conditions",  # `control`: a ControlNet's residuals added to the UNet's
+    "control": "ControlNet conditions",  # `control`: a ControlNet's residuals added to the denoiser's
 }
 ALL_METHODS = frozenset(METHODS)
 
@@ -52,8 +52,7 @@ class Family:
 MAX_ENTITIES = 62
 DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras")
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",),
-              methods=ALL_METHODS - {"control"})
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
             solvers=DDPM_SOLVERS)

@@ -10,6 +10,7 @@ as diffusers' control image processor does: RGB, Lanczos) and the model's direct
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,23 +59,88 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
     problems at the keys that have them. (A family without ControlNet is refused by ``check_family``.)"""
     if "control" not in info.family.methods:
         return
+    kinds: dict[tuple, tuple] = {}  # Flux: what residuals each control's ControlNet gives -> its path
     for i, c in enumerate(ls.scene.control):
         path = ("control", i)
         open_image(ls, path + ("image",), c.image, diags, "control image")
+        flux = info.family.name == "flux"
+        config = {}
         if c.model is not None:
-            _, why = control_model(ls, path + ("model",), c.model)
+            where, why = control_model(ls, path + ("model",), c.model)
             if why:
                 diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
+            else:
+                config = _config(where)
+                why = _wrong_class(config, flux, info.spec)
+                if why:
+                    diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
+                    config = {}
         elif not builtin_adapter(info):  # the tiny models build a random ControlNet in code
-            diags.error(ls.pos(path), f"`control` on `{info.spec}` needs `model`: a diffusers ControlNetModel "
-                        "for it (only the tiny models build one in code)",
-                        hint="e.g. `model: lllyasviel/control_v11p_sd15_canny` after `hf download` it")
+            diags.error(ls.pos(path), f"`control` on `{info.spec}` needs `model`: a diffusers "
+                        f"{'FluxControlNetModel' if flux else 'ControlNetModel'} for it (only the tiny models build "
+                        "one in code)", hint="e.g. `model: " + ("InstantX/FLUX.1-dev-Controlnet-Canny" if flux else
+                                                                "lllyasviel/control_v11p_sd15_canny")
+                        + "` after `hf download` it")
+        _check_mode(ls, path, c, flux, config, c.model is None or bool(config), diags)
+        if flux and (c.model is None or config):
+            _check_kind(ls, path + (("model",) if c.model else ()), config, kinds, diags)
         if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
             hi, lo = c.window
             table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
             if level_index(hi, table) == level_index(lo, table):
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
                               f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
+
+
+def _config(directory: str) -> dict:
+    """A ControlNet directory's ``config.json`` ({} when unreadable: loading it says what is wrong)."""
+    try:
+        out = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _wrong_class(config: dict, flux: bool, model: str) -> str | None:
+    """A ControlNet for the other kind of model (a Flux one on SD/SDXL or the other way round): one sentence."""
+    name = config.get("_class_name")
+    want = "FluxControlNetModel" if flux else "ControlNetModel"
+    if isinstance(name, str) and name != want:
+        return f"this ControlNet is a {name}; `{model}` needs a {want}"
+    return None
+
+
+def _check_mode(ls: LoadedScene, path: tuple, c, flux: bool, config: dict, known: bool, diags: Diagnostics) -> None:
+    """``mode``: Flux Union ControlNets only (their config's ``num_mode``), required by them, within range."""
+    num = config.get("num_mode")
+    if c.mode is not None and not flux:
+        diags.error(ls.pos(path + ("mode",)), "`mode` picks a Flux Union ControlNet's control type; SD and SDXL "
+                    "ControlNets have none", hint="remove `mode`")
+    elif c.mode is not None and known and num is None:
+        diags.error(ls.pos(path + ("mode",)), "`mode` applies to Union ControlNets (a `num_mode` in their "
+                    "config.json); this one is not", hint="remove `mode`")
+    elif isinstance(num, int) and (c.mode is None or c.mode >= num):
+        at = path if c.mode is None else path + ("mode",)
+        diags.error(ls.pos(at), f"this Union ControlNet needs `mode`: its control type, 0..{num - 1}"
+                    + ("" if c.mode is None else f" (got {c.mode})"), hint="its model card lists the types")
+
+
+def _check_kind(ls: LoadedScene, at: tuple, config: dict, kinds: dict, diags: Diagnostics) -> None:
+    """Flux controls add their ControlNets' residuals block by block (diffusers' FluxMultiControlNetModel): each
+    must give as many dual- and single-stream ones, of one kind (XLabs' hint block or not), as the first."""
+    kind = (1, 1, False)  # {}: the tiny built-in (runtime/methods/control_flux.py); else FluxControlNetModel's defaults
+    if config:
+        kind = (config.get("num_layers", 19), config.get("num_single_layers", 38),
+                config.get("conditioning_embedding_channels") is not None)
+    kinds.setdefault(kind, at)
+    first = next(iter(kinds))
+    if kind != first:
+        def say(k):
+            return f"{k[0]} dual- and {k[1]} single-stream residuals" + (" (XLabs' kind, repeated)" if k[2] else "")
+
+        diags.error(ls.pos(at), f"this ControlNet gives {say(kind)}, control[{kinds[first][1]}]'s {say(first)}: "
+                    "Flux adds several controls' residuals block by block, so they must match",
+                    hint="use ControlNets of one family (e.g. two InstantX ones, or one Union ControlNet twice)")
 
 
 def lower_controls(ir, tensors: dict) -> list[Control]:
@@ -95,5 +161,5 @@ def lower_controls(ir, tensors: dict) -> list[Control]:
             tensors[name] = np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS), np.uint8)
         model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
         out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
-                           window=(level_index(c.window[0], table), level_index(c.window[1], table))))
+                           mode=c.mode, window=(level_index(c.window[0], table), level_index(c.window[1], table))))
     return out

@@ -316,6 +316,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
         for c in material.get("controls", ()):  # as an encoder: its files are in the cache key
             c.pop("model", None)
             c.pop("model_spec", None)
+            if c.get("mode") is None:  # absent before Union ControlNets: those jobs keep their hashes
+                c.pop("mode", None)
         if job["group"]:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])

@@ -112,19 +112,26 @@ def tiny_clip_text(tokenizer, width: int):
         pad_token_id=tokenizer.pad_token_id))
 
 
+def tiny_flux_transformer(text_dim: int = 32):
+    """The tiny Flux transformer alone (seeded first, as in :func:`build_tiny_flux`: the same bytes)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(SEED)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_dim, pooled_projection_dim=text_dim,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
 def build_tiny_flux(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TinyFlux:
     """Build every component of the ``tiny`` model with fixed seeds (identical bytes on every run)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_tokenizers()
     text_dim = 32
 
-    torch.manual_seed(SEED)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=text_dim, pooled_projection_dim=text_dim,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    transformer = tiny_flux_transformer(text_dim)
 
     torch.manual_seed(SEED + 1)
     # 4 blocks = 3 downsamples = 8x, like FLUX.1's VAE (scaling/shift factors are FLUX.1's too)

@@ -169,7 +169,7 @@ class Scene(Node):
         default_factory=list, description="regional prompts, each with a shape and optional reference",
         examples=[[{"id": "fox", "prompt": "a red fox running", "shape": {"box": [0.05, 0.5, 0.55, 0.95]}}]])
     control: list[Control] = Field(
-        default_factory=list, description="ControlNet conditions on the whole image (SD, SDXL)",
+        default_factory=list, description="ControlNet conditions on the whole image (SD, SDXL, Flux)",
         examples=[[{"image": "refs/edges.png", "model": "lllyasviel/control_v11p_sd15_canny"}]])
     groups: list[Group] = Field(default_factory=list, description="coupled images sharing one background",
                                 examples=[[{"id": "animals", "variants": [{"id": "fox", "entities": ["fox"]}]}]])

@@ -200,9 +200,14 @@ class Control(Node):
         description="the control image as the ControlNet expects it (edges, depth, pose…), under the project "
         "root; scaled to the canvas", examples=["refs/edges.png"])
     model: Annotated[str, Field(min_length=1)] | None = Field(
-        None, description="a diffusers ControlNetModel for the scene's model: a hub id (downloaded beforehand) or "
-        "a local directory; required except on `tiny-sd`, `tiny-sdxl` (a deterministic random one)",
+        None, description="a diffusers ControlNet for the scene's model (`ControlNetModel` on SD/SDXL, "
+        "`FluxControlNetModel` on Flux): a hub id (downloaded beforehand) or a local directory; required except on "
+        "`tiny-sd`, `tiny-sdxl`, `tiny` (a deterministic random one)",
         examples=["lllyasviel/control_v11p_sd15_canny"])
+    mode: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="a Flux Union ControlNet's control type (diffusers' `control_mode`, e.g. 0 canny, 2 depth "
+        "on InstantX's Union; its model card lists them); required by a Union ControlNet, refused by others",
+        examples=[0])
     scale: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
         1.0, description="weight of its residuals (diffusers' `controlnet_conditioning_scale`); 0 = the scene "
         "without it", examples=[0.8])

@@ -23,6 +23,7 @@ class Control(BaseModel):
     model: str | None = None
     model_spec: str | None = None  # as the scene names it (messages)
     scale: float = Field(1.0, ge=0.0)
+    mode: int | None = Field(None, ge=0)  # a Union ControlNet's control type (Flux; `controlnet_mode`)
     window: tuple[int, int]  # acts on the denoise ops with window[0] <= from < window[1]
 
     def acts(self, step: int) -> bool:

@@ -1,7 +1,7 @@
 """ControlNet conditions (``control``, arXiv 2302.05543) on the tiny SD and SDXL models: with no entities a job
 reproduces diffusers' ControlNet pipelines with the same ControlNet; scale 0 is the scene without it, byte for
-byte; the window limits the steps; entities keep their regional prompts; located errors, exit 2; Flux refuses
-it at the key; a changed ControlNet rebuilds its images."""
+byte; the window limits the steps; entities keep their regional prompts; located errors, exit 2; a changed
+ControlNet rebuilds its images. (Flux: tests/test_controlnet_flux.py.)"""
 
 import subprocess
 import sys
@@ -99,7 +99,7 @@ def test_scale_zero_window_and_entities(tmp_path, backends):
     assert float((fox_c - fox).abs().max()) > 1e-3 and float((fox_c - full).abs().max()) > 1e-3
 
 
-def test_errors_are_located_and_flux_refuses_it(tmp_path):
+def test_errors_are_located(tmp_path):
     edges(tmp_path / "edges.png")
     p = tmp_path / "s.yaml"
     p.write_text(SCENE.format(model="tiny-sd", entities="", control="control:\n  - {image: nope.png, window: "
@@ -112,10 +112,10 @@ def test_errors_are_located_and_flux_refuses_it(tmp_path):
     assert "hf download nowhere/none" in errs[2][1] and "not a diffusers ControlNetModel" in errs[3][1]
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "s.yaml:8:" in r.stdout + r.stderr
-    p.write_text(SCENE.format(model="tiny", entities="", control=control()))
+    p.write_text(SCENE.format(model="flux-dev", entities="", control=control()))
     _, diags = validate_file(p)
-    errs = [d for d in diags if d.severity == "error"]
-    assert len(errs) == 1 and errs[0].pos.line == 6 and "ControlNet conditions" in errs[0].message
+    errs = [d for d in diags if d.severity == "error"]  # Flux runs it (tests/test_controlnet_flux.py): needs a model
+    assert len(errs) == 1 and errs[0].pos.line == 7 and "FluxControlNetModel" in errs[0].message, errs
     p.write_text(SCENE.format(model="sd15", entities="", control=control()))
     _, diags = validate_file(p)
     assert any("needs `model`" in d.message for d in diags if d.severity == "error")

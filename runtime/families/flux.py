@@ -235,12 +235,13 @@ class FluxBackend:
             guidance = torch.full([1], float(run.plan.sampler.guidance), device=self.device,
                                   dtype=torch.float32).expand(x.shape[0])
         width, height = run.plan.canvas
+        kw = dict(timestep=t / 1000, guidance=guidance, pooled_projections=pooled, encoder_hidden_states=cond.seq,
+                  txt_ids=cond.extra["txt_ids"], img_ids=self._img_ids[(height, width)], joint_attention_kwargs={})
+        for f in call.inputs:  # methods' extra inputs (a ControlNet's residuals), before the modifiers are set
+            kw.update(f(call, x, t, kw))
         self.attn.set(call.mods, n_img=x.shape[1])
         try:
-            return self.transformer(hidden_states=x, timestep=t / 1000, guidance=guidance, pooled_projections=pooled,
-                                    encoder_hidden_states=cond.seq, txt_ids=cond.extra["txt_ids"],
-                                    img_ids=self._img_ids[(height, width)], joint_attention_kwargs={},
-                                    return_dict=False)[0]
+            return self.transformer(hidden_states=x, return_dict=False, **kw)[0]
         finally:
             self.attn.clear()
 

@@ -3,7 +3,8 @@ Models", arXiv 2302.05543, §3.2 and Eq. 2): for every UNet call inside a contro
 the call's latent input, timestep, the global prompt's text and the control image, and its residuals, scaled
 by ``scale``, are added to the UNet's skip connections and middle block (diffusers' ``ControlNetModel`` and
 ``down_block_additional_residuals`` / ``mid_block_additional_residual``, as ``StableDiffusionControlNetPipeline``
-and the SDXL one call them). Several controls add their residuals (diffusers' MultiControlNet).
+and the SDXL one call them). Several controls add their residuals (diffusers' MultiControlNet). On Flux the
+ControlNet is a ``FluxControlNetModel`` and its residuals go to the transformer's blocks (control_flux.py).
 
 The ControlNet's own cross-attention is diffusers' stock one and reads the global prompt only: entity prompts
 act through the UNet's regional attention, not through the ControlNet. Without entities its text is the whole
@@ -20,6 +21,7 @@ import torch
 from scenec.spec.errors import ModelUnavailable, PlanError
 
 from ..cache import dir_stamp
+from . import control_flux
 from .base import Method
 
 KEPT = 4  # ControlNets kept loaded per backend (least recently used first out)
@@ -51,24 +53,37 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
     if key not in loaded:
         for old in [k for k in loaded if k[0] == model]:
             del loaded[old]  # the same directory before its files changed
+        flux = getattr(backend, "family", "") == "flux"
         if model is None:
-            if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl"):
+            if getattr(backend, "model_id", "") not in ("tiny-sd", "tiny-sdxl", "tiny"):
                 raise PlanError("a control without `model`: only the tiny models build a ControlNet in code")
-            # from a fresh tiny UNet (the same deterministic weights): the backend's may be offloaded or quantised
-            if backend.model_id == "tiny-sd":
-                from ..tiny_sd import build_tiny_sd as build
+            # from a fresh tiny model (the same deterministic weights): the backend's may be offloaded or quantised
+            if flux:
+                net = control_flux.build_tiny()
+            elif backend.model_id == "tiny-sd":
+                from ..tiny_sd import build_tiny_sd
+
+                net = tiny_controlnet(build_tiny_sd()["unet"])
             else:
-                from ..tiny_sdxl import build_tiny_sdxl as build
-            net = tiny_controlnet(build()["unet"])
+                from ..tiny_sdxl import build_tiny_sdxl
+
+                net = tiny_controlnet(build_tiny_sdxl()["unet"])
         else:
             from diffusers import ControlNetModel
 
+            why = wrong_class(model, flux)
+            if why:
+                raise ModelUnavailable(f"ControlNet {model} is not for {getattr(backend, 'model_id', 'this model')}: "
+                                       f"{why}")
             try:
-                net = ControlNetModel.from_pretrained(model, use_safetensors=True, torch_dtype=backend.dtype)
+                if flux:
+                    net = control_flux.load(model, backend.dtype)
+                else:
+                    net = ControlNetModel.from_pretrained(model, use_safetensors=True, torch_dtype=backend.dtype)
             except (OSError, ValueError) as e:
                 raise ModelUnavailable(f"ControlNet {model}: cannot load it ({type(e).__name__}: "
                                        f"{str(e).splitlines()[0][:200]})") from None
-            why = misfit(net, backend.unet)
+            why = control_flux.misfit(net, backend.transformer) if flux else misfit(net, backend.unet)
             if why:
                 raise ModelUnavailable(f"ControlNet {model} is not for {getattr(backend, 'model_id', 'this model')}: "
                                        f"{why}")
@@ -81,6 +96,22 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
             loaded.popitem(last=False)
     loaded.move_to_end(key)
     return loaded[key]
+
+
+def wrong_class(model: str, flux: bool) -> str | None:
+    """Why the ControlNet directory ``model`` is for the other kind of model (its ``config.json`` names a Flux
+    ControlNet for an SD/SDXL model, or the other way round), or None."""
+    import json
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading it says what is wrong
+    want = control_flux.FLUX_CLASS if flux else "ControlNetModel"
+    if name is not None and name != want:
+        return f"it is a {name}, the model needs a {want}"
+    return None
 
 
 def misfit(net, unet) -> str | None:
@@ -104,18 +135,33 @@ class ControlNet(Method):
         run = self.run
         be = run.backend
         self.controls = []
+        self.flux = getattr(be, "family", "") == "flux"
+        self._last = None  # Flux: (model input, level, residuals) of the last positive call
         for c in run.job.controls:
             net = load_controlnet(be, c.model)
+            if self.flux:
+                cond = control_flux.control_input(be, net, np.asarray(run.plan.tensor(c.image), np.uint8))
+                mode = control_flux.control_mode(net, c.mode, c.model_spec or "(built-in)", be.device)
+                self.controls.append((c, net, cond, mode))
+                continue
+            if c.mode is not None:
+                raise PlanError("`mode` (a Union ControlNet's control type) applies to Flux ControlNets only")
             rgb = np.asarray(run.plan.tensor(c.image), np.float32) / 255.0  # diffusers: [0, 1], not normalised
             image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
             self.controls.append((c, net, image.to(be.device, net.dtype)))
+        if self.flux and len(self.controls) > 1:
+            control_flux.check_together([n for _, n, _, _ in self.controls],
+                                        [c.model_spec or "(built-in)" for c, *_ in self.controls])
 
     def denoiser_inputs(self, call, x: torch.Tensor, t, kwargs: dict) -> dict:
-        """The UNet's residual inputs for this call: each acting control's ControlNet on the call's model input
-        ``x`` (``[B, C, h, w]``), timestep ``t`` and global text (the first ``lengths[0]`` tokens of each row)."""
-        acting = [(c, net, img) for c, net, img in self.controls if c.acts(call.level)]
+        """The denoiser's residual inputs for this call: each acting control's ControlNet on the call's model input
+        ``x`` (``[B, C, h, w]``; Flux: packed ``[B, N, C]``), timestep ``t`` and global text (the first
+        ``lengths[0]`` tokens of each row)."""
+        acting = [a for a in self.controls if a[0].acts(call.level)]
         if not acting:
             return {}
+        if self.flux:
+            return self._flux_inputs(acting, call, x, kwargs)
         text = call.cond.seq[:, :call.cond.lengths[0]]
         extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
         down = mid = None
@@ -133,6 +179,16 @@ class ControlNet(Method):
         if down is None:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _flux_inputs(self, acting, call, x, kwargs) -> dict:
+        """Flux (runtime/methods/control_flux.py): a negative (true CFG) call reuses the positive call's residuals
+        on the same input, as FluxControlNetPipeline computes them once per step."""
+        if all(call.negatives) and self._last is not None and self._last[0] is x and self._last[1] == call.level:
+            return self._last[2]
+        out = control_flux.residuals(acting, call, x, kwargs, float(self.run.plan.sampler.guidance))
+        guided = self.run.backend.guided(self.run.plan)
+        self._last = (x, call.level, out) if guided and not any(call.negatives) else None
+        return out
 
 
 def _residuals(net, x, t, text, extra: dict, img, scale: float, rows: list[int] | None):
