@@ -71,7 +71,7 @@ def ddpm_timesteps(steps: int, config: dict) -> np.ndarray:
 def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None = None) -> np.ndarray:
     """The noise level at each step index 0..N of a model (``caps.ModelInfo``) on a canvas (w, h) under
     ``solver`` (compiler/solvers.py; None: the family's default)."""
-    from .solvers import dpm_timesteps
+    from .solvers import EULER, dpm_timesteps, euler_timesteps
 
     config = scheduler_config(info)
     if info.family.sampler == "flow-euler":
@@ -79,6 +79,8 @@ def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None =
     T = float(config.get("num_train_timesteps", DDPM_LEADING["num_train_timesteps"]))
     if solver in ("dpm++2m", "dpm++2m-karras"):
         return np.append(dpm_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)
+    if solver in EULER:
+        return np.append(euler_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)
     return np.append(ddpm_timesteps(steps, config) / T, 0.0)
 
 

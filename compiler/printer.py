@@ -9,7 +9,7 @@ from scenec.spec.plan import Denoise, Fork, Op, Paste, Renoise, Seed
 
 from .caps import grid_size
 from .ir import IR, ConditionNode, GroupNode, PromptNode, RegionNode
-from .solvers import MULTISTEP
+from .solvers import unshared_reason
 
 
 def _f(x: float) -> str:
@@ -83,8 +83,8 @@ def print_ir(ir: IR) -> str:
             k = prefix.get(gid, 0)
             seeds = len({j.seed for j in jobs})
             saved = k * (len(jobs) - seeds)
-            if ir.solver in MULTISTEP and k:  # each variant runs it (runtime/sampler.py _share_key)
-                lines.append(f"  shared_prefix = {k} steps (not shared: {ir.solver} is multistep)")
+            if unshared_reason(ir.solver) and k:  # each variant runs it (runtime/sampler.py _share_key)
+                lines.append(f"  shared_prefix = {k} steps (not shared: {unshared_reason(ir.solver)})")
             else:
                 lines.append(f"  shared_prefix = {k} steps (saves {saved} of {len(jobs) * ir.steps} job-steps)")
     return "\n".join(lines) + "\n"

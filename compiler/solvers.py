@@ -7,12 +7,20 @@ step is deterministic, can be inverted and re-noised, so every method runs on it
 arXiv 2211.01095, Algorithm 2), as diffusers' ``DPMSolverMultistepScheduler`` with
 ``algorithm_type="dpmsolver++"``, ``solver_order=2``, on the model's own timestep spacing
 (``dpm++2m``), or on Karras et al.'s σ spacing (arXiv 2206.00364, Eq. 5, ρ = 7: ``dpm++2m-karras``, what
-A1111 calls "DPM++ 2M Karras").
+A1111 calls "DPM++ 2M Karras"), or Euler's method on the probability-flow ODE in σ-space (Karras et al.
+2022, arXiv 2206.00364, Eq. 4/Alg. 1 without churn), as diffusers' ``EulerDiscreteScheduler`` on the model's
+spacing (``euler``, A1111's "Euler") or Karras' σ (``euler-karras``), or its ancestral variant
+(``EulerAncestralDiscreteScheduler``, η = 1: each step goes down to σ_down and adds fresh noise of std σ_up,
+``euler-a``, A1111's "Euler a").
 
 DPM-Solver++(2M) is a multistep method: each step reads the previous step's prediction. COW's cycles
 (``reference``) re-noise the latent and invert the sampler's step, neither of which a multistep history
 survives, so a scene with references needs ``ddim``; a coupling group's shared θ = 0 prefix is not shared
-under it (each variant runs its prefix, the same images as with sharing off).
+under it (each variant runs its prefix, the same images as with sharing off). The Euler solvers step from
+the latent alone, but COW's cycles need DDIM's η steps and its inversion, so references need ``ddim`` there
+too; ``euler-a`` draws fresh noise at every step from the job's noise stream, so a group's prefix is not
+shared under it either (a resumed run would draw that stream again from its start) and its jobs run alone,
+never as batch rows.
 """
 
 from __future__ import annotations
@@ -22,7 +30,21 @@ import math
 import numpy as np
 
 MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras"})
-NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras")  # the language's enum (spec/models_parts.py)
+EULER = frozenset({"euler", "euler-karras", "euler-a"})
+ANCESTRAL = frozenset({"euler-a"})  # fresh noise at every step (the job's noise stream)
+NO_REFERENCE = MULTISTEP | EULER  # COW's cycles need DDIM's η steps, re-noising and inversion
+UNSHARED = MULTISTEP | ANCESTRAL  # a coupling group's θ = 0 prefix cannot be run once and resumed
+NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras",
+         "euler-a")  # the language's enum (spec/models_parts.py)
+
+
+def unshared_reason(name: str) -> str | None:
+    """Why a group's θ = 0 prefix is not shared under a solver (None: it is)."""
+    if name in MULTISTEP:
+        return f"{name} is multistep"
+    if name in ANCESTRAL:
+        return f"{name} draws fresh noise at every step"
+    return None
 
 
 def solver_of(scene_solver: str | None, family) -> str:
@@ -41,12 +63,14 @@ def check_solver(ls, info, diags) -> None:
         diags.error(ls.pos(("sampler", "solver")), f"solver `{name}` does not run {fam.name} models such as "
                     f"`{info.spec}`", hint=f"{fam.name} models run: " + ", ".join(fam.solvers))
         return
-    if name in MULTISTEP:
+    if name in NO_REFERENCE:
+        why = (f"which {name}'s multistep history does not survive" if name in MULTISTEP else
+               f"with DDIM's η steps and DDIM's inversion, which {name} does not have")
         for i, e in enumerate(sc.entities):
             if e.reference is not None:
                 diags.error(ls.key_pos(("entities", i, "reference")), f"`reference` needs `solver: ddim`: COW's "
-                            f"cycles re-noise the latent and invert the sampler's step, which {name}'s multistep "
-                            "history does not survive", hint="drop `sampler.solver` (ddim is the default)")
+                            f"cycles re-noise the latent and invert the sampler's step, {why}",
+                            hint="drop `sampler.solver` (ddim is the default)")
 
 
 def alphas_cumprod(config: dict) -> np.ndarray:
@@ -71,20 +95,25 @@ def alphas_cumprod(config: dict) -> np.ndarray:
     return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)  # torch accumulates in float64
 
 
-def karras_timesteps(steps: int, config: dict) -> np.ndarray:
-    """The timesteps of Karras' σ spacing (ρ = 7) between the schedule's σ_max and σ_min, each the (rounded)
-    timestep of its σ by log-σ interpolation: DPMSolverMultistepScheduler with ``use_karras_sigmas``."""
-    a = alphas_cumprod(config)
-    sig = ((1 - a) / a) ** 0.5
+def _karras_t(steps: int, sig: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Karras' σ (ρ = 7, Eq. 5) from ``hi`` down to ``lo``, each mapped to its fractional timestep by log-σ
+    interpolation in the schedule's σ table ``sig`` (diffusers' ``_convert_to_karras`` and ``_sigma_to_t``)."""
     log_sig = np.log(sig)
-    lo, hi = float(sig[0]), float(sig[-1])
     ramp = np.linspace(0, 1, steps)
     karras = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
     ls = np.log(np.maximum(karras, 1e-10))
     dists = ls - log_sig[:, None]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sig) - 2)
     w = np.clip((log_sig[low] - ls) / (log_sig[low] - log_sig[low + 1]), 0, 1)
-    t = (1 - w) * low + w * (low + 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def karras_timesteps(steps: int, config: dict) -> np.ndarray:
+    """The timesteps of Karras' σ spacing (ρ = 7) between the schedule's σ_max and σ_min, each the (rounded)
+    timestep of its σ by log-σ interpolation: DPMSolverMultistepScheduler with ``use_karras_sigmas``."""
+    a = alphas_cumprod(config)
+    sig = ((1 - a) / a) ** 0.5
+    t = _karras_t(steps, sig, float(sig[0]), float(sig[-1]))
     # diffusers rounds them, except on the cosine schedule, where its int64 cast truncates: there a t that
     # falls on an integer may come out 1 lower in diffusers (torch's float32 σ differ from numpy's in the last bit)
     return (t if config.get("beta_schedule") == "squaredcos_cap_v2" else t.round()).astype(np.int64)
@@ -101,3 +130,23 @@ def dpm_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:
         return np.arange(T, 0, -T / steps).round().astype(np.int64) - 1
     return (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + \
         int(config.get("steps_offset", 0))
+
+
+def euler_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:
+    """EulerDiscreteScheduler.set_timesteps' timesteps (noisiest first, float32 as diffusers keeps them; also
+    EulerAncestralDiscreteScheduler's) for the model's spacing, or Karras' σ between the σ of that spacing's
+    first and last timestep (diffusers' Euler takes Karras' range from its spaced σ, not the whole table) at
+    fractional timesteps. Unlike DDIM's, ``linspace`` timesteps are not rounded."""
+    T, spacing = int(config.get("num_train_timesteps", 1000)), config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1]
+    elif spacing == "trailing":
+        t = np.arange(T, 0, -T / steps).round().astype(np.float32) - 1
+    else:
+        t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float32) + int(config.get("steps_offset", 0))
+    if karras:
+        a = alphas_cumprod(config)
+        sig = ((1 - a) / a) ** 0.5
+        spaced = np.interp(t, np.arange(0, len(sig)), sig)
+        t = _karras_t(steps, sig, float(spaced[-1]), float(spaced[0]))
+    return np.asarray(t, dtype=np.float32)

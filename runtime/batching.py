@@ -3,7 +3,7 @@
 Two jobs are batch-compatible when one denoising loop can carry both as rows of one batch: same
 model, canvas, sampler and attention settings, the same step program (``from``/``to``/``regional``
 per op), and nothing that needs per-job control flow (coupling θ, COW/SOW reference conditions, visual prompts,
-stochastic steps). Prompts, entities, regions, seeds and init images may differ: the runtime pads
+stochastic steps, an ancestral solver). Prompts, entities, regions, seeds and init images may differ: the runtime pads
 each row's text to a common length and masks the padding out (runtime/sampler.run_batch).
 
 The key is computed from the plan JSON alone, so the batch driver (and Ray's) can group jobs of
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import json
 
+
 def batch_key(plan_json: dict, job: dict) -> str | None:
     """A string equal for batch-compatible jobs, or None when ``job`` must run alone."""
     from scenec.compiler.caps import FAMILIES  # every family runs batch rows through the one sampler
+    from scenec.compiler.solvers import ANCESTRAL
 
     model = plan_json.get("model") or {}
     if model.get("family", "flux") not in FAMILIES:
         return None
+    if (plan_json.get("sampler") or {}).get("kind") in ANCESTRAL:
+        return None  # each step draws from the job's own noise stream (a batch draws one stream for all rows)
     if job.get("group") or job.get("conditions") or job.get("visuals") or job.get("controls"):
         return None  # coupling groups run together (shared prefix); references run cycles; visual prompts and
         # ControlNets alone

@@ -79,6 +79,9 @@ class Run:
             x, gen = backend.prepare_latents(plan, job.seed)
             self.rows.append(Row(plan, job, x, gen, job_spec(job)))
         self.x = torch.cat([r.x for r in self.rows])
+        scale = getattr(self.solver, "start_scale", 1.0)  # the solver's initial noise std (runtime/euler.py)
+        if scale != 1.0:
+            self.x = (self.x.to(torch.float32) * scale).to(self.x.dtype)
         self._noise: torch.Generator | None = None
         self._conds: dict = {}
         self.diagnostics: dict = {}  # methods' measurements for the job's sidecar (run_job's JobResult)
@@ -301,11 +304,12 @@ def sharing_enabled(share: bool | None = None) -> bool:
 def _share_key(plan: Plan, job: Job) -> str | None:
     """What the prefix before a job's ``fork`` depends on, when it is only θ = 0 deterministic denoise
     steps and the job has no reference conditions: jobs with equal keys compute it identically. None under a
-    multistep solver (its history would not carry over to the resumed runs: compiler/solvers.py)."""
-    from scenec.compiler.solvers import MULTISTEP
+    multistep solver (its history would not carry over to the resumed runs) or an ancestral one (a resumed run
+    would draw its noise stream again from the start): compiler/solvers.py."""
+    from scenec.compiler.solvers import UNSHARED
 
     k = job.fork_at
-    if not k or job.conditions or plan.sampler.kind in MULTISTEP:
+    if not k or job.conditions or plan.sampler.kind in UNSHARED:
         return None
     pre = job.program[:k]
     if not all(isinstance(op, Denoise) and op.theta == 0.0 and not op.eta for op in pre):

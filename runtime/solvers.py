@@ -258,7 +258,8 @@ def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
         s = DPMSolverMultistepScheduler.from_config(scheduler.config, **DPM_PINNED,
                                                     use_karras_sigmas=kind.endswith("karras"))
     else:
-        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras)")
+        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras; "
+                        "euler, euler-karras, euler-a: runtime/euler.py)")
     s.set_timesteps(steps, device=device)
     if len(s.timesteps) != steps:
         raise PlanError(f"scheduler gave {len(s.timesteps)} steps, the plan has {steps}")

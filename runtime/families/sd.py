@@ -21,6 +21,7 @@ from scenec.spec.errors import PlanError, Unsupported
 from ..attention import CROSS, SELF, Attention, ExtraKV, KeyScale, Mask, Site, attend
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_grid
 from ..cache import TextCache
+from ..euler import euler_solver
 from ..finite import require_finite
 from ..memory import vae_tiling
 from ..solvers import DDIM, ddpm_solver
@@ -184,7 +185,10 @@ class SDBackend:
         return x, gen
 
     def solver(self, plan) -> DDIM:
-        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras; runtime/solvers.py)."""
+        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras (runtime/solvers.py); euler,
+        euler-karras, euler-a (runtime/euler.py))."""
+        if plan.sampler.kind in ("euler", "euler-karras", "euler-a"):
+            return euler_solver(plan.sampler.kind, self.pipe.scheduler.config, plan.steps, self.device)
         return ddpm_solver(plan.sampler.kind, self.pipe.scheduler, plan.steps, self.device)
 
     def guided(self, plan) -> bool:

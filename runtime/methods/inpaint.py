@@ -65,9 +65,9 @@ class Inpaint(Method):
         if not any(row.job.init_level is not None for row in run.rows):
             return
         xs = []
-        for row, z in zip(run.rows, zs):
-            lv = row.job.init_level
-            xs.append(row.x if lv is None else run.solver.noised(z.to(row.x.dtype), row.x, lv).to(row.x.dtype))
+        for b, (row, z) in enumerate(zip(run.rows, zs)):
+            lv = row.job.init_level  # rows without one keep the run's start (the solver may scale its noise)
+            xs.append(run.x[b:b + 1] if lv is None else run.solver.noised(z.to(row.x.dtype), row.x, lv).to(row.x.dtype))
         run.x = torch.cat(xs)
 
     def output(self, n: int, op, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
