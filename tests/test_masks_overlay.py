@@ -160,18 +160,24 @@ def test_watch_previews_on_save_reports_located_errors_and_stops_cleanly(tmp_pat
     with open(log, "w") as err:
         p = subprocess.Popen([sys.executable, "-m", "scenec", "watch", "s.yaml", "--interval", "0.1",
                               "--max-cycles", "3000"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+
+    def save(text):  # as editors that write a temp file and rename it: a save is never seen half-written
+        tmp = tmp_path / ".s.yaml.swp"
+        tmp.write_text(text)
+        os.replace(tmp, scene)
+
     try:
         _wait(prev.is_file, "the first preview", log)
         first = prev.read_bytes()
         time.sleep(0.05)
-        scene.write_text(SCENE.replace("[0.0, 0.5, 0.5, 1.0]", "[0.5, 0.0, 1.0, 0.5]"))  # the fox moves
+        save(SCENE.replace("[0.0, 0.5, 0.5, 1.0]", "[0.5, 0.0, 1.0, 0.5]"))  # the fox moves
         _wait(lambda: prev.read_bytes() != first, "a new preview", log)
-        scene.write_text(SCENE.replace("shape: {box: [0.25", "shape: {box: [1.5"))  # an invalid edit, line 8
+        save(SCENE.replace("shape: {box: [0.25", "shape: {box: [1.5"))  # an invalid edit, line 8
         _wait(lambda: "error" in log.read_text(), "the error", log)
         text = log.read_text()
         assert "s.yaml:8:" in text and "1 error" in text and "Traceback" not in text
         assert p.poll() is None  # still watching
-        scene.write_text(SCENE)  # fixed again: previews again
+        save(SCENE)  # fixed again: previews again
         _wait(lambda: text.count("preview written") < log.read_text().count("preview written"), "recovery", log)
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=30) == 0
