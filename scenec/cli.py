@@ -285,11 +285,17 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     # on a terminal: a live display (model loading, each image's steps, steps/s, time left)
     report, t0 = BuildReport(live=True, lines=not quiet), time.perf_counter()
 
+    def summary_json(summary: dict, error: str | None = None) -> str:
+        keys = ("built", "cached", "failed", "invalid", "outputs")
+        return json.dumps({**{k: summary[k] for k in keys}, **({"error": error} if error else {})})
+
     def end(code: int, message: str | None = None) -> None:
-        """Every build ends with its summary line, whatever stopped it."""
+        """Every build ends with its summary line (with --json, its JSON too), whatever stopped it."""
         if message:
             print(message, file=sys.stderr)
-        report.finish(time.perf_counter() - t0, not_selected=0)
+        summary = report.finish(time.perf_counter() - t0, not_selected=0)
+        if json_:  # a CI script parsing stdout gets JSON however the build ended
+            print(summary_json(summary, (message or "").removeprefix("scenec: ") or f"exit status {code}"))
         raise typer.Exit(code)
 
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
@@ -342,7 +348,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
             print(f"nothing to build: {summary['cached']} up to date"
                   + (f", {bad} invalid scene{'s' if bad != 1 else ''} (above)" if bad else ""))
     if json_:
-        print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
+        print(summary_json(summary))
     if summary.get("invalid"):
         raise typer.Exit(EXIT_INVALID)
     if summary.get("failed"):
