@@ -26,7 +26,8 @@ from scenec.cli_options import (
 )
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.cli_train import train_adapter
-from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
+from scenec.exits import (EXIT_BUILD_FAILED, EXIT_INVALID, Terminated, bad_path, fail_invalid, internal, path_error,
+                          print_diags, sigterm_raises)
 from scenec.spec.diagnostics import printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -326,15 +327,17 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
         end(EXIT_INVALID, f"scenec: {why}")
     try:
-        summary = build_batch(files, BuildOptions(
-            out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
-            weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
-            offload=offload, quantize=quantize, overrides=ovr), report=report)
+        with sigterm_raises():  # `timeout`, a CI runner's cancel: stopped as Ctrl-C stops it
+            summary = build_batch(files, BuildOptions(
+                out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
+                weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
+                compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
+                offload=offload, quantize=quantize, overrides=ovr), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
-    except KeyboardInterrupt:
-        end(130, "scenec: interrupted")
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        end(143 if term else 130, "scenec: terminated (SIGTERM)" if term else "scenec: interrupted")
     except Exception as e:  # noqa: BLE001
         if os.environ.get("SCENEC_DEBUG"):
             raise

@@ -2,8 +2,11 @@
 runner's cancel, `timeout`) handled like Ctrl-C, and `status` after a build that did not finish."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +39,41 @@ def test_json_is_printed_when_the_build_stops_on_a_bad_argument(tmp_path, args, 
     assert (doc["built"], doc["cached"], doc["failed"], doc["invalid"], doc["outputs"]) == (0, 0, 0, 0, [])
     assert error in doc["error"], doc
     assert "scenec: 0 built, 0 cached, 0 failed" in r.stderr  # and the summary line, as before
+
+
+def start_build_and_signal_at_first_image(tmp_path: Path, sig: int, *args) -> tuple[subprocess.Popen, str, str]:
+    """Start a build of 40 images, send ``sig`` once the first is recorded; its (process, stdout, stderr)."""
+    f = write(tmp_path, "many.yaml", HEAD.replace("steps: 2", f"steps: 2, seed: {list(range(1, 41))}")
+              + "background: {prompt: x}\nentities: [{id: a, prompt: y, shape: {box: [0, 0, 0.5, 0.5]}}]\n")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "scenec", "build", str(f), "--json", *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "scenec-manifest.json").is_file():  # the first image recorded
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(p.pid, sig)
+    stdout, stderr = p.communicate(timeout=120)
+    return p, stdout, stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_sigterm_stops_the_build_like_ctrl_c(tmp_path):
+    """`timeout 10m scenec build`, a cancelled CI job: exit 143, the summary line and JSON, what was
+    built recorded, no temp file left; a rerun would build only the rest."""
+    p, stdout, stderr = start_build_and_signal_at_first_image(tmp_path, signal.SIGTERM)
+    assert p.returncode == 143, (p.returncode, stderr)
+    assert "scenec: terminated (SIGTERM)" in stderr and "built, 0 cached, 0 failed" in stderr.splitlines()[-1]
+    doc = json.loads(stdout)
+    assert 1 <= doc["built"] < 40, "signalled too late to test anything"
+    assert doc["error"] == "terminated (SIGTERM)"
+    out = tmp_path / "out"
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    recorded = json.loads((out / "scenec-manifest.json").read_text())["outputs"]
+    assert set(recorded) == {o["name"] for o in doc["outputs"] if o["status"] == "built"}
+    assert all((out / e["image"]).is_file() and (out / e["sidecar"]).is_file() for e in recorded.values())
+    r = scenec("status", tmp_path / "many.yaml", "--json")  # what a rerun would build: only the rest
+    counts = json.loads(r.stdout)["counts"]
+    assert counts.get("cached") == doc["built"] and sum(counts.values()) == 40, counts
