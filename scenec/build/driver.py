@@ -46,6 +46,10 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
         for it in todo:
             report.would_build(it)
         return report.finish(time.perf_counter() - t0)
+    from .lastout import remember
+
+    # for `scenec status` without -o; before building, so that it holds for a build stopped halfway too
+    remember({it.scene_file: options.out for it in chosen})
     damaged = [d for d, man in bp.manifests.items() if man.damaged]
     if todo or damaged:
         _build(todo, bp, executor, report, options, damaged)
@@ -53,9 +57,6 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
         from .canvas_masks import write_build_masks
 
         write_build_masks(chosen, bp, options, report.say)
-    from .lastout import remember
-
-    remember({it.scene_file: options.out for it in chosen})  # for `scenec status` without -o
     return report.finish(time.perf_counter() - t0, not_selected=len(bp.items) - len(chosen))
 
 
