@@ -80,8 +80,8 @@ def test_sigterm_stops_the_build_like_ctrl_c(tmp_path):
 
 
 def test_status_follows_a_build_o_that_was_stopped_halfway(tmp_path, monkeypatch):
-    """`build -o renders` stopped (Ctrl-C, SIGTERM, a crash) after a previous `build -o old`: status
-    without -o compares with renders, not with the finished old build ("up to date")."""
+    """`build -o renders` stopped (Ctrl-C, SIGTERM, a crash) after a finished `build -o old`: status
+    without -o compares with renders, not with old (whose outputs it would call up to date)."""
     from scenec.build import driver
     from scenec.build.driver import build_batch
     from scenec.build.options import BuildOptions
@@ -89,19 +89,21 @@ def test_status_follows_a_build_o_that_was_stopped_halfway(tmp_path, monkeypatch
 
     monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
     f = write(tmp_path, "s.yaml", HEAD + "background: {prompt: x}\n")
-    assert build_batch([f], BuildOptions(out=tmp_path / "old", quiet=True))["built"] == 1
-    follow = BuildOptions(last_out=True)  # as `scenec status` without -o
-    assert status([f], follow)["counts"] == {"cached": 1}
+    stop = []
 
-    def stopped(todo, bp, *args):  # renders/ gets its manifest (one image done), then the build is stopped
+    def build(todo, bp, *args):  # no model: each directory gets its manifest, then the build ends (or is stopped)
         for d in {it.out_dir for it in todo}:
             d.mkdir(parents=True, exist_ok=True)
             (d / "scenec-manifest.json").write_text('{"format": "scenec-manifest/1", "outputs": {}}')
-        raise KeyboardInterrupt
+        if stop:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver, "_build", stopped)
+    monkeypatch.setattr(driver, "_build", build)
+    build_batch([f], BuildOptions(out=tmp_path / "old", quiet=True))
+    follow = BuildOptions(last_out=True)  # as `scenec status` without -o
+    assert [str(d) for d in status([f], follow)["followed"].values()] == [str(tmp_path / "old")]
+    stop.append(True)
     with pytest.raises(KeyboardInterrupt):
         build_batch([f], BuildOptions(out=tmp_path / "renders", quiet=True))
     rep = status([f], follow)
     assert [str(d) for d in rep["followed"].values()] == [str(tmp_path / "renders")], rep["followed"]
-    assert rep["counts"] == {"new": 1} and rep["stale"] == 1
