@@ -107,3 +107,18 @@ def test_status_follows_a_build_o_that_was_stopped_halfway(tmp_path, monkeypatch
         build_batch([f], BuildOptions(out=tmp_path / "renders", quiet=True))
     rep = status([f], follow)
     assert [str(d) for d in rep["followed"].values()] == [str(tmp_path / "renders")], rep["followed"]
+
+
+def test_json_lists_the_masks_that_build_masks_wrote(tmp_path):
+    """--masks writes them after the images: the summary (--json) lists them, built now or cached."""
+    from scenec.build.driver import build_batch
+    from scenec.build.options import BuildOptions
+
+    f = write(tmp_path, "s.yaml", HEAD + "background: {prompt: x}\n"
+              "entities: [{id: cat, prompt: a cat, shape: {box: [0, 0, 0.5, 0.5]}}]\n")
+    for status in ("built", "cached"):
+        s = build_batch([f], BuildOptions(masks=True, quiet=True))
+        [o] = s["outputs"]
+        assert o["status"] == status
+        assert o["masks"] == [str(tmp_path / "out" / "s-0.mask-cat.png")], o
+        assert Path(o["masks"][0]).is_file()

@@ -56,7 +56,7 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     if options.masks:  # from the geometry, beside images built now or already up to date: no model
         from .canvas_masks import write_build_masks
 
-        write_build_masks(chosen, bp, options, report.say)
+        report.masks_written(write_build_masks(chosen, bp, options, report.say))
     return report.finish(time.perf_counter() - t0, not_selected=len(bp.items) - len(chosen))
 
 

@@ -87,6 +87,12 @@ class BuildReport:
                 self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "")
                      + f"  [{it.state}: {it.reason}]")
 
+    def masks_written(self, masks: dict[str, list[str]]) -> None:
+        """``--masks``: the masks written after the images were reported, into their outputs' entries."""
+        for o in self.data["outputs"]:
+            if o.get("image") and str(Path(o["image"]).absolute()) in masks:
+                o["masks"] = masks[str(Path(o["image"]).absolute())]
+
     def failed(self, it: Item, msg: str) -> None:
         """One line per failed image; a model that could not be loaded is explained once (its first line)."""
         self.data["failed"] += 1
