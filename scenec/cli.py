@@ -327,7 +327,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
         end(EXIT_INVALID, f"scenec: {why}")
     try:
-        with sigterm_raises():  # `timeout`, a CI runner's cancel: stopped as Ctrl-C stops it
+        with sigterm_raises() as sigterm:  # `timeout`, a CI runner's cancel: stopped as Ctrl-C stops it
             summary = build_batch(files, BuildOptions(
                 out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
                 weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
@@ -336,7 +336,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
     except KeyboardInterrupt as e:
-        term = isinstance(e, Terminated)
+        term = isinstance(e, Terminated) or sigterm.is_set()
         end(143 if term else 130, "scenec: terminated (SIGTERM)" if term else "scenec: interrupted")
     except Exception as e:  # noqa: BLE001
         if os.environ.get("SCENEC_DEBUG"):

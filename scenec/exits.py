@@ -25,20 +25,23 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def sigterm_raises():
-    """Within: SIGTERM raises :class:`Terminated` (once; a second SIGTERM kills at once). Only in the main
-    thread, and not where SIGTERM was ignored when the program started."""
+    """Within: SIGTERM raises :class:`Terminated` (once; a second SIGTERM kills at once). Yields an Event
+    set on SIGTERM: a library that turns the exception into KeyboardInterrupt (Ray's waits do) cannot hide
+    it. Only in the main thread, and not where SIGTERM was ignored when the program started."""
+    got = threading.Event()
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield
+        yield got
         return
 
     def on_term(signum, frame):
+        got.set()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield got
     finally:
         signal.signal(signal.SIGTERM, previous)
 
