@@ -127,3 +127,14 @@ def test_json_lists_the_masks_that_build_masks_wrote(tmp_path):
         assert o["status"] == status
         assert o["masks"] == [str(tmp_path / "out" / "s-0.mask-cat.png")], o
         assert Path(o["masks"][0]).is_file()
+
+
+def test_select_matching_nothing_lists_the_matrix_values(tmp_path):
+    """`-s 'light=Golden Hour'` (a union of two terms) matches nothing: the message lists the values as
+    KEY=VALUE selects them (by slug), as it lists scenes, groups and seeds."""
+    f = write(tmp_path, "mx.yaml", HEAD + "matrix:\n  light: [2.5, 10, \"Golden Hour\"]\n"
+              "background: {prompt: \"a room, light {light}\"}\n")
+    r = scenec("build", f, "--dry-run", "-s", "light=Golden Hour")
+    assert r.returncode == 2
+    assert "matched nothing; scenes: mx; seeds: 0; matrix: light=2.5, light=10, light=golden-hour" in r.stderr, r.stderr
+    assert scenec("build", f, "--dry-run", "-s", "light=golden-hour").returncode == 0
