@@ -138,3 +138,22 @@ def test_select_matching_nothing_lists_the_matrix_values(tmp_path):
     assert r.returncode == 2
     assert "matched nothing; scenes: mx; seeds: 0; matrix: light=2.5, light=10, light=golden-hour" in r.stderr, r.stderr
     assert scenec("build", f, "--dry-run", "-s", "light=golden-hour").returncode == 0
+
+
+def test_status_select_names_only_the_selected_scenes_last_directories(tmp_path, monkeypatch):
+    """`status -s a` after `build a -o A` and `build b -o B`: one `(a.yaml: outputs of its last …)` line,
+    none for b, which was not asked about."""
+    from scenec.build.lastout import remember
+    from scenec.build.options import BuildOptions
+    from scenec.build.reporting import format_status, status
+
+    monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    for n in "ab":
+        write(tmp_path, f"{n}.yaml", HEAD + "background: {prompt: x}\n")
+        (tmp_path / n.upper()).mkdir()
+        (tmp_path / n.upper() / "scenec-manifest.json").write_text('{"format": "scenec-manifest/1", "outputs": {}}')
+        remember({tmp_path / f"{n}.yaml": tmp_path / n.upper()})
+    rep = status([tmp_path], BuildOptions(last_out=True, select=("a",)))
+    assert list(rep["followed"]) == ["a.yaml"], rep["followed"]
+    assert "(b.yaml" not in format_status(rep)

@@ -147,7 +147,7 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
     return {"outputs": rows, "orphaned": orphans, "counts": counts,
             "stale": sum(counts.get(s, 0) for s in STALE_STATES), "invalid": bp.invalid,
             "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes),
-            "followed": {k: str(v) for k, v in bp.followed.items()}}
+            "followed": {k: str(v) for k, v in bp.followed.items() if k in {r["scene"] for r in rows}}}
 
 
 def format_status(rep: dict, verbose: bool = False) -> str:
