@@ -157,3 +157,12 @@ def test_status_select_names_only_the_selected_scenes_last_directories(tmp_path,
     rep = status([tmp_path], BuildOptions(last_out=True, select=("a",)))
     assert list(rep["followed"]) == ["a.yaml"], rep["followed"]
     assert "(b.yaml" not in format_status(rep)
+
+
+def test_dry_run_with_an_invalid_scene_does_not_say_building(tmp_path):
+    """--dry-run builds nothing: "1 invalid scene; building the others" said otherwise."""
+    write(tmp_path, "good.yaml", HEAD + "background: {prompt: x}\n")
+    write(tmp_path, "bad.yaml", HEAD + "background: {prompt: x}\nentities: [{id: a}]\n")
+    r = scenec("build", tmp_path, "--dry-run")
+    assert r.returncode == 2 and "scenec: 1 invalid scene; the others would build" in r.stderr, r.stderr
+    assert "building" not in r.stderr and "good-0.png" in r.stdout

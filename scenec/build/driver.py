@@ -36,7 +36,7 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     executor = make_executor(options, report.say, report)
     t0 = time.perf_counter()
     bp = plan_batch(targets, options)
-    report.planned(bp)
+    report.planned(bp, options.dry_run)
     chosen = [it for it in bp.items if it.selected]
     for it in chosen:
         if it.state == "cached":

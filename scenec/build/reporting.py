@@ -52,13 +52,14 @@ class BuildReport:
             self.progress.stop()
             self.progress = None
 
-    def planned(self, bp: BatchPlan) -> None:
+    def planned(self, bp: BatchPlan, dry_run: bool = False) -> None:
         """The plan's diagnostics, invalid scenes and scenes that failed to compile."""
         self.data.update(invalid=len(bp.invalid), diagnostics=bp.diagnostics, plan=bp)
         for d in bp.diagnostics.sorted():
             self.say(d.format())
         if bp.invalid:
-            others = "building the others" if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
+            others = ("the others would build" if dry_run else "building the others") \
+                if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
             self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; {others}")
         for f, msg in bp.failed_compile:
             self.data["failed"] += 1
