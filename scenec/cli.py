@@ -26,7 +26,8 @@ from scenec.cli_options import (
 )
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.cli_train import train_adapter
-from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
+from scenec.exits import (EXIT_BUILD_FAILED, EXIT_INVALID, Terminated, bad_path, fail_invalid, internal, path_error,
+                          print_diags, sigterm_raises)
 from scenec.spec.diagnostics import printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -285,11 +286,17 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     # on a terminal: a live display (model loading, each image's steps, steps/s, time left)
     report, t0 = BuildReport(live=True, lines=not quiet), time.perf_counter()
 
+    def summary_json(summary: dict, error: str | None = None) -> str:
+        keys = ("built", "cached", "failed", "invalid", "outputs")
+        return json.dumps({**{k: summary[k] for k in keys}, **({"error": error} if error else {})})
+
     def end(code: int, message: str | None = None) -> None:
-        """Every build ends with its summary line, whatever stopped it."""
+        """Every build ends with its summary line (with --json, its JSON too), whatever stopped it."""
         if message:
             print(message, file=sys.stderr)
-        report.finish(time.perf_counter() - t0, not_selected=0)
+        summary = report.finish(time.perf_counter() - t0, not_selected=0)
+        if json_:  # a CI script parsing stdout gets JSON however the build ended
+            print(summary_json(summary, (message or "").removeprefix("scenec: ") or f"exit status {code}"))
         raise typer.Exit(code)
 
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
@@ -320,15 +327,17 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
     if why := problem(offload, quantize, device, values_only=dry_run):  # before anything loads
         end(EXIT_INVALID, f"scenec: {why}")
     try:
-        summary = build_batch(files, BuildOptions(
-            out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
-            weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
-            compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
-            offload=offload, quantize=quantize, overrides=ovr), report=report)
+        with sigterm_raises() as sigterm:  # `timeout`, a CI runner's cancel: stopped as Ctrl-C stops it
+            summary = build_batch(files, BuildOptions(
+                out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
+                weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
+                compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
+                offload=offload, quantize=quantize, overrides=ovr), report=report)
     except BatchError as e:
         end(EXIT_INVALID, f"scenec: {e}")
-    except KeyboardInterrupt:
-        end(130, "scenec: interrupted")
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated) or sigterm.is_set()
+        end(143 if term else 130, "scenec: terminated (SIGTERM)" if term else "scenec: interrupted")
     except Exception as e:  # noqa: BLE001
         if os.environ.get("SCENEC_DEBUG"):
             raise
@@ -342,7 +351,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
             print(f"nothing to build: {summary['cached']} up to date"
                   + (f", {bad} invalid scene{'s' if bad != 1 else ''} (above)" if bad else ""))
     if json_:
-        print(json.dumps({k: summary[k] for k in ("built", "cached", "failed", "invalid", "outputs")}))
+        print(summary_json(summary))
     if summary.get("invalid"):
         raise typer.Exit(EXIT_INVALID)
     if summary.get("failed"):

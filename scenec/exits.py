@@ -7,11 +7,43 @@ asked). Never a traceback, unless SCENEC_DEBUG=1 for an internal error.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import typer
 
 EXIT_OK, EXIT_BUILD_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a CI runner cancelling a job, ``docker stop``), raised wherever the program is,
+    as Ctrl-C raises KeyboardInterrupt: a file being written is dropped with its temp file
+    (``spec.fsio.atomic_write``), locks are released, and the command ends with its summary (exit 143)."""
+
+
+@contextmanager
+def sigterm_raises():
+    """Within: SIGTERM raises :class:`Terminated` (once; a second SIGTERM kills at once). Yields an Event
+    set on SIGTERM: a library that turns the exception into KeyboardInterrupt (Ray's waits do) cannot hide
+    it. Only in the main thread, and not where SIGTERM was ignored when the program started."""
+    got = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield got
+        return
+
+    def on_term(signum, frame):
+        got.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_diags(diags, stream=None) -> None:

@@ -11,9 +11,9 @@ from .manifest import Manifest, locked_all
 from .planning import BatchPlan, Item
 
 
-def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> int:
+def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> dict[str, list[str]]:
     """Write the masks of every item whose manifest entry is current (built now or cached); record them
-    in the manifests. Returns how many mask files were written. A scene whose layout cannot be computed
+    in the manifests. Returns the mask files written, by image (absolute paths). A scene whose layout cannot be computed
     or a directory that cannot be written is said, and the others go on."""
     from scenec.layout import scene_layout, write_canvas_masks
     from scenec.spec.diagnostics import SceneError
@@ -22,7 +22,7 @@ def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> int:
     for it in items:
         by_dir.setdefault(it.out_dir, []).append(it)
     layouts: dict = {}
-    n = 0
+    written: dict[str, list[str]] = {}
     with locked_all(sorted(by_dir)) as unwritable:
         for d, its in by_dir.items():
             if d in unwritable:
@@ -48,11 +48,11 @@ def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> int:
                     say(f"scenec: cannot write masks of {it.name}: {err.strerror or err}")
                     continue
                 e["masks"] = [p.relative_to(d).as_posix() for p in paths]
-                n += len(paths)
+                written[str(d / e["image"])] = [str(p) for p in paths]
                 changed = True
             if changed:
                 try:
                     man.save()
                 except OSError as err:
                     say(f"scenec: masks written, but {man.path} could not be updated: {err.strerror or err}")
-    return n
+    return written

@@ -36,7 +36,7 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
     executor = make_executor(options, report.say, report)
     t0 = time.perf_counter()
     bp = plan_batch(targets, options)
-    report.planned(bp)
+    report.planned(bp, options.dry_run)
     chosen = [it for it in bp.items if it.selected]
     for it in chosen:
         if it.state == "cached":
@@ -46,16 +46,17 @@ def build_batch(targets: Iterable[str | Path], options: BuildOptions = BuildOpti
         for it in todo:
             report.would_build(it)
         return report.finish(time.perf_counter() - t0)
+    from .lastout import remember
+
+    # for `scenec status` without -o; before building, so that it holds for a build stopped halfway too
+    remember({it.scene_file: options.out for it in chosen})
     damaged = [d for d, man in bp.manifests.items() if man.damaged]
     if todo or damaged:
         _build(todo, bp, executor, report, options, damaged)
     if options.masks:  # from the geometry, beside images built now or already up to date: no model
         from .canvas_masks import write_build_masks
 
-        write_build_masks(chosen, bp, options, report.say)
-    from .lastout import remember
-
-    remember({it.scene_file: options.out for it in chosen})  # for `scenec status` without -o
+        report.masks_written(write_build_masks(chosen, bp, options, report.say))
     return report.finish(time.perf_counter() - t0, not_selected=len(bp.items) - len(chosen))
 
 

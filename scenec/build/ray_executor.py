@@ -96,6 +96,20 @@ def _worker_count(ray, device: str | None, workers: int | None) -> tuple[int, bo
     return n, False, max(1, cpus // n)
 
 
+def _sigterm_handler(restore=None):
+    """SIGTERM's Python handler; with ``restore``, put that one back. ray.init replaces ``scenec build``'s
+    (:func:`scenec.exits.sigterm_raises`: stop as Ctrl-C does, exit 143 with the summary) with its own, which
+    exits 1 without a word; the local Ray it started is stopped by ``ray.shutdown`` as the build unwinds."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if callable(restore):
+        signal.signal(signal.SIGTERM, restore)
+    return signal.getsignal(signal.SIGTERM)
+
+
 class RayExecutor:
     """Batches on Ray actors (an :class:`~scenec.build.executors.Executor`); results come back to this
     process, which writes the files."""
@@ -113,8 +127,10 @@ class RayExecutor:
         started = False
         if not ray.is_initialized():
             kw = {"address": self.address} if self.address else {}
+            ours = _sigterm_handler()
             ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="WARNING", **kw)
             started = True
+            _sigterm_handler(ours)
         try:
             self._run(ray, list(batches), done)
         finally:

@@ -52,13 +52,14 @@ class BuildReport:
             self.progress.stop()
             self.progress = None
 
-    def planned(self, bp: BatchPlan) -> None:
+    def planned(self, bp: BatchPlan, dry_run: bool = False) -> None:
         """The plan's diagnostics, invalid scenes and scenes that failed to compile."""
         self.data.update(invalid=len(bp.invalid), diagnostics=bp.diagnostics, plan=bp)
         for d in bp.diagnostics.sorted():
             self.say(d.format())
         if bp.invalid:
-            others = "building the others" if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
+            others = ("the others would build" if dry_run else "building the others") \
+                if len(bp.scenes) > len(bp.invalid) else "nothing else to build"
             self.say(f"scenec: {len(bp.invalid)} invalid scene{'s' if len(bp.invalid) != 1 else ''}; {others}")
         for f, msg in bp.failed_compile:
             self.data["failed"] += 1
@@ -86,6 +87,12 @@ class BuildReport:
         if self.lines:
                 self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "")
                      + f"  [{it.state}: {it.reason}]")
+
+    def masks_written(self, masks: dict[str, list[str]]) -> None:
+        """``--masks``: the masks written after the images were reported, into their outputs' entries."""
+        for o in self.data["outputs"]:
+            if o.get("image") and str(Path(o["image"]).absolute()) in masks:
+                o["masks"] = masks[str(Path(o["image"]).absolute())]
 
     def failed(self, it: Item, msg: str) -> None:
         """One line per failed image; a model that could not be loaded is explained once (its first line)."""
@@ -141,7 +148,7 @@ def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()
     return {"outputs": rows, "orphaned": orphans, "counts": counts,
             "stale": sum(counts.get(s, 0) for s in STALE_STATES), "invalid": bp.invalid,
             "failed_compile": bp.failed_compile, "diagnostics": bp.diagnostics, "scenes": len(bp.scenes),
-            "followed": {k: str(v) for k, v in bp.followed.items()}}
+            "followed": {k: str(v) for k, v in bp.followed.items() if k in {r["scene"] for r in rows}}}
 
 
 def format_status(rep: dict, verbose: bool = False) -> str:

@@ -115,7 +115,7 @@ def unmatched(select: list[Selector], jobs: list[dict]) -> list[Selector]:
 
 def candidates(jobs: list[dict], limit: int = 12) -> str:
     """What a selection could have named (as git lists what a pathspec could match): scene names, groups,
-    GROUP/VARIANT and seeds."""
+    GROUP/VARIANT, seeds and matrix values."""
     def listed(values) -> str:
         vals = list(dict.fromkeys(str(v) for v in values if v is not None))
         return ", ".join(vals[:limit]) + (f", … ({len(vals) - limit} more)" if len(vals) > limit else "")
@@ -126,4 +126,9 @@ def candidates(jobs: list[dict], limit: int = 12) -> str:
         parts.append(f"groups: {listed(j['group'] for j in grouped)}")
         parts.append("variants: " + listed(f"{j['group']}/{j.get('variant')}" for j in grouped))
     parts.append(f"seeds: {listed(sorted({j['seed'] for j in jobs if j.get('seed') is not None}))}")
+    matrix = [(k, v) for j in jobs for k, v in (j.get("matrix") or {}).items()]
+    if matrix:  # as KEY=VALUE selects them on a command line: a value with spaces by its slug
+        from scenec.compiler.matrix import slug
+
+        parts.append("matrix: " + listed(f"{k}={slug(v)}" for k, v in matrix))
     return "; ".join(parts)
