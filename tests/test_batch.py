@@ -572,3 +572,22 @@ def test_an_out_dir_below_a_file_is_bad_input(tmp_path):
         assert r.returncode == 2, (cmd, r.stderr)
         assert f"scenec: -o {tmp_path / 'f.txt' / 'sub'}: {tmp_path / 'f.txt'} is not a directory" in r.stderr
         assert "unreadable manifest" not in r.stderr and "cannot write" not in r.stderr
+
+
+def test_an_output_last_built_by_another_scene_warns(project, capsys):
+    """Two scene files writing one output, built one at a time: each build would silently replace the other's
+    image (built together it is an error); the second build says so at its job's line."""
+    d, _ = project
+    for sub, prompt in (("a", "a meadow"), ("b", "a forest")):
+        write_scene(d, "x", prompt, seeds=(1,), sub=sub, extra="output: {dir: ../out}\n")
+    run(["a/x.yaml"])
+    capsys.readouterr()
+    run(["a/x.yaml"], quiet=False)  # its own output: no warning
+    assert "last built by" not in capsys.readouterr().err
+    run(["b/x.yaml"], quiet=False)
+    err = capsys.readouterr().err
+    assert "b/x.yaml:1:1: warning: output `x-1`" in err and "was last built by a/x.yaml, which still exists" in err
+    assert "1 built" in err  # and it was replaced
+    (d / "a" / "x.yaml").unlink()  # the other scene is gone (renamed, moved): nothing to warn about
+    run(["b/x.yaml"], force=True, quiet=False)
+    assert "last built by" not in capsys.readouterr().err

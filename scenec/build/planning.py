@@ -219,8 +219,23 @@ class _Planner:
             man = self.bp.manifests[item.out_dir]
             item.state, item.reason = man.check(item.name, item.key)
             item.entry = man.outputs.get(item.name)
+            if item.selected and item.entry is not None:
+                self.warn_other_owner(item)
             if self.o.force and item.selected and item.state == "cached":
                 item.state, item.reason = "forced", "--force"
+
+    def warn_other_owner(self, item: Item) -> None:
+        """An output whose last build came from another scene file that still exists: two scenes built one
+        at a time would replace each other's image on every build (built together, it is an error)."""
+        rel = ((item.entry.get("scene") or {}).get("file")) or ""
+        other = Path(os.path.normpath(item.out_dir / rel)) if rel else None
+        if other is None or other == Path(os.path.normpath(item.scene_file.resolve())) or not other.is_file():
+            return
+        self.bp.diagnostics.warning(
+            Pos(item.display, item.job.get("source", {}).get("line", 1)),
+            f"output `{item.name}` in {item.out_dir} was last built by {display_path(other)}, which still "
+            "exists: if both scenes make it, each build replaces the other's image",
+            hint="give the scenes different `name`s or `output.dir`s (or delete the other scene)")
 
     def compile_replayed(self) -> None:
         """A replayed scene with something to build is compiled for real: building needs its plan. Its
