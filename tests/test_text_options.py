@@ -260,6 +260,22 @@ def test_bad_embeddings_and_clip_skip_are_located_errors(tmp_path):
     assert all("SD and SDXL" in m and "Flux" in m and h for _, m, h in errs)
 
 
+def test_a_token_with_a_space_is_told_what_a_token_is(tmp_path):
+    """A token is one word (`\\S+`): `<cat>` is one. The error says so, not the ids' "lowercase letters, digits…"
+    (which `<cat>` is not either)."""
+    from scenec.compiler.check import validate_file
+
+    files(tmp_path)
+    p = tmp_path / "s.yaml"
+    p.write_text('scenec: 1\nmodel: {id: tiny-sd, embeddings: [{file: emb/bad.safetensors, token: "my cat"}]}\n'
+                 "canvas: {width: 128, height: 128}\n")
+    _, diags = validate_file(p)
+    (err,) = [d for d in diags if d.severity == "error"]
+    assert (err.pos.line, err.pos.col) == (2, 70), err
+    assert "`model.embeddings.0.token` must be one word, without spaces" in err.message
+    assert "lowercase" not in err.message + (err.hint or "")
+
+
 def test_an_sd_embedding_on_sdxl_and_a_word_of_a_models_vocabulary(tmp_path):
     """On SDXL an embedding needs both encoders' tensors; a model directory's tokenizer files name its words."""
     from scenec.compiler.check import validate_file
