@@ -276,6 +276,24 @@ def test_a_token_with_a_space_is_told_what_a_token_is(tmp_path):
     assert "lowercase" not in err.message + (err.hint or "")
 
 
+def test_clip_skip_hints_map_the_other_uis_per_family(tmp_path):
+    """SD's hidden_states[-(k + 1)] is A1111's "Clip skip k + 1"; SDXL's count starts at the penultimate layer
+    (hidden_states[-(k + 2)]): there ComfyUI's "CLIP Set Last Layer" −N is N − 2 and A1111's "Clip skip" does not
+    act, so the SD mapping would send an SDXL user one layer too deep."""
+    from scenec.compiler.check import validate_file
+
+    hints = {}
+    for model in ("tiny-sd", "tiny-sdxl"):
+        p = tmp_path / f"{model}.yaml"
+        p.write_text(f"scenec: 1\nmodel: {{id: {model}, clip_skip: 9}}\ncanvas: {{width: 128, height: 128}}\n")
+        _, diags = validate_file(p)
+        (err,) = [d for d in diags if d.severity == "error"]
+        assert err.pos.line == 2 and "clip_skip 9 is out of range" in err.message
+        hints[model] = err.hint
+    assert hints["tiny-sd"] == "A1111's \"Clip skip 2\" is `clip_skip: 1`"
+    assert "`clip_skip: N − 2`" in hints["tiny-sdxl"] and "Clip skip 2\" is `clip_skip: 1`" not in hints["tiny-sdxl"]
+
+
 def test_an_sd_embedding_on_sdxl_and_a_word_of_a_models_vocabulary(tmp_path):
     """On SDXL an embedding needs both encoders' tensors; a model directory's tokenizer files name its words."""
     from scenec.compiler.check import validate_file
