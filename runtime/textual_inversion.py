@@ -40,8 +40,12 @@ class TextOptions:
             return want
         self.restore()
         if want:
-            self._load(embeddings)
-        self.loaded = want
+            self.loaded = want  # whatever part of them loads before a failure is put back by restore()
+            try:
+                self._load(embeddings)
+            except BaseException:
+                self.restore()
+                raise
         return want
 
     def restore(self) -> None:
@@ -49,6 +53,8 @@ class TextOptions:
         if not self.loaded:
             return
         for tok_name, te_name in self.pairs:
+            if tok_name not in self.kept:  # refused before it was touched (--offload)
+                continue
             tok, emb, vocab = self.kept[tok_name]
             te = getattr(self.pipe, te_name)
             te.set_input_embeddings(emb)
@@ -72,7 +78,11 @@ class TextOptions:
                 self.kept[tok_name] = (copy.deepcopy(tok), te.get_input_embeddings(), te.config.vocab_size)
         try:
             for e in embeddings:
-                tensors = load_file(e.path)  # safetensors only
+                try:
+                    tensors = load_file(e.path)  # safetensors only
+                except Exception as err:  # noqa: BLE001 - gone, unreadable or no longer safetensors since compile
+                    raise PlanError(f"embedding `{e.name}` cannot be read ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
                 for key, (tok_name, te_name) in zip(e.keys, self.pairs):
                     if key not in tensors:
                         raise PlanError(f"embedding `{e.name}` has no tensor `{key}` (the file changed since the "
@@ -83,9 +93,7 @@ class TextOptions:
                     te.resize_token_embeddings(n + e.vectors, mean_resizing=False)
                     pipe.load_textual_inversion({e.token: tensors[key]}, token=e.token,
                                                 tokenizer=getattr(pipe, tok_name), text_encoder=getattr(pipe, te_name))
-        except ValueError as err:  # diffusers': a token the vocabulary has, a width that does not fit
-            self.loaded = tuple((e.sha256, e.token) for e in embeddings)  # partly loaded: put everything back
-            self.restore()
+        except ValueError as err:  # diffusers': a token the vocabulary has, a width that does not fit (use() unloads)
             first = str(err).splitlines()[0].split(". Please")[0]
             raise PlanError(f"embedding {', '.join(f'`{e.name}`' for e in embeddings)}: {first}") from None
         for _, te_name in self.pairs:

@@ -209,6 +209,26 @@ def test_a_token_the_vocabulary_has_fails_the_job_in_one_line_and_leaves_the_mod
     assert torch.equal(latents(be, plan("sd", prompt="a meadow")), before)
 
 
+def test_an_embedding_file_changed_or_gone_since_compile_fails_alone_and_leaves_the_model_clean(tmp_path):
+    """Two embeddings, the second's file changed (other tensor) or removed after the plan was made: the job fails
+    in one line, the first embedding, already loaded, is unloaded again, so a plan without embeddings runs on the
+    model as loaded and one with the first embedding alone still loads it (diffusers refuses a word it has)."""
+    be = tiny_sd_backend()
+    before = latents(be, plan("sd", prompt=PROMPT))
+    cat, bad = embeddings(tmp_path, "sd")
+    alone = latents(be, plan("sd", [cat], prompt=PROMPT))
+    n = len(be.text.kept["tokenizer"][0])
+    write(tmp_path / "other.safetensors", {"something_else": np.ones((1, 32))})
+    changed = {**bad, "path": str(tmp_path / "other.safetensors")}
+    gone = {**bad, "path": str(tmp_path / "gone.safetensors")}
+    for broken, msg in ((changed, "has no tensor `emb_params`"), (gone, "cannot be read")):
+        with pytest.raises(PlanError, match=msg):
+            latents(be, plan("sd", [cat, broken], prompt=PROMPT))
+        assert len(be.pipe.tokenizer) == n and be.text.loaded == ()
+        assert torch.equal(latents(be, plan("sd", prompt=PROMPT)), before)
+        assert torch.equal(latents(be, plan("sd", [cat], prompt=PROMPT)), alone)
+
+
 SCENE = """scenec: 1
 model:
   id: {model}
