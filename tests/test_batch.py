@@ -206,6 +206,7 @@ def test_runtime_code_covers_the_compiler_code_the_runtime_runs(monkeypatch, tmp
     rt.mkdir()
     comp.mkdir()
     (rt / "lora.py").write_text("from scenec.compiler.lora import split_key\nimport scenec.spec.plan\n")
+    (rt / "other.py").write_text("from scenec.compiler import keys\n")
     (comp / "lora.py").write_text("def split_key(k): return k\n")
     (comp / "printer.py").write_text("x = 1\n")
     real = keys.find_spec
@@ -226,6 +227,9 @@ def test_runtime_code_covers_the_compiler_code_the_runtime_runs(monkeypatch, tmp
     assert stamp() == a
     (comp / "lora.py").write_text("def split_key(k): return k.lower()\n")
     assert stamp() != a
+    b = stamp()
+    (comp / "keys.py").write_text("z = 1\n")  # `from scenec.compiler import keys`: a module too
+    assert stamp() != b
 
 
 def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):

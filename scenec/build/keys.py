@@ -112,8 +112,10 @@ def _imported(path: Path) -> set[str]:
         return set()
     out = set()
     for node in ast.walk(tree):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
-            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            # `from scenec.compiler import lora` names a module too (_module_file skips what is not one)
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         out.update(n for n in names if n.startswith(("scenec.compiler.", "scenec.spec.")))
     return out
 
