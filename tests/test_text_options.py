@@ -225,8 +225,8 @@ def test_an_embedding_file_changed_or_gone_since_compile_fails_alone_and_leaves_
         with pytest.raises(PlanError, match=msg):
             latents(be, plan("sd", [cat, broken], prompt=PROMPT))
         assert len(be.pipe.tokenizer) == n and be.text.loaded == ()
-        assert torch.equal(latents(be, plan("sd", prompt=PROMPT)), before)
-        assert torch.equal(latents(be, plan("sd", [cat], prompt=PROMPT)), alone)
+    assert torch.equal(latents(be, plan("sd", prompt=PROMPT)), before)
+    assert torch.equal(latents(be, plan("sd", [cat], prompt=PROMPT)), alone)
 
 
 SCENE = """scenec: 1
