@@ -120,6 +120,31 @@ def test_embeddings_match_diffusers_load_textual_inversion(tmp_path, family):
     assert len(be.pipe.tokenizer) == len(be.text.kept["tokenizer"][0])
 
 
+def test_sdxl_pools_at_the_end_token_with_an_encoder_config_of_the_legacy_eos_id(tmp_path):
+    """SDXL's text_encoder_2 config says ``eos_token_id: 2`` (from before transformers#24773): CLIP then pools at
+    the largest token id, which an embedding's added token is (diffusers#10754), so the pooled vector would be the
+    embedding's hidden state, not the end token's (A1111's and ComfyUI's). scenec pools at the end token while
+    embeddings are loaded: the images equal those of the same model with the right end id, and the encoder has
+    its own setting back once they are unloaded."""
+    be = load_backend("tiny-sdxl", device="cpu", dtype="fp32")
+    embs = embeddings(tmp_path, "sdxl")
+    p, bare = plan("sdxl", embs, prompt=PROMPT, negative=NEGATIVE), plan("sdxl", prompt=PROMPT, negative=NEGATIVE)
+    right = latents(be, p)
+    latents(be, bare)  # unloads them
+    core = be.pipe.text_encoder_2.text_model
+    assert core.eos_token_id == be.pipe.tokenizer_2.eos_token_id != 2
+    kept, core.eos_token_id = core.eos_token_id, 2  # as SDXL's own config has it
+    try:
+        be.clear_cache()
+        assert torch.equal(latents(be, p), right)  # diffusers' pipeline would pool at `<cat>`
+        assert core.eos_token_id != 2
+        latents(be, bare)  # unloaded: the model as it was loaded (on CLIP's vocabulary the end id is the largest
+        assert core.eos_token_id == 2  # one, so without added words argmax is the end token; tiny's end id is 1)
+    finally:
+        core.eos_token_id = kept
+        be.clear_cache()
+
+
 class _Shim:
     """diffusers 0.42's SD ``encode_prompt`` with ``clip_skip`` reads ``text_encoder.text_model.final_layer_norm``;
     transformers 5's CLIPTextModel has no ``text_model`` (its layers are its own): the reference pipeline gets
