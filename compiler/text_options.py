@@ -28,6 +28,13 @@ from .caps import cached_hub_file
 
 DEFAULT_WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 TEXT_FAMILIES = ("sd", "sdxl")
+# the other UIs' settings as clip_skip: A1111 and ComfyUI read SD's text through the final layer norm at
+# hidden_states[-N] (A1111's "Clip skip N", ComfyUI's "CLIP Set Last Layer" −N: diffusers' clip_skip N − 1); on SDXL
+# ComfyUI reads hidden_states[-N] of both encoders (default −2: clip_skip 0) and A1111 always the penultimate layer
+# (its "Clip skip" leaves SDXL alone unless its option `sdxl_clip_l_skip` is on)
+A1111_HINT = {"sd": "A1111's \"Clip skip 2\" is `clip_skip: 1`",
+              "sdxl": "on SDXL, ComfyUI's \"CLIP Set Last Layer\" −N is `clip_skip: N − 2` (−2, its default, is 0); "
+                      "A1111 reads SDXL's penultimate layer whatever its \"Clip skip\": 0"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ def _clip_skip(ls, value: int | None, family: str, encs, diags: Diagnostics) -> 
         if value > most:
             diags.error(ls.pos(("model", "clip_skip")), f"clip_skip {value} is out of range: this model's text "
                         f"encoder{'s have' if len(encs) > 1 else ' has'} {min(e.layers for e in encs)} layers, so "
-                        f"clip_skip is 0 – {most}", hint="A1111's \"Clip skip 2\" is `clip_skip: 1`")
+                        f"clip_skip is 0 – {most}", hint=A1111_HINT[family])
             return None
     return value
 

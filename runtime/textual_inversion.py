@@ -7,7 +7,9 @@ file read here with safetensors; SDXL's ``clip_l``/``clip_g`` tensors each into 
 example does), so a multi-vector embedding becomes ``token token_1 …`` in every prompt through the pipeline's
 ``maybe_convert_prompt``. A backend is reused across plans (a batch build): before it loads another plan's
 embeddings it puts back the tokenizers and input-embedding modules it kept from before the first load, so a
-plan without embeddings runs on exactly the model it was loaded as.
+plan without embeddings runs on exactly the model it was loaded as. While embeddings are loaded, an encoder whose
+config has the legacy ``eos_token_id: 2`` (SDXL's ``text_encoder_2``) pools at the end token, not at the added word
+(:func:`_pool_at_eos`).
 
 CLIP skip follows the pipelines' ``encode_prompt``: :func:`hidden` picks the hidden state (SD:
 ``hidden_states[-(clip_skip + 1)]`` then the final layer norm; SDXL: ``hidden_states[-(clip_skip + 2)]``).
@@ -32,6 +34,7 @@ class TextOptions:
         self.pairs = PAIRS[:n_encoders]
         self.loaded: tuple = ()  # ((sha256, token), …) now in the tokenizers and encoders
         self.kept: dict[str, tuple] = {}  # tokenizer attribute → (pristine tokenizer, input embeddings, vocab size)
+        self.eos: dict[str, int] = {}  # encoder attribute → the legacy eos_token_id (2) it had before a load
 
     def use(self, embeddings) -> tuple:
         """Make the pipeline hold exactly ``embeddings`` (a plan's ``model.embeddings``); their identity."""
@@ -40,8 +43,12 @@ class TextOptions:
             return want
         self.restore()
         if want:
-            self._load(embeddings)
-        self.loaded = want
+            self.loaded = want  # whatever part of them loads before a failure is put back by restore()
+            try:
+                self._load(embeddings)
+            except BaseException:
+                self.restore()
+                raise
         return want
 
     def restore(self) -> None:
@@ -49,11 +56,15 @@ class TextOptions:
         if not self.loaded:
             return
         for tok_name, te_name in self.pairs:
+            if tok_name not in self.kept:  # refused before it was touched (--offload)
+                continue
             tok, emb, vocab = self.kept[tok_name]
             te = getattr(self.pipe, te_name)
             te.set_input_embeddings(emb)
             te.config.vocab_size = vocab
             setattr(self.pipe, tok_name, copy.deepcopy(tok))
+            if te_name in self.eos:
+                getattr(te, "text_model", te).eos_token_id = self.eos.pop(te_name)
         self.loaded = ()
 
     def _load(self, embeddings) -> None:
@@ -70,9 +81,14 @@ class TextOptions:
                     pipe.tokenizer_2 = copy.deepcopy(pipe.tokenizer)
                 tok = getattr(pipe, tok_name)
                 self.kept[tok_name] = (copy.deepcopy(tok), te.get_input_embeddings(), te.config.vocab_size)
+            _pool_at_eos(te, getattr(pipe, tok_name), te_name, self.eos)
         try:
             for e in embeddings:
-                tensors = load_file(e.path)  # safetensors only
+                try:
+                    tensors = load_file(e.path)  # safetensors only
+                except Exception as err:  # noqa: BLE001 - gone, unreadable or no longer safetensors since compile
+                    raise PlanError(f"embedding `{e.name}` cannot be read ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
                 for key, (tok_name, te_name) in zip(e.keys, self.pairs):
                     if key not in tensors:
                         raise PlanError(f"embedding `{e.name}` has no tensor `{key}` (the file changed since the "
@@ -83,13 +99,24 @@ class TextOptions:
                     te.resize_token_embeddings(n + e.vectors, mean_resizing=False)
                     pipe.load_textual_inversion({e.token: tensors[key]}, token=e.token,
                                                 tokenizer=getattr(pipe, tok_name), text_encoder=getattr(pipe, te_name))
-        except ValueError as err:  # diffusers': a token the vocabulary has, a width that does not fit
-            self.loaded = tuple((e.sha256, e.token) for e in embeddings)  # partly loaded: put everything back
-            self.restore()
+        except ValueError as err:  # diffusers': a token the vocabulary has, a width that does not fit (use() unloads)
             first = str(err).splitlines()[0].split(". Please")[0]
             raise PlanError(f"embedding {', '.join(f'`{e.name}`' for e in embeddings)}: {first}") from None
         for _, te_name in self.pairs:
             getattr(pipe, te_name).get_input_embeddings().requires_grad_(False)
+
+
+def _pool_at_eos(te, tok, te_name: str, kept: dict) -> None:
+    """Pool at the end token while embeddings are loaded. A CLIP config with the legacy ``eos_token_id: 2`` (SD 1.x,
+    SDXL's ``text_encoder_2``: before transformers#24773) makes ``CLIPTextModel`` pool at the largest token id, the
+    end token's only while no word is added: an embedding's added token outranks it, and SDXL's pooled vector would
+    be that token's hidden state (diffusers#10754; A1111 and ComfyUI pool at the end token). With the tokenizer's own
+    end id it pools at the first end token: for in-vocabulary ids the same position as the argmax."""
+    core = getattr(te, "text_model", te)
+    end = getattr(tok, "eos_token_id", None)
+    if getattr(core, "eos_token_id", None) == 2 and end not in (None, 2) and te_name not in kept:
+        kept[te_name] = core.eos_token_id
+        core.eos_token_id = end
 
 
 def hidden(encoder, ids: torch.Tensor, clip_skip: int | None, sdxl: bool) -> torch.Tensor:

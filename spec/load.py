@@ -341,6 +341,10 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         return
     if typ == "string_pattern_mismatch":
         pat = err.get("ctx", {}).get("pattern", "")
+        if pat == r"^\S+$":  # a word: an embedding's token (spec/models_parts.py)
+            diags.error(pos, f"`{where}` must be one word, without spaces; found {_describe(value)}",
+                        hint="e.g. `<my-style>`: prompts write the token as it is")
+            return
         allowed = "lowercase letters, digits, `_` and `-`" if pat == m.ID_PATTERN else \
             "lowercase letters, digits, `.`, `_` and `-`"
         diags.error(pos, f"`{value}` is not a valid {'id' if pat == m.ID_PATTERN else 'name'}: use {allowed}")

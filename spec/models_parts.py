@@ -150,8 +150,9 @@ class ModelSpec(Node):
         "SDXL)", examples=[[{"file": "embeddings/badhands.safetensors", "token": "badhands"}]])
     clip_skip: Annotated[int, Field(ge=0, le=64)] | None = Field(
         None, description="CLIP skip as diffusers' `clip_skip`: the text is read this many layers before the "
-        "last (SD: through the final layer norm; SDXL: before the penultimate). A1111's \"Clip skip N\" is N − 1 "
-        "here; 0 = none. SD, SDXL; at most the text encoder's layers (SDXL: minus 1)", examples=[1])
+        "last (SD: through the final layer norm; SDXL: before the penultimate). On SD, A1111's \"Clip skip N\" is "
+        "N − 1 here; on SDXL, ComfyUI's \"CLIP Set Last Layer\" −N is N − 2 and A1111's clip skip is 0; 0 = none. "
+        "SD, SDXL; at most the text encoder's layers (SDXL: minus 1)", examples=[1])
 
 
 class VisualRefine(Node):

@@ -196,6 +196,42 @@ def test_runtime_code_change_makes_outputs_stale(project, monkeypatch, tmp_path_
         {("changed", "scenec's runtime code changed (same version " + __import__("scenec").__version__ + ")")}
 
 
+def test_runtime_code_covers_the_compiler_code_the_runtime_runs(monkeypatch, tmp_path, request):
+    """The runtime runs some compiler code itself (runtime/lora.py maps a LoRA file's keys with
+    compiler.lora.split_key): a change there changes images and no plan, so it changes the key too. A compiler
+    module the runtime does not import does not."""
+    import scenec.build.keys as keys
+
+    rt, comp = tmp_path / "rt", tmp_path / "comp"
+    rt.mkdir()
+    comp.mkdir()
+    (rt / "lora.py").write_text("from scenec.compiler.lora import split_key\nimport scenec.spec.plan\n")
+    (rt / "other.py").write_text("from scenec.compiler import keys\n")
+    (comp / "lora.py").write_text("def split_key(k): return k\n")
+    (comp / "printer.py").write_text("x = 1\n")
+    real = keys.find_spec
+
+    def spec(path):
+        return type("Spec", (), {"submodule_search_locations": [str(path)]})
+
+    fakes = {"scenec.runtime": spec(rt), "scenec.compiler": spec(comp)}
+    monkeypatch.setattr(keys, "find_spec", lambda name: fakes.get(name) or real(name))
+    request.addfinalizer(keys.runtime_code.cache_clear)  # later tests see the real code's stamp
+
+    def stamp():
+        keys.runtime_code.cache_clear()
+        return keys.runtime_code()
+
+    a = stamp()
+    (comp / "printer.py").write_text("x = 2\n")  # not the runtime's
+    assert stamp() == a
+    (comp / "lora.py").write_text("def split_key(k): return k.lower()\n")
+    assert stamp() != a
+    b = stamp()
+    (comp / "keys.py").write_text("z = 1\n")  # `from scenec.compiler import keys`: a module too
+    assert stamp() != b
+
+
 def test_stale_temp_files_are_removed_and_manifest_is_atomic(project):
     d, _ = project
     run(["."], select=["alpha"])

@@ -120,6 +120,31 @@ def test_embeddings_match_diffusers_load_textual_inversion(tmp_path, family):
     assert len(be.pipe.tokenizer) == len(be.text.kept["tokenizer"][0])
 
 
+def test_sdxl_pools_at_the_end_token_with_an_encoder_config_of_the_legacy_eos_id(tmp_path):
+    """SDXL's text_encoder_2 config says ``eos_token_id: 2`` (from before transformers#24773): CLIP then pools at
+    the largest token id, which an embedding's added token is (diffusers#10754), so the pooled vector would be the
+    embedding's hidden state, not the end token's (A1111's and ComfyUI's). scenec pools at the end token while
+    embeddings are loaded: the images equal those of the same model with the right end id, and the encoder has
+    its own setting back once they are unloaded."""
+    be = load_backend("tiny-sdxl", device="cpu", dtype="fp32")
+    embs = embeddings(tmp_path, "sdxl")
+    p, bare = plan("sdxl", embs, prompt=PROMPT, negative=NEGATIVE), plan("sdxl", prompt=PROMPT, negative=NEGATIVE)
+    right = latents(be, p)
+    latents(be, bare)  # unloads them
+    core = be.pipe.text_encoder_2.text_model
+    assert core.eos_token_id == be.pipe.tokenizer_2.eos_token_id != 2
+    kept, core.eos_token_id = core.eos_token_id, 2  # as SDXL's own config has it
+    try:
+        be.clear_cache()
+        assert torch.equal(latents(be, p), right)  # diffusers' pipeline would pool at `<cat>`
+        assert core.eos_token_id != 2
+        latents(be, bare)  # unloaded: the model as it was loaded (on CLIP's vocabulary the end id is the largest
+        assert core.eos_token_id == 2  # one, so without added words argmax is the end token; tiny's end id is 1)
+    finally:
+        core.eos_token_id = kept
+        be.clear_cache()
+
+
 class _Shim:
     """diffusers 0.42's SD ``encode_prompt`` with ``clip_skip`` reads ``text_encoder.text_model.final_layer_norm``;
     transformers 5's CLIPTextModel has no ``text_model`` (its layers are its own): the reference pipeline gets
@@ -209,6 +234,26 @@ def test_a_token_the_vocabulary_has_fails_the_job_in_one_line_and_leaves_the_mod
     assert torch.equal(latents(be, plan("sd", prompt="a meadow")), before)
 
 
+def test_an_embedding_file_changed_or_gone_since_compile_fails_alone_and_leaves_the_model_clean(tmp_path):
+    """Two embeddings, the second's file changed (other tensor) or removed after the plan was made: the job fails
+    in one line, the first embedding, already loaded, is unloaded again, so a plan without embeddings runs on the
+    model as loaded and one with the first embedding alone still loads it (diffusers refuses a word it has)."""
+    be = tiny_sd_backend()
+    before = latents(be, plan("sd", prompt=PROMPT))
+    cat, bad = embeddings(tmp_path, "sd")
+    alone = latents(be, plan("sd", [cat], prompt=PROMPT))
+    n = len(be.text.kept["tokenizer"][0])
+    write(tmp_path / "other.safetensors", {"something_else": np.ones((1, 32))})
+    changed = {**bad, "path": str(tmp_path / "other.safetensors")}
+    gone = {**bad, "path": str(tmp_path / "gone.safetensors")}
+    for broken, msg in ((changed, "has no tensor `emb_params`"), (gone, "cannot be read")):
+        with pytest.raises(PlanError, match=msg):
+            latents(be, plan("sd", [cat, broken], prompt=PROMPT))
+        assert len(be.pipe.tokenizer) == n and be.text.loaded == ()
+    assert torch.equal(latents(be, plan("sd", prompt=PROMPT)), before)
+    assert torch.equal(latents(be, plan("sd", [cat], prompt=PROMPT)), alone)
+
+
 SCENE = """scenec: 1
 model:
   id: {model}
@@ -258,6 +303,40 @@ def test_bad_embeddings_and_clip_skip_are_located_errors(tmp_path):
     errs = [(d.pos.line, d.message, d.hint) for d in diags if d.severity == "error"]
     assert [line for line, *_ in errs] == [4, 12]
     assert all("SD and SDXL" in m and "Flux" in m and h for _, m, h in errs)
+
+
+def test_a_token_with_a_space_is_told_what_a_token_is(tmp_path):
+    """A token is one word (`\\S+`): `<cat>` is one. The error says so, not the ids' "lowercase letters, digits…"
+    (which `<cat>` is not either)."""
+    from scenec.compiler.check import validate_file
+
+    files(tmp_path)
+    p = tmp_path / "s.yaml"
+    p.write_text('scenec: 1\nmodel: {id: tiny-sd, embeddings: [{file: emb/bad.safetensors, token: "my cat"}]}\n'
+                 "canvas: {width: 128, height: 128}\n")
+    _, diags = validate_file(p)
+    (err,) = [d for d in diags if d.severity == "error"]
+    assert (err.pos.line, err.pos.col) == (2, 70), err
+    assert "`model.embeddings.0.token` must be one word, without spaces" in err.message
+    assert "lowercase" not in err.message + (err.hint or "")
+
+
+def test_clip_skip_hints_map_the_other_uis_per_family(tmp_path):
+    """SD's hidden_states[-(k + 1)] is A1111's "Clip skip k + 1"; SDXL's count starts at the penultimate layer
+    (hidden_states[-(k + 2)]): there ComfyUI's "CLIP Set Last Layer" −N is N − 2 and A1111's "Clip skip" does not
+    act, so the SD mapping would send an SDXL user one layer too deep."""
+    from scenec.compiler.check import validate_file
+
+    hints = {}
+    for model in ("tiny-sd", "tiny-sdxl"):
+        p = tmp_path / f"{model}.yaml"
+        p.write_text(f"scenec: 1\nmodel: {{id: {model}, clip_skip: 9}}\ncanvas: {{width: 128, height: 128}}\n")
+        _, diags = validate_file(p)
+        (err,) = [d for d in diags if d.severity == "error"]
+        assert err.pos.line == 2 and "clip_skip 9 is out of range" in err.message
+        hints[model] = err.hint
+    assert hints["tiny-sd"] == "A1111's \"Clip skip 2\" is `clip_skip: 1`"
+    assert "`clip_skip: N − 2`" in hints["tiny-sdxl"] and "Clip skip 2\" is `clip_skip: 1`" not in hints["tiny-sdxl"]
 
 
 def test_an_sd_embedding_on_sdxl_and_a_word_of_a_models_vocabulary(tmp_path):

@@ -80,19 +80,55 @@ def job_identity(identity: dict, job: dict, weights_hash: str = "stat", digests:
 
 @cache
 def runtime_code() -> str:
-    """sha256 of every source file of ``scenec.runtime`` (its families and methods too), first 16 hex.
+    """sha256 of every source file of ``scenec.runtime`` (its families and methods too) and of the
+    compiler and spec modules those files import (:func:`_imported`), first 16 hex.
 
     What a plan's images look like is the plan (its ``job_hash``), the weights, and this code: a
     change to a solver or a method changes images without changing the version string of a checkout
-    (an editable install), so outputs built before it must count as stale. Located without importing
-    the runtime (no torch here); ~1 MB hashed once per process."""
+    (an editable install), so outputs built before it must count as stale. The runtime runs some of
+    the compiler's and spec's code itself (``compiler.lora.split_key`` maps a LoRA file's keys onto the
+    model at load, ``spec.plan`` decodes the plan's masks): a change there changes images and no plan.
+    Located without importing the runtime (no torch here); ~1 MB hashed once per process."""
     spec = find_spec("scenec.runtime")
     h = hashlib.sha256()
+    files: list[tuple[str, Path]] = []
     for d in (spec.submodule_search_locations or []) if spec else []:
-        for p in sorted(Path(d).rglob("*.py")):
-            h.update(p.relative_to(d).as_posix().encode() + b"\0")
-            h.update(hashlib.sha256(p.read_bytes()).digest())
+        files += [(p.relative_to(d).as_posix(), p) for p in sorted(Path(d).rglob("*.py"))]
+    used = sorted({m for _, p in files for m in _imported(p)})
+    for name, p in files + [(m, q) for m in used if (q := _module_file(m)) is not None]:
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:16]
+
+
+def _imported(path: Path) -> set[str]:
+    """The ``scenec.compiler.*`` and ``scenec.spec.*`` modules a source file imports (``from M import …``,
+    ``import M``; read with ast, nothing imported)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return set()
+    out = set()
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            # `from scenec.compiler import lora` names a module too (_module_file skips what is not one)
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        out.update(n for n in names if n.startswith(("scenec.compiler.", "scenec.spec.")))
+    return out
+
+
+def _module_file(name: str) -> Path | None:
+    """A ``scenec.compiler.X`` / ``scenec.spec.X`` module's source file, found from its package's location."""
+    pkg, _, rest = name.partition(".")[2].partition(".")
+    spec = find_spec(f"scenec.{pkg}")
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(d, *rest.split(".")).with_suffix(".py")
+        if p.is_file():
+            return p
+    return None
 
 
 def cache_key(job_hash: str, identity: dict, seed: int) -> str:
