@@ -22,7 +22,7 @@ from scenec.spec.paths import PathProblem
 from scenec.spec.plan_control import Control
 
 from .caps import ModelInfo, cached_hub_file
-from .files import open_image
+from .files import open_image, to_rgb
 from .levels import level_index, noise_levels, window_ok
 from .visual import builtin_adapter
 
@@ -158,7 +158,7 @@ def lower_controls(ir, tensors: dict) -> list[Control]:
         p = ir.scene.resolve(path + ("image",), c.image)
         name = f"control/{i}/image"
         with Image.open(p) as im:
-            tensors[name] = np.asarray(im.convert("RGB").resize((w, h), Image.LANCZOS), np.uint8)
+            tensors[name] = np.asarray(to_rgb(im).resize((w, h), Image.LANCZOS), np.uint8)
         model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
         out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
                            mode=c.mode, window=(level_index(c.window[0], table), level_index(c.window[1], table))))

@@ -266,3 +266,17 @@ def test_a_coupling_group_shares_its_prefix_with_a_control(tmp_path, be):
     plain = run(be, compile_text(tmp_path, text, "plain"))
     assert all(float((plain[k.replace("scene-", "plain-")].latents - alone[k].latents).abs().max()) > 1e-2
                for k in alone)  # the control acts in every variant
+
+
+def test_a_16_bit_control_image_is_scaled_not_clipped(tmp_path):
+    """A depth map saved as a 16-bit grayscale PNG (Pillow's ``I;16``) is the 8-bit image it scales to (v / 257);
+    Pillow's ``convert("RGB")`` clipped it at 255, so nearly every pixel became white."""
+    path = scene(tmp_path, "d16", [control(image="depth16.png")])
+    ramp = np.tile(np.linspace(0, 255, 128).round().astype(np.uint16), (128, 1))
+    Image.fromarray(ramp * 257).save(path.parent / "depth16.png")
+    assert Image.open(path.parent / "depth16.png").mode.startswith("I")
+    got = compile_scene(path).tensor("control/0/image")
+    Image.fromarray(ramp.astype(np.uint8)).save(path.parent / "edges.png")  # the same depth map in 8 bits
+    path.write_text(path.read_text().replace("depth16.png", "edges.png"))
+    want = compile_scene(path).tensor("control/0/image")
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and int(np.asarray(got).max()) == 255
