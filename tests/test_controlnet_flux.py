@@ -280,3 +280,22 @@ def test_a_16_bit_control_image_is_scaled_not_clipped(tmp_path):
     path.write_text(path.read_text().replace("depth16.png", "edges.png"))
     want = compile_scene(path).tensor("control/0/image")
     assert np.array_equal(np.asarray(got), np.asarray(want)) and int(np.asarray(got).max()) == 255
+
+
+def test_a_larger_canvas_built_before_leaves_the_control_encoding_alone(tmp_path, be):
+    """A canvas above 1024² px decodes with the VAE tiled; the flag stayed on, so the next plan's control image (wider
+    than the tiny VAE's 256 px tile) was VAE-encoded tiled: its image depended on what the process built before."""
+    d = tmp_path / "tile"
+    d.mkdir()
+    a = np.zeros((256, 384, 3), np.uint8)
+    a[::9] = 255
+    a[:, 40:44] = 255
+    Image.fromarray(a).save(d / "edges.png")
+    small = SCENE.format(model="tiny", cfg="", negative="", entities="", control="control:\n" + control())
+    (d / "b.yaml").write_text(small.replace("{width: 128, height: 128}", "{width: 384, height: 256}"))
+    (d / "a.yaml").write_text(SCENE.format(model="tiny", cfg="", negative="", entities="", control="")
+                              .replace("{width: 128, height: 128}", "{width: 1088, height: 1024}"))
+    pb, pa = compile_scene(d / "b.yaml"), compile_scene(d / "a.yaml")
+    alone = run_job(be, pb, pb.jobs[0], decode=False).latents
+    run_job(be, pa, pa.jobs[0])  # decoded tiled
+    assert torch.equal(run_job(be, pb, pb.jobs[0], decode=False).latents, alone)
