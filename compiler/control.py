@@ -24,6 +24,7 @@ from scenec.spec.plan_control import Control
 from .caps import ModelInfo, cached_hub_file
 from .files import open_image, to_rgb
 from .levels import level_index, noise_levels, window_ok
+from .schedule import img2img_start
 from .visual import builtin_adapter
 
 
@@ -87,9 +88,16 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
         if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
             hi, lo = c.window
             table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
+            strength = ls.scene.background.strength
+            start = 0 if strength is None else img2img_start(steps, strength)
             if level_index(hi, table) == level_index(lo, table):
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
                               f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
+            elif 0 < start < steps and level_index(lo, table) <= start:  # img2img runs steps start..steps-1 only
+                diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] ends before the steps "
+                              f"that run: `background.strength: {strength:g}` runs the last {steps - start} of "
+                              f"{steps}; the control does nothing", hint="end the window later (e.g. [1.0, 0.0]) "
+                              "or raise `strength`")
 
 
 def _config(directory: str) -> dict:

@@ -299,3 +299,21 @@ def test_a_larger_canvas_built_before_leaves_the_control_encoding_alone(tmp_path
     alone = run_job(be, pb, pb.jobs[0], decode=False).latents
     run_job(be, pa, pa.jobs[0])  # decoded tiled
     assert torch.equal(run_job(be, pb, pb.jobs[0], decode=False).latents, alone)
+
+
+def test_a_window_ending_before_an_img2img_start_is_a_warning(tmp_path):
+    """With `background.strength` only the last steps run: a control whose window ends before them does nothing
+    (its image is never read), which `validate` says at the window; one reaching them is fine."""
+    d = tmp_path / "i2i"
+    d.mkdir()
+    edges(d / "edges.png")
+    for window, warned in (("[1.0, 0.7]", True), ("[1.0, 0.0]", False)):
+        text = SCENE.format(model="tiny", cfg="", negative=", image: edges.png, strength: 0.5", entities="",
+                            control="control:\n" + control(window=window))
+        (d / "s.yaml").write_text(text)
+        _, diags = validate_file(d / "s.yaml")
+        warns = [(x.pos.line, x.message) for x in diags if x.severity == "warning" and "control window" in x.message]
+        errs = [x for x in diags if x.severity == "error"]
+        assert not errs and bool(warns) == warned, (window, warns, errs)
+        if warned:
+            assert warns[0][0] == 7 and "`background.strength: 0.5` runs the last 1 of 3" in warns[0][1], warns
