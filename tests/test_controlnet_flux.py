@@ -301,9 +301,10 @@ def test_a_larger_canvas_built_before_leaves_the_control_encoding_alone(tmp_path
     assert torch.equal(run_job(be, pb, pb.jobs[0], decode=False).latents, alone)
 
 
-def test_a_window_ending_before_an_img2img_start_is_a_warning(tmp_path):
-    """With `background.strength` only the last steps run: a control whose window ends before them does nothing
-    (its image is never read), which `validate` says at the window; one reaching them is fine."""
+def test_a_window_ending_before_the_first_step_that_runs_is_a_warning(tmp_path):
+    """With `background.strength` only the last steps run, with references seeded (`init: seed`) the steps from
+    their window on: a control whose window ends before them does nothing (the image is the scene without it),
+    which `validate` says at the window; one reaching them is fine."""
     d = tmp_path / "i2i"
     d.mkdir()
     edges(d / "edges.png")
@@ -317,3 +318,13 @@ def test_a_window_ending_before_an_img2img_start_is_a_warning(tmp_path):
         assert not errs and bool(warns) == warned, (window, warns, errs)
         if warned:
             assert warns[0][0] == 7 and "`background.strength: 0.5` runs the last 1 of 3" in warns[0][1], warns
+
+    # references cycling from the seed (init: seed) start the image at their window: the steps before never run
+    ref = FOX + "    reference: {image: edges.png, window: [0.75, 0.5], cycles: 1}\n"
+    for window, warned in (("[1.0, 0.8]", True), ("[1.0, 0.6]", False)):
+        (d / "s.yaml").write_text(SCENE.format(model="tiny", cfg="", negative="", entities=ref,
+                                               control="control:\n" + control(window=window)))
+        _, diags = validate_file(d / "s.yaml")
+        warns = [x.message for x in diags if x.severity == "warning" and "control window" in x.message]
+        assert bool(warns) == warned and not [x for x in diags if x.severity == "error"], (window, warns)
+        assert not warned or "the references' seed initialisation starts at step 1 of 3" in warns[0], warns
