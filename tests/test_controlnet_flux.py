@@ -282,23 +282,25 @@ def test_a_16_bit_control_image_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(got), np.asarray(want)) and int(np.asarray(got).max()) == 255
 
 
-def test_a_larger_canvas_built_before_leaves_the_control_encoding_alone(tmp_path, be):
+def test_a_tiled_decode_before_leaves_the_control_encoding_alone(tmp_path, be, monkeypatch):
     """A canvas above 1024² px decodes with the VAE tiled; the flag stayed on, so the next plan's control image (wider
-    than the tiny VAE's 256 px tile) was VAE-encoded tiled: its image depended on what the process built before."""
+    than the tiny VAE's 256 px tile) was VAE-encoded tiled: its image depended on what the process built before.
+    (The threshold lowered here so that a small decode tiles: a real 1024² one takes half a minute on a CPU.)"""
+    from scenec.runtime import memory
+
     d = tmp_path / "tile"
     d.mkdir()
     a = np.zeros((256, 384, 3), np.uint8)
     a[::9] = 255
     a[:, 40:44] = 255
     Image.fromarray(a).save(d / "edges.png")
-    small = SCENE.format(model="tiny", cfg="", negative="", entities="", control="control:\n" + control())
-    (d / "b.yaml").write_text(small.replace("{width: 128, height: 128}", "{width: 384, height: 256}"))
-    (d / "a.yaml").write_text(SCENE.format(model="tiny", cfg="", negative="", entities="", control="")
-                              .replace("{width: 128, height: 128}", "{width: 1088, height: 1024}"))
-    pb, pa = compile_scene(d / "b.yaml"), compile_scene(d / "a.yaml")
-    alone = run_job(be, pb, pb.jobs[0], decode=False).latents
-    run_job(be, pa, pa.jobs[0])  # decoded tiled
-    assert torch.equal(run_job(be, pb, pb.jobs[0], decode=False).latents, alone)
+    text = SCENE.format(model="tiny", cfg="", negative="", entities="", control="control:\n" + control())
+    (d / "s.yaml").write_text(text.replace("{width: 128, height: 128}", "{width: 384, height: 256}"))
+    plan = compile_scene(d / "s.yaml")
+    alone = run_job(be, plan, plan.jobs[0], decode=False).latents
+    monkeypatch.setattr(memory, "TILE_ABOVE", 256 * 256)
+    be.decode(alone, plan)  # tiled
+    assert torch.equal(run_job(be, plan, plan.jobs[0], decode=False).latents, alone)
 
 
 def test_a_window_ending_before_the_first_step_that_runs_is_a_warning(tmp_path):
