@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from scenec.spec.diagnostics import Diagnostics
@@ -58,6 +59,16 @@ def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, wha
     except (OSError, SyntaxError, ValueError) as e:
         diags.error(pos, f"{what} `{value}` is not a readable image ({type(e).__name__}: {e})".rstrip())
     return None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. 16-bit grayscale (Pillow's ``I;16*`` and ``I`` modes, e.g. a depth map saved as a
+    16-bit PNG) is scaled to 8 bits (v / 257, rounded); Pillow's own ``convert("RGB")`` clips it at 255, so
+    nearly every pixel of such an image became white. Other modes convert as Pillow does (alpha dropped)."""
+    if im.mode.startswith("I"):
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
+        im = Image.fromarray(np.rint(a).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def read_json(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what: str = "file") -> Any:

@@ -36,6 +36,7 @@ from scenec.spec.plan import (
 
 from .caps import grid_size
 from .control import lower_controls
+from .files import to_rgb
 from .ir import IR, ConditionNode, GroupNode, PromptNode
 from .provenance import resolved_scene
 
@@ -107,7 +108,7 @@ def lower(ir: IR) -> CompiledPlan:
     init_name = None
     if sc.background.image:
         with Image.open(ir.scene.resolve(("background", "image"), sc.background.image)) as im:
-            init = im.convert("RGB").resize(canvas, Image.Resampling.LANCZOS)
+            init = to_rgb(im).resize(canvas, Image.Resampling.LANCZOS)
         init_name = "image/init"
         tensors[init_name] = np.asarray(init, dtype=np.uint8)
     init_level = None
@@ -215,7 +216,7 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
     with Image.open(c.path) as im:
         foot = footprint(im.size, reg.geom.bounds, c.fit)
         if name not in tensors:
-            tensors[name] = place_reference(im.convert("RGB"), reg.geom, reg.feather_px, c.fit, canvas, rasterize)
+            tensors[name] = place_reference(to_rgb(im), reg.geom, reg.feather_px, c.fit, canvas, rasterize)
     x0, y0, x1, y1 = reg.geom.bounds
     if not (foot[0] <= x0 and foot[1] <= y0 and foot[2] >= x1 and foot[3] >= y1):  # bars inside the region
         from shapely.geometry import box

@@ -19,6 +19,7 @@ from shapely import affinity
 
 from scenec.spec.fsio import atomic_write
 
+from .files import to_rgb
 from .raster import fit_into_box, rasterize
 
 TILE = 512  # long side of one layout, px
@@ -140,7 +141,7 @@ def _load_background(path, canvas) -> Image.Image | None:
         return None
     try:
         with Image.open(path) as im:
-            return im.convert("RGB").resize(canvas, Image.Resampling.LANCZOS)  # as the plan fits it
+            return to_rgb(im).resize(canvas, Image.Resampling.LANCZOS)  # as the plan fits it
     except (OSError, ValueError):
         return None
 
@@ -317,7 +318,7 @@ def _fitted_reference(path, fit: str, bounds, cover: np.ndarray, size) -> Image.
     """The reference image fitted into the region's box (contain | cover | stretch), alpha = region."""
     try:
         with Image.open(path) as im:
-            ref = im.convert("RGB")
+            ref = to_rgb(im)
     except (OSError, ValueError):
         return None
     x0, y0 = bounds[:2]

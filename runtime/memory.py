@@ -17,6 +17,7 @@ the command line prints before anything loads (exit 2). :func:`peak` is what eac
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 
 OFFLOAD = ("none", "model", "sequential")
 QUANTIZE = ("none", "nf4", "int8", "fp8")
@@ -111,6 +112,19 @@ def vae_tiling(pipe, width: int, height: int) -> None:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
+
+
+@contextmanager
+def tiled_decode(pipe, width: int, height: int):
+    """A decode at ``width`` × ``height``: the VAE tiled inside (:func:`vae_tiling`), untiled again after. The
+    tiling flag also tiles ``vae.encode`` of images larger than the VAE's tile: left on by a large canvas's
+    decode, it changed the next smaller plan's encodings (its control image, init image, references), so an
+    image depended on what the process had built before it."""
+    vae_tiling(pipe, width, height)
+    try:
+        yield
+    finally:
+        vae_tiling(pipe, 0, 0)
 
 
 def peak(device) -> dict:

@@ -239,3 +239,31 @@ def test_a_changed_controlnet_directory_is_read_again(tmp_path, backends):
     assert again is not first
     torch.testing.assert_close(again.controlnet_mid_block.weight, 2 * first.controlnet_mid_block.weight)
     assert load_controlnet(be, str(cn)) is again  # unchanged: kept
+
+
+@pytest.mark.parametrize("kind", ["euler", "euler-karras"])
+def test_a_control_with_an_euler_solver_reproduces_the_controlnet_pipeline(tmp_path, backends, kind):
+    """The ControlNet reads the UNet's input, which Euler scales (``scale_model_input``) in diffusers' pipeline:
+    scenec's VP latents are that input, so a control under `solver: euler` equals the pipeline with
+    EulerDiscreteScheduler (the bound of tests/test_solvers_euler.py: float rounding of the σ conversion)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    be = backends["tiny-sd"]
+    d = tmp_path / kind
+    d.mkdir()
+    edges(d / "edges.png")
+    text = SCENE.format(model="tiny-sd", control=control(0.7), entities="")
+    (d / "s.yaml").write_text(text.replace("seed: 7}", f"seed: 7, solver: {kind}}}"), encoding="utf-8")
+    plan = compile_scene(d / "s.yaml")
+    ours = run_job(be, plan, plan.jobs[0], decode=False).latents
+    p = be.pipe
+    sched = EulerDiscreteScheduler.from_config(p.scheduler.config, use_karras_sigmas=kind == "euler-karras")
+    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, load_controlnet(be, None),
+                                             sched, None, None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a lighthouse on a cliff", image=Image.open(d / "edges.png"), negative_prompt="blurry", height=128,
+               width=128, num_inference_steps=3, guidance_scale=plan.sampler.guidance,
+               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    err, top = float((ours - ref).abs().max()), float(ref.abs().max())
+    assert err <= 5e-6 * top, (err, top)  # measured max |Δ| 3.1e-5 (euler), 3.6e-5 (karras)

@@ -266,3 +266,67 @@ def test_a_coupling_group_shares_its_prefix_with_a_control(tmp_path, be):
     plain = run(be, compile_text(tmp_path, text, "plain"))
     assert all(float((plain[k.replace("scene-", "plain-")].latents - alone[k].latents).abs().max()) > 1e-2
                for k in alone)  # the control acts in every variant
+
+
+def test_a_16_bit_control_image_is_scaled_not_clipped(tmp_path):
+    """A depth map saved as a 16-bit grayscale PNG (Pillow's ``I;16``) is the 8-bit image it scales to (v / 257);
+    Pillow's ``convert("RGB")`` clipped it at 255, so nearly every pixel became white."""
+    path = scene(tmp_path, "d16", [control(image="depth16.png")])
+    ramp = np.tile(np.linspace(0, 255, 128).round().astype(np.uint16), (128, 1))
+    Image.fromarray(ramp * 257).save(path.parent / "depth16.png")
+    assert Image.open(path.parent / "depth16.png").mode.startswith("I")
+    got = compile_scene(path).tensor("control/0/image")
+    Image.fromarray(ramp.astype(np.uint8)).save(path.parent / "edges.png")  # the same depth map in 8 bits
+    path.write_text(path.read_text().replace("depth16.png", "edges.png"))
+    want = compile_scene(path).tensor("control/0/image")
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and int(np.asarray(got).max()) == 255
+
+
+def test_a_tiled_decode_before_leaves_the_control_encoding_alone(tmp_path, be, monkeypatch):
+    """A canvas above 1024² px decodes with the VAE tiled; the flag stayed on, so the next plan's control image (wider
+    than the tiny VAE's 256 px tile) was VAE-encoded tiled: its image depended on what the process built before.
+    (The threshold lowered here so that a small decode tiles: a real 1024² one takes half a minute on a CPU.)"""
+    from scenec.runtime import memory
+
+    d = tmp_path / "tile"
+    d.mkdir()
+    a = np.zeros((256, 384, 3), np.uint8)
+    a[::9] = 255
+    a[:, 40:44] = 255
+    Image.fromarray(a).save(d / "edges.png")
+    text = SCENE.format(model="tiny", cfg="", negative="", entities="", control="control:\n" + control())
+    (d / "s.yaml").write_text(text.replace("{width: 128, height: 128}", "{width: 384, height: 256}"))
+    plan = compile_scene(d / "s.yaml")
+    alone = run_job(be, plan, plan.jobs[0], decode=False).latents
+    monkeypatch.setattr(memory, "TILE_ABOVE", 256 * 256)
+    be.decode(alone, plan)  # tiled
+    assert torch.equal(run_job(be, plan, plan.jobs[0], decode=False).latents, alone)
+
+
+def test_a_window_ending_before_the_first_step_that_runs_is_a_warning(tmp_path):
+    """With `background.strength` only the last steps run, with references seeded (`init: seed`) the steps from
+    their window on: a control whose window ends before them does nothing (the image is the scene without it),
+    which `validate` says at the window; one reaching them is fine."""
+    d = tmp_path / "i2i"
+    d.mkdir()
+    edges(d / "edges.png")
+    for window, warned in (("[1.0, 0.7]", True), ("[1.0, 0.0]", False)):
+        text = SCENE.format(model="tiny", cfg="", negative=", image: edges.png, strength: 0.5", entities="",
+                            control="control:\n" + control(window=window))
+        (d / "s.yaml").write_text(text)
+        _, diags = validate_file(d / "s.yaml")
+        warns = [(x.pos.line, x.message) for x in diags if x.severity == "warning" and "control window" in x.message]
+        errs = [x for x in diags if x.severity == "error"]
+        assert not errs and bool(warns) == warned, (window, warns, errs)
+        if warned:
+            assert warns[0][0] == 7 and "`background.strength: 0.5` runs the last 1 of 3" in warns[0][1], warns
+
+    # references cycling from the seed (init: seed) start the image at their window: the steps before never run
+    ref = FOX + "    reference: {image: edges.png, window: [0.75, 0.5], cycles: 1}\n"
+    for window, warned in (("[1.0, 0.8]", True), ("[1.0, 0.6]", False)):
+        (d / "s.yaml").write_text(SCENE.format(model="tiny", cfg="", negative="", entities=ref,
+                                               control="control:\n" + control(window=window)))
+        _, diags = validate_file(d / "s.yaml")
+        warns = [x.message for x in diags if x.severity == "warning" and "control window" in x.message]
+        assert bool(warns) == warned and not [x for x in diags if x.severity == "error"], (window, warns)
+        assert not warned or "the references' seed initialisation starts at step 1 of 3" in warns[0], warns

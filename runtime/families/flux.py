@@ -27,7 +27,7 @@ from ..attention import DOUBLE, SINGLE, Attention, Site, attend, residual_extra
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
-from ..memory import vae_tiling
+from ..memory import tiled_decode
 from ..solvers import FlowEuler
 
 
@@ -288,8 +288,8 @@ class FluxBackend:
         width, height = plan.canvas
         x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        vae_tiling(pipe, width, height)
-        img = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+        with tiled_decode(pipe, width, height):
+            img = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 

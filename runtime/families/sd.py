@@ -23,7 +23,7 @@ from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, regions_by_
 from ..cache import TextCache
 from ..euler import euler_solver
 from ..finite import require_finite
-from ..memory import vae_tiling
+from ..memory import tiled_decode
 from ..solvers import DDIM, ddpm_solver
 from ..textual_inversion import TextOptions, check_layers, encode_skipped, hidden
 
@@ -271,8 +271,9 @@ class SDBackend:
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe
         f = pipe.vae_scale_factor
-        vae_tiling(pipe, latents.shape[-1] * f, latents.shape[-2] * f)
-        img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
+        with tiled_decode(pipe, latents.shape[-1] * f, latents.shape[-2] * f):
+            img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype),
+                                  return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels
         return pipe.image_processor.postprocess(img, output_type="pil")[0]
 
