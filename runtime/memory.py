@@ -103,6 +103,25 @@ def place(pipe, device, offload: str) -> None:
         pipe.to(device)
 
 
+def place_module(module, device, offload: str):
+    """A model outside the pipeline (a ControlNet) placed as diffusers' offload places the modules of a
+    pipeline that are not in its offload sequence: on ``device`` (``none``); under ``model`` with its own
+    ``cpu_offload_with_hook`` — on the device from its first call until the hook's ``offload()``, which the
+    caller runs when the run ends (diffusers: ``maybe_free_model_hooks`` at the end of the call); under
+    ``sequential`` streamed from the CPU with ``cpu_offload``. Returns the hook to release, or None."""
+    if offload == "model":
+        from accelerate import cpu_offload_with_hook
+
+        return cpu_offload_with_hook(module, device)[1]
+    if offload == "sequential":
+        from accelerate import cpu_offload
+
+        cpu_offload(module, execution_device=device)
+    else:
+        module.to(device)
+    return None
+
+
 def vae_tiling(pipe, width: int, height: int) -> None:
     """Tile the VAE's decoder for canvases above 1024² px (and not below)."""
     vae = getattr(pipe, "vae", None)

@@ -267,3 +267,31 @@ def test_a_control_with_an_euler_solver_reproduces_the_controlnet_pipeline(tmp_p
                output_type="latent").images
     err, top = float((ours - ref).abs().max()), float(ref.abs().max())
     assert err <= 5e-6 * top, (err, top)  # measured max |Δ| 3.1e-5 (euler), 3.6e-5 (karras)
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_under_offload_the_controlnet_is_offloaded_as_diffusers_does(tmp_path, offload):
+    """``--offload``: the ControlNet is not put on the device for good (a Flux one is ~6.6 GB): under ``model`` it
+    gets its own offload hook, released when the run ends; under ``sequential`` its weights stream from the CPU
+    (diffusers' enable_model/sequential_cpu_offload do the same to a pipeline's ControlNet). Same latents."""
+    be = load_backend("tiny-sd", device="cpu", dtype="fp32")  # its own: the method's net is cached per backend
+    _, plain = build(tmp_path, {"tiny-sd": be}, "n", control=control())
+    be.__dict__.pop("controlnets")
+    be.memory = {**be.memory, "offload": offload}
+    calls = []
+    if offload == "model":
+        import accelerate.hooks
+
+        real = accelerate.hooks.UserCpuOffloadHook.offload
+        accelerate.hooks.UserCpuOffloadHook.offload = lambda self: calls.append(1) or real(self)
+    try:
+        _, ours = build(tmp_path, {"tiny-sd": be}, "o", control=control())
+    finally:
+        if offload == "model":
+            accelerate.hooks.UserCpuOffloadHook.offload = real
+    net = load_controlnet(be, None)
+    assert hasattr(net, "_hf_hook") and torch.equal(ours, plain)
+    if offload == "model":
+        assert net._scenec_offload is not None and calls == [1]  # released once, at the run's end
+    else:
+        assert {p.device.type for p in net.parameters()} == {"meta"}  # the weights live in the CPU offload map

@@ -21,6 +21,7 @@ import torch
 from scenec.spec.errors import ModelUnavailable, PlanError
 
 from ..cache import dir_stamp
+from ..memory import place_module
 from . import control_flux
 from .base import Method
 
@@ -88,9 +89,11 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
                 raise ModelUnavailable(f"ControlNet {model} is not for {getattr(backend, 'model_id', 'this model')}: "
                                        f"{why}")
         net.requires_grad_(False)  # visual.refine takes gradients through the UNet call, not into the ControlNet
-        net.to(backend.device)
         if net.dtype != backend.dtype:
             net.to(dtype=backend.dtype)
+        # --offload: not on the device for good (a Flux ControlNet is ~6.6 GB in bf16), as diffusers offloads it
+        net._scenec_offload = place_module(net, backend.device, (getattr(backend, "memory", None) or {})
+                                           .get("offload", "none"))
         loaded[key] = net.eval()
         while len(loaded) > KEPT:
             loaded.popitem(last=False)
@@ -152,6 +155,12 @@ class ControlNet(Method):
         if self.flux and len(self.controls) > 1:
             control_flux.check_together([n for _, n, _, _ in self.controls],
                                         [c.model_spec or "(built-in)" for c, *_ in self.controls])
+
+    def close(self) -> None:
+        """Under ``--offload model`` each ControlNet goes back to the CPU when the run ends (before the decode)."""
+        for _, net, *_ in getattr(self, "controls", ()):
+            if getattr(net, "_scenec_offload", None) is not None:
+                net._scenec_offload.offload()
 
     def denoiser_inputs(self, call, x: torch.Tensor, t, kwargs: dict) -> dict:
         """The denoiser's residual inputs for this call: each acting control's ControlNet on the call's model input
