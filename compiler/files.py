@@ -53,7 +53,7 @@ def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, wha
                                  "(decompression bomb?)")
                 return None
             im.load()
-            return im.copy()
+            return upright(im)
     except Image.DecompressionBombError:
         diags.error(pos, f"{what} `{value}` is too large to decode (decompression bomb?)")
     except (OSError, SyntaxError, ValueError) as e:
@@ -61,10 +61,20 @@ def open_image(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, wha
     return None
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF Orientation tag says (a phone photo is stored sideways with a tag that viewers
+    apply), a copy: every image a scene names is read as the user sees it, as diffusers' ``load_image`` does."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """``im`` as 8-bit RGB. 16-bit grayscale (Pillow's ``I;16*`` and ``I`` modes, e.g. a depth map saved as a
     16-bit PNG) is scaled to 8 bits (v / 257, rounded); Pillow's own ``convert("RGB")`` clips it at 255, so
-    nearly every pixel of such an image became white. Other modes convert as Pillow does (alpha dropped)."""
+    nearly every pixel of such an image became white. Other modes convert as Pillow does (alpha dropped).
+    Upright first (:func:`upright`)."""
+    im = upright(im)
     if im.mode.startswith("I"):
         a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
         im = Image.fromarray(np.rint(a).astype(np.uint8), "L")

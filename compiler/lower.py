@@ -214,9 +214,10 @@ def _lower_condition(ir: IR, c: ConditionNode, reg, masks: dict, tensors: dict) 
     canvas = ir.canvas
     name = f"cond/{reg.id}/rgba"
     with Image.open(c.path) as im:
-        foot = footprint(im.size, reg.geom.bounds, c.fit)
+        rgb = to_rgb(im)  # upright: its size is the one the user sees
+        foot = footprint(rgb.size, reg.geom.bounds, c.fit)
         if name not in tensors:
-            tensors[name] = place_reference(to_rgb(im), reg.geom, reg.feather_px, c.fit, canvas, rasterize)
+            tensors[name] = place_reference(rgb, reg.geom, reg.feather_px, c.fit, canvas, rasterize)
     x0, y0, x1, y1 = reg.geom.bounds
     if not (foot[0] <= x0 and foot[1] <= y0 and foot[2] >= x1 and foot[3] >= y1):  # bars inside the region
         from shapely.geometry import box

@@ -58,7 +58,9 @@ def prepare_image(im, mode: str) -> np.ndarray:
     preprocessing: CLIP's resize and centre crop); then at most ``MAX_VISUAL_SIDE`` a side."""
     from PIL import Image
 
-    rgb = on_gray(im)
+    from .files import upright
+
+    rgb = on_gray(upright(im))
     if mode == "kv-mixed":
         rgb = pad_square(rgb)
     if max(rgb.shape[:2]) > MAX_VISUAL_SIDE:

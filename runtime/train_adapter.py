@@ -202,13 +202,13 @@ class Trainer:
     def prepare(self, ex: TrainExample) -> Prepared:
         """Load an example: scaled to the resolution (sides a multiple of the family's), encoded with the
         VAE (deterministic), its crop and its region on each attention grid."""
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         fam = self.info.family
-        with Image.open(ex.image) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        with Image.open(ex.image) as im:  # upright, as viewers show a phone photo (its EXIF Orientation)
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         with Image.open(ex.mask) as im:
-            mask = np.asarray(im.convert("L")) > 127
+            mask = np.asarray(ImageOps.exif_transpose(im).convert("L")) > 127
         h, w = mask.shape
         f = min(1.0, self.cfg.resolution / max(h, w))
         m = fam.multiple

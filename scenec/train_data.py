@@ -26,12 +26,12 @@ class DataError(Exception):
 
 def _image(path: Path, what: str, problems: list[str], where: str):
     """The image's size, or None (a problem added)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.size
+            return ImageOps.exif_transpose(im).size  # upright, as the trainer reads it
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         problems.append(f"{where}: {what} `{path.name}` is not a readable image ({type(e).__name__})")
         return None
