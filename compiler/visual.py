@@ -38,7 +38,9 @@ def on_gray(im) -> np.ndarray:
         rgba = im.convert("RGBA")
         back = Image.new("RGBA", rgba.size, (GRAY, GRAY, GRAY, 255))
         return np.asarray(Image.alpha_composite(back, rgba).convert("RGB"), dtype=np.uint8)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    from .files import to_rgb
+
+    return np.asarray(to_rgb(im), dtype=np.uint8)  # 16-bit grayscale scaled, not clipped to white
 
 
 def pad_square(rgb: np.ndarray) -> np.ndarray:

@@ -73,3 +73,12 @@ def test_tagged_images_compile_as_the_upright_pictures(tmp_path, scene, files):
     assert names == sorted(tagged.tensors) and len(names) >= len(files)
     for n in names:
         assert np.array_equal(np.asarray(upright.tensor(n)), np.asarray(tagged.tensor(n))), n
+
+
+def test_a_16_bit_visual_prompt_image_is_scaled_not_clipped():
+    from scenec.compiler.visual import on_gray
+
+    ramp = np.linspace(0, 65535, 64 * 8).reshape(8, 64).astype(np.uint16)
+    rgb = on_gray(Image.fromarray(ramp))  # mode I;16, as a 16-bit grayscale PNG opens
+    # Pillow's own convert gives 255 nearly everywhere
+    assert rgb.shape == (8, 64, 3) and (rgb[..., 0] == np.rint(ramp / 257.0)).all()
