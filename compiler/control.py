@@ -23,8 +23,7 @@ from scenec.spec.plan_control import Control
 
 from .caps import ModelInfo, cached_hub_file
 from .files import open_image, to_rgb
-from .levels import level_index, noise_levels, window_ok
-from .schedule import img2img_start
+from .levels import first_step, level_index, noise_levels, window_ok
 from .visual import builtin_adapter
 
 
@@ -88,7 +87,7 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
         if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
             hi, lo = c.window
             table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
-            start, why = _first_step(ls, table, steps)
+            start, why = first_step(ls, table, steps)
             if level_index(hi, table) == level_index(lo, table):
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
                               f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
@@ -96,27 +95,6 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] ends before the steps "
                               f"that run: {why}; the control does nothing",
                               hint="end the window later (e.g. [1.0, 0.0])")
-
-
-def _first_step(ls: LoadedScene, table, steps: int) -> tuple[int, str]:
-    """The first sampler step that any image of the scene runs, and why it is not 0: img2img runs the last
-    steps (``background.strength``); references cycling from the seed (``init: seed``) start each image at
-    their window's start, the steps before it never run (compiler/schedule.py ``build_program``)."""
-    sc = ls.scene
-    if sc.background.strength is not None:
-        start = img2img_start(steps, sc.background.strength)
-        return start, f"`background.strength: {sc.background.strength:g}` runs the last {steps - start} of {steps}"
-    ids = {e.id: i for i, e in enumerate(sc.entities)}
-    images = [[ids[x] for x in (v.entities or []) if x in ids] for g in sc.groups for v in g.variants] \
-        if sc.groups else [list(range(len(sc.entities)))]  # as check._check_reference_images
-    first = steps
-    for shown in images:
-        refs = [sc.entities[i].reference for i in shown if sc.entities[i].reference is not None]
-        cycling = [r for r in refs
-                   if r.cycles > 0 and level_index(r.window[0], table) < level_index(r.window[1], table)]
-        seeded = any(r.init == "seed" for r in cycling)
-        first = min(first, min(level_index(r.window[0], table) for r in cycling) if seeded else 0)
-    return first, f"the references' seed initialisation starts at step {first} of {steps}"
 
 
 def _config(directory: str) -> dict:

@@ -22,12 +22,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from scenec.spec.fsio import note_input
 
 from .caps import cached_hub_file
+
+if TYPE_CHECKING:
+    from scenec.spec.load import LoadedScene
 
 # FLUX.1-dev's scheduler (the offline `tiny` uses it too); FLUX.1-schnell does not shift
 FLOW_DEV = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
@@ -125,3 +129,24 @@ def _read(path: Path) -> dict:
     return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
 
 
+def first_step(ls: LoadedScene, table, steps: int) -> tuple[int, str]:
+    """The first sampler step that any image of the scene runs, and why it is not 0: img2img runs the last
+    steps (``background.strength``); references cycling from the seed (``init: seed``) start each image at
+    their window's start, the steps before it never run (compiler/schedule.py ``build_program``)."""
+    from .schedule import img2img_start
+
+    sc = ls.scene
+    if sc.background.strength is not None:
+        start = img2img_start(steps, sc.background.strength)
+        return start, f"`background.strength: {sc.background.strength:g}` runs the last {steps - start} of {steps}"
+    ids = {e.id: i for i, e in enumerate(sc.entities)}
+    images = [[ids[x] for x in (v.entities or []) if x in ids] for g in sc.groups for v in g.variants] \
+        if sc.groups else [list(range(len(sc.entities)))]  # as check._check_reference_images
+    first = steps
+    for shown in images:
+        refs = [sc.entities[i].reference for i in shown if sc.entities[i].reference is not None]
+        cycling = [r for r in refs
+                   if r.cycles > 0 and level_index(r.window[0], table) < level_index(r.window[1], table)]
+        seeded = any(r.init == "seed" for r in cycling)
+        first = min(first, min(level_index(r.window[0], table) for r in cycling) if seeded else 0)
+    return first, f"the references' seed initialisation starts at step {first} of {steps}"

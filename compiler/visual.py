@@ -175,7 +175,7 @@ def _adapter_problem(head: dict | None, mode: str, family: str, where=".") -> st
 def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnostics) -> None:
     """Every entity's ``visual``: its image, its adapter (present where the model needs one, a safetensors
     file of the mode's kind) and its window; problems at the key that has them, all of them."""
-    from .levels import level_index, noise_levels, window_ok
+    from .levels import first_step, level_index, noise_levels, window_ok
 
     table = None
     sc = ls.scene
@@ -219,6 +219,10 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         if level_index(hi, table) == level_index(lo, table):
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
+        elif 0 < (start := first_step(ls, table, steps))[0] < steps and level_index(lo, table) <= start[0]:
+            diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] ends before the steps that "
+                          f"run: {start[1]}; the visual prompt does nothing",
+                          hint="end the window later (e.g. [1.0, 0.0])")
         if v.refine is not None:
             if e.id in shown and thetas is None:
                 thetas = group_thetas(ls, steps)

@@ -243,3 +243,19 @@ def test_a_changed_image_encoder_rebuilds_its_images(tmp_path):
     assert compile_scene(p).jobs[0].job_hash == plan.jobs[0].job_hash
     r = scenec("status", p, "-o", "out", "--steps", "1")
     assert "1 to build" in r.stdout, r.stdout
+
+
+def test_a_visual_window_ending_before_the_steps_that_run_is_a_warning(tmp_path):
+    """img2img (`background.strength`) runs only the last steps: a visual prompt whose window ends before them
+    does nothing, which `validate` says at its window (as for a control's window); one reaching them is fine."""
+    Image.new("RGB", (64, 64), (90, 120, 60)).save(tmp_path / "bg.png")
+    for window, warned in (("[1.0, 0.7]", True), ("[1.0, 0.0]", False)):
+        p = write(tmp_path, f"    visual: {{image: obj.png, window: {window}}}\n")
+        p.write_text(p.read_text().replace('background: {prompt: "a meadow"}',
+                                           "sampler: {steps: 4}\nbackground: {prompt: \"a meadow\", image: bg.png, "
+                                           "strength: 0.5}"))
+        _, diags = validate_file(p)
+        warns = [(d.pos.line, d.message) for d in diags if d.severity == "warning" and "visual window" in d.message]
+        assert not [d for d in diags if d.severity == "error"] and bool(warns) == warned, (window, warns)
+        if warned:
+            assert warns[0][0] == 10 and "`background.strength: 0.5` runs the last 2 of 4" in warns[0][1]
