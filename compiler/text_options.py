@@ -185,7 +185,36 @@ def check_text_options(ls, info, diags: Diagnostics, model_override: str | None 
             continue
         taken.update((w, i) for w in words)
         out.append(got)
+    _inside_words(ls, [e.token for e in out], diags)
     return out, clip_skip
+
+
+def _prompts(sc):
+    """(key path, text) of every prompt and negative a scene writes."""
+    yield ("background", "prompt"), sc.background.prompt
+    yield ("background", "negative"), sc.background.negative
+    for i, e in enumerate(sc.entities):
+        yield ("entities", i, "prompt"), e.prompt
+        yield ("entities", i, "negative"), e.negative
+    for g, group in enumerate(sc.groups):
+        for v, var in enumerate(group.variants):
+            yield ("groups", g, "variants", v, "prompt"), getattr(var, "prompt", None)
+            yield ("groups", g, "variants", v, "negative"), getattr(var, "negative", None)
+
+
+def _inside_words(ls, tokens: list[str], diags: Diagnostics) -> None:
+    """A warning where an embedding's token is part of a longer word of a prompt: the tokenizer splits an added
+    word out wherever it occurs (diffusers, and so scenec), so the embedding acts inside that word too, where
+    A1111 would match whole words only."""
+    for token in tokens:
+        pattern = re.compile(r"\w*" + re.escape(token) + r"\w*", re.IGNORECASE)
+        for path, text in _prompts(ls.scene):
+            word = next((m.group(0) for m in pattern.finditer(text or "") if m.group(0).lower() != token.lower()),
+                        None)
+            if word is not None:
+                diags.warning(ls.pos(path), f"embedding token `{token}` is inside the word `{word}`: the tokenizer "
+                              "splits it out of the word, so the embedding acts there too",
+                              hint=f"use a token no word contains, e.g. `<{token}>`")
 
 
 def _clip_skip(ls, value: int | None, family: str, encs, diags: Diagnostics) -> int | None:

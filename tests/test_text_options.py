@@ -394,3 +394,22 @@ def test_a_flux_plan_with_text_options_is_refused_by_the_runtime_too():
     p = make_plan(steps=1, width=64, height=64, edit=lambda d, t: d["model"].update(clip_skip=1))
     with pytest.raises(Unsupported, match="SD and SDXL models only"):
         run_job(tiny_backend(), p, p.jobs[0], decode=False)
+
+
+def test_a_token_inside_a_longer_prompt_word_is_a_warning(tmp_path):
+    """The tokenizer splits an added word out of any word that contains it (diffusers; A1111 matches whole
+    words): `bad` in "badger" would bring the embedding into the badger's prompt. Said at that prompt."""
+    from scenec.compiler.check import validate_file
+
+    files(tmp_path)
+    p = tmp_path / "s.yaml"
+    p.write_text("scenec: 1\nmodel: {id: tiny-sd, embeddings: [{file: emb/bad.safetensors}]}\n"
+                 "canvas: {width: 128, height: 128}\n"
+                 'background: {prompt: "a meadow", negative: "bad, blurry"}\n'
+                 "entities:\n"
+                 '  - {id: b, prompt: "a Badger digging", shape: {box: [0.1, 0.1, 0.5, 0.5]}}\n')
+    _, diags = validate_file(p)
+    warns = [(d.pos.line, d.message) for d in diags if d.severity == "warning" and "embedding token" in d.message]
+    assert not [d for d in diags if d.severity == "error"]
+    assert warns == [(6, "embedding token `bad` is inside the word `Badger`: the tokenizer splits it out of the "
+                          "word, so the embedding acts there too")], warns  # the negative's whole word: no warning
