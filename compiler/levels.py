@@ -75,13 +75,13 @@ def ddpm_timesteps(steps: int, config: dict) -> np.ndarray:
 def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None = None) -> np.ndarray:
     """The noise level at each step index 0..N of a model (``caps.ModelInfo``) on a canvas (w, h) under
     ``solver`` (compiler/solvers.py; None: the family's default)."""
-    from .solvers import EULER, dpm_timesteps, euler_timesteps
+    from .solvers import EULER, MULTISTEP, dpm_timesteps, euler_timesteps
 
     config = scheduler_config(info)
     if info.family.sampler == "flow-euler":
         return flow_sigmas(steps, canvas, config)
     T = float(config.get("num_train_timesteps", DDPM_LEADING["num_train_timesteps"]))
-    if solver in ("dpm++2m", "dpm++2m-karras"):
+    if solver in MULTISTEP:  # DPM-Solver++ and UniPC space their timesteps alike
         return np.append(dpm_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)
     if solver in EULER:
         return np.append(euler_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)

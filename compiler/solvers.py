@@ -29,13 +29,13 @@ import math
 
 import numpy as np
 
-MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras"})
+MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras", "unipc", "unipc-karras"})
 EULER = frozenset({"euler", "euler-karras", "euler-a"})
 ANCESTRAL = frozenset({"euler-a"})  # fresh noise at every step (the job's noise stream)
 NO_REFERENCE = MULTISTEP | EULER  # COW's cycles need DDIM's η steps, re-noising and inversion
 UNSHARED = MULTISTEP | ANCESTRAL  # a coupling group's θ = 0 prefix cannot be run once and resumed
 NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras",
-         "euler-a")  # the language's enum (spec/models_parts.py)
+         "euler-a", "unipc", "unipc-karras")  # the language's enum (spec/models_parts.py)
 
 
 def unshared_reason(name: str) -> str | None:
@@ -120,7 +120,8 @@ def karras_timesteps(steps: int, config: dict) -> np.ndarray:
 
 
 def dpm_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:
-    """DPMSolverMultistepScheduler.set_timesteps' timesteps (noisiest first) for the model's spacing, or Karras'."""
+    """DPMSolverMultistepScheduler.set_timesteps' timesteps (noisiest first) for the model's spacing, or Karras'
+    (UniPCMultistepScheduler's are the same: its set_timesteps spaces them alike)."""
     if karras:
         return karras_timesteps(steps, config)
     T, spacing = int(config.get("num_train_timesteps", 1000)), config.get("timestep_spacing", "leading")

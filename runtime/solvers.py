@@ -236,6 +236,19 @@ class DPMSolverPP(DDIM):
     renoise = inversion_guess = inversion_step = _refuse
 
 
+class UniPC(DPMSolverPP):
+    """UniPC (Zhao et al. 2023, arXiv 2302.04867: the UniC corrector after each UniP-2 predictor step, B(h) =
+    e^h − 1 ("bh2"), data prediction) as diffusers' ``UniPCMultistepScheduler`` steps it, on the model's spacing
+    or Karras' σ. Multistep like DPM-Solver++ (the scheduler holds the history and the last sample the corrector
+    refines), so the same one-level-at-a-time stepping; no re-noising or inversion."""
+
+
+# what makes UniPCMultistepScheduler UniPC-bh2 of order 2 with its corrector at every step, as diffusers' defaults
+UNIPC_PINNED = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+                "disable_corrector": [], "thresholding": False, "final_sigmas_type": "zero",
+                "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False}
+
+
 # what makes DPMSolverMultistepScheduler DPM-Solver++(2M) on the model's spacing or Karras' σ, as the compiler's
 # levels assume (compiler/solvers.py): its defaults, set over whatever a model's own scheduler config holds
 # (a model that ships a DPMSolverMultistepScheduler config keeps these keys through DDIMScheduler.from_config)
@@ -257,10 +270,17 @@ def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
 
         s = DPMSolverMultistepScheduler.from_config(scheduler.config, **DPM_PINNED,
                                                     use_karras_sigmas=kind.endswith("karras"))
+    elif kind in ("unipc", "unipc-karras"):
+        from diffusers import UniPCMultistepScheduler
+
+        s = UniPCMultistepScheduler.from_config(scheduler.config, **UNIPC_PINNED,
+                                                use_karras_sigmas=kind.endswith("karras"))
     else:
-        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras; "
-                        "euler, euler-karras, euler-a: runtime/euler.py)")
+        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras, unipc, "
+                        "unipc-karras; euler, euler-karras, euler-a: runtime/euler.py)")
     s.set_timesteps(steps, device=device)
     if len(s.timesteps) != steps:
         raise PlanError(f"scheduler gave {len(s.timesteps)} steps, the plan has {steps}")
-    return DDIM(s, s.timesteps) if kind == "ddim" else DPMSolverPP(s, kind)
+    if kind == "ddim":
+        return DDIM(s, s.timesteps)
+    return UniPC(s, kind) if kind.startswith("unipc") else DPMSolverPP(s, kind)

@@ -185,7 +185,8 @@ class SDBackend:
         return x, gen
 
     def solver(self, plan) -> DDIM:
-        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras (runtime/solvers.py); euler,
+        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras, unipc, unipc-karras
+        (runtime/solvers.py); euler,
         euler-karras, euler-a (runtime/euler.py))."""
         if plan.sampler.kind in ("euler", "euler-karras", "euler-a"):
             return euler_solver(plan.sampler.kind, self.pipe.scheduler.config, plan.steps, self.device)
