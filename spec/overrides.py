@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from .diagnostics import Diagnostics, Pos
+from .models_shapes import SHAPE_KINDS
 
 MAX_SEEDS = 10_000
 
@@ -123,9 +124,13 @@ def apply_overrides(data: Any, smap, overrides: Iterable[Override], diags: Diagn
         if resolved is None:
             continue
         parent, key, real = resolved
+        gone = [real]
+        if key in SHAPE_KINDS and "shape" in real[:-1] and isinstance(parent, dict):
+            # a shape has one kind: `--set entities.0.shape.box=[…]` on an ellipse makes it a box
+            gone += [real[:-1] + (k,) for k in SHAPE_KINDS if k != key and parent.pop(k, None) is not None]
         parent[key] = value
         for table in (smap.values, smap.keys):
-            for p in [p for p in table if p[:len(real)] == real]:
+            for p in [p for p in table if any(p[:len(g)] == g for g in gone)]:
                 del table[p]
         _point(smap, real, value, o.pos)
         smap.keys[real] = o.pos

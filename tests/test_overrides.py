@@ -115,3 +115,26 @@ def test_seed_override_replaces_a_matrix_seed(tmp_path):
     r = scenec("build", f, "-o", tmp_path / "out", "--seed", "9", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "s-oil-9.png" in r.stdout and "s-oil-1.png" not in r.stdout
+
+
+def test_setting_a_shape_kind_replaces_the_shape(tmp_path):
+    """A shape has one kind: `--set entities.fox.shape.ellipse=…` on a box entity makes it an ellipse (it merged
+    into the mapping: "a shape needs exactly one of", reported at the scene, not the flag)."""
+    import numpy as np
+
+    from scenec.compiler import compile_scene
+    from scenec.spec.overrides import from_flags
+
+    f = scene(tmp_path)
+    ell = "entities.fox.shape.ellipse={center: [0.3, 0.7], radii: [0.2, 0.2]}"
+    r = scenec("validate", f, "--set", ell)
+    assert r.returncode == 0, r.stdout + r.stderr
+    box = compile_scene(f)
+    got = compile_scene(f, overrides=from_flags(sets=[ell]))
+    f.write_text(f.read_text().replace("shape: {box: [0.1, 0.5, 0.5, 0.9]}",
+                                       "shape: {ellipse: {center: [0.3, 0.7], radii: [0.2, 0.2]}}"))
+    want = compile_scene(f)
+    names = sorted(want.tensors)
+    assert names == sorted(got.tensors) and any("fox" in n for n in names)
+    assert all(np.array_equal(np.asarray(got.tensor(n)), np.asarray(want.tensor(n))) for n in names)
+    assert any(not np.array_equal(np.asarray(box.tensor(n)), np.asarray(want.tensor(n))) for n in names)
