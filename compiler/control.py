@@ -70,7 +70,7 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
             if why:
                 diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
             else:
-                config = _config(where)
+                config = controlnet_config(where)
                 why = _wrong_class(config, flux, info.spec)
                 if why:
                     diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
@@ -97,7 +97,7 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
                               hint="end the window later (e.g. [1.0, 0.0])")
 
 
-def _config(directory: str) -> dict:
+def controlnet_config(directory: str) -> dict:
     """A ControlNet directory's ``config.json`` ({} when unreadable: loading it says what is wrong)."""
     try:
         out = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
@@ -106,13 +106,18 @@ def _config(directory: str) -> dict:
     return out if isinstance(out, dict) else {}
 
 
-def _wrong_class(config: dict, flux: bool, model: str) -> str | None:
-    """A ControlNet for the other kind of model (a Flux one on SD/SDXL or the other way round): one sentence."""
+def other_kind(config: dict, flux: bool) -> tuple[str, str] | None:
+    """(its class, the class the model needs) of a ControlNet config made for the other kind of model (a Flux
+    one on SD/SDXL or the other way round), else None. The runtime asks it too (runtime/methods/control.py)."""
     name = config.get("_class_name")
     want = "FluxControlNetModel" if flux else "ControlNetModel"
-    if isinstance(name, str) and name != want:
-        return f"this ControlNet is a {name}; `{model}` needs a {want}"
-    return None
+    return (name, want) if isinstance(name, str) and name != want else None
+
+
+def _wrong_class(config: dict, flux: bool, model: str) -> str | None:
+    """A ControlNet for the other kind of model: one sentence."""
+    kind = other_kind(config, flux)
+    return None if kind is None else f"this ControlNet is a {kind[0]}; `{model}` needs a {kind[1]}"
 
 
 def _check_mode(ls: LoadedScene, path: tuple, c, flux: bool, config: dict, known: bool, diags: Diagnostics) -> None:

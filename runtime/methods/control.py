@@ -103,18 +103,12 @@ def load_controlnet(backend, model: str | None) -> torch.nn.Module:
 
 def wrong_class(model: str, flux: bool) -> str | None:
     """Why the ControlNet directory ``model`` is for the other kind of model (its ``config.json`` names a Flux
-    ControlNet for an SD/SDXL model, or the other way round), or None."""
-    import json
-    from pathlib import Path
+    ControlNet for an SD/SDXL model, or the other way round; the compiler's check), or None (an unreadable
+    config: loading it says what is wrong)."""
+    from scenec.compiler.control import controlnet_config, other_kind
 
-    try:
-        name = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None  # loading it says what is wrong
-    want = control_flux.FLUX_CLASS if flux else "ControlNetModel"
-    if name is not None and name != want:
-        return f"it is a {name}, the model needs a {want}"
-    return None
+    kind = other_kind(controlnet_config(model), flux)
+    return None if kind is None else f"it is a {kind[0]}, the model needs a {kind[1]}"
 
 
 def misfit(net, unet) -> str | None:

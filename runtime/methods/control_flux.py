@@ -21,8 +21,6 @@ import torch
 
 from scenec.spec.errors import ModelUnavailable
 
-FLUX_CLASS = "FluxControlNetModel"
-
 
 def tiny_flux_controlnet(transformer) -> torch.nn.Module:
     """The tiny Flux's ControlNet: diffusers' ``FluxControlNetModel.from_transformer`` (one dual- and one
