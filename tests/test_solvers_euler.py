@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_solvers import CFG, with_solver, write  # the tests directory is on sys.path (pytest rootdir)
 
 from scenec.compiler import compile_scene
 from scenec.compiler.check import validate_file
@@ -20,8 +21,6 @@ from scenec.runtime.testing import sd_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' own
 
-CFG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-       "steps_offset": 1}
 # diffusers' own pipeline moves its final latent by 4.7e-5 (of max 23, tiny-sd, euler) and 1.5e-4 (of max 70,
 # tiny-sdxl, trailing euler-a) when its initial noise is scaled by one float32 ulp: the tiny random UNets
 # amplify rounding. The VP ↔ σ-space conversions are rounding of that order: bound relative to the latent.
@@ -46,14 +45,6 @@ def test_compiler_timesteps_are_diffusers(spacing, kind):
         s.set_timesteps(n)
         ours = euler_timesteps(n, {**CFG, "timestep_spacing": spacing}, kind == "euler-karras")
         np.testing.assert_allclose(ours, s.timesteps.numpy(), rtol=1e-6, atol=0, err_msg=str(n))
-
-
-def with_solver(kind, family="sd"):
-    def edit(doc, tensors):
-        doc["sampler"]["kind"] = kind
-        if family == "sdxl":
-            doc["model"] = {"spec": "tiny-sdxl", "family": "sdxl", "repo": None, "max_sequence_length": 77}
-    return edit
 
 
 @pytest.fixture(scope="module")
@@ -170,16 +161,6 @@ def test_a_models_own_euler_settings_do_not_change_the_solver(sd):
         assert s._sigma[-1] == 0.0 and s.alpha(10) == 1.0
 
 
-SCENE = """scenec: 1
-model: {model}
-canvas: {{width: 128, height: 128}}
-sampler: {{steps: 5, seed: 2{solver}}}
-background: {{prompt: "a misty forest"}}
-entities:
-  - id: stag
-    prompt: "a stag"
-    shape: {{box: [0.1, 0.3, 0.6, 0.9]}}
-{extra}"""
 GROUP = """groups:
   - id: g
     schedule: {{values: {values}}}
@@ -187,12 +168,6 @@ GROUP = """groups:
       - {{id: fox, prompt: "a red fox running"}}
       - {{id: stag, entities: [stag]}}
 """
-
-
-def write(tmp_path, model="tiny-sd", solver="", extra="", name="s"):
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(SCENE.format(model=model, solver=solver and f", solver: {solver}", extra=extra), encoding="utf-8")
-    return p
 
 
 def group(sd, plan, share):
