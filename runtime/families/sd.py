@@ -204,9 +204,8 @@ class SDBackend:
         return x, gen
 
     def solver(self, plan) -> DDIM:
-        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras, unipc, unipc-karras
-        (runtime/solvers.py); euler,
-        euler-karras, euler-a (runtime/euler.py))."""
+        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++2m-sde-karras,
+        unipc, unipc-karras (runtime/solvers.py); euler, euler-karras, euler-a (runtime/euler.py))."""
         if plan.sampler.kind in ("euler", "euler-karras", "euler-a"):
             return euler_solver(plan.sampler.kind, self.pipe.scheduler.config, plan.steps, self.device)
         return ddpm_solver(plan.sampler.kind, self.pipe.scheduler, plan.steps, self.device)
