@@ -23,8 +23,8 @@ from . import schedule as sch
 from .caps import ModelInfo, check_family
 from .control import check_controls
 from .files import open_image, read_json
+from .guidance import check_sampler
 from .schedule import schedule_file_values
-from .solvers import check_solver
 
 PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -44,7 +44,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     if known:
         _check_canvas(ls, info, diags)
         check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
-        check_solver(ls, info, diags)  # sampler.solver (compiler/solvers.py)
+        check_sampler(ls, info, diags)  # sampler.solver, cfg_rescale, freeu (compiler/guidance.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)

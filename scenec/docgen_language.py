@@ -21,7 +21,7 @@ _BLOCK = re.compile(r"(<!-- generated:keys (?P<name>[a-z_-]+):[^\n]*-->\n)(?P<bo
                     r"(?P=name) -->)", re.S)
 
 # $defs model → the section of docs/language.md that documents it
-ANCHORS = {"Canvas": ("canvas", "#canvas"), "Sampler": ("sampler", "#sampler"),
+ANCHORS = {"Canvas": ("canvas", "#canvas"), "Sampler": ("sampler", "#sampler"), "FreeU": ("freeu", "#sampler"),
            "Background": ("background", "#background"), "Entity": ("entity", "#entities"),
            "EntityDef": ("entity def", "#defs-use-and-include"), "Lora": ("LoRA", "#lora"),
            "Embedding": ("embedding", "#embeddings-and-clip-skip"),
@@ -42,7 +42,8 @@ def blocks() -> dict[str, list[tuple[type, str]]]:
 
     return {
         "top-level": [(m.Scene, "")], "canvas": [(m.Canvas, "")], "model": [(m.ModelSpec, "")],
-        "sampler": [(m.Sampler, "")], "background": [(m.Background, "")], "entities": [(m.Entity, "")],
+        "sampler": [(m.Sampler, ""), (m.FreeU, "freeu.")], "background": [(m.Background, "")],
+        "entities": [(m.Entity, "")],
         "lora": [(m.Lora, "")], "embeddings": [(m.Embedding, "")],
         "shapes": [(s, "") for s in m.SHAPE_MODELS] + [(m.EllipseSpec, "ellipse.")],
         "reference": [(m.Reference, "")], "modulation": [(m.Modulation, "")],

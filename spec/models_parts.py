@@ -23,6 +23,21 @@ class Canvas(Node):
         examples=[768])
 
 
+class FreeU(Node):
+    """FreeU (Si et al. 2023, arXiv 2309.11497): the UNet decoder's backbone and skip features rescaled, as
+    diffusers' ``unet.enable_freeu(s1, s2, b1, b2)``."""
+
+    s1: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        description="scale of the first decoder stage's skip features' low frequencies (SD 1.5: 0.9, SDXL: 0.6)",
+        examples=[0.9])
+    s2: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        description="the same for the second stage (SD 1.5: 0.2, SDXL: 0.4)", examples=[0.2])
+    b1: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        description="scale of the first decoder stage's backbone features (SD 1.5: 1.5, SDXL: 1.1)", examples=[1.5])
+    b2: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        description="the same for the second stage (SD 1.5: 1.6, SDXL: 1.2)", examples=[1.6])
+
+
 class Sampler(Node):
     steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
         None, description="number of sampling steps N; default: the model's", examples=[28])
@@ -42,6 +57,13 @@ class Sampler(Node):
         "(`euler`, `euler-karras`), ancestral Euler (`euler-a`, A1111's \"Euler a\") or UniPC (`unipc`, "
         "`unipc-karras`); all but `ddim` not with `reference`. Default: the family's (flow-euler, ddim)",
         examples=["euler-a"])
+    cfg_rescale: Unit = Field(
+        0.0, description="SD/SDXL: rescale the CFG output towards the positive prediction's standard deviation by "
+        "this share (Lin et al. 2023, arXiv 2305.08891, Eq. 15-16; diffusers' `guidance_rescale`, ComfyUI's "
+        "RescaleCFG); 0 = off", examples=[0.7])
+    freeu: FreeU | None = Field(
+        None, description="SD/SDXL: FreeU's four factors, as diffusers' `unet.enable_freeu(s1, s2, b1, b2)`; "
+        "default: off", examples=[{"s1": 0.9, "s2": 0.2, "b1": 1.5, "b2": 1.6}])
 
 
 class Background(Node):

@@ -23,6 +23,7 @@ from .diagnostics import printable
 from .errors import PlanError, Unsupported
 from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
 from .plan_control import Control, check_control
+from .plan_sampler import FreeU, Sampler  # noqa: F401 - the sampler section, re-exported
 from .plan_text import Embedding, without_absent_text_options
 from .plan_visual import Visual, check_visual
 
@@ -184,13 +185,6 @@ class Model(_T):
 class Canvas(_T):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
-
-
-class Sampler(_T):
-    kind: str
-    steps: int = Field(gt=0)
-    guidance: float = 3.5
-    true_cfg: float = 1.0
 
 
 class Attention(_T):

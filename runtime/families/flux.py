@@ -224,6 +224,8 @@ class FluxBackend:
         """FluxPipeline's sigma table (linear sigmas, resolution-dependent shift μ)."""
         if plan.sampler.kind != "flow-euler":
             raise PlanError(f"solver {plan.sampler.kind!r} does not run on Flux models (flow-euler)")
+        if plan.sampler.cfg_rescale > 0 or plan.sampler.freeu is not None:  # the SD family's (compiler/guidance.py)
+            raise Unsupported("sampler.cfg_rescale and sampler.freeu are not supported by flux models (SD, SDXL)")
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         lh, lw = self._grid(plan)

@@ -99,6 +99,7 @@ class SDBackend:
         # the plan's embeddings and clip_skip (runtime/textual_inversion.py): part of every text cache key
         self.text = TextOptions(pipe, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
         self._text_key: tuple = ((), None, "plain")  # (embeddings, clip_skip, prompt_syntax)
+        self._freeu: tuple | None = None  # FreeU's (s1, s2, b1, b2) on the UNet now; None: the UNet as loaded
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -228,8 +229,35 @@ class SDBackend:
         finally:
             self.attn.clear()
 
+    def use_freeu(self, plan) -> None:
+        """The plan's FreeU on the UNet (``sampler.freeu``: diffusers' ``unet.enable_freeu(s1, s2, b1, b2)``, Si et
+        al. 2023, arXiv 2309.11497), or off (``unet.disable_freeu()``) for a plan without it: the backend is reused
+        across the plans of a batch build, and a plan without FreeU runs on the UNet as it was loaded."""
+        f = plan.sampler.freeu
+        want = None if f is None else (f.s1, f.s2, f.b1, f.b2)
+        if want != self._freeu:
+            if want is None:
+                self.unet.disable_freeu()
+            else:
+                self.unet.enable_freeu(*want)
+            self._freeu = want
+
+    @staticmethod
+    def cfg(plan, e_u: torch.Tensor, e_c: torch.Tensor) -> torch.Tensor:
+        """CFG's output e_u + g·(e_c − e_u) as the pipeline computes it; with ``sampler.cfg_rescale`` R > 0,
+        rescaled as the pipeline's ``guidance_rescale`` (diffusers' own ``rescale_noise_cfg``: Lin et al. 2023,
+        arXiv 2305.08891, Eq. 15-16): each row's output times std(e_c)/std(output) over all but the batch dim,
+        mixed with the output by R. It acts on the combined prediction of each row, whatever calls made it."""
+        out = e_u + float(plan.sampler.guidance) * (e_c - e_u)
+        r = float(plan.sampler.cfg_rescale)
+        if r > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            out = rescale_noise_cfg(out, e_c, guidance_rescale=r)
+        return out
+
     def predict(self, run, x: torch.Tensor, level: int, call) -> torch.Tensor:
-        """The UNet's CFG output e_u + g·(e_c − e_u): one batched forward [negative, positive] when both
+        """The UNet's CFG output (:meth:`cfg`): one batched forward [negative, positive] when both
         branches take the same keys unmasked (as the pipeline), else one forward per branch (the
         positive first when a modifier measures something in it, e.g. SOW's indicator). Several rows
         always run as one forward of [negatives | positives]."""
@@ -237,13 +265,13 @@ class SDBackend:
         B = x.shape[0]
         rows = range(B)
         plan = run.plan
+        self.use_freeu(plan)  # batch rows share the sampler section (runtime/batching.py)
         if not self.guided(plan):
             return self._unet(plan, x, t, call([(r, False) for r in rows]))
-        g = float(plan.sampler.guidance)
         if B > 1:
             c = call([(r, True) for r in rows] + [(r, False) for r in rows])
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
-            return e_u + g * (e_c - e_u)
+            return self.cfg(plan, e_u, e_c)
         pos, neg = call([(0, False)]), call([(0, True)])
         masked = any(isinstance(m, Mask) for m in pos.mods + neg.mods)
         # key scales and LoRA token weights are laid out on the positive branch's text
@@ -256,7 +284,7 @@ class SDBackend:
         if one_call and per_branch and not scaled:
             c = call([(0, True), (0, False)])
             e_u, e_c = self._unet(plan, torch.cat([x] * 2), t, c, rows=slice(B, 2 * B)).chunk(2)
-            return e_u + g * (e_c - e_u)
+            return self.cfg(plan, e_u, e_c)
         if one_call and not per_branch:
             pooled = [torch.cat([n, p]) for n, p in zip(neg.cond.pooled, pos.cond.pooled)]
             both = Call(neg.rows + pos.rows, [True, False], neg.specs + pos.specs, level,
@@ -269,7 +297,7 @@ class SDBackend:
         else:
             e_u = self._unet(plan, x, t, neg)
             e_c = self._unet(plan, x, t, pos)
-        return e_u + g * (e_c - e_u)
+        return self.cfg(plan, e_u, e_c)
 
     # -- images ----------------------------------------------------------------------------------------
     @torch.no_grad()
