@@ -44,7 +44,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     if known:
         _check_canvas(ls, info, diags)
         check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
-        check_sampler(ls, info, diags)  # sampler.solver, cfg_rescale, freeu (compiler/guidance.py)
+        check_sampler(ls, info, diags, model_override)  # solver, cfg_rescale, freeu (compiler/guidance.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)

@@ -15,9 +15,14 @@ from __future__ import annotations
 from .solvers import check_solver
 
 
-def check_sampler(ls, info, diags) -> None:
-    """``sampler.solver``, ``sampler.cfg_rescale`` and ``sampler.freeu`` against the model's family."""
+def check_sampler(ls, info, diags, model_override: str | None = None) -> None:
+    """``sampler.solver``, ``sampler.cfg_rescale`` and ``sampler.freeu`` against the model's family, and the model's
+    own schedule (compiler/levels.py ``check_zero_snr``)."""
+    from .levels import check_zero_snr
+    from .resolve import model_pos
+
     check_solver(ls, info, diags)
+    check_zero_snr(ls, info, diags, model_pos(ls, model_override, info.spec))
     sc = ls.scene
     fam = info.family
     rescale, freeu = sc.sampler.cfg_rescale, sc.sampler.freeu

@@ -88,6 +88,22 @@ def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None =
     return np.append(ddpm_timesteps(steps, config) / T, 0.0)
 
 
+def check_zero_snr(ls, info, diags, where) -> None:
+    """A scheduler config with ``rescale_betas_zero_snr: true`` (zero terminal SNR, Lin et al. 2023, arXiv 2305.08891,
+    §3.1-3.2) needs a model that predicts v: at SNR 0 an ε-prediction says nothing about the image (DDIM divides by
+    √ᾱ_T = 0 and fails the job with NaN; DPM-Solver, Euler and UniPC take σ_T ≈ 4096 and make noise). An error at
+    ``where`` (the model) for any other ``prediction_type``."""
+    if info.family.sampler == "flow-euler":
+        return
+    config = scheduler_config(info)
+    kind = config.get("prediction_type", "epsilon")
+    if config.get("rescale_betas_zero_snr") and kind != "v_prediction":
+        diags.error(where, f"`{info.spec}`'s scheduler has zero terminal SNR (`rescale_betas_zero_snr: true`) with "
+                    f"`prediction_type: {kind}`: at zero SNR only a v-prediction model can denoise (Lin et al. 2023, "
+                    "§3.2)", hint="use the model with the scheduler config it was trained with (zero-SNR models "
+                    "predict v: `prediction_type: v_prediction`)")
+
+
 def window_ok(ls, path: tuple, window, what: str, diags) -> bool:
     """A ``[first, second]`` window of noise levels must go from a higher level to a lower one (error at
     ``path`` + window otherwise); whether it does."""
@@ -125,7 +141,8 @@ def _read(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = set(FLOW_DEV) | set(DDPM_LEADING) | {"beta_start", "beta_end", "beta_schedule", "trained_betas"}  # ᾱ
+    keys = set(FLOW_DEV) | set(DDPM_LEADING) | {"beta_start", "beta_end", "beta_schedule", "trained_betas",
+                                                "rescale_betas_zero_snr", "prediction_type"}  # ᾱ
     return {k: v for k, v in data.items() if k in keys and v is not None} if isinstance(data, dict) else {}
 
 

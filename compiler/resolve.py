@@ -36,14 +36,20 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     try:
         return spec, model_info(spec, ls.file.parent)
     except UnknownModel as e:
-        # --model: at the flag (line 0), as every value set on the command line is, not at FILE:1:1
-        where = ls.pos(("model",)) if override is None and ls.scene.model is not None else \
-            Pos(toml, project_key_line(ls.root, "default_model")) if override is None else \
-            Pos(f"--model {spec}", 0, 0)
-        diags.error(where, str(e))
+        diags.error(model_pos(ls, override, spec), str(e))
         # the default's geometry stands in so the other checks run; "unknown" tells the checks that depend on
         # the family to stay quiet (a canvas multiple or a method of a model nobody asked for is no news)
         return spec, replace(model_info(None), spec=str(spec), source="unknown")
+
+
+def model_pos(ls: LoadedScene, override: str | None, spec) -> Pos:
+    """Where the model was named: the scene's `model`, scenec.toml's `default_model`, or --model (at the flag,
+    line 0, as every value set on the command line is, not at FILE:1:1)."""
+    if override is not None:
+        return Pos(f"--model {spec}", 0, 0)
+    if ls.scene.model is not None:
+        return ls.pos(("model",))
+    return Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "default_model"))
 
 
 def render_name(template: str, values: dict, dedupe: bool = False) -> str:

@@ -96,7 +96,30 @@ def alphas_cumprod(config: dict) -> np.ndarray:
         betas = np.array([min(1 - bar((i + 1) / T) / bar(i / T), 0.999) for i in range(T)], dtype=np.float32)
     else:
         raise ValueError(f"beta schedule {kind!r}: scenec reads linear, scaled_linear and squaredcos_cap_v2")
+    if config.get("rescale_betas_zero_snr"):
+        betas = zero_terminal_snr(betas)
     return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)  # torch accumulates in float64
+
+
+def zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """β rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", arXiv 2305.08891, Algorithm 1), in float32 as diffusers' ``rescale_zero_terminal_snr`` computes it
+    (``rescale_betas_zero_snr: true`` in a scheduler config): √ᾱ shifted so that its last value is 0 and scaled so
+    that its first is kept; ᾱ_T = 0."""
+    a = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32) ** np.float32(0.5)
+    a0, aT = a[0], a[-1]
+    a = (a - aT) * (a0 / (a0 - aT))
+    bar = a * a
+    return (np.float32(1.0) - np.concatenate([bar[:1], bar[1:] / bar[:-1]])).astype(np.float32)
+
+
+def sigma_table(config: dict) -> np.ndarray:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) as diffusers' DPM-Solver, Euler and UniPC schedulers keep it: under zero terminal SNR
+    their last ᾱ is 2⁻²⁴ (σ ≈ 4096) rather than 0, "so the first sigma is not inf"."""
+    a = alphas_cumprod(config)
+    if config.get("rescale_betas_zero_snr"):
+        a[-1] = 2.0 ** -24
+    return ((1 - a) / a) ** 0.5
 
 
 def _karras_t(steps: int, sig: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -115,8 +138,7 @@ def _karras_t(steps: int, sig: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def karras_timesteps(steps: int, config: dict) -> np.ndarray:
     """The timesteps of Karras' σ spacing (ρ = 7) between the schedule's σ_max and σ_min, each the (rounded)
     timestep of its σ by log-σ interpolation: DPMSolverMultistepScheduler with ``use_karras_sigmas``."""
-    a = alphas_cumprod(config)
-    sig = ((1 - a) / a) ** 0.5
+    sig = sigma_table(config)
     t = _karras_t(steps, sig, float(sig[0]), float(sig[-1]))
     # diffusers rounds them, except on the cosine schedule, where its int64 cast truncates: there a t that
     # falls on an integer may come out 1 lower in diffusers (torch's float32 σ differ from numpy's in the last bit)
@@ -150,8 +172,7 @@ def euler_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarra
     else:
         t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float32) + int(config.get("steps_offset", 0))
     if karras:
-        a = alphas_cumprod(config)
-        sig = ((1 - a) / a) ** 0.5
+        sig = sigma_table(config)
         spaced = np.interp(t, np.arange(0, len(sig)), sig)
         t = _karras_t(steps, sig, float(spaced[-1]), float(spaced[0]))
     return np.asarray(t, dtype=np.float32)

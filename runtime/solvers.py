@@ -42,10 +42,11 @@ def renoise_flow(x_a: torch.Tensor, s_a: float, s_b: float, noise: torch.Tensor)
 
 
 def renoise_ddpm(x_r: torch.Tensor, a_r: float, a_b: float, noise: torch.Tensor) -> torch.Tensor:
-    """DDPM forward transition ᾱ_r → ᾱ_b (ᾱ_b < ᾱ_r): x_b = √(ᾱ_b/ᾱ_r)·x_r + √(1−ᾱ_b/ᾱ_r)·ε (Ho et al. 2020)."""
+    """DDPM forward transition ᾱ_r → ᾱ_b (ᾱ_b < ᾱ_r): x_b = √(ᾱ_b/ᾱ_r)·x_r + √(1−ᾱ_b/ᾱ_r)·ε (Ho et al. 2020);
+    ᾱ_b = 0 (a zero-terminal-SNR schedule's last timestep, arXiv 2305.08891) is pure noise."""
     a_r, a_b = float(a_r), float(a_b)
-    if not (0.0 < a_b < a_r <= 1.0):
-        raise PlanError(f"renoise needs 0 < ᾱ_b < ᾱ_r ≤ 1, got ᾱ_r={a_r:g}, ᾱ_b={a_b:g}")
+    if not (0.0 <= a_b < a_r <= 1.0):
+        raise PlanError(f"renoise needs 0 ≤ ᾱ_b < ᾱ_r ≤ 1, got ᾱ_r={a_r:g}, ᾱ_b={a_b:g}")
     r = a_b / a_r
     return math.sqrt(r) * x_r.to(torch.float32) + math.sqrt(1.0 - r) * noise
 

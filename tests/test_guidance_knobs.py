@@ -11,6 +11,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,72 @@ def test_a_flux_plan_with_the_knobs_fails_in_the_runtime():
     be = load_backend("tiny", device="cpu", dtype="fp32")
     with pytest.raises(Unsupported, match="cfg_rescale"):
         run_job(be, p, p.jobs[0], decode=False)
+
+
+# --- zero terminal SNR (rescale_betas_zero_snr) ---------------------------------------------------------------
+
+def zero_snr_model(tmp_path, prediction="v_prediction"):
+    """A local model directory whose scheduler has zero terminal SNR, trailing spacing (Lin et al. 2023, §3.1-3.3)."""
+    import json
+
+    from scenec.runtime.tiny_sd import SD_SCHEDULER_CONFIG
+
+    config = {**SD_SCHEDULER_CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+              "prediction_type": prediction}
+    d = tmp_path / f"zsnr-{prediction}"
+    (d / "scheduler").mkdir(parents=True)
+    (d / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return d, config
+
+
+def test_zero_terminal_snr_levels_are_the_schedulers(tmp_path):
+    """ᾱ of the rescaled β (diffusers' ``rescale_zero_terminal_snr``; ≤ 3e-7: torch's vectorised float32 √ is not
+    numpy's in the last bit on every CPU) and, for every solver, the compiler's levels = the timesteps the runtime's
+    diffusers scheduler runs (Karras' σ from σ_max ≈ 4096, the 2⁻²⁴ diffusers puts in place of ᾱ_T = 0)."""
+    from diffusers import DDIMScheduler
+
+    from scenec.compiler.caps import DDPM_SOLVERS, model_info
+    from scenec.compiler.levels import noise_levels, scheduler_config
+    from scenec.compiler.solvers import alphas_cumprod
+    from scenec.runtime.euler import euler_solver
+    from scenec.runtime.solvers import ddpm_solver
+
+    d, config = zero_snr_model(tmp_path)
+    info = model_info(str(d))
+    ours, want = alphas_cumprod(scheduler_config(info)), DDIMScheduler(**config).alphas_cumprod.numpy()
+    assert ours[-1] == want[-1] == 0 and float(np.abs(ours - want).max()) <= 3e-7
+    for kind in DDPM_SOLVERS:
+        if kind.startswith("euler"):
+            s = euler_solver(kind, DDIMScheduler(**config).config, 10, "cpu")
+        else:
+            s = ddpm_solver(kind, DDIMScheduler(**config), 10, "cpu")
+        np.testing.assert_allclose(noise_levels(info, (128, 128), 10, kind)[:-1] * 1000, s._t, rtol=1e-6,
+                                   err_msg=kind)
+
+
+def test_zero_terminal_snr_runs_as_the_pipeline_and_refuses_epsilon(tmp_path):
+    """v-prediction on a zero-SNR schedule, the paper's recipe with CFG rescale: ᾱ = 0 at the first timestep (999)
+    runs as diffusers' pipeline does. An ε-prediction model on it is refused at the model (DDIM would divide by
+    √ᾱ_T = 0)."""
+    from diffusers import DDIMScheduler
+
+    from scenec.compiler.check import validate_file
+
+    _, config = zero_snr_model(tmp_path)
+    be = load_backend("tiny-sd", device="cpu", dtype="fp32")  # its own: the shared one keeps its scheduler
+    be.pipe.scheduler = DDIMScheduler(**config)
+    ours = latents(be, plan("sd", rescale=0.7))
+    assert be.solver(plan("sd"))._t[0] == 999 and torch.isfinite(ours).all()
+    ref = pipeline("sd")
+    ref.scheduler = DDIMScheduler(**config)
+    d = float((ours - call(ref, guidance_rescale=0.7)).abs().max())
+    print(f"zero SNR, v-prediction, cfg_rescale 0.7: max |Δ| vs diffusers = {d:.3g}")
+    assert d <= 1e-5
+
+    d, _ = zero_snr_model(tmp_path, "epsilon")
+    p = tmp_path / "s.yaml"
+    p.write_text(f"scenec: 1\nmodel: {d}\ncanvas: {{width: 128, height: 128}}\nbackground: {{prompt: \"a meadow\"}}\n")
+    _, diags = validate_file(p)
+    errs = [(x.pos.line, x.message) for x in diags if x.severity == "error"]
+    assert len(errs) == 1 and errs[0][0] == 2 and "zero terminal SNR" in errs[0][1] and "epsilon" in errs[0][1]
