@@ -86,6 +86,10 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
     sampler = {"seed": job.seed, "steps": doc.sampler.steps, "guidance": doc.sampler.guidance,
                "true_cfg": doc.sampler.true_cfg, "kind": doc.sampler.kind, "group": job.group or "",
                "variant": job.variant or ""}
+    if doc.sampler.cfg_rescale:  # the SD family's guidance knobs, only where they acted (other images keep their bytes)
+        sampler["cfg_rescale"] = doc.sampler.cfg_rescale
+    if doc.sampler.freeu is not None:
+        sampler["freeu"] = doc.sampler.freeu.model_dump()
     # what rebuilds the image (`scenec show`, `scenec build --from`): the resolved scene and its files
     rebuild = {"scenec:scene.yaml": doc.scene.resolved,
                "scenec:files": json.dumps(doc.scene.files, sort_keys=True)} if doc.scene.resolved else {}

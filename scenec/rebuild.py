@@ -83,8 +83,9 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     row("job", f"{r.get('job', '?')}" + (f" ({where})" if where else ""))
     row("model", r.get("model"))
     row("device", " ".join(x for x in (r.get("device"), r.get("dtype")) if x))
-    row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind")
+    row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind", "cfg_rescale")
                              if s.get(k) is not None))
+    row("freeu", ", ".join(f"{k} {v}" for k, v in (s.get("freeu") or {}).items()))
     for lo in r.get("loras") or []:
         if isinstance(lo, dict):
             digest = str(lo.get("sha256"))[:12]

@@ -242,3 +242,19 @@ def test_zero_terminal_snr_runs_as_the_pipeline_and_refuses_epsilon(tmp_path):
     _, diags = validate_file(p)
     errs = [(x.pos.line, x.message) for x in diags if x.severity == "error"]
     assert len(errs) == 1 and errs[0][0] == 2 and "zero terminal SNR" in errs[0][1] and "epsilon" in errs[0][1]
+
+
+def test_the_png_metadata_names_the_knobs_only_when_on():
+    import json
+
+    from scenec.rebuild import describe
+    from scenec.runtime.outputs import metadata
+
+    be = tiny_sd_backend()
+    off, on = plan("sd"), plan("sd", rescale=0.7, freeu=FREEU)
+    assert set(json.loads(metadata(off, off.jobs[0], be)["scenec:sampler"])).isdisjoint({"cfg_rescale", "freeu"})
+    meta = metadata(on, on.jobs[0], be)
+    got = json.loads(meta["scenec:sampler"])
+    assert got["cfg_rescale"] == 0.7 and got["freeu"] == FREEU
+    text = describe("x.png", meta)
+    assert "cfg_rescale 0.7" in text and "freeu     s1 0.9, s2 0.2, b1 1.5, b2 1.6" in text, text
