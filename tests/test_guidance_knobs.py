@@ -258,3 +258,27 @@ def test_the_png_metadata_names_the_knobs_only_when_on():
     assert got["cfg_rescale"] == 0.7 and got["freeu"] == FREEU
     text = describe("x.png", meta)
     assert "cfg_rescale 0.7" in text and "freeu     s1 0.9, s2 0.2, b1 1.5, b2 1.6" in text, text
+
+
+def test_cfg_rescale_acts_on_the_combined_prediction_of_a_regional_job():
+    """With entities (regional masks: one forward per branch) the rescale acts on each row's combined output: at
+    R = 1 its standard deviation over all but the batch dim is the positive branch's (Eq. 15)."""
+    from scenec.runtime.families.sd import SDBackend
+    from scenec.runtime.testing import box
+
+    be = tiny_sd_backend()
+    ents = [{"id": "fox", "prompt": "a red fox", "token": box((8, 8), 1, 1, 5, 5)}]
+    seen = []
+
+    def spy(plan, e_u, e_c):
+        out = SDBackend.cfg(plan, e_u, e_c)
+        seen.append((e_c.std(dim=(1, 2, 3)), out.std(dim=(1, 2, 3))))
+        return out
+
+    be.cfg = spy
+    try:
+        full = latents(be, plan("sd", rescale=1.0, entities=ents))
+    finally:
+        del be.cfg
+    assert len(seen) == STEPS and all(torch.allclose(c, o, rtol=1e-5) for c, o in seen)
+    assert float((full - latents(be, plan("sd", entities=ents))).abs().max()) > 1e-3
