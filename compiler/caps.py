@@ -28,6 +28,7 @@ METHODS: dict[str, str] = {
     "visual": "object-level visual prompts",  # `visual` (kv-mixed): image tokens in the region's attention
     "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
     "control": "ControlNet conditions",  # `control`: a ControlNet's residuals added to the denoiser's
+    "tiling": "seamless tiling",  # `canvas.tiling`: circular padding in the denoiser and the VAE decoder
 }
 ALL_METHODS = frozenset(METHODS)
 
@@ -52,8 +53,10 @@ class Family:
 MAX_ENTITIES = 62
 DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras", "euler-a", "unipc", "unipc-karras",
                 "dpm++2m-sde", "dpm++2m-sde-karras")
+# Flux: no seamless tiling (its patch embedding has no padding to wrap and RoPE numbers the positions)
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",),
+              methods=ALL_METHODS - {"tiling"})
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
             solvers=DDPM_SOLVERS)
@@ -184,6 +187,9 @@ def check_family(ls, info: ModelInfo, diags) -> None:
         lacks("inpaint", ("background", "image"), "`background.image` needs")
     if sc.control:
         lacks("control", ("control",), "`control` needs")
+    if sc.canvas.tiling != "none":
+        lacks("tiling", ("canvas", "tiling"), "`canvas.tiling` needs",
+              hint="tile with an SD or SDXL model")
     for i, e in enumerate(sc.entities):
         r, path = e.reference, ("entities", i, "reference")
         if r is not None and not lacks("reference", path, "`reference` needs") and r.modulation is not False \

@@ -180,7 +180,7 @@ def lower(ir: IR) -> CompiledPlan:
         model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras),
                     embeddings=list(ir.embeddings), clip_skip=ir.clip_skip, prompt_syntax=ir.prompt_syntax),
-        canvas=Canvas(width=canvas[0], height=canvas[1]),
+        canvas=Canvas(width=canvas[0], height=canvas[1], tiling=sc.canvas.tiling),
         grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
         sampler=Sampler(kind=ir.solver or fam.sampler, steps=ir.steps, guidance=float(ir.guidance),
                         true_cfg=float(ir.true_cfg)),

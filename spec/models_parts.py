@@ -21,6 +21,10 @@ class Canvas(Node):
     height: Annotated[int, Field(ge=16, le=MAX_CANVAS)] = Field(
         description="image height in pixels, a multiple of the model family's canvas multiple (16 Flux, 8 SD)",
         examples=[768])
+    tiling: Literal["none", "x", "y", "both"] = Field(
+        "none", description="a seamless texture: the image wraps around, its left edge continuing its right (`x`), "
+        "its top its bottom (`y`) or both (A1111's \"Tiling\"): the UNet's and the VAE decoder's convolutions pad "
+        "circularly. SD, SDXL", examples=["both"])
 
 
 class Sampler(Node):

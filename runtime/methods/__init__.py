@@ -29,10 +29,12 @@ def registered() -> list[type[Method]]:
     from .lora import Lora
     from .oneway import OneWay
     from .regional import Regional
+    from .tiling import Tiling
     from .visual import VisualPrompts
 
     # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
-    return [Lora, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
+    # tiling before COW's setup too: its inversion runs the denoiser
+    return [Lora, Tiling, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins
