@@ -32,11 +32,14 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
             diags.error(Pos(toml, project_key_line(ls.root, "default_model")), "`default_model` must be a string "
                         "or a table {id = \"...\", lora = [...]}")
             spec = None
+    # a checkpoint's `config` belongs to the scene's `id`: --model replaces both
+    config = getattr(scene_model, "config", None) if override is None else None
     try:
-        return spec, model_info(spec, ls.file.parent)
+        return spec, model_info(spec, ls.file.parent, config)
     except UnknownModel as e:
         # --model: at the flag (line 0), as every value set on the command line is, not at FILE:1:1
-        where = ls.pos(("model",)) if override is None and ls.scene.model is not None else \
+        where = ls.pos(("model", "config")) if e.at == "config" and config is not None else \
+            ls.pos(("model",)) if override is None and ls.scene.model is not None else \
             Pos(toml, project_key_line(ls.root, "default_model")) if override is None else \
             Pos(f"--model {spec}", 0, 0)
         diags.error(where, str(e))

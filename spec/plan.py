@@ -174,6 +174,9 @@ class Model(_T):
     lora: list[Lora] = []  # acting on the whole image, in order
     embeddings: list[Embedding] = []  # textual inversions in the text encoders (spec/plan_text.py)
     clip_skip: int | None = Field(None, ge=1)  # diffusers' clip_skip
+    # a single-file checkpoint's (``repo`` is the file) configs' directory or hub id, and its sha256
+    config: str | None = None
+    sha256: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler):
