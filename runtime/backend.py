@@ -201,8 +201,9 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
 
     from diffusers.utils import logging as diffusers_logging
 
-    level = diffusers_logging.get_verbosity()
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components…"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -214,6 +215,8 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
                                "checkpoint's architecture") from e
     finally:
         diffusers_logging.set_verbosity(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
 
 
 def from_pretrained(cls, repo: str, dtype, **kw):
