@@ -170,7 +170,8 @@ def lower(ir: IR) -> CompiledPlan:
         groups.append(Group(id=gid, jobs=[j.id for j in ir.succ(gnode.id)], theta=name, schedule=gnode.schedule,
                             shared_prefix=int(ir.shared_prefix.get(gid, 0))))
 
-    resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras, ir.embeddings, ir.clip_skip)
+    resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras, ir.embeddings, ir.clip_skip,
+                                     (ir.info.repo, ir.info.config) if ir.info.source == "file" else None)
     document = Document(
         format=FORMAT,
         scenec_version=__version__,

@@ -133,17 +133,31 @@ def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project)
     assert got["sd-dir"].std() > 1 and got["xl-dir"].std() > 1
     side = json.loads(next((project / "out-sd-file").glob("sd-file*.json")).read_text())
     assert side["scenec:model"] == "sd.safetensors"
+    # the embedded scene names the file and its configs: the same job (sd-file), byte-identical again (sd-default)
+    (png,) = (project / "out-sd-file").glob("*.png")
+    meta = Image.open(png).text
+    (project / "embedded.yaml").write_text(meta["scenec:scene.yaml"])
+    m = compiled_model(project / "embedded.yaml", project)
+    assert m["config"] == str(project / "sd") and [j.job_hash for j in compile_plan(project).jobs] == \
+        [meta["scenec:job_hash"]]
+    (png,) = (project / "out-sd-default").glob("*.png")
+    r = scenec(project, "build", "--from", png, "-o", project / "again", "--device", "cpu")
+    assert r.returncode == 0 and "byte-identical" in r.stderr, r.stdout + r.stderr
 
 
-def compiled_model(path: Path, cwd: Path) -> dict:
+def compile_plan(cwd: Path, path: str = "embedded.yaml"):
     from scenec.compiler import compile_scene
 
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        return compile_scene(path).json["model"]
+        return compile_scene(cwd / path)
     finally:
         os.chdir(old)
+
+
+def compiled_model(path: Path, cwd: Path) -> dict:
+    return compile_plan(cwd, path.name).json["model"]
 
 
 def test_the_cache_key_follows_the_files_bytes_and_the_configs(project, tmp_path, monkeypatch):
