@@ -210,7 +210,7 @@ def _config_source(config: str, base_dir: Path | None, default: bool, spec: str)
         raise UnknownModel(f"`config: {config}` is no diffusers model directory (no model_index.json) or hub id "
                            "(ORG/NAME)", at="config")
     if cached_hub_file(config, "model_index.json") is None:
-        get = f"`hf download {config} --include \"*.json\" --include \"*.txt\"` (the configs and tokenizers, no weights)"
+        get = f"`hf download {config} --include \"*.json\" --include \"*.txt\"` (configs and tokenizers, no weights)"
         if default:
             raise UnknownModel(f"`{spec}` loads with the configs of `{config}`, which are not here: {get}, or set "
                                "`model: {id: FILE, config: DIR}` to a local diffusers directory of the same "
