@@ -207,7 +207,7 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **kw)
+            pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **kw)
     except (OSError, EnvironmentError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelUnavailable(f"{path} does not load as a single-file checkpoint with the configs of {config!r} "
@@ -217,6 +217,14 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
         diffusers_logging.set_verbosity(level)
         if bars:
             diffusers_logging.enable_progress_bar()
+    # diffusers leaves a tensor the file lacks (for configs of another architecture) on the meta device, unloaded
+    missing = [f"{name}.{k}" for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+               for k, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelUnavailable(f"{path} does not fit the configs of {config!r}: {len(missing)} of the model's tensors "
+                               f"are not in the file (the first: {missing[0]}); name configs of the checkpoint's "
+                               "architecture with `config`")
+    return pipe
 
 
 def from_pretrained(cls, repo: str, dtype, **kw):

@@ -60,7 +60,8 @@ def tiny_sdxl_pipeline():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """sd/ and xl/ (save_pretrained), sd.safetensors and xl.safetensors (LDM layout), a LoRA and an embedding for
-    SD, and a Hugging Face cache holding tiny-sd's configs (no weights) as stable-diffusion-v1-5's."""
+    SD, xl-configs/ (xl/ without weights), and a Hugging Face cache holding tiny-sd's configs (no weights) as
+    stable-diffusion-v1-5's."""
     from diffusers import StableDiffusionPipeline
     from safetensors.numpy import save_file as save_np
     from safetensors.torch import save_file
@@ -74,10 +75,11 @@ def project(tmp_path_factory):
         pipe.save_pretrained(root / name)
         save_file(pipeline_to_ldm(pipe), str(root / f"{name}.safetensors"))
     snap = root / "hub" / f"models--{SD15.replace('/', '--')}" / "snapshots" / "abc"
-    for f in (root / "sd").rglob("*"):
-        if f.is_file() and f.suffix != ".safetensors":
-            (snap / f.relative_to(root / "sd")).parent.mkdir(parents=True, exist_ok=True)
-            (snap / f.relative_to(root / "sd")).write_bytes(f.read_bytes())
+    for src, dst in ((root / "sd", snap), (root / "xl", root / "xl-configs")):  # configs and tokenizers, no weights
+        for f in src.rglob("*"):
+            if f.is_file() and f.suffix != ".safetensors":
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                (dst / f.relative_to(src)).write_bytes(f.read_bytes())
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("abc")
     # a kohya LoRA on UNet and text-encoder layers, an embedding `<bad>`
@@ -113,13 +115,14 @@ def pixels(root: Path, name: str) -> np.ndarray:
 
 def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project):
     """SD and SDXL, with an entity (regional attention); SD also with a LoRA (UNet and text encoder), an
-    embedding and clip_skip, and with diffusers' default configs read from the Hugging Face cache."""
+    embedding and clip_skip, and with diffusers' default configs read from the Hugging Face cache. The cache's
+    configs and xl-configs/ hold no weights: those images' weights are the file's."""
     opts = "lora: [{file: lora.safetensors, scale: 0.8}], embeddings: [{file: bad.safetensors, token: '<bad>'}], " \
            "clip_skip: 1"
     scenes = {
         "sd-dir": "sd", "sd-file": "{id: sd.safetensors, config: sd}", "sd-default": "sd.safetensors",
         "sd-dir-opts": f"{{id: sd, {opts}}}", "sd-file-opts": f"{{id: sd.safetensors, config: sd, {opts}}}",
-        "xl-dir": "xl", "xl-file": "{id: xl.safetensors, config: xl}",
+        "xl-dir": "xl", "xl-file": "{id: xl.safetensors, config: xl-configs}",
     }
     for name, model in scenes.items():
         (project / f"{name}.yaml").write_text(SCENE.format(model=model, name=name))
@@ -287,3 +290,31 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", "s.yaml"], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-hub")})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "s.yaml:2:8" in r.stdout + r.stderr
+
+
+def test_configs_of_another_architecture_fail_the_load_in_one_sentence(project, tmp_path):
+    """A shape the configs do not expect, and a tensor the file lacks (diffusers would leave it on the meta
+    device, unloaded: tiny-sdxl's two encoders are both 32 wide, so its loader takes the first for the second)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from scenec.runtime.backend import from_single_file
+    from scenec.runtime.tiny_sd import build_tiny_sd
+    from scenec.runtime.tiny_sdxl import build_tiny_sdxl
+    from scenec.spec.errors import ModelUnavailable
+
+    c = build_tiny_sd()
+    c["unet"] = UNet2DConditionModel(**{**c["unet"].config, "layers_per_block": 2})
+    StableDiffusionPipeline(**c).save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelUnavailable, match="does not load as a single-file checkpoint with the configs of .*"
+                                               "ValueError: .*expected shape"):
+        from_single_file(StableDiffusionPipeline, str(project / "sd.safetensors"), str(tmp_path / "other"),
+                         torch.float32, safety_checker=None, requires_safety_checker=False)
+    xl = StableDiffusionXLPipeline(**build_tiny_sdxl())
+    xl.save_pretrained(tmp_path / "xl")
+    save_file(pipeline_to_ldm(xl), str(tmp_path / "xl.safetensors"))
+    with pytest.raises(ModelUnavailable, match=r"1 of the model's tensors are not in the file \(the first: "
+                                               r"text_encoder_2.text_projection.weight\)"):
+        from_single_file(StableDiffusionXLPipeline, str(tmp_path / "xl.safetensors"), str(tmp_path / "xl"),
+                         torch.float32)
