@@ -113,7 +113,12 @@ def pixels(root: Path, name: str) -> np.ndarray:
     return np.asarray(Image.open(png))
 
 
-def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project):
+def hub_cache(monkeypatch, path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(path))
+
+
+def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project, monkeypatch):
     """SD and SDXL, with an entity (regional attention); SD also with a LoRA (UNet and text encoder), an
     embedding and clip_skip, and with diffusers' default configs read from the Hugging Face cache. The cache's
     configs and xl-configs/ hold no weights: those images' weights are the file's."""
@@ -136,16 +141,16 @@ def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project)
     assert got["sd-dir"].std() > 1 and got["xl-dir"].std() > 1
     side = json.loads(next((project / "out-sd-file").glob("sd-file*.json")).read_text())
     assert side["scenec:model"] == "sd.safetensors"
-    # the embedded scene names the file and its configs: the same job (sd-file), byte-identical again (sd-default)
-    (png,) = (project / "out-sd-file").glob("*.png")
-    meta = Image.open(png).text
-    (project / "embedded.yaml").write_text(meta["scenec:scene.yaml"])
-    m = compiled_model(project / "embedded.yaml", project)
-    assert m["config"] == str(project / "sd") and [j.job_hash for j in compile_plan(project).jobs] == \
-        [meta["scenec:job_hash"]]
-    (png,) = (project / "out-sd-default").glob("*.png")
-    r = scenec(project, "build", "--from", png, "-o", project / "again", "--device", "cpu")
-    assert r.returncode == 0 and "byte-identical" in r.stderr, r.stdout + r.stderr
+    # the embedded scene names the file and its configs (relative to the root): it compiles to the image's job,
+    # which `build --from` checks before it rebuilds
+    hub_cache(monkeypatch, project / "hub")
+    for name, config in (("sd-file", str(project / "sd")), ("sd-default", SD15)):
+        (png,) = (project / f"out-{name}").glob("*.png")
+        meta = Image.open(png).text
+        assert "config: " in meta["scenec:scene.yaml"] and str(project) not in meta["scenec:scene.yaml"]
+        (project / "embedded.yaml").write_text(meta["scenec:scene.yaml"])
+        plan = compile_plan(project)
+        assert plan.json["model"]["config"] == config and [j.job_hash for j in plan.jobs] == [meta["scenec:job_hash"]]
 
 
 def compile_plan(cwd: Path, path: str = "embedded.yaml"):
@@ -168,8 +173,7 @@ def test_the_cache_key_follows_the_files_bytes_and_the_configs(project, tmp_path
 
     from scenec.build.keys import model_identity
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(project / "hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(project / "hub"))
+    hub_cache(monkeypatch, project / "hub")
     shutil.copytree(project / "sd", tmp_path / "sd")
     shutil.copy(project / "sd.safetensors", tmp_path / "m.safetensors")
     s = tmp_path / "s.yaml"
@@ -257,8 +261,7 @@ def validate(root: Path, model: str, **extra):
 
 
 def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    hub_cache(monkeypatch, tmp_path / "empty-hub")
     (tmp_path / "m.ckpt").write_bytes(b"PK\x03\x04 a pickle")
     (tmp_path / "notes.safetensors").write_text("not a checkpoint at all\n")
     header(tmp_path / "sd15.safetensors", SD15_KEYS)
