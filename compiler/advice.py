@@ -23,7 +23,7 @@ def check_advice(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
     check_background_image(ls, diags)
 
 
-def _texts(ls: LoadedScene, key: str) -> Iterator[tuple[tuple, str]]:
+def prompt_texts(ls: LoadedScene, key: str) -> Iterator[tuple[tuple, str]]:
     """(path, text) of every non-empty ``key`` (prompt or negative): background, entities, variants."""
     sc = ls.scene
     if getattr(sc.background, key):
@@ -52,7 +52,7 @@ def check_negatives(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> Non
             return
         why = f"classifier-free guidance is off at `sampler.guidance: {g:g}`"
         hint = "set `sampler.guidance` above 1, or remove the negative"
-    where = [ls.pos(path) for path, _ in _texts(ls, "negative")]
+    where = [ls.pos(path) for path, _ in prompt_texts(ls, "negative")]
     where = sorted(set(where), key=lambda p: (p.file != ls.display, p.file, p.line, p.col))
     if not where:
         return
@@ -69,13 +69,22 @@ def token_floor(text: str) -> int:
 
 
 def check_prompt_lengths(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
-    """A prompt longer than its text encoder reads is cut: say so, with the count and where."""
+    """A prompt longer than its text encoder reads is cut: say so, with the count and where. Under A1111's or
+    ComfyUI's syntax CLIP reads a long prompt in chunks (nothing is cut), and T5 counts the text without it."""
+    from scenec.spec.prompt_syntax import parse
+
+    from .resolve import prompt_syntax
+
+    syntax = prompt_syntax(ls)
+    if info.family.name != "flux" and syntax != "plain":
+        return
     if info.family.name == "flux":
         limit, special, encoder = info.max_sequence_length, 1, f"T5 (max_sequence_length {info.max_sequence_length})"
     else:
         limit, special, encoder = CLIP_TOKENS, 2, f"CLIP ({CLIP_TOKENS} tokens)"
     room = limit - special
-    for path, text in _texts(ls, "prompt"):
+    for path, text in prompt_texts(ls, "prompt"):
+        text = parse(text, syntax).text
         pieces = list(_PIECE.finditer(text))
         if len(pieces) <= room:
             continue
@@ -83,7 +92,8 @@ def check_prompt_lengths(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -
         before = text[max(0, cut - 30):cut].lstrip()
         diags.warning(ls.pos(path), f"this prompt is at least {len(pieces) + special} tokens; {encoder} reads "
                                     f"{limit}: the text from character {cut + 1} on (after `…{before}`) is cut, "
-                                    "if not earlier", "shorten it, or move details into entity prompts")
+                                    "if not earlier", "shorten it, or move details into entity prompts"
+                      + ("" if info.family.name == "flux" else "; `prompt_syntax: a1111` reads long prompts in chunks"))
 
 
 def check_strength(ls: LoadedScene, diags: Diagnostics) -> None:

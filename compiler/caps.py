@@ -52,7 +52,8 @@ class Family:
 # may see: bit 0 is the global prompt, so 62 entity prompts fit beside it in the non-negative range.
 # Both families' regional attention is built on them.
 MAX_ENTITIES = 62
-DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras", "euler-a", "unipc", "unipc-karras")
+DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras", "euler-a", "unipc", "unipc-karras",
+                "dpm++2m-sde", "dpm++2m-sde-karras")
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
               grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",

@@ -71,6 +71,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     from .text_options import check_text_options
 
     check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (compiler/text_options.py)
+    from .prompt_check import check_prompt_syntax
+
+    check_prompt_syntax(ls, diags)  # weights as A1111/ComfyUI write them (compiler/prompt_check.py)
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 

@@ -103,6 +103,7 @@ class IR:
     entity_loras: dict[str, tuple] = field(default_factory=dict)  # check: entity id → its LoRAs
     embeddings: tuple = ()  # check: textual inversions (spec.plan_text.Embedding)
     clip_skip: int | None = None  # check: diffusers' clip_skip
+    prompt_syntax: str = "plain"  # check: how prompts are read (compiler/prompt_check.py)
     matrix: dict[str, dict[str, Any]] = field(default_factory=dict)  # expand: job id → its matrix values
     theta: dict[str, np.ndarray] = field(default_factory=dict)  # schedule: group id → θ per step (float64)
     shared_prefix: dict[str, int] = field(default_factory=dict)  # schedule: group id → shared θ = 0 steps

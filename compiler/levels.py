@@ -81,7 +81,7 @@ def noise_levels(info, canvas: tuple[int, int], steps: int, solver: str | None =
     if info.family.sampler == "flow-euler":
         return flow_sigmas(steps, canvas, config)
     T = float(config.get("num_train_timesteps", DDPM_LEADING["num_train_timesteps"]))
-    if solver in MULTISTEP:  # DPM-Solver++ and UniPC space their timesteps alike
+    if solver in MULTISTEP:  # DPM-Solver++ (ODE or SDE) and UniPC space their timesteps alike
         return np.append(dpm_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)
     if solver in EULER:
         return np.append(euler_timesteps(steps, config, karras=solver.endswith("karras")) / T, 0.0)

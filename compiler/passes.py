@@ -37,6 +37,9 @@ def p_check(ir: IR) -> IR:
 
     embeddings, out.clip_skip = check_text_options(ir.scene, ir.info, Diagnostics(), ir.model_override)
     out.embeddings = tuple(embeddings)
+    from .resolve import prompt_syntax
+
+    out.prompt_syntax = prompt_syntax(ir.scene)
     return out
 
 

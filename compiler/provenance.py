@@ -34,12 +34,13 @@ def hub_file(path: Path) -> tuple[str, str] | None:
 
 
 def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_skip=None,
+                   prompt_syntax: str = "plain",
                    checkpoint: tuple[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """(canonical YAML of the scene, {path relative to the root: sha256}) for a loaded scene ``ls``
-    compiled with ``model_spec``, the whole-image ``loras`` (``spec.plan.Lora``), and the text options
-    (``spec.plan_text.Embedding``s, ``clip_skip``). ``checkpoint``: a single-file model's (file, config) as
-    resolved (absolute paths or a hub id), written relative to the root (the file is not hashed again: the plan
-    carries its digest)."""
+    compiled with ``model_spec``, the whole-image ``loras`` (``spec.plan.Lora``), the text options
+    (``spec.plan_text.Embedding``s, ``clip_skip``) and the prompt syntax (scenec.toml's too: self-contained).
+    ``checkpoint``: a single-file model's (file, config) as resolved (absolute paths or a hub id), written
+    relative to the root (the file is not hashed again: the plan carries its digest)."""
     root = Path(ls.root).resolve()
     data = ls.scene.model_dump(mode="json", exclude_unset=True)
     data.pop("include", None)
@@ -51,6 +52,9 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
     if re.fullmatch(NAME_PATTERN, ls.name):  # the outputs keep their names whatever the file is called
         data["name"] = ls.name
     data.pop("model", None)
+    data.pop("prompt_syntax", None)
+    if prompt_syntax != "plain":
+        data["prompt_syntax"] = prompt_syntax
     files: dict[str, str] = {}
 
     def rel(p: Path) -> str:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from scenec.spec.diagnostics import Diagnostics, Pos, display_path
 from scenec.spec.load import LoadedScene
 from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line, project_problems
+from scenec.spec.prompt_syntax import SYNTAXES
 
 from .caps import ModelInfo, UnknownModel, model_info
 
@@ -73,3 +74,21 @@ def render_name(template: str, values: dict, dedupe: bool = False) -> str:
         else:
             out = out.replace("{%s}" % key, str(val))
     return out
+
+
+def prompt_syntax(ls: LoadedScene, diags: Diagnostics | None = None) -> str:
+    """The syntax ``ls``'s prompts are read in (a bad scenec.toml value: an error in ``diags``, then plain)."""
+    if ls.scene.prompt_syntax is not None:
+        return ls.scene.prompt_syntax
+    try:
+        value = project_config(ls.root).get("prompt_syntax")
+    except ProjectFileError:  # resolve_model reports it
+        return "plain"
+    if value is None:
+        return "plain"
+    if value not in SYNTAXES:
+        if diags is not None:
+            diags.error(Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "prompt_syntax")),
+                        f"`prompt_syntax` must be one of {', '.join(repr(s) for s in SYNTAXES)}, not {value!r}")
+        return "plain"
+    return value

@@ -11,7 +11,9 @@ A1111 calls "DPM++ 2M Karras"), or Euler's method on the probability-flow ODE in
 2022, arXiv 2206.00364, Eq. 4/Alg. 1 without churn), as diffusers' ``EulerDiscreteScheduler`` on the model's
 spacing (``euler``, A1111's "Euler") or Karras' σ (``euler-karras``), or its ancestral variant
 (``EulerAncestralDiscreteScheduler``, η = 1: each step goes down to σ_down and adds fresh noise of std σ_up,
-``euler-a``, A1111's "Euler a").
+``euler-a``, A1111's "Euler a"), or the SDE variant of DPM-Solver++(2M) (``dpm++2m-sde``,
+``dpm++2m-sde-karras``: A1111's "DPM++ 2M SDE" and "DPM++ 2M SDE Karras", ``algorithm_type="sde-dpmsolver++"``,
+Lu et al. 2022, arXiv 2211.01095, §5: each step solves the reverse SDE and adds fresh noise).
 
 DPM-Solver++(2M) is a multistep method: each step reads the previous step's prediction. COW's cycles
 (``reference``) re-noise the latent and invert the sampler's step, neither of which a multistep history
@@ -20,7 +22,7 @@ under it (each variant runs its prefix, the same images as with sharing off). Th
 the latent alone, but COW's cycles need DDIM's η steps and its inversion, so references need ``ddim`` there
 too; ``euler-a`` draws fresh noise at every step from the job's noise stream, so a group's prefix is not
 shared under it either (a resumed run would draw that stream again from its start) and its jobs run alone,
-never as batch rows.
+never as batch rows. The SDE solvers are both: multistep, and drawing fresh noise at every step.
 """
 
 from __future__ import annotations
@@ -29,20 +31,22 @@ import math
 
 import numpy as np
 
-MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras", "unipc", "unipc-karras"})
+SDE = frozenset({"dpm++2m-sde", "dpm++2m-sde-karras"})  # DPM-Solver++(2M) on the reverse SDE
+MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras", "unipc", "unipc-karras"}) | SDE
 EULER = frozenset({"euler", "euler-karras", "euler-a"})
-ANCESTRAL = frozenset({"euler-a"})  # fresh noise at every step (the job's noise stream)
+FRESH_NOISE = frozenset({"euler-a"}) | SDE  # ancestral, SDE: fresh noise each step (the job's stream); never batched
 NO_REFERENCE = MULTISTEP | EULER  # COW's cycles need DDIM's η steps, re-noising and inversion
-UNSHARED = MULTISTEP | ANCESTRAL  # a coupling group's θ = 0 prefix cannot be run once and resumed
+UNSHARED = MULTISTEP | FRESH_NOISE  # a coupling group's θ = 0 prefix cannot be run once and resumed
 NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras",
-         "euler-a", "unipc", "unipc-karras")  # the language's enum (spec/models_parts.py)
+         "euler-a", "unipc", "unipc-karras", "dpm++2m-sde",
+         "dpm++2m-sde-karras")  # the language's enum (spec/models_parts.py)
 
 
 def unshared_reason(name: str) -> str | None:
     """Why a group's θ = 0 prefix is not shared under a solver (None: it is)."""
     if name in MULTISTEP:
-        return f"{name} is multistep"
-    if name in ANCESTRAL:
+        return f"{name} is multistep" + (" and draws fresh noise at every step" if name in FRESH_NOISE else "")
+    if name in FRESH_NOISE:
         return f"{name} draws fresh noise at every step"
     return None
 
@@ -121,7 +125,7 @@ def karras_timesteps(steps: int, config: dict) -> np.ndarray:
 
 def dpm_timesteps(steps: int, config: dict, karras: bool = False) -> np.ndarray:
     """DPMSolverMultistepScheduler.set_timesteps' timesteps (noisiest first) for the model's spacing, or Karras'
-    (UniPCMultistepScheduler's are the same: its set_timesteps spaces them alike)."""
+    (UniPCMultistepScheduler's are the same: its set_timesteps spaces them alike; so are the SDE variant's)."""
     if karras:
         return karras_timesteps(steps, config)
     T, spacing = int(config.get("num_train_timesteps", 1000)), config.get("timestep_spacing", "leading")

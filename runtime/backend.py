@@ -328,14 +328,14 @@ def assemble(rows: list[tuple[list[torch.Tensor], dict[str, torch.Tensor | None]
 
     ``rows``: per batch row, the stream sequences ``[1, n_s, D]`` (global slot first, possibly empty) and
     the entity regions per grid name (bool ``[k, h*w]``). Without entity streams (``regional`` False)
-    rows are only concatenated (they have one length). Otherwise each row gets a
+    rows of one length are only concatenated; rows of different lengths (a weighted prompt read in more
+    77-token chunks than its negative, runtime/prompt_weights.py) are padded as below, the padding masked
+    (``pad_masks``), which computes what each row alone would. Otherwise each row gets a
     :class:`RegionalLayout` per grid, its text padded to a bucket of ``pad_multiple``
     (:func:`~scenec.runtime.layout.text_bucket`) and to the longest row; several rows make a
     :class:`BatchLayout`. Returns (seq ``[B, L, D]``, row 0's stream lengths, image token count → layout)."""
     lengths = [[p.shape[1] for p in parts] for parts, _ in rows]
-    if not regional:
-        if len({sum(ls) for ls in lengths}) != 1:
-            raise PlanError(f"batch rows without entities have different text lengths {[sum(ls) for ls in lengths]}")
+    if not regional and len({sum(ls) for ls in lengths}) == 1:
         return torch.cat([torch.cat(parts, dim=1) for parts, _ in rows]), lengths[0], {}
     n_to = None
     if len(rows) > 1:  # the longest row's text, padded as a row alone would be

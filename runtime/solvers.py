@@ -243,6 +243,29 @@ class UniPC(DPMSolverPP):
     refines), so the same one-level-at-a-time stepping; no re-noising or inversion."""
 
 
+class DPMSolverSDE(DPMSolverPP):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, §5 and Appendix: the data-prediction solver of
+    the reverse diffusion SDE, second-order multistep, midpoint) as diffusers' ``DPMSolverMultistepScheduler``
+    with ``algorithm_type="sde-dpmsolver++"`` steps it (A1111's "DPM++ 2M SDE", its Karras variant on Karras'
+    σ): x_t = (σ_t/σ_s)e^{−h}·x_s + α_t(1 − e^{−2h})·(D₀ + ½D₁) + σ_t√(1 − e^{−2h})·ξ. The fresh noise ξ of
+    every step comes from the job's own noise stream (``noise()``, drawn on the CPU), as ancestral Euler's
+    (runtime/euler.py), so an image depends on its seed alone, on every device; none is drawn into σ = 0
+    (its coefficient σ_t is 0 there). Multistep like DPM-Solver++(2M): one level at a time, in order."""
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int, eta: float, noise: Callable[[], torch.Tensor],
+             dtype) -> torch.Tensor:
+        s = self.scheduler
+        if eta > 0 or j != i + 1:
+            raise PlanError(f"{self.name} steps one level at a time with its own noise, no DDIM η "
+                            f"(step {i} → {j}, η {eta:g})")
+        if s.step_index is None:
+            s.set_begin_index(i)
+        elif s.step_index != i:
+            raise PlanError(f"{self.name} is multistep: step {i} after step {s.step_index - 1}")
+        xi = noise() if self._sigma[j] > 0 else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return s.step(out, self.timesteps[i], x, variance_noise=xi, return_dict=False)[0]
+
+
 # what makes UniPCMultistepScheduler UniPC-bh2 of order 2 with its corrector at every step, as diffusers' defaults
 UNIPC_PINNED = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
                 "disable_corrector": [], "thresholding": False, "final_sigmas_type": "zero",
@@ -256,13 +279,15 @@ DPM_PINNED = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type":
               "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
               "lambda_min_clipped": -float("inf"), "final_sigmas_type": "zero", "euler_at_final": False,
               "lower_order_final": True, "thresholding": False}
+# the SDE variant: the same, but algorithm_type "sde-dpmsolver++" (diffusers' A1111 "DPM++ 2M SDE")
+DPM_SDE_PINNED = {**DPM_PINNED, "algorithm_type": "sde-dpmsolver++"}
 
 
 def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
     """The plan's solver on an SD/SDXL model: ``ddim`` on the pipeline's DDIMScheduler, ``dpm++2m`` /
     ``dpm++2m-karras`` on a DPMSolverMultistepScheduler made from its config (diffusers' own idiom,
-    ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``, with :data:`DPM_PINNED`), one per run
-    (it holds the history)."""
+    ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``, with :data:`DPM_PINNED`; ``dpm++2m-sde``
+    / ``dpm++2m-sde-karras`` with :data:`DPM_SDE_PINNED`), one per run (it holds the history)."""
     if kind == "ddim":
         s = scheduler
     elif kind in ("dpm++2m", "dpm++2m-karras"):
@@ -270,17 +295,24 @@ def ddpm_solver(kind: str, scheduler, steps: int, device) -> DDIM:
 
         s = DPMSolverMultistepScheduler.from_config(scheduler.config, **DPM_PINNED,
                                                     use_karras_sigmas=kind.endswith("karras"))
+    elif kind in ("dpm++2m-sde", "dpm++2m-sde-karras"):
+        from diffusers import DPMSolverMultistepScheduler
+
+        s = DPMSolverMultistepScheduler.from_config(scheduler.config, **DPM_SDE_PINNED,
+                                                    use_karras_sigmas=kind.endswith("karras"))
     elif kind in ("unipc", "unipc-karras"):
         from diffusers import UniPCMultistepScheduler
 
         s = UniPCMultistepScheduler.from_config(scheduler.config, **UNIPC_PINNED,
                                                 use_karras_sigmas=kind.endswith("karras"))
     else:
-        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras, unipc, "
-                        "unipc-karras; euler, euler-karras, euler-a: runtime/euler.py)")
+        raise PlanError(f"solver {kind!r} does not run on DDPM models (ddim, dpm++2m, dpm++2m-karras, dpm++2m-sde, "
+                        "dpm++2m-sde-karras, unipc, unipc-karras; euler, euler-karras, euler-a: runtime/euler.py)")
     s.set_timesteps(steps, device=device)
     if len(s.timesteps) != steps:
         raise PlanError(f"scheduler gave {len(s.timesteps)} steps, the plan has {steps}")
     if kind == "ddim":
         return DDIM(s, s.timesteps)
-    return UniPC(s, kind) if kind.startswith("unipc") else DPMSolverPP(s, kind)
+    if kind.startswith("unipc"):
+        return UniPC(s, kind)
+    return DPMSolverSDE(s, kind) if "sde" in kind else DPMSolverPP(s, kind)

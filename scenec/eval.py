@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from scenec.spec.prompt_syntax import parse
+
 from .clip import ClipScorer, load_clip
 from .metrics import EvalError, Segmenter, bg_similarity, combined, to_float_image, upsample_mask
 
@@ -41,12 +43,17 @@ def load_segmenter(spec: str | None) -> Segmenter | None:
 
 # --- one group ---------------------------------------------------------------------------------------
 
+def prompt_text(plan, index: int) -> str:
+    """A plan prompt as CLIP scores it: the words, without A1111's or ComfyUI's weight syntax."""
+    return parse(plan.prompt(index), plan.model.prompt_syntax).text
+
+
 def job_text(plan, job: dict, mode: str = "full") -> str:
     """The text an image is scored against: ``full`` = entity prompts then the background prompt, joined
     with ", "; ``entity`` = the entity prompts only (the background prompt when there are none)."""
-    ents = [plan.prompt(e["prompt"]) for e in job.get("entities") or []]
+    ents = [prompt_text(plan, e["prompt"]) for e in job.get("entities") or []]
     ents = [t for t in ents if t]
-    bg = plan.prompt(job["global"]["prompt"])
+    bg = prompt_text(plan, job["global"]["prompt"])
     if mode == "entity":
         return ", ".join(ents) or bg
     if mode != "full":
@@ -132,7 +139,7 @@ def evaluate_group(plan, group: str, images: dict[str, Any], clip: ClipScorer | 
                 # a region-less subject: segment it in each image of this seed that shows it
                 if j["seed"] != seed or j["id"] not in imgs:
                     continue
-                seg = segmenter(imgs[j["id"]], plan.prompt(e["prompt"]))
+                seg = segmenter(imgs[j["id"]], prompt_text(plan, e["prompt"]))
                 if seg is None:
                     warns.append(f"group `{group}`: the segmentation hook found no `{e['id']}` in {j['id']}")
                     continue

@@ -35,11 +35,13 @@ class Sampler(Node):
     seed: Seed | Annotated[list[Seed], Field(min_length=1)] = Field(
         0, description="an integer, or a non-empty list: one image per seed", examples=[[1, 2]])
     solver: Literal["flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras",
-                    "euler-a", "unipc", "unipc-karras"] | None = Field(
+                    "euler-a", "unipc", "unipc-karras", "dpm++2m-sde", "dpm++2m-sde-karras"] | None = Field(
         None, description="the update rule: Flux `flow-euler`; SD/SDXL `ddim` (every method), DPM-Solver++(2M) "
-        "on the model's timestep spacing (`dpm++2m`) or Karras' (`dpm++2m-karras`), Euler on either (`euler`, "
-        "`euler-karras`), ancestral Euler (`euler-a`, A1111's \"Euler a\") or UniPC (`unipc`, `unipc-karras`); "
-        "all but `ddim` not with `reference`. Default: the family's (flow-euler, ddim)", examples=["euler-a"])
+        "on the model's timestep spacing (`dpm++2m`) or Karras' (`dpm++2m-karras`), its SDE variant with fresh "
+        "noise each step (`dpm++2m-sde`, `dpm++2m-sde-karras`: A1111's \"DPM++ 2M SDE\"), Euler on either "
+        "(`euler`, `euler-karras`), ancestral Euler (`euler-a`, A1111's \"Euler a\") or UniPC (`unipc`, "
+        "`unipc-karras`); all but `ddim` not with `reference`. Default: the family's (flow-euler, ddim)",
+        examples=["euler-a"])
 
 
 class Background(Node):

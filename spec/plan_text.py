@@ -31,8 +31,10 @@ class Embedding(BaseModel):
 
 
 def without_absent_text_options(d: dict) -> dict:
-    """A plan model as serialised: no ``embeddings``/``clip_skip`` keys when it has none, so plans without them
-    keep the hashes they had before plans carried them."""
+    """A plan model as serialised: no ``embeddings``/``clip_skip`` keys when it has none, no ``prompt_syntax`` when
+    prompts are read plainly, so plans without them keep the hashes they had before plans carried them."""
+    if d.get("prompt_syntax") == "plain":
+        d.pop("prompt_syntax")
     if not d.get("embeddings"):
         d.pop("embeddings", None)
     for k in ("clip_skip", "config", "sha256"):  # config, sha256: only for a single-file checkpoint

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from scenec.spec.errors import PlanError, Unsupported
+from scenec.spec.prompt_syntax import parse
 
 from ..attention import DOUBLE, SINGLE, Attention, Site, attend, residual_extra
 from ..backend import Call, Cond, TextSpec, assemble, load_pipeline, mix_pooled, regions_by_grid
 from ..cache import TextCache
 from ..finite import require_finite
 from ..memory import tiled_decode
+from ..prompt_weights import encode_t5
 from ..solvers import FlowEuler
 
 
@@ -108,6 +110,7 @@ class FluxBackend:
         self.pad_multiple = pad_multiple if pad_multiple is not None else (128 if self.attn.impl == "flex" else 1)
         self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
         self._img_ids: dict = {}
+        self._syntax = "plain"  # the plan's prompt_syntax, taken in cond() (runtime/prompt_weights.py)
 
     @staticmethod
     def token_kind(module: str) -> str | None:
@@ -135,18 +138,27 @@ class FluxBackend:
     @torch.no_grad()
     def encode_global(self, text: str, max_sequence_length: int) -> Encoded:
         """CLIP pooled + T5 padded to max_sequence_length: exactly FluxPipeline.encode_prompt."""
-        key = ("global", text, max_sequence_length)
+        key = ("global", text, max_sequence_length, self._syntax)
         if key not in self._cache:
-            seq, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, device=self.device,
+            weighted = encode_t5(self.pipe, text, self._syntax, max_sequence_length, max_sequence_length,
+                                 dtype=self.pipe.text_encoder_2.dtype, device=self.device)
+            plain = parse(text, self._syntax).text
+            seq, pooled, _ = self.pipe.encode_prompt(prompt=plain, prompt_2=None, device=self.device,
                                                      max_sequence_length=max_sequence_length)
-            self._cache[key] = Encoded(seq, pooled)
+            self._cache[key] = Encoded(seq if isinstance(weighted, str) else weighted, pooled)
         return self._cache[key]
 
     @torch.no_grad()
     def encode_entity(self, text: str, max_sequence_length: int, pad_to: int | None = None) -> Encoded:
         """T5 over the entity's real tokens only (with </s>), or padded to ``pad_to`` tokens."""
-        key = ("entity", text, max_sequence_length, pad_to)
+        key = ("entity", text, max_sequence_length, pad_to, self._syntax)
         if key not in self._cache:
+            weighted = encode_t5(self.pipe, text, self._syntax, max_sequence_length, pad_to,
+                                 dtype=self.pipe.text_encoder_2.dtype, device=self.device)
+            if not isinstance(weighted, str):
+                self._cache[key] = Encoded(weighted, None)
+                return self._cache[key]
+            text = weighted
             tok = self.pipe.tokenizer_2
             if pad_to:
                 ids = tok(text, padding="max_length", max_length=min(pad_to, max_sequence_length),
@@ -164,6 +176,7 @@ class FluxBackend:
         plan0 = rows[0][0]
         if plan0.model.embeddings or plan0.model.clip_skip:  # the compiler refuses them on Flux
             raise Unsupported("textual-inversion embeddings and clip_skip act on SD and SDXL models only")
+        self._syntax = plan0.model.prompt_syntax  # batch rows share the model section (runtime/batching.py)
         regional = any(spec.regional for _, spec, _ in rows)
         parts, pooled = [], []
         for plan, spec, negative in rows:

@@ -24,6 +24,7 @@ from ..cache import TextCache
 from ..euler import euler_solver
 from ..finite import require_finite
 from ..memory import tiled_decode
+from ..prompt_weights import ClipText, encode_clip
 from ..solvers import DDIM, ddpm_solver
 from ..textual_inversion import TextOptions, check_layers, encode_skipped, hidden
 
@@ -97,7 +98,7 @@ class SDBackend:
         self._cache = TextCache()  # kept across plans of a batch build (runtime/cache.py)
         # the plan's embeddings and clip_skip (runtime/textual_inversion.py): part of every text cache key
         self.text = TextOptions(pipe, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
-        self._text_key: tuple = ((), None)
+        self._text_key: tuple = ((), None, "plain")  # (embeddings, clip_skip, prompt_syntax)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -115,18 +116,32 @@ class SDBackend:
 
     # -- text ----------------------------------------------------------------------------------------
     def use_text_options(self, plan) -> None:
-        """Load the plan's embeddings (unloading another plan's) and take its clip_skip for what is encoded next."""
+        """Load the plan's embeddings (unloading another plan's) and take its clip_skip and prompt syntax for what
+        is encoded next."""
         model = plan.model
         for _, te in self.text.pairs:
             check_layers(getattr(self.pipe, te), model.clip_skip, self.family == "sdxl")
-        self._text_key = (self.text.use(model.embeddings), model.clip_skip)
+        self._text_key = (self.text.use(model.embeddings), model.clip_skip, model.prompt_syntax)
+
+    def _weighted(self, text: str, pad: bool):
+        """``text`` under the plan's prompt syntax (runtime/prompt_weights.py): its weighted chunks, or the plain
+        text to encode as the pipeline does."""
+        _, skip, syntax = self._text_key
+        if syntax == "plain":
+            return text
+        return encode_clip(self.pipe, self.text.pairs, text, syntax, skip, sdxl=self.family == "sdxl", pad=pad,
+                           dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def encode_global(self, text: str, negative: bool = False) -> torch.Tensor:
         """CLIP last hidden state (or ``clip_skip`` layers before it), padded to 77 tokens: exactly
-        StableDiffusionPipeline.encode_prompt."""
+        StableDiffusionPipeline.encode_prompt; a weighted or long prompt in 77-token chunks."""
         key = ("global", text, self._text_key)
         if key not in self._cache:
+            text = self._weighted(text, pad=True)
+            if isinstance(text, ClipText):
+                self._cache[key] = text.seq
+                return text.seq
             skip = self._text_key[1]
             self._cache[key] = self.pipe.encode_prompt(text, self.device, 1, False)[0] if skip is None else \
                 encode_skipped(self.pipe, text, skip, self.device)
@@ -138,6 +153,10 @@ class SDBackend:
         tokens, ``maybe_convert_prompt``), no padding; ``clip_skip`` as the pipeline's."""
         key = ("entity", text, self._text_key)
         if key not in self._cache:
+            text = self._weighted(text, pad=False)
+            if isinstance(text, ClipText):
+                self._cache[key] = text.seq
+                return text.seq
             tok, te = self.pipe.tokenizer, self.pipe.text_encoder
             ids = tok(self.pipe.maybe_convert_prompt(text, tok), padding=False, max_length=tok.model_max_length,
                       truncation=True, return_tensors="pt").input_ids
@@ -185,9 +204,8 @@ class SDBackend:
         return x, gen
 
     def solver(self, plan) -> DDIM:
-        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras, unipc, unipc-karras
-        (runtime/solvers.py); euler,
-        euler-karras, euler-a (runtime/euler.py))."""
+        """The plan's solver (``sampler.kind``: ddim, dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++2m-sde-karras,
+        unipc, unipc-karras (runtime/solvers.py); euler, euler-karras, euler-a (runtime/euler.py))."""
         if plan.sampler.kind in ("euler", "euler-karras", "euler-a"):
             return euler_solver(plan.sampler.kind, self.pipe.scheduler.config, plan.steps, self.device)
         return ddpm_solver(plan.sampler.kind, self.pipe.scheduler, plan.steps, self.device)

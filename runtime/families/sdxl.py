@@ -22,6 +22,7 @@ import torch
 from scenec.spec.errors import Unsupported
 
 from ..backend import Call, load_pipeline, mix_pooled
+from ..prompt_weights import ClipText
 from ..textual_inversion import hidden
 from .sd import SDBackend
 
@@ -40,6 +41,10 @@ class SDXLBackend(SDBackend):
     def _encode(self, text: str, negative: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("global", text, self._zero_negative(text, negative), self._text_key)
         if key not in self._cache:
+            text = self._weighted(text, pad=True)
+            if isinstance(text, ClipText):  # weighted or long (runtime/prompt_weights.py)
+                self._cache[key] = (text.seq, text.pooled)
+                return self._cache[key]
             seq, _, pooled, _ = self.pipe.encode_prompt(prompt=text, device=self.device, num_images_per_prompt=1,
                                                         do_classifier_free_guidance=False,
                                                         clip_skip=self._text_key[1])
@@ -61,6 +66,10 @@ class SDXLBackend(SDBackend):
         tokens), concatenated; ``clip_skip`` as the pipeline's."""
         key = ("entity", text, self._text_key)
         if key not in self._cache:
+            text = self._weighted(text, pad=False)
+            if isinstance(text, ClipText):
+                self._cache[key] = text.seq
+                return text.seq
             seqs = []
             for tok, te in ((self.pipe.tokenizer, self.pipe.text_encoder),
                             (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):

@@ -1,0 +1,41 @@
+"""Prompt syntax at compile time (no torch, no tokenizer): how a scene's prompts are read, and what in them a
+user may not have meant (spec/prompt_syntax.py; docs/language.md "Prompt weights and long prompts").
+
+The syntax (``resolve.prompt_syntax``) is the scene's ``prompt_syntax``, else the ``prompt_syntax`` of the
+project's scenec.toml, else ``plain``. Under ``a1111``/``comfy`` every prompt and negative is parsed here: a
+weight that is not a number is an error (A1111 stops on it), a bracket left open or closing nothing and A1111
+syntax scenec does not run (prompt editing, ``<lora:…>``) are warnings at the prompt. Under ``plain``, a prompt
+that looks weighted (``(word:1.2)``) gets one warning: pasted from A1111 or ComfyUI, it would otherwise silently
+mean something else.
+"""
+
+from __future__ import annotations
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.load import LoadedScene
+from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, parse
+
+from .advice import prompt_texts
+from .resolve import prompt_syntax
+
+
+def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics) -> str:
+    """Check every prompt under the scene's syntax (see the module docstring); the syntax."""
+    syntax = prompt_syntax(ls, diags)
+    texts = [(path, t) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key)]
+    if syntax == "plain":
+        hits = [(path, m[0]) for path, t in texts if (m := LOOKS_WEIGHTED.search(t))]
+        if hits:
+            more = f" (and {len(hits) - 1} more prompts)" if len(hits) > 1 else ""
+            where = "the scene's `prompt_syntax`" if ls.scene.prompt_syntax is not None else \
+                "`prompt_syntax: a1111` (or `comfy`) in the scene, or `prompt_syntax = \"a1111\"` in scenec.toml"
+            diags.warning(ls.pos(hits[0][0]), f"`{hits[0][1]}` is read as text{more}: prompts are read plainly, "
+                          "as diffusers reads them", hint=f"to weight words as A1111 or ComfyUI do, set {where}")
+        return syntax
+    for path, text in texts:
+        parsed = parse(text, syntax)
+        for message in parsed.errors:
+            diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
+        for message in dict.fromkeys(parsed.problems):
+            diags.warning(ls.pos(path), message)
+    return syntax
