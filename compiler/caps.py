@@ -151,13 +151,10 @@ def model_info(spec: str | None, base_dir: Path | None = None, config: str | Non
     return _with_family(spec, "hub", spec, index)
 
 
-_digests: dict[tuple, str] = {}
-
-
 def _single_file(spec: str, path: Path, config: str | None, base_dir: Path | None) -> ModelInfo:
     """A single-file checkpoint: its family from its header, its configs from ``config`` or diffusers' default
     repository for its type (in the Hugging Face cache), its content hashed once per (path, size, mtime)."""
-    from scenec.spec.fsio import sha256_file
+    from scenec.spec.fsio import sha256_big_file
 
     from .single_file import PICKLED, SUFFIX_HINT, inspect
 
@@ -185,13 +182,9 @@ def _single_file(spec: str, path: Path, config: str | None, base_dir: Path | Non
         raise UnknownModel(f"`config: {config}` is a {cls or 'diffusers'} model, but `{spec}` is a {fam.name} "
                            f"checkpoint ({got.model_type}): name a {fam.name} diffusers directory or hub id",
                            at="config")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        _digests[key] = sha256_file(path)
     d = ALIASES[FAMILY_DEFAULTS[fam.name]]
     return ModelInfo(spec, fam, "file", str(path.resolve()), d.steps, d.guidance, d.max_sequence_length,
-                     config=where, sha256=_digests[key])
+                     config=where, sha256=sha256_big_file(path))
 
 
 def _config_source(config: str, base_dir: Path | None, default: bool, spec: str) -> str:

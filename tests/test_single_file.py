@@ -321,3 +321,27 @@ def test_configs_of_another_architecture_fail_the_load_in_one_sentence(project, 
                                                r"text_encoder_2.text_projection.weight\)"):
         from_single_file(StableDiffusionXLPipeline, str(tmp_path / "xl.safetensors"), str(tmp_path / "xl"),
                          torch.float32)
+
+
+def test_a_big_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
+    """A checkpoint's digest is read at compile and by each scene's compile memo: remembered per (path, size,
+    mtime, inode) in the process for files of BIG_FILE bytes or more; a rewritten file is hashed again."""
+    import hashlib
+
+    from scenec.spec import fsio
+
+    monkeypatch.setattr(fsio, "BIG_FILE", 4)
+    calls = []
+    monkeypatch.setattr(fsio, "sha256_file",
+                        lambda p: calls.append(p) or hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"12345678")
+    a = fsio.sha256_big_file(f)
+    assert fsio.sha256_big_file(f) == a and len(calls) == 1
+    f.write_bytes(b"87654321")
+    os.utime(f, ns=(1, 1))
+    assert fsio.sha256_big_file(f) == hashlib.sha256(b"87654321").hexdigest() and len(calls) == 2
+    (tmp_path / "small").write_bytes(b"123")
+    fsio.sha256_big_file(tmp_path / "small")
+    fsio.sha256_big_file(tmp_path / "small")
+    assert len(calls) == 4  # below BIG_FILE: every time
