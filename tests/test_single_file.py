@@ -345,3 +345,20 @@ def test_a_big_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     fsio.sha256_big_file(tmp_path / "small")
     fsio.sha256_big_file(tmp_path / "small")
     assert len(calls) == 4  # below BIG_FILE: every time
+
+
+def test_scenec_toml_default_model_takes_a_checkpoint_and_its_config(project, tmp_path):
+    from scenec.compiler.check import validate_file
+
+    (tmp_path / "sd.safetensors").symlink_to(project / "sd.safetensors")
+    (tmp_path / "sd").symlink_to(project / "sd")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="null", name="x").replace("model: null\n", "").replace("<bad> ", ""))
+    for config, errors in (("sd", []), ("nope", [(2, "`config: nope` is no diffusers model directory")])):
+        toml = f'[project]\ndefault_model = {{id = "sd.safetensors", config = "{config}"}}\n'
+        (tmp_path / "scenec.toml").write_text(toml)
+        _, diags = validate_file(p)
+        got = [(d.pos.line, d.message) for d in diags if d.severity == "error"]
+        assert [line for line, _ in got] == [line for line, _ in errors] and \
+            all(frag in m for (_, m), (_, frag) in zip(got, errors)) and \
+            all(d.pos.file.endswith("scenec.toml") for d in diags if d.severity == "error"), got
