@@ -53,6 +53,9 @@ class Model(_T):
     embeddings: list[Embedding] = []  # textual inversions in the text encoders (spec/plan_text.py)
     clip_skip: int | None = Field(None, ge=1)  # diffusers' clip_skip
     prompt_syntax: Literal["plain", "a1111", "comfy"] = "plain"  # how prompts are read (spec/prompt_syntax.py)
+    # a single-file checkpoint's (``repo`` is the file) configs' directory or hub id, and its sha256
+    config: str | None = None
+    sha256: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler):

@@ -47,11 +47,15 @@ def model_identity(model: dict, weights_hash: str = "stat") -> dict:
 
     Built-in models (``tiny``): the alias (their weights are made by scenec's code, versioned with
     it). A local directory: a digest of its files. A hub id: the id + the commit that the local
-    Hugging Face cache resolves ``main`` to, or ``unresolved`` when the cache does not hold it.
+    Hugging Face cache resolves ``main`` to, or ``unresolved`` when the cache does not hold it. A single-file
+    checkpoint: its sha256 (the plan's) and its config directory's or hub id's identity, as above.
     """
     spec, repo = model.get("spec"), model.get("repo")
     if not repo:
         return {"id": spec or "tiny", "revision": "builtin"}
+    if model.get("sha256"):  # a single-file checkpoint: its content (hashed at compile, as LoRA files) and configs
+        config = model_identity({"spec": model.get("config"), "repo": model.get("config")}, weights_hash)
+        return {"id": f"file:{Path(repo).name}", "weights": f"sha256:{model['sha256']}", "config": config}
     p = Path(repo)
     if p.is_dir():
         return {"id": f"local:{p.name}", "weights": f"{weights_hash}:{weights_digest(p, weights_hash)}"}
