@@ -27,7 +27,6 @@ from ..memory import tiled_decode
 from ..prompt_weights import ClipText, encode_clip
 from ..solvers import DDIM, ddpm_solver
 from ..textual_inversion import TextOptions, check_layers, encode_skipped, hidden
-from ..tiling import circular
 
 SD_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
 UNET_GRIDS = ("latent", "a16", "a32", "a64")
@@ -292,9 +291,9 @@ class SDBackend:
         pipe = self.pipe
         f = pipe.vae_scale_factor
         tiling = plan.doc.canvas.tiling if plan is not None else "none"
-        # a seamless image is decoded whole: the VAE's own tiles would have edges
+        # a seamless image (its decoder wrapped by methods/tiling.py) is decoded whole: VAE tiles would have edges
         size = (0, 0) if tiling != "none" else (latents.shape[-1] * f, latents.shape[-2] * f)
-        with tiled_decode(pipe, *size), circular(pipe.vae.decoder, tiling):
+        with tiled_decode(pipe, *size):
             img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype),
                                   return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels

@@ -4,7 +4,8 @@ A method is a class with the :class:`Method` hooks; the sampler (runtime/sampler
 instance per run for every registered method whose :meth:`Method.wants` says the run's jobs need it,
 and calls the hooks in registration order:
 
-- :meth:`setup` once, after the initial latents are drawn (and :meth:`close` once when the run ends);
+- :meth:`setup` once, after the initial latents are drawn (and :meth:`close` once when the run ends: after
+  the decode, which still sees what the methods set up — the plan's VAE, tiling);
 - :meth:`run_op` for the step ops the method owns (``ops``);
 - around each ``denoise`` op: :meth:`before_denoise`, then for every model call :meth:`shape` (which
   streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`

@@ -1,5 +1,5 @@
-"""Seamless tiling (``canvas.tiling``): the denoiser's convolutions pad circularly for the run (runtime/tiling.py);
-the family's decode wraps the VAE decoder the same way."""
+"""Seamless tiling (``canvas.tiling``): the denoiser's and the VAE decoder's convolutions pad circularly for the
+run, its decode included (runtime/tiling.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ class Tiling(Method):
 
     def setup(self) -> None:
         run = self.run
-        self.hold = Circular(run.backend.denoiser, run.rows[0].plan.doc.canvas.tiling)  # rows share the canvas
+        tiling = run.rows[0].plan.doc.canvas.tiling  # rows share the canvas
+        self.holds = [Circular(run.backend.denoiser, tiling), Circular(run.backend.pipe.vae.decoder, tiling)]
 
     def close(self) -> None:
-        hold = getattr(self, "hold", None)
-        if hold is not None:
+        for hold in getattr(self, "holds", ()):
             hold.close()
