@@ -156,6 +156,10 @@ class ModelSpec(Node):
         "of the same architecture, a hub id in the local Hugging Face cache, or an alias. Default: the repository "
         "diffusers picks for the file's type (SD 1.x: stable-diffusion-v1-5/stable-diffusion-v1-5). Only with a "
         "`.safetensors` `id`", examples=["sd15"])
+    vae: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a VAE replacing the model's (A1111's \"SD VAE\"): a local diffusers AutoencoderKL "
+        "directory, a hub id in the local Hugging Face cache, or a single `.safetensors` VAE file, relative to the "
+        "scene's file", examples=["madebyollin/sdxl-vae-fp16-fix"])
     lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order",
                              examples=[[{"file": "loras/watercolor.safetensors", "scale": 0.8}]])
     embeddings: Annotated[list[Embedding], Field(max_length=64)] = Field(

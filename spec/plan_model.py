@@ -56,6 +56,8 @@ class Model(_T):
     # a single-file checkpoint's (``repo`` is the file) configs' directory or hub id, and its sha256
     config: str | None = None
     sha256: str | None = None
+    vae: str | None = None  # a VAE replacing the model's: its directory or .safetensors file (compiler/vae.py)
+    vae_sha256: str | None = None  # the file's
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler):

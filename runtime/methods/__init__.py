@@ -31,11 +31,13 @@ def registered() -> list[type[Method]]:
     from .oneway import OneWay
     from .regional import Regional
     from .tiling import Tiling
+    from .vae import Vae
     from .visual import VisualPrompts
 
     # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
-    # tiling before COW's setup too: its inversion runs the denoiser
-    return [Lora, Tiling, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
+    # the plan's VAE before any method encodes an image or tiling wraps its decoder; tiling before COW's setup too:
+    # its inversion runs the denoiser
+    return [Lora, Vae, Tiling, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins
