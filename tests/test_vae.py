@@ -141,8 +141,23 @@ def test_bad_vaes_are_located_errors(tmp_path):
         "empty-dir": "is not a diffusers AutoencoderKL directory (no config.json)",
         "old.ckpt": "is a pickle file",
         "missing.safetensors": "VAE `missing.safetensors` not found",
-        "someone/missing-vae": "VAE `someone/missing-vae` is not downloaded: `hf download someone/missing-vae`",
+        "someone/missing-vae": "no hub id `someone/missing-vae` in the Hugging Face cache (`hf download someone/",
     }
     for vae, message in cases.items():
         rc, err = validate(write(tmp_path, vae))
         assert rc == 2 and "s.yaml:2:27: error: " in err and message in err and "Traceback" not in err, (vae, err)
+
+
+def test_the_project_file_sets_a_vae_for_scenes_without_a_model(tmp_path, vaes):
+    import shutil
+
+    _, directory, _ = vaes
+    shutil.copytree(directory, tmp_path / "vae" / "ft")
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = {id = "tiny-sd", vae = "vae/ft"}\n')
+    f = tmp_path / "scenes" / "s.yaml"
+    f.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: a fox}\n")
+    assert compile_scene(f).json["model"]["vae"] == str((tmp_path / "vae" / "ft").resolve())
+    (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = {id = "tiny-sd", vae = "vae/none"}\n')
+    rc, err = validate(f)
+    assert rc == 2 and "scenec.toml:2:1: error: VAE `vae/none` not found" in err, err
