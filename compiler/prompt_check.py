@@ -28,8 +28,9 @@ def _filled(ls: LoadedScene, text: str) -> list[str]:
     return list(dict.fromkeys(mx.fill(text, combo, True) for combo in mx.combinations(sc)))
 
 
-def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics) -> str:
-    """Check every prompt under the scene's syntax (see the module docstring); the syntax."""
+def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None = None) -> str:
+    """Check every prompt under the scene's syntax (see the module docstring); the syntax. ``family``: the model's
+    (Flux: a ``BREAK`` does nothing, T5 reads one piece)."""
     syntax = prompt_syntax(ls, diags)
     texts = [(path, f) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key) for f in _filled(ls, t)]
     if syntax == "plain":
@@ -48,7 +49,10 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics) -> str:
             if (path, message) not in seen:
                 seen.add((path, message))
                 diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
-        for message in dict.fromkeys(parsed.problems):
+        problems = list(parsed.problems)
+        if family == "flux" and any(p.brk for p in parsed.pieces):
+            problems.append("`BREAK` does nothing on Flux: T5 reads the prompt in one piece (no 75-token chunks)")
+        for message in dict.fromkeys(problems):
             if (path, message) not in seen:
                 seen.add((path, message))
                 diags.warning(ls.pos(path), message)

@@ -278,6 +278,13 @@ def messages(path):
     return [(d.severity, f"{d.pos.line}:{d.pos.col}", d.message, d.hint) for d in diags.items]
 
 
+def test_break_on_flux_is_a_warning(tmp_path):
+    f = scene(tmp_path, "a cat BREAK a dog", "prompt_syntax: a1111\n")
+    f.write_text(f.read_text().replace("tiny-sd", "tiny"))
+    out = messages(f)
+    assert [(s, at) for s, at, _, _ in out] == [("warning", "5:11")] and "`BREAK` does nothing on Flux" in out[0][2]
+
+
 def test_plain_prompts_that_look_weighted_get_one_warning_with_the_key_to_set(tmp_path):
     out = messages(scene(tmp_path, "a (red:1.3) fox", "entities: [{id: a, prompt: '(b:2)'}]\n"))
     assert len(out) == 1 and out[0][0] == "warning" and out[0][1] == "5:11"
