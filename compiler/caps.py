@@ -18,6 +18,8 @@ from pathlib import Path
 
 from scenec.spec.fsio import note_input
 
+from .single_file import is_single_file
+
 # The methods a family's runtime may implement, and what each is called in messages.
 METHODS: dict[str, str] = {
     "regional": "regional attention",  # entities' prompts restricted to their regions (EliGen)
@@ -28,6 +30,7 @@ METHODS: dict[str, str] = {
     "visual": "object-level visual prompts",  # `visual` (kv-mixed): image tokens in the region's attention
     "ip-adapter": "IP-Adapter visual prompts",  # `visual.mode: ip-adapter`: diffusers-format IP-Adapter weights
     "control": "ControlNet conditions",  # `control`: a ControlNet's residuals added to the denoiser's
+    "tiling": "seamless tiling",  # `canvas.tiling`: circular padding in the denoiser and the VAE decoder
 }
 ALL_METHODS = frozenset(METHODS)
 
@@ -52,8 +55,10 @@ class Family:
 MAX_ENTITIES = 62
 DDPM_SOLVERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras", "euler-a", "unipc", "unipc-karras",
                 "dpm++2m-sde", "dpm++2m-sde-karras")
+# Flux: no seamless tiling (its patch embedding has no padding to wrap and RoPE numbers the positions)
 FLUX = Family("flux", vae_scale=8, token_px=16, multiple=16, sampler="flow-euler",
-              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",))
+              grids=(("latent", 8), ("token", 16)), max_entities=MAX_ENTITIES, solvers=("flow-euler",),
+              methods=ALL_METHODS - {"tiling"})
 SD = Family("sd", vae_scale=8, token_px=8, multiple=8, sampler="ddim",
             grids=(("latent", 8), ("a16", 16), ("a32", 32), ("a64", 64)), max_entities=MAX_ENTITIES,
             solvers=DDPM_SOLVERS)
@@ -76,6 +81,10 @@ class ModelInfo:
     steps: int
     guidance: float
     max_sequence_length: int = 512  # T5 tokens of the global prompt (Flux)
+    # a single-file checkpoint (source "file", repo: the file): where its diffusers configs come from (a local
+    # directory's absolute path or a hub id) and the file's content digest
+    config: str | None = None
+    sha256: str | None = None
 
 
 ALIASES: dict[str, ModelInfo] = {
@@ -95,21 +104,33 @@ FAMILY_DEFAULTS = {"flux": "flux-dev", "sd": "sd15", "sdxl": "sdxl"}
 
 
 class UnknownModel(ValueError):
-    """A model whose family scenec cannot tell (one sentence on how to make it known)."""
+    """A model whose family scenec cannot tell (one sentence on how to make it known). ``at``: the key of
+    ``model`` the sentence is about (``"config"``), or None for the model itself."""
+
+    def __init__(self, message: str, at: str | None = None):
+        super().__init__(message)
+        self.at = at
 
 DEFAULT_MODEL = "flux-dev"  # what compile assumes when neither scene nor project names a model
 
 
-def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
-    """Resolve a model spec: an alias, a local diffusers directory, or a hub id.
+def model_info(spec: str | None, base_dir: Path | None = None, config: str | None = None) -> ModelInfo:
+    """Resolve a model spec: an alias, a local diffusers directory, a hub id, or a single-file checkpoint.
 
     The family of a directory or hub id is the pipeline class its ``model_index.json`` names (a hub
-    id's is read from the Hugging Face cache, never downloaded); an alias's repository is known. A
-    model whose family cannot be told raises :class:`UnknownModel`: it is never guessed from a name."""
+    id's is read from the Hugging Face cache, never downloaded); an alias's repository is known; a
+    checkpoint file's is told from its tensors (compiler/single_file.py), ``config`` naming where its
+    diffusers configs come from. A model whose family cannot be told raises :class:`UnknownModel`: it is
+    never guessed from a name."""
     spec = spec or DEFAULT_MODEL
+    local = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
+    if is_single_file(spec):
+        return _single_file(spec, local, config, base_dir)
+    if config is not None:
+        raise UnknownModel(f"`config` applies to a single-file checkpoint (`.safetensors`); `{spec}` is not one, "
+                           "and its own configs load with it", at="config")
     if spec in ALIASES:
         return ALIASES[spec]
-    local = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
     note_input(local / "model_index.json")  # a local model directory appearing changes the family
     if local.is_dir() and (local / "model_index.json").is_file():
         return _with_family(spec, "local", str(local.resolve()), local / "model_index.json")
@@ -133,6 +154,69 @@ def model_info(spec: str | None, base_dir: Path | None = None) -> ModelInfo:
     return _with_family(spec, "hub", spec, index)
 
 
+def _single_file(spec: str, path: Path, config: str | None, base_dir: Path | None) -> ModelInfo:
+    """A single-file checkpoint: its family from its header, its configs from ``config`` or diffusers' default
+    repository for its type (in the Hugging Face cache), its content hashed once per (path, size, mtime)."""
+    from scenec.spec.fsio import sha256_big_file
+
+    from .single_file import PICKLED, SUFFIX_HINT, inspect
+
+    note_input(path)
+    if spec.lower().endswith(PICKLED):
+        raise UnknownModel(f"`{spec}` is a pickle checkpoint: loading one runs whatever code it holds, so scenec "
+                           f"loads safetensors only; use the model's `.safetensors` release ({SUFFIX_HINT})")
+    if not path.is_file():
+        raise UnknownModel(f"`{spec}` does not exist" + (" (it is a directory)" if path.is_dir() else "")
+                           + f"; `model` names {SUFFIX_HINT}, a diffusers directory, a hub id or an alias")
+    got = inspect(path)
+    if isinstance(got, str):
+        raise UnknownModel(f"`{spec}` {got}")
+    if got.family is None:
+        raise UnknownModel(f"`{spec}` {got.problem}")
+    fam = FAMILIES[got.family]
+    where = _config_source(config if config is not None else got.default_config, base_dir, config is None, spec)
+    index = Path(where) / "model_index.json" if Path(where).is_absolute() else \
+        cached_hub_file(where, "model_index.json")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        cls = ""
+    if PIPELINE_FAMILIES.get(cls) is not fam:
+        raise UnknownModel(f"`config: {config}` is a {cls or 'diffusers'} model, but `{spec}` is a {fam.name} "
+                           f"checkpoint ({got.model_type}): name a {fam.name} diffusers directory or hub id",
+                           at="config")
+    d = ALIASES[FAMILY_DEFAULTS[fam.name]]
+    return ModelInfo(spec, fam, "file", str(path.resolve()), d.steps, d.guidance, d.max_sequence_length,
+                     config=where, sha256=sha256_big_file(path))
+
+
+def _config_source(config: str, base_dir: Path | None, default: bool, spec: str) -> str:
+    """Where a checkpoint's diffusers configs are: a local directory's absolute path, or a hub id whose
+    ``model_index.json`` the Hugging Face cache holds (never downloaded here)."""
+    if config in ALIASES:
+        if ALIASES[config].repo is None:
+            raise UnknownModel(f"`{config}` is built in code and has no config files; save it with "
+                               "save_pretrained and name that directory", at="config")
+        config = ALIASES[config].repo
+    local = Path(config).expanduser()
+    local = local if local.is_absolute() or base_dir is None else base_dir / config
+    note_input(local / "model_index.json")
+    if local.is_dir() and (local / "model_index.json").is_file():
+        return str(local.resolve())
+    if local.exists() or config.startswith((".", "/", "~")) or config.count("/") != 1:
+        raise UnknownModel(f"`config: {config}` is no diffusers model directory (no model_index.json) or hub id "
+                           "(ORG/NAME)", at="config")
+    if cached_hub_file(config, "model_index.json") is None:
+        get = f"`hf download {config} --include \"*.json\" --include \"*.txt\"` (configs and tokenizers, no weights)"
+        if default:
+            raise UnknownModel(f"`{spec}` loads with the configs of `{config}`, which are not here: {get}, or set "
+                               "`model: {id: FILE, config: DIR}` to a local diffusers directory of the same "
+                               "architecture")
+        raise UnknownModel(f"the configs of `{config}` are not here: {get}, or name a local diffusers directory",
+                           at="config")
+    return config
+
+
 def _with_family(spec: str, source: str, repo: str, index: Path) -> ModelInfo:
     try:
         cls = json.loads(index.read_text()).get("_class_name", "")
@@ -144,6 +228,14 @@ def _with_family(spec: str, source: str, repo: str, index: Path) -> ModelInfo:
                            + ", ".join(PIPELINE_FAMILIES) + " models")
     d = ALIASES[FAMILY_DEFAULTS[fam.name]]
     return ModelInfo(spec, fam, source, repo, d.steps, d.guidance, d.max_sequence_length)
+
+
+def config_home(info: ModelInfo) -> tuple[str, str | None]:
+    """(source, repo) of where a model's config files are: a checkpoint file's ``config`` (a local directory,
+    "local", or a hub id, "hub"); any other model's own."""
+    if info.source == "file" and info.config:
+        return ("local" if Path(info.config).is_absolute() else "hub"), info.config
+    return info.source, info.repo
 
 
 def cached_hub_file(repo: str, filename: str) -> Path | None:
@@ -184,6 +276,9 @@ def check_family(ls, info: ModelInfo, diags) -> None:
         lacks("inpaint", ("background", "image"), "`background.image` needs")
     if sc.control:
         lacks("control", ("control",), "`control` needs")
+    if sc.canvas.tiling != "none":
+        lacks("tiling", ("canvas", "tiling"), "`canvas.tiling` needs",
+              hint="tile with an SD or SDXL model")
     for i, e in enumerate(sc.entities):
         r, path = e.reference, ("entities", i, "reference")
         if r is not None and not lacks("reference", path, "`reference` needs") and r.modulation is not False \

@@ -10,12 +10,11 @@ in ``compiler.geometry.check_geometry``, called from here.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from scenec.spec import models as m
-from scenec.spec.diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from scenec.spec.diagnostics import Diagnostics, Pos, SceneError, did_you_mean
 from scenec.spec.load import LoadedScene, load_scene
 from scenec.spec.paths import PathProblem
 
@@ -24,10 +23,8 @@ from .caps import ModelInfo, check_family
 from .control import check_controls
 from .files import open_image, read_json
 from .guidance import check_sampler
+from .output_check import check_output
 from .schedule import schedule_file_values
-
-PLACEHOLDERS = ("scene", "group", "variant", "seed", "index")
-_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
 
 def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_override: str | None = None,
@@ -53,7 +50,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     check_visuals(ls, info, steps, diags)  # entities' visual prompts (compiler/visual.py)
     check_controls(ls, info, diags, steps)  # ControlNet conditions (compiler/control.py)
     _check_files(ls, diags)
-    _check_output(ls, diags)
+    check_output(ls, diags)  # output.dir and output.name (compiler/output_check.py)
     _check_includes(ls, diags)
     from .advice import check_advice
 
@@ -68,12 +65,13 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
         geometry.check_geometry(ls, info.family, diags)
     except NotImplementedError:
         pass  # geometry is not written yet
+    from .prompt_check import check_prompt_syntax
     from .text_options import check_text_options
+    from .vae import check_vae
 
     check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (compiler/text_options.py)
-    from .prompt_check import check_prompt_syntax
-
-    check_prompt_syntax(ls, diags)  # weights as A1111/ComfyUI write them (compiler/prompt_check.py)
+    check_vae(ls, info, diags, model_override)  # model.vae (compiler/vae.py)
+    check_prompt_syntax(ls, diags, info.family.name)  # A1111/ComfyUI weights (compiler/prompt_check.py)
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 
@@ -395,106 +393,4 @@ def _check_includes(ls: LoadedScene, diags: Diagnostics) -> None:
 
 # --- output names -------------------------------------------------------------------------------
 
-def _check_output(ls: LoadedScene, diags: Diagnostics) -> None:
-    from .resolve import render_name
-
-    sc = ls.scene
-    out = sc.output
-    dpath = ("output", "dir")
-    try:
-        d = ls.resolve(dpath, out.dir)
-    except PathProblem as e:
-        diags.error(ls.pos(dpath), f"`output.dir`: {e.message}", e.hint)
-    else:  # a file there fails every job of a build without -o ("cannot write"): say so where it is named
-        blocker = next((q for q in (d, *d.parents) if q.exists()), None) if d is not None else None
-        if blocker is not None and not blocker.is_dir():
-            diags.warning(ls.pos(dpath), f"`output.dir` `{out.dir}`: {display_path(blocker)} is a file, not a "
-                          "directory; a build without -o cannot write there", hint="name a directory, or build with -o")
-
-    npath = ("output", "name")
-    from .matrix import combinations, name_values, output_template
-
-    template = output_template(sc)  # with a matrix and no output.name: the default plus the matrix keys
-    npos = ls.pos(npath)
-    bad = False
-    for mt in _PLACEHOLDER_RE.finditer(template):
-        key = mt.group(1)
-        if key not in PLACEHOLDERS and key not in sc.matrix:
-            bad = True
-            diags.error(_pos_in_string(ls, npath, template, mt.start()), f"unknown placeholder `{{{key}}}` in "
-                        "`output.name`", hint=did_you_mean(key, [*PLACEHOLDERS, *sc.matrix]) or
-                        "placeholders: " + ", ".join("{%s}" % p for p in [*PLACEHOLDERS, *sc.matrix]))
-    rest = _PLACEHOLDER_RE.sub("", template)
-    for ch in "{}":
-        if ch in rest:
-            bad = True
-            k = _unmatched_brace(template)
-            diags.error(_pos_in_string(ls, npath, template, k), "unbalanced `{` or `}` in `output.name`",
-                        hint="placeholders are written {scene}, {group}, {variant}, {seed} or {index}")
-            break
-    if bad:
-        return
-
-    combos = list({tuple(c.items()): name_values(c) for c in combinations(sc)}.values())  # seeds x matrix
-    jobs: list[dict] = []
-    if sc.groups:
-        seen: set = set()
-        for g in sc.groups:
-            for v in g.variants:
-                if (g.id, v.id) in seen:
-                    continue  # duplicate ids are reported by the id checks
-                seen.add((g.id, v.id))
-                jobs += [{"group": g.id, "variant": v.id, **c} for c in combos]
-    else:
-        jobs = [{"group": None, "variant": None, **c} for c in combos]
-    names: dict[str, dict] = {}
-    for index, job in enumerate(jobs):
-        values = {"scene": ls.name, **job, "index": index}
-        name = render_name(template, values, dedupe="name" not in sc.output.model_fields_set)
-        if not name or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in name.split("/")):
-            diags.error(npos, f"`output.name` makes `{name}`, which is not a safe relative file name",
-                        hint="names may hold `/` for subfolders, but no empty, `.` or `..` parts and no `\\`")
-            return
-        if name in names:
-            other = names[name]
-            differ = [k for k in dict.fromkeys(("group", "variant", "seed", *sc.matrix)) if other.get(k) != job.get(k)]
-            need = " or ".join("{%s}" % k for k in [*differ, "index"])
-            diags.error(npos, f"output names collide: two images would be named `{name}`",
-                        hint=f"add {need} to `output.name`")
-            return
-        names[name] = job
-
-
-def _unmatched_brace(s: str) -> int:
-    depth_open = -1
-    for k, ch in enumerate(s):
-        if ch == "{":
-            if depth_open >= 0:
-                return depth_open
-            depth_open = k
-        elif ch == "}":
-            if depth_open < 0:
-                return k
-            depth_open = -1
-    return max(depth_open, 0)
-
-
-def _pos_in_string(ls: LoadedScene, path: tuple, value: str, offset: int) -> Pos:
-    """Position of character ``offset`` of a one-line string value, when the source shows it verbatim."""
-    pos = ls.pos(path)
-    f = ls.files.get(pos.file)
-    if f is None or "\n" in value:
-        return pos
-    try:
-        lines = f.read_text(encoding="utf-8").splitlines()
-        line = lines[pos.line - 1]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return pos
-    start = pos.col - 1
-    quote = 1 if line[start:start + 1] in ("'", '"') else 0
-    if line[start + quote:start + quote + len(value)] != value:
-        return pos  # escapes or folding: the source differs from the value
-    return Pos(pos.file, pos.line, pos.col + quote + offset)
-
-
-__all__ = ["check_scene", "validate_file", "schedule_file_values", "PLACEHOLDERS"]
+__all__ = ["check_scene", "validate_file", "schedule_file_values"]

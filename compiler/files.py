@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.diagnostics import Diagnostics, Pos
 from scenec.spec.load import LoadedScene
 from scenec.spec.paths import PathProblem
 
@@ -94,3 +94,21 @@ def read_json(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, what
     except (OSError, UnicodeDecodeError, ValueError) as e:
         diags.error(pos, f"{what} `{value}` is not valid JSON: {e}")
         return None
+
+
+def pos_in_string(ls: LoadedScene, path: tuple, value: str, offset: int) -> Pos:
+    """Position of character ``offset`` of a one-line string value, when the source shows it verbatim."""
+    pos = ls.pos(path)
+    f = ls.files.get(pos.file)
+    if f is None or "\n" in value:
+        return pos
+    try:
+        lines = f.read_text(encoding="utf-8").splitlines()
+        line = lines[pos.line - 1]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return pos
+    start = pos.col - 1
+    quote = 1 if line[start:start + 1] in ("'", '"') else 0
+    if line[start + quote:start + quote + len(value)] != value:
+        return pos  # escapes or folding: the source differs from the value
+    return Pos(pos.file, pos.line, pos.col + quote + offset)

@@ -104,6 +104,7 @@ class IR:
     embeddings: tuple = ()  # check: textual inversions (spec.plan_text.Embedding)
     clip_skip: int | None = None  # check: diffusers' clip_skip
     prompt_syntax: str = "plain"  # check: how prompts are read (compiler/prompt_check.py)
+    vae: tuple[str | None, str | None] = (None, None)  # check: a VAE replacing the model's, its file's sha256
     matrix: dict[str, dict[str, Any]] = field(default_factory=dict)  # expand: job id → its matrix values
     theta: dict[str, np.ndarray] = field(default_factory=dict)  # schedule: group id → θ per step (float64)
     shared_prefix: dict[str, int] = field(default_factory=dict)  # schedule: group id → shared θ = 0 steps

@@ -28,7 +28,7 @@ import numpy as np
 
 from scenec.spec.fsio import note_input
 
-from .caps import cached_hub_file
+from .caps import cached_hub_file, config_home
 
 if TYPE_CHECKING:
     from scenec.spec.load import LoadedScene
@@ -126,11 +126,12 @@ def scheduler_config(info) -> dict:
     default = KNOWN.get(info.spec) or KNOWN.get(info.repo or "") or \
         (FLOW_DEV if info.family.sampler == "flow-euler" else DDPM_LEADING)
     path = None
-    if info.source == "local" and info.repo:
-        path = Path(info.repo) / "scheduler" / "scheduler_config.json"
+    source, repo = config_home(info)  # a checkpoint file's: its `config`'s
+    if source == "local" and repo:
+        path = Path(repo) / "scheduler" / "scheduler_config.json"
         note_input(path)
-    elif info.source == "hub" and info.repo:
-        path = cached_hub_file(info.repo, "scheduler/scheduler_config.json")
+    elif source == "hub" and repo:
+        path = cached_hub_file(repo, "scheduler/scheduler_config.json")
         if path is not None:
             note_input(path)
     return {**default, **_read(path)} if path is not None else dict(default)

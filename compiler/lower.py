@@ -171,7 +171,9 @@ def lower(ir: IR) -> CompiledPlan:
                             shared_prefix=int(ir.shared_prefix.get(gid, 0))))
 
     resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras, ir.embeddings, ir.clip_skip,
-                                     ir.prompt_syntax)
+                                     ir.prompt_syntax,
+                                     (ir.info.repo, ir.info.config) if ir.info.source == "file" else None,
+                                     ir.vae[0])
     document = Document(
         format=FORMAT,
         scenec_version=__version__,
@@ -179,8 +181,9 @@ def lower(ir: IR) -> CompiledPlan:
                        resolved=resolved, files=files),
         model=Model(spec=ir.model_spec, family=fam.name, repo=ir.info.repo,
                     max_sequence_length=ir.info.max_sequence_length, lora=list(ir.loras),
-                    embeddings=list(ir.embeddings), clip_skip=ir.clip_skip, prompt_syntax=ir.prompt_syntax),
-        canvas=Canvas(width=canvas[0], height=canvas[1]),
+                    embeddings=list(ir.embeddings), clip_skip=ir.clip_skip, prompt_syntax=ir.prompt_syntax,
+                    config=ir.info.config, sha256=ir.info.sha256, vae=ir.vae[0], vae_sha256=ir.vae[1]),
+        canvas=Canvas(width=canvas[0], height=canvas[1], tiling=sc.canvas.tiling),
         grids={gname: grid_size(canvas, px) for gname, px in fam.grids},
         sampler=Sampler(kind=ir.solver or fam.sampler, steps=ir.steps, guidance=float(ir.guidance),
                         true_cfg=float(ir.true_cfg), cfg_rescale=float(sc.sampler.cfg_rescale),

@@ -30,7 +30,9 @@ import re
 from typing import Any, Iterator
 
 from scenec.spec import models as m
-from scenec.spec.diagnostics import Diagnostics, Pos, did_you_mean
+from scenec.spec.diagnostics import Diagnostics, did_you_mean
+
+from .files import pos_in_string
 
 RESERVED = ("scene", "group", "variant", "index")
 MAX_JOBS = 4096  # per scene, after expansion
@@ -143,15 +145,15 @@ def check_matrix(ls, diags: Diagnostics) -> None:
         for off, key, problem in placeholders(text):
             if problem == "unbalanced":
                 if mx:
-                    diags.error(_pos_in_string(ls, path, text, off), "unbalanced `{` or `}` in a prompt of a scene "
+                    diags.error(pos_in_string(ls, path, text, off), "unbalanced `{` or `}` in a prompt of a scene "
                                 "with a `matrix`", hint="write `{{` and `}}` for literal braces")
                 continue
             used.add(key)
             if not mx:
-                diags.warning(_pos_in_string(ls, path, text, off),
+                diags.warning(pos_in_string(ls, path, text, off),
                               f"`{{{key}}}` is written literally: the scene has no `matrix`")
             elif key not in mx and key != "seed":
-                diags.error(_pos_in_string(ls, path, text, off), f"unknown placeholder `{{{key}}}` in a prompt",
+                diags.error(pos_in_string(ls, path, text, off), f"unknown placeholder `{{{key}}}` in a prompt",
                             hint=did_you_mean(key, list(mx)) or
                             ("matrix keys: " + ", ".join("{%s}" % k for k in mx)))
     template = output_template(sc)
@@ -177,23 +179,6 @@ def _images_without_matrix(sc: m.Scene) -> int:
     if not sc.groups:
         return 1
     return sum(len(g.variants) for g in sc.groups)
-
-
-def _pos_in_string(ls, path: tuple, value: str, offset: int) -> Pos:
-    """Position of character ``offset`` of a one-line string value, when the source shows it verbatim."""
-    pos = ls.pos(path)
-    f = ls.files.get(pos.file)
-    if f is None or "\n" in value:
-        return pos
-    try:
-        line = f.read_text(encoding="utf-8").splitlines()[pos.line - 1]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return pos
-    start = pos.col - 1
-    quote = 1 if line[start:start + 1] in ("'", '"') else 0
-    if line[start + quote:start + quote + len(value)] != value:
-        return pos
-    return Pos(pos.file, pos.line, pos.col + quote + offset)
 
 
 __all__ = ["combinations", "fill", "slug", "output_template", "name_values", "check_matrix", "RESERVED"]

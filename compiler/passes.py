@@ -40,6 +40,9 @@ def p_check(ir: IR) -> IR:
     from .resolve import prompt_syntax
 
     out.prompt_syntax = prompt_syntax(ir.scene)
+    from .vae import check_vae
+
+    out.vae = check_vae(ir.scene, ir.info, Diagnostics(), ir.model_override)
     return out
 
 

@@ -15,14 +15,24 @@ from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import LoadedScene
 from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, parse
 
+from . import matrix as mx
 from .advice import prompt_texts
 from .resolve import prompt_syntax
 
 
-def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics) -> str:
-    """Check every prompt under the scene's syntax (see the module docstring); the syntax."""
+def _filled(ls: LoadedScene, text: str) -> list[str]:
+    """``text`` as each matrix combination fills it (a value may carry the syntax: `style: ["(oil:1.2)"]`)."""
+    sc = ls.scene
+    if not sc.matrix:
+        return [text]
+    return list(dict.fromkeys(mx.fill(text, combo, True) for combo in mx.combinations(sc)))
+
+
+def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None = None) -> str:
+    """Check every prompt under the scene's syntax (see the module docstring); the syntax. ``family``: the model's
+    (Flux: a ``BREAK`` does nothing, T5 reads one piece)."""
     syntax = prompt_syntax(ls, diags)
-    texts = [(path, t) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key)]
+    texts = [(path, f) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key) for f in _filled(ls, t)]
     if syntax == "plain":
         hits = [(path, m[0]) for path, t in texts if (m := LOOKS_WEIGHTED.search(t))]
         if hits:
@@ -32,10 +42,18 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics) -> str:
             diags.warning(ls.pos(hits[0][0]), f"`{hits[0][1]}` is read as text{more}: prompts are read plainly, "
                           "as diffusers reads them", hint=f"to weight words as A1111 or ComfyUI do, set {where}")
         return syntax
+    seen = set()
     for path, text in texts:
         parsed = parse(text, syntax)
         for message in parsed.errors:
-            diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
-        for message in dict.fromkeys(parsed.problems):
-            diags.warning(ls.pos(path), message)
+            if (path, message) not in seen:
+                seen.add((path, message))
+                diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
+        problems = list(parsed.problems)
+        if family == "flux" and any(p.brk for p in parsed.pieces):
+            problems.append("`BREAK` does nothing on Flux: T5 reads the prompt in one piece (no 75-token chunks)")
+        for message in dict.fromkeys(problems):
+            if (path, message) not in seen:
+                seen.add((path, message))
+                diags.warning(ls.pos(path), message)
     return syntax

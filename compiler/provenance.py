@@ -34,10 +34,14 @@ def hub_file(path: Path) -> tuple[str, str] | None:
 
 
 def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_skip=None,
-                   prompt_syntax: str = "plain") -> tuple[str, dict[str, str]]:
+                   prompt_syntax: str = "plain",
+                   checkpoint: tuple[str, str] | None = None, vae: str | None = None) -> tuple[str, dict[str, str]]:
     """(canonical YAML of the scene, {path relative to the root: sha256}) for a loaded scene ``ls``
     compiled with ``model_spec``, the whole-image ``loras`` (``spec.plan.Lora``), the text options
-    (``spec.plan_text.Embedding``s, ``clip_skip``) and the prompt syntax (scenec.toml's too: self-contained)."""
+    (``spec.plan_text.Embedding``s, ``clip_skip``) and the prompt syntax (scenec.toml's too: self-contained).
+    ``checkpoint``: a single-file model's (file, config) as resolved (absolute paths or a hub id), written
+    relative to the root (the file is not hashed again: the plan carries its digest). ``vae``: the VAE replacing
+    the model's as resolved (a hub snapshot directory travels as its repo id)."""
     root = Path(ls.root).resolve()
     data = ls.scene.model_dump(mode="json", exclude_unset=True)
     data.pop("include", None)
@@ -76,6 +80,12 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
 
     body = {k: (v if k == "output" else walk(v, (k,))) for k, v in data.items()}
     model: dict[str, Any] = {"id": model_spec} if model_spec else {}
+    if checkpoint is not None:
+        def at_root(p: str) -> str:
+            q = Path(p)
+            return q.relative_to(root).as_posix() if q.is_absolute() and q.is_relative_to(root) else p
+
+        model = {"id": at_root(checkpoint[0]), "config": at_root(checkpoint[1])}
     whole = []
     for lo in loras:  # a hub file as its repo (the cache is no project path); one outside the root by its path
         hub = hub_file(Path(lo.path))
@@ -92,6 +102,9 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
         model["embeddings"] = embs
     if clip_skip:
         model["clip_skip"] = clip_skip
+    if vae is not None:
+        hub = hub_file(Path(vae) / "config.json")
+        model["vae"] = hub[0] if hub and not Path(vae).is_relative_to(root) else rel(Path(vae))
     ordered = {"scenec": body.pop("scenec", 1), **({"name": body.pop("name")} if "name" in body else {})}
     if model:
         ordered["model"] = model if set(model) - {"id"} else model["id"]

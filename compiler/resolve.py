@@ -19,6 +19,8 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     """Model resolution order: --model, the scene's `model`, scenec.toml's default_model, else none."""
     scene_model = ls.scene.model
     spec = override or (scene_model.id if hasattr(scene_model, "id") else scene_model)
+    # a checkpoint's `config` belongs to its `id`: --model replaces both
+    config = getattr(scene_model, "config", None) if override is None else None
     toml = display_path(ls.root / PROJECT_FILE)
     for line, message, hint in project_problems(ls.root):
         diags.error(Pos(toml, line), message, hint=hint)
@@ -28,15 +30,17 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
         except ProjectFileError as e:
             diags.error(Pos(toml, e.line, e.col), str(e))
         if isinstance(spec, dict):  # {id = "...", lora = [...]}: the LoRAs are compiler/lora.py's
+            config = spec.get("config") if isinstance(spec.get("config"), str) else None
             spec = spec.get("id")
         if spec is not None and not isinstance(spec, str):
             diags.error(Pos(toml, project_key_line(ls.root, "default_model")), "`default_model` must be a string "
                         "or a table {id = \"...\", lora = [...]}")
             spec = None
     try:
-        return spec, model_info(spec, ls.file.parent)
+        return spec, model_info(spec, ls.file.parent, config)
     except UnknownModel as e:
-        diags.error(model_pos(ls, override, spec), str(e))
+        at_config = e.at == "config" and override is None and scene_model is not None
+        diags.error(ls.pos(("model", "config")) if at_config else model_pos(ls, override, spec), str(e))
         # the default's geometry stands in so the other checks run; "unknown" tells the checks that depend on
         # the family to stay quiet (a canvas multiple or a method of a model nobody asked for is no news)
         return spec, replace(model_info(None), spec=str(spec), source="unknown")

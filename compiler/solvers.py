@@ -34,9 +34,9 @@ import numpy as np
 SDE = frozenset({"dpm++2m-sde", "dpm++2m-sde-karras"})  # DPM-Solver++(2M) on the reverse SDE
 MULTISTEP = frozenset({"dpm++2m", "dpm++2m-karras", "unipc", "unipc-karras"}) | SDE
 EULER = frozenset({"euler", "euler-karras", "euler-a"})
-ANCESTRAL = frozenset({"euler-a"}) | SDE  # fresh noise at every step (the job's noise stream): never batched
+FRESH_NOISE = frozenset({"euler-a"}) | SDE  # ancestral, SDE: fresh noise each step (the job's stream); never batched
 NO_REFERENCE = MULTISTEP | EULER  # COW's cycles need DDIM's η steps, re-noising and inversion
-UNSHARED = MULTISTEP | ANCESTRAL  # a coupling group's θ = 0 prefix cannot be run once and resumed
+UNSHARED = MULTISTEP | FRESH_NOISE  # a coupling group's θ = 0 prefix cannot be run once and resumed
 NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karras",
          "euler-a", "unipc", "unipc-karras", "dpm++2m-sde",
          "dpm++2m-sde-karras")  # the language's enum (spec/models_parts.py)
@@ -45,8 +45,8 @@ NAMES = ("flow-euler", "ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-karr
 def unshared_reason(name: str) -> str | None:
     """Why a group's θ = 0 prefix is not shared under a solver (None: it is)."""
     if name in MULTISTEP:
-        return f"{name} is multistep" + (" and draws fresh noise at every step" if name in ANCESTRAL else "")
-    if name in ANCESTRAL:
+        return f"{name} is multistep" + (" and draws fresh noise at every step" if name in FRESH_NOISE else "")
+    if name in FRESH_NOISE:
         return f"{name} draws fresh noise at every step"
     return None
 

@@ -24,7 +24,7 @@ from scenec.spec.diagnostics import Diagnostics, Pos
 from scenec.spec.fsio import note_input, sha256_file
 from scenec.spec.plan_text import Embedding
 
-from .caps import cached_hub_file
+from .caps import cached_hub_file, config_home
 
 DEFAULT_WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 TEXT_FAMILIES = ("sd", "sdxl")
@@ -55,13 +55,14 @@ SUBFOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
 def _model_file(info, rel: str) -> Path | None:
-    if info.repo is None:
+    source, repo = config_home(info)  # a checkpoint file's: its `config`'s
+    if repo is None:
         return None
-    if info.source == "local":
-        p = Path(info.repo) / rel
+    if source == "local":
+        p = Path(repo) / rel
         note_input(p)
         return p if p.is_file() else None
-    return cached_hub_file(info.repo, rel)
+    return cached_hub_file(repo, rel)
 
 
 def encoders(info) -> list[Encoder] | None:

@@ -192,6 +192,41 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def from_single_file(cls, path: str, config: str, dtype, **kw):
+    """``cls.from_single_file``: a single-file checkpoint in the original (LDM) layout with the diffusers
+    configs of ``config`` (a local directory, or a hub id whose config files the compiler found in the Hugging
+    Face cache: ``local_files_only``; diffusers fetches the missing JSON/tokenizer files, never weights).
+    Safetensors only (the compiler refuses pickle files); one sentence when it does not load."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components…"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **kw)
+    except (OSError, EnvironmentError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelUnavailable(f"{path} does not load as a single-file checkpoint with the configs of {config!r} "
+                               f"({type(e).__name__}: {first[:200]}); check that `config` names a model of the "
+                               "checkpoint's architecture") from e
+    finally:
+        diffusers_logging.set_verbosity(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    # diffusers leaves a tensor the file lacks (for configs of another architecture) on the meta device, unloaded
+    missing = [f"{name}.{k}" for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+               for k, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelUnavailable(f"{path} does not fit the configs of {config!r}: {len(missing)} of the model's tensors "
+                               f"are not in the file (the first: {missing[0]}); name configs of the checkpoint's "
+                               "architecture with `config`")
+    return pipe
+
+
 def from_pretrained(cls, repo: str, dtype, **kw):
     """``cls.from_pretrained`` from a hub id or a local diffusers directory, safetensors only, with one
     sentence on how to get the weights when they are not here."""
@@ -260,6 +295,18 @@ def load_pipeline(cls, model, device, dtype, cuda_dtype: torch.dtype, tiny: str,
             cls(**build_tiny(dt, torch.device("cpu"))).save_pretrained(tmp)
             pipe, model_id = from_pretrained(cls, tmp, dt, **kw), tiny
             memory.place(pipe, dev, offload)
+    elif model.config is not None and quant is not None:
+        # from_single_file takes no pipeline quantisation: through a diffusers directory, as the tiny models
+        import tempfile
+
+        kw.pop("quantization_config")
+        with tempfile.TemporaryDirectory(prefix="scenec-single-file-") as tmp:
+            from_single_file(cls, model.repo, model.config, dt, **kw).save_pretrained(tmp)
+            pipe, model_id = from_pretrained(cls, tmp, dt, quantization_config=quant, **kw), model.spec
+            memory.place(pipe, dev, offload)
+    elif model.config is not None:  # a single-file checkpoint (compiler/single_file.py)
+        pipe, model_id = from_single_file(cls, model.repo, model.config, dt, **kw), model.spec
+        memory.place(pipe, dev, offload)
     else:
         pipe, model_id = from_pretrained(cls, repo, dt, **kw), repo
         memory.place(pipe, dev, offload)

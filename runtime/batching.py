@@ -18,12 +18,12 @@ import json
 def batch_key(plan_json: dict, job: dict) -> str | None:
     """A string equal for batch-compatible jobs, or None when ``job`` must run alone."""
     from scenec.compiler.caps import FAMILIES  # every family runs batch rows through the one sampler
-    from scenec.compiler.solvers import ANCESTRAL
+    from scenec.compiler.solvers import FRESH_NOISE
 
     model = plan_json.get("model") or {}
     if model.get("family", "flux") not in FAMILIES:
         return None
-    if (plan_json.get("sampler") or {}).get("kind") in ANCESTRAL:
+    if (plan_json.get("sampler") or {}).get("kind") in FRESH_NOISE:
         return None  # each step draws from the job's own noise stream (a batch draws one stream for all rows)
     if job.get("group") or job.get("conditions") or job.get("visuals") or job.get("controls"):
         return None  # coupling groups run together (shared prefix); references run cycles; visual prompts and

@@ -4,7 +4,8 @@
 start and end tokens and padded to 77, and concatenate the chunks' hidden states along the sequence (so the
 UNet's cross-attention sees 77·k keys). A1111 (``modules/sd_hijack_clip.py``) fills a chunk token by token and,
 when it is full, moves the tokens after its last comma (if that comma is at most 20 tokens back) to the next
-chunk; ``BREAK`` ends a chunk early. ComfyUI (``comfy/sd1_clip.py``) splits the text into words and moves a word
+chunk, and starts a new chunk for a textual-inversion embedding whose vectors do not fit; ``BREAK`` ends a chunk
+early. ComfyUI (``comfy/sd1_clip.py``) splits the text into words and moves a word
 of fewer than 8 tokens that does not fit whole to the next chunk (longer words are cut). Padding is the
 tokenizer's own pad token after the end token, as diffusers pads (SD 1.x: the end token; SD 2.x, SDXL's second
 encoder: ``!``), which is also what both UIs feed those encoders.
@@ -42,6 +43,35 @@ COMFY_LONG_WORD = 8  # ComfyUI's max_word_length: a word of this many tokens may
 class Chunk:
     ids: list[int]
     weights: list[float]
+
+
+def _units(tok, ids: list[int]) -> list[list[int]]:
+    """``ids`` in A1111's units: a token, or a multi-vector textual-inversion embedding's tokens (diffusers writes
+    the word ``w`` as ``w w_1 w_2 …``, added tokens), which A1111 keeps in one chunk (``tokenize_line``)."""
+    added = getattr(tok, "added_tokens_encoder", None) or {}
+    if not added:
+        return [[t] for t in ids]
+    names = tok.convert_ids_to_tokens(ids)
+
+    def blank(name: str) -> bool:  # a byte-level BPE's space between added tokens (CLIP's BPE has none)
+        return not tok.convert_tokens_to_string([name]).strip()
+
+    out, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        if names[i] in added:
+            k = 1
+            while True:
+                m = j
+                while m < len(ids) and blank(names[m]):
+                    m += 1
+                if m < len(ids) and names[m] == f"{names[i]}_{k}":
+                    j, k = m + 1, k + 1
+                else:
+                    break
+        out.append(ids[i:j])
+        i = j
+    return out
 
 
 def clip_chunks(tok, pieces: list[Piece], syntax: str, convert=lambda t: t, pad: bool = True) -> list[Chunk]:
@@ -86,8 +116,8 @@ def clip_chunks(tok, pieces: list[Piece], syntax: str, convert=lambda t: t, pad:
                         cw += [p.weight] * len(group)
                         group = []
             continue
-        for t in ids_of(p.text):
-            if t == comma:
+        for unit in _units(tok, ids_of(p.text)):
+            if unit == [comma]:
                 last_comma = len(cur)
             elif len(cur) == room and last_comma != -1 and len(cur) - last_comma <= A1111_COMMA_BACKTRACK:
                 keep = last_comma + 1  # the words after the last comma go to the next chunk
@@ -97,8 +127,10 @@ def clip_chunks(tok, pieces: list[Piece], syntax: str, convert=lambda t: t, pad:
                 cur, cw = moved, moved_w
             if len(cur) == room:
                 close()
-            cur.append(t)
-            cw.append(p.weight)
+            if len(cur) + len(unit) > room:  # A1111 never splits an embedding's vectors across chunks
+                close()
+            cur += unit
+            cw += [p.weight] * len(unit)
     if cur or not chunks or syntax == "comfy":
         close()
     return chunks

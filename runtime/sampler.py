@@ -232,16 +232,16 @@ def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = N
     start = 0
     if resume is not None:
         start, run.x = int(resume[0]), resume[1].clone()
-    try:
+    try:  # the decode is part of the run: what methods set up for it (the plan's VAE, tiling) still holds
         run.setup()
         t_enc = time.perf_counter()
         x = sample(run, job.program, start, stop_at_fork, progress)
+        require_finite(x, "the final latent")
+        t_den = time.perf_counter()
+        image = backend.decode(x, plan) if decode else None
+        t_dec = time.perf_counter()
     finally:
         run.close()
-    require_finite(x, "the final latent")
-    t_den = time.perf_counter()
-    image = backend.decode(x, plan) if decode else None
-    t_dec = time.perf_counter()
     return JobResult(image, x, {"encode_s": t_enc - t0, "denoise_s": t_den - t_enc, "decode_s": t_dec - t_den,
                                 "total_s": t_dec - t0}, run.diagnostics)
 
@@ -272,23 +272,23 @@ def run_batch(backend, plan_jobs: list[tuple[Plan, object]], progress: Callable[
         return out
     require_compatible([(p, j) for _, p, j in live])
     run = Run(backend, [(p, j) for _, p, j in live])
-    try:
+    try:  # decodes inside the run, as run_job's
         run.setup()
         t_enc = time.perf_counter()
         x = sample(run, live[0][2].program, progress=progress)
+        t_den = time.perf_counter()
+        for b, (k, plan, _) in enumerate(live):
+            t1 = time.perf_counter()
+            try:  # a row with NaN fails alone
+                require_finite(x[b:b + 1], "the final latent")
+                image = backend.decode(x[b:b + 1], plan)
+            except RuntimeErrorBase as e:
+                out[k] = e
+                continue
+            out[k] = JobResult(image, x[b:b + 1], row_timings(t_enc - t0, t_den - t_enc, time.perf_counter() - t1,
+                                                              len(live)))
     finally:
         run.close()
-    t_den = time.perf_counter()
-    for b, (k, plan, _) in enumerate(live):
-        t1 = time.perf_counter()
-        try:  # a row with NaN fails alone
-            require_finite(x[b:b + 1], "the final latent")
-            image = backend.decode(x[b:b + 1], plan)
-        except RuntimeErrorBase as e:
-            out[k] = e
-            continue
-        out[k] = JobResult(image, x[b:b + 1], row_timings(t_enc - t0, t_den - t_enc, time.perf_counter() - t1,
-                                                          len(live)))
     return out
 
 

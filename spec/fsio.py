@@ -76,6 +76,23 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+BIG_FILE = 64 << 20  # model files: hashed once per process (a checkpoint is several GB)
+_big_digests: dict[tuple, str] = {}
+
+
+def sha256_big_file(path: str | Path) -> str:
+    """:func:`sha256_file`, remembered per (path, size, mtime) for files of at least ``BIG_FILE`` bytes in this
+    process: a build reads a multi-GB checkpoint's digest at compile and for each scene's compile memo, and
+    hashes it once. Smaller files (scenes, images, edited in place under `scenec watch`) are hashed each time."""
+    st = os.stat(path)
+    if st.st_size < BIG_FILE:
+        return sha256_file(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _big_digests:
+        _big_digests[key] = sha256_file(path)
+    return _big_digests[key]
+
+
 def json_bytes(obj, **kw) -> bytes:
     """``obj`` as UTF-8 JSON. A file name that is not UTF-8 reaches Python as lone surrogates; each is
     written as its JSON escape (``\\udcXX``), which reads back as the same name."""

@@ -158,8 +158,9 @@ class Scene(Node):
         None, description="the scene's name (`{scene}` in output names); default: the file's stem",
         examples=["meadow"])
     model: Annotated[str, Field(min_length=1)] | ModelSpec | None = Field(
-        None, description="a built-in alias, a model id or a local diffusers directory; or `{id, lora, "
-        "embeddings, clip_skip}` with LoRAs and text options. Default: `--model`, else scenec.toml's `default_model`, "
+        None, description="a built-in alias, a model id, a local diffusers directory or a single-file `.safetensors` "
+        "checkpoint (SD, SDXL); or `{id, config, lora, embeddings, clip_skip}` with a checkpoint's configs, LoRAs and "
+        "text options. Default: `--model`, else scenec.toml's `default_model`, "
         "else flux-dev", examples=["flux-dev"])
     canvas: Canvas = Field(description="image size in pixels", examples=[{"width": 1024, "height": 768}])
     sampler: Sampler = Field(default_factory=Sampler, description="steps, guidance, true CFG, seeds",

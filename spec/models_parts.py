@@ -21,6 +21,10 @@ class Canvas(Node):
     height: Annotated[int, Field(ge=16, le=MAX_CANVAS)] = Field(
         description="image height in pixels, a multiple of the model family's canvas multiple (16 Flux, 8 SD)",
         examples=[768])
+    tiling: Literal["none", "x", "y", "both"] = Field(
+        "none", description="a seamless texture: the image wraps around, its left edge continuing its right (`x`), "
+        "its top its bottom (`y`) or both (A1111's \"Tiling\"): the UNet's and the VAE decoder's convolutions pad "
+        "circularly. SD, SDXL", examples=["both"])
 
 
 class FreeU(Node):
@@ -166,7 +170,18 @@ class ModelSpec(Node):
     were trained for: ``--model`` replaces them with the model."""
 
     id: Annotated[str, Field(min_length=1)] = Field(
-        description="a built-in alias, a model id, or a local diffusers directory", examples=["flux-dev"])
+        description="a built-in alias, a model id, a local diffusers directory, or a single-file `.safetensors` "
+        "checkpoint of SD 1.x, SD 2.x or SDXL base (A1111's and ComfyUI's, relative to the scene's file)",
+        examples=["flux-dev"])
+    config: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a single-file checkpoint's diffusers configs (no weights): a local diffusers directory "
+        "of the same architecture, a hub id in the local Hugging Face cache, or an alias. Default: the repository "
+        "diffusers picks for the file's type (SD 1.x: stable-diffusion-v1-5/stable-diffusion-v1-5). Only with a "
+        "`.safetensors` `id`", examples=["sd15"])
+    vae: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a VAE replacing the model's (A1111's \"SD VAE\"): a local diffusers AutoencoderKL "
+        "directory, a hub id in the local Hugging Face cache, or a single `.safetensors` VAE file, relative to the "
+        "scene's file", examples=["madebyollin/sdxl-vae-fp16-fix"])
     lora: list[Lora] = Field(default_factory=list, description="LoRAs applied to the whole image, in order",
                              examples=[[{"file": "loras/watercolor.safetensors", "scale": 0.8}]])
     embeddings: Annotated[list[Embedding], Field(max_length=64)] = Field(

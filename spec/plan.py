@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .diagnostics import printable
 from .errors import PlanError, Unsupported
 from .ops import OP_KINDS, Denoise, Fork, Op, Paste, Renoise, Seed  # noqa: F401 - the step program, re-exported
 from .plan_control import Control, check_control
+from .plan_model import Canvas, FileText, Lora, Model  # noqa: F401 - re-exported
 from .plan_sampler import FreeU, Sampler  # noqa: F401 - the sampler section, re-exported
-from .plan_text import Embedding, without_absent_text_options
 from .plan_visual import Visual, check_visual
 
 FORMAT = "scenec-plan/1"
@@ -37,31 +36,6 @@ class _T(BaseModel):
 # --- jobs -----------------------------------------------------------------------------------------
 
 MaskRef = dict[str, str]  # grid name → tensor name
-# A file name as plan text: plan.json is UTF-8, a file name need not be (shown with \xNN escapes).
-FileText = Annotated[str, BeforeValidator(lambda v: printable(v) if isinstance(v, str) else v)]
-
-
-class Lora(_T):
-    """A LoRA as the runtime loads it: the file, its content digest, its scale and its key format.
-
-    ``path`` and ``name`` say where it is (not part of any ``job_hash``: moving the file changes no
-    image); ``sha256``, ``scale`` and ``format`` what it does."""
-
-    name: str  # as the user wrote it (messages)
-    path: FileText  # the absolute path of the .safetensors file
-    sha256: str
-    scale: float = 1.0
-    format: Literal["diffusers", "kohya", "xlabs", "diffsynth"] = "diffusers"
-    # its text-encoder layers act too (a whole-image LoRA that has some); absent from the plan when False, so
-    # plans of LoRAs without them keep their hashes
-    text_encoder: bool = False
-
-    @model_serializer(mode="wrap")
-    def _without_absent_text_encoder(self, handler):
-        d = handler(self)
-        if not self.text_encoder:
-            d.pop("text_encoder", None)
-        return d
 
 
 class GlobalStream(_T):
@@ -165,26 +139,6 @@ class SceneRef(_T):
     overrides: list[str] = []  # the command-line overrides it was compiled with (``--steps 8``)
     resolved: str = ""  # the scene as canonical YAML, self-contained (compiler/provenance.py)
     files: dict[str, str] = {}  # the files `resolved` names, relative to the project root: their sha256
-
-
-class Model(_T):
-    spec: str | None = None
-    family: str = "flux"
-    repo: str | None = None
-    max_sequence_length: int | None = None
-    lora: list[Lora] = []  # acting on the whole image, in order
-    embeddings: list[Embedding] = []  # textual inversions in the text encoders (spec/plan_text.py)
-    clip_skip: int | None = Field(None, ge=1)  # diffusers' clip_skip
-    prompt_syntax: Literal["plain", "a1111", "comfy"] = "plain"  # how prompts are read (spec/prompt_syntax.py)
-
-    @model_serializer(mode="wrap")
-    def _without_absent(self, handler):
-        return without_absent_text_options(handler(self))
-
-
-class Canvas(_T):
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
 
 
 class Attention(_T):

@@ -37,6 +37,7 @@ def without_absent_text_options(d: dict) -> dict:
         d.pop("prompt_syntax")
     if not d.get("embeddings"):
         d.pop("embeddings", None)
-    if d.get("clip_skip") is None:
-        d.pop("clip_skip", None)
+    for k in ("clip_skip", "config", "sha256", "vae", "vae_sha256"):  # config, sha256: a single-file checkpoint's
+        if d.get(k) is None:
+            d.pop(k, None)
     return d

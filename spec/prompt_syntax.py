@@ -18,6 +18,7 @@ weighted token chunks (runtime/prompt_weights.py).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -42,8 +43,10 @@ class Parsed:
 
     @property
     def text(self) -> str:
-        """The text with the syntax taken out (what a tokenizer reads, pooled encoders included)."""
-        return "".join(p.text for p in self.pieces if not p.brk)
+        """The text with the syntax taken out (what a tokenizer reads, pooled encoders included); a ``BREAK``
+        still separates the words on either side (its regex takes the spaces around it)."""
+        return "".join(" " if p.brk else p.text for p in self.pieces).strip() if any(p.brk for p in self.pieces) \
+            else "".join(p.text for p in self.pieces)
 
     @property
     def weighted(self) -> bool:
@@ -74,7 +77,8 @@ _A1111_LEX = re.compile(r"""
   | (?P<text>[^\\()\[\]:]+ | :)
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_EDITING = re.compile(r"\[[^\[\]]*(?::|\|)[^\[\]]*\]")  # [from:to:when], [a|b]: A1111's prompt editing
+# [from:to:when], [a|b]: A1111's prompt editing; a `:` inside round brackets (`[(red:1.2)]`) is a weight, not editing
+_EDITING = re.compile(r"\[(?:[^\[\]()]|\([^()]*\))*?(?::|\|)[^\[\]]*\]")
 _EXTRA = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")  # A1111's extra networks, not text
 
 
@@ -98,6 +102,9 @@ def _a1111(text: str) -> Parsed:
             except ValueError:
                 errors.append(f"`{m[0].strip()}`: the weight `{m['weight']}` is not a number (A1111 stops on it)")
                 w = 1.0
+            if not math.isfinite(w):
+                errors.append(f"`{m[0].strip()}`: the weight is not finite (the image would be NaN)")
+                w = 1.0
             scale(stacks["("].pop(), w)
         elif m["close"] and stacks["(" if m["close"] == ")" else "["]:
             scale(stacks["(" if m["close"] == ")" else "["].pop(), EMPHASIS if m["close"] == ")" else 1 / EMPHASIS)
@@ -115,6 +122,9 @@ def _a1111(text: str) -> Parsed:
             n = len(stacks[kind])
             problems.append(f"{'a' if n == 1 else n} `{kind}` {'is' if n == 1 else 'are'} never closed: A1111 weights "
                             f"the rest of the prompt {'×' if kind == '(' else '÷'}1.1{' for each' if n > 1 else ''}")
+    if any(brk and w != -1.0 for _, w, brk in out):
+        problems.append("`BREAK` inside brackets: A1111 reads it as the word `BREAK` with a negative weight (its "
+                        "BREAK test wants the weight -1); scenec ends the chunk there")
     if _EDITING.search(text):
         problems.append(f"`{_EDITING.search(text)[0]}` is A1111's prompt editing, which scenec does not run: read "
                         "as text in square brackets (÷1.1); use a group schedule or entities instead")
@@ -162,10 +172,11 @@ def _groups(text: str) -> tuple[list[str], int]:
     return out, depth
 
 
-def _comfy_pieces(text: str, weight: float, problems: list[str]) -> list[Piece]:
+def _comfy_pieces(text: str, weight: float, problems: list[str], errors: list[str]) -> list[Piece]:
     groups, depth = _groups(text)
     if depth > 0:
-        problems.append("a `(` never closed: ComfyUI reads it and what follows as text")
+        problems.append("a `(` never closed: ComfyUI pairs the brackets from the outside in and reads a `(` as text "
+                        "(`(a (b)` is `a` and `(b`, both ×1.1)")
     elif depth < 0:
         problems.append("a `)` closes no bracket: ComfyUI reads the text after it without weights")
     out = []
@@ -179,7 +190,12 @@ def _comfy_pieces(text: str, weight: float, problems: list[str]) -> list[Piece]:
                     inner = inner[:colon]
                 except ValueError:
                     pass
-            out += _comfy_pieces(inner, w, problems)
+                else:
+                    if not math.isfinite(w):
+                        errors.append(f"`{inner}:{g[1:-1][colon + 1:]}`: the weight is not finite (the image "
+                                      "would be NaN)")
+                        w = 1.0
+            out += _comfy_pieces(inner, w, problems, errors)
         else:
             out.append(Piece(g, weight))
     return out
@@ -187,15 +203,19 @@ def _comfy_pieces(text: str, weight: float, problems: list[str]) -> list[Piece]:
 
 def _comfy(text: str) -> Parsed:
     problems: list[str] = []
+    errors: list[str] = []
     hidden = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
     pieces = []
-    for p in _comfy_pieces(hidden, 1.0, problems):
+    for p in _comfy_pieces(hidden, 1.0, problems, errors):
         t = p.text.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "(")
         if pieces and pieces[-1].weight == p.weight:
-            pieces[-1] = Piece(pieces[-1].text + t, p.weight)
+            # ComfyUI splits each segment into words on its own: `(a)(b)` is the words `a` and `b`, not `ab`
+            prev = pieces[-1].text
+            sep = "" if not prev or not t or prev[-1].isspace() or t[0].isspace() else " "
+            pieces[-1] = Piece(prev + sep + t, p.weight)
         elif t:
             pieces.append(Piece(t, p.weight))
-    return Parsed(pieces or [Piece("")], list(dict.fromkeys(problems)))
+    return Parsed(pieces or [Piece("")], list(dict.fromkeys(problems)), errors)
 
 
 # a weight as either UI writes it, in a scene that reads prompts plainly (compile-time hint)

@@ -278,6 +278,13 @@ def messages(path):
     return [(d.severity, f"{d.pos.line}:{d.pos.col}", d.message, d.hint) for d in diags.items]
 
 
+def test_break_on_flux_is_a_warning(tmp_path):
+    f = scene(tmp_path, "a cat BREAK a dog", "prompt_syntax: a1111\n")
+    f.write_text(f.read_text().replace("tiny-sd", "tiny"))
+    out = messages(f)
+    assert [(s, at) for s, at, _, _ in out] == [("warning", "5:11")] and "`BREAK` does nothing on Flux" in out[0][2]
+
+
 def test_plain_prompts_that_look_weighted_get_one_warning_with_the_key_to_set(tmp_path):
     out = messages(scene(tmp_path, "a (red:1.3) fox", "entities: [{id: a, prompt: '(b:2)'}]\n"))
     assert len(out) == 1 and out[0][0] == "warning" and out[0][1] == "5:11"
@@ -324,3 +331,95 @@ def test_eval_scores_the_words_without_the_syntax(tmp_path):
 
     p = compile_scene(scene(tmp_path, "a (red:1.3) [fox]", "prompt_syntax: a1111\n"))
     assert job_text(p, p.json["jobs"][0]) == "a red fox"
+
+
+# --- review: ComfyUI's word split, BREAK's text, odd weights, matrix values, the masked short row -------------
+
+def test_comfy_segments_stay_words_of_their_own():
+    """ComfyUI tokenizes each bracket segment's words on their own (comfy/sd1_clip.py tokenize_with_weights):
+    `(masterpiece)(best quality)` is `masterpiece`, `best`, `quality`, never the word `masterpiecebest`."""
+    words = [w for p in parse("(masterpiece)(best quality)", "comfy").pieces for w in p.text.split()]
+    assert words == ["masterpiece", "best", "quality"]
+    assert parse("a(b:1)c", "comfy").text.split() == ["a", "b", "c"]
+    assert pairs("(unnecessary)(parens)") == [["unnecessaryparens", 1.1]]  # A1111 does merge the text
+
+
+def test_break_still_separates_the_words_of_the_plain_text():
+    assert parse("a cat BREAK a dog", "a1111").text == "a cat a dog"  # Flux's pooled CLIP, eval, T5 counts
+
+
+def test_weights_that_are_not_finite_are_errors_and_break_in_brackets_warns():
+    assert parse("(a:1e999)", "comfy").errors and parse("(a:nan)", "comfy").errors
+    assert parse("(a:" + "9" * 400 + ")", "a1111").errors
+    assert any("BREAK" in m for m in parse("(a BREAK b)", "a1111").problems)
+    assert not parse("a BREAK b", "a1111").problems and not parse("(a BREAK b:1)", "a1111").problems
+    # `[(red:1.2)]` is emphasis in A1111's grammar, not prompt editing
+    assert not parse("[(red:1.2)]", "a1111").problems and parse("[cat:dog:0.5]", "a1111").problems
+
+
+def test_matrix_values_are_checked_under_the_syntax(tmp_path):
+    extra = 'prompt_syntax: a1111\nmatrix:\n  style: ["(oil:1.2.3)", "watercolor"]\n'
+    out = messages(scene(tmp_path, "a harbour, {style}", extra))
+    assert [m for m in out if m[0] == "error" and "1.2.3" in m[2]]
+
+
+def test_a_short_negative_row_computes_what_it_alone_would(sd):
+    """The claim of runtime/backend.assemble: the 77-key negative beside a 154-key prompt, padded and masked,
+    equals diffusers running each row alone (the UNet called per row, the negative on its own 77 keys)."""
+    be = sd
+    long = "a fox, " * 27
+    p = plan("sd", "a1111", prompt=long, negative="blurry")
+    ours = latents(be, p)
+    be.use_text_options(p)
+    pos, neg = be.encode_global(long), be.encode_global("blurry")
+    assert pos.shape[1] == 154 and neg.shape[1] == 77
+    ref = reference_pipe("sd")  # fed our embeddings: its own text encoder is not used
+    forward = ref.unet.forward
+
+    def per_row(sample, t, encoder_hidden_states=None, **kw):
+        keys = [encoder_hidden_states[i:i + 1, :77 if i == 0 else None] for i in range(sample.shape[0])]
+        rows = [forward(sample[i:i + 1], t, encoder_hidden_states=k, **kw)[0] for i, k in enumerate(keys)]
+        return (torch.cat(rows),)
+
+    ref.unet.forward = per_row
+    theirs = ref(prompt_embeds=pos, negative_prompt_embeds=torch.cat([neg, torch.full_like(neg, 9.0)], 1), height=128,
+                 width=128, num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(5),
+                 output_type="latent").images
+    assert float((ours - theirs).abs().max()) <= 1e-5
+
+
+def test_a1111_comma_backtrack_boundary_and_break_at_the_ends(sd):
+    """modules/sd_hijack_clip.py tokenize_line: the words after the last comma move when that comma is at most
+    20 tokens back (`len(chunk) - last_comma <= 20`), not 21; BREAK first makes an empty chunk, BREAK last none."""
+    tok = sd.pipe.tokenizer
+    comma = tok("a,", add_special_tokens=False).input_ids[-1]
+
+    def first_chunk(n_before):  # the comma is token n_before + 1 of the chunk
+        text = "fox " * n_before + "fox, " + "fox " * 40
+        return clip_chunks(tok, parse(text, "a1111").pieces, "a1111")[0].ids
+
+    moved, kept = first_chunk(54), first_chunk(53)  # the comma at index 55 (20 back) and 54 (21 back)
+    assert moved[56] == comma and moved[57:77] == [tok.eos_token_id] * 20
+    assert kept[55] == comma and kept[76] == tok.eos_token_id and kept[75] != tok.eos_token_id
+    eos = tok.eos_token_id
+    assert [c.ids[1] for c in clip_chunks(tok, parse("BREAK fox", "a1111").pieces, "a1111")][0] == eos
+    assert len(clip_chunks(tok, parse("BREAK fox", "a1111").pieces, "a1111")) == 2
+    assert len(clip_chunks(tok, parse("fox BREAK", "a1111").pieces, "a1111")) == 1
+    assert len(clip_chunks(tok, parse("fox BREAK BREAK fox", "a1111").pieces, "a1111")) == 3
+
+
+def test_a1111_keeps_an_embeddings_vectors_in_one_chunk(sd):
+    """tokenize_line: an embedding that does not fit in what is left of the chunk starts the next one."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    tok = copy.deepcopy(sd.pipe.tokenizer)
+    tok.add_tokens(["<emb>", "<emb>_1", "<emb>_2"])  # a 3-vector embedding as diffusers loads it
+    emb = set(tok.convert_tokens_to_ids(["<emb>", "<emb>_1", "<emb>_2"]))
+
+    def where(n):
+        text = "fox " * n + "(<emb>:1.2), fox"
+        chunks = clip_chunks(tok, parse(text, "a1111").pieces, "a1111",
+                             lambda t: TextualInversionLoaderMixin.maybe_convert_prompt(sd.pipe, t, tok))
+        return [sum(t in emb for t in c.ids) for c in chunks]
+
+    assert where(60) == [3] and where(70) == [3, 0] and where(74) == [0, 3]

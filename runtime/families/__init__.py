@@ -67,7 +67,8 @@ def as_model(model: Model | dict | str) -> Model:
         info = model_info(model)
     except UnknownModel as e:
         raise ModelUnavailable(str(e)) from None
-    return Model(spec=model, family=info.family.name, repo=info.repo, max_sequence_length=info.max_sequence_length)
+    return Model(spec=model, family=info.family.name, repo=info.repo, max_sequence_length=info.max_sequence_length,
+                 config=info.config, sha256=info.sha256)
 
 
 def load_backend(model: Model | dict | str, device=None, dtype=None, compile: bool = False, **kw):

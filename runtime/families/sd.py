@@ -318,7 +318,10 @@ class SDBackend:
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe
         f = pipe.vae_scale_factor
-        with tiled_decode(pipe, latents.shape[-1] * f, latents.shape[-2] * f):
+        tiling = plan.doc.canvas.tiling if plan is not None else "none"
+        # a seamless image (its decoder wrapped by methods/tiling.py) is decoded whole: VAE tiles would have edges
+        size = (0, 0) if tiling != "none" else (latents.shape[-1] * f, latents.shape[-2] * f)
+        with tiled_decode(pipe, *size):
             img = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype),
                                   return_dict=False)[0]
         require_finite(img, "the decoded image")  # NaN would become black pixels

@@ -4,7 +4,8 @@ A method is a class with the :class:`Method` hooks; the sampler (runtime/sampler
 instance per run for every registered method whose :meth:`Method.wants` says the run's jobs need it,
 and calls the hooks in registration order:
 
-- :meth:`setup` once, after the initial latents are drawn (and :meth:`close` once when the run ends);
+- :meth:`setup` once, after the initial latents are drawn (and :meth:`close` once when the run ends: after
+  the decode, which still sees what the methods set up — the plan's VAE, tiling);
 - :meth:`run_op` for the step ops the method owns (``ops``);
 - around each ``denoise`` op: :meth:`before_denoise`, then for every model call :meth:`shape` (which
   streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`
@@ -29,10 +30,14 @@ def registered() -> list[type[Method]]:
     from .lora import Lora
     from .oneway import OneWay
     from .regional import Regional
+    from .tiling import Tiling
+    from .vae import Vae
     from .visual import VisualPrompts
 
     # LoRA first: its hooks are on the model before another method's setup runs it (COW's inversion)
-    return [Lora, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
+    # the plan's VAE before any method encodes an image or tiling wraps its decoder; tiling before COW's setup too:
+    # its inversion runs the denoiser
+    return [Lora, Vae, Tiling, Coupling, Regional, OneWay, Inpaint, VisualPrompts, ControlNet, *EXTRA]
 
 
 EXTRA: list[type[Method]] = []  # methods registered at run time (plugins, tests): appended after the built-ins

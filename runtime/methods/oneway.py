@@ -136,6 +136,7 @@ class OneWay(Method):
                  "levels": levels, "canvas": [w, h], **run.solver.identity(),
                  "refine": [inversion.refine_cap(be.dtype), inversion.inversion_tol(be.dtype)],
                  **({"lora": [[lo.sha256, lo.scale] for lo in plan.model.lora]} if plan.model.lora else {}),
+                 **({"vae": [plan.model.vae, plan.model.vae_sha256]} if plan.model.vae else {}),
                  **({"text": [[e.sha256, e.token] for e in plan.model.embeddings], "clip_skip": plan.model.clip_skip}
                     if plan.model.embeddings or plan.model.clip_skip else {})}  # the text the trajectory was guided by
         key = inversion.inversion_key(parts, {"rgb": rgb})

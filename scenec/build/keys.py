@@ -43,15 +43,30 @@ def weights_digest(directory: Path, mode: str = "stat") -> str:
 
 
 def model_identity(model: dict, weights_hash: str = "stat") -> dict:
+    """The model's identity (:func:`_weights_identity`), with that of a VAE replacing its own (``model.vae``: a
+    file by the plan's sha256, a directory digested as a local model directory)."""
+    out = _weights_identity(model, weights_hash)
+    vae = model.get("vae")
+    if vae:
+        out = {**out, "vae": f"sha256:{model['vae_sha256']}" if model.get("vae_sha256") else
+               f"{weights_hash}:{weights_digest(Path(vae), weights_hash)}" if Path(vae).is_dir() else "missing"}
+    return out
+
+
+def _weights_identity(model: dict, weights_hash: str = "stat") -> dict:
     """What identifies the weights a plan runs on (part of every cache key; docs/batch.md).
 
     Built-in models (``tiny``): the alias (their weights are made by scenec's code, versioned with
     it). A local directory: a digest of its files. A hub id: the id + the commit that the local
-    Hugging Face cache resolves ``main`` to, or ``unresolved`` when the cache does not hold it.
+    Hugging Face cache resolves ``main`` to, or ``unresolved`` when the cache does not hold it. A single-file
+    checkpoint: its sha256 (the plan's) and its config directory's or hub id's identity, as above.
     """
     spec, repo = model.get("spec"), model.get("repo")
     if not repo:
         return {"id": spec or "tiny", "revision": "builtin"}
+    if model.get("sha256"):  # a single-file checkpoint: its content (hashed at compile, as LoRA files) and configs
+        config = _weights_identity({"spec": model.get("config"), "repo": model.get("config")}, weights_hash)
+        return {"id": f"file:{Path(repo).name}", "weights": f"sha256:{model['sha256']}", "config": config}
     p = Path(repo)
     if p.is_dir():
         return {"id": f"local:{p.name}", "weights": f"{weights_hash}:{weights_digest(p, weights_hash)}"}

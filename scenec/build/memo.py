@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from scenec.spec.fsio import atomic_write, json_bytes, set_aside, sha256_file
+from scenec.spec.fsio import atomic_write, json_bytes, set_aside, sha256_big_file
 
 from .manifest import parse_json, problem_of
 
@@ -76,7 +76,7 @@ def _state(path: str) -> str | None:
     """A dependency's content hash; None when it is not a regular file (absent, or a directory such as
     ``output.dir``, which the compile resolves but whose existence changes nothing)."""
     try:
-        return sha256_file(path) if os.path.isfile(path) else None
+        return sha256_big_file(path) if os.path.isfile(path) else None
     except OSError:
         return "unreadable"  # never equal to a hash: the memo will not replay
 

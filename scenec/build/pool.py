@@ -26,10 +26,19 @@ class ModelLoadError(str):
     report prints it once per model, and each image's line refers to it."""
 
 
+PER_PLAN = ("lora", "embeddings", "clip_skip", "prompt_syntax", "vae", "vae_sha256")  # applied per run
+
+
+def _key(model: dict) -> str:
+    return json.dumps({k: v for k, v in model.items() if k not in PER_PLAN}, sort_keys=True)
+
+
 class BackendPool:
     """The backends of one process, by model: each loaded on first use and kept. A model that fails to
-    load is not tried again: its error is kept, and every unit that needs it fails with it. A model's LoRAs
-    are not part of its key: they are applied per run, as hooks (runtime/lora.py), on the one loaded model."""
+    load is not tried again: its error is kept, and every unit that needs it fails with it. What the runtime
+    applies per plan on the one loaded model is not part of its key: LoRAs (hooks, runtime/lora.py), the text
+    options (runtime/textual_inversion.py, runtime/prompt_weights.py) and a replacement VAE
+    (runtime/methods/vae.py)."""
 
     def __init__(self, device: str | None = None, dtype: str | None = None, memory: dict | None = None):
         self.device, self.dtype, self.memory = device, dtype, memory
@@ -37,13 +46,13 @@ class BackendPool:
 
     def has(self, model: dict) -> bool:
         """Whether ``model`` was loaded (or failed to load) already."""
-        return json.dumps(model, sort_keys=True) in self._backends
+        return _key(model) in self._backends
 
     def get(self, model: dict):
         """The backend of ``model``, or the ``RuntimeErrorBase`` that loading it raised."""
         from scenec.spec.errors import RuntimeErrorBase
 
-        key = json.dumps({k: v for k, v in model.items() if k != "lora"}, sort_keys=True)
+        key = _key(model)
         if key not in self._backends:
             try:
                 self._backends[key] = load_model(model, device=self.device, dtype=self.dtype, memory=self.memory)

@@ -1,0 +1,131 @@
+"""A VAE replacing the model's (``model: {id, vae}``), checked at compile time (no torch).
+
+What A1111 calls "SD VAE" and diffusers does with ``AutoencoderKL.from_pretrained(...)`` passed as the pipeline's
+``vae``: SD 1.x fine-tunes are run with ``vae-ft-mse-840000-ema-pruned``, SDXL in fp16 with
+``madebyollin/sdxl-vae-fp16-fix`` (also scenec.toml's ``default_model = {id, vae}``, relative to the project root,
+A1111's global setting). ``vae`` names a local diffusers ``AutoencoderKL`` directory (``config.json`` +
+``.safetensors``), a hub id read from the local Hugging Face cache (never downloaded here), or a single
+``.safetensors`` VAE file (A1111's or ComfyUI's ``models/vae/``, the LDM layout or diffusers'), which the runtime
+reads with ``AutoencoderKL.from_single_file`` and the model's own VAE config. Checked: it exists, is safetensors,
+is an ``AutoencoderKL`` and its latent channels are the family's (4 SD/SDXL, 16 Flux). A file's sha256 is part
+of the plan; a directory is digested by the build's cache key, as the model's own directory is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scenec.spec.diagnostics import Diagnostics
+from scenec.spec.fsio import note_input, sha256_big_file
+from scenec.spec.load import LoadedScene
+from scenec.spec.paths import PathProblem, resolve_inside
+
+from .caps import ModelInfo, cached_hub_file
+from .single_file import PICKLED, read_header
+
+LATENT_CHANNELS = {"flux": 16, "sd": 4, "sdxl": 4}
+DECODER_IN = "decoder.conv_in.weight"  # [channels, latent channels, 3, 3] in both layouts
+
+
+def check_vae(ls: LoadedScene, info: ModelInfo, diags: Diagnostics,
+              model_override: str | None = None) -> tuple[str | None, str | None]:
+    """The scene's ``model.vae``: (the directory or file the runtime loads, the file's sha256 or None), or
+    (None, None) without one; problems go to ``diags`` at the key."""
+    spec, base, pos = getattr(ls.scene.model, "vae", None), None, None
+    if spec is None and ls.scene.model is None:  # scenec.toml's default_model table, paths from the project root
+        spec, pos = _toml_vae(ls)
+        base = ls.root
+    if spec is None:
+        return None, None
+    path = ("model", "vae")
+    if model_override is not None:
+        if base is None:
+            diags.warning(ls.pos(("model",)), "--model replaces the scene's model, and with it its `vae`: not applied")
+        return None, None
+    where, why = _locate(ls, path, spec, base)
+    if why is None and info.source != "unknown":  # an unknown model's family is a stand-in
+        why = _misfit(Path(where), info)
+    if why is not None:
+        diags.error(pos or ls.pos(path), why, hint="a diffusers AutoencoderKL directory, a cached hub id "
+                    "(`hf download madebyollin/sdxl-vae-fp16-fix`) or a .safetensors VAE file")
+        return None, None
+    return where, sha256_big_file(where) if Path(where).is_file() else None
+
+
+def _toml_vae(ls: LoadedScene):
+    """(``default_model.vae`` of scenec.toml, its position), or (None, None)."""
+    from scenec.spec.diagnostics import Pos, display_path
+    from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line
+
+    try:
+        table = project_config(ls.root).get("default_model")
+    except ProjectFileError:  # resolve_model reports it
+        return None, None
+    vae = table.get("vae") if isinstance(table, dict) else None
+    if not isinstance(vae, str) or not vae:
+        return None, None
+    return vae, Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "default_model"))
+
+
+def _locate(ls: LoadedScene, path: tuple, spec: str, base: Path | None = None) -> tuple[str | None, str | None]:
+    """(what to load, None) or (None, why not); a relative path from ``base`` (default: the file naming it)."""
+    if spec.lower().endswith(PICKLED):
+        return None, f"`{spec}` is a pickle file, which can run code when loaded; scenec loads .safetensors only " \
+            "(convert it, or use the model's .safetensors release)"
+    local = None
+    try:
+        local = resolve_inside(spec, base or ls.base_dir(path), ls.root)
+    except PathProblem as e:
+        if spec.count("/") != 1:
+            return None, e.message
+    if local is not None:
+        note_input(local)
+        if local.is_file():
+            return str(local.resolve()), None
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                return None, f"`{spec}` is not a diffusers AutoencoderKL directory (no config.json)"
+            if not any(local.glob("*.safetensors")):
+                return None, f"`{spec}` has no .safetensors weights (scenec loads safetensors only)"
+            return str(local.resolve()), None
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.lower().endswith(".safetensors"):
+        hit = cached_hub_file(spec, "config.json")
+        if hit is None:
+            looked = f"no file or directory {local}, and " if local is not None else ""
+            return None, f"VAE `{spec}` not found: {looked}no hub id `{spec}` in the Hugging Face cache " \
+                f"(`hf download {spec}`)"
+        note_input(hit)
+        if not any(hit.parent.glob("*.safetensors")):
+            return None, f"VAE `{spec}` has no .safetensors weights in the Hugging Face cache"
+        return str(hit.parent), None
+    return None, f"VAE `{spec}` not found (looked for {local})" if local is not None else \
+        f"`{spec}` is no file or directory under the project and no hub id (ORG/NAME)"
+
+
+def _misfit(where: Path, info: ModelInfo) -> str | None:
+    """Why the VAE at ``where`` cannot replace this family's, or None."""
+    want = LATENT_CHANNELS[info.family.name]
+    if where.is_file():
+        shapes = read_header(where)
+        if isinstance(shapes, str):
+            return f"`{where.name}` {shapes}"
+        key = next((k for k in shapes if k.endswith(DECODER_IN)), None)
+        if key is None:
+            return f"`{where.name}` holds no VAE decoder (no `{DECODER_IN}`): is it a VAE file?"
+        shape = shapes[key][1]
+        have = shape[1] if len(shape) == 4 else None
+    else:
+        try:
+            config = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "its config.json is not readable JSON"
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return "its config.json is not a JSON object"
+        if name not in (None, "AutoencoderKL"):
+            return f"this is a {name}, not an AutoencoderKL"
+        have = config.get("latent_channels")
+    if have is not None and have != want:
+        return f"this VAE has {have} latent channels; {info.family.name} models such as `{info.spec}` use {want}"
+    return None
