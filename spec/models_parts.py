@@ -63,8 +63,9 @@ class Sampler(Node):
         examples=["euler-a"])
     cfg_rescale: Unit = Field(
         0.0, description="SD/SDXL: rescale the CFG output towards the positive prediction's standard deviation by "
-        "this share (Lin et al. 2023, arXiv 2305.08891, Eq. 15-16; diffusers' `guidance_rescale`, ComfyUI's "
-        "RescaleCFG); 0 = off", examples=[0.7])
+        "this share (Lin et al. 2023, arXiv 2305.08891, Eq. 15-16), as diffusers' `guidance_rescale` does, on what "
+        "the model predicts (ComfyUI's RescaleCFG rescales v: equivalent on v-prediction models); 0 = off",
+        examples=[0.7])
     freeu: FreeU | None = Field(
         None, description="SD/SDXL: FreeU's four factors, as diffusers' `unet.enable_freeu(s1, s2, b1, b2)`; "
         "default: off", examples=[{"s1": 0.9, "s2": 0.2, "b1": 1.5, "b2": 1.6}])
