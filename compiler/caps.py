@@ -173,6 +173,10 @@ def _single_file(spec: str, path: Path, config: str | None, base_dir: Path | Non
         raise UnknownModel(f"`{spec}` {got}")
     if got.family is None:
         raise UnknownModel(f"`{spec}` {got.problem}")
+    if not got.has_vae:  # a "no-VAE" release: diffusers' from_single_file refuses it (SingleFileComponentError)
+        raise UnknownModel(f"`{spec}` holds no VAE (no `first_stage_model.…` tensors: a release without its VAE); "
+                           "scenec loads single-file checkpoints with their VAE baked in: use that release (a "
+                           "`vae` key cannot stand in for it yet)")
     fam = FAMILIES[got.family]
     where = _config_source(config if config is not None else got.default_config, base_dir, config is None, spec)
     index = Path(where) / "model_index.json" if Path(where).is_absolute() else \

@@ -64,6 +64,7 @@ class Checkpoint:
     family: str | None  # "sd" | "sdxl"; None: refused (``problem`` says why)
     default_config: str | None  # the hub repository diffusers takes its configs from
     problem: str | None = None
+    has_vae: bool = True  # whether it holds a VAE (``first_stage_model.…``): diffusers cannot load it without one
 
 
 def is_single_file(spec: str) -> bool:
@@ -154,6 +155,6 @@ def inspect(path: Path) -> Checkpoint | str:
                "it is no single-file SD or SDXL checkpoint"
     if kind in RUNS:
         fam, repo = RUNS[kind]
-        return Checkpoint(kind, fam, repo)
+        return Checkpoint(kind, fam, repo, has_vae=any(k.startswith("first_stage_model.") for k in shapes))
     return Checkpoint(kind, None, None, f"is {REFUSED.get(kind, kind)}; scenec runs single-file SD 1.x, SD 2.x "
                       "and SDXL base checkpoints")

@@ -199,6 +199,7 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
     Safetensors only (the compiler refuses pickle files); one sentence when it does not load."""
     import warnings
 
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
 
     level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
@@ -208,6 +209,9 @@ def from_single_file(cls, path: str, config: str, dtype, **kw):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = cls.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True, **kw)
+    except SingleFileComponentError as e:  # a component's weights are not in the file (a "no-VAE" release)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelUnavailable(f"{path} does not load as a single-file checkpoint: {first[:200]}") from e
     except (OSError, EnvironmentError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelUnavailable(f"{path} does not load as a single-file checkpoint with the configs of {config!r} "
@@ -239,6 +243,7 @@ def from_pretrained(cls, repo: str, dtype, **kw):
         repo = str(p)
     import warnings
 
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import logging as hub_logging
 

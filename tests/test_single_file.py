@@ -295,6 +295,29 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
     assert r.returncode == 2 and "Traceback" not in r.stderr and "s.yaml:2:8" in r.stdout + r.stderr
 
 
+def test_a_checkpoint_without_its_vae_is_a_located_error_and_a_model_error_at_load(project, tmp_path):
+    """A "no-VAE" release (no ``first_stage_model.`` tensors, common for SD 1.x and SDXL fine-tunes): diffusers'
+    from_single_file raises SingleFileComponentError, which was no ModelUnavailable: `scenec build` stopped with
+    "internal error" and built none of the other scenes either. Now `validate` says so at the model key, and the
+    loader turns the error into the model's."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from scenec.runtime.backend import from_single_file
+    from scenec.spec.errors import ModelUnavailable
+
+    full = load_file(str(project / "sd.safetensors"))
+    save_file({k: v for k, v in full.items() if not k.startswith("first_stage_model.")},
+              str(tmp_path / "novae.safetensors"))
+    (tmp_path / "sd").symlink_to(project / "sd")
+    errs = validate(tmp_path, "{id: novae.safetensors, config: sd}")
+    assert len(errs) == 1 and errs[0][:2] == (2, 8) and "holds no VAE" in errs[0][2], errs
+    with pytest.raises(ModelUnavailable, match="does not load as a single-file checkpoint: .*AutoencoderKL"):
+        from_single_file(StableDiffusionPipeline, str(tmp_path / "novae.safetensors"), str(project / "sd"),
+                         torch.float32, safety_checker=None, requires_safety_checker=False)
+
+
 def test_configs_of_another_architecture_fail_the_load_in_one_sentence(project, tmp_path):
     """A shape the configs do not expect, and a tensor the file lacks (diffusers would leave it on the meta
     device, unloaded: tiny-sdxl's two encoders are both 32 wide, so its loader takes the first for the second)."""
