@@ -585,3 +585,20 @@ def test_inversion_tolerance_and_passes_follow_the_dtype(monkeypatch):
                               inversion.inversion_tol(torch.bfloat16), check_every=1)
     assert len(calls) < inversion.refine_cap(torch.bfloat16)  # met the bf16 tolerance, stopped early
     assert (step(x) - x_next).abs().max() <= inversion.inversion_tol(torch.bfloat16)
+
+
+def test_an_inversion_is_not_reused_under_another_prompt_syntax(backend):
+    """The backend is shared across prompt syntaxes (scenec/build/pool.py), so the inversion cache's key holds the
+    syntax: `(meadow:1.6)` read as A1111 weights guides another trajectory than the plain text. Without it the
+    A1111 plan reused the plain plan's inversion (memory and disk cache): its latents moved by 0.12."""
+    def plan(syntax):
+        def edit(d, t):
+            d["model"]["prompt_syntax"] = syntax
+        return with_reference(make_plan(prompt="a (meadow:1.6) at dusk", steps=4, edit=edit))
+
+    run(backend, plan("plain"))
+    after_plain = inversion.CACHE.stats["inverted"]
+    x = run(backend, plan("a1111"))
+    assert inversion.CACHE.stats["inverted"] == after_plain + 1
+    inversion.CACHE.clear()
+    assert torch.equal(x, run(backend, plan("a1111")))

@@ -137,6 +137,10 @@ class OneWay(Method):
                  "refine": [inversion.refine_cap(be.dtype), inversion.inversion_tol(be.dtype)],
                  **({"lora": [[lo.sha256, lo.scale] for lo in plan.model.lora]} if plan.model.lora else {}),
                  **({"vae": [plan.model.vae, plan.model.vae_sha256]} if plan.model.vae else {}),
+                 # a single file by its bytes and configs (its model id is the spec as written)
+                 **({"checkpoint": [plan.model.sha256, plan.model.config]} if plan.model.sha256 else {}),
+                 # how the prompts were read: the backend is shared across syntaxes (scenec/build/pool.py)
+                 **({"syntax": plan.model.prompt_syntax} if plan.model.prompt_syntax != "plain" else {}),
                  **({"text": [[e.sha256, e.token] for e in plan.model.embeddings], "clip_skip": plan.model.clip_skip}
                     if plan.model.embeddings or plan.model.clip_skip else {})}  # the text the trajectory was guided by
         key = inversion.inversion_key(parts, {"rgb": rgb})
