@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from scenec.spec.fsio import sha256_file
+from scenec.spec.fsio import sha256_big_file
 from scenec.spec.models import NAME_PATTERN
 
 # keys whose string values are file paths (under `output`, none are)
@@ -62,7 +62,7 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
         p = p.resolve()
         r = p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
         if r not in files and p.is_file():
-            files[r] = sha256_file(p)
+            files[r] = sha256_big_file(p)  # a VAE or LoRA file: hashed once per process
         return r
 
     def walk(x: Any, path: tuple) -> Any:

@@ -161,3 +161,24 @@ def test_the_project_file_sets_a_vae_for_scenes_without_a_model(tmp_path, vaes):
     (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = {id = "tiny-sd", vae = "vae/none"}\n')
     rc, err = validate(f)
     assert rc == 2 and "scenec.toml:2:1: error: VAE `vae/none` not found" in err, err
+
+
+def test_a_big_vae_file_is_hashed_once_per_build_process(tmp_path, vaes, monkeypatch):
+    """The embedded scene lists the VAE file with its sha256 (compiler/provenance.py): hashed with sha256_file
+    for every scene compiled, twice per scene with the plan's own digest — a 335 MB VAE read again for each scene
+    of a build. Now remembered as the plan's digest is (fsio.sha256_big_file)."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from scenec.spec import fsio
+
+    _, _, file = vaes
+    shutil.copy(file, tmp_path / "vae.safetensors")
+    monkeypatch.setattr(fsio, "BIG_FILE", 4)
+    calls = []
+    monkeypatch.setattr(fsio, "sha256_file",
+                        lambda p: calls.append(Path(p).name) or hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    for _ in range(3):
+        compile_scene(write(tmp_path, "vae.safetensors"))
+    assert calls.count("vae.safetensors") == 1, calls
