@@ -111,6 +111,11 @@ class Run:
         for m in self.methods:
             m.setup()
 
+    def sampled(self) -> None:
+        """Each method's ``sampled``: sampling is over, the decode comes next."""
+        for m in self.methods:
+            m.sampled()
+
     def close(self) -> None:
         """Each method's ``close`` (LoRA hooks off the model), whatever happened."""
         for m in self.methods:
@@ -237,6 +242,7 @@ def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = N
         t_enc = time.perf_counter()
         x = sample(run, job.program, start, stop_at_fork, progress)
         require_finite(x, "the final latent")
+        run.sampled()
         t_den = time.perf_counter()
         image = backend.decode(x, plan) if decode else None
         t_dec = time.perf_counter()
@@ -276,6 +282,7 @@ def run_batch(backend, plan_jobs: list[tuple[Plan, object]], progress: Callable[
         run.setup()
         t_enc = time.perf_counter()
         x = sample(run, live[0][2].program, progress=progress)
+        run.sampled()
         t_den = time.perf_counter()
         for b, (k, plan, _) in enumerate(live):
             t1 = time.perf_counter()

@@ -285,13 +285,19 @@ def test_under_offload_the_controlnet_is_offloaded_as_diffusers_does(tmp_path, o
         real = accelerate.hooks.UserCpuOffloadHook.offload
         accelerate.hooks.UserCpuOffloadHook.offload = lambda self: calls.append(1) or real(self)
     try:
-        _, ours = build(tmp_path, {"tiny-sd": be}, "o", control=control())
+        p, ours = build(tmp_path, {"tiny-sd": be}, "o", control=control())
+        if offload == "model":  # released once, when sampling ends: before the decode (which is inside the run)
+            assert calls == [1]
+            real_decode = be.decode
+            be.decode = lambda *a, **k: calls.append("decode") or real_decode(*a, **k)
+            run_job(be, p, p.jobs[0])
+            assert calls == [1, 1, "decode"], calls
     finally:
         if offload == "model":
             accelerate.hooks.UserCpuOffloadHook.offload = real
     net = load_controlnet(be, None)
     assert hasattr(net, "_hf_hook") and torch.equal(ours, plain)
     if offload == "model":
-        assert net._scenec_offload is not None and calls == [1]  # released once, at the run's end
+        assert net._scenec_offload is not None
     else:
         assert {p.device.type for p in net.parameters()} == {"meta"}  # the weights live in the CPU offload map

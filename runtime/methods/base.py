@@ -54,5 +54,9 @@ class Method:
     def after_step(self, n: int, op, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def sampled(self) -> None:
+        """Once, when sampling has ended and before the decode (not on failure): free what only sampling needed
+        (an offloaded ControlNet), so the decode does not hold it."""
+
     def close(self) -> None:
         """Once, when the run ends (also when it fails): undo what ``setup`` did to the model."""

@@ -150,8 +150,14 @@ class ControlNet(Method):
             control_flux.check_together([n for _, n, _, _ in self.controls],
                                         [c.model_spec or "(built-in)" for c, *_ in self.controls])
 
+    def sampled(self) -> None:
+        """Under ``--offload model`` each ControlNet goes back to the CPU when sampling ends, before the decode (the
+        decode runs inside the run: a Flux ControlNet of several GB stayed on the device beside the VAE)."""
+        self.close()
+        self.controls, self._last = [], None  # nor its inputs and last residuals
+
     def close(self) -> None:
-        """Under ``--offload model`` each ControlNet goes back to the CPU when the run ends (before the decode)."""
+        """... and when the run ends without reaching the decode (a failure)."""
         for _, net, *_ in getattr(self, "controls", ()):
             if getattr(net, "_scenec_offload", None) is not None:
                 net._scenec_offload.offload()
