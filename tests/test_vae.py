@@ -182,3 +182,38 @@ def test_a_big_vae_file_is_hashed_once_per_build_process(tmp_path, vaes, monkeyp
     for _ in range(3):
         compile_scene(write(tmp_path, "vae.safetensors"))
     assert calls.count("vae.safetensors") == 1, calls
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_under_offload_the_plans_vae_is_offloaded_as_the_models_own(vaes, offload):
+    """``--offload model``: the model's VAE hook puts the UNet back on the CPU when the VAE runs
+    (enable_model_cpu_offload's chain). The plan's VAE was swapped in unhooked and on the device for good: the UNet
+    stayed on the device through the decode (and the next plan's text encoding); a Flux transformer beside T5
+    defeats --offload. Now it is hooked after the UNet as the model's own and offloaded when the run ends; under
+    ``sequential`` it streams from the CPU. Same pixels as without offload."""
+    import accelerate.hooks
+
+    _, directory, _ = vaes
+    ref = image(load_backend("tiny-sd", device="cpu", dtype="fp32"), plan(directory))
+    if offload == "model":
+        be = load_backend("tiny-sd", device="cpu", dtype="fp32", offload=offload)
+    else:  # the CPU runs no sequentially offloaded CLIP (accelerate): only the VAE's placement is under test
+        be = load_backend("tiny-sd", device="cpu", dtype="fp32")
+        be.memory = {**be.memory, "offload": offload}
+    unet = be.pipe.unet
+    moved = []
+    real = accelerate.hooks.UserCpuOffloadHook.offload
+    accelerate.hooks.UserCpuOffloadHook.offload = lambda self: moved.append(type(self.model).__name__) or real(self)
+    try:
+        ours = image(be, plan(directory))
+    finally:
+        accelerate.hooks.UserCpuOffloadHook.offload = real
+    assert np.array_equal(ours, ref)
+    vae = be.vaes[next(iter(be.vaes))]
+    assert hasattr(vae, "_hf_hook") and be.pipe.unet is unet
+    if offload == "model":  # hooked after the UNet (on a CPU 'device' the UNet never has to move: structure only)
+        assert vae._hf_hook.prev_module_hook is be.pipe.vae._hf_hook.prev_module_hook
+        assert type(vae._hf_hook.prev_module_hook.model).__name__ == "UNet2DConditionModel"
+        assert moved == ["AutoencoderKL"]  # back on the CPU when the run ends
+    else:
+        assert {p.device.type for p in vae.parameters()} == {"meta"}

@@ -62,7 +62,23 @@ def _load(backend, where: str):
     if vae.config.latent_channels != own.config.latent_channels:
         raise ModelUnavailable(f"VAE {where} has {vae.config.latent_channels} latent channels; this model's has "
                                f"{own.config.latent_channels}")
-    return vae.to(backend.device).requires_grad_(False).eval()
+    vae = vae.requires_grad_(False).eval()
+    offload = (getattr(backend, "memory", None) or {}).get("offload", "none")
+    if offload == "model":
+        # as the model's own VAE under enable_model_cpu_offload: its hook puts the denoiser back on the CPU when the
+        # VAE runs (unhooked, the UNet/transformer stayed on the device through the decode and the next plan's
+        # text encoding, beside the text encoders), and the VAE goes back to the CPU when the run ends
+        from accelerate import cpu_offload_with_hook
+
+        prev = getattr(getattr(own, "_hf_hook", None), "prev_module_hook", None)
+        vae._scenec_offload = cpu_offload_with_hook(vae, backend.device, prev_module_hook=prev)[1]
+        return vae
+    if offload == "sequential":  # streamed from the CPU, as the model's own
+        from accelerate import cpu_offload
+
+        cpu_offload(vae, execution_device=backend.device)
+        return vae
+    return vae.to(backend.device)
 
 
 class Vae(Method):
@@ -83,4 +99,7 @@ class Vae(Method):
     def close(self) -> None:
         own = getattr(self, "own", None)
         if own is not None:
+            mine = self.run.backend.pipe.vae
             self.run.backend.pipe.vae = own
+            if getattr(mine, "_scenec_offload", None) is not None:
+                mine._scenec_offload.offload()
