@@ -117,9 +117,17 @@ class Run:
             m.sampled()
 
     def close(self) -> None:
-        """Each method's ``close`` (LoRA hooks off the model), whatever happened."""
+        """Each method's ``close`` (LoRA hooks off the model), whatever happened: one that raises does not keep the
+        others from undoing theirs (the plan's VAE stayed swapped in for every later plan); the first error is
+        raised after."""
+        first = None
         for m in self.methods:
-            m.close()
+            try:
+                m.close()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                first = first or e
+        if first is not None:
+            raise first
 
     # -- noise ---------------------------------------------------------------------------------------
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:

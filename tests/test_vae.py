@@ -217,3 +217,33 @@ def test_under_offload_the_plans_vae_is_offloaded_as_the_models_own(vaes, offloa
         assert moved == ["AutoencoderKL"]  # back on the CPU when the run ends
     else:
         assert {p.device.type for p in vae.parameters()} == {"meta"}
+
+
+def test_a_method_whose_close_fails_leaves_the_models_own_vae(vaes, monkeypatch):
+    """Run.close stopped at the first method whose close raised: a method before the VAE's (LoRA's) failing left
+    the plan's VAE in the pipeline for every later plan on the backend."""
+    from scenec.runtime import sampler
+    from scenec.runtime.methods.base import Method
+    from scenec.runtime.methods.vae import Vae
+
+    class Failing(Method):
+        name = "failing"
+
+        @classmethod
+        def wants(cls, plan, job):
+            return True
+
+        def capabilities(self):
+            return ()
+
+        def close(self):
+            raise RuntimeError("close failed")
+
+    _, directory, _ = vaes
+    be = load_backend("tiny-sd", device="cpu", dtype="fp32")
+    own = be.pipe.vae
+    monkeypatch.setattr(sampler, "registered", lambda: [Failing, Vae])
+    p = plan(directory)
+    with pytest.raises(RuntimeError, match="close failed"):
+        run_job(be, p, p.jobs[0])
+    assert be.pipe.vae is own
