@@ -11,7 +11,9 @@ and calls the hooks in registration order:
   streams the call's text holds) and, once the family has assembled that text, :meth:`modifiers`
   (attention modifiers) and :meth:`denoiser_inputs` (extra denoiser inputs, computed by the family right
   before its forward); then :meth:`output` (the model output before the solver step) and
-  :meth:`after_step` (the new latent).
+  :meth:`after_step` (the new latent);
+- :meth:`sampled` once when sampling has ended, before the decode (free what only sampling needed: an
+  offloaded ControlNet).
 
 Adding a method: a module here with a :class:`Method` subclass, and its class in :func:`registered` (or
 :func:`register` from outside the package).
