@@ -50,7 +50,38 @@ def check_vae(ls: LoadedScene, info: ModelInfo, diags: Diagnostics,
         diags.error(pos or ls.pos(path), why, hint="a diffusers AutoencoderKL directory, a cached hub id "
                     "(`hf download madebyollin/sdxl-vae-fp16-fix`) or a .safetensors VAE file")
         return None, None
+    if info.source != "unknown":
+        note = _scale_mismatch(Path(where), info)
+        if note is not None:
+            diags.warning(pos or ls.pos(path), note)
     return where, sha256_big_file(where) if Path(where).is_file() else None
+
+
+SCALE_KEYS = (("scaling_factor", 0.18215), ("shift_factor", None))  # AutoencoderKL's defaults
+
+
+def _scale_mismatch(where: Path, info: ModelInfo) -> str | None:
+    """Why a VAE directory's latent scale is not the model's (its config's ``scaling_factor``/``shift_factor``),
+    or None (a file is read with the model's own config; a model whose VAE config is not on disk: unknown)."""
+    if where.is_file():
+        return None
+    src = info.config if info.source == "file" else info.repo
+    if not src:
+        return None
+    theirs = Path(src) / "vae" / "config.json" if Path(src).is_dir() else cached_hub_file(src, "vae/config.json")
+    try:
+        mine = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        model = json.loads(theirs.read_text(encoding="utf-8")) if theirs is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mine, dict) or not isinstance(model, dict):
+        return None
+    for key, default in SCALE_KEYS:
+        a, b = mine.get(key, default), model.get(key, default)
+        if a != b:
+            return f"this VAE's {key} is {a}, the model's {b}: the runtime scales latents by the VAE's (as " \
+                   "diffusers does; A1111 and ComfyUI by the model's), so images decode off — a VAE of another model?"
+    return None
 
 
 def _toml_vae(ls: LoadedScene):

@@ -247,3 +247,31 @@ def test_a_method_whose_close_fails_leaves_the_models_own_vae(vaes, monkeypatch)
     with pytest.raises(RuntimeError, match="close failed"):
         run_job(be, p, p.jobs[0])
     assert be.pipe.vae is own
+
+
+def test_a_vae_directory_with_another_latent_scale_is_a_warning(tmp_path, vaes):
+    """The runtime scales latents by the plan's VAE's config (diffusers' pipelines do; A1111/ComfyUI use the
+    model's): a directory whose scaling_factor is not the model's (an SDXL VAE on an SD 1.x model, a config
+    without the key) decoded off without a word."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from scenec.compiler.check import validate_file
+    from scenec.runtime.tiny_sd import build_tiny_sd
+
+    _, directory, _ = vaes
+    StableDiffusionPipeline(**build_tiny_sd()).save_pretrained(tmp_path / "model")
+    shutil.copytree(directory, tmp_path / "same")
+    shutil.copytree(directory, tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**cfg, "scaling_factor": 0.13025}))
+    (tmp_path / "scenec.toml").write_text("")
+    for vae, n in (("same", 0), ("other", 1)):
+        f = tmp_path / "s.yaml"
+        f.write_text(SCENE.replace("tiny-sd", "model").replace("VAE", vae))
+        _, diags = validate_file(f)
+        notes = [d.message for d in diags if "scaling_factor" in d.message]
+        assert len(notes) == n and not [d for d in diags if d.severity == "error"], [d.message for d in diags]
+    assert f"is 0.13025, the model's {cfg['scaling_factor']}" in notes[0]
