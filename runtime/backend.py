@@ -243,7 +243,6 @@ def from_pretrained(cls, repo: str, dtype, **kw):
         repo = str(p)
     import warnings
 
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import logging as hub_logging
 
