@@ -133,6 +133,11 @@ def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project,
         (project / f"{name}.yaml").write_text(SCENE.format(model=model, name=name))
     r = scenec(project, "build", *(f"{n}.yaml" for n in scenes), "--device", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr
+    # built once: a second build has nothing to do (each output's manifest entry holds the checkpoint's identity,
+    # its configs' included)
+    r = scenec(project, "build", *(f"{n}.yaml" for n in scenes), "--device", "cpu")
+    assert r.returncode == 0 and f"0 built, {len(scenes)} cached" in r.stderr + r.stdout, r.stdout + r.stderr
+    assert "damaged" not in r.stderr + r.stdout, r.stderr
     got = {n: pixels(project, n) for n in scenes}
     pairs = (("sd-dir", "sd-file"), ("sd-dir", "sd-default"), ("sd-dir-opts", "sd-file-opts"), ("xl-dir", "xl-file"))
     for a, b in pairs:
