@@ -24,7 +24,9 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     toml = display_path(ls.root / PROJECT_FILE)
     for line, message, hint in project_problems(ls.root):
         diags.error(Pos(toml, line), message, hint=hint)
+    base = ls.file.parent
     if spec is None:
+        base = ls.root  # scenec.toml's paths are relative to the project root, as its LoRAs' and VAE's
         try:
             spec = project_config(ls.root).get("default_model")
         except ProjectFileError as e:
@@ -37,7 +39,7 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
                         "or a table {id = \"...\", lora = [...]}")
             spec = None
     try:
-        return spec, model_info(spec, ls.file.parent, config)
+        return spec, model_info(spec, base, config)
     except UnknownModel as e:
         # --model: at the flag (line 0), as every value set on the command line is, not at FILE:1:1
         where = ls.pos(("model", "config")) if e.at == "config" and override is None and scene_model is not None else \

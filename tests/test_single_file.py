@@ -357,9 +357,11 @@ def test_scenec_toml_default_model_takes_a_checkpoint_and_its_config(project, tm
 
     (tmp_path / "sd.safetensors").symlink_to(project / "sd.safetensors")
     (tmp_path / "sd").symlink_to(project / "sd")
-    p = tmp_path / "s.yaml"
-    p.write_text(SCENE.format(model="null", name="x").replace("model: null\n", "").replace("<bad> ", ""))
-    for config, errors in (("sd", []), ("nope", [(2, "`config: nope` is no diffusers model directory")])):
+    (tmp_path / "scenes").mkdir()
+    for p in (tmp_path / "s.yaml", tmp_path / "scenes" / "s.yaml"):  # paths from the root, wherever the scene is
+        p.write_text(SCENE.format(model="null", name="x").replace("model: null\n", "").replace("<bad> ", ""))
+    for config, errors, p in (("sd", [], tmp_path / "s.yaml"), ("sd", [], tmp_path / "scenes" / "s.yaml"),
+                              ("nope", [(2, "`config: nope` is no diffusers model directory")], tmp_path / "s.yaml")):
         toml = f'[project]\ndefault_model = {{id = "sd.safetensors", config = "{config}"}}\n'
         (tmp_path / "scenec.toml").write_text(toml)
         _, diags = validate_file(p)
