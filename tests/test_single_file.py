@@ -369,3 +369,32 @@ def test_scenec_toml_default_model_takes_a_checkpoint_and_its_config(project, tm
         assert [line for line, _ in got] == [line for line, _ in errors] and \
             all(frag in m for (_, m), (_, frag) in zip(got, errors)) and \
             all(d.pos.file.endswith("scenec.toml") for d in diags if d.severity == "error"), got
+
+
+def test_the_job_hash_is_where_the_files_lie_not(project, tmp_path, monkeypatch):
+    """A scene in a subdirectory naming a checkpoint, its configs and a VAE directory by `../`: its embedded scene
+    (paths from the root) compiled in a copy of the project gives the image's job_hash, so `build --from` rebuilds
+    it there; the checkpoint's digest and the VAE's files, not their paths, are what the hash and the key hold."""
+    import shutil
+
+    hub_cache(monkeypatch, project / "hub")
+    root = tmp_path / "proj"
+    (root / "scenes").mkdir(parents=True)
+    (root / "scenec.toml").write_text("[project]\n")
+    shutil.copy(project / "sd.safetensors", root / "m.safetensors")
+    shutil.copytree(project / "sd", root / "sd")
+    s = root / "scenes" / "s.yaml"
+    s.write_text(SCENE.format(model="{id: ../m.safetensors, config: ../sd, vae: ../sd/vae}", name="x")
+                 .replace("<bad> ", ""))
+    plan = compile_plan(root / "scenes", "s.yaml")
+    resolved = plan.json["scene"]["resolved"]
+    assert "id: m.safetensors" in resolved and "vae: sd/vae" in resolved, resolved
+    shutil.copytree(root, tmp_path / "copy", ignore=shutil.ignore_patterns("scenes"))
+    (tmp_path / "copy" / "embedded.yaml").write_text(resolved)
+    again = compile_plan(tmp_path / "copy")
+    assert [j.job_hash for j in again.jobs] == [j.job_hash for j in plan.jobs]
+    # the same files in another place: the same hash; other bytes: another hash
+    data = bytearray((tmp_path / "copy" / "m.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "copy" / "m.safetensors").write_bytes(bytes(data))
+    assert compile_plan(tmp_path / "copy").jobs[0].job_hash != plan.jobs[0].job_hash
