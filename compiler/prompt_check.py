@@ -17,6 +17,7 @@ from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, parse
 
 from . import matrix as mx
 from .advice import prompt_texts
+from .files import pos_in_string
 from .resolve import prompt_syntax
 
 
@@ -45,10 +46,15 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None 
     seen = set()
     for path, text in texts:
         parsed = parse(text, syntax)
+        after = 0
         for message in parsed.errors:
             if (path, message) not in seen:
                 seen.add((path, message))
-                diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
+                # at the weight it names (one error per position: each its own column), where the source shows it
+                at = text.find(message.split("`")[1], after) if message.startswith("`") else -1
+                after = max(after, at + 1)
+                pos = pos_in_string(ls, path, text, at) if at >= 0 else ls.pos(path)
+                diags.error(pos, message, hint="write the weight as a number: `(word:1.2)`")
         problems = list(parsed.problems)
         if family == "flux" and any(p.brk for p in parsed.pieces):
             problems.append("`BREAK` does nothing on Flux: T5 reads the prompt in one piece (no 75-token chunks)")

@@ -323,7 +323,21 @@ def test_a_bad_weight_is_an_error_from_the_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(path)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert textwrap.dedent("""\
-        s.yaml:5:11: error: `:1..2)`: the weight `1..2` is not a number (A1111 stops on it)""") in r.stderr
+        s.yaml:5:18: error: `:1..2)`: the weight `1..2` is not a number (A1111 stops on it)""") in r.stderr
+
+
+def test_every_bad_weight_of_a_prompt_is_an_error_at_its_column(tmp_path):
+    """Errors at one position collapse into one, so each is at its own weight: all of them at once."""
+    for syntax, prompt, want in (
+            ("comfy", "a (x:inf) meadow (y:nan), (z:1e999)",
+             [("5:15", "x:inf"), ("5:30", "y:nan"), ("5:39", "z:1e999")]),
+            ("a1111", "(a:1.2.3) b (c:4..5)", [("5:14", "1.2.3"), ("5:26", "4..5")])):
+        out = [m for m in messages(scene(tmp_path, prompt, f"prompt_syntax: {syntax}\n")) if m[0] == "error"]
+        assert [at for _, at, _, _ in out] == [at for at, _ in want], out
+        assert all(frag in m[2] for m, (_, frag) in zip(out, want)), out
+    # a weight from a matrix value: at the prompt (the source does not show the filled text)
+    out = messages(scene(tmp_path, "a {style}", 'prompt_syntax: comfy\nmatrix:\n  style: ["(a:inf)"]\n'))
+    assert [(m[1], "a:inf" in m[2]) for m in out if m[0] == "error"] == [("5:11", True)]
 
 
 def test_eval_scores_the_words_without_the_syntax(tmp_path):
