@@ -146,6 +146,16 @@ def test_bad_vaes_are_located_errors(tmp_path):
     for vae, message in cases.items():
         rc, err = validate(write(tmp_path, vae))
         assert rc == 2 and "s.yaml:2:27: error: " in err and message in err and "Traceback" not in err, (vae, err)
+    # a path out of the project: the hint says what to do about that, not what a VAE is
+    from scenec.compiler.check import validate_file
+
+    _, diags = validate_file(write(tmp_path, "../vae.safetensors"))
+    (e,) = diags.errors
+    assert "outside the project root" in e.message and "inside the project" in e.hint, (e.message, e.hint)
+    (tmp_path / "sd" / "vae").mkdir(parents=True)  # a model directory named as the VAE: its vae/ is meant
+    (tmp_path / "sd" / "vae" / "config.json").write_text("{}")
+    _, diags = validate_file(write(tmp_path, "sd"))
+    assert "its VAE is `sd/vae`" in diags.errors[0].message
 
 
 def test_the_project_file_sets_a_vae_for_scenes_without_a_model(tmp_path, vaes):
