@@ -398,3 +398,13 @@ def test_the_job_hash_is_where_the_files_lie_not(project, tmp_path, monkeypatch)
     data[-1] ^= 1
     (tmp_path / "copy" / "m.safetensors").write_bytes(bytes(data))
     assert compile_plan(tmp_path / "copy").jobs[0].job_hash != plan.jobs[0].job_hash
+
+
+def test_a_model_path_on_the_command_line_is_from_the_current_directory(project):
+    """`--model sd.safetensors` (or a directory) names a file beside the shell, as `--lora` does, not one beside
+    the scene: validated from the project's root for a scene in a subdirectory."""
+    (project / "sub").mkdir(exist_ok=True)
+    (project / "sub" / "m.yaml").write_text(SCENE.format(model="tiny-sd", name="m").replace("<bad> ", ""))
+    for model in ("sd.safetensors", "sd"):
+        r = scenec(project, "validate", "sub/m.yaml", "--model", model)
+        assert r.returncode == 0, r.stderr
