@@ -80,6 +80,7 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # [from:to:when], [a|b]: A1111's prompt editing; a `:` inside round brackets (`[(red:1.2)]`) is a weight, not editing
 _EDITING = re.compile(r"\[(?:[^\[\]()]|\([^()]*\))*?(?::|\|)[^\[\]]*\]")
 _EXTRA = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")  # A1111's extra networks, not text
+_COMFY_EMBEDDING = re.compile(r"\bembedding:[^\s,()]+")  # ComfyUI loads `embedding:NAME` from models/embeddings
 
 
 def _a1111(text: str) -> Parsed:
@@ -205,6 +206,9 @@ def _comfy(text: str) -> Parsed:
     problems: list[str] = []
     errors: list[str] = []
     hidden = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    if _COMFY_EMBEDDING.search(text):
+        problems.append(f"`{_COMFY_EMBEDDING.search(text)[0]}` is ComfyUI's embedding syntax: read as text; put the "
+                        "file under `model.embeddings` with a token and write the token")
     pieces = []
     for p in _comfy_pieces(hidden, 1.0, problems, errors):
         t = p.text.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "(")

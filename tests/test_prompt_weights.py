@@ -371,6 +371,13 @@ def test_weights_that_are_not_finite_are_errors_and_break_in_brackets_warns():
     assert not parse("[(red:1.2)]", "a1111").problems and parse("[cat:dog:0.5]", "a1111").problems
 
 
+def test_comfyuis_embedding_syntax_warns_as_a1111s_lora_syntax_does():
+    """ComfyUI loads `embedding:NAME` from its models/embeddings folder; scenec reads it as text, so it says so."""
+    (problem,) = parse("(worst quality:1.4), embedding:EasyNegative", "comfy").problems
+    assert "`embedding:EasyNegative`" in problem and "model.embeddings" in problem
+    assert not parse("an embedding: a vector", "comfy").problems
+
+
 def test_matrix_values_are_checked_under_the_syntax(tmp_path):
     extra = 'prompt_syntax: a1111\nmatrix:\n  style: ["(oil:1.2.3)", "watercolor"]\n'
     out = messages(scene(tmp_path, "a harbour, {style}", extra))
