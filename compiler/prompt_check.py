@@ -29,12 +29,24 @@ def _filled(ls: LoadedScene, text: str) -> list[str]:
     return list(dict.fromkeys(mx.fill(text, combo, True) for combo in mx.combinations(sc)))
 
 
+def _project_value(ls: LoadedScene):
+    """scenec.toml's ``prompt_syntax`` as written (None: none, or no readable file)."""
+    from scenec.spec.paths import ProjectFileError, project_config
+
+    try:
+        return project_config(ls.root).get("prompt_syntax")
+    except ProjectFileError:
+        return None
+
+
 def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None = None) -> str:
     """Check every prompt under the scene's syntax (see the module docstring); the syntax. ``family``: the model's
     (Flux: a ``BREAK`` does nothing, T5 reads one piece)."""
     syntax = prompt_syntax(ls, diags)
     texts = [(path, f) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key) for f in _filled(ls, t)]
     if syntax == "plain":
+        if ls.scene.prompt_syntax is None and _project_value(ls) not in (None, "plain"):
+            return syntax  # scenec.toml's value is wrong (an error at its line): the weights were meant
         hits = [(path, m[0]) for path, t in texts if (m := LOOKS_WEIGHTED.search(t))]
         if hits:
             more = f" (and {len(hits) - 1} more prompts)" if len(hits) > 1 else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from scenec.spec.diagnostics import Diagnostics, Pos, display_path
+from scenec.spec.diagnostics import Diagnostics, Pos, did_you_mean, display_path
 from scenec.spec.load import LoadedScene
 from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line, project_problems
 from scenec.spec.prompt_syntax import SYNTAXES
@@ -91,6 +91,7 @@ def prompt_syntax(ls: LoadedScene, diags: Diagnostics | None = None) -> str:
     if value not in SYNTAXES:
         if diags is not None:
             diags.error(Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "prompt_syntax")),
-                        f"`prompt_syntax` must be one of {', '.join(repr(s) for s in SYNTAXES)}, not {value!r}")
+                        f"`prompt_syntax` must be one of {', '.join(repr(s) for s in SYNTAXES)}, not {value!r}",
+                        hint=did_you_mean(value, SYNTAXES) if isinstance(value, str) else None)
         return "plain"
     return value

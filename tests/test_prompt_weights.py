@@ -301,6 +301,10 @@ def test_the_project_file_sets_the_syntax_and_a_bad_value_is_located(tmp_path):
     _, diags = validate_file(path)
     err = diags.errors
     assert len(err) == 1 and err[0].pos.line == 3 and "must be one of" in err[0].message
+    # in other capitals: a hint, and no warning that the prompt's weights are read as text (the value was meant)
+    (tmp_path / "scenec.toml").write_text('[project]\nprompt_syntax = "A1111"\n')
+    _, diags = validate_file(path)
+    assert [(d.severity, d.hint) for d in diags.items] == [("error", "did you mean `a1111`?")], diags.items
 
 
 def test_long_clip_prompts_warn_under_plain_only_and_the_plan_carries_the_syntax(tmp_path):
