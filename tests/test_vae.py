@@ -171,3 +171,31 @@ def test_the_project_file_sets_a_vae_for_scenes_without_a_model(tmp_path, vaes):
     (tmp_path / "scenec.toml").write_text('[project]\ndefault_model = {id = "tiny-sd", vae = "vae/none"}\n')
     rc, err = validate(f)
     assert rc == 2 and "scenec.toml:2:1: error: VAE `vae/none` not found" in err, err
+
+
+def test_a_hub_vae_is_compiled_again_when_the_cache_resolves_another_revision(tmp_path, vaes, monkeypatch):
+    """`hf download` of a new revision moves refs/main: the build's compile memo must not replay the plan that
+    names the old snapshot (its images would keep the old VAE and never count as stale)."""
+    import shutil
+
+    from scenec.build import memo
+    from scenec.spec.fsio import recording_inputs
+
+    _, directory, _ = vaes
+    repo = tmp_path / "hub" / "models--someone--vae"
+    shutil.copytree(directory, repo / "snapshots" / "r1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("r1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
+    f = write(tmp_path, "someone/vae")
+    with recording_inputs() as inputs:
+        p = compile_scene(f)
+    assert p.json["model"]["vae"] == str(repo / "snapshots" / "r1")
+    memo.store(f, None, list(inputs), p.json, [])
+    assert memo.load(f, None) is not None  # nothing changed: replayed
+    shutil.copytree(directory, repo / "snapshots" / "r2")
+    (repo / "refs" / "main").write_text("r2")
+    assert memo.load(f, None) is None
+    assert compile_scene(f).json["model"]["vae"] == str(repo / "snapshots" / "r2")
