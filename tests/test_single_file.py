@@ -408,3 +408,21 @@ def test_a_model_path_on_the_command_line_is_from_the_current_directory(project)
     for model in ("sd.safetensors", "sd"):
         r = scenec(project, "validate", "sub/m.yaml", "--model", model)
         assert r.returncode == 0, r.stderr
+
+
+def test_one_checkpoint_named_from_two_directories_loads_once(project, monkeypatch):
+    """`sd.safetensors` from the root and `../sd.safetensors` from sub/ are one model: a build loads it once (the
+    pool's key was the plan's model with its `spec` as written)."""
+    from scenec.build import pool
+
+    (project / "sub").mkdir(exist_ok=True)
+    (project / "a.yaml").write_text(SCENE.format(model="{id: sd.safetensors, config: sd}", name="a")
+                                    .replace("<bad> ", ""))
+    (project / "sub" / "b.yaml").write_text(SCENE.format(model="{id: ../sd.safetensors, config: ../sd}",
+                                                         name="b").replace("<bad> ", ""))
+    models = [compiled_model(project / "a.yaml", project), compiled_model(project / "sub" / "b.yaml", project / "sub")]
+    assert models[0]["spec"] != models[1]["spec"]
+    loads = []
+    monkeypatch.setattr(pool, "load_model", lambda model, **kw: loads.append(model) or object())
+    backends = pool.BackendPool()
+    assert backends.get(models[0]) is backends.get(models[1]) and len(loads) == 1
