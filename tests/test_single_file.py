@@ -272,6 +272,7 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
     header(tmp_path / "sd15.safetensors", SD15_KEYS)
     header(tmp_path / "flux.safetensors", HEADERS["flux"][0])
     header(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight": (4, 32)})
+    header(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": (512, 4, 3, 3)})
     (tmp_path / "cut.safetensors").write_bytes((project / "sd.safetensors").read_bytes()[:-100])
     (tmp_path / "sd").symlink_to(project / "sd")
     (tmp_path / "xl").symlink_to(project / "xl")
@@ -281,6 +282,7 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
         ("cut.safetensors", 2, 8, "is cut short"),
         ("gone.safetensors", 2, 8, "does not exist"),
         ("lora.safetensors", 2, 8, "holds no Stable Diffusion UNet"),
+        ("vae.safetensors", 2, 8, "is a VAE: name it as `model: {id: MODEL, vae: FILE}`"),  # A1111's models/VAE/
         ("flux.safetensors", 2, 8, "is a Flux transformer"),
         ("sd15.safetensors", 2, 8, f"hf download {SD15} --include"),  # diffusers' default configs are not here
         ("{id: sd15.safetensors, config: ./nope}", 2, None, "no diffusers model directory"),
