@@ -375,6 +375,13 @@ def test_weights_that_are_not_finite_are_errors_and_break_in_brackets_warns():
     assert not parse("[(red:1.2)]", "a1111").problems and parse("[cat:dog:0.5]", "a1111").problems
 
 
+def test_a1111s_composable_and_warns():
+    """A1111 splits a prompt at `AND` into prompts whose predictions it sums; scenec reads the word, and says so."""
+    (problem,) = parse("a cat AND a dog:1.2", "a1111").problems
+    assert "`AND`" in problem and "composable" in problem
+    assert not parse("a sandy beach and a dog", "a1111").problems and not parse("a cat AND a dog", "comfy").problems
+
+
 def test_comfyuis_embedding_syntax_warns_as_a1111s_lora_syntax_does():
     """ComfyUI loads `embedding:NAME` from its models/embeddings folder; scenec reads it as text, so it says so."""
     (problem,) = parse("(worst quality:1.4), embedding:EasyNegative", "comfy").problems
