@@ -410,6 +410,13 @@ def test_a_model_path_on_the_command_line_is_from_the_current_directory(project)
     for model in ("sd.safetensors", "sd"):
         r = scenec(project, "validate", "sub/m.yaml", "--model", model)
         assert r.returncode == 0, r.stderr
+    # made absolute for the compile, the embedded scene still names it from the root (a copy of the project
+    # rebuilds from its own files)
+    from scenec.compiler import compile_scene
+
+    (project / "m.yaml").write_text((project / "sub" / "m.yaml").read_text())
+    resolved = compile_scene(project / "m.yaml", model=str(project / "sd")).json["scene"]["resolved"]
+    assert "\nmodel: sd\n" in resolved and str(project) not in resolved, resolved
 
 
 def test_one_checkpoint_named_from_two_directories_loads_once(project, monkeypatch):
