@@ -248,8 +248,11 @@ def cached_hub_file(repo: str, filename: str) -> Path | None:
     if repo.count("/") != 1:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
 
+        # the revision `main` resolves to: a new `hf download` moves it, and what was found here with it (a
+        # snapshot's path in the plan: a VAE's, a LoRA's), so a compile memo must not outlive it
+        note_input(Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main")
         hit = try_to_load_from_cache(repo, filename)
     except (ImportError, ValueError):  # ValueError: not a valid repo id
         return None

@@ -276,6 +276,22 @@ def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -
     return np.dstack([np.asarray(rgb, np.uint8), alpha])
 
 
+def _not_where(model: dict) -> dict:
+    """A single-file checkpoint and a VAE by what they are, not where they lie (the scene's `../m.safetensors`, an
+    absolute path): a file by its sha256, a local config or VAE directory by a marker (the build's cache key digests
+    their files, scenec/build/keys.py), so the embedded scene (paths from the root) compiles to the image's job in
+    a copy of the project too. A model without either keeps its hash."""
+    out = dict(model)
+    if out.get("sha256"):
+        out.pop("spec", None)
+        out.pop("repo", None)
+        if Path(str(out.get("config"))).is_absolute():
+            out["config"] = "directory"
+    if out.get("vae"):
+        out["vae"] = "file" if out.get("vae_sha256") else "directory"
+    return out
+
+
 def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
     """plan_hash over everything; job_hash over what affects one image (settings, texts, its tensors).
 
@@ -286,7 +302,7 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
 
     settings = {k: doc[k] for k in ("format", "scenec_version", "model", "canvas", "grids", "sampler", "attention")}
     # a LoRA by what it does (digest, scale, format), not where its file is
-    settings["model"] = identity(doc["model"])
+    settings["model"] = _not_where(identity(doc["model"]))
     groups = {g["id"]: g for g in doc["groups"]}
     digests: dict[str, str] = {}
 

@@ -17,6 +17,7 @@ from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, parse
 
 from . import matrix as mx
 from .advice import prompt_texts
+from .files import pos_in_string
 from .resolve import prompt_syntax
 
 
@@ -28,12 +29,24 @@ def _filled(ls: LoadedScene, text: str) -> list[str]:
     return list(dict.fromkeys(mx.fill(text, combo, True) for combo in mx.combinations(sc)))
 
 
+def _project_value(ls: LoadedScene):
+    """scenec.toml's ``prompt_syntax`` as written (None: none, or no readable file)."""
+    from scenec.spec.paths import ProjectFileError, project_config
+
+    try:
+        return project_config(ls.root).get("prompt_syntax")
+    except ProjectFileError:
+        return None
+
+
 def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None = None) -> str:
     """Check every prompt under the scene's syntax (see the module docstring); the syntax. ``family``: the model's
     (Flux: a ``BREAK`` does nothing, T5 reads one piece)."""
     syntax = prompt_syntax(ls, diags)
     texts = [(path, f) for key in ("prompt", "negative") for path, t in prompt_texts(ls, key) for f in _filled(ls, t)]
     if syntax == "plain":
+        if ls.scene.prompt_syntax is None and _project_value(ls) not in (None, "plain"):
+            return syntax  # scenec.toml's value is wrong (an error at its line): the weights were meant
         hits = [(path, m[0]) for path, t in texts if (m := LOOKS_WEIGHTED.search(t))]
         if hits:
             more = f" (and {len(hits) - 1} more prompts)" if len(hits) > 1 else ""
@@ -45,10 +58,15 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None 
     seen = set()
     for path, text in texts:
         parsed = parse(text, syntax)
+        after = 0
         for message in parsed.errors:
             if (path, message) not in seen:
                 seen.add((path, message))
-                diags.error(ls.pos(path), message, hint="write the weight as a number: `(word:1.2)`")
+                # at the weight it names (one error per position: each its own column), where the source shows it
+                at = text.find(message.split("`")[1], after) if message.startswith("`") else -1
+                after = max(after, at + 1)
+                pos = pos_in_string(ls, path, text, at) if at >= 0 else ls.pos(path)
+                diags.error(pos, message, hint="write the weight as a number: `(word:1.2)`")
         problems = list(parsed.problems)
         if family == "flux" and any(p.brk for p in parsed.pieces):
             problems.append("`BREAK` does nothing on Flux: T5 reads the prompt in one piece (no 75-token chunks)")

@@ -79,12 +79,13 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
         return x
 
     body = {k: (v if k == "output" else walk(v, (k,))) for k, v in data.items()}
-    model: dict[str, Any] = {"id": model_spec} if model_spec else {}
-    if checkpoint is not None:
-        def at_root(p: str) -> str:
-            q = Path(p)
-            return q.relative_to(root).as_posix() if q.is_absolute() and q.is_relative_to(root) else p
 
+    def at_root(p: str) -> str:  # an absolute path in the project (`--model` is made absolute) from its root
+        q = Path(p)
+        return q.relative_to(root).as_posix() if q.is_absolute() and q.is_relative_to(root) else p
+
+    model: dict[str, Any] = {"id": at_root(model_spec)} if model_spec else {}
+    if checkpoint is not None:
         model = {"id": at_root(checkpoint[0]), "config": at_root(checkpoint[1])}
     whole = []
     for lo in loras:  # a hub file as its repo (the cache is no project path); one outside the root by its path

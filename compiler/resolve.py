@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from scenec.spec.diagnostics import Diagnostics, Pos, display_path
+from scenec.spec.diagnostics import Diagnostics, Pos, did_you_mean, display_path
 from scenec.spec.load import LoadedScene
 from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line, project_problems
 from scenec.spec.prompt_syntax import SYNTAXES
@@ -24,7 +24,9 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
     toml = display_path(ls.root / PROJECT_FILE)
     for line, message, hint in project_problems(ls.root):
         diags.error(Pos(toml, line), message, hint=hint)
+    base = ls.file.parent
     if spec is None:
+        base = ls.root  # scenec.toml's paths are relative to the project root, as its LoRAs' and VAE's
         try:
             spec = project_config(ls.root).get("default_model")
         except ProjectFileError as e:
@@ -37,7 +39,7 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
                         "or a table {id = \"...\", lora = [...]}")
             spec = None
     try:
-        return spec, model_info(spec, ls.file.parent, config)
+        return spec, model_info(spec, base, config)
     except UnknownModel as e:
         at_config = e.at == "config" and override is None and scene_model is not None
         diags.error(ls.pos(("model", "config")) if at_config else model_pos(ls, override, spec), str(e))
@@ -95,6 +97,7 @@ def prompt_syntax(ls: LoadedScene, diags: Diagnostics | None = None) -> str:
     if value not in SYNTAXES:
         if diags is not None:
             diags.error(Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "prompt_syntax")),
-                        f"`prompt_syntax` must be one of {', '.join(repr(s) for s in SYNTAXES)}, not {value!r}")
+                        f"`prompt_syntax` must be one of {', '.join(repr(s) for s in SYNTAXES)}, not {value!r}",
+                        hint=did_you_mean(value, SYNTAXES) if isinstance(value, str) else None)
         return "plain"
     return value

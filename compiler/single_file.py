@@ -151,6 +151,9 @@ def inspect(path: Path) -> Checkpoint | str:
         return shapes
     kind = model_type(shapes)
     if kind is None:
+        if any(k.endswith("decoder.conv_in.weight") for k in shapes):  # A1111's models/VAE/, ComfyUI's models/vae/
+            return "holds no Stable Diffusion UNet, only an autoencoder: it is a VAE: name it as " \
+                   "`model: {id: MODEL, vae: FILE}`"
         return "holds no Stable Diffusion UNet in the original (LDM) layout (`model.diffusion_model.…`): " \
                "it is no single-file SD or SDXL checkpoint"
     if kind in RUNS:

@@ -43,11 +43,11 @@ def check_vae(ls: LoadedScene, info: ModelInfo, diags: Diagnostics,
         if base is None:
             diags.warning(ls.pos(("model",)), "--model replaces the scene's model, and with it its `vae`: not applied")
         return None, None
-    where, why = _locate(ls, path, spec, base)
+    where, why, hint = _locate(ls, path, spec, base)
     if why is None and info.source != "unknown":  # an unknown model's family is a stand-in
         why = _misfit(Path(where), info)
     if why is not None:
-        diags.error(pos or ls.pos(path), why, hint="a diffusers AutoencoderKL directory, a cached hub id "
+        diags.error(pos or ls.pos(path), why, hint=hint or "a diffusers AutoencoderKL directory, a cached hub id "
                     "(`hf download madebyollin/sdxl-vae-fp16-fix`) or a .safetensors VAE file")
         return None, None
     if info.source != "unknown":
@@ -99,39 +99,45 @@ def _toml_vae(ls: LoadedScene):
     return vae, Pos(display_path(ls.root / PROJECT_FILE), project_key_line(ls.root, "default_model"))
 
 
-def _locate(ls: LoadedScene, path: tuple, spec: str, base: Path | None = None) -> tuple[str | None, str | None]:
-    """(what to load, None) or (None, why not); a relative path from ``base`` (default: the file naming it)."""
+def _locate(ls: LoadedScene, path: tuple, spec: str,
+            base: Path | None = None) -> tuple[str | None, str | None, str | None]:
+    """(what to load, None, None) or (None, why not, a hint or None); a relative path from ``base`` (default: the
+    file naming it)."""
     if spec.lower().endswith(PICKLED):
         return None, f"`{spec}` is a pickle file, which can run code when loaded; scenec loads .safetensors only " \
-            "(convert it, or use the model's .safetensors release)"
+            "(convert it, or use the model's .safetensors release)", None
+    hub_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
+        not spec.lower().endswith(".safetensors")
     local = None
     try:
         local = resolve_inside(spec, base or ls.base_dir(path), ls.root)
-    except PathProblem as e:
-        if spec.count("/") != 1:
-            return None, e.message
+    except PathProblem as e:  # out of the project (`../vae.safetensors`): that, not "no hub id"
+        if not hub_like:
+            return None, e.message, e.hint
     if local is not None:
         note_input(local)
         if local.is_file():
-            return str(local.resolve()), None
+            return str(local.resolve()), None, None
         if local.is_dir():
             if not (local / "config.json").is_file():
-                return None, f"`{spec}` is not a diffusers AutoencoderKL directory (no config.json)"
+                sub = " (a model directory: its VAE is `" + spec.rstrip("/") + "/vae`)" \
+                    if (local / "vae" / "config.json").is_file() else ""
+                return None, f"`{spec}` is not a diffusers AutoencoderKL directory (no config.json){sub}", None
             if not any(local.glob("*.safetensors")):
-                return None, f"`{spec}` has no .safetensors weights (scenec loads safetensors only)"
-            return str(local.resolve()), None
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.lower().endswith(".safetensors"):
+                return None, f"`{spec}` has no .safetensors weights (scenec loads safetensors only)", None
+            return str(local.resolve()), None, None
+    if hub_like:
         hit = cached_hub_file(spec, "config.json")
         if hit is None:
             looked = f"no file or directory {local}, and " if local is not None else ""
             return None, f"VAE `{spec}` not found: {looked}no hub id `{spec}` in the Hugging Face cache " \
-                f"(`hf download {spec}`)"
+                f"(`hf download {spec}`)", None
         note_input(hit)
         if not any(hit.parent.glob("*.safetensors")):
-            return None, f"VAE `{spec}` has no .safetensors weights in the Hugging Face cache"
-        return str(hit.parent), None
+            return None, f"VAE `{spec}` has no .safetensors weights in the Hugging Face cache", None
+        return str(hit.parent), None, None
     return None, f"VAE `{spec}` not found (looked for {local})" if local is not None else \
-        f"`{spec}` is no file or directory under the project and no hub id (ORG/NAME)"
+        f"`{spec}` is no file or directory under the project and no hub id (ORG/NAME)", None
 
 
 def _misfit(where: Path, info: ModelInfo) -> str | None:

@@ -22,6 +22,7 @@ from scenec.cli_options import (
     SET_OPTION,
     STEPS_OPTION,
     check_loras,
+    local_model,
     overrides,
 )
 from scenec.cli_tools import eval_, show, split, tune
@@ -50,7 +51,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command()
 def validate(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs; "
                                                            "a library file (only `defs`) is checked as one"),
-             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory to check "
+             model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                                 help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
                                                  "`default_model`, else flux-dev)"),
              lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
@@ -103,7 +105,8 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
 @app.command("compile")
 def compile_(file: Path = typer.Argument(..., help="scene file"),
              out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
-             model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+             model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                                 help="model alias, id or directory"),
              lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
              seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
              guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
@@ -135,7 +138,8 @@ def explain(file: Path = typer.Argument(..., help="scene file"),
             after: Optional[str] = typer.Option(None, "--after", help="print only the IR after this pass: check, "
                                                 "expand, geometry, schedule, or lower (the plan)"),
             masks: Optional[Path] = typer.Option(None, "--masks", help="write each job's region masks as PNGs here"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                                help="model alias, id or directory"),
             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Print the IR as text after every pass, then the plan (or only what --after PASS made)."""
@@ -247,7 +251,8 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
           project: Optional[Path] = typer.Option(None, "--project", help="with --from: the project root holding "
                                                  "the scene's files (default: nearest scenec.toml up from here)"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
-          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+          model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                              help="model alias, id or local diffusers directory"),
           device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
           dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),
           lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
@@ -361,7 +366,8 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
 @app.command()
 def status(files: List[str] = typer.Argument(..., help="scene files, directories or globs"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
-           model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+           model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                               help="model alias, id or local diffusers directory"),
            select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="only these (docs/batch.md)"),
            exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
            weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, overrides
+from scenec.cli_options import GUIDANCE_OPTION, SEED_OPTION, SET_OPTION, STEPS_OPTION, local_model, overrides
 from scenec.exits import EXIT_INVALID, bad_path, fail_invalid, internal, path_error, print_diags
 
 
@@ -95,7 +95,8 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
             out: Path = typer.Option(..., "-o", "--out", help="PNG to write"),
             on: Optional[Path] = typer.Option(None, "--on", help="a built image of this scene: draw its regions, "
                                               "labels and z-order over it (job from its metadata or name)"),
-            model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+            model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                                help="model alias, id or directory"),
             seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
             guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION):
     """Draw each image's layout (regions, references, related regions; groups as contact sheets), or with
@@ -190,7 +191,8 @@ def watch(files: List[Path] = typer.Argument(..., help="scene files"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="directory for the previews "
                                              "(default: beside each scene, SCENE.preview.png)"),
           build: bool = typer.Option(False, "--build", help="also build the scene (incrementally) after each save"),
-          model: Optional[str] = typer.Option(None, "--model", help="model alias, id or directory"),
+          model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                              help="model alias, id or directory"),
           interval: float = typer.Option(0.5, "--interval", help="seconds between checks for saves"),
           max_cycles: int = typer.Option(0, "--max-cycles", hidden=True, help="stop after N checks (tests)"),
           seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,

@@ -33,6 +33,19 @@ def overrides(seed: Optional[str], steps: Optional[str], guidance: Optional[str]
         raise typer.Exit(EXIT_INVALID) from None
 
 
+def local_model(value: Optional[str]) -> Optional[str]:
+    """``--model`` as a shell means it: a local directory or checkpoint file from the current directory (as
+    ``--lora``'s paths), made absolute; an alias or hub id as given. A scene's own ``model`` is relative to the
+    scene, scenec.toml's to the project root."""
+    from pathlib import Path
+
+    from scenec.compiler.caps import ALIASES
+
+    if value and value not in ALIASES and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def check_loras(lora: Optional[List[str]], on_error=None) -> None:
     """The ``--lora`` arguments checked once, before any scene: each problem one line, exit 2 (through
     ``on_error(message)`` when given)."""

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from scenec.cli_options import LORA_HELP, check_loras
+from scenec.cli_options import LORA_HELP, check_loras, local_model
 from scenec.exits import EXIT_BUILD_FAILED, EXIT_INVALID, fail_invalid, internal, path_error
 
 
@@ -32,7 +32,8 @@ def eval_(directory: Path = typer.Argument(..., help="directory of built images 
           group: Optional[List[str]] = typer.Option(None, "--group", help="only these groups"),
           clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
           segmenter: Optional[str] = SEGMENTER_OPTION,
-          model: Optional[str] = typer.Option(None, "--model", help="the --model the images were built with"),
+          model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                              help="the --model the images were built with"),
           lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:SCALE]: the --lora the images were "
                                                    "built with (with --scene; a --plan has its LoRAs)"),
           json_: bool = typer.Option(False, "--json", help="print the report as JSON")):
@@ -78,7 +79,8 @@ def tune(file: Path = typer.Argument(..., help="scene file"),
                                             help="schedule file (default: schedules/SCENE-GROUP.json)"),
          clip: str = CLIP_OPTION, weights: str = WEIGHTS_OPTION, text: str = TEXT_OPTION,
          segmenter: Optional[str] = SEGMENTER_OPTION,
-         model: Optional[str] = typer.Option(None, "--model", help="model alias, id or local diffusers directory"),
+         model: Optional[str] = typer.Option(None, "--model", callback=local_model,
+                                             help="model alias, id or local diffusers directory"),
          lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
          device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)"),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32"),

@@ -8,6 +8,7 @@ instead of raising, so a user sees every problem at once.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -109,10 +110,22 @@ class SceneError(Exception):
         super().__init__("\n".join(x.format() for x in diagnostics.sorted()))
 
 
+def _spelling(word: str) -> str:
+    """A choice as A1111's and ComfyUI's menus spell it, reduced: no case, spaces, `_` or `-` (`DPM++ 2M SDE
+    Karras` and ComfyUI's `dpmpp_2m_sde`: `dpm++2msde…`; ComfyUI's `euler_ancestral`: `eulera`)."""
+    w = re.sub(r"[\s_-]+", "", word.lower()).replace("dpmpp", "dpm++")
+    return w[:-len("ancestral")] + "a" if w.endswith("ancestral") else w
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
-    """A hint naming the closest valid choice, or None."""
+    """A hint naming the closest valid choice, or None: first the one spelt the same but for case, spaces and
+    separators (:func:`_spelling`), then the closest by difflib."""
+    choices = list(choices)
+    same = [c for c in choices if _spelling(c) == _spelling(str(word))]
+    if same:
+        return f"did you mean `{same[0]}`?"
     # above 0.6: at exactly 0.6 `colour` was "did you mean `lora`?" (3 letters of 10 in common, in order)
-    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.61)
+    match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.61)
     return f"did you mean `{match[0]}`?" if match else None
 
 

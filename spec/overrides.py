@@ -168,8 +168,11 @@ def _walk(data: dict, path: tuple[str, ...], o: Override, diags: Diagnostics, sc
             if last:
                 return cur, key, tuple(real + [key])
         else:
+            # `model: tiny` and `--set model.vae=…`: a model's options need its mapping form
+            hint = f"set it whole: --set '{path[0]}={{id: {cur}, {path[1]}: {o.flag.partition('=')[2]}}}'" \
+                if i == 1 and path[0] == "model" and isinstance(cur, str) and len(path) == 2 else None
             diags.error(o.pos, f"`{'.'.join(path[:i])}` is not a mapping or a list{where}; "
-                               f"`{'.'.join(path)}` cannot be set")
+                               f"`{'.'.join(path)}` cannot be set", hint=hint)
             return None
         real.append(key)
         cur = cur[key]

@@ -80,6 +80,8 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # [from:to:when], [a|b]: A1111's prompt editing; a `:` inside round brackets (`[(red:1.2)]`) is a weight, not editing
 _EDITING = re.compile(r"\[(?:[^\[\]()]|\([^()]*\))*?(?::|\|)[^\[\]]*\]")
 _EXTRA = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")  # A1111's extra networks, not text
+_AND = re.compile(r"\bAND\b")  # A1111's composable diffusion: one prompt per part, their predictions summed
+_COMFY_EMBEDDING = re.compile(r"\bembedding:[^\s,()]+")  # ComfyUI loads `embedding:NAME` from models/embeddings
 
 
 def _a1111(text: str) -> Parsed:
@@ -128,6 +130,9 @@ def _a1111(text: str) -> Parsed:
     if _EDITING.search(text):
         problems.append(f"`{_EDITING.search(text)[0]}` is A1111's prompt editing, which scenec does not run: read "
                         "as text in square brackets (÷1.1); use a group schedule or entities instead")
+    if _AND.search(text):
+        problems.append("`AND` is A1111's composable diffusion (a prompt per part, their predictions summed), which "
+                        "scenec does not run: read as the word; give each part an entity instead")
     if _EXTRA.search(text):
         problems.append(f"`{_EXTRA.search(text)[0]}` is A1111's extra-network syntax: read as text; "
                         "put LoRAs under `model.lora`")
@@ -205,6 +210,9 @@ def _comfy(text: str) -> Parsed:
     problems: list[str] = []
     errors: list[str] = []
     hidden = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    if _COMFY_EMBEDDING.search(text):
+        problems.append(f"`{_COMFY_EMBEDDING.search(text)[0]}` is ComfyUI's embedding syntax: read as text; put the "
+                        "file under `model.embeddings` with a token and write the token")
     pieces = []
     for p in _comfy_pieces(hidden, 1.0, problems, errors):
         t = p.text.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "(")

@@ -61,6 +61,25 @@ def test_unknown_key_hint(tmp_path):
     assert d.format().startswith(f"{d.pos.file}:3:1: error: unknown key `entitys`")
 
 
+@pytest.mark.parametrize("written, meant", [
+    ("DPM++ 2M SDE Karras", "dpm++2m-sde-karras"), ("DPM++ 2M Karras", "dpm++2m-karras"), ("Euler a", "euler-a"),
+    ("dpmpp_2m_sde", "dpm++2m-sde"), ("euler_ancestral", "euler-a"), ("UniPC", "unipc"), ("DDIM", "ddim")])
+def test_a1111_and_comfyui_sampler_names_hint_at_the_solver(tmp_path, written, meant):
+    """A sampler named as A1111's menu or ComfyUI's KSampler names it: the hint is the solver that is the same."""
+    p = write(tmp_path, "a.yaml", BASE + f"        sampler: {{solver: '{written}'}}\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    (d,) = e.value.diagnostics.items
+    assert d.hint == f"did you mean `{meant}`?", (d.message, d.hint)
+
+
+def test_an_option_in_other_capitals_hints_at_it(tmp_path):
+    p = write(tmp_path, "a.yaml", BASE.replace("256}", "256, tiling: Both}") + "        prompt_syntax: A1111\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint for d in e.value.diagnostics.sorted()] == ["did you mean `both`?", "did you mean `a1111`?"]
+
+
 def test_use_merges_def_and_overrides(tmp_path):
     p = write(tmp_path, "a.yaml", BASE + """
         entities:
@@ -103,8 +122,8 @@ def test_include_outside_root_and_absolute(tmp_path):
     write(tmp_path, "lib.yaml", "scenec: 1\n")
     p = write(tmp_path, "proj/a.yaml", BASE + "        include: [../lib.yaml, /etc/passwd]\n")
     errs = errors(p)
-    assert any(l == 3 and "outside the project root" in m for l, _, m in errs)
-    assert any(l == 3 and "absolute path" in m for l, _, m in errs)
+    assert any(line == 3 and "outside the project root" in m for line, _, m in errs)
+    assert any(line == 3 and "absolute path" in m for line, _, m in errs)
 
 
 def test_two_includes_defining_same_name(tmp_path):

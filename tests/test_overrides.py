@@ -65,7 +65,7 @@ def test_set_values_are_yaml_but_prompts_stay_text():
 def test_bad_overrides_are_reported_at_the_flag_all_at_once(tmp_path):
     f = scene(tmp_path)
     r = scenec("validate", f, "--steps", "abc", "--guidance", "-1", "--set", "sampler.stpes=3",
-               "--set", "entities.wolf.prompt=x", "--set", "entities.3.prompt=x")
+               "--set", "entities.wolf.prompt=x", "--set", "entities.3.prompt=x", "--set", "model.vae=v")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     err = r.stderr
@@ -75,6 +75,8 @@ def test_bad_overrides_are_reported_at_the_flag_all_at_once(tmp_path):
     assert "--set entities.wolf.prompt=x: error: `entities.wolf`: no element with id `wolf`" in err
     assert "ids here: fox" in err
     assert "--set entities.3.prompt=x: error: `entities.3`: no element 3" in err
+    # `model: tiny` is a string: the hint writes the mapping it becomes
+    assert "--set model.vae=v: error: `model` is not a mapping" in err and "--set 'model={id: tiny, vae: v}'" in err
     r = scenec("build", f, "--seed", "x")
     assert r.returncode == 2 and "scenec: --seed x: expected N, A..B or A,B,C" in r.stderr
     assert "0 built" in r.stderr  # a build always ends with its summary line

@@ -301,6 +301,10 @@ def test_the_project_file_sets_the_syntax_and_a_bad_value_is_located(tmp_path):
     _, diags = validate_file(path)
     err = diags.errors
     assert len(err) == 1 and err[0].pos.line == 3 and "must be one of" in err[0].message
+    # in other capitals: a hint, and no warning that the prompt's weights are read as text (the value was meant)
+    (tmp_path / "scenec.toml").write_text('[project]\nprompt_syntax = "A1111"\n')
+    _, diags = validate_file(path)
+    assert [(d.severity, d.hint) for d in diags.items] == [("error", "did you mean `a1111`?")], diags.items
 
 
 def test_long_clip_prompts_warn_under_plain_only_and_the_plan_carries_the_syntax(tmp_path):
@@ -323,7 +327,21 @@ def test_a_bad_weight_is_an_error_from_the_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(path)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert textwrap.dedent("""\
-        s.yaml:5:11: error: `:1..2)`: the weight `1..2` is not a number (A1111 stops on it)""") in r.stderr
+        s.yaml:5:18: error: `:1..2)`: the weight `1..2` is not a number (A1111 stops on it)""") in r.stderr
+
+
+def test_every_bad_weight_of_a_prompt_is_an_error_at_its_column(tmp_path):
+    """Errors at one position collapse into one, so each is at its own weight: all of them at once."""
+    for syntax, prompt, want in (
+            ("comfy", "a (x:inf) meadow (y:nan), (z:1e999)",
+             [("5:15", "x:inf"), ("5:30", "y:nan"), ("5:39", "z:1e999")]),
+            ("a1111", "(a:1.2.3) b (c:4..5)", [("5:14", "1.2.3"), ("5:26", "4..5")])):
+        out = [m for m in messages(scene(tmp_path, prompt, f"prompt_syntax: {syntax}\n")) if m[0] == "error"]
+        assert [at for _, at, _, _ in out] == [at for at, _ in want], out
+        assert all(frag in m[2] for m, (_, frag) in zip(out, want)), out
+    # a weight from a matrix value: at the prompt (the source does not show the filled text)
+    out = messages(scene(tmp_path, "a {style}", 'prompt_syntax: comfy\nmatrix:\n  style: ["(a:inf)"]\n'))
+    assert [(m[1], "a:inf" in m[2]) for m in out if m[0] == "error"] == [("5:11", True)]
 
 
 def test_eval_scores_the_words_without_the_syntax(tmp_path):
@@ -355,6 +373,20 @@ def test_weights_that_are_not_finite_are_errors_and_break_in_brackets_warns():
     assert not parse("a BREAK b", "a1111").problems and not parse("(a BREAK b:1)", "a1111").problems
     # `[(red:1.2)]` is emphasis in A1111's grammar, not prompt editing
     assert not parse("[(red:1.2)]", "a1111").problems and parse("[cat:dog:0.5]", "a1111").problems
+
+
+def test_a1111s_composable_and_warns():
+    """A1111 splits a prompt at `AND` into prompts whose predictions it sums; scenec reads the word, and says so."""
+    (problem,) = parse("a cat AND a dog:1.2", "a1111").problems
+    assert "`AND`" in problem and "composable" in problem
+    assert not parse("a sandy beach and a dog", "a1111").problems and not parse("a cat AND a dog", "comfy").problems
+
+
+def test_comfyuis_embedding_syntax_warns_as_a1111s_lora_syntax_does():
+    """ComfyUI loads `embedding:NAME` from its models/embeddings folder; scenec reads it as text, so it says so."""
+    (problem,) = parse("(worst quality:1.4), embedding:EasyNegative", "comfy").problems
+    assert "`embedding:EasyNegative`" in problem and "model.embeddings" in problem
+    assert not parse("an embedding: a vector", "comfy").problems
 
 
 def test_matrix_values_are_checked_under_the_syntax(tmp_path):

@@ -133,6 +133,11 @@ def test_a_checkpoint_file_builds_the_pixels_of_its_diffusers_directory(project,
         (project / f"{name}.yaml").write_text(SCENE.format(model=model, name=name))
     r = scenec(project, "build", *(f"{n}.yaml" for n in scenes), "--device", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr
+    # built once: a second build has nothing to do (each output's manifest entry holds the checkpoint's identity,
+    # its configs' included)
+    r = scenec(project, "build", *(f"{n}.yaml" for n in scenes), "--device", "cpu")
+    assert r.returncode == 0 and f"0 built, {len(scenes)} cached" in r.stderr + r.stdout, r.stdout + r.stderr
+    assert "damaged" not in r.stderr + r.stdout, r.stderr
     got = {n: pixels(project, n) for n in scenes}
     pairs = (("sd-dir", "sd-file"), ("sd-dir", "sd-default"), ("sd-dir-opts", "sd-file-opts"), ("xl-dir", "xl-file"))
     for a, b in pairs:
@@ -267,6 +272,7 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
     header(tmp_path / "sd15.safetensors", SD15_KEYS)
     header(tmp_path / "flux.safetensors", HEADERS["flux"][0])
     header(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight": (4, 32)})
+    header(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": (512, 4, 3, 3)})
     (tmp_path / "cut.safetensors").write_bytes((project / "sd.safetensors").read_bytes()[:-100])
     (tmp_path / "sd").symlink_to(project / "sd")
     (tmp_path / "xl").symlink_to(project / "xl")
@@ -276,6 +282,7 @@ def test_bad_files_and_configs_are_located_errors(project, tmp_path, monkeypatch
         ("cut.safetensors", 2, 8, "is cut short"),
         ("gone.safetensors", 2, 8, "does not exist"),
         ("lora.safetensors", 2, 8, "holds no Stable Diffusion UNet"),
+        ("vae.safetensors", 2, 8, "is a VAE: name it as `model: {id: MODEL, vae: FILE}`"),  # A1111's models/VAE/
         ("flux.safetensors", 2, 8, "is a Flux transformer"),
         ("sd15.safetensors", 2, 8, f"hf download {SD15} --include"),  # diffusers' default configs are not here
         ("{id: sd15.safetensors, config: ./nope}", 2, None, "no diffusers model directory"),
@@ -375,9 +382,11 @@ def test_scenec_toml_default_model_takes_a_checkpoint_and_its_config(project, tm
 
     (tmp_path / "sd.safetensors").symlink_to(project / "sd.safetensors")
     (tmp_path / "sd").symlink_to(project / "sd")
-    p = tmp_path / "s.yaml"
-    p.write_text(SCENE.format(model="null", name="x").replace("model: null\n", "").replace("<bad> ", ""))
-    for config, errors in (("sd", []), ("nope", [(2, "`config: nope` is no diffusers model directory")])):
+    (tmp_path / "scenes").mkdir()
+    for p in (tmp_path / "s.yaml", tmp_path / "scenes" / "s.yaml"):  # paths from the root, wherever the scene is
+        p.write_text(SCENE.format(model="null", name="x").replace("model: null\n", "").replace("<bad> ", ""))
+    for config, errors, p in (("sd", [], tmp_path / "s.yaml"), ("sd", [], tmp_path / "scenes" / "s.yaml"),
+                              ("nope", [(2, "`config: nope` is no diffusers model directory")], tmp_path / "s.yaml")):
         toml = f'[project]\ndefault_model = {{id = "sd.safetensors", config = "{config}"}}\n'
         (tmp_path / "scenec.toml").write_text(toml)
         _, diags = validate_file(p)
@@ -385,3 +394,67 @@ def test_scenec_toml_default_model_takes_a_checkpoint_and_its_config(project, tm
         assert [line for line, _ in got] == [line for line, _ in errors] and \
             all(frag in m for (_, m), (_, frag) in zip(got, errors)) and \
             all(d.pos.file.endswith("scenec.toml") for d in diags if d.severity == "error"), got
+
+
+def test_the_job_hash_is_where_the_files_lie_not(project, tmp_path, monkeypatch):
+    """A scene in a subdirectory naming a checkpoint, its configs and a VAE directory by `../`: its embedded scene
+    (paths from the root) compiled in a copy of the project gives the image's job_hash, so `build --from` rebuilds
+    it there; the checkpoint's digest and the VAE's files, not their paths, are what the hash and the key hold."""
+    import shutil
+
+    hub_cache(monkeypatch, project / "hub")
+    root = tmp_path / "proj"
+    (root / "scenes").mkdir(parents=True)
+    (root / "scenec.toml").write_text("[project]\n")
+    shutil.copy(project / "sd.safetensors", root / "m.safetensors")
+    shutil.copytree(project / "sd", root / "sd")
+    s = root / "scenes" / "s.yaml"
+    s.write_text(SCENE.format(model="{id: ../m.safetensors, config: ../sd, vae: ../sd/vae}", name="x")
+                 .replace("<bad> ", ""))
+    plan = compile_plan(root / "scenes", "s.yaml")
+    resolved = plan.json["scene"]["resolved"]
+    assert "id: m.safetensors" in resolved and "vae: sd/vae" in resolved, resolved
+    shutil.copytree(root, tmp_path / "copy", ignore=shutil.ignore_patterns("scenes"))
+    (tmp_path / "copy" / "embedded.yaml").write_text(resolved)
+    again = compile_plan(tmp_path / "copy")
+    assert [j.job_hash for j in again.jobs] == [j.job_hash for j in plan.jobs]
+    # the same files in another place: the same hash; other bytes: another hash
+    data = bytearray((tmp_path / "copy" / "m.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "copy" / "m.safetensors").write_bytes(bytes(data))
+    assert compile_plan(tmp_path / "copy").jobs[0].job_hash != plan.jobs[0].job_hash
+
+
+def test_a_model_path_on_the_command_line_is_from_the_current_directory(project):
+    """`--model sd.safetensors` (or a directory) names a file beside the shell, as `--lora` does, not one beside
+    the scene: validated from the project's root for a scene in a subdirectory."""
+    (project / "sub").mkdir(exist_ok=True)
+    (project / "sub" / "m.yaml").write_text(SCENE.format(model="tiny-sd", name="m").replace("<bad> ", ""))
+    for model in ("sd.safetensors", "sd"):
+        r = scenec(project, "validate", "sub/m.yaml", "--model", model)
+        assert r.returncode == 0, r.stderr
+    # made absolute for the compile, the embedded scene still names it from the root (a copy of the project
+    # rebuilds from its own files)
+    from scenec.compiler import compile_scene
+
+    (project / "m.yaml").write_text((project / "sub" / "m.yaml").read_text())
+    resolved = compile_scene(project / "m.yaml", model=str(project / "sd")).json["scene"]["resolved"]
+    assert "\nmodel: sd\n" in resolved and str(project) not in resolved, resolved
+
+
+def test_one_checkpoint_named_from_two_directories_loads_once(project, monkeypatch):
+    """`sd.safetensors` from the root and `../sd.safetensors` from sub/ are one model: a build loads it once (the
+    pool's key was the plan's model with its `spec` as written)."""
+    from scenec.build import pool
+
+    (project / "sub").mkdir(exist_ok=True)
+    (project / "a.yaml").write_text(SCENE.format(model="{id: sd.safetensors, config: sd}", name="a")
+                                    .replace("<bad> ", ""))
+    (project / "sub" / "b.yaml").write_text(SCENE.format(model="{id: ../sd.safetensors, config: ../sd}",
+                                                         name="b").replace("<bad> ", ""))
+    models = [compiled_model(project / "a.yaml", project), compiled_model(project / "sub" / "b.yaml", project / "sub")]
+    assert models[0]["spec"] != models[1]["spec"]
+    loads = []
+    monkeypatch.setattr(pool, "load_model", lambda model, **kw: loads.append(model) or object())
+    backends = pool.BackendPool()
+    assert backends.get(models[0]) is backends.get(models[1]) and len(loads) == 1

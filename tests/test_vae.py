@@ -146,6 +146,16 @@ def test_bad_vaes_are_located_errors(tmp_path):
     for vae, message in cases.items():
         rc, err = validate(write(tmp_path, vae))
         assert rc == 2 and "s.yaml:2:27: error: " in err and message in err and "Traceback" not in err, (vae, err)
+    # a path out of the project: the hint says what to do about that, not what a VAE is
+    from scenec.compiler.check import validate_file
+
+    _, diags = validate_file(write(tmp_path, "../vae.safetensors"))
+    (e,) = diags.errors
+    assert "outside the project root" in e.message and "inside the project" in e.hint, (e.message, e.hint)
+    (tmp_path / "sd" / "vae").mkdir(parents=True)  # a model directory named as the VAE: its vae/ is meant
+    (tmp_path / "sd" / "vae" / "config.json").write_text("{}")
+    _, diags = validate_file(write(tmp_path, "sd"))
+    assert "its VAE is `sd/vae`" in diags.errors[0].message
 
 
 def test_the_project_file_sets_a_vae_for_scenes_without_a_model(tmp_path, vaes):
@@ -275,3 +285,31 @@ def test_a_vae_directory_with_another_latent_scale_is_a_warning(tmp_path, vaes):
         notes = [d.message for d in diags if "scaling_factor" in d.message]
         assert len(notes) == n and not [d for d in diags if d.severity == "error"], [d.message for d in diags]
     assert f"is 0.13025, the model's {cfg['scaling_factor']}" in notes[0]
+
+
+def test_a_hub_vae_is_compiled_again_when_the_cache_resolves_another_revision(tmp_path, vaes, monkeypatch):
+    """`hf download` of a new revision moves refs/main: the build's compile memo must not replay the plan that
+    names the old snapshot (its images would keep the old VAE and never count as stale)."""
+    import shutil
+
+    from scenec.build import memo
+    from scenec.spec.fsio import recording_inputs
+
+    _, directory, _ = vaes
+    repo = tmp_path / "hub" / "models--someone--vae"
+    shutil.copytree(directory, repo / "snapshots" / "r1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("r1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("SCENEC_CACHE", str(tmp_path / "cache"))
+    f = write(tmp_path, "someone/vae")
+    with recording_inputs() as inputs:
+        p = compile_scene(f)
+    assert p.json["model"]["vae"] == str(repo / "snapshots" / "r1")
+    memo.store(f, None, list(inputs), p.json, [])
+    assert memo.load(f, None) is not None  # nothing changed: replayed
+    shutil.copytree(directory, repo / "snapshots" / "r2")
+    (repo / "refs" / "main").write_text("r2")
+    assert memo.load(f, None) is None
+    assert compile_scene(f).json["model"]["vae"] == str(repo / "snapshots" / "r2")

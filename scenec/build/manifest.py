@@ -58,7 +58,7 @@ class Stamp(_Loose):
 
     key: str
     job_hash: str
-    model: dict[str, str]
+    model: dict[str, str | dict[str, str]]  # a single-file checkpoint's `config` is an identity of its own
     seed: int
     scenec_version: str
     runtime_code: str | None = None  # keys.runtime_code() of the build (absent in older manifests)

@@ -30,7 +30,11 @@ PER_PLAN = ("lora", "embeddings", "clip_skip", "prompt_syntax", "vae", "vae_sha2
 
 
 def _key(model: dict) -> str:
-    return json.dumps({k: v for k, v in model.items() if k not in PER_PLAN}, sort_keys=True)
+    """One loaded model per weights: a model with a ``repo`` (a directory's or checkpoint file's absolute path, a
+    hub id) is that, not its ``spec`` as a scene wrote it (`m.safetensors` from the root, `../m.safetensors` from a
+    subdirectory)."""
+    drop = PER_PLAN + (("spec",) if model.get("repo") else ())
+    return json.dumps({k: v for k, v in model.items() if k not in drop}, sort_keys=True)
 
 
 class BackendPool:
