@@ -159,6 +159,18 @@ def test_status_select_names_only_the_selected_scenes_last_directories(tmp_path,
     assert "(b.yaml" not in format_status(rep)
 
 
+def test_status_says_once_which_directory_scenes_built_into_together(tmp_path, monkeypatch):
+    """Scenes last built into one directory: one line naming them, not one line per scene (a project of 40 scenes
+    printed 40 identical lines)."""
+    from scenec.build.reporting import format_status
+
+    rep = {"outputs": [], "orphaned": [], "counts": {}, "stale": 0, "invalid": [], "scenes": 5,
+           "followed": {f"s{i}.yaml": "/p/out" for i in range(5)} | {"x.yaml": "/p/other"}}
+    out = format_status(rep)
+    assert out.count("/p/out") == 1 and "(s0.yaml and 4 more scenes: outputs of their last" in out, out
+    assert "(x.yaml: outputs of its last `scenec build -o /p/other`" in out
+
+
 def test_dry_run_with_an_invalid_scene_does_not_say_building(tmp_path):
     """--dry-run builds nothing: "1 invalid scene; building the others" said otherwise."""
     write(tmp_path, "good.yaml", HEAD + "background: {prompt: x}\n")

@@ -159,8 +159,14 @@ def format_status(rep: dict, verbose: bool = False) -> str:
                  f"{cached} up to date, {rep['stale']} to build"
                  + (f", {len(rep['invalid'])} invalid scene{'s' if len(rep['invalid']) != 1 else ''}"
                     if rep["invalid"] else ""))
+    by_dir: dict[str, list[str]] = {}  # one line per directory: a project's scenes mostly share one
     for scene, d in (rep.get("followed") or {}).items():
-        lines.append(f"  ({scene}: outputs of its last `scenec build -o {printable(d)}`; -o chooses another)")
+        by_dir.setdefault(d, []).append(scene)
+    for d, scenes in by_dir.items():
+        who = f"{scenes[0]}: outputs of its" if len(scenes) == 1 else \
+            (", ".join(scenes) if len(scenes) <= 3 else f"{scenes[0]} and {len(scenes) - 1} more scenes") + \
+            ": outputs of their"
+        lines.append(f"  ({who} last `scenec build -o {printable(d)}`; -o chooses another)")
     cwd = Path.cwd()
     for r in rep["outputs"] + rep["orphaned"]:
         if r["state"] == "cached" and not verbose:
