@@ -20,6 +20,28 @@ def _q(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
+def _options(ir: IR) -> str:
+    """The model line's options a scene may set, each only when set (IR text without them is what it was)."""
+    sc = ir.scene.scene
+    out = [f"tiling={sc.canvas.tiling}"] if sc.canvas.tiling != "none" else []
+    if ir.prompt_syntax != "plain":
+        out.append(f"prompt_syntax={ir.prompt_syntax}")
+    if ir.clip_skip is not None:
+        out.append(f"clip_skip={ir.clip_skip}")
+    if ir.embeddings:
+        out.append("embeddings=" + ",".join(e.token for e in ir.embeddings))
+    if ir.vae[0] is not None:  # as the scene names it (the IR text is the same on every machine)
+        out.append(f"vae={_q(getattr(sc.model, 'vae', None) or ir.vae[0].rsplit('/', 1)[-1])}")
+    return "".join(" " + o for o in out)
+
+
+def _sampler_options(sampler) -> str:
+    out = f" cfg_rescale={_f(sampler.cfg_rescale)}" if sampler.cfg_rescale else ""
+    if sampler.freeu is not None:
+        out += " freeu=" + ",".join(_f(v) for v in sampler.freeu.model_dump().values())
+    return out
+
+
 def print_ir(ir: IR) -> str:
     sc = ir.scene.scene
     w, h = ir.canvas
@@ -27,9 +49,10 @@ def print_ir(ir: IR) -> str:
     lines = [f"; scenec IR after {' > '.join(ir.passes) or '(nothing)'}",
              f"scene {_q(ir.scene.name)} file {_q(ir.scene.file.relative_to(ir.scene.root).as_posix())}",
              f"model {ir.model_spec or '-'} family={fam.name} canvas={w}x{h} grids="
-             + ",".join(f"{n}:{gw}x{gh}" for n, px in fam.grids for gh, gw in [grid_size(ir.canvas, px)]),
+             + ",".join(f"{n}:{gw}x{gh}" for n, px in fam.grids for gh, gw in [grid_size(ir.canvas, px)])
+             + _options(ir),
              f"sampler {ir.solver or fam.sampler} steps={ir.steps} guidance={_f(ir.guidance)} "
-             f"true_cfg={_f(ir.true_cfg)}",
+             f"true_cfg={_f(ir.true_cfg)}" + _sampler_options(sc.sampler),
              "attention image_self={} blocks={} until={} pad_prompts={}".format(
                  sc.attention.image_self, sc.attention.blocks, _f(sc.attention.until), sc.attention.pad_prompts or "-")]
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))

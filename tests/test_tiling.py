@@ -86,6 +86,11 @@ def test_the_plan_carries_it_and_flux_refuses_it_at_the_key(tmp_path):
     f2.write_text(f.read_text().replace(", tiling: both", ""))
     q = compile_scene(f2)
     assert "tiling" not in q.json["canvas"] and q.jobs[0].job_hash != p.jobs[0].job_hash
+    from scenec.compiler import explain
+
+    ir_text = explain(f, after="check")
+    assert "canvas=64x64 grids=latent:8x8,a16:4x4,a32:2x2,a64:1x1 tiling=both\n" in ir_text, ir_text
+    assert "tiling=" not in explain(f2, after="check")  # IR text without it is what it was
     f.write_text(f.read_text().replace("tiny-sd", "tiny"))
     r = subprocess.run([sys.executable, "-m", "scenec", "validate", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "t.yaml:3:33: error: `canvas.tiling` needs seamless tiling, which flux models" \

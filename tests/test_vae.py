@@ -313,3 +313,13 @@ def test_a_hub_vae_is_compiled_again_when_the_cache_resolves_another_revision(tm
     (repo / "refs" / "main").write_text("r2")
     assert memo.load(f, None) is None
     assert compile_scene(f).json["model"]["vae"] == str(repo / "snapshots" / "r2")
+
+
+def test_explain_names_the_vae_as_the_scene_does(tmp_path, vaes):
+    import shutil
+
+    from scenec.compiler import explain
+
+    shutil.copytree(vaes[1], tmp_path / "vae-dir")
+    text = explain(write(tmp_path, "vae-dir"), after="check")
+    assert ' vae="vae-dir"\n' in text and str(tmp_path) not in text, text
