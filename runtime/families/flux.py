@@ -140,12 +140,14 @@ class FluxBackend:
         """CLIP pooled + T5 padded to max_sequence_length: exactly FluxPipeline.encode_prompt."""
         key = ("global", text, max_sequence_length, self._syntax)
         if key not in self._cache:
-            weighted = encode_t5(self.pipe, text, self._syntax, max_sequence_length, max_sequence_length,
-                                 dtype=self.pipe.text_encoder_2.dtype, device=self.device)
-            plain = parse(text, self._syntax).text
-            seq, pooled, _ = self.pipe.encode_prompt(prompt=plain, prompt_2=None, device=self.device,
-                                                     max_sequence_length=max_sequence_length)
-            self._cache[key] = Encoded(seq if isinstance(weighted, str) else weighted, pooled)
+            seq = encode_t5(self.pipe, text, self._syntax, max_sequence_length, max_sequence_length,
+                            dtype=self.pipe.text_encoder_2.dtype, device=self.device)
+            if isinstance(seq, str):  # nothing weighted: the pipeline's own encoding of the text without the syntax
+                seq, pooled, _ = self.pipe.encode_prompt(prompt=seq, prompt_2=None, device=self.device,
+                                                         max_sequence_length=max_sequence_length)
+            else:  # T5 read with its weights already: CLIP alone for the pooled vector of the unweighted text
+                pooled = self.pipe._get_clip_prompt_embeds(prompt=parse(text, self._syntax).text, device=self.device)
+            self._cache[key] = Encoded(seq, pooled)
         return self._cache[key]
 
     @torch.no_grad()
