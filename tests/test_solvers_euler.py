@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_solvers import CFG, with_solver, write  # the tests directory is on sys.path (pytest rootdir)
+
+# the tests directory is on sys.path (pytest rootdir)
+from test_solvers import CFG, check_img2img_starts_mid_table, with_solver, write
 
 from scenec.compiler import compile_scene
 from scenec.compiler.check import validate_file
@@ -233,16 +235,4 @@ def test_references_are_refused_at_the_reference(tmp_path):
 
 
 def test_img2img_under_euler_a_starts_mid_table(tmp_path, sd):
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "i.png")
-    out = {}
-    for s in (0.4, 0.8):
-        p = write(tmp_path, solver="euler-a", name=f"s{s}")
-        p.write_text(p.read_text().replace('background: {prompt: "a misty forest"}',
-                                           f'background: {{prompt: "a misty forest", image: i.png, strength: {s}}}'))
-        plan = compile_scene(p)
-        assert plan.jobs[0].program[0].from_ == 5 - int(5 * s)
-        out[s] = run_job(sd, plan, plan.jobs[0], decode=False).latents
-        assert torch.isfinite(out[s]).all()
-    assert float((out[0.4] - out[0.8]).abs().max()) > 1e-3
+    check_img2img_starts_mid_table(tmp_path, sd, "euler-a")
