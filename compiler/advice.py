@@ -119,7 +119,7 @@ def check_background_image(ls: LoadedScene, diags: Diagnostics) -> None:
     """``background.image`` keeps everything outside the entity regions: with none, the output is the input,
     unless ``background.strength`` asks for img2img."""
     sc = ls.scene
-    if sc.background.image is None or getattr(sc.background, "strength", None) is not None:
+    if sc.background.image is None or getattr(sc.background, "strength", None) is not None or sc.hires is not None:
         return
     if sc.entities or any(v.prompt for g in sc.groups for v in g.variants):
         return

@@ -42,6 +42,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
         _check_canvas(ls, info, diags)
         check_family(ls, info, diags)  # what the model's family cannot run (compiler/caps.py)
         check_sampler(ls, info, diags, model_override)  # solver, cfg_rescale, freeu (compiler/guidance.py)
+        from .hires import check_hires
+
+        check_hires(ls, steps, info.family.multiple, diags)  # the second pass (compiler/hires.py)
     _check_seeds(ls, diags)
     _check_schedules(ls, steps, diags)
     _check_references(ls, info, steps, diags)

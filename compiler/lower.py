@@ -88,14 +88,74 @@ def _rasterized(tensors: dict, prefix: str, geom, feather_px: float, canvas, gri
 
 
 def lower(ir: IR) -> CompiledPlan:
-    """Rasterise regions on the family's grids, place references, and emit the plan document."""
+    """Rasterise regions on the family's grids, place references, and emit the plan document (with ``hires``, the
+    second pass's plan nested in it: compiler/hires.py)."""
+    sc = ir.scene.scene
+    tensors: dict[str, np.ndarray] = {}
+    init_name, init_level = _init_image(ir, tensors)
+    doc = _document(ir, tensors, init_name, init_level, repaint=sc.background.strength is not None)
+    if sc.hires is not None:
+        doc["hires"] = _hires(ir, tensors)
+    _stamp_hashes(doc, tensors)
+    return CompiledPlan(doc, tensors, ir)
+
+
+def _init_image(ir: IR, tensors: dict) -> tuple[str | None, int | None]:
+    """``background.image`` fitted to the canvas, and with ``background.strength`` the level img2img starts at."""
     from PIL import Image
 
+    sc = ir.scene.scene
+    if not sc.background.image:
+        return None, None
+    with Image.open(ir.scene.resolve(("background", "image"), sc.background.image)) as im:
+        init = to_rgb(im).resize(ir.canvas, Image.Resampling.LANCZOS)
+    tensors["image/init"] = np.asarray(init, dtype=np.uint8)
+    if sc.background.strength is None:
+        return "image/init", None
+    from .schedule import img2img_start
+
+    return "image/init", img2img_start(ir.steps, sc.background.strength)
+
+
+def _hires(ir: IR, tensors: dict) -> dict:
+    """The second pass (compiler/hires.py): a plan of its own at the larger canvas, its jobs (the same ids) starting
+    from the init image the runtime supplies, repainting everything; its tensors join the plan's under ``hires/``."""
+    from scenec.spec.plan import HIRES_INIT
+
+    from .hires import PREFIX, stage_ir
+
+    ir2, start = stage_ir(ir)
+    own: dict[str, np.ndarray] = {}
+    doc2 = _document(ir2, own, HIRES_INIT, start, repaint=True, provenance=False)
+    _stamp_hashes(doc2, own)
+    names = {n: PREFIX + n for n in own}
+
+    def renamed(x: Any, key: str | None = None) -> Any:
+        if isinstance(x, dict):
+            return {k: renamed(v, k) for k, v in x.items()}
+        if isinstance(x, list):
+            return [renamed(v, key) for v in x]
+        if isinstance(x, str) and key not in _NOT_TENSORS:
+            return names.get(x, x)
+        return x
+
+    doc2["jobs"] = [renamed(j) for j in doc2["jobs"]]
+    tensors.update({names[n]: t for n, t in own.items()})
+    return {"upscaler": ir.scene.scene.hires.upscaler, "plan": doc2}
+
+
+_NOT_TENSORS = frozenset({"id", "name", "entity", "region", "matrix", "job_hash", "sha256", "adapter_sha256"})
+
+
+def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | None, repaint: bool,
+              provenance: bool = True) -> dict:
+    """The plan document of ``ir`` (hashes not stamped): every job's streams, regions rasterised on the family's
+    grids, init image (``repaint``: the whole image, img2img), references, visual prompts, controls; groups.
+    ``provenance``: the resolved scene and each job's source line (the hires pass's nested plan has neither)."""
     sc = ir.scene.scene
     fam = ir.info.family
     canvas = ir.canvas
     scene_file = ir.scene.file.relative_to(ir.scene.root).as_posix()
-    tensors: dict[str, np.ndarray] = {}
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))
     pidx = {p.id: i for i, p in enumerate(prompts)}
 
@@ -104,18 +164,6 @@ def lower(ir: IR) -> CompiledPlan:
 
     def prompts_of(stream_id: str) -> dict[str, int]:
         return {"prompt": pidx[ir.prompt_of(stream_id).id], "negative": pidx[ir.prompt_of(stream_id, "negative").id]}
-
-    init_name = None
-    if sc.background.image:
-        with Image.open(ir.scene.resolve(("background", "image"), sc.background.image)) as im:
-            init = to_rgb(im).resize(canvas, Image.Resampling.LANCZOS)
-        init_name = "image/init"
-        tensors[init_name] = np.asarray(init, dtype=np.uint8)
-    init_level = None
-    if init_name is not None and sc.background.strength is not None:
-        from .schedule import img2img_start
-
-        init_level = img2img_start(ir.steps, sc.background.strength)
 
     # ControlNets act on the whole image of every job: lowered once per plan (each image read and hashed once)
     controls = lower_controls(ir, tensors) if sc.control else []
@@ -141,7 +189,7 @@ def lower(ir: IR) -> CompiledPlan:
                     acc = np.zeros(grid_size(canvas, px), np.float32)
                     for r in regs:
                         acc = np.maximum(acc, 1.0 if r is None else tensors[region_masks(r)[gname]])
-                    if sc.background.strength is not None:  # img2img repaints everything
+                    if repaint:  # img2img repaints everything
                         acc = np.ones_like(acc)
                     tensors[name] = acc
                 inpaint[gname] = name
@@ -152,7 +200,7 @@ def lower(ir: IR) -> CompiledPlan:
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
         visuals = _lower_visuals(ir, streams, region_masks, tensors)
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
-                    source=Source(file=scene_file, line=job.line),
+                    source=Source(file=scene_file, line=job.line) if provenance else None,
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
                     init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
                     controls=controls, init_level=init_level,
@@ -173,7 +221,7 @@ def lower(ir: IR) -> CompiledPlan:
     resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras, ir.embeddings, ir.clip_skip,
                                      ir.prompt_syntax,
                                      (ir.info.repo, ir.info.config) if ir.info.source == "file" else None,
-                                     ir.vae[0])
+                                     ir.vae[0]) if provenance else ("", {})
     document = Document(
         format=FORMAT,
         scenec_version=__version__,
@@ -194,9 +242,7 @@ def lower(ir: IR) -> CompiledPlan:
         jobs=jobs_json,
         groups=groups,
     )
-    doc = document.model_dump(by_alias=True, mode="json")
-    _stamp_hashes(doc, tensors)
-    return CompiledPlan(doc, tensors, ir)
+    return document.model_dump(by_alias=True, mode="json", exclude={"hires"})
 
 
 def _eligen(ir: IR) -> dict:
@@ -304,6 +350,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
     # a LoRA by what it does (digest, scale, format), not where its file is
     settings["model"] = _not_where(identity(doc["model"]))
     groups = {g["id"]: g for g in doc["groups"]}
+    hires = doc.get("hires")  # the second pass's jobs carry their own hashes (compiler/hires.py)
+    second = {j["id"]: j["job_hash"] for j in hires["plan"]["jobs"]} if hires else {}
     digests: dict[str, str] = {}
 
     def digest(name: str) -> str:
@@ -345,6 +393,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])
             material["shared_prefix"] = g["shared_prefix"]
+        if job["id"] in second:
+            material["hires"] = {"upscaler": hires["upscaler"], "job": second[job["id"]]}
         job["job_hash"] = hashlib.sha256(canonical({"settings": settings, "job": material})).hexdigest()
     # where a job was written (line numbers) is metadata: moving it does not change the images
     semantic = {k: v for k, v in doc.items() if k != "plan_hash"}

@@ -55,6 +55,13 @@ def print_ir(ir: IR) -> str:
              f"true_cfg={_f(ir.true_cfg)}" + _sampler_options(sc.sampler),
              "attention image_self={} blocks={} until={} pad_prompts={}".format(
                  sc.attention.image_self, sc.attention.blocks, _f(sc.attention.until), sc.attention.pad_prompts or "-")]
+    if sc.hires is not None:  # the second pass (compiler/hires.py), only when set
+        from .hires import canvas_of, levels_of
+
+        hw, hh = canvas_of(ir.canvas, sc.hires.scale, fam.multiple)
+        total, start = levels_of(sc.hires.steps or ir.steps, sc.hires.strength)
+        lines.append(f"hires canvas={hw}x{hh} upscaler={sc.hires.upscaler} strength={_f(sc.hires.strength)} "
+                     f"steps={total - start} of {total}")
     prompts = sorted(ir.nodes(PromptNode), key=lambda p: int(p.id[1:]))
     if prompts:
         lines.append("")

@@ -19,8 +19,9 @@ from scenec.spec.errors import PlanError, RuntimeErrorBase
 from scenec.spec.fsio import atomic_write, json_bytes
 from scenec.spec.plan import Job, Plan
 
+from .hires import run_image
 from .memory import peak, reset_peak
-from .sampler import run_batch, run_group, run_job
+from .sampler import run_batch, run_group
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps total, job name)
 
@@ -130,6 +131,10 @@ def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progr
     _require_png(plan)
     raw = {j.get("id"): j for j in plan.json.get("jobs") or [] if isinstance(j, dict)}
     steps_per_job = {jid: len((raw.get(jid) or {}).get("program") or []) for jid, _ in plan.all_jobs()}
+    if plan.doc.hires is not None:  # the second pass's steps too (runtime/hires.py)
+        for j in plan.doc.hires.plan.get("jobs") or []:
+            if isinstance(j, dict) and j.get("id") in steps_per_job:
+                steps_per_job[j["id"]] += len(j.get("program") or [])
     total = sum(steps_per_job.values())
     done_by: dict[str, int] = {}  # ops done per job (a group's jobs advance together)
     results = []
@@ -155,9 +160,10 @@ def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progr
                         yield j.id, j, r
                 continue
             try:
-                yield jid, job, run_job(backend, plan, job, progress=lambda k, _id=jid: report(_id, k))
+                r = run_image(backend, plan, job, progress=lambda k, _id=jid: report(_id, k))
             except RuntimeErrorBase as e:
-                yield jid, job, e
+                r = e
+            yield jid, job, r
 
     try:
         for jid, job, r in runs():
@@ -201,7 +207,9 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
     try:
         data = png_bytes(r.image, meta)
         atomic_write(img_path, data)
-        mask_paths = _write_masks(plan, job, stem) if masks else []
+        # a `hires` image's masks on its own (larger) grids
+        src = plan.hires_stage(job.id) if masks and plan.doc.hires is not None else plan
+        mask_paths = _write_masks(src, src.job(job.id), stem) if masks else []
         side = {**meta, "image": img_path.name, "sha256": hashlib.sha256(data).hexdigest(), "timings": r.timings,
                 "device": str(backend.device), "dtype": str(backend.dtype).replace("torch.", ""),
                 "masks": [p.name for p in mask_paths],

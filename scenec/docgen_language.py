@@ -22,7 +22,7 @@ _BLOCK = re.compile(r"(<!-- generated:keys (?P<name>[a-z_-]+):[^\n]*-->\n)(?P<bo
 
 # $defs model → the section of docs/language.md that documents it
 ANCHORS = {"Canvas": ("canvas", "#canvas"), "Sampler": ("sampler", "#sampler"), "FreeU": ("freeu", "#sampler"),
-           "Background": ("background", "#background"), "Entity": ("entity", "#entities"),
+           "Background": ("background", "#background"), "Hires": ("hires", "#hires-a-second-larger-pass"), "Entity": ("entity", "#entities"),
            "EntityDef": ("entity def", "#defs-use-and-include"), "Lora": ("LoRA", "#lora"),
            "Embedding": ("embedding", "#embeddings-and-clip-skip"),
            "ModelSpec": ("model", "#model"), "Reference": ("reference", "#reference-one-way-diffusion"),
@@ -43,6 +43,7 @@ def blocks() -> dict[str, list[tuple[type, str]]]:
     return {
         "top-level": [(m.Scene, "")], "canvas": [(m.Canvas, "")], "model": [(m.ModelSpec, "")],
         "sampler": [(m.Sampler, ""), (m.FreeU, "freeu.")], "background": [(m.Background, "")],
+        "hires": [(m.Hires, "")],
         "entities": [(m.Entity, "")],
         "lora": [(m.Lora, "")], "embeddings": [(m.Embedding, "")],
         "shapes": [(s, "") for s in m.SHAPE_MODELS] + [(m.EllipseSpec, "ellipse.")],

@@ -223,8 +223,9 @@ def _dtype(d: str | None) -> str | None:
 
 def _run(plan, job, meta: dict[str, str], out: Path, device: str | None, dtype: str | None, say) -> dict:
     from scenec.runtime.families import load_backend
+    from scenec.runtime.hires import run_image
     from scenec.runtime.outputs import write_result
-    from scenec.runtime.sampler import run_group, run_job
+    from scenec.runtime.sampler import run_group
     from scenec.spec.errors import RuntimeErrorBase
 
     if say is not None:
@@ -240,7 +241,7 @@ def _run(plan, job, meta: dict[str, str], out: Path, device: str | None, dtype: 
                     if j.id == job.id:
                         r = res
             else:
-                r = run_job(backend, plan, job)
+                r = run_image(backend, plan, job)  # with its hires pass (runtime/hires.py)
         except RuntimeErrorBase as e:
             r = e
         out.mkdir(parents=True, exist_ok=True)

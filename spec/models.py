@@ -23,6 +23,7 @@ from .models_parts import (
     Control,
     Embedding,
     FreeU,
+    Hires,
     Lora,
     ModelSpec,
     Modulation,
@@ -65,8 +66,8 @@ __all__ = [
     "SCHEDULE_MODELS", "DEFAULT_SCHEDULE", "BoxShape", "PolygonShape", "EllipseSpec", "EllipseShape", "MaskShape",
     "UnionShape", "IntersectionShape", "DifferenceShape", "Shape", "StepSchedule", "RampSchedule", "ArctanSchedule",
     "ValuesSchedule", "FileSchedule", "Schedule", "Canvas", "FreeU", "Sampler", "Background", "Modulation", "Reference",
-    "Lora", "Embedding", "ModelSpec", "Visual", "VisualRefine", "EntityFields", "Entity", "EntityDef", "Variant",
-    "Group", "Defs",
+    "Hires", "Lora", "Embedding", "ModelSpec", "Visual", "VisualRefine", "EntityFields", "Entity", "EntityDef",
+    "Variant", "Group", "Defs",
     "Output", "Attention", "Scene", "Library", "SCENE_KEYS", "Node", "ShapeBase", "tagged",
 ]
 
@@ -182,6 +183,9 @@ class Scene(Node):
         examples=[["lib/animals.yaml"]])
     output: Output = Field(default_factory=Output, description="where images go and their names",
                            examples=[{"dir": "out", "name": "{scene}-{group}-{variant}-{seed}"}])
+    hires: Hires | None = Field(
+        None, description="a second, larger pass: upscale each image and repaint it by img2img (A1111's \"Hires. "
+        "fix\"); default: none", examples=[{"scale": 2, "strength": 0.5}])
     attention: Attention = Field(default_factory=Attention, description="regional attention options (scene option "
                                  "beyond the contract)", examples=[{"image_self": "restricted"}])
     prompt_syntax: Literal["plain", "a1111", "comfy"] | None = Field(

@@ -84,6 +84,24 @@ class Background(Node):
         "noise, the image ignored; 0 = unchanged); default: none (only entity regions change)", examples=[0.6])
 
 
+class Hires(Node):
+    """A second, larger pass (A1111's "Hires. fix"; ComfyUI's upscale → KSampler at a lower denoise): each image is
+    made at the canvas, upscaled and repainted at the larger size by img2img with the scene's prompts and regions."""
+
+    scale: Annotated[float, Field(gt=1.0, le=4.0)] = Field(
+        2.0, description="the second pass's size: the canvas times this, each side rounded down to the family's "
+        "canvas multiple (A1111's \"Upscale by\")", examples=[1.5])
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.5, description="how much the second pass repaints (A1111's \"Denoising strength\", ComfyUI's `denoise`): "
+        "it starts from the upscaled image noised to this level", examples=[0.4])
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="steps the second pass runs, exactly, as in A1111 and ComfyUI (on a schedule of "
+        "steps / strength levels); default: the sampler's steps", examples=[15])
+    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest"] = Field(
+        "lanczos", description="how the first pass's image is enlarged before the second pass (A1111's "
+        "\"Lanczos\", \"Nearest\"; Pillow's filters)", examples=["nearest"])
+
+
 class Modulation(Node):
     """SOW attention modulation (scene option; see docs/language.md and docs/references.md)."""
 

@@ -161,6 +161,18 @@ class Group(_T):
     shared_prefix: int = Field(0, ge=0)
 
 
+class Hires(_T):
+    """The hires pass (compiler/hires.py): how each image is enlarged, and the second pass's plan — a whole plan
+    document at the larger canvas whose jobs (the same ids) start from the init image :data:`HIRES_INIT`, which the
+    runtime supplies per job; its tensors lie in this plan's tensors under ``hires/``."""
+
+    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest"]
+    plan: dict[str, Any]
+
+
+HIRES_INIT = "hires/init"
+
+
 class Document(_T):
     """The plan-wide part of ``plan.json``; jobs are parsed one by one (:class:`Plan`)."""
 
@@ -177,6 +189,7 @@ class Document(_T):
     output: Output = Output()
     jobs: list[Any]
     groups: list[Group] = []
+    hires: Hires | None = None
 
 
 _JOB = TypeAdapter(Job)
@@ -228,6 +241,8 @@ class Plan:
                 self.invalid[jid] = e if str(e).startswith(what) else type(e)(f"{what}: {e}")
             else:
                 self.jobs.append(job)
+        if self.doc.hires is not None:
+            self._check_hires()
 
     # -- plan-wide settings ------------------------------------------------------------------------
     @property
@@ -296,6 +311,25 @@ class Plan:
                 return g
         raise PlanError(f"no group {group_id!r} in plan")
 
+    def hires_stage(self, job_id: str | None = None, init=None) -> "Plan":
+        """The hires pass's plan (``doc.hires``) of job ``job_id`` (None: every job) starting from ``init``, the
+        enlarged first image (uint8 ``[H, W, 3]`` at the second canvas; None: a black placeholder, to validate)."""
+        import numpy as np
+
+        if self.doc.hires is None:
+            raise PlanError("the plan has no hires pass")
+        d = dict(self.doc.hires.plan)
+        if job_id is not None:
+            d["jobs"] = [j for j in d.get("jobs") or [] if isinstance(j, dict) and j.get("id") == job_id]
+        if init is None:
+            c = d.get("canvas") if isinstance(d.get("canvas"), dict) else {}
+            h, w = (v if isinstance(v, int) and v > 0 else 1 for v in (c.get("height"), c.get("width")))
+            init = np.broadcast_to(np.zeros(1, np.uint8), (h, w, 3))
+        try:
+            return Plan(d, {**self.tensors, HIRES_INIT: init})
+        except (PlanError, Unsupported) as e:
+            raise type(e)(f"hires: {e}") from None
+
     def __iter__(self) -> Iterator[Job]:
         return iter(self.jobs)
 
@@ -328,6 +362,16 @@ class Plan:
             if tuple(getattr(t, "shape", ())) != (d.sampler.steps,):
                 raise PlanError(f"group {g.id!r}: θ table of shape {list(getattr(t, 'shape', []))}, "
                                 f"the plan has {d.sampler.steps} steps")
+
+    def _check_hires(self) -> None:
+        """The second pass is a valid plan with the same jobs; a job whose second pass is invalid fails with it."""
+        stage = self.hires_stage()
+        ids = {j.id for j in stage.jobs}
+        for job in list(self.jobs):
+            if job.id not in ids:
+                err = stage.invalid.get(job.id) or PlanError(f"job {job.id!r}: the hires pass has no such job")
+                self.invalid[job.id] = type(err)(f"hires: {err}")
+                self.jobs.remove(job)
 
     def _check_masks(self, masks: MaskRef | None, what: str, required=None) -> None:
         """A mask dict names a float mask of the right shape on each grid it lists, and lists every grid

@@ -95,6 +95,10 @@ def subplan(plan, jobs: list[dict]):
         if members:
             groups.append({**g, "jobs": members})
     doc["groups"] = groups
+    hires = plan.json.get("hires")
+    if hires:  # the second pass's plan, restricted to the same jobs (compiler/hires.py)
+        second = [j for j in hires["plan"]["jobs"] if j["id"] in ids]
+        doc["hires"] = {**hires, "plan": {**hires["plan"], "jobs": second}}
     names: set[str] = set()
 
     def walk(x):
@@ -110,4 +114,6 @@ def subplan(plan, jobs: list[dict]):
 
     walk(doc["jobs"])
     walk(groups)
+    if hires:
+        walk(doc["hires"]["plan"]["jobs"])
     return Plan(doc, {n: plan.tensors[n] for n in names})

@@ -1,0 +1,170 @@
+"""`hires` (A1111's "Hires. fix"): the second pass is exactly img2img of the enlarged first image at the larger
+canvas — a hires build equals, pixel for pixel, a first-pass build enlarged with the same filter and fed to an
+img2img build at the second canvas (SD and Flux); A1111's step count; the plan's nested pass; job hashes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scenec.compiler import compile_scene
+from scenec.compiler.hires import canvas_of, levels_of
+from scenec.runtime.families import load_backend
+from scenec.runtime.hires import enlarge
+from scenec.runtime.outputs import execute
+from scenec.runtime.sampler import run_job
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' own
+
+SCENE = """scenec: 1
+model: {model}
+canvas: {{width: {w}, height: {w}}}
+sampler: {{steps: {steps}, seed: 7}}
+background: {{prompt: "a misty forest"{bg}}}
+entities:
+  - id: fox
+    prompt: "a red fox"
+    shape: {{box: [0.25, 0.5, 0.75, 1.0]}}
+{extra}"""
+
+
+def write(tmp_path, name, model="tiny-sd", w=64, steps=4, bg="", extra=""):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(SCENE.format(model=model, w=w, steps=steps, bg=bg, extra=extra))
+    return p
+
+
+def test_a1111_step_count():
+    """A1111's ``setup_img2img_steps`` with the hires steps given: exactly those steps, of int(steps / strength)."""
+    assert levels_of(20, 0.7) == (28, 8)
+    assert levels_of(20, 0.5) == (40, 20)
+    assert levels_of(20, 1.0) == (20, 0)  # min(strength, 0.999): int(20.02) levels, from the top
+    assert levels_of(4, 0.3) == (13, 9)
+    assert canvas_of((512, 768), 1.5, 8) == (768, 1152)
+    assert canvas_of((64, 80), 1.3, 16) == (80, 96)  # each side rounded down to the family's multiple
+
+
+def test_the_plan_nests_the_second_pass(tmp_path):
+    plan = compile_scene(write(tmp_path, "a", extra="hires: {scale: 2, strength: 0.5, steps: 3}\n"))
+    hr = plan.doc.hires
+    assert hr.upscaler == "lanczos"
+    stage = plan.hires_stage(plan.jobs[0].id)
+    assert stage.canvas == (128, 128) and stage.steps == 6 and stage.doc.grids["latent"] == (16, 16)
+    job = stage.jobs[0]
+    assert [(op.from_, op.to) for op in job.program] == [(3, 4), (4, 5), (5, 6)]
+    assert job.init_level == 3 and job.id == plan.jobs[0].id and job.seed == 7
+    # the regions are the scene's fractions of the larger canvas: the same masks as a scene drawn at 128 × 128
+    big = compile_scene(write(tmp_path, "big", w=128, steps=6))
+    for grid in ("latent",):
+        mine = stage.mask(job.entities[0].masks, grid)
+        theirs = big.mask(big.jobs[0].entities[0].masks, grid)
+        assert mine.shape == (16, 16) and np.array_equal(mine, theirs)
+    assert all(n.startswith("hires/") for n in job.entities[0].masks.values())
+    assert "hires" not in compile_scene(write(tmp_path, "plain")).json  # a scene without it: the plan as before
+    from scenec.compiler import explain
+
+    assert "\nhires canvas=128x128 upscaler=lanczos strength=0.5 steps=3 of 6\n" in explain(tmp_path / "a.yaml")
+
+
+def test_job_hash_follows_the_second_pass(tmp_path):
+    def h(extra):
+        return compile_scene(write(tmp_path, "h", extra=extra)).jobs[0].job_hash
+
+    base = h("hires: {scale: 2, strength: 0.5}\n")
+    assert base != h("")
+    for other in ("{scale: 2, strength: 0.6}", "{scale: 1.5, strength: 0.5}",
+                  "{scale: 2, strength: 0.5, upscaler: nearest}", "{scale: 2, strength: 0.5, steps: 2}"):
+        assert h(f"hires: {other}\n") != base, other
+    assert h("hires: {scale: 2, strength: 0.5, steps: 4}\n") == base  # the default is the sampler's steps
+
+
+CONTROL = "control:\n  - {image: edges.png, scale: 1.0}\n"
+
+
+@pytest.mark.parametrize("model,w,more", [("tiny-sd", 64, ""), ("tiny", 64, ""), ("tiny-sdxl", 64, CONTROL)])
+def test_the_second_pass_is_img2img_of_the_enlarged_first_image(tmp_path, model, w, more):
+    """hires = the first pass, enlarged (nearest here), then img2img at 2× with the same seed, prompts, regions
+    and ControlNet image: a scene built with `background: {image: enlarged.png, strength: 4/8}` at 2× and 8 steps
+    gives the same pixels (SD: DDIM; Flux: flow matching; SDXL with a ControlNet)."""
+    be = load_backend(model, device="cpu", dtype="fp32")
+    edges = np.zeros((80, 80, 3), np.uint8)
+    edges[::9] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    extra = more + "hires: {scale: 2, strength: 0.5, upscaler: nearest}\n"
+    hires = compile_scene(write(tmp_path, "hr", model, w, extra=extra))
+    if more:
+        stage = hires.hires_stage(hires.jobs[0].id)
+        assert stage.tensor(stage.jobs[0].controls[0].image).shape == (2 * w, 2 * w, 3)
+    out = tmp_path / "out"
+    res = execute(hires, be, out)
+    assert res[0]["status"] == "built", res
+    got = Image.open(res[0]["image"])
+    assert got.size == (2 * w, 2 * w)
+    side = json.loads(open(res[0]["sidecar"]).read())
+    assert side["timings"]["first_total_s"] > 0 and side["timings"]["total_s"] > side["timings"]["first_total_s"]
+
+    first = compile_scene(write(tmp_path, "first", model, w, extra=more))
+    small = run_job(be, first, first.jobs[0]).image
+    Image.fromarray(enlarge(small, (2 * w, 2 * w), "nearest")).save(tmp_path / "enlarged.png")
+    again = compile_scene(write(tmp_path, "again", model, 2 * w, steps=8, bg=", image: enlarged.png, strength: 0.5",
+                                extra=more))
+    want = run_job(be, again, again.jobs[0]).image
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    # and the second pass did something: the image is not just the first one enlarged
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(Image.open(tmp_path / "enlarged.png"), np.int16)).max() > 8
+
+
+def test_a_hires_plan_validates_its_second_pass(tmp_path):
+    from scenec.spec.errors import PlanError
+    from scenec.spec.plan import Plan
+
+    plan = compile_scene(write(tmp_path, "v", extra="hires: {scale: 2}\n"))
+    doc = json.loads(json.dumps(plan.json))
+    doc["hires"]["plan"]["jobs"][0]["program"][0]["from"] = 99  # a bad second pass fails its job, not the plan
+    bad = Plan(doc, plan.tensors)
+    assert not bad.jobs and "hires: job" in str(bad.invalid[plan.jobs[0].id])
+    doc = json.loads(json.dumps(plan.json))
+    doc["hires"]["plan"]["format"] = "nope"
+    with pytest.raises(PlanError, match="hires: unknown plan format"):
+        Plan(doc, plan.tensors)
+
+
+def test_a_unit_ships_its_second_pass(tmp_path):
+    from scenec.build.units import subplan
+
+    p = write(tmp_path, "u", extra="hires: {scale: 2}\n")
+    p.write_text(p.read_text().replace("seed: 7", "seed: [1, 2]"))
+    plan = compile_scene(p)
+    one = subplan(plan, [plan.json["jobs"][1]])
+    assert [j["id"] for j in one.json["hires"]["plan"]["jobs"]] == [plan.jobs[1].id]
+    assert any(n.startswith("hires/") for n in one.tensors) and one.hires_stage(plan.jobs[1].id).jobs
+
+
+def test_build_writes_the_larger_image_and_is_incremental(tmp_path):
+    from scenec.runtime.batching import batch_key
+
+    p = write(tmp_path, "cli", extra="hires: {scale: 1.5, strength: 0.5, steps: 2}\n")
+    assert batch_key(compile_scene(p).json, compile_scene(p).json["jobs"][0]) is None  # runs alone, not as a row
+
+    def scenec(*args):
+        return subprocess.run([sys.executable, "-m", "scenec", *args], capture_output=True, text=True, cwd=tmp_path)
+
+    def build(*more):
+        return scenec("build", str(p), "-o", str(tmp_path / "o"), *more)
+
+    r = build("--masks")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o" / "cli-7.png").size == (96, 96)
+    mask = np.asarray(Image.open(tmp_path / "o" / "cli-7.mask-fox.png"))  # at the image's size, the box's fractions
+    assert mask.shape == (96, 96) and mask[48:, 24:72].min() == 255 and mask[:48].max() == 0
+    # the embedded scene rebuilds it, second pass and all
+    r = scenec("build", "--from", str(tmp_path / "o" / "cli-7.png"), "-o", str(tmp_path / "o2"))
+    assert (tmp_path / "o" / "cli-7.png").read_bytes() == (tmp_path / "o2" / "cli-7.png").read_bytes(), r.stderr
+    r = build()
+    assert "0 built, 1 cached" in r.stdout + r.stderr, r.stdout + r.stderr
+    p.write_text(p.read_text().replace("strength: 0.5", "strength: 0.6"))
+    r = build()
+    assert "1 built, 0 cached" in r.stdout + r.stderr, r.stdout + r.stderr
