@@ -104,8 +104,9 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
 
 def _model_row(r: dict) -> str | None:
     """The model as the embedded scene names it (a directory or file of the project from its root, as ``--from``
-    reads it), with what the runtime loaded (``scenec:model``: the absolute path of a directory on the machine that
-    built the image, an alias's hub id) where that differs."""
+    reads it), with what the runtime loaded where that says more (``scenec:model``: the absolute path of a directory
+    on the machine that built the image, an alias's hub id; not a checkpoint's spelling in the scene, relative to
+    the scene's own directory)."""
     import yaml
 
     loaded = r.get("model")
@@ -117,7 +118,8 @@ def _model_row(r: dict) -> str | None:
     named = named.get("id") if isinstance(named, dict) else named
     if not isinstance(named, str) or not named or named == loaded:
         return loaded
-    return f"{named} (loaded from {loaded})" if loaded else named
+    alias = "/" not in named and not Path(named).suffix
+    return f"{named} (loaded from {loaded})" if loaded and (alias or Path(loaded).is_absolute()) else named
 
 
 def project_root(start: Path | None = None) -> Path:

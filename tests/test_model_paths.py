@@ -152,3 +152,17 @@ def test_a_fresh_checkout_elsewhere_rebuilds_nothing_and_rebuilds_an_image_byte_
     text = describe(png.name, read_metadata(copy / "out" / "s-1.png"))
     assert f"model     models/m (loaded from {(root / 'models' / 'm').resolve()})" in text, text
     assert "\nmodel: models/m\n" in text
+
+
+@pytest.mark.parametrize("named, loaded, row", [
+    ("models/m", "/home/a/proj/models/m", "models/m (loaded from /home/a/proj/models/m)"),  # a project directory
+    ("/srv/models/m", "/srv/models/m", "/srv/models/m"),  # outside the project: where it is
+    ("sd15", "org/sd-1-5", "sd15 (loaded from org/sd-1-5)"),  # an alias: its hub id
+    ("tiny", "tiny", "tiny"),
+    ("ckpt/m.safetensors", "../ckpt/m.safetensors", "ckpt/m.safetensors"),  # not the scene's own spelling
+])
+def test_show_prints_the_model_as_the_embedded_scene_names_it(named, loaded, row):
+    from scenec.rebuild import describe
+
+    meta = {"scenec:model": loaded, "scenec:scene.yaml": f"scenec: 1\nmodel: {named}\n", "scenec:job": "j"}
+    assert f"\n  model     {row}\n" in describe("x.png", meta)
