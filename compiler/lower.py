@@ -38,7 +38,7 @@ from .caps import grid_size
 from .control import lower_controls
 from .files import to_rgb
 from .ir import IR, ConditionNode, GroupNode, PromptNode
-from .provenance import resolved_scene
+from .provenance import model_directory_at, resolved_scene
 
 NEUTRAL_GREY = 128
 
@@ -96,8 +96,14 @@ def lower(ir: IR) -> CompiledPlan:
     doc = _document(ir, tensors, init_name, init_level, repaint=sc.background.strength is not None)
     if sc.hires is not None:
         doc["hires"] = _hires(ir, tensors)
-    _stamp_hashes(doc, tensors)
+    _stamp_hashes(doc, tensors, _directory(ir))
     return CompiledPlan(doc, tensors, ir)
+
+
+def _directory(ir: IR) -> str | None:
+    """A local diffusers directory's path from the project root (None: another model, or outside the project)."""
+    directory = ir.info.repo if ir.info.source == "local" else None
+    return None if directory is None else model_directory_at(directory, ir.scene.root)
 
 
 def _init_image(ir: IR, tensors: dict) -> tuple[str | None, int | None]:
@@ -127,7 +133,7 @@ def _hires(ir: IR, tensors: dict) -> dict:
     ir2, start = stage_ir(ir)
     own: dict[str, np.ndarray] = {}
     doc2 = _document(ir2, own, HIRES_INIT, start, repaint=True, provenance=False)
-    _stamp_hashes(doc2, own)
+    _stamp_hashes(doc2, own, _directory(ir))
     names = {n: PREFIX + n for n in own}
 
     def renamed(x: Any, key: str | None = None) -> Any:
@@ -218,10 +224,11 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
         groups.append(Group(id=gid, jobs=[j.id for j in ir.succ(gnode.id)], theta=name, schedule=gnode.schedule,
                             shared_prefix=int(ir.shared_prefix.get(gid, 0))))
 
+    directory = ir.info.repo if ir.info.source == "local" else None  # a diffusers directory's absolute path
     resolved, files = resolved_scene(ir.scene, ir.model_spec, ir.loras, ir.embeddings, ir.clip_skip,
                                      ir.prompt_syntax,
                                      (ir.info.repo, ir.info.config) if ir.info.source == "file" else None,
-                                     ir.vae[0]) if provenance else ("", {})
+                                     ir.vae[0], directory) if provenance else ("", {})
     document = Document(
         format=FORMAT,
         scenec_version=__version__,
@@ -322,24 +329,32 @@ def place_reference(ref, geom, feather_px: float, fit: str, canvas, rasterize) -
     return np.dstack([np.asarray(rgb, np.uint8), alpha])
 
 
-def _not_where(model: dict) -> dict:
-    """A single-file checkpoint and a VAE by what they are, not where they lie (the scene's `../m.safetensors`, an
-    absolute path): a file by its sha256, a local config or VAE directory by a marker (the build's cache key digests
-    their files, scenec/build/keys.py), so the embedded scene (paths from the root) compiles to the image's job in
-    a copy of the project too. A model without either keeps its hash."""
+def _not_where(model: dict, directory: str | None = None) -> dict:
+    """A model, a single-file checkpoint and a VAE by what they are, not where they lie (the scene's
+    `../m.safetensors`, an absolute path): a file by its sha256, a local config or VAE directory by a marker (the
+    build's cache key digests their files, scenec/build/keys.py), so the embedded scene (paths from the root)
+    compiles to the image's job in a copy of the project too. A local model directory (``directory``: its path from
+    the project root, compiler/provenance.py ``model_directory_at``; None for one outside the project) by that
+    path, or by the marker alone outside the project, never by its absolute path or the scene's spelling of it: a
+    copy or a fresh checkout elsewhere keeps its hashes (its files are in the cache key). An alias or hub id keeps its
+    hash."""
     out = dict(model)
     if out.get("sha256"):
         out.pop("spec", None)
         out.pop("repo", None)
         if Path(str(out.get("config"))).is_absolute():
             out["config"] = "directory"
+    elif out.get("repo") and Path(out["repo"]).is_absolute():  # a diffusers directory (a hub id is ORG/NAME)
+        out.pop("spec", None)
+        out["repo"] = "directory" if directory is None else f"directory:{directory}"
     if out.get("vae"):
         out["vae"] = "file" if out.get("vae_sha256") else "directory"
     return out
 
 
-def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
+def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray], directory: str | None = None) -> None:
     """plan_hash over everything; job_hash over what affects one image (settings, texts, its tensors).
+    ``directory``: a local model directory's path from the project root (:func:`_not_where`).
 
     A job's hash names its tensors by content, not by name: tensor names (``region/r.fox.1/token``)
     are numbered across the whole plan, so another job's regions would otherwise move this one's hash.
@@ -348,7 +363,7 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray]) -> None:
 
     settings = {k: doc[k] for k in ("format", "scenec_version", "model", "canvas", "grids", "sampler", "attention")}
     # a LoRA by what it does (digest, scale, format), not where its file is
-    settings["model"] = _not_where(identity(doc["model"]))
+    settings["model"] = _not_where(identity(doc["model"]), directory)
     groups = {g["id"]: g for g in doc["groups"]}
     hires = doc.get("hires")  # the second pass's jobs carry their own hashes (compiler/hires.py)
     second = {j["id"]: j["job_hash"] for j in hires["plan"]["jobs"]} if hires else {}

@@ -33,15 +33,34 @@ def hub_file(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def at_root(p: str, root: Path) -> str:
+    """An absolute path inside the project root as the path from the (resolved) root, POSIX-style; anything
+    else (a path outside it, an alias, a hub id) as given."""
+    q = Path(p)
+    return q.relative_to(root).as_posix() if q.is_absolute() and q.is_relative_to(root) else p
+
+
+def model_directory_at(repo: str, root: Path) -> str | None:
+    """How a local diffusers model directory (``repo``: its resolved absolute path) is known wherever the project
+    lies: its path from the project root, or None for a directory outside the project (where it lies is not what it
+    is: the build's cache key digests its files, scenec/build/keys.py)."""
+    rel = at_root(repo, Path(root).resolve())
+    return None if Path(rel).is_absolute() else rel
+
+
 def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_skip=None,
                    prompt_syntax: str = "plain",
-                   checkpoint: tuple[str, str] | None = None, vae: str | None = None) -> tuple[str, dict[str, str]]:
+                   checkpoint: tuple[str, str] | None = None, vae: str | None = None,
+                   directory: str | None = None) -> tuple[str, dict[str, str]]:
     """(canonical YAML of the scene, {path relative to the root: sha256}) for a loaded scene ``ls``
     compiled with ``model_spec``, the whole-image ``loras`` (``spec.plan.Lora``), the text options
     (``spec.plan_text.Embedding``s, ``clip_skip``) and the prompt syntax (scenec.toml's too: self-contained).
     ``checkpoint``: a single-file model's (file, config) as resolved (absolute paths or a hub id), written
     relative to the root (the file is not hashed again: the plan carries its digest). ``vae``: the VAE replacing
-    the model's as resolved (a hub snapshot directory travels as its repo id)."""
+    the model's as resolved (a hub snapshot directory travels as its repo id). ``directory``: a local diffusers
+    model directory as resolved (its absolute path), written relative to the root as files are (the scene's
+    ``model`` is relative to the scene's own directory, scenec.toml's to the root: neither is, from the root where
+    ``--from`` compiles the embedded scene); one outside the root keeps its absolute path."""
     root = Path(ls.root).resolve()
     data = ls.scene.model_dump(mode="json", exclude_unset=True)
     data.pop("include", None)
@@ -80,13 +99,11 @@ def resolved_scene(ls, model_spec: str | None, loras=(), embeddings=(), clip_ski
 
     body = {k: (v if k == "output" else walk(v, (k,))) for k, v in data.items()}
 
-    def at_root(p: str) -> str:  # an absolute path in the project (`--model` is made absolute) from its root
-        q = Path(p)
-        return q.relative_to(root).as_posix() if q.is_absolute() and q.is_relative_to(root) else p
-
-    model: dict[str, Any] = {"id": at_root(model_spec)} if model_spec else {}
+    model: dict[str, Any] = {"id": at_root(model_spec, root)} if model_spec else {}
+    if directory is not None:
+        model = {"id": at_root(directory, root)}
     if checkpoint is not None:
-        model = {"id": at_root(checkpoint[0]), "config": at_root(checkpoint[1])}
+        model = {"id": at_root(checkpoint[0], root), "config": at_root(checkpoint[1], root)}
     whole = []
     for lo in loras:  # a hub file as its repo (the cache is no project path); one outside the root by its path
         hub = hub_file(Path(lo.path))

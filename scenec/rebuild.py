@@ -81,7 +81,7 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     row("overrides", r.get("overrides"))
     where = ", ".join(f"{k} {s[k]}" for k in ("group", "variant") if s.get(k))
     row("job", f"{r.get('job', '?')}" + (f" ({where})" if where else ""))
-    row("model", r.get("model"))
+    row("model", _model_row(r))
     row("device", " ".join(x for x in (r.get("device"), r.get("dtype")) if x))
     row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind", "cfg_rescale")
                              if s.get(k) is not None))
@@ -100,6 +100,26 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     else:
         lines.append("  (no embedded scene: built by an older scenec; it cannot be rebuilt with --from)")
     return "\n".join(lines)
+
+
+def _model_row(r: dict) -> str | None:
+    """The model as the embedded scene names it (a directory or file of the project from its root, as ``--from``
+    reads it), with what the runtime loaded where that says more (``scenec:model``: the absolute path of a directory
+    on the machine that built the image, an alias's hub id; not a checkpoint's spelling in the scene, relative to
+    the scene's own directory)."""
+    import yaml
+
+    loaded = r.get("model")
+    try:
+        scene = yaml.safe_load(str(r.get("scene.yaml") or ""))
+        named = scene.get("model") if isinstance(scene, dict) else None
+    except (yaml.YAMLError, RecursionError, ValueError):
+        named = None
+    named = named.get("id") if isinstance(named, dict) else named
+    if not isinstance(named, str) or not named or named == loaded:
+        return loaded
+    alias = "/" not in named and not Path(named).suffix
+    return f"{named} (loaded from {loaded})" if loaded and (alias or Path(loaded).is_absolute()) else named
 
 
 def project_root(start: Path | None = None) -> Path:
