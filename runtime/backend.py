@@ -174,6 +174,13 @@ class Backend(Protocol):
     def decode(self, x: torch.Tensor, plan) -> Any:
         """One row's final latent → PIL image, as the family's pipeline decodes."""
 
+    def latent_image(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """One row's latent in the family's layout → ``[1, C, h, w]`` on the plan's latent grid (the VAE's latent
+        image: what is resized in latent space, runtime/hires.py)."""
+
+    def latent_layout(self, z: torch.Tensor) -> torch.Tensor:
+        """The reverse of :meth:`latent_image`: ``[1, C, h, w]`` → the family's layout."""
+
 
 # --- shared by the families ------------------------------------------------------------------------
 

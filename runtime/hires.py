@@ -1,10 +1,18 @@
-"""The hires pass (compiler/hires.py; A1111's "Hires. fix"): a job's first image enlarged with a Pillow filter and
-repainted at the larger canvas by the plan's second pass, an img2img job of its own.
+"""The hires pass (compiler/hires.py; A1111's "Hires. fix"): a job's first image enlarged and repainted at the
+larger canvas by the plan's second pass, an img2img job of its own.
 
-As A1111 with an image upscaler (``Lanczos``, ``Nearest``) and ComfyUI's ``ImageScale`` → ``VAEEncode`` →
-``KSampler(denoise)``: the first pass is decoded, resized, encoded again by the VAE (the second job's init image,
-runtime/methods/inpaint.py) and noised to the second pass's start with noise drawn from the job's seed at the
-larger size; the second pass runs the last ``steps`` steps of its schedule.
+Two ways to enlarge, as in A1111 and ComfyUI:
+
+- an image filter (``lanczos``, ``bicubic``, ``bilinear``, ``nearest``: A1111's ``Lanczos``/``Nearest`` upscalers,
+  ComfyUI's ``ImageScale`` → ``VAEEncode``): the first pass is decoded, resized with Pillow, and encoded again by the
+  VAE as the second job's init image (runtime/methods/inpaint.py);
+- in latent space (``latent``, ``latent-bicubic``, ``latent-nearest``, ``latent-nearest-exact``: A1111's ``Latent``,
+  ``Latent (bicubic)``, ``Latent (nearest)``, ``Latent (nearest-exact)``; ComfyUI's ``LatentUpscale``): the first
+  pass's final latent, not decoded, resized with ``torch.nn.functional.interpolate`` (no antialiasing) and given to
+  the second job as its init image's latent.
+
+Either way the init is noised to the second pass's start with noise drawn from the job's seed at the larger size,
+and the second pass runs the last ``steps`` steps of its schedule.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from scenec.spec.plan import Job, Plan
 from .sampler import JobResult, run_job
 
 FILTERS = {"lanczos": "LANCZOS", "bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
+LATENT_MODES = {"latent": "bilinear", "latent-bicubic": "bicubic", "latent-nearest": "nearest",
+                "latent-nearest-exact": "nearest-exact"}  # torch's interpolate modes
 
 
 def enlarge(image, size: tuple[int, int], upscaler: str) -> np.ndarray:
@@ -25,14 +35,28 @@ def enlarge(image, size: tuple[int, int], upscaler: str) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize(size, getattr(Image.Resampling, FILTERS[upscaler])), np.uint8)
 
 
+def enlarge_latent(backend, x, plan: Plan, stage: Plan, upscaler: str):
+    """The first pass's final latent ``x`` (of ``plan``) on ``stage``'s latent grid, in the family's layout
+    (A1111: ``F.interpolate(samples, size, mode, antialias=False)``; interpolated in float32)."""
+    import torch.nn.functional as F
+
+    z = backend.latent_image(x, plan)
+    z = F.interpolate(z.float(), size=stage.grid("latent"), mode=LATENT_MODES[upscaler])
+    return backend.latent_layout(z.to(x.dtype))
+
+
 def second_pass(backend, plan: Plan, job: Job, first: JobResult, progress=None) -> JobResult:
     """Job ``job``'s hires pass from its first pass's result: the enlarged image repainted at the second canvas.
     Its timings are the second pass's, ``first_…`` the first pass's, ``total_s`` both."""
     hr = plan.doc.hires
-    canvas = hr.plan["canvas"]
-    init = enlarge(first.image, (canvas["width"], canvas["height"]), hr.upscaler)
-    stage = plan.hires_stage(job.id, init)
-    r = run_job(backend, stage, job.id, progress=progress)
+    if hr.upscaler in LATENT_MODES:
+        stage = plan.hires_stage(job.id)  # its init image is a placeholder: the latent is given
+        r = run_job(backend, stage, job.id, progress=progress,
+                    init_latent=enlarge_latent(backend, first.latents, plan, stage, hr.upscaler))
+    else:
+        canvas = hr.plan["canvas"]
+        stage = plan.hires_stage(job.id, enlarge(first.image, (canvas["width"], canvas["height"]), hr.upscaler))
+        r = run_job(backend, stage, job.id, progress=progress)
     r.timings = {**r.timings, **{f"first_{k}": v for k, v in first.timings.items()},
                  "total_s": first.timings.get("total_s", 0.0) + r.timings.get("total_s", 0.0)}
     r.diagnostics = {**first.diagnostics, **r.diagnostics}
@@ -41,10 +65,11 @@ def second_pass(backend, plan: Plan, job: Job, first: JobResult, progress=None) 
 
 def run_image(backend, plan: Plan, job: Job, progress=None) -> JobResult:
     """A job's output image: :func:`run_job`, then the second pass when the plan has one (``progress`` counts the
-    ops of both). What writes an image calls this (runtime/outputs.py, ``scenec build --from``)."""
-    first = run_job(backend, plan, job, progress=progress)
-    if plan.doc.hires is None:
+    ops of both; the first pass is not decoded when it is enlarged in latent space). What writes an image calls
+    this (runtime/outputs.py, ``scenec build --from``)."""
+    hr = plan.doc.hires
+    first = run_job(backend, plan, job, progress=progress, decode=hr is None or hr.upscaler not in LATENT_MODES)
+    if hr is None:
         return first
     n = len(job.program)
     return second_pass(backend, plan, job, first, progress=None if progress is None else (lambda k: progress(n + k)))
-

@@ -84,6 +84,7 @@ class Run:
             self.x = (self.x.to(torch.float32) * scale).to(self.x.dtype)
         self._noise: torch.Generator | None = None
         self._conds: dict = {}
+        self.init_latents: dict[int, torch.Tensor] = {}  # row → its init image's latent, given (runtime/hires.py)
         self.diagnostics: dict = {}  # methods' measurements for the job's sidecar (run_job's JobResult)
         classes = [M for M in registered() if any(M.wants(r.plan, r.job) for r in self.rows)]
         if len(self.rows) > 1:
@@ -234,14 +235,18 @@ def _job(plan: Plan, job) -> Job:
 
 @torch.no_grad()  # not inference_mode: visual.refine takes gradients mid-run (methods/visual_refine.py)
 def run_job(backend, plan: Plan, job, progress: Callable[[int], None] | None = None, decode: bool = True,
-            stop_at_fork: bool = False, resume: tuple[int, torch.Tensor] | None = None) -> JobResult:
+            stop_at_fork: bool = False, resume: tuple[int, torch.Tensor] | None = None,
+            init_latent: torch.Tensor | None = None) -> JobResult:
     """Sample one job and decode it.
 
     Coupling groups: ``stop_at_fork`` ends at the program's ``fork`` op (the shared prefix's latent, not
-    decoded); ``resume=(op index, latents)`` starts there with a copy (:func:`run_group`)."""
+    decoded); ``resume=(op index, latents)`` starts there with a copy (:func:`run_group`). ``init_latent``: the
+    latent of the job's init image, given instead of encoding it (a hires pass upscaled in latent space)."""
     t0 = time.perf_counter()
     job = _job(plan, job)
     run = Run(backend, [(plan, job)])
+    if init_latent is not None:
+        run.init_latents[0] = init_latent
     start = 0
     if resume is not None:
         start, run.x = int(resume[0]), resume[1].clone()

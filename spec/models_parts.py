@@ -97,9 +97,12 @@ class Hires(Node):
     steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
         None, description="steps the second pass runs, exactly, as in A1111 and ComfyUI (on a schedule of "
         "steps / strength levels); default: the sampler's steps", examples=[15])
-    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest"] = Field(
-        "lanczos", description="how the first pass's image is enlarged before the second pass (A1111's "
-        "\"Lanczos\", \"Nearest\"; Pillow's filters)", examples=["nearest"])
+    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest", "latent", "latent-bicubic", "latent-nearest",
+                      "latent-nearest-exact"] = Field(
+        "lanczos", description="how the first pass is enlarged: the image with a Pillow filter (`lanczos`, `bicubic`, "
+        "`bilinear`, `nearest`: A1111's \"Lanczos\", \"Nearest\"), or its latent, not decoded (`latent` = "
+        "bilinear, `latent-bicubic`, `latent-nearest`, `latent-nearest-exact`: A1111's \"Latent\" upscalers, "
+        "ComfyUI's Upscale Latent; they want a `strength` of 0.5 or more)", examples=["latent"])
 
 
 class Modulation(Node):

@@ -164,9 +164,11 @@ class Group(_T):
 class Hires(_T):
     """The hires pass (compiler/hires.py): how each image is enlarged, and the second pass's plan — a whole plan
     document at the larger canvas whose jobs (the same ids) start from the init image :data:`HIRES_INIT`, which the
-    runtime supplies per job; its tensors lie in this plan's tensors under ``hires/``."""
+    runtime supplies per job (a ``latent…`` upscaler: the init image's latent instead); its tensors lie in this
+    plan's tensors under ``hires/``."""
 
-    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest"]
+    upscaler: Literal["lanczos", "bicubic", "bilinear", "nearest", "latent", "latent-bicubic", "latent-nearest",
+                      "latent-nearest-exact"]
     plan: dict[str, Any]
 
 

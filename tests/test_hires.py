@@ -117,6 +117,35 @@ def test_the_second_pass_is_img2img_of_the_enlarged_first_image(tmp_path, model,
     assert np.abs(np.asarray(got, np.int16) - np.asarray(Image.open(tmp_path / "enlarged.png"), np.int16)).max() > 8
 
 
+@pytest.mark.parametrize("model,mode", [("tiny-sd", "bilinear"), ("tiny", "nearest-exact")])
+def test_a_latent_upscaler_starts_the_second_pass_from_the_resized_latent(tmp_path, model, mode):
+    """`latent` upscalers (A1111's "Latent", ComfyUI's Upscale Latent): the first pass's final latent, not decoded,
+    resized with F.interpolate (A1111's call) is the second pass's init latent: the hires job's final latent equals
+    an img2img job at 2× started from that latent."""
+    import torch
+    import torch.nn.functional as F
+
+    be = load_backend(model, device="cpu", dtype="fp32")
+    up = {"bilinear": "latent", "nearest-exact": "latent-nearest-exact"}[mode]
+    hires = compile_scene(write(tmp_path, "hr", model, extra=f"hires: {{scale: 2, strength: 0.5, upscaler: {up}}}\n"))
+    from scenec.runtime.hires import run_image
+
+    got = run_image(be, hires, hires.jobs[0])
+    first = compile_scene(write(tmp_path, "first", model))
+    x = run_job(be, first, first.jobs[0], decode=False).latents
+    if model == "tiny":  # Flux packs 2×2 latent patches into tokens
+        z = F.interpolate(be.pipe._unpack_latents(x, 64, 64, be.pipe.vae_scale_factor), size=(16, 16), mode=mode)
+        z = be.pipe._pack_latents(z, 1, z.shape[1], 16, 16)
+    else:
+        z = F.interpolate(x, size=(16, 16), mode=mode)
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "unused.png")
+    again = compile_scene(write(tmp_path, "again", model, 128, steps=8, bg=", image: unused.png, strength: 0.5"))
+    want = run_job(be, again, again.jobs[0], init_latent=z)
+    assert torch.equal(got.latents, want.latents)
+    lanczos = compile_scene(write(tmp_path, "lz", model, extra="hires: {scale: 2, strength: 0.5}\n"))
+    assert not torch.equal(run_image(be, lanczos, lanczos.jobs[0]).latents, got.latents)  # not the image route
+
+
 def test_a_hires_plan_validates_its_second_pass(tmp_path):
     from scenec.spec.errors import PlanError
     from scenec.spec.plan import Plan

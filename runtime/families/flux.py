@@ -298,6 +298,15 @@ class FluxBackend:
         mt = mt[None, None].expand(1, c, lh, lw).contiguous()
         return self.pipe._pack_latents(mt, 1, c, lh, lw)
 
+    def latent_image(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """Packed 2×2 patches → the VAE's latent image (FluxPipeline._unpack_latents)."""
+        width, height = plan.canvas
+        return self.pipe._unpack_latents(x, height, width, self.pipe.vae_scale_factor)
+
+    def latent_layout(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        return self.pipe._pack_latents(z, b, c, h, w)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, plan):
         """Packed latents → PIL image, as FluxPipeline does (unpack, unscale/unshift, VAE decode)."""

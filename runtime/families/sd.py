@@ -314,6 +314,12 @@ class SDBackend:
     def latent_mask(self, m: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(m, np.float32)).to(self.device)[None, None]
 
+    def latent_image(self, x: torch.Tensor, plan) -> torch.Tensor:
+        return x  # the UNet's latents are the VAE's latent image
+
+    def latent_layout(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, plan=None):
         pipe = self.pipe

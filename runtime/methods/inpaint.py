@@ -38,10 +38,12 @@ class Inpaint(Method):
         be = run.backend
         self.flow = run.solver.kind == "flow"
         zs, ms, fixed = [], [], []
-        for row in run.rows:
+        for b, row in enumerate(run.rows):
             x = row.x
             if row.job.init_image is not None:
-                z = be.encode_image(row.plan.tensor(row.job.init_image))
+                z = run.init_latents.get(b)  # given: a hires pass upscaled in latent space (runtime/hires.py)
+                if z is None:
+                    z = be.encode_image(row.plan.tensor(row.job.init_image))
                 m = be.latent_mask(row.plan.mask(row.job.inpaint_mask, "latent"))
                 # DDPM keeps the outside on the init latent noised with fixed noise, drawn from the job's
                 # generator right after its initial latents
