@@ -101,8 +101,14 @@ def check_strength(ls: LoadedScene, diags: Diagnostics) -> None:
     coupling groups (θ over every step) and references (cycles at fixed levels) do not."""
     sc = ls.scene
     if sc.background.strength is None:
+        if sc.background.repaint is not None:
+            diags.error(ls.pos(("background", "repaint")), "`background.repaint` needs `background.strength`",
+                        hint="without `strength` only the entities' regions are repainted, from noise")
         return
     pos = ls.pos(("background", "strength"))
+    if sc.background.repaint == "regions" and not sc.entities:
+        diags.warning(ls.pos(("background", "repaint")), "`repaint: regions` with no entities: nothing is repainted",
+                      hint="add entities (the regions to repaint), or use `repaint: all` (img2img)")
     if sc.background.image is None:
         diags.error(pos, "`background.strength` needs `background.image` (the image img2img starts from)")
     if sc.groups:

@@ -93,7 +93,8 @@ def lower(ir: IR) -> CompiledPlan:
     sc = ir.scene.scene
     tensors: dict[str, np.ndarray] = {}
     init_name, init_level = _init_image(ir, tensors)
-    doc = _document(ir, tensors, init_name, init_level, repaint=sc.background.strength is not None)
+    repaint = sc.background.strength is not None and sc.background.repaint != "regions"  # img2img: everything
+    doc = _document(ir, tensors, init_name, init_level, repaint=repaint)
     if sc.hires is not None:
         doc["hires"] = _hires(ir, tensors)
     _stamp_hashes(doc, tensors, _directory(ir))

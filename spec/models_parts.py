@@ -82,6 +82,10 @@ class Background(Node):
     strength: Unit | None = Field(
         None, description="img2img: repaint the whole `image`, starting from it noised to this level (1 = pure "
         "noise, the image ignored; 0 = unchanged); default: none (only entity regions change)", examples=[0.6])
+    repaint: Literal["all", "regions"] | None = Field(
+        None, description="with `strength`: what it repaints: `all` (img2img, the default) or only the entities' "
+        "regions, each starting from the image noised to `strength`, the rest kept exactly (A1111's inpainting with "
+        "a denoising strength, masked content \"original\")", examples=["regions"])
 
 
 class Hires(Node):
