@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from shapely import affinity
 
+from scenec.spec import models as m
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import LoadedScene
 from scenec.spec.models import MAX_CANVAS
@@ -49,15 +51,12 @@ def scaled(region, sx: float, sy: float):
 
 
 def check_hires(ls: LoadedScene, steps: int, multiple: int, diags: Diagnostics) -> None:
-    """What the second pass cannot do: coupling groups (θ over every step of one schedule) and references (cycles
-    at fixed levels of the first canvas) are not carried into it yet; its canvas must grow and stay in bounds."""
+    """What the second pass cannot do: references (cycles at fixed levels of the first canvas) are not carried into
+    it yet; its canvas must grow and stay in bounds."""
     sc = ls.scene
     hr = sc.hires
     if hr is None:
         return
-    if sc.groups:
-        diags.error(ls.key_pos(("hires",)), "`hires` cannot be combined with `groups` yet",
-                    hint="build the group at the size you want (`canvas`), or upscale its images afterwards")
     for i, e in enumerate(sc.entities):
         if e.reference is not None:
             diags.error(ls.key_pos(("entities", i, "reference")), "a `reference` cannot be combined with `hires` yet",
@@ -78,10 +77,21 @@ def check_hires(ls: LoadedScene, steps: int, multiple: int, diags: Diagnostics) 
                     hint="use a larger `strength` or fewer `steps`")
 
 
+def theta_of(ir: IR, group: str, steps: int) -> np.ndarray:
+    """A coupling group's θ on a schedule of ``steps`` levels: the same θ(t) over sampling progress t (a schedule
+    given as values, one per first-pass step, interpolated linearly: still non-decreasing in [0, 1])."""
+    sc = ir.scene.scene
+    g = next(g for g in sc.groups if g.id == group)
+    if isinstance(g.schedule, (m.ValuesSchedule, m.FileSchedule)):
+        first = ir.theta[group]
+        return np.interp(sch.progress(steps), sch.progress(len(first)), first)
+    return sch.theta_table(g.schedule, steps)
+
+
 def stage_ir(ir: IR) -> tuple[IR, int]:
     """The second pass's IR and the step it starts at: the canvas and every region scaled, the steps a schedule of
-    ``int(steps / strength)`` levels, each job's program its last ``steps`` denoise steps (no groups, no
-    references: :func:`check_hires`)."""
+    ``int(steps / strength)`` levels, each job's program its last ``steps`` denoise steps; a coupled job's with its
+    group's θ(t) on that schedule (:func:`theta_of`), no shared prefix (no references: :func:`check_hires`)."""
     hr = ir.scene.scene.hires
     fam = ir.info.family
     canvas = canvas_of(ir.canvas, hr.scale, fam.multiple)
@@ -92,6 +102,10 @@ def stage_ir(ir: IR) -> tuple[IR, int]:
     for r in out.nodes(RegionNode):
         out.graph.nodes[r.id]["node"] = scaled(r, sx, sy)
     until = ir.scene.scene.attention.until
-    program = sch.build_program(sch.ProgramInputs(steps=total, until=until))
-    out.programs = {job.id: tuple(op for op in program if op.from_ >= start) for job in out.jobs()}
+    out.theta = {gid: theta_of(ir, gid, total) for gid in ir.theta}
+    out.shared_prefix = {gid: 0 for gid in ir.theta}
+    programs = {None: sch.build_program(sch.ProgramInputs(steps=total, until=until))}
+    for gid, theta in out.theta.items():
+        programs[gid] = sch.build_program(sch.ProgramInputs(steps=total, until=until, theta=theta))
+    out.programs = {job.id: tuple(op for op in programs[job.group] if op.from_ >= start) for job in out.jobs()}
     return out, start

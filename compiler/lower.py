@@ -147,11 +147,13 @@ def _hires(ir: IR, tensors: dict) -> dict:
         return x
 
     doc2["jobs"] = [renamed(j) for j in doc2["jobs"]]
+    doc2["groups"] = [renamed(g) for g in doc2["groups"]]
     tensors.update({names[n]: t for n, t in own.items()})
     return {"upscaler": ir.scene.scene.hires.upscaler, "plan": doc2}
 
 
-_NOT_TENSORS = frozenset({"id", "name", "entity", "region", "matrix", "job_hash", "sha256", "adapter_sha256"})
+_NOT_TENSORS = frozenset({"id", "name", "entity", "region", "matrix", "job_hash", "sha256", "adapter_sha256", "jobs",
+                          "schedule"})
 
 
 def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | None, repaint: bool,

@@ -63,13 +63,21 @@ def second_pass(backend, plan: Plan, job: Job, first: JobResult, progress=None) 
     return r
 
 
-def run_image(backend, plan: Plan, job: Job, progress=None) -> JobResult:
-    """A job's output image: :func:`run_job`, then the second pass when the plan has one (``progress`` counts the
-    ops of both; the first pass is not decoded when it is enlarged in latent space). What writes an image calls
-    this (runtime/outputs.py, ``scenec build --from``)."""
-    hr = plan.doc.hires
-    first = run_job(backend, plan, job, progress=progress, decode=hr is None or hr.upscaler not in LATENT_MODES)
-    if hr is None:
+def decodes(plan: Plan) -> bool:
+    """Whether a job's first pass is decoded: always, but when a hires pass enlarges its latent."""
+    return plan.doc.hires is None or plan.doc.hires.upscaler not in LATENT_MODES
+
+
+def finish(backend, plan: Plan, job: Job, first, progress=None):
+    """A job's output from its first pass's result (or error): the second pass when the plan has one. ``progress``
+    counts on from the first pass's ops."""
+    if plan.doc.hires is None or isinstance(first, Exception):
         return first
     n = len(job.program)
     return second_pass(backend, plan, job, first, progress=None if progress is None else (lambda k: progress(n + k)))
+
+
+def run_image(backend, plan: Plan, job: Job, progress=None) -> JobResult:
+    """A job's output image: :func:`run_job`, then :func:`finish` (``progress`` counts the ops of both). What writes
+    an image calls this, or runs a coupling group and finishes each result (runtime/outputs.py, ``build --from``)."""
+    return finish(backend, plan, job, run_job(backend, plan, job, progress=progress, decode=decodes(plan)), progress)

@@ -19,7 +19,7 @@ from scenec.spec.errors import PlanError, RuntimeErrorBase
 from scenec.spec.fsio import atomic_write, json_bytes
 from scenec.spec.plan import Job, Plan
 
-from .hires import run_image
+from .hires import decodes, finish, run_image
 from .memory import peak, reset_peak
 from .sampler import run_batch, run_group
 
@@ -156,7 +156,12 @@ def execute(plan: Plan, backend, out_dir: str | Path, masks: bool = False, progr
                 if job.group not in started:
                     started.add(job.group)
                     members = [j for j in plan.jobs if j.group == job.group]
-                    for j, r in run_group(backend, plan, plan.group(job.group), members, progress=report):
+                    for j, r in run_group(backend, plan, plan.group(job.group), members, progress=report,
+                                          decode=decodes(plan)):
+                        try:  # each image's hires pass, after its group's first pass (runtime/hires.py)
+                            r = finish(backend, plan, j, r, progress=lambda k, _id=j.id: report(_id, k))
+                        except RuntimeErrorBase as e:
+                            r = e
                         yield j.id, j, r
                 continue
             try:

@@ -243,7 +243,7 @@ def _dtype(d: str | None) -> str | None:
 
 def _run(plan, job, meta: dict[str, str], out: Path, device: str | None, dtype: str | None, say) -> dict:
     from scenec.runtime.families import load_backend
-    from scenec.runtime.hires import run_image
+    from scenec.runtime.hires import decodes, finish, run_image
     from scenec.runtime.outputs import write_result
     from scenec.runtime.sampler import run_group
     from scenec.spec.errors import RuntimeErrorBase
@@ -257,9 +257,9 @@ def _run(plan, job, meta: dict[str, str], out: Path, device: str | None, dtype: 
         try:
             if job.group in groups:  # a coupled group's images are sampled together
                 members = [j for j in plan.jobs if j.group == job.group]
-                for j, res in run_group(backend, plan, plan.group(job.group), members):
+                for j, res in run_group(backend, plan, plan.group(job.group), members, decode=decodes(plan)):
                     if j.id == job.id:
-                        r = res
+                        r = finish(backend, plan, j, res)  # its hires pass (runtime/hires.py)
             else:
                 r = run_image(backend, plan, job)  # with its hires pass (runtime/hires.py)
         except RuntimeErrorBase as e:

@@ -146,6 +146,39 @@ def test_a_latent_upscaler_starts_the_second_pass_from_the_resized_latent(tmp_pa
     assert not torch.equal(run_image(be, lanczos, lanczos.jobs[0]).latents, got.latents)  # not the image route
 
 
+GROUP = """groups:
+  - id: g
+    schedule: {schedule}
+    variants:
+      - {{id: a, prompt: "a stag"}}
+      - {{id: b, prompt: "a squirrel"}}
+hires: {{scale: 2, strength: 0.5, upscaler: {up}}}
+"""
+
+
+@pytest.mark.parametrize("model,up", [("tiny-sd", "lanczos"), ("tiny", "latent")])
+def test_theta_zero_keeps_a_groups_hires_images_identical(tmp_path, model, up):
+    """Coupled generation's invariant through both passes: θ ≡ 0 makes a group's images identical (the second
+    pass runs the group's θ(t) on its own schedule); θ rising from 0 to 1 makes them differ."""
+    from scenec.runtime.outputs import execute
+
+    be = load_backend(model, device="cpu", dtype="fp32")
+    pixels = {}
+    for name, schedule in (("zero", "{values: [0, 0, 0, 0]}"), ("ramp", "{shape: linear, center: 0.5, width: 1.0}")):
+        plan = compile_scene(write(tmp_path, name, model, extra=GROUP.format(schedule=schedule, up=up)))
+        stage = plan.hires_stage()
+        assert stage.steps == 8 and [g.shared_prefix for g in stage.groups] == [0]
+        theta = stage.tensor(stage.groups[0].theta)
+        assert theta.shape == (8,) and (theta.max() == 0 if name == "zero" else theta[0] == 0 and theta[-1] == 1)
+        assert all(abs(op.theta - float(theta[op.from_])) < 1e-6 for op in stage.jobs[0].program)
+        res = execute(plan, be, tmp_path / name)
+        assert [r["status"] for r in res] == ["built", "built"], res
+        pixels[name] = [np.asarray(Image.open(r["image"])) for r in res]
+        assert pixels[name][0].shape == (128, 128, 3)
+    assert np.array_equal(*pixels["zero"])
+    assert not np.array_equal(*pixels["ramp"])
+
+
 def test_a_hires_plan_validates_its_second_pass(tmp_path):
     from scenec.spec.errors import PlanError
     from scenec.spec.plan import Plan

@@ -98,7 +98,9 @@ def subplan(plan, jobs: list[dict]):
     hires = plan.json.get("hires")
     if hires:  # the second pass's plan, restricted to the same jobs (compiler/hires.py)
         second = [j for j in hires["plan"]["jobs"] if j["id"] in ids]
-        doc["hires"] = {**hires, "plan": {**hires["plan"], "jobs": second}}
+        second_groups = [{**g, "jobs": [x for x in g["jobs"] if x in ids]} for g in hires["plan"].get("groups") or []
+                         if any(x in ids for x in g.get("jobs", []))]
+        doc["hires"] = {**hires, "plan": {**hires["plan"], "jobs": second, "groups": second_groups}}
     names: set[str] = set()
 
     def walk(x):
@@ -116,4 +118,5 @@ def subplan(plan, jobs: list[dict]):
     walk(groups)
     if hires:
         walk(doc["hires"]["plan"]["jobs"])
+        walk(doc["hires"]["plan"]["groups"])
     return Plan(doc, {n: plan.tensors[n] for n in names})
