@@ -1,0 +1,54 @@
+"""A1111's prompt editing at run time: the text each sampling step reads (the schedule: spec/prompt_editing.py).
+
+Under ``prompt_syntax: a1111`` a prompt with ``[from:to:when]`` or ``[a|b]`` reads another text from some step on.
+The sampler (runtime/sampler.py ``Run.call``) hands the family, instead of the plan, :class:`AtStep`: the plan
+whose ``prompt(i)`` is the text of step ``k``, every other attribute the plan's own. Step ``k`` counts from 0 at
+the job's first step (its first ``denoise`` op's level): A1111's ``CFGDenoiser.step`` counts the steps that run,
+so an img2img job starts at 0 too, against a schedule over all the sampler's steps. The family then encodes each
+variant as any prompt (emphasis and ``BREAK`` included), once per run (its text cache is keyed by text), and the
+run's conditioning cache is keyed by the variants too. A plan without editing is handed over as it is.
+"""
+
+from __future__ import annotations
+
+from scenec.spec.plan import Denoise
+from scenec.spec.prompt_editing import has_editing, text_at
+
+
+def edits(plan) -> bool:
+    """Whether any prompt of ``plan`` changes over the steps."""
+    return plan.model.prompt_syntax == "a1111" and any(has_editing(t) for t in plan.prompts)
+
+
+def first_level(job) -> int:
+    """The level of the job's first ``denoise`` op (img2img: where it starts; 0 otherwise)."""
+    return next((op.from_ for op in job.program if isinstance(op, Denoise)), 0)
+
+
+class AtStep:
+    """``plan`` as sampling step ``step`` reads it: ``prompt(i)`` is that step's text, the rest the plan's."""
+
+    def __init__(self, plan, step: int):
+        self._plan = plan
+        self.step = step
+
+    def prompt(self, i: int) -> str:
+        return text_at(self._plan.prompt(i), self._plan.steps, self.step)
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
+def at_level(plan, job, level: int):
+    """``plan`` for a model call at ``level`` of ``job``: :class:`AtStep` when its prompts change, else ``plan``."""
+    if not edits(plan):
+        return plan
+    return AtStep(plan, max(0, level - first_level(job)))
+
+
+def texts(plan, spec, negative: bool) -> tuple[str, ...]:
+    """The texts a call's streams read on ``plan`` (an :class:`AtStep` or a plan): part of the conditioning's key."""
+    if not isinstance(plan, AtStep):
+        return ()
+    streams = ([spec.global_] if spec.global_ is not None else []) + list(spec.entities) + list(spec.pooled)
+    return tuple(plan.prompt(s.text(negative)) for s in streams)
