@@ -1,12 +1,13 @@
-"""A1111's prompt editing and alternation (``prompt_syntax: a1111``; docs/language.md "Prompt editing").
+"""A1111's prompt editing and alternation (``prompt_syntax: a1111``; docs/language.md "Prompt weights and
+long prompts").
 
 AUTOMATIC1111 webui (``modules/prompt_parser.py``, ``get_learned_conditioning_prompt_schedules``) reads, before
 the emphasis:
 
 - ``[from:to:when]``: ``from`` until step ``when``, then ``to``; ``[to:when]`` adds ``to`` after ``when``;
   ``[from::when]`` removes ``from`` after it. ``when`` written with a ``.`` is a fraction of the steps
-  (``int(when·steps)``), without one a step number (A1111's default timeline since 1.6: ``0.5`` and ``10`` as
-  before, ``1.0`` is all the steps); either is capped at the steps;
+  (``int(when·steps)``), without one a step number (A1111's default timeline, its "old prompt editing
+  timelines" setting off: ``1.0`` is all the steps, not step 1); either is capped at the steps;
 - ``[a|b|c]``: a different one every step;
 - both nest, and hold emphasis, ``BREAK`` and each other (``[(red:1.2):blue:5]``); the text each step reads is
   then weighted as usual (spec/prompt_syntax.py): emphasis and ``BREAK`` act on each variant.
@@ -185,7 +186,7 @@ def parse_editing(text: str) -> Tree:
 
 
 def when_step(when: str, steps: int) -> int:
-    """The step a ``when`` stands for (A1111's ``collect_steps``, new timeline): written with a ``.``, a fraction
+    """The step a ``when`` stands for (A1111's ``collect_steps``, default timeline): written with a ``.``, a fraction
     of ``steps``; else a step; truncated to an int and capped at ``steps``."""
     v = float(when)
     return min(steps, int(v * steps if "." in when else v))
