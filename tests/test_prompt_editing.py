@@ -231,3 +231,12 @@ def test_img2img_and_the_weights_of_each_variant_are_checked(tmp_path):
     assert [m for m in out if m[0] == "error" and "1.2.3" in m[2]]
     out = messages(scene(tmp_path, "a [cat:dog:5] AND b", EDIT))
     assert [m for m in out if "`AND`" in m[2]] and not [m for m in out if "prompt editing" in m[2]]
+
+
+def test_eval_scores_the_last_steps_words():
+    from scenec.eval import prompt_text
+
+    def edit(d, t):
+        d["model"]["prompt_syntax"] = "a1111"
+    p = make_plan(prompt="a [(cat:1.2):dog:1] [x|y]", steps=4, edit=edit)
+    assert prompt_text(p, p.jobs[0].global_.prompt) == "a dog y"
