@@ -2,9 +2,10 @@
 
 Under ``prompt_syntax: a1111`` a prompt with ``[from:to:when]`` or ``[a|b]`` reads another text from some step on.
 The sampler (runtime/sampler.py ``Run.call``) hands the family, instead of the plan, :class:`AtStep`: the plan
-whose ``prompt(i)`` is the text of step ``k``, every other attribute the plan's own. Step ``k`` counts from 0 at
-the job's first step (its first ``denoise`` op's level): A1111's ``CFGDenoiser.step`` counts the steps that run,
-so an img2img job starts at 0 too, against a schedule over all the sampler's steps. The family then encodes each
+whose ``prompt(i)`` is the text of step ``k``, every other attribute the plan's own. Step ``k`` is the call's
+level less the level of the job's first ``denoise`` op: A1111's ``CFGDenoiser.step`` counts the steps that run
+from 0, so an img2img job starts at 0 too, against a schedule over all the sampler's steps; a step run again at
+its level (COW's cycles, runtime/methods/) reads that level's text. The family then encodes each
 variant as any prompt (emphasis and ``BREAK`` included), once per run (its text cache is keyed by text), and the
 run's conditioning cache is keyed by the variants too. A plan without editing is handed over as it is.
 """

@@ -74,12 +74,12 @@ def sd():
     return be
 
 
-def plan(family, prompt=PROMPT, negative=NEGATIVE, syntax="a1111", steps=STEPS, **kw):
+def plan(family, prompt=PROMPT, negative=NEGATIVE, syntax="a1111", steps=STEPS, size=64, **kw):
     def edit(d, t):
         if family == "sdxl":
             d["model"] = {**d["model"], "spec": "tiny-sdxl", "family": "sdxl"}
         d["model"]["prompt_syntax"] = syntax
-    return sd_plan(steps=steps, edit=edit, seed=5, width=128, height=128, prompt=prompt, negative=negative, **kw)
+    return sd_plan(steps=steps, edit=edit, seed=5, width=size, height=size, prompt=prompt, negative=negative, **kw)
 
 
 def latents(be, p):
@@ -109,7 +109,7 @@ def test_an_edited_job_equals_diffusers_switching_the_embeddings_at_a1111s_step(
         return out
 
     kw = {"pooled_prompt_embeds": pos[0][1], "negative_pooled_prompt_embeds": neg[0][1]} if sdxl else {}
-    theirs = ref(prompt_embeds=pos[0][0], negative_prompt_embeds=neg[0][0], height=128, width=128,
+    theirs = ref(prompt_embeds=pos[0][0], negative_prompt_embeds=neg[0][0], height=64, width=64,
                  num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(5),
                  output_type="latent", callback_on_step_end=on_step_end,
                  callback_on_step_end_tensor_inputs=["prompt_embeds"] + (["add_text_embeds"] if sdxl else []),
@@ -180,6 +180,34 @@ def test_an_entity_prompt_switches_too(sd, reads):
     ent = [{"id": "pet", "prompt": "a [cat:dog:1]", "token": None}]
     latents(sd, plan("sd", prompt="a meadow", negative="", steps=3, entities=ent))
     assert [r[1][1] for r in reads] == ["a cat", "a cat", "a dog"]
+
+
+def test_flux_equals_diffusers_switching_the_t5_embeddings_at_a1111s_step():
+    """Variants that differ in their weights only (one pooled text): FluxPipeline fed each variant's weighted T5
+    sequence, switched by callback_on_step_end (its callback may replace ``prompt_embeds``)."""
+    from diffusers import FluxPipeline
+
+    from scenec.runtime.prompt_weights import encode_t5
+    from scenec.runtime.tiny import build_tiny_flux
+
+    be, steps, prompt = tiny_backend(), 3, "a [(red:1.3):(red:0.6):1] fox"
+
+    def edit(d, t):
+        d["model"]["prompt_syntax"] = "a1111"
+    p = make_plan(prompt=prompt, steps=steps, width=64, height=64, seed=4, edit=edit)
+    ours = latents(be, p)
+    pipe = FluxPipeline(**build_tiny_flux().components())
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        seqs = [encode_t5(pipe, text_at(prompt, steps, k), "a1111", 32, 32, dtype=torch.float32, device="cpu")
+                for k in range(steps)]
+        pooled = pipe._get_clip_prompt_embeds(prompt="a red fox", device="cpu")
+    theirs = pipe(prompt_embeds=seqs[0], pooled_prompt_embeds=pooled, height=64, width=64,
+                  num_inference_steps=steps, guidance_scale=3.5, generator=torch.Generator().manual_seed(4),
+                  output_type="latent", max_sequence_length=32, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                  callback_on_step_end=lambda _p, i, t, kw: {"prompt_embeds": seqs[min(i + 1, steps - 1)]}).images
+    assert not torch.equal(seqs[0], seqs[2])
+    assert torch.equal(ours, theirs)  # bit for bit
 
 
 def test_flux_switches_t5_and_the_pooled_text():
