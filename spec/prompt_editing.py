@@ -181,8 +181,12 @@ class _Parser:
 
 @functools.lru_cache(maxsize=4096)
 def parse_editing(text: str) -> Tree:
-    """``text`` as A1111's schedule parser reads it (see the module docstring)."""
-    return _Parser(text).start()
+    """``text`` as A1111's schedule parser reads it (see the module docstring). Brackets nested past Python's
+    recursion limit (hundreds deep: no prompt anyone writes) are read without editing, whole."""
+    try:
+        return _Parser(text).start()
+    except RecursionError:
+        return Tree([text], ok=False)
 
 
 def when_step(when: str, steps: int) -> int:

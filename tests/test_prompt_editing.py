@@ -42,6 +42,7 @@ def test_the_schedule_matches_a1111s_documented_examples():
     assert g("[fe|||]male") == [[i, "female" if i % 4 == 1 else "male"] for i in range(1, 11)]
     # a `|` outside `[…]` puts the prompt outside A1111's grammar: read whole, no editing
     assert g("a | b [c:d:3]") == [[10, "a | b [c:d:3]"]]
+    assert g("[a:" * 600) == [[10, "[a:" * 600]]  # nested past the recursion limit: whole, no traceback
     assert variants("[a::2] BREAK [(b:1.2)|c]", 4) == ["a BREAK (b:1.2)", "a BREAK c", " BREAK (b:1.2)", " BREAK c"]
 
 
