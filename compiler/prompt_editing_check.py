@@ -9,6 +9,7 @@ stays ``a``) or comes before the first step; and editing A1111 turns off for the
 
 from __future__ import annotations
 
+import math
 import re
 
 from scenec.spec.diagnostics import Diagnostics
@@ -53,7 +54,13 @@ def check_editing(ls: LoadedScene, diags: Diagnostics, path: tuple, text: str, s
             continue
         snippet = text[node.start:node.end]
         w = when_step(node.when, steps)
-        if w <= 0:
+        if not math.isfinite(float(node.when)):
+            key = (path, "inf", node.at)
+            if key not in seen:
+                seen.add(key)
+                diags.error(pos_in_string(ls, path, text, node.at), f"`{snippet}`: the step `{node.when}` is not "
+                            "finite (A1111 stops on it)", hint=HINT)
+        elif w <= 0:
             warn(node.at, f"`{snippet}` switches before the first step: A1111 reads what follows the switch "
                           "throughout", HINT)
         elif w >= run - 1:

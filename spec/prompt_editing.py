@@ -30,6 +30,7 @@ Pure text (the compiler checks prompts with it; the runtime switches the encoded
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -193,6 +194,8 @@ def when_step(when: str, steps: int) -> int:
     """The step a ``when`` stands for (A1111's ``collect_steps``, default timeline): written with a ``.``, a fraction
     of ``steps``; else a step; truncated to an int and capped at ``steps``."""
     v = float(when)
+    if not math.isfinite(v):  # `1e999`: A1111's int() raises (the compiler says so); past every step or before
+        return steps if v > 0 else -1
     return min(steps, int(v * steps if "." in when else v))
 
 

@@ -256,6 +256,8 @@ def test_img2img_and_the_weights_of_each_variant_are_checked(tmp_path):
     assert "img2img runs 10 of the 20 steps" in m[2] and "the last is step 9" in m[2]
     out = messages(scene(tmp_path, "a [(cat:1.2.3):dog:5] | b", EDIT))
     assert [m for m in out if m[0] == "warning" and "without editing" in m[2]]
+    (m,) = messages(scene(tmp_path, "a [cat:dog:1e999]", EDIT))
+    assert m[0] == "error" and "`1e999` is not finite" in m[2] and m[1] == "5:23"
     out = messages(scene(tmp_path, "a [(cat:1.2.3):dog:5]", EDIT))
     assert [m for m in out if m[0] == "error" and "1.2.3" in m[2]]
     out = messages(scene(tmp_path, "a [cat:dog:5] AND b", EDIT))
