@@ -16,9 +16,12 @@ from scenec.spec.plan import Denoise
 from scenec.spec.prompt_editing import has_editing, text_at
 
 
-def edits(plan) -> bool:
-    """Whether any prompt of ``plan`` changes over the steps."""
-    return plan.model.prompt_syntax == "a1111" and any(has_editing(t) for t in plan.prompts)
+def edits(plan, job) -> bool:
+    """Whether any prompt of ``job`` (its global one, its entities'; negatives too) changes over the steps."""
+    if plan.model.prompt_syntax != "a1111":
+        return False
+    streams = [job.global_] + list(job.entities)
+    return any(has_editing(plan.prompt(i)) for s in streams for i in (s.prompt, s.negative))
 
 
 def first_level(job) -> int:
@@ -42,7 +45,7 @@ class AtStep:
 
 def at_level(plan, job, level: int):
     """``plan`` for a model call at ``level`` of ``job``: :class:`AtStep` when its prompts change, else ``plan``."""
-    if not edits(plan):
+    if not edits(plan, job):
         return plan
     return AtStep(plan, max(0, level - first_level(job)))
 
