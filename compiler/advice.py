@@ -71,6 +71,7 @@ def token_floor(text: str) -> int:
 def check_prompt_lengths(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -> None:
     """A prompt longer than its text encoder reads is cut: say so, with the count and where. Under A1111's or
     ComfyUI's syntax CLIP reads a long prompt in chunks (nothing is cut), and T5 counts the text without it."""
+    from scenec.spec.prompt_editing import variants
     from scenec.spec.prompt_syntax import parse
 
     from .resolve import prompt_syntax
@@ -83,7 +84,10 @@ def check_prompt_lengths(ls: LoadedScene, info: ModelInfo, diags: Diagnostics) -
     else:
         limit, special, encoder = CLIP_TOKENS, 2, f"CLIP ({CLIP_TOKENS} tokens)"
     room = limit - special
+    steps = ls.scene.sampler.steps or info.steps
     for path, text in prompt_texts(ls, "prompt"):
+        if syntax == "a1111":  # A1111's prompt editing: the longest text a step reads
+            text = max(variants(text, steps), key=len)
         text = parse(text, syntax).text
         pieces = list(_PIECE.finditer(text))
         if len(pieces) <= room:

@@ -74,7 +74,7 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
 
     check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (compiler/text_options.py)
     check_vae(ls, info, diags, model_override)  # model.vae (compiler/vae.py)
-    check_prompt_syntax(ls, diags, info.family.name)  # A1111/ComfyUI weights (compiler/prompt_check.py)
+    check_prompt_syntax(ls, diags, info.family.name, steps)  # A1111/ComfyUI weights (compiler/prompt_check.py)
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 

@@ -31,6 +31,7 @@ from scenec.spec.plan import Denoise, Fork, Job, Plan
 from .backend import Call, Stream, TextSpec, host_to_device, pad_masks
 from .finite import require_finite
 from .methods import Method, registered
+from .prompt_editing import at_level, texts
 
 NOISE_SALT = 0x5EED_C0C0  # the job's noise stream (η steps, re-noising) is independent of its initial noise
 
@@ -151,9 +152,12 @@ class Run:
         methods = [] if plain else self.methods
         for m in methods:
             m.shape(c)
-        key = tuple(zip(c.rows, c.specs, c.negatives))
+        # A1111's prompt editing: each row's plan as this step reads it, keyed by the texts it reads
+        plans = [at_level(self.rows[r].plan, self.rows[r].job, level) for r in c.rows]
+        read = [texts(p, s, n) for p, s, n in zip(plans, c.specs, c.negatives)]
+        key = tuple(zip(c.rows, c.specs, c.negatives, read))
         if key not in self._conds:
-            self._conds[key] = self.backend.cond([(self.rows[r].plan, s, n) for r, s, n in key])
+            self._conds[key] = self.backend.cond(list(zip(plans, c.specs, c.negatives)))
         c.cond = self._conds[key]
         for m in methods:
             c.mods.extend(m.modifiers(c))

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from scenec.spec.prompt_editing import text_at
 from scenec.spec.prompt_syntax import parse
 
 from .clip import ClipScorer, load_clip
@@ -44,8 +45,12 @@ def load_segmenter(spec: str | None) -> Segmenter | None:
 # --- one group ---------------------------------------------------------------------------------------
 
 def prompt_text(plan, index: int) -> str:
-    """A plan prompt as CLIP scores it: the words, without A1111's or ComfyUI's weight syntax."""
-    return parse(plan.prompt(index), plan.model.prompt_syntax).text
+    """A plan prompt as CLIP scores it: the words, without A1111's or ComfyUI's weight syntax (A1111's prompt editing:
+    the text of the last step, spec/prompt_editing.py)."""
+    text = plan.prompt(index)
+    if plan.model.prompt_syntax == "a1111":
+        text = text_at(text, plan.steps, plan.steps)
+    return parse(text, plan.model.prompt_syntax).text
 
 
 def job_text(plan, job: dict, mode: str = "full") -> str:

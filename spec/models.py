@@ -190,9 +190,9 @@ class Scene(Node):
                                  "beyond the contract)", examples=[{"image_self": "restricted"}])
     prompt_syntax: Literal["plain", "a1111", "comfy"] | None = Field(
         None, description="how prompts are read: `plain` as diffusers reads them (the text as written; CLIP cuts it at "
-        "77 tokens), `a1111` or `comfy` with A1111's or ComfyUI's weights (`(word:1.3)`, `(word)`; A1111 also `[word]` "
-        "and `BREAK`) and CLIP prompts longer than 75 tokens read in chunks. Default: scenec.toml's `prompt_syntax`, "
-        "else plain", examples=["a1111"])
+        "77 tokens), `a1111` or `comfy` with A1111's or ComfyUI's weights (`(word:1.3)`, `(word)`; A1111 also "
+        "`[word]`, `BREAK`, prompt editing `[from:to:when]` and alternation `[a|b]`) and CLIP prompts longer than 75 "
+        "tokens read in chunks. Default: scenec.toml's `prompt_syntax`, else plain", examples=["a1111"])
     matrix: dict[MatrixKey, Annotated[list[MatrixValue], Field(min_length=1, max_length=1000)]] = Field(
         default_factory=dict,
         description="one image per combination of these values: {KEY} in prompts and output.name is replaced; "

@@ -328,9 +328,11 @@ class Plan:
             h, w = (v if isinstance(v, int) and v > 0 else 1 for v in (c.get("height"), c.get("width")))
             init = np.broadcast_to(np.zeros(1, np.uint8), (h, w, 3))
         try:
-            return Plan(d, {**self.tensors, HIRES_INIT: init})
+            stage = Plan(d, {**self.tensors, HIRES_INIT: init})
         except (PlanError, Unsupported) as e:
             raise type(e)(f"hires: {e}") from None
+        stage.first_pass_steps = self.steps  # prompt editing goes on from the first pass (runtime/prompt_editing.py)
+        return stage
 
     def __iter__(self) -> Iterator[Job]:
         return iter(self.jobs)

@@ -7,7 +7,8 @@ kept here so that a prompt pasted from either UI means what it meant there:
 - **a1111** (AUTOMATIC1111 webui, ``modules/prompt_parser.py``): ``[word]`` divides by 1.1; nested brackets
   multiply, an explicit ``:W`` included (``((a:1.3))`` is 1.3 × 1.1); a bracket left open weights the rest of
   the prompt, a stray closing one is text; ``BREAK`` (upper case, a word of its own) ends the current
-  75-token chunk; ``\\[``, ``\\]`` and ``\\\\`` are literal too.
+  75-token chunk; ``\\[``, ``\\]`` and ``\\\\`` are literal too. Prompt editing and alternation (``[from:to:when]``,
+  ``[a|b]``) are read before, into one text per step (spec/prompt_editing.py); this parse reads each of them.
 - **comfy** (ComfyUI, ``comfy/sd1_clip.py``): round brackets only (``[`` is text); an explicit ``:W`` *replaces*
   the weight of its bracket (``((a:1.3))`` is 1.3), a ``:W`` that is not a number stays text; a bracket left
   open is literal text; no ``BREAK``.
@@ -77,8 +78,6 @@ _A1111_LEX = re.compile(r"""
   | (?P<text>[^\\()\[\]:]+ | :)
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-# [from:to:when], [a|b]: A1111's prompt editing; a `:` inside round brackets (`[(red:1.2)]`) is a weight, not editing
-_EDITING = re.compile(r"\[(?:[^\[\]()]|\([^()]*\))*?(?::|\|)[^\[\]]*\]")
 _EXTRA = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")  # A1111's extra networks, not text
 _AND = re.compile(r"\bAND\b")  # A1111's composable diffusion: one prompt per part, their predictions summed
 _COMFY_EMBEDDING = re.compile(r"\bembedding:[^\s,()]+")  # ComfyUI loads `embedding:NAME` from models/embeddings
@@ -127,9 +126,6 @@ def _a1111(text: str) -> Parsed:
     if any(brk and w != -1.0 for _, w, brk in out):
         problems.append("`BREAK` inside brackets: A1111 reads it as the word `BREAK` with a negative weight (its "
                         "BREAK test wants the weight -1); scenec ends the chunk there")
-    if _EDITING.search(text):
-        problems.append(f"`{_EDITING.search(text)[0]}` is A1111's prompt editing, which scenec does not run: read "
-                        "as text in square brackets (÷1.1); use a group schedule or entities instead")
     if _AND.search(text):
         problems.append("`AND` is A1111's composable diffusion (a prompt per part, their predictions summed), which "
                         "scenec does not run: read as the word; give each part an entity instead")

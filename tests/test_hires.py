@@ -230,3 +230,24 @@ def test_build_writes_the_larger_image_and_is_incremental(tmp_path):
     p.write_text(p.read_text().replace("strength: 0.5", "strength: 0.6"))
     r = build()
     assert "1 built, 0 cached" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_prompt_editing_goes_on_from_the_first_pass(tmp_path):
+    """A1111's hires timeline (``get_learned_conditioning_prompt_schedules`` with ``hires_steps``): in the second
+    pass a fraction f switches at (f − 1)·its steps, a step n at n − the first pass's steps; before its first step
+    the switch has happened already."""
+    from scenec.runtime.prompt_editing import at_level
+    from scenec.spec.prompt_editing import text_at
+
+    t = "a [cat:dog:0.5] [x:y:1.5] [p:q:25]"
+    assert [text_at(t, 20, k) for k in (0, 10, 11)] == ["a cat x p", "a cat x p", "a dog x p"]
+    assert [text_at(t, 10, k, base=20) for k in (0, 5, 6)] == ["a dog x p", "a dog x p", "a dog y q"]
+    p = write(tmp_path, "edit", extra="prompt_syntax: a1111\nhires: {scale: 2, strength: 0.5}\n")
+    p.write_text(p.read_text().replace('"a misty forest"', '"a [cat:dog:1.5] forest"'))
+    plan = compile_scene(p)
+    stage = plan.hires_stage(plan.jobs[0].id)
+    job = stage.jobs[0]
+    read = [at_level(stage, job, op.from_).prompt(job.global_.prompt) for op in job.program]
+    assert read == ["a cat forest"] * 3 + ["a dog forest"]  # (1.5 − 1)·4 = step 2 of the 4 it runs
+    first = [at_level(plan, plan.jobs[0], op.from_).prompt(plan.jobs[0].global_.prompt) for op in plan.jobs[0].program]
+    assert first == ["a cat forest"] * 4  # 1.5 of the first pass: past its end

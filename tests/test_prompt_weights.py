@@ -371,8 +371,8 @@ def test_weights_that_are_not_finite_are_errors_and_break_in_brackets_warns():
     assert parse("(a:" + "9" * 400 + ")", "a1111").errors
     assert any("BREAK" in m for m in parse("(a BREAK b)", "a1111").problems)
     assert not parse("a BREAK b", "a1111").problems and not parse("(a BREAK b:1)", "a1111").problems
-    # `[(red:1.2)]` is emphasis in A1111's grammar, not prompt editing
-    assert not parse("[(red:1.2)]", "a1111").problems and parse("[cat:dog:0.5]", "a1111").problems
+    # prompt editing is read before this parse, into the texts it parses (spec/prompt_editing.py)
+    assert not parse("[(red:1.2)]", "a1111").problems and not parse("[cat:dog:0.5]", "a1111").problems
 
 
 def test_a1111s_composable_and_warns():
