@@ -62,14 +62,24 @@ def check_hires(ls: LoadedScene, steps: int, multiple: int, diags: Diagnostics) 
             diags.error(ls.key_pos(("entities", i, "reference")), "a `reference` cannot be combined with `hires` yet",
                         hint="the second pass would repaint the reference's region")
             break
-    w, h = canvas_of((sc.canvas.width, sc.canvas.height), hr.scale, multiple)
+    bg = sc.background
+    if hr.upscaler.startswith("latent") and bg.image and (bg.strength is None or bg.repaint == "regions"):
+        diags.error(ls.pos(("hires", "upscaler")) if "upscaler" in hr.model_fields_set else ls.key_pos(("hires",)),
+                    f"`upscaler: {hr.upscaler}` with inpainting: the second pass keeps the outside of the regions as "
+                    "enlarged, and an enlarged latent is blurred", hint="use `lanczos`")
+    cw, ch = sc.canvas.width, sc.canvas.height
+    w, h = canvas_of((cw, ch), hr.scale, multiple)
     scale_pos = ls.pos(("hires", "scale")) if "scale" in hr.model_fields_set else ls.key_pos(("hires",))
     if max(w, h) > MAX_CANVAS:
         diags.error(scale_pos, f"the second pass would be {w}×{h}, larger than {MAX_CANVAS} pixels a side",
                     hint="use a smaller `scale`")
-    elif (w, h) == (sc.canvas.width, sc.canvas.height) or min(w, h) < min(sc.canvas.width, sc.canvas.height):
+    elif (w, h) == (cw, ch):
         diags.error(scale_pos, f"`scale: {hr.scale:g}` leaves the canvas at {w}×{h} (each side is rounded down to "
                     f"a multiple of {multiple})", hint="use a larger `scale`")
+    elif abs((w / cw) / (h / ch) - 1.0) > 0.02:
+        diags.warning(scale_pos, f"the second pass is {w}×{h}: its sides grow {w / cw:.3g}× and {h / ch:.3g}× (each "
+                      f"rounded down to a multiple of {multiple}), so the image is stretched",
+                      hint=f"pick a `scale` that keeps both sides multiples of {multiple}")
     total, _ = levels_of(hr.steps or steps, hr.strength)
     if total > 1000:
         at = ls.pos(("hires", "strength")) if "strength" in hr.model_fields_set else ls.key_pos(("hires",))

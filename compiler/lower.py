@@ -126,14 +126,17 @@ def _init_image(ir: IR, tensors: dict) -> tuple[str | None, int | None]:
 
 def _hires(ir: IR, tensors: dict) -> dict:
     """The second pass (compiler/hires.py): a plan of its own at the larger canvas, its jobs (the same ids) starting
-    from the init image the runtime supplies, repainting everything; its tensors join the plan's under ``hires/``."""
+    from the init image the runtime supplies, repainting everything (an inpainting scene: its regions only); its
+    tensors join the plan's under ``hires/``."""
     from scenec.spec.plan import HIRES_INIT
 
     from .hires import PREFIX, stage_ir
 
     ir2, start = stage_ir(ir)
     own: dict[str, np.ndarray] = {}
-    doc2 = _document(ir2, own, HIRES_INIT, start, repaint=True, provenance=False)
+    bg = ir.scene.scene.background  # inpainting keeps the outside of the regions in both passes
+    repaint = not bg.image or (bg.strength is not None and bg.repaint != "regions")
+    doc2 = _document(ir2, own, HIRES_INIT, start, repaint=repaint, provenance=False)
     _stamp_hashes(doc2, own, _directory(ir))
     names = {n: PREFIX + n for n in own}
 

@@ -91,6 +91,11 @@ def metadata(plan: Plan, job: Job, backend) -> dict[str, str]:
         sampler["cfg_rescale"] = doc.sampler.cfg_rescale
     if doc.sampler.freeu is not None:
         sampler["freeu"] = doc.sampler.freeu.model_dump()
+    if doc.hires is not None:  # the second pass (runtime/hires.py), as A1111's infotext names its hires settings
+        second = next((j for j in doc.hires.plan.get("jobs") or [] if j.get("id") == job.id), {})
+        c, steps = doc.hires.plan["canvas"], doc.hires.plan["sampler"]["steps"]
+        extra["scenec:hires"] = json.dumps({"size": [c["width"], c["height"]], "upscaler": doc.hires.upscaler,
+                                            "steps": len(second.get("program") or []), "of": steps})
     # what rebuilds the image (`scenec show`, `scenec build --from`): the resolved scene and its files
     rebuild = {"scenec:scene.yaml": doc.scene.resolved,
                "scenec:files": json.dumps(doc.scene.files, sort_keys=True)} if doc.scene.resolved else {}

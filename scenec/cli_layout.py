@@ -86,8 +86,12 @@ def _image_job(image: Path, lay) -> str:
             known = ", ".join(sorted(lay.regions)[:8])
             _usage(f"--on {image}: image `{job}` is not an image of scene `{lay.name}` (its images: {known})")
         job = same[0]
-    if size != lay.canvas:
-        _usage(f"--on {image}: the image is {size[0]}x{size[1]}, the scene's canvas {lay.canvas[0]}x{lay.canvas[1]}")
+    want = lay.image_size or lay.canvas  # a `hires` scene's images are larger than its canvas
+    if size != want:
+        said = f"the scene's canvas {lay.canvas[0]}x{lay.canvas[1]}"
+        if want != lay.canvas:
+            said = f"the scene's images {want[0]}x{want[1]} ({said} with `hires`)"
+        _usage(f"--on {image}: the image is {size[0]}x{size[1]}, {said}")
     return job
 
 
@@ -124,7 +128,7 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
 
             job = _image_job(on, lay)
             with Image.open(on) as im:
-                render_overlay(im, lay.regions[job], out, title=job)
+                render_overlay(im, lay.regions_at(job, im.size), out, title=job)
     except OSError as e:
         path_error(e)
     print(f"preview written to {out}", file=sys.stderr)

@@ -20,6 +20,18 @@ class Layout:
     canvas: tuple[int, int]
     name: str  # the scene's name
     regions: dict[str, list] = field(default_factory=dict)  # job id → [(entity, Region)], scene order
+    image_size: tuple[int, int] | None = None  # the built images' size: the canvas, or a hires pass's
+
+    def regions_at(self, job: str, size: tuple[int, int]) -> list:
+        """The regions of ``job`` on an image of ``size`` (a hires image: the same fractions of its larger canvas,
+        compiler/hires.py ``scaled``)."""
+        regs = self.regions.get(job, [])
+        if tuple(size) == tuple(self.canvas):
+            return regs
+        from scenec.compiler.hires import scaled
+
+        sx, sy = size[0] / self.canvas[0], size[1] / self.canvas[1]
+        return [(eid, scaled(r, sx, sy)) for eid, r in regs]
 
 
 def plain_region(r):
@@ -37,7 +49,12 @@ def scene_layout(file: Path, model: str | None = None, overrides=(), ls=None) ->
     ls = ls if ls is not None else load_scene(file, overrides=overrides)
     ir = run_passes(ls, model=model, until="geometry")
     canvas = (ls.scene.canvas.width, ls.scene.canvas.height)
-    out = Layout(ir, canvas, ls.name)
+    size = canvas
+    if ls.scene.hires is not None:
+        from scenec.compiler.hires import canvas_of
+
+        size = canvas_of(canvas, ls.scene.hires.scale, ir.info.family.multiple)
+    out = Layout(ir, canvas, ls.name, image_size=size)
     for job in ir.jobs():
         regs = []
         for s in ir.streams(job.id):

@@ -21,7 +21,7 @@ from pathlib import Path
 from scenec.spec.diagnostics import SceneError, printable
 
 PREFIX = "scenec:"
-JSON_KEYS = ("files", "sampler", "loras")
+JSON_KEYS = ("files", "sampler", "loras", "hires")
 NEEDED = ("scene.yaml", "job", "job_hash")
 
 
@@ -86,6 +86,10 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind", "cfg_rescale")
                              if s.get(k) is not None))
     row("freeu", ", ".join(f"{k} {v}" for k, v in (s.get("freeu") or {}).items()))
+    hr = r.get("hires") if isinstance(r.get("hires"), dict) else None
+    if hr:  # the second pass (runtime/hires.py)
+        size = "×".join(str(v) for v in hr.get("size") or [])
+        row("hires", f"{size}, {hr.get('upscaler')}, {hr.get('steps')} of {hr.get('of')} steps")
     for lo in r.get("loras") or []:
         if isinstance(lo, dict):
             digest = str(lo.get("sha256"))[:12]

@@ -111,19 +111,35 @@ class SceneError(Exception):
 
 
 def _spelling(word: str) -> str:
-    """A choice as A1111's and ComfyUI's menus spell it, reduced: no case, spaces, `_` or `-` (`DPM++ 2M SDE
-    Karras` and ComfyUI's `dpmpp_2m_sde`: `dpm++2msde…`; ComfyUI's `euler_ancestral`: `eulera`)."""
-    w = re.sub(r"[\s_-]+", "", word.lower()).replace("dpmpp", "dpm++")
+    """A choice as A1111's and ComfyUI's menus spell it, reduced: no case, spaces, brackets, `_` or `-` (`DPM++ 2M
+    SDE Karras` and ComfyUI's `dpmpp_2m_sde`: `dpm++2msde…`; ComfyUI's `euler_ancestral`: `eulera`; A1111's
+    `Latent (nearest-exact)`: `latentnearestexact`)."""
+    w = re.sub(r"[\s_()-]+", "", word.lower()).replace("dpmpp", "dpm++")
     return w[:-len("ancestral")] + "a" if w.endswith("ancestral") else w
+
+
+# A1111's, ComfyUI's and diffusers' names for a key or value, reduced by _spelling → scenec's
+OTHER_NAMES = {"upscaleby": "scale", "hrscale": "scale", "denoise": "strength", "denoisingstrength": "strength",
+               "hiresteps": "steps", "hrsecondpasssteps": "steps", "hrupscaler": "upscaler", "cfg": "guidance",
+               "cfgscale": "guidance", "guidancescale": "guidance", "samplername": "solver", "sampler": "solver",
+               "negativeprompt": "negative", "guidancerescale": "cfg_rescale"}
+NOT_YET = ((re.compile(r"esrgan|^\d+x|ultrasharp|remacri|swinir|\bscunet"),
+            "upscaling models (ESRGAN and the like) are not offered yet: `lanczos` enlarges the image, `latent` its "
+            "latent"),)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest valid choice, or None: first the one spelt the same but for case, spaces and
-    separators (:func:`_spelling`), then the closest by difflib."""
+    separators (:func:`_spelling`) or named so by A1111, ComfyUI or diffusers (:data:`OTHER_NAMES`), then the
+    closest by difflib; a choice scenec does not offer yet says so (:data:`NOT_YET`)."""
     choices = list(choices)
-    same = [c for c in choices if _spelling(c) == _spelling(str(word))]
+    spelt = _spelling(str(word))
+    same = [c for c in choices if _spelling(c) == spelt or OTHER_NAMES.get(spelt) == c]
     if same:
         return f"did you mean `{same[0]}`?"
+    for pattern, hint in NOT_YET:
+        if pattern.search(str(word).lower()) and "lanczos" in choices:
+            return hint
     # above 0.6: at exactly 0.6 `colour` was "did you mean `lora`?" (3 letters of 10 in common, in order)
     match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.61)
     return f"did you mean `{match[0]}`?" if match else None

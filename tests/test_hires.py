@@ -222,6 +222,10 @@ def test_build_writes_the_larger_image_and_is_incremental(tmp_path):
     assert Image.open(tmp_path / "o" / "cli-7.png").size == (96, 96)
     mask = np.asarray(Image.open(tmp_path / "o" / "cli-7.mask-fox.png"))  # at the image's size, the box's fractions
     assert mask.shape == (96, 96) and mask[48:, 24:72].min() == 255 and mask[:48].max() == 0
+    r = scenec("preview", str(p), "-o", str(tmp_path / "pv.png"), "--on", str(tmp_path / "o" / "cli-7.png"))
+    assert r.returncode == 0 and Image.open(tmp_path / "pv.png").size == (96, 96), r.stderr  # regions at its size
+    r = scenec("show", str(tmp_path / "o" / "cli-7.png"))
+    assert "\n  hires     96×96, lanczos, 2 of 4 steps\n" in r.stdout, r.stdout
     # the embedded scene rebuilds it, second pass and all
     r = scenec("build", "--from", str(tmp_path / "o" / "cli-7.png"), "-o", str(tmp_path / "o2"))
     assert (tmp_path / "o" / "cli-7.png").read_bytes() == (tmp_path / "o2" / "cli-7.png").read_bytes(), r.stderr
@@ -251,3 +255,49 @@ def test_prompt_editing_goes_on_from_the_first_pass(tmp_path):
     assert read == ["a cat forest"] * 3 + ["a dog forest"]  # (1.5 − 1)·4 = step 2 of the 4 it runs
     first = [at_level(plan, plan.jobs[0], op.from_).prompt(plan.jobs[0].global_.prompt) for op in plan.jobs[0].program]
     assert first == ["a cat forest"] * 4  # 1.5 of the first pass: past its end
+
+
+def test_inpainting_keeps_the_outside_through_the_second_pass(tmp_path):
+    """`background.image` without strength (inpainting): the second pass repaints the (scaled) regions only and keeps
+    the rest of the enlarged first image exactly (its latent)."""
+    import torch
+
+    from scenec.runtime.hires import run_image
+
+    be = load_backend("tiny-sd", device="cpu", dtype="fp32")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "bg.png")
+    plan = compile_scene(write(tmp_path, "inp", bg=", image: bg.png", extra="hires: {scale: 2, strength: 0.5}\n"))
+    stage = plan.hires_stage(plan.jobs[0].id)
+    job = stage.jobs[0]
+    m = stage.mask(job.inpaint_mask, "latent")
+    assert m.shape == (16, 16) and m.min() == 0 and m.max() == 1  # the fox's box, not everything
+    x = run_image(be, plan, plan.jobs[0]).latents
+    first = run_job(be, plan, plan.jobs[0]).image
+    z0 = be.encode_image(enlarge(first, (128, 128), "lanczos"))
+    out = be.latent_mask(m).expand_as(x) == 0
+    assert torch.equal(x[out], z0[out]) and (x[~out] - z0[~out]).abs().max() > 1e-2
+
+
+def test_what_validate_says(tmp_path):
+    from scenec.compiler.check import validate_file
+
+    def said(text, name):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(text)
+        _, d = validate_file(p)
+        return [(x.severity, x.pos.line, x.pos.col, x.message, x.hint) for x in d.sorted()]
+
+    base = "scenec: 1\nmodel: {m}\ncanvas: {{width: {w}, height: 256}}\n"
+    got = said(base.format(m="tiny", w=64) + "hires: {scale: 1.2}\n", "stretch")
+    assert [g[0] for g in got] == ["warning"] and "64×304" in got[0][3] and "stretched" in got[0][3]
+    got = said(base.format(m="tiny-sd", w=64) + "background: {image: bg.png}\nentities: [{id: a, prompt: a}]\n"
+               "hires: {upscaler: latent}\n", "latent-inpaint")
+    assert any("with inpainting" in g[3] and g[1] == 6 for g in got), got
+    got = said(base.format(m="tiny-sd", w=64) + "sampler: {cfg_scale: 7}\n"
+               "hires: {upscale_by: 2, denoise: 0.4, upscaler: R-ESRGAN 4x+}\n", "names")
+    hints = {g[3].split("`")[1]: g[4] for g in got}
+    assert hints["cfg_scale"] == "did you mean `guidance`?" and hints["upscale_by"] == "did you mean `scale`?"
+    assert hints["denoise"] == "did you mean `strength`?"
+    assert "not offered yet" in hints["hires.upscaler"], hints
+    got = said(base.format(m="tiny-sd", w=64) + "hires: {upscaler: Latent (nearest-exact)}\n", "a1111")
+    assert got[0][4] == "did you mean `latent-nearest-exact`?"

@@ -312,7 +312,8 @@ class SDBackend:
         return (z * pipe.vae.config.scaling_factor).to(self.dtype)
 
     def latent_mask(self, m: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(m, np.float32)).to(self.device)[None, None]
+        # a copy: a plan's arrays may be read-only (Ray's shared memory), which torch.from_numpy warns about
+        return torch.from_numpy(np.array(m, np.float32)).to(self.device)[None, None]
 
     def latent_image(self, x: torch.Tensor, plan) -> torch.Tensor:
         return x  # the UNet's latents are the VAE's latent image

@@ -11,14 +11,6 @@ from .manifest import Manifest, locked_all
 from .planning import BatchPlan, Item
 
 
-def image_size(path) -> tuple[int, int]:
-    """A built image's (width, height), from its header."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
-
-
 def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> dict[str, list[str]]:
     """Write the masks of every item whose manifest entry is current (built now or cached); record them
     in the manifests. Returns the mask files written, by image (absolute paths). A scene whose layout cannot be computed
@@ -50,17 +42,9 @@ def write_build_masks(items: list[Item], bp: BatchPlan, options, say) -> dict[st
                 lay = layouts[it.scene_file]
                 if lay is None:
                     continue
-                regions, size = lay.regions.get(it.job["id"], []), lay.canvas
+                size = lay.image_size or lay.canvas  # a `hires` image is larger than the canvas
                 try:
-                    size = image_size(d / e["image"])
-                except OSError:
-                    pass
-                if size != lay.canvas:  # a `hires` image: the regions on its larger canvas (compiler/hires.py)
-                    from scenec.compiler.hires import scaled
-
-                    regions = [(eid, scaled(r, size[0] / lay.canvas[0], size[1] / lay.canvas[1])) for eid, r in regions]
-                try:
-                    paths = write_canvas_masks(regions, size, d / e["image"])
+                    paths = write_canvas_masks(lay.regions_at(it.job["id"], size), size, d / e["image"])
                 except OSError as err:
                     say(f"scenec: cannot write masks of {it.name}: {err.strerror or err}")
                     continue
