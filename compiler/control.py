@@ -82,6 +82,13 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
                                                                 "lllyasviel/control_v11p_sd15_canny")
                         + "` after `hf download` it")
         _check_mode(ls, path, c, flux, config, c.model is None or bool(config), diags)
+        if c.region is not None and c.region not in {e.id for e in ls.scene.entities}:
+            from scenec.spec.diagnostics import did_you_mean
+
+            ids = [e.id for e in ls.scene.entities]
+            diags.error(ls.pos(path + ("region",)), f"`region: {c.region}` names no entity of the scene",
+                        hint=did_you_mean(c.region, ids) or (f"its entities: {', '.join(ids)}" if ids else
+                                                              "add an entity with that id (its shape is the region)"))
         if flux and (c.model is None or config):
             _check_kind(ls, path + (("model",) if c.model else ()), config, kinds, diags)
         if window_ok(ls, path, c.window, "control", diags) and steps and c.scale > 0:
@@ -171,5 +178,6 @@ def lower_controls(ir, tensors: dict) -> list[Control]:
             tensors[name] = np.asarray(to_rgb(im).resize((w, h), Image.LANCZOS), np.uint8)
         model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
         out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
-                           mode=c.mode, window=(level_index(c.window[0], table), level_index(c.window[1], table))))
+                           mode=c.mode, window=(level_index(c.window[0], table), level_index(c.window[1], table)),
+                           region=c.region))
     return out

@@ -211,11 +211,12 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
         visuals = _lower_visuals(ir, streams, region_masks, tensors)
+        job_controls = _job_controls(ir, controls, streams, region_masks)
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line) if provenance else None,
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
                     init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
-                    controls=controls, init_level=init_level,
+                    controls=job_controls, init_level=init_level,
                     program=list(ir.programs.get(job.id, ())),
                     matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
         # the `matrix`, `visuals` and `controls` keys are present only in scenes that have them
@@ -256,6 +257,21 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
         groups=groups,
     )
     return document.model_dump(by_alias=True, mode="json", exclude={"hires"})
+
+
+def _job_controls(ir: IR, controls: list, streams, region_masks) -> list:
+    """The plan's controls as one job has them: a control with a ``region`` takes that entity's region masks in this
+    job (occlusion included), and is left out of a job without the entity (a group's variant)."""
+    out = []
+    for c in controls:
+        if c.region is None:
+            out.append(c)
+            continue
+        s = next((s for s in streams[1:] if s.entity == c.region), None)
+        reg = ir.region_of(s.id) if s is not None else None
+        if s is not None:
+            out.append(c.model_copy(update={"masks": region_masks(reg) if reg is not None else None}))
+    return out
 
 
 def _eligen(ir: IR) -> dict:
@@ -408,8 +424,9 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray], directory: str | No
         for c in material.get("controls", ()):  # as an encoder: its files are in the cache key
             c.pop("model", None)
             c.pop("model_spec", None)
-            if c.get("mode") is None:  # absent before Union ControlNets: those jobs keep their hashes
-                c.pop("mode", None)
+            for k in ("mode", "region", "masks"):  # absent before Union and regional controls: hashes kept
+                if c.get(k) is None:
+                    c.pop(k, None)
         if job["group"]:
             g = groups[job["group"]]
             material["theta"] = digest(g["theta"])

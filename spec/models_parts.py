@@ -283,6 +283,10 @@ class Control(Node):
         default_factory=lambda: [1.0, 0.0], description="noise levels (1 = pure noise) between which it acts: "
         "the sampler steps from the one whose starting level is nearest `first` up to (not including) the one "
         "nearest `second`", examples=[[1.0, 0.4]])
+    region: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="an entity's id: the control acts only inside that entity's region (its residuals masked "
+        "there, as sd-webui-controlnet's \"effective region mask\"), and not in images without the entity; "
+        "default: the whole image", examples=["fox"])
 
 
 class Output(Node):

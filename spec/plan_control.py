@@ -25,6 +25,8 @@ class Control(BaseModel):
     scale: float = Field(1.0, ge=0.0)
     mode: int | None = Field(None, ge=0)  # a Union ControlNet's control type (Flux; `controlnet_mode`)
     window: tuple[int, int]  # acts on the denoise ops with window[0] <= from < window[1]
+    region: str | None = None  # the entity whose region it acts in (messages); None: the whole image
+    masks: dict[str, str] | None = None  # that region's masks (grid → tensor name), as an entity stream's
 
     def acts(self, step: int) -> bool:
         return self.scale > 0 and self.window[0] <= step < self.window[1]
@@ -40,3 +42,4 @@ def check_control(plan, c: Control, what: str) -> None:
                         f"{getattr(t, 'dtype', '?')} {list(shape)}")
     if not 0 <= c.window[0] <= c.window[1] <= plan.steps:
         raise PlanError(f"{what}: control window {list(c.window)} outside 0..{plan.steps}")
+    plan._check_masks(c.masks, f"{what}: control in {c.region!r}")

@@ -134,21 +134,37 @@ class ControlNet(Method):
         self.controls = []
         self.flux = getattr(be, "family", "") == "flux"
         self._last = None  # Flux: (model input, level, residuals) of the last positive call
-        for c in run.job.controls:
+        self.masks = {}  # a regional control's region masks: Flux [1, N, 1] on the tokens; SD {(h, w): [1, 1, h, w]}
+        for k, c in enumerate(run.job.controls):
             net = load_controlnet(be, c.model)
+            if c.masks is not None:
+                self.masks[k] = self._region(c)
             if self.flux:
                 cond = control_flux.control_input(be, net, np.asarray(run.plan.tensor(c.image), np.uint8))
                 mode = control_flux.control_mode(net, c.mode, c.model_spec or "(built-in)", be.device)
-                self.controls.append((c, net, cond, mode))
+                self.controls.append((c, net, cond, mode, self.masks.get(k)))
                 continue
             if c.mode is not None:
                 raise PlanError("`mode` (a Union ControlNet's control type) applies to Flux ControlNets only")
             rgb = np.asarray(run.plan.tensor(c.image), np.float32) / 255.0  # diffusers: [0, 1], not normalised
             image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
-            self.controls.append((c, net, image.to(be.device, net.dtype)))
+            self.controls.append((c, net, image.to(be.device, net.dtype), self.masks.get(k)))
         if self.flux and len(self.controls) > 1:
-            control_flux.check_together([n for _, n, _, _ in self.controls],
+            control_flux.check_together([a[1] for a in self.controls],
                                         [c.model_spec or "(built-in)" for c, *_ in self.controls])
+
+    def _region(self, c):
+        """A regional control's masks (sd-webui-controlnet's "effective region mask"): on Flux the token grid's, a
+        ``[1, N, 1]`` weight per image token; on SD each grid's, by its size (the UNet's resolutions)."""
+        plan, be = self.run.plan, self.run.backend
+        if self.flux:
+            m = np.array(plan.mask(c.masks, "token"), np.float32).reshape(1, -1, 1)
+            return torch.from_numpy(m).to(be.device)
+        out = {}
+        for grid in c.masks:
+            m = np.array(plan.mask(c.masks, grid), np.float32)
+            out[m.shape] = torch.from_numpy(m).to(be.device)[None, None]
+        return out
 
     def sampled(self) -> None:
         """Under ``--offload model`` each ControlNet goes back to the CPU when sampling ends, before the decode (the
@@ -174,7 +190,7 @@ class ControlNet(Method):
         text = call.cond.seq[:, :call.cond.lengths[0]]
         extra = {"added_cond_kwargs": kwargs["added_cond_kwargs"]} if "added_cond_kwargs" in kwargs else {}
         down = mid = None
-        for c, net, img in acting:
+        for c, net, img, region in acting:
             rows = None
             if net.config.get("global_pool_conditions", False) and any(call.negatives):
                 # diffusers runs a pooled-condition ControlNet (e.g. shuffle) in guess mode: on the conditional
@@ -183,6 +199,8 @@ class ControlNet(Method):
                 if not rows:
                     continue
             d, m = _residuals(net, x, t, text, extra, img, float(c.scale), rows)
+            if region is not None:  # its residuals inside its region only, at each of the UNet's resolutions
+                d, m = [_masked(r, region) for r in d], _masked(m, region)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is None:
@@ -198,6 +216,18 @@ class ControlNet(Method):
         guided = self.run.backend.guided(self.run.plan)
         self._last = (x, call.level, out) if guided and not any(call.negatives) else None
         return out
+
+
+def _masked(r: torch.Tensor, region: dict) -> torch.Tensor:
+    """A residual ``[B, C, h, w]`` times its region's mask at that resolution (the plan's grid of that size, else
+    the finest grid's averaged down to it)."""
+    import torch.nn.functional as F
+
+    size = tuple(r.shape[-2:])
+    m = region.get(size)
+    if m is None:
+        m = F.adaptive_avg_pool2d(max(region.values(), key=lambda t: t.numel()), size)
+    return r * m.to(r.dtype)
 
 
 def _residuals(net, x, t, text, extra: dict, img, scale: float, rows: list[int] | None):

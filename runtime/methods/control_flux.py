@@ -118,14 +118,15 @@ def control_input(backend, net, rgb: np.ndarray) -> torch.Tensor:
 
 
 def residuals(acting: list, call, x: torch.Tensor, kw: dict, guidance_scale: float) -> dict:
-    """The transformer's residual inputs for a call: the sum over ``acting`` ((control, net, input, mode)) of each
-    ControlNet's residuals on the call's latents ``x`` (``[B, N, C]``) and the global prompt's text; a ControlNet
-    with a guidance embedding reads ``guidance_scale`` (its own config decides, as in the pipeline)."""
+    """The transformer's residual inputs for a call: the sum over ``acting`` ((control, net, input, mode, region)) of
+    each ControlNet's residuals on the call's latents ``x`` (``[B, N, C]``) and the global prompt's text, a regional
+    control's times its region's token weights (``[1, N, 1]``); a ControlNet with a guidance embedding reads
+    ``guidance_scale`` (its own config decides, as in the pipeline)."""
     n = call.cond.lengths[0]
     text, ids = kw["encoder_hidden_states"][:, :n], kw["txt_ids"][:n]
     B = x.shape[0]
     blocks = single = None
-    for c, net, cond, mode in acting:
+    for c, net, cond, mode, region in acting:
         guidance = None
         if net.config.guidance_embeds:
             guidance = torch.full([B], float(guidance_scale), device=x.device, dtype=torch.float32)
@@ -134,6 +135,8 @@ def residuals(acting: list, call, x: torch.Tensor, kw: dict, guidance_scale: flo
                    timestep=kw["timestep"], guidance=guidance, pooled_projections=kw["pooled_projections"],
                    encoder_hidden_states=text, txt_ids=ids, img_ids=kw["img_ids"], joint_attention_kwargs={},
                    return_dict=False)
+        if region is not None:  # the image tokens of its region only
+            d, s = (None if rs is None else [r * region.to(r.dtype) for r in rs] for rs in (d, s))
         blocks = _add(blocks, d)
         single = _add(single, s)
     return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single,
