@@ -129,7 +129,16 @@ def check_background_image(ls: LoadedScene, diags: Diagnostics) -> None:
     """``background.image`` keeps everything outside the entity regions: with none, the output is the input,
     unless ``background.strength`` asks for img2img."""
     sc = ls.scene
-    if sc.background.image is None or getattr(sc.background, "strength", None) is not None or sc.hires is not None:
+    bg = sc.background
+    for key in ("fit", "box"):
+        if key in bg.model_fields_set and bg.image is None:
+            diags.error(ls.key_pos(("background", key)), f"`background.{key}` places `background.image`, which is not "
+                        "given", hint="add `image`, or remove the key")
+    if bg.box is not None and not (bg.box[0] < bg.box[2] and bg.box[1] < bg.box[3]):
+        diags.error(ls.pos(("background", "box")), f"`box` {list(bg.box)} is empty: it needs x0 < x1 and y0 < y1")
+    if bg.fit != "stretch" or bg.box is not None:  # outpainting: the canvas outside the image changes
+        return
+    if bg.image is None or getattr(bg, "strength", None) is not None or sc.hires is not None:
         return
     if sc.entities or any(v.prompt for g in sc.groups for v in g.variants):
         return

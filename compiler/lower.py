@@ -92,11 +92,11 @@ def lower(ir: IR) -> CompiledPlan:
     second pass's plan nested in it: compiler/hires.py)."""
     sc = ir.scene.scene
     tensors: dict[str, np.ndarray] = {}
-    init_name, init_level = _init_image(ir, tensors)
+    init_name, init_level, foot = _init_image(ir, tensors)
     repaint = sc.background.strength is not None and sc.background.repaint != "regions"  # img2img: everything
-    doc = _document(ir, tensors, init_name, init_level, repaint=repaint)
+    doc = _document(ir, tensors, init_name, init_level, repaint=repaint, footprint=foot)
     if sc.hires is not None:
-        doc["hires"] = _hires(ir, tensors)
+        doc["hires"] = _hires(ir, tensors, foot)
     _stamp_hashes(doc, tensors, _directory(ir))
     return CompiledPlan(doc, tensors, ir)
 
@@ -107,24 +107,34 @@ def _directory(ir: IR) -> str | None:
     return None if directory is None else model_directory_at(directory, ir.scene.root)
 
 
-def _init_image(ir: IR, tensors: dict) -> tuple[str | None, int | None]:
-    """``background.image`` fitted to the canvas, and with ``background.strength`` the level img2img starts at."""
+def _init_image(ir: IR, tensors: dict) -> tuple[str | None, int | None, tuple | None]:
+    """``background.image`` placed on the canvas (``fit`` into ``box``; stretched over the whole canvas by default),
+    with ``background.strength`` the level img2img starts at, and the image's footprint in canvas pixels when it
+    leaves part of the canvas to paint (outpainting), else None."""
     from PIL import Image
 
     sc = ir.scene.scene
-    if not sc.background.image:
-        return None, None
-    with Image.open(ir.scene.resolve(("background", "image"), sc.background.image)) as im:
-        init = to_rgb(im).resize(ir.canvas, Image.Resampling.LANCZOS)
+    bg = sc.background
+    if not bg.image:
+        return None, None, None
+    foot = None
+    with Image.open(ir.scene.resolve(("background", "image"), bg.image)) as im:
+        rgb = to_rgb(im)
+        if bg.fit == "stretch" and bg.box is None:
+            init = rgb.resize(ir.canvas, Image.Resampling.LANCZOS)
+        else:
+            from .raster import place_on_canvas
+
+            init, foot = place_on_canvas(rgb, bg.box or [0.0, 0.0, 1.0, 1.0], bg.fit, ir.canvas, NEUTRAL_GREY)
     tensors["image/init"] = np.asarray(init, dtype=np.uint8)
-    if sc.background.strength is None:
-        return "image/init", None
+    if bg.strength is None:
+        return "image/init", None, foot
     from .schedule import img2img_start
 
-    return "image/init", img2img_start(ir.steps, sc.background.strength)
+    return "image/init", img2img_start(ir.steps, bg.strength), foot
 
 
-def _hires(ir: IR, tensors: dict) -> dict:
+def _hires(ir: IR, tensors: dict, foot: tuple | None = None) -> dict:
     """The second pass (compiler/hires.py): a plan of its own at the larger canvas, its jobs (the same ids) starting
     from the init image the runtime supplies, repainting everything (an inpainting scene: its regions only); its
     tensors join the plan's under ``hires/``."""
@@ -136,7 +146,10 @@ def _hires(ir: IR, tensors: dict) -> dict:
     own: dict[str, np.ndarray] = {}
     bg = ir.scene.scene.background  # inpainting keeps the outside of the regions in both passes
     repaint = not bg.image or (bg.strength is not None and bg.repaint != "regions")
-    doc2 = _document(ir2, own, HIRES_INIT, start, repaint=repaint, provenance=False)
+    if foot is not None:  # the image's footprint on the larger canvas
+        sx, sy = ir2.canvas[0] / ir.canvas[0], ir2.canvas[1] / ir.canvas[1]
+        foot = (foot[0] * sx, foot[1] * sy, foot[2] * sx, foot[3] * sy)
+    doc2 = _document(ir2, own, HIRES_INIT, start, repaint=repaint, provenance=False, footprint=foot)
     _stamp_hashes(doc2, own, _directory(ir))
     names = {n: PREFIX + n for n in own}
 
@@ -160,10 +173,11 @@ _NOT_TENSORS = frozenset({"id", "name", "entity", "region", "matrix", "job_hash"
 
 
 def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | None, repaint: bool,
-              provenance: bool = True) -> dict:
+              provenance: bool = True, footprint: tuple | None = None) -> dict:
     """The plan document of ``ir`` (hashes not stamped): every job's streams, regions rasterised on the family's
     grids, init image (``repaint``: the whole image, img2img), references, visual prompts, controls; groups.
-    ``provenance``: the resolved scene and each job's source line (the hires pass's nested plan has neither)."""
+    ``provenance``: the resolved scene and each job's source line (the hires pass's nested plan has neither).
+    ``footprint``: where the init image lies when it leaves part of the canvas to paint (outpainting)."""
     sc = ir.scene.scene
     fam = ir.info.family
     canvas = ir.canvas
@@ -201,6 +215,8 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
                     acc = np.zeros(grid_size(canvas, px), np.float32)
                     for r in regs:
                         acc = np.maximum(acc, 1.0 if r is None else tensors[region_masks(r)[gname]])
+                    if footprint is not None:  # outpainting: the canvas outside the image is painted too
+                        acc = np.maximum(acc, _outside(footprint, canvas, fam.grids)[gname])
                     if repaint:  # img2img repaints everything
                         acc = np.ones_like(acc)
                     tensors[name] = acc
@@ -257,6 +273,15 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
         groups=groups,
     )
     return document.model_dump(by_alias=True, mode="json", exclude={"hires"})
+
+
+def _outside(foot: tuple, canvas, grids) -> dict:
+    """The canvas outside an image's footprint, on every grid (1 = painted; partial cells at its edge)."""
+    from shapely.geometry import box
+
+    from .raster import rasterize_grids
+
+    return {g: (1.0 - m).astype(np.float32) for g, m in rasterize_grids(box(*foot), 0.0, canvas, grids).items()}
 
 
 def _job_controls(ir: IR, controls: list, streams, region_masks) -> list:

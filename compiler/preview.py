@@ -81,7 +81,7 @@ def render_preview(ls, jobs: list[dict], out_path, background=None) -> Path:
     canvas = (ls.scene.canvas.width, ls.scene.canvas.height)
     fonts = _Fonts()
     colours = _colour_map(jobs)
-    bg = _load_background(background, canvas)
+    bg = _load_background(background, canvas, ls.scene.background)
     tiles = [(job, _draw_tile(job, canvas, colours, bg, fonts)) for job in jobs]
 
     sections: list[tuple[str | None, list[tuple[str, Image.Image]]]] = []
@@ -136,11 +136,16 @@ def _colour_map(jobs: list[dict]) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _load_background(path, canvas) -> Image.Image | None:
+def _load_background(path, canvas, spec=None) -> Image.Image | None:
+    """The background image as the plan places it (``spec``: the scene's ``background``, its ``fit`` and ``box``)."""
     if path is None:
         return None
     try:
         with Image.open(path) as im:
+            if spec is not None and (spec.fit != "stretch" or spec.box is not None):
+                from .raster import place_on_canvas
+
+                return place_on_canvas(to_rgb(im), spec.box or [0.0, 0.0, 1.0, 1.0], spec.fit, canvas, 235)[0]
             return to_rgb(im).resize(canvas, Image.Resampling.LANCZOS)  # as the plan fits it
     except (OSError, ValueError):
         return None

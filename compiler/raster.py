@@ -231,3 +231,20 @@ def fit_into_box(ref, bounds, fit: str):
 
     size, box, offset = fit_geometry(ref.size, bounds, fit)
     return ref.resize(size, Image.Resampling.LANCZOS), box, offset
+
+
+def place_on_canvas(rgb, box, fit: str, canvas, fill: int):
+    """``background.image`` fitted into ``box`` (fractions of the canvas) on a canvas of grey ``fill`` (a PIL image),
+    and its footprint in canvas pixels (None when it covers the canvas: nothing is outpainted), as references are
+    placed in their boxes (:func:`fit_into_box`)."""
+    from PIL import Image
+
+    w, h = canvas
+    bounds = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+    scaled, (bw, bh), offset = fit_into_box(rgb, bounds, fit)
+    inner = Image.new("RGB", (bw, bh), (fill,) * 3)
+    inner.paste(scaled, offset)
+    out = Image.new("RGB", (w, h), (fill,) * 3)
+    out.paste(inner, (round(bounds[0]), round(bounds[1])))
+    foot = footprint(rgb.size, bounds, fit)
+    return out, None if tuple(foot) == (0, 0, w, h) else tuple(foot)

@@ -79,6 +79,13 @@ class Background(Node):
     image: Annotated[str, Field(min_length=1)] | None = Field(
         None, description="start from this image (inpainting): only entity regions change",
         examples=["refs/meadow.png"])
+    fit: Literal["stretch", "contain", "cover"] = Field(
+        "stretch", description="how `image` fills `box`: `stretch` (its aspect ratio not kept), `contain` (whole, "
+        "centred; the rest of the canvas is painted: outpainting) or `cover` (cropped to fill)", examples=["contain"])
+    box: Annotated[list[Unit], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="where `image` goes, `[x0, y0, x1, y1]` as fractions of the canvas; the canvas outside "
+        "it is painted by the model, as an entity's region is (outpainting); default: the whole canvas",
+        examples=[[0.0, 0.0, 0.5, 1.0]])
     strength: Unit | None = Field(
         None, description="img2img: repaint the whole `image`, starting from it noised to this level (1 = pure "
         "noise, the image ignored; 0 = unchanged); default: none (only entity regions change)", examples=[0.6])
