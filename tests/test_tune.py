@@ -180,14 +180,14 @@ class FakeBackend:
 @pytest.fixture(autouse=True)
 def fake_run_job(monkeypatch):
     """The sampler's run_job, for the fake backend: its images, no model."""
-    import scenec.runtime.outputs as outputs
+    import scenec.runtime.hires as hires
     import scenec.runtime.sampler as sampler
 
     def run_job(backend, plan, job, progress=None, **kw):
         return backend.run_job(plan, job if hasattr(job, "program") else plan.job(job["id"]), progress, **kw)
 
     monkeypatch.setattr(sampler, "run_job", run_job)
-    monkeypatch.setattr(outputs, "run_job", run_job)
+    monkeypatch.setattr(hires, "run_job", run_job)  # what writes an image runs jobs through runtime/hires.py
 
 
 @pytest.fixture
