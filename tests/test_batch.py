@@ -627,3 +627,20 @@ def test_an_output_last_built_by_another_scene_warns(project, capsys):
     (d / "a" / "x.yaml").unlink()  # the other scene is gone (renamed, moved): nothing to warn about
     run(["b/x.yaml"], force=True, quiet=False)
     assert "last built by" not in capsys.readouterr().err
+
+
+def test_matrix_key_in_no_prompt_warns_under_the_default_name(tmp_path):
+    """An X/Y/Z-plot habit: `matrix: {cfg: [5, 7]}` varies no sampler setting; its images are identical. The
+    default output name gains every key, which silenced the warning (the key was 'used' by the name)."""
+    from scenec.compiler.check import validate_file
+
+    f = tmp_path / "x.yaml"
+    f.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nmatrix: {style: [a, b], cfg: [5, 7]}\n"
+                 "background: {prompt: \"a {style} harbour\"}\n")
+    _, d = validate_file(f)
+    warns = [x.format() for x in d.warnings]
+    assert any(":4:25: warning: matrix key `cfg` appears in no prompt" in w for w in warns), warns
+    assert not any("`style`" in w for w in warns), warns
+    f.write_text(f.read_text() + "output: {name: \"{scene}-{style}-{cfg}-{seed}\"}\n")  # named apart, still identical
+    _, d = validate_file(f)
+    assert any("matrix key `cfg` appears in no prompt" in x.format() for x in d.warnings)
