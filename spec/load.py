@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import models as m
 from .diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from .key_hints import unknown_key_hint
 from .overrides import Override, apply_overrides
 from .paths import PathProblem, find_project_root, resolve_inside
 from .yamlload import SourceMap, load_yaml
@@ -317,7 +318,7 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
     if typ == "extra_forbidden":
         key = path[-1] if path else loc[-1]
         allowed = _allowed_keys(model, loc[:-1])
-        hint = did_you_mean(key, allowed) if allowed else None
+        hint = unknown_key_hint(key, allowed, _section(model, loc[:-1]))  # spec/key_hints.py
         if hint is None and allowed:
             hint = "allowed here: " + ", ".join(allowed)
         diags.error(smap.key(path), f"unknown key `{key}`", hint)
@@ -376,17 +377,26 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
     diags.error(pos, f"`{where}` {msg}; found {_describe(value)}")
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model reached by following a pydantic location (best effort)."""
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model reached by following a pydantic location (best effort)."""
     cur: Any = model
     for part in loc:
         cur = _unwrap(cur, part)
         if cur is None:
-            return []
+            return None
     cur = _unwrap(cur, None)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return []
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model reached by following a pydantic location (best effort)."""
+    cur = _model_at(model, loc)
+    return list(cur.model_fields) if cur is not None else []
+
+
+def _section(model: type[BaseModel], loc: tuple) -> str | None:
+    cur = _model_at(model, loc)
+    return cur.__name__ if cur is not None else None
 
 
 def _unwrap(tp: Any, part: Any) -> Any:
@@ -411,6 +421,8 @@ def _unwrap(tp: Any, part: Any) -> Any:
                         return a_args[0]
                     inner = a_args[0]
                 if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    if part == inner.__name__:  # pydantic's tag of a union's model branch (`ModelSpec`)
+                        return inner
                     if part is None or part in inner.model_fields:
                         return inner if part is None else inner.model_fields[part].annotation
             if len(args) == 1:

@@ -290,3 +290,40 @@ def test_no_far_fetched_did_you_mean(tmp_path):
         load_scene(p)
     [d] = e.value.diagnostics.errors
     assert d.message == "unknown key `colour`" and d.hint.startswith("allowed here: ") and "did you mean" not in d.hint
+
+
+def test_other_uis_key_names_hint_scenecs(tmp_path):
+    """A1111's, ComfyUI's and diffusers' names for a setting, or scenec's own key in the wrong mapping, hint where
+    it is in a scene: `cfg_scale` was "did you mean `cfg_rescale`?" (a 0–1 share, not the CFG scale) and a
+    top-level `prompt` "did you mean `prompt_syntax`?"."""
+    p = write(tmp_path, "s.yaml", BASE + """
+        steps: 4
+        prompt: a cat
+        sampler: {cfg_scale: 7, cfg: 7, scheduler: karras, sampler: euler, denoise: 0.5, clip_skip: 1}
+        background: {prompt: x, negative_prompt: y, denoising_strength: 0.4}
+        model: {id: tiny-sd, lora: [{file: a.safetensors, strength_model: 0.8}]}
+        entities:
+          - {id: a, prompt: a, negative_prompt: b, box: [0, 0, 1, 1]}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    hints = {(d.pos.line, d.pos.col): (d.message, d.hint) for d in e.value.diagnostics.errors}
+    assert hints[(4, 1)] == ("unknown key `steps`", "`steps` is `sampler.steps` in a scene")
+    assert hints[(5, 1)][1] == "`prompt` is `background.prompt` in a scene"
+    assert hints[(6, 11)][1] == "did you mean `guidance`?"  # in `sampler`: its own name for it
+    assert hints[(6, 25)][1] == "did you mean `guidance`?"
+    assert hints[(6, 33)][1].startswith("the schedule is part of `sampler.solver`'s name: `dpm++2m-karras`")
+    assert hints[(6, 52)][1] == "did you mean `solver`?"
+    assert hints[(6, 68)][1] == "A1111's, ComfyUI's or diffusers' `denoise` is `background.strength` in a scene"
+    assert hints[(6, 82)][1] == "`clip_skip` is `model.clip_skip` in a scene"
+    assert hints[(7, 25)][1] == "did you mean `negative`?"
+    assert hints[(7, 45)][1] == "did you mean `strength`?"
+    assert hints[(8, 51)][1] == "did you mean `scale`?"
+    assert hints[(10, 24)][1] == "did you mean `negative`?"
+    assert hints[(10, 44)][1] == "`box` is `shape.box` in an entity: `shape: {box: [x0, y0, x1, y1]}`"
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\ncfg_scale: 7\ndenoising_strength: 0.5\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint for d in e.value.diagnostics.sorted()] == [
+        "A1111's, ComfyUI's or diffusers' `cfg_scale` is `sampler.guidance` in a scene",
+        "A1111's, ComfyUI's or diffusers' `denoising_strength` is `background.strength` in a scene"]
