@@ -79,6 +79,9 @@ _YAML_WORDS = (
      "without indenting it, or a missing `:`)", "indent a continued value further than its key, or quote it"),
     ("found character '\\t' that cannot start any token", "a tab: YAML indents with spaces only",
      "replace the tab with spaces"),
+    ("found unknown escape character", "a `\\` in double quotes that YAML does not know as an escape",
+     "in double quotes `\\` starts an escape: write the prompt in single quotes ('a \\(b\\)') or without quotes, "
+     "or double the backslash (`\\\\(`)"),
 )
 
 

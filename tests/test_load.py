@@ -327,3 +327,15 @@ def test_other_uis_key_names_hint_scenecs(tmp_path):
     assert [d.hint for d in e.value.diagnostics.sorted()] == [
         "A1111's, ComfyUI's or diffusers' `cfg_scale` is `sampler.guidance` in a scene",
         "A1111's, ComfyUI's or diffusers' `denoising_strength` is `background.strength` in a scene"]
+
+
+def test_a1111_escaped_parens_in_double_quotes_hint_single_quotes(tmp_path):
+    """A1111's and ComfyUI's literal parenthesis `\\(` is an unknown escape inside YAML's double quotes."""
+    p = tmp_path / "s.yaml"
+    p.write_text('scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: "a \\(literal\\) word"}\n')
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert (d.pos.line, d.pos.col) == (3, 26) and "unknown escape character '('" in d.message
+    assert d.hint == ("in double quotes `\\` starts an escape: write the prompt in single quotes ('a \\(b\\)') "
+                      "or without quotes, or double the backslash (`\\\\(`)")
