@@ -296,9 +296,10 @@ def _resolve_file(ls, path: tuple, value: str, file_pos: Pos, diags: Diagnostics
 
 
 def _toml_options(ls, diags: Diagnostics) -> None:
-    """``default_model`` in scenec.toml takes an id and LoRAs; text options are the scene's (refused there)."""
+    """``default_model`` in scenec.toml takes an id, configs, a VAE and LoRAs; text options are the scene's (refused
+    there)."""
     from scenec.spec.diagnostics import display_path
-    from scenec.spec.paths import project_config
+    from scenec.spec.paths import project_config, project_key_line
 
     if ls.scene.model is not None:
         return
@@ -307,8 +308,9 @@ def _toml_options(ls, diags: Diagnostics) -> None:
     except ValueError:
         return
     if isinstance(table, dict) and ("embeddings" in table or "clip_skip" in table):
-        diags.error(Pos(display_path(ls.root / "scenec.toml"), 1, 1), "`default_model` in scenec.toml takes `id` and "
-                    "`lora`; `embeddings` and `clip_skip` go in the scene's `model`",
+        diags.error(Pos(display_path(ls.root / "scenec.toml"), project_key_line(ls.root, "default_model"), 1),
+                    "`default_model` in scenec.toml takes `id`, `config`, `vae` and `lora`; `embeddings` and "
+                    "`clip_skip` go in the scene's `model`",
                     hint="model: {id: sd15, embeddings: [...], clip_skip: 1}")
 
 
