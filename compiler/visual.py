@@ -216,10 +216,10 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         hi, lo = v.window
         table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps,
                              ls.scene.sampler.solver) if table is None else table
-        if level_index(hi, table) == level_index(lo, table):
+        if level_index(hi, table) == level_index(lo, table, end=True):
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
-        elif 0 < (start := first_step(ls, table, steps))[0] < steps and level_index(lo, table) <= start[0]:
+        elif 0 < (start := first_step(ls, table, steps))[0] < steps and level_index(lo, table, end=True) <= start[0]:
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] ends before the steps that "
                           f"run: {start[1]}; the visual prompt does nothing",
                           hint="end the window later (e.g. [1.0, 0.0])")
@@ -252,5 +252,5 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
     table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver)
     return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
                   adapter_sha256=digest, encoder=encoder, scale=v.scale, masks=masks,
-                  window=(level_index(v.window[0], table), level_index(v.window[1], table)),
+                  window=(level_index(v.window[0], table), level_index(v.window[1], table, end=True)),
                   refine=lower_refine(v, table))
