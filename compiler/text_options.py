@@ -280,7 +280,7 @@ def _embedding(ls, i: int, emb, family: str, encs, diags: Diagnostics) -> Embedd
 
 
 def _resolve_file(ls, path: tuple, value: str, file_pos: Pos, diags: Diagnostics) -> Path | None:
-    from scenec.spec.paths import PathProblem, resolve_inside
+    from scenec.spec.paths import PathProblem, not_found_hint, resolve_inside
 
     try:
         p = resolve_inside(value, ls.base_dir(path + ("file",)), ls.root)
@@ -290,7 +290,9 @@ def _resolve_file(ls, path: tuple, value: str, file_pos: Pos, diags: Diagnostics
     note_input(p)
     if not p.is_file():
         diags.error(file_pos, f"embedding `{value}` not found" if not p.exists() else
-                    f"embedding `{value}` is not a file", hint=f"looked for {p}")
+                    f"embedding `{value}` is not a file",
+                    hint=not_found_hint(p, value, ls.base_dir(path + ("file",)), ls.root) if not p.exists() else
+                    f"looked for {p}")
         return None
     return p
 
