@@ -63,6 +63,12 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
     for i, c in enumerate(ls.scene.control):
         path = ("control", i)
         open_image(ls, path + ("image",), c.image, diags, "control image")
+        if info.source == "unknown":  # one error at `model` (compiler/resolve.py): which ControlNet fits is unknown
+            why = None if c.model is None else control_model(ls, path + ("model",), c.model)[1]
+            if why:
+                diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
+            window_ok(ls, path, c.window, "control", diags)
+            continue
         flux = info.family.name == "flux"
         config = {}
         if c.model is not None:

@@ -185,6 +185,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             for eid in var.entities or ():
                 shown.setdefault(eid, set()).add(g.id)
     thetas = None
+    known = info.source != "unknown"
     for i, e in enumerate(sc.entities):
         v = e.visual
         if v is None:
@@ -193,7 +194,8 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
-            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode, info.family.name, p)
+            problem = None if p is None or not known else \
+                _adapter_problem(adapter_header(p), v.mode, info.family.name, p)
             if problem:
                 diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
                             hint="docs/visual-prompts.md says which weights each mode loads")
@@ -207,7 +209,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         elif v.mode == "ip-adapter":
             diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
                         hint="add `adapter: path/to/ip-adapter.safetensors`")
-        elif not builtin_adapter(info):
+        elif not builtin_adapter(info) and known:  # an unknown model: one error at `model` (compiler/resolve.py)
             diags.error(ls.pos(path), f"`visual` on `{info.spec}` needs `adapter`: a {v.mode} adapter's .safetensors "
                         "file (only the tiny models build one in code)",
                         hint="add `adapter: path/to/adapter.safetensors`")

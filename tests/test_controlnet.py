@@ -334,3 +334,13 @@ def test_the_default_window_covers_every_karras_step(tmp_path, backends):
     # img2img runs the last step only: the default window still controls it
     f.write_text(f.read_text().replace('negative: "blurry"', 'negative: "blurry", image: edges.png, strength: 0.6'))
     assert not [d for d in validate_file(f)[1] if "control window" in d.message]
+
+
+def test_an_unknown_model_is_one_error_not_a_flux_controlnets_too(tmp_path):
+    """A checkpoint path with a typo is one error at `model`; `control` said it "needs `model`: a diffusers
+    FluxControlNetModel" as the stand-in flux-dev would, for what may be an SD file."""
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="models/typo.safetensors", entities="", control=control()))
+    _, d = validate_file(p)
+    assert [(x.pos.line, x.pos.col) for x in d.errors] == [(2, 8)], [x.format() for x in d.errors]
