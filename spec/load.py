@@ -374,7 +374,11 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         msg = msg[len("Value error, "):]
     else:
         msg = msg[:1].lower() + msg[1:]
-    diags.error(pos, f"`{where}` {msg}; found {_describe(value)}")
+    hint = None
+    if value == -1 and "seed" in path:
+        hint = ("A1111's and ComfyUI's seed -1 (a new random seed each run) has no equivalent: a scene makes the same "
+                "images at every build; give seeds (`seed: [1, 2, 3]`, or `--seed 1..8`)")
+    diags.error(pos, f"`{where}` {msg}; found {_describe(value)}", hint)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -339,3 +339,16 @@ def test_a1111_escaped_parens_in_double_quotes_hint_single_quotes(tmp_path):
     assert (d.pos.line, d.pos.col) == (3, 26) and "unknown escape character '('" in d.message
     assert d.hint == ("in double quotes `\\` starts an escape: write the prompt in single quotes ('a \\(b\\)') "
                       "or without quotes, or double the backslash (`\\\\(`)")
+
+
+def test_a1111s_random_seed_minus_one_is_told_what_to_do(tmp_path):
+    """A1111's and ComfyUI's seed −1 (a new random seed each run) gets a hint, in a list too."""
+    p = tmp_path / "s.yaml"
+    for seed, col in (("-1", 17), ("[1, -1]", 21)):
+        p.write_text(f"scenec: 1\ncanvas: {{width: 64, height: 64}}\nsampler: {{seed: {seed}}}\n")
+        with pytest.raises(SceneError) as e:
+            load_scene(p)
+        [d] = e.value.diagnostics.errors
+        assert (d.pos.line, d.pos.col) == (3, col), d.format()
+        assert d.hint and d.hint.startswith("A1111's and ComfyUI's seed -1 (a new random seed each run) has no "
+                                            "equivalent: a scene makes the same images at every build"), d.format()
