@@ -78,10 +78,11 @@ def test_discover_dirs_globs_files_skips_libraries(tmp_path):
 
 def test_selectors():
     job = {"scene": "meadow", "file": "scenes/meadow.yaml", "group": "animals", "variant": "fox", "seed": 2,
-           "matrix": {"style": "oil painting"}}
+           "matrix": {"style": "oil painting"}, "name": "meadow-animals-fox-oil-painting-2"}
     yes = ["meadow", "mea*", "animals", "animals/fox", "*/f*", "scene:meadow", "group:animals",
            "group:animals/fox", "path:scenes/*.yaml", "path:scenes", "meadow.yaml", "seed:2", "style=oil*",
-           "style=oil-painting", "matrix:seed=2", "meadow,seed:2"]
+           "style=oil-painting", "matrix:seed=2", "meadow,seed:2",
+           "meadow-animals-fox-oil-painting-2", "meadow-*-2"]  # the image's name, as build and status print it
     no = ["forest", "animals/eagle", "scene:animals", "seed:1", "style=water*", "meadow,seed:1", "path:other"]
     for s in yes:
         assert parse_selectors([s])[0].matches(job), s
@@ -417,6 +418,18 @@ def test_matrix_example_scene_and_default_names(tmp_path):
     f.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nmatrix: {style: [a, b], seed: [3]}\n"
                  "background: {prompt: \"x {style}\"}\n")
     assert [j["name"] for j in compile_scene(f).json["jobs"]] == ["d-a-3", "d-b-3"]  # default name gains {style}
+
+
+def test_select_by_the_image_name_build_prints(project):
+    """`built   m-oil-painting-1-7` names the image: `--select m-oil-painting-1-7` rebuilds it (it matched nothing,
+    and the list of what there is to select did not name images)."""
+    d, _ = project
+    (d / "m.yaml").write_text(MATRIX)
+    s = run(["m.yaml"], select=["m-water-colour-*"], dry_run=True)
+    assert sorted(Path(o["image"]).stem for o in s["outputs"]) == ["m-water-colour-1-7", "m-water-colour-2.5-7"]
+    with pytest.raises(BatchError) as e:
+        run(["m.yaml"], select=["m-nothing"], dry_run=True)
+    assert "; images: m-oil-painting-1-7, m-oil-painting-2.5-7, m-water-colour-1-7, m-water-colour-2.5-7" in str(e.value)
 
 
 def test_matrix_selection(project):
