@@ -332,7 +332,7 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
     where = ".".join(str(p) for p in path) or "document"
     if typ in _TYPE_WORDS and _TYPE_WORDS[typ]:
         msg = f"`{where}` must be {_TYPE_WORDS[typ]}, found {_describe(value)}"
-        diags.error(pos, msg)
+        diags.error(pos, msg, _example_hint(model, loc) if typ in _SHAPE_TYPES else None)
         return
     if typ == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
@@ -379,6 +379,29 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         hint = ("A1111's and ComfyUI's seed -1 (a new random seed each run) has no equivalent: a scene makes the same "
                 "images at every build; give seeds (`seed: [1, 2, 3]`, or `--seed 1..8`)")
     diags.error(pos, f"`{where}` {msg}; found {_describe(value)}", hint)
+
+
+_SHAPE_TYPES = ("list_type", "dict_type", "model_type", "model_attributes_type")
+
+
+def _example_hint(model: type[BaseModel], loc: tuple) -> str | None:
+    """``e.g. `key: EXAMPLE``` from the field's schema example, for a value of the wrong shape (a string where a
+    list or a mapping goes); an item of a list is shown the example's first item."""
+    import yaml
+
+    item = bool(loc) and isinstance(loc[-1], int)
+    fields = loc[:-1] if item else loc
+    if not fields or not isinstance(fields[-1], str):
+        return None
+    parent = _model_at(model, fields[:-1])
+    field = parent.model_fields.get(fields[-1]) if parent is not None else None
+    examples = field.examples if field is not None else None
+    if not examples or (item and not (isinstance(examples[0], list) and examples[0])):
+        return None
+    ex = examples[0][0] if item else examples[0]
+    text = yaml.safe_dump(ex, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    text = text.removesuffix("\n...").strip()
+    return f"e.g. `{text}` (an item of the list)" if item else f"e.g. `{fields[-1]}: {text}`"
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

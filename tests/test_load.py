@@ -352,3 +352,22 @@ def test_a1111s_random_seed_minus_one_is_told_what_to_do(tmp_path):
         assert (d.pos.line, d.pos.col) == (3, col), d.format()
         assert d.hint and d.hint.startswith("A1111's and ComfyUI's seed -1 (a new random seed each run) has no "
                                             "equivalent: a scene makes the same images at every build"), d.format()
+
+
+def test_a_value_of_the_wrong_shape_is_shown_the_right_one(tmp_path):
+    """A string where a list or a mapping goes (`lora: loras/x.safetensors`, `canvas: 512x512`, `entities` as one
+    mapping) gets the field's example as a hint (the schema's, that editors show)."""
+    p = write(tmp_path, "s.yaml", """
+        scenec: 1
+        model: {id: tiny-sd, lora: loras/x.safetensors, embeddings: [embeddings/bad.safetensors]}
+        canvas: 512x512
+        entities:
+          id: fox
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    hints = {(d.pos.line, d.pos.col): d.hint for d in e.value.diagnostics.errors}
+    assert hints[(2, 28)] == "e.g. `lora: [{file: loras/watercolor.safetensors, scale: 0.8}]`", hints
+    assert hints[(2, 62)] == "e.g. `{file: embeddings/badhands.safetensors, token: badhands}` (an item of the list)"
+    assert hints[(3, 9)] == "e.g. `canvas: {width: 1024, height: 768}`"
+    assert hints[(5, 3)].startswith("e.g. `entities: [{id: fox, prompt: a red fox running, shape: ")
