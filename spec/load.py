@@ -234,11 +234,15 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
                 continue
             _report(model, errs[i], data, smap, diags)
         for parent, keys in missing.items():
+            hint = None
+            if parent == () and isinstance(data, dict) and "defs" in data and "canvas" not in data:
+                if keys == ["`canvas`"]:
+                    hint = "this is a library file (`defs`, no `canvas`): build or compile the scenes that include it"
+                elif "`scenec`" in keys:  # a library, not a scene missing its canvas
+                    keys = ["`scenec`"]
+                    hint = "a library file (`defs`, no `canvas`) starts with `scenec: 1` too"
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-            library = parent == () and keys == ["`canvas`"] and isinstance(data, dict) and "defs" in data
-            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}",
-                        "this is a library file (`defs`, no `canvas`): build or compile the scenes that "
-                        "include it" if library else None)
+            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}", hint)
         return None
 
 

@@ -371,3 +371,23 @@ def test_a_value_of_the_wrong_shape_is_shown_the_right_one(tmp_path):
     assert hints[(2, 62)] == "e.g. `{file: embeddings/badhands.safetensors, token: badhands}` (an item of the list)"
     assert hints[(3, 9)] == "e.g. `canvas: {width: 1024, height: 768}`"
     assert hints[(5, 3)].startswith("e.g. `entities: [{id: fox, prompt: a red fox running, shape: ")
+
+
+def test_a_library_without_scenec_is_told_that_alone(tmp_path):
+    """A library (`defs`, no `canvas`) without `scenec: 1`: validated alone it was "missing required keys `scenec`
+    and `canvas`" (as if it were a scene), included "missing required key `scenec`" without a word why."""
+    lib = write(tmp_path, "lib/animals.yaml", """
+        defs:
+          entities:
+            fox: {prompt: a fox}
+        """)
+    scene = write(tmp_path, "s.yaml", BASE + """
+        include: [lib/animals.yaml]
+        entities: [{id: f, use: fox}]
+        """)
+    for path, file in ((lib, lib), (scene, lib)):
+        with pytest.raises(SceneError) as e:
+            load_scene(path)
+        [d] = [x for x in e.value.diagnostics.errors if x.pos.file.endswith("animals.yaml")]
+        assert d.message == "missing required key `scenec`", d.format()
+        assert d.hint == "a library file (`defs`, no `canvas`) starts with `scenec: 1` too", d.format()
