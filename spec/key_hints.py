@@ -38,6 +38,11 @@ GLOBAL_SECTIONS = ("Scene", "Sampler", "Canvas", "Background", "ModelSpec")
 SHAPE_KINDS = {"box": "[x0, y0, x1, y1]", "polygon": "[[x, y], ...]", "ellipse": "{center: [x, y], radii: [rx, ry]}",
                "mask": "refs/mask.png"}
 LORA_SCALE = ("weight", "strength", "strength_model", "multiplier", "alpha")
+# ControlNet's (A1111's weight, ComfyUI's strength, diffusers' controlnet_conditioning_scale) and IP-Adapter's weight
+SCALE = {"Control": ("weight", "strength", "conditioning_scale", "controlnet_conditioning_scale"),
+         "Visual": ("weight", "strength", "ip_adapter_scale")}
+WINDOW = ("start_percent", "end_percent", "guidance_start", "guidance_end", "control_guidance_start",
+          "control_guidance_end", "starting_control_step", "ending_control_step")
 
 
 def unknown_key_hint(key: str, allowed: Iterable[str], section: str | None) -> str | None:
@@ -48,8 +53,11 @@ def unknown_key_hint(key: str, allowed: Iterable[str], section: str | None) -> s
     target = OTHER_NAMES.get(k) or ELSEWHERE.get(k)
     if target and target.rsplit(".", 1)[-1] in allowed:  # this mapping's own name for it (`negative_prompt`)
         return f"did you mean `{target.rsplit('.', 1)[-1]}`?"
-    if section == "Lora" and k in LORA_SCALE:
+    if section == "Lora" and k in LORA_SCALE or k in SCALE.get(section or "", ()):
         return "did you mean `scale`?"
+    if section in ("Control", "Visual") and k in WINDOW:
+        return ("the steps it acts in are `window: [FROM, TO]`, noise levels from 1 (the first step) to 0 (the "
+                "end): ComfyUI's start/end percent p is about level 1 − p")
     if section in ("Entity", "EntityDef") and k in SHAPE_KINDS:
         return f"`{k}` is `shape.{k}` in an entity: `shape: {{{k}: {SHAPE_KINDS[k]}}}`"
     if section in GLOBAL_SECTIONS:

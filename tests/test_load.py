@@ -321,6 +321,12 @@ def test_other_uis_key_names_hint_scenecs(tmp_path):
     assert hints[(8, 51)][1] == "did you mean `scale`?"
     assert hints[(10, 24)][1] == "did you mean `negative`?"
     assert hints[(10, 44)][1] == "`box` is `shape.box` in an entity: `shape: {box: [x0, y0, x1, y1]}`"
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\n"
+                 "control: [{image: e.png, strength: 0.5, end_percent: 0.6}]\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint.split(":")[0] for d in e.value.diagnostics.sorted()] == [
+        "did you mean `scale`?", "the steps it acts in are `window"]
     p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\ncfg_scale: 7\ndenoising_strength: 0.5\n")
     with pytest.raises(SceneError) as e:
         load_scene(p)
