@@ -197,7 +197,7 @@ def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def],
             hint = did_you_mean(name, choices) or ("defs available: " + ", ".join(sorted(choices)) if choices
                                                    else "define it under `defs.entities`")
             if includes_failed:
-                hint = "an include did not load (above), and it may define it"
+                hint = "an include did not load (see its error), and it may define it"
             diags.error(smap.value(("entities", i, "use")), f"unknown def `{name}` in `use`", hint=hint)
             ent.setdefault("prompt", "")  # the def would have given it: no second error for the same mistake
             continue
