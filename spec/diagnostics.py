@@ -57,8 +57,11 @@ class Diagnostics:
     # what add() has seen, so a scene with thousands of problems is not checked pairwise
     _seen: set = field(default_factory=set, init=False, repr=False, compare=False)
 
-    def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error") -> None:
-        key = (pos, severity) if severity == "error" else (pos, severity, message)
+    def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error",
+            distinct: bool = False) -> None:
+        """One error per position (a union's branches report one value several times), unless ``distinct``:
+        a mapping's missing keys are reported at the mapping, where its first key's own error may be."""
+        key = (pos, severity) if severity == "error" and not distinct else (pos, severity, message)
         if key in self._seen:
             return
         self._seen.add(key)

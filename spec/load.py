@@ -242,7 +242,8 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
                     keys = ["`scenec`"]
                     hint = "a library file (`defs`, no `canvas`) starts with `scenec: 1` too"
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}", hint)
+            diags.add(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}", hint=hint,
+                      distinct=True)
         return None
 
 

@@ -397,3 +397,15 @@ def test_a_library_without_scenec_is_told_that_alone(tmp_path):
         [d] = [x for x in e.value.diagnostics.errors if x.pos.file.endswith("animals.yaml")]
         assert d.message == "missing required key `scenec`", d.format()
         assert d.hint == "a library file (`defs`, no `canvas`) starts with `scenec: 1` too", d.format()
+
+
+def test_missing_keys_are_reported_beside_an_unknown_first_key(tmp_path):
+    """An A1111-style file (`prompt:`, `steps:`) lacks `scenec` and `canvas`: that error is at the document's
+    position, 1:1, where the unknown first key's is too, and one error per position dropped it."""
+    p = tmp_path / "s.yaml"
+    p.write_text("prompt: a cat\nsteps: 20\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    got = [(d.pos.line, d.pos.col, d.message) for d in e.value.diagnostics.sorted()]
+    assert got == [(1, 1, "missing required keys `scenec` and `canvas`"), (1, 1, "unknown key `prompt`"),
+                   (2, 1, "unknown key `steps`")], got
