@@ -409,3 +409,15 @@ def test_missing_keys_are_reported_beside_an_unknown_first_key(tmp_path):
     got = [(d.pos.line, d.pos.col, d.message) for d in e.value.diagnostics.sorted()]
     assert got == [(1, 1, "missing required keys `scenec` and `canvas`"), (1, 1, "unknown key `prompt`"),
                    (2, 1, "unknown key `steps`")], got
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    """Windows' Notepad "Unicode" saves UTF-16: one error saying so, not a byte at every line."""
+    p = tmp_path / "s.yaml"
+    p.write_bytes("scenec: 1\ncanvas: {width: 64, height: 64}\n".encode("utf-16"))
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert (d.pos.line, d.pos.col, d.message) == (1, 1, "the file is UTF-16 text (it starts with a UTF-16 byte "
+                                                        "order mark), not UTF-8"), d.format()
+    assert d.hint == "save the file as UTF-8"
