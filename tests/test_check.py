@@ -548,3 +548,19 @@ def test_a_path_written_from_the_project_root_in_a_subdirectory_scene_says_so(pr
     p.write_text(p.read_text().replace("refs/init image.png", "refs/none.png"))
     _, diags = validate_file(p)
     assert [d.hint for d in diags.errors if "none.png" in d.message] == [f"looked for {proj / 'scenes/refs/none.png'}"]
+
+
+def test_a_checkpoint_path_from_the_project_root_says_so(proj):
+    """`model: models/x.safetensors` in scenes/s.yaml: the checkpoint is in the project's models/, so the hint
+    gives `../models/x.safetensors` (as for LoRAs and images)."""
+    (proj / "models").mkdir()
+    (proj / "models" / "my model.safetensors").write_bytes(b"\0" * 16)
+    p = write(proj, "scenes/s.yaml", """
+        scenec: 1
+        model: "models/my model.safetensors"
+        canvas: {width: 64, height: 64}
+        """)
+    _, diags = validate_file(p)
+    [err] = diags.errors
+    assert (err.pos.line, err.pos.col) == (2, 8) and "does not exist" in err.message, err.format()
+    assert err.hint and "did you mean `../models/my model.safetensors`?" in err.hint, err.format()
