@@ -564,3 +564,20 @@ def test_a_checkpoint_path_from_the_project_root_says_so(proj):
     [err] = diags.errors
     assert (err.pos.line, err.pos.col) == (2, 8) and "does not exist" in err.message, err.format()
     assert err.hint and "did you mean `../models/my model.safetensors`?" in err.hint, err.format()
+
+
+def test_a_vae_path_from_the_project_root_says_so(proj):
+    """`vae: vae/my-vae` (a directory, or a file) written from the project root in scenes/s.yaml: the hint gives
+    `../vae/…`; the message still says no hub id `vae/my-vae` is cached (it has the form of one)."""
+    (proj / "vae" / "my-vae").mkdir(parents=True)
+    (proj / "vae" / "ft.safetensors").write_bytes(b"\0" * 16)
+    p = write(proj, "scenes/s.yaml", """
+        scenec: 1
+        model: {id: tiny-sd, vae: vae/my-vae}
+        canvas: {width: 64, height: 64}
+        """)
+    for spec, want in (("vae/my-vae", "../vae/my-vae"), ("vae/ft.safetensors", "../vae/ft.safetensors")):
+        p.write_text(p.read_text().replace("vae/my-vae", spec))
+        _, diags = validate_file(p)
+        [err] = diags.errors
+        assert err.hint and f"did you mean `{want}`?" in err.hint, err.format()
