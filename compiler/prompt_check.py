@@ -73,5 +73,7 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None 
         for message in dict.fromkeys(problems):
             if (path, message) not in seen:
                 seen.add((path, message))
-                diags.warning(ls.pos(path), message)
+                # at what it names (`<lora:x:0.8>`), when the source holds it as written (no matrix filled it)
+                at = text.find(message.split("`")[1]) if message.startswith("`") and not ls.scene.matrix else -1
+                diags.warning(pos_in_string(ls, path, text, at) if at >= 0 else ls.pos(path), message)
     return syntax
