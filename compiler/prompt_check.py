@@ -4,7 +4,7 @@ user may not have meant (spec/prompt_syntax.py; docs/language.md "Prompt weights
 The syntax (``resolve.prompt_syntax``) is the scene's ``prompt_syntax``, else the ``prompt_syntax`` of the
 project's scenec.toml, else ``plain``. Under ``a1111``/``comfy`` every prompt and negative is parsed here: a
 weight that is not a number is an error (A1111 stops on it), a bracket left open or closing nothing and A1111
-syntax scenec does not run (prompt editing, ``<lora:…>``) are warnings at the prompt. Under ``plain``, a prompt
+syntax scenec does not run (prompt editing, ``<lora:…>``) are warnings at what they name. Under ``plain``, a prompt
 that looks weighted (``(word:1.2)``) gets one warning: pasted from A1111 or ComfyUI, it would otherwise silently
 mean something else.
 """
