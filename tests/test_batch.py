@@ -429,7 +429,8 @@ def test_select_by_the_image_name_build_prints(project):
     assert sorted(Path(o["image"]).stem for o in s["outputs"]) == ["m-water-colour-1-7", "m-water-colour-2.5-7"]
     with pytest.raises(BatchError) as e:
         run(["m.yaml"], select=["m-nothing"], dry_run=True)
-    assert "; images: m-oil-painting-1-7, m-oil-painting-2.5-7, m-water-colour-1-7, m-water-colour-2.5-7" in str(e.value)
+    assert "; images: m-oil-painting-1-7, m-oil-painting-2.5-7, m-water-colour-1-7, m-water-colour-2.5-7" \
+        in str(e.value)
 
 
 def test_matrix_selection(project):
@@ -657,3 +658,15 @@ def test_matrix_key_in_no_prompt_warns_under_the_default_name(tmp_path):
     f.write_text(f.read_text() + "output: {name: \"{scene}-{style}-{cfg}-{seed}\"}\n")  # named apart, still identical
     _, d = validate_file(f)
     assert any("matrix key `cfg` appears in no prompt" in x.format() for x in d.warnings)
+
+
+def test_discovery_finds_upper_case_suffixes_and_names_utf16_scenes(tmp_path):
+    """A directory's `SCENE.YAML` (Windows) is a scene; a UTF-16 one (Notepad's "Unicode") is not read but named
+    in a warning (both were passed over without a word)."""
+    write_scene(tmp_path, "a")
+    (tmp_path / "a.yaml").rename(tmp_path / "UPPER.YAML")
+    (tmp_path / "wide.yaml").write_bytes("scenec: 1\ncanvas: {width: 64, height: 64}\n".encode("utf-16"))
+    files, problems = discover([tmp_path])
+    assert [p.name for p in files] == ["UPPER.YAML"]
+    assert [(p.pos.file.endswith("wide.yaml"), p.severity, p.message) for p in problems] == [
+        (True, "warning", "skipped: is UTF-16 text (save it as UTF-8)")], problems

@@ -63,7 +63,7 @@ def _parse_part(raw: str, term: str) -> tuple[str, str]:
         return method, pat
     if "=" in raw:
         return "matrix", raw
-    if raw.endswith(SCENE_SUFFIXES):
+    if raw.lower().endswith(SCENE_SUFFIXES):
         return "path", raw
     if "/" in raw:
         return "variant", raw
