@@ -63,6 +63,12 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
     for i, c in enumerate(ls.scene.control):
         path = ("control", i)
         open_image(ls, path + ("image",), c.image, diags, "control image")
+        if info.source == "unknown":  # one error at `model` (compiler/resolve.py): which ControlNet fits is unknown
+            why = None if c.model is None else control_model(ls, path + ("model",), c.model)[1]
+            if why:
+                diags.error(ls.pos(path + ("model",)), why, hint="docs/controlnet.md says which models fit")
+            window_ok(ls, path, c.window, "control", diags)
+            continue
         flux = info.family.name == "flux"
         config = {}
         if c.model is not None:
@@ -95,10 +101,10 @@ def check_controls(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, steps: 
             hi, lo = c.window
             table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps, ls.scene.sampler.solver)
             start, why = first_step(ls, table, steps)
-            if level_index(hi, table) == level_index(lo, table):
+            if level_index(hi, table) == level_index(lo, table, end=True):
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] covers no sampler step "
                               f"at {steps} steps; the control does nothing", hint="widen the window or use more steps")
-            elif 0 < start < steps and level_index(lo, table) <= start:
+            elif 0 < start < steps and level_index(lo, table, end=True) <= start:
                 diags.warning(ls.pos(path + ("window",)), f"control window [{hi:g}, {lo:g}] ends before the steps "
                               f"that run: {why}; the control does nothing",
                               hint="end the window later (e.g. [1.0, 0.0])")
@@ -178,6 +184,7 @@ def lower_controls(ir, tensors: dict) -> list[Control]:
             tensors[name] = np.asarray(to_rgb(im).resize((w, h), Image.LANCZOS), np.uint8)
         model = None if c.model is None else control_model(ir.scene, path + ("model",), c.model)[0]
         out.append(Control(image=name, sha256=sha256_file(p), model=model, model_spec=c.model, scale=c.scale,
-                           mode=c.mode, window=(level_index(c.window[0], table), level_index(c.window[1], table)),
+                           mode=c.mode,
+                           window=(level_index(c.window[0], table), level_index(c.window[1], table, end=True)),
                            region=c.region))
     return out

@@ -12,7 +12,7 @@ from PIL import Image
 
 from scenec.spec.diagnostics import Diagnostics, Pos
 from scenec.spec.load import LoadedScene
-from scenec.spec.paths import PathProblem
+from scenec.spec.paths import PathProblem, not_found_hint
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 MP; larger is refused before decoding (decompression bombs)
 MAX_SCHEDULE_BYTES = 1 << 20
@@ -27,7 +27,7 @@ def resolve_file(ls: LoadedScene, path: tuple, value: str, diags: Diagnostics, w
         diags.error(pos, e.message, e.hint)
         return None
     if not p.exists():
-        diags.error(pos, f"{what} `{value}` not found", hint=f"looked for {p}")
+        diags.error(pos, f"{what} `{value}` not found", hint=not_found_hint(p, value, ls.base_dir(path), ls.root))
         return None
     if not p.is_file():
         diags.error(pos, f"{what} `{value}` is not a regular file")

@@ -115,9 +115,16 @@ def window_ok(ls, path: tuple, window, what: str, diags) -> bool:
     return False
 
 
-def level_index(level: float, levels: np.ndarray) -> int:
-    """The step index whose noise level is nearest ``level`` (ties: the noisier, earlier index)."""
-    return int(np.argmin(np.abs(np.asarray(levels, np.float64) - float(level))))
+def level_index(level: float, levels: np.ndarray, end: bool = False) -> int:
+    """The step index whose noise level is nearest ``level`` (ties: the noisier, earlier index). With ``end`` (a
+    window's end, not included): past every step that starts at that same level. Karras' σ spacing of the multistep
+    solvers ends on timestep 0 twice (diffusers' rounded timesteps): its last step starts at level 0, and a window
+    ending at 0 runs it, as diffusers' ``control_guidance_end=1.0`` does."""
+    levels = np.asarray(levels, np.float64)
+    i = int(np.argmin(np.abs(levels - float(level))))
+    while end and i + 1 < len(levels) and levels[i + 1] == levels[i]:
+        i += 1
+    return i
 
 
 def scheduler_config(info) -> dict:

@@ -413,7 +413,7 @@ def resolve(ls, asked: Asked, family: str, diags: Diagnostics, whole_image: bool
 
 
 def _resolve_file(ls, asked: Asked, diags: Diagnostics) -> Path | None:
-    from scenec.spec.paths import PathProblem, resolve_inside
+    from scenec.spec.paths import PathProblem, not_found_hint, resolve_inside
 
     value = asked.spec.file
     if asked.base is None:  # --lora: a path as the user gave it
@@ -428,7 +428,8 @@ def _resolve_file(ls, asked: Asked, diags: Diagnostics) -> Path | None:
         note_input(p)
     if not p.is_file():
         diags.error(asked.file_pos, f"LoRA `{value}` not found" if not p.exists() else f"LoRA `{value}` is not a file",
-                    hint=f"looked for {p}")
+                    hint=f"looked for {p}" if p.exists() or asked.base is None else
+                    not_found_hint(p, value, asked.base, ls.root))
         return None
     return p
 

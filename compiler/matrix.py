@@ -156,11 +156,11 @@ def check_matrix(ls, diags: Diagnostics) -> None:
                 diags.error(pos_in_string(ls, path, text, off), f"unknown placeholder `{{{key}}}` in a prompt",
                             hint=did_you_mean(key, list(mx)) or
                             ("matrix keys: " + ", ".join("{%s}" % k for k in mx)))
-    template = output_template(sc)
-    for k in mx:
-        if k != "seed" and k not in used and "{%s}" % k not in template and k not in RESERVED:
+    for k in mx:  # in output.name only (the default name holds every key), its values still make identical images
+        if k != "seed" and k not in used and k not in RESERVED:
             diags.warning(ls.key_pos(("matrix", k)), f"matrix key `{k}` appears in no prompt: its values make "
-                          "identical images", hint="use `{%s}` in a prompt or negative" % k)
+                          "identical images", hint="use `{%s}` in a prompt or negative; a matrix varies prompts and "
+                          "`seed` only, not sampler settings such as `guidance` or `steps`" % k)
 
 
 def placeholders(text: str) -> Iterator[tuple[int, str, str]]:

@@ -32,6 +32,8 @@ def _options(ir: IR) -> str:
         out.append("embeddings=" + ",".join(e.token for e in ir.embeddings))
     if ir.vae[0] is not None:  # as the scene names it (the IR text is the same on every machine)
         out.append(f"vae={_q(getattr(sc.model, 'vae', None) or ir.vae[0].rsplit('/', 1)[-1])}")
+    out += [f"lora={_q(lo.name)}:{_f(lo.scale)}" for lo in ir.loras]  # the whole image's, then each entity's
+    out += [f"lora.{e}={_q(lo.name)}:{_f(lo.scale)}" for e, los in ir.entity_loras.items() for lo in los]
     return "".join(" " + o for o in out)
 
 

@@ -4,8 +4,8 @@ user may not have meant (spec/prompt_syntax.py; docs/language.md "Prompt weights
 The syntax (``resolve.prompt_syntax``) is the scene's ``prompt_syntax``, else the ``prompt_syntax`` of the
 project's scenec.toml, else ``plain``. Under ``a1111``/``comfy`` every prompt and negative is parsed here: a
 weight that is not a number is an error (A1111 stops on it), a bracket left open or closing nothing and A1111
-syntax scenec does not run (``AND``, ``<lora:…>``) are warnings at the prompt. A1111's prompt editing is read first
-(compiler/prompt_editing_check.py) and each text a step reads is checked. Under ``plain``, a prompt
+syntax scenec does not run (``AND``, ``<lora:…>``) are warnings at what they name. A1111's prompt editing is read
+first (compiler/prompt_editing_check.py) and each text a step reads is checked. Under ``plain``, a prompt
 that looks weighted (``(word:1.2)``) gets one warning: pasted from A1111 or ComfyUI, it would otherwise silently
 mean something else.
 """
@@ -86,5 +86,7 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None 
             for message in dict.fromkeys(problems):
                 if (path, message) not in seen:
                     seen.add((path, message))
-                    diags.warning(ls.pos(path), message)
+                    # at what it names (`<lora:x:0.8>`), when the source holds it as written (no matrix filled it)
+                    at = text.find(message.split("`")[1]) if message.startswith("`") and not ls.scene.matrix else -1
+                    diags.warning(pos_in_string(ls, path, text, at) if at >= 0 else ls.pos(path), message)
     return syntax

@@ -7,7 +7,14 @@ from dataclasses import replace
 
 from scenec.spec.diagnostics import Diagnostics, Pos, did_you_mean, display_path
 from scenec.spec.load import LoadedScene
-from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line, project_problems
+from scenec.spec.paths import (
+    PROJECT_FILE,
+    ProjectFileError,
+    not_found_hint,
+    project_config,
+    project_key_line,
+    project_problems,
+)
 from scenec.spec.prompt_syntax import SYNTAXES
 
 from .caps import ModelInfo, UnknownModel, model_info
@@ -42,7 +49,14 @@ def resolve_model(ls: LoadedScene, override: str | None, diags: Diagnostics) -> 
         return spec, model_info(spec, base, config)
     except UnknownModel as e:
         at_config = e.at == "config" and override is None and scene_model is not None
-        diags.error(ls.pos(("model", "config")) if at_config else model_pos(ls, override, spec), str(e))
+        hint = None
+        if "does not exist" in str(e) and override is None and scene_model is not None and not at_config:
+            hint = not_found_hint(base / spec, spec, base, ls.root)  # written from the project root?
+            hint = hint if "did you mean" in hint else None
+        if override is not None and "`model: {id: FILE, config: DIR}`" in str(e):  # which --model replaces
+            hint = ("--model takes no `config`: name the checkpoint with its configs in the scene (`model: {id: FILE, "
+                    "config: DIR}`) or in scenec.toml's `default_model`, and leave --model out")
+        diags.error(ls.pos(("model", "config")) if at_config else model_pos(ls, override, spec), str(e), hint)
         # the default's geometry stands in so the other checks run; "unknown" tells the checks that depend on
         # the family to stay quiet (a canvas multiple or a method of a model nobody asked for is no news)
         return spec, replace(model_info(None), spec=str(spec), source="unknown")

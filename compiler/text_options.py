@@ -280,7 +280,7 @@ def _embedding(ls, i: int, emb, family: str, encs, diags: Diagnostics) -> Embedd
 
 
 def _resolve_file(ls, path: tuple, value: str, file_pos: Pos, diags: Diagnostics) -> Path | None:
-    from scenec.spec.paths import PathProblem, resolve_inside
+    from scenec.spec.paths import PathProblem, not_found_hint, resolve_inside
 
     try:
         p = resolve_inside(value, ls.base_dir(path + ("file",)), ls.root)
@@ -290,15 +290,18 @@ def _resolve_file(ls, path: tuple, value: str, file_pos: Pos, diags: Diagnostics
     note_input(p)
     if not p.is_file():
         diags.error(file_pos, f"embedding `{value}` not found" if not p.exists() else
-                    f"embedding `{value}` is not a file", hint=f"looked for {p}")
+                    f"embedding `{value}` is not a file",
+                    hint=not_found_hint(p, value, ls.base_dir(path + ("file",)), ls.root) if not p.exists() else
+                    f"looked for {p}")
         return None
     return p
 
 
 def _toml_options(ls, diags: Diagnostics) -> None:
-    """``default_model`` in scenec.toml takes an id and LoRAs; text options are the scene's (refused there)."""
+    """``default_model`` in scenec.toml takes an id, configs, a VAE and LoRAs; text options are the scene's (refused
+    there)."""
     from scenec.spec.diagnostics import display_path
-    from scenec.spec.paths import project_config
+    from scenec.spec.paths import project_config, project_key_line
 
     if ls.scene.model is not None:
         return
@@ -307,8 +310,9 @@ def _toml_options(ls, diags: Diagnostics) -> None:
     except ValueError:
         return
     if isinstance(table, dict) and ("embeddings" in table or "clip_skip" in table):
-        diags.error(Pos(display_path(ls.root / "scenec.toml"), 1, 1), "`default_model` in scenec.toml takes `id` and "
-                    "`lora`; `embeddings` and `clip_skip` go in the scene's `model`",
+        diags.error(Pos(display_path(ls.root / "scenec.toml"), project_key_line(ls.root, "default_model"), 1),
+                    "`default_model` in scenec.toml takes `id`, `config`, `vae` and `lora`; `embeddings` and "
+                    "`clip_skip` go in the scene's `model`",
                     hint="model: {id: sd15, embeddings: [...], clip_skip: 1}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.fsio import note_input, sha256_big_file
 from scenec.spec.load import LoadedScene
-from scenec.spec.paths import PathProblem, resolve_inside
+from scenec.spec.paths import PathProblem, not_found_hint, resolve_inside
 
 from .caps import ModelInfo, cached_hub_file
 from .single_file import PICKLED, read_header
@@ -44,6 +44,10 @@ def check_vae(ls: LoadedScene, info: ModelInfo, diags: Diagnostics,
             diags.warning(ls.pos(("model",)), "--model replaces the scene's model, and with it its `vae`: not applied")
         return None, None
     where, why, hint = _locate(ls, path, spec, base)
+    if why is not None and hint is None and "not found" in why:  # written from the project root?
+        b = base or ls.base_dir(path)
+        alt = not_found_hint(b / spec, spec, b, ls.root)
+        hint = alt.split("; ", 1)[1] if "did you mean" in alt else None
     if why is None and info.source != "unknown":  # an unknown model's family is a stand-in
         why = _misfit(Path(where), info)
     if why is not None:

@@ -185,6 +185,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
             for eid in var.entities or ():
                 shown.setdefault(eid, set()).add(g.id)
     thetas = None
+    known = info.source != "unknown"
     for i, e in enumerate(sc.entities):
         v = e.visual
         if v is None:
@@ -193,7 +194,8 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         open_image(ls, path + ("image",), v.image, diags, "visual prompt image")
         if v.adapter is not None:
             p = resolve_file(ls, path + ("adapter",), v.adapter, diags, "adapter")
-            problem = None if p is None else _adapter_problem(adapter_header(p), v.mode, info.family.name, p)
+            problem = None if p is None or not known else \
+                _adapter_problem(adapter_header(p), v.mode, info.family.name, p)
             if problem:
                 diags.error(ls.pos(path + ("adapter",)), f"adapter `{v.adapter}` {problem}",
                             hint="docs/visual-prompts.md says which weights each mode loads")
@@ -207,7 +209,7 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         elif v.mode == "ip-adapter":
             diags.error(ls.pos(path), "`mode: ip-adapter` needs `adapter`: IP-Adapter weights in diffusers' format",
                         hint="add `adapter: path/to/ip-adapter.safetensors`")
-        elif not builtin_adapter(info):
+        elif not builtin_adapter(info) and known:  # an unknown model: one error at `model` (compiler/resolve.py)
             diags.error(ls.pos(path), f"`visual` on `{info.spec}` needs `adapter`: a {v.mode} adapter's .safetensors "
                         "file (only the tiny models build one in code)",
                         hint="add `adapter: path/to/adapter.safetensors`")
@@ -216,10 +218,10 @@ def check_visuals(ls: LoadedScene, info: ModelInfo, steps: int, diags: Diagnosti
         hi, lo = v.window
         table = noise_levels(info, (ls.scene.canvas.width, ls.scene.canvas.height), steps,
                              ls.scene.sampler.solver) if table is None else table
-        if level_index(hi, table) == level_index(lo, table):
+        if level_index(hi, table) == level_index(lo, table, end=True):
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] covers no sampler step at "
                           f"{steps} steps; the visual prompt does nothing", hint="widen the window or use more steps")
-        elif 0 < (start := first_step(ls, table, steps))[0] < steps and level_index(lo, table) <= start[0]:
+        elif 0 < (start := first_step(ls, table, steps))[0] < steps and level_index(lo, table, end=True) <= start[0]:
             diags.warning(ls.pos(path + ("window",)), f"visual window [{hi:g}, {lo:g}] ends before the steps that "
                           f"run: {start[1]}; the visual prompt does nothing",
                           hint="end the window later (e.g. [1.0, 0.0])")
@@ -252,5 +254,5 @@ def lower_visual(ir, i: int, masks: dict | None, tensors: dict) -> Visual:
     table = noise_levels(ir.info, ir.canvas, ir.steps, ir.solver)
     return Visual(entity=e.id, image=name, sha256=sha256_file(p), mode=v.mode, adapter=adapter,
                   adapter_sha256=digest, encoder=encoder, scale=v.scale, masks=masks,
-                  window=(level_index(v.window[0], table), level_index(v.window[1], table)),
+                  window=(level_index(v.window[0], table), level_index(v.window[1], table, end=True)),
                   refine=lower_refine(v, table))

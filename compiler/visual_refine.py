@@ -54,7 +54,7 @@ def check_refine(ls: LoadedScene, path: tuple, v, table: np.ndarray, steps: int,
     if v.scale <= 0:
         diags.error(ls.pos(rp), "`refine` on a visual prompt of scale 0: its tokens are seen by no query, so "
                     "there is nothing to refine", hint="set `scale` > 0 or drop `refine`")
-    lo, hi = level_index(v.window[0], table), level_index(v.window[1], table)
+    lo, hi = level_index(v.window[0], table), level_index(v.window[1], table, end=True)
     if hi <= lo:  # the window covers no step (warned at `window`): no level of `at` can be inside it
         diags.error(ls.pos(rp + ("at",)), f"`refine` has no step to run on: the visual window [{v.window[0]:g}, "
                     f"{v.window[1]:g}] covers no sampler step at {steps} steps",

@@ -110,6 +110,8 @@ def preview(file: Path = typer.Argument(..., help="scene file"),
 
     if out.is_dir():
         bad_path(out, "is a directory (-o names the PNG to write)")
+    if out.suffix.lower() != ".png":
+        bad_path(out, "preview writes a PNG: name it .png")
     if on is not None and not on.is_file():
         bad_path(on, "no such image (--on names a built PNG)")
     try:

@@ -57,8 +57,11 @@ class Diagnostics:
     # what add() has seen, so a scene with thousands of problems is not checked pairwise
     _seen: set = field(default_factory=set, init=False, repr=False, compare=False)
 
-    def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error") -> None:
-        key = (pos, severity) if severity == "error" else (pos, severity, message)
+    def add(self, pos: Pos, message: str, *, hint: str | None = None, severity: str = "error",
+            distinct: bool = False) -> None:
+        """One error per position (a union's branches report one value several times), unless ``distinct``:
+        a mapping's missing keys are reported at the mapping, where its first key's own error may be."""
+        key = (pos, severity) if severity == "error" and not distinct else (pos, severity, message)
         if key in self._seen:
             return
         self._seen.add(key)
@@ -118,23 +121,19 @@ def _spelling(word: str) -> str:
     return w[:-len("ancestral")] + "a" if w.endswith("ancestral") else w
 
 
-# A1111's, ComfyUI's and diffusers' names for a key or value, reduced by _spelling → scenec's
-OTHER_NAMES = {"upscaleby": "scale", "hrscale": "scale", "denoise": "strength", "denoisingstrength": "strength",
-               "hiresteps": "steps", "hrsecondpasssteps": "steps", "hrupscaler": "upscaler", "cfg": "guidance",
-               "cfgscale": "guidance", "guidancescale": "guidance", "samplername": "solver", "sampler": "solver",
-               "negativeprompt": "negative", "guidancerescale": "cfg_rescale"}
+# choices of other tools that scenec does not offer yet (another tool's key names: spec/key_hints.py)
 NOT_YET = ((re.compile(r"esrgan|^\d+x|ultrasharp|remacri|swinir|\bscunet"),
             "upscaling models (ESRGAN and the like) are not offered yet: `lanczos` enlarges the image, `latent` its "
             "latent"),)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
-    """A hint naming the closest valid choice, or None: first the one spelt the same but for case, spaces and
-    separators (:func:`_spelling`) or named so by A1111, ComfyUI or diffusers (:data:`OTHER_NAMES`), then the
-    closest by difflib; a choice scenec does not offer yet says so (:data:`NOT_YET`)."""
+    """A hint naming the closest valid choice, or None: first the one spelt the same but for case, spaces, brackets
+    and separators (:func:`_spelling`), then the closest by difflib; a choice scenec does not offer yet says so
+    (:data:`NOT_YET`)."""
     choices = list(choices)
     spelt = _spelling(str(word))
-    same = [c for c in choices if _spelling(c) == spelt or OTHER_NAMES.get(spelt) == c]
+    same = [c for c in choices if _spelling(c) == spelt]
     if same:
         return f"did you mean `{same[0]}`?"
     for pattern, hint in NOT_YET:

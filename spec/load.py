@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import models as m
 from .diagnostics import Diagnostics, Pos, SceneError, did_you_mean, display_path
+from .key_hints import unknown_key_hint
 from .overrides import Override, apply_overrides
 from .paths import PathProblem, find_project_root, resolve_inside
 from .yamlload import SourceMap, load_yaml
@@ -196,7 +197,7 @@ def _apply_use(data, smap: SourceMap, own_defs: dict, included: dict[str, _Def],
             hint = did_you_mean(name, choices) or ("defs available: " + ", ".join(sorted(choices)) if choices
                                                    else "define it under `defs.entities`")
             if includes_failed:
-                hint = "an include did not load (above), and it may define it"
+                hint = "an include did not load (see its error), and it may define it"
             diags.error(smap.value(("entities", i, "use")), f"unknown def `{name}` in `use`", hint=hint)
             ent.setdefault("prompt", "")  # the def would have given it: no second error for the same mistake
             continue
@@ -233,11 +234,16 @@ def _validate(model: type[BaseModel], data: Any, smap: SourceMap, diags: Diagnos
                 continue
             _report(model, errs[i], data, smap, diags)
         for parent, keys in missing.items():
+            hint = None
+            if parent == () and isinstance(data, dict) and "defs" in data and "canvas" not in data:
+                if keys == ["`canvas`"]:
+                    hint = "this is a library file (`defs`, no `canvas`): build or compile the scenes that include it"
+                elif "`scenec`" in keys:  # a library, not a scene missing its canvas
+                    keys = ["`scenec`"]
+                    hint = "a library file (`defs`, no `canvas`) starts with `scenec: 1` too"
             names = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-            library = parent == () and keys == ["`canvas`"] and isinstance(data, dict) and "defs" in data
-            diags.error(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}",
-                        "this is a library file (`defs`, no `canvas`): build or compile the scenes that "
-                        "include it" if library else None)
+            diags.add(smap.value(parent), f"missing required key{'s' if len(keys) > 1 else ''} {names}", hint=hint,
+                      distinct=True)
         return None
 
 
@@ -317,7 +323,7 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
     if typ == "extra_forbidden":
         key = path[-1] if path else loc[-1]
         allowed = _allowed_keys(model, loc[:-1])
-        hint = did_you_mean(key, allowed) if allowed else None
+        hint = unknown_key_hint(key, allowed, _section(model, loc[:-1]))  # spec/key_hints.py
         if hint is None and allowed:
             hint = "allowed here: " + ", ".join(allowed)
         diags.error(smap.key(path), f"unknown key `{key}`", hint)
@@ -331,7 +337,7 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
     where = ".".join(str(p) for p in path) or "document"
     if typ in _TYPE_WORDS and _TYPE_WORDS[typ]:
         msg = f"`{where}` must be {_TYPE_WORDS[typ]}, found {_describe(value)}"
-        diags.error(pos, msg)
+        diags.error(pos, msg, _example_hint(model, loc) if typ in _SHAPE_TYPES else None)
         return
     if typ == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
@@ -373,20 +379,56 @@ def _report(model, err: dict, data: Any, smap: SourceMap, diags: Diagnostics) ->
         msg = msg[len("Value error, "):]
     else:
         msg = msg[:1].lower() + msg[1:]
-    diags.error(pos, f"`{where}` {msg}; found {_describe(value)}")
+    hint = None
+    if value == -1 and "seed" in path:
+        hint = ("A1111's and ComfyUI's seed -1 (a new random seed each run) has no equivalent: a scene makes the same "
+                "images at every build; give seeds (`seed: [1, 2, 3]`, or `--seed 1..8`)")
+    diags.error(pos, f"`{where}` {msg}; found {_describe(value)}", hint)
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model reached by following a pydantic location (best effort)."""
+_SHAPE_TYPES = ("list_type", "dict_type", "model_type", "model_attributes_type")
+
+
+def _example_hint(model: type[BaseModel], loc: tuple) -> str | None:
+    """``e.g. `key: EXAMPLE``` from the field's schema example, for a value of the wrong shape (a string where a
+    list or a mapping goes); an item of a list is shown the example's first item."""
+    import yaml
+
+    item = bool(loc) and isinstance(loc[-1], int)
+    fields = loc[:-1] if item else loc
+    if not fields or not isinstance(fields[-1], str):
+        return None
+    parent = _model_at(model, fields[:-1])
+    field = parent.model_fields.get(fields[-1]) if parent is not None else None
+    examples = field.examples if field is not None else None
+    if not examples or (item and not (isinstance(examples[0], list) and examples[0])):
+        return None
+    ex = examples[0][0] if item else examples[0]
+    text = yaml.safe_dump(ex, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    text = text.removesuffix("\n...").strip()
+    return f"e.g. `{text}` (an item of the list)" if item else f"e.g. `{fields[-1]}: {text}`"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model reached by following a pydantic location (best effort)."""
     cur: Any = model
     for part in loc:
         cur = _unwrap(cur, part)
         if cur is None:
-            return []
+            return None
     cur = _unwrap(cur, None)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return []
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model reached by following a pydantic location (best effort)."""
+    cur = _model_at(model, loc)
+    return list(cur.model_fields) if cur is not None else []
+
+
+def _section(model: type[BaseModel], loc: tuple) -> str | None:
+    cur = _model_at(model, loc)
+    return cur.__name__ if cur is not None else None
 
 
 def _unwrap(tp: Any, part: Any) -> Any:
@@ -411,6 +453,8 @@ def _unwrap(tp: Any, part: Any) -> Any:
                         return a_args[0]
                     inner = a_args[0]
                 if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    if part == inner.__name__:  # pydantic's tag of a union's model branch (`ModelSpec`)
+                        return inner
                     if part is None or part in inner.model_fields:
                         return inner if part is None else inner.model_fields[part].annotation
             if len(args) == 1:

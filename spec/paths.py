@@ -48,6 +48,24 @@ def resolve_inside(value: str, base_dir: Path, root: Path) -> Path:
     return resolved
 
 
+def not_found_hint(p: Path, value: str, base_dir: Path, root: Path) -> str:
+    """``looked for P``, and where the file is when ``value`` was written from the project root or a directory
+    between it and ``base_dir`` (a scene in scenes/ naming `loras/x.safetensors`): the path to write instead."""
+    import os
+
+    hint = f"looked for {p}"
+    base, root = base_dir.resolve(), root.resolve()
+    for d in base.parents:
+        if d != root and root not in d.parents:
+            break
+        q = d / value
+        if q.exists():
+            rel = Path(os.path.relpath(q, base)).as_posix()
+            return (f"{hint}; did you mean `{rel}`? (a path is relative to the file that names it, not to the project "
+                    "root)")
+    return hint
+
+
 def _has_symlink(p: Path, root: Path) -> bool:
     try:
         cur = p

@@ -79,6 +79,9 @@ _YAML_WORDS = (
      "without indenting it, or a missing `:`)", "indent a continued value further than its key, or quote it"),
     ("found character '\\t' that cannot start any token", "a tab: YAML indents with spaces only",
      "replace the tab with spaces"),
+    ("found unknown escape character", "a `\\` in double quotes that YAML does not know as an escape",
+     "in double quotes `\\` starts an escape: write the prompt in single quotes ('a \\(b\\)') or without quotes, "
+     "or double the backslash (`\\\\(`)"),
 )
 
 
@@ -252,6 +255,10 @@ def _text(raw: bytes, display: str, diags: Diagnostics) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows' "Unicode" (Notepad), with its byte order mark
+            diags.error(Pos(display, 1, 1), "the file is UTF-16 text (it starts with a UTF-16 byte order mark), not "
+                        "UTF-8", hint="save the file as UTF-8")
+            return None
         bad = []
         for n, line in enumerate(raw.split(b"\n"), 1):
             try:

@@ -78,10 +78,11 @@ def test_discover_dirs_globs_files_skips_libraries(tmp_path):
 
 def test_selectors():
     job = {"scene": "meadow", "file": "scenes/meadow.yaml", "group": "animals", "variant": "fox", "seed": 2,
-           "matrix": {"style": "oil painting"}}
+           "matrix": {"style": "oil painting"}, "name": "meadow-animals-fox-oil-painting-2"}
     yes = ["meadow", "mea*", "animals", "animals/fox", "*/f*", "scene:meadow", "group:animals",
            "group:animals/fox", "path:scenes/*.yaml", "path:scenes", "meadow.yaml", "seed:2", "style=oil*",
-           "style=oil-painting", "matrix:seed=2", "meadow,seed:2"]
+           "style=oil-painting", "matrix:seed=2", "meadow,seed:2",
+           "meadow-animals-fox-oil-painting-2", "meadow-*-2"]  # the image's name, as build and status print it
     no = ["forest", "animals/eagle", "scene:animals", "seed:1", "style=water*", "meadow,seed:1", "path:other"]
     for s in yes:
         assert parse_selectors([s])[0].matches(job), s
@@ -419,6 +420,19 @@ def test_matrix_example_scene_and_default_names(tmp_path):
     assert [j["name"] for j in compile_scene(f).json["jobs"]] == ["d-a-3", "d-b-3"]  # default name gains {style}
 
 
+def test_select_by_the_image_name_build_prints(project):
+    """`built   m-oil-painting-1-7` names the image: `--select m-oil-painting-1-7` rebuilds it (it matched nothing,
+    and the list of what there is to select did not name images)."""
+    d, _ = project
+    (d / "m.yaml").write_text(MATRIX)
+    s = run(["m.yaml"], select=["m-water-colour-*"], dry_run=True)
+    assert sorted(Path(o["image"]).stem for o in s["outputs"]) == ["m-water-colour-1-7", "m-water-colour-2.5-7"]
+    with pytest.raises(BatchError) as e:
+        run(["m.yaml"], select=["m-nothing"], dry_run=True)
+    assert "; images: m-oil-painting-1-7, m-oil-painting-2.5-7, m-water-colour-1-7, m-water-colour-2.5-7" \
+        in str(e.value)
+
+
 def test_matrix_selection(project):
     d, _ = project
     (d / "m.yaml").write_text(MATRIX)
@@ -627,3 +641,32 @@ def test_an_output_last_built_by_another_scene_warns(project, capsys):
     (d / "a" / "x.yaml").unlink()  # the other scene is gone (renamed, moved): nothing to warn about
     run(["b/x.yaml"], force=True, quiet=False)
     assert "last built by" not in capsys.readouterr().err
+
+
+def test_matrix_key_in_no_prompt_warns_under_the_default_name(tmp_path):
+    """An X/Y/Z-plot habit: `matrix: {cfg: [5, 7]}` varies no sampler setting; its images are identical. The
+    default output name gains every key, which silenced the warning (the key was 'used' by the name)."""
+    from scenec.compiler.check import validate_file
+
+    f = tmp_path / "x.yaml"
+    f.write_text("scenec: 1\nmodel: tiny\ncanvas: {width: 64, height: 64}\nmatrix: {style: [a, b], cfg: [5, 7]}\n"
+                 "background: {prompt: \"a {style} harbour\"}\n")
+    _, d = validate_file(f)
+    warns = [x.format() for x in d.warnings]
+    assert any(":4:25: warning: matrix key `cfg` appears in no prompt" in w for w in warns), warns
+    assert not any("`style`" in w for w in warns), warns
+    f.write_text(f.read_text() + "output: {name: \"{scene}-{style}-{cfg}-{seed}\"}\n")  # named apart, still identical
+    _, d = validate_file(f)
+    assert any("matrix key `cfg` appears in no prompt" in x.format() for x in d.warnings)
+
+
+def test_discovery_finds_upper_case_suffixes_and_names_utf16_scenes(tmp_path):
+    """A directory's `SCENE.YAML` (Windows) is a scene; a UTF-16 one (Notepad's "Unicode") is not read but named
+    in a warning (both were passed over without a word)."""
+    write_scene(tmp_path, "a")
+    (tmp_path / "a.yaml").rename(tmp_path / "UPPER.YAML")
+    (tmp_path / "wide.yaml").write_bytes("scenec: 1\ncanvas: {width: 64, height: 64}\n".encode("utf-16"))
+    files, problems = discover([tmp_path])
+    assert [p.name for p in files] == ["UPPER.YAML"]
+    assert [(p.pos.file.endswith("wide.yaml"), p.severity, p.message) for p in problems] == [
+        (True, "warning", "skipped: is UTF-16 text (save it as UTF-8)")], problems

@@ -178,3 +178,15 @@ def test_dry_run_with_an_invalid_scene_does_not_say_building(tmp_path):
     r = scenec("build", tmp_path, "--dry-run")
     assert r.returncode == 2 and "scenec: 1 invalid scene; the others would build" in r.stderr, r.stderr
     assert "building" not in r.stderr and "good-0.png" in r.stdout
+
+
+def test_the_summary_says_where_the_images_are(tmp_path):
+    """A scene in scenes/ without `output.dir` or `-o` writes to scenes/out/ (beside the scene): the summary line
+    says so, as it would not otherwise be seen without reading docs/language.md's `output`."""
+    (tmp_path / "scenes").mkdir()
+    write(tmp_path / "scenes", "s.yaml", HEAD + "background: {prompt: x}\n")
+    r = scenec("build", "scenes/s.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-1].endswith("; images in scenes/out/"), r.stderr
+    r = scenec("build", "scenes/s.yaml", "-o", tmp_path / "elsewhere", cwd=tmp_path)
+    assert r.stderr.splitlines()[-1].endswith("; images in elsewhere/"), r.stderr

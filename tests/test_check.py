@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import warnings
 import textwrap
+import warnings
 
 import pytest
 from PIL import Image
@@ -518,3 +518,66 @@ def test_an_unknown_model_is_one_error_not_its_stand_in_familys_too(tmp_path):
     p.write_text(p.read_text().replace("model: nope", "model: flux-dev"))
     _, d = validate_file(p)
     assert len(d.errors) >= 2  # the same scene on a known model: its family's errors are real
+
+
+def test_a_path_written_from_the_project_root_in_a_subdirectory_scene_says_so(proj):
+    """A scene in scenes/ naming `loras/x.safetensors` (a path from the project root, as ComfyUI's model folders
+    are) is not found; the hint says where the file is and the path to write (`../loras/x.safetensors`)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    (proj / "refs").mkdir()
+    Image.new("RGB", (64, 64)).save(proj / "refs" / "init image.png")
+    (proj / "loras").mkdir()
+    save_file({"lora_unet_x.lora_down.weight": np.zeros((1, 4), np.float32)}, str(proj / "loras" / "a.safetensors"))
+    (proj / "embeddings").mkdir()
+    save_file({"emb_params": np.zeros((1, 32), np.float32)}, str(proj / "embeddings" / "bad.safetensors"))
+    p = write(proj, "scenes/s.yaml", """
+        scenec: 1
+        model: {id: tiny-sd, lora: [{file: loras/a.safetensors}], embeddings: [{file: embeddings/bad.safetensors}]}
+        canvas: {width: 64, height: 64}
+        background: {prompt: x, image: "refs/init image.png"}
+        """)
+    _, diags = validate_file(p)
+    hints = {d.pos.col: d.hint for d in diags.errors}
+    assert hints[36].endswith("; did you mean `../loras/a.safetensors`? (a path is relative to the file that "
+                              "names it, not to the project root)"), hints
+    assert "did you mean `../embeddings/bad.safetensors`?" in hints[79], hints
+    assert "did you mean `../refs/init image.png`?" in hints[32], hints
+    (proj / "scenes" / "refs").mkdir()  # a file nowhere else: the hint as before
+    p.write_text(p.read_text().replace("refs/init image.png", "refs/none.png"))
+    _, diags = validate_file(p)
+    assert [d.hint for d in diags.errors if "none.png" in d.message] == [f"looked for {proj / 'scenes/refs/none.png'}"]
+
+
+def test_a_checkpoint_path_from_the_project_root_says_so(proj):
+    """`model: models/x.safetensors` in scenes/s.yaml: the checkpoint is in the project's models/, so the hint
+    gives `../models/x.safetensors` (as for LoRAs and images)."""
+    (proj / "models").mkdir()
+    (proj / "models" / "my model.safetensors").write_bytes(b"\0" * 16)
+    p = write(proj, "scenes/s.yaml", """
+        scenec: 1
+        model: "models/my model.safetensors"
+        canvas: {width: 64, height: 64}
+        """)
+    _, diags = validate_file(p)
+    [err] = diags.errors
+    assert (err.pos.line, err.pos.col) == (2, 8) and "does not exist" in err.message, err.format()
+    assert err.hint and "did you mean `../models/my model.safetensors`?" in err.hint, err.format()
+
+
+def test_a_vae_path_from_the_project_root_says_so(proj):
+    """`vae: vae/my-vae` (a directory, or a file) written from the project root in scenes/s.yaml: the hint gives
+    `../vae/…`; the message still says no hub id `vae/my-vae` is cached (it has the form of one)."""
+    (proj / "vae" / "my-vae").mkdir(parents=True)
+    (proj / "vae" / "ft.safetensors").write_bytes(b"\0" * 16)
+    p = write(proj, "scenes/s.yaml", """
+        scenec: 1
+        model: {id: tiny-sd, vae: vae/my-vae}
+        canvas: {width: 64, height: 64}
+        """)
+    for spec, want in (("vae/my-vae", "../vae/my-vae"), ("vae/ft.safetensors", "../vae/ft.safetensors")):
+        p.write_text(p.read_text().replace("vae/my-vae", spec))
+        _, diags = validate_file(p)
+        [err] = diags.errors
+        assert err.hint and f"did you mean `{want}`?" in err.hint, err.format()

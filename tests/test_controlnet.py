@@ -301,3 +301,46 @@ def test_under_offload_the_controlnet_is_offloaded_as_diffusers_does(tmp_path, o
         assert net._scenec_offload is not None
     else:
         assert {p.device.type for p in net.parameters()} == {"meta"}  # the weights live in the CPU offload map
+
+
+def test_the_default_window_covers_every_karras_step(tmp_path, backends):
+    """Karras' σ spacing ends on timestep 0 twice (the last step starts at level 0, as the end does): the default
+    window [1, 0] ended at the first of them, so the last step ran without the ControlNet (and img2img's last steps
+    were warned about as uncontrolled). Every step is controlled, as in diffusers' pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+
+    from scenec.runtime.solvers import DPM_PINNED
+
+    be = backends["tiny-sd"]
+    d = tmp_path / "k"
+    d.mkdir()
+    edges(d / "edges.png")
+    f = d / "s.yaml"
+    f.write_text(SCENE.format(model="tiny-sd", control=control(0.7), entities="")
+                 .replace("seed: 7}", "seed: 7, solver: dpm++2m-karras}"))
+    plan = compile_scene(f)
+    ours = run_job(be, plan, plan.jobs[0], decode=False).latents
+    assert plan.jobs[0].controls[0].window == (0, 3), plan.jobs[0].controls[0].window
+    p = be.pipe
+    sched = DPMSolverMultistepScheduler.from_config(p.scheduler.config, **DPM_PINNED, use_karras_sigmas=True)
+    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, load_controlnet(be, None),
+                                             sched, None, None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "k" / "edges.png"), negative_prompt="blurry",
+               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance("tiny-sd"),
+               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    assert float((ours - ref).abs().max()) <= 1e-5
+    # img2img runs the last step only: the default window still controls it
+    f.write_text(f.read_text().replace('negative: "blurry"', 'negative: "blurry", image: edges.png, strength: 0.6'))
+    assert not [d for d in validate_file(f)[1] if "control window" in d.message]
+
+
+def test_an_unknown_model_is_one_error_not_a_flux_controlnets_too(tmp_path):
+    """A checkpoint path with a typo is one error at `model`; `control` said it "needs `model`: a diffusers
+    FluxControlNetModel" as the stand-in flux-dev would, for what may be an SD file."""
+    edges(tmp_path / "edges.png")
+    p = tmp_path / "s.yaml"
+    p.write_text(SCENE.format(model="models/typo.safetensors", entities="", control=control()))
+    _, d = validate_file(p)
+    assert [(x.pos.line, x.pos.col) for x in d.errors] == [(2, 8)], [x.format() for x in d.errors]

@@ -290,3 +290,134 @@ def test_no_far_fetched_did_you_mean(tmp_path):
         load_scene(p)
     [d] = e.value.diagnostics.errors
     assert d.message == "unknown key `colour`" and d.hint.startswith("allowed here: ") and "did you mean" not in d.hint
+
+
+def test_other_uis_key_names_hint_scenecs(tmp_path):
+    """A1111's, ComfyUI's and diffusers' names for a setting, or scenec's own key in the wrong mapping, hint where
+    it is in a scene: `cfg_scale` was "did you mean `cfg_rescale`?" (a 0–1 share, not the CFG scale) and a
+    top-level `prompt` "did you mean `prompt_syntax`?"."""
+    p = write(tmp_path, "s.yaml", BASE + """
+        steps: 4
+        prompt: a cat
+        sampler: {cfg_scale: 7, cfg: 7, scheduler: karras, sampler: euler, denoise: 0.5, clip_skip: 1}
+        background: {prompt: x, negative_prompt: y, denoising_strength: 0.4}
+        model: {id: tiny-sd, lora: [{file: a.safetensors, strength_model: 0.8}]}
+        entities:
+          - {id: a, prompt: a, negative_prompt: b, box: [0, 0, 1, 1]}
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    hints = {(d.pos.line, d.pos.col): (d.message, d.hint) for d in e.value.diagnostics.errors}
+    assert hints[(4, 1)] == ("unknown key `steps`", "`steps` is `sampler.steps` in a scene")
+    assert hints[(5, 1)][1] == "`prompt` is `background.prompt` in a scene"
+    assert hints[(6, 11)][1] == "did you mean `guidance`?"  # in `sampler`: its own name for it
+    assert hints[(6, 25)][1] == "did you mean `guidance`?"
+    assert hints[(6, 33)][1].startswith("the schedule is part of `sampler.solver`'s name: `dpm++2m-karras`")
+    assert hints[(6, 52)][1] == "did you mean `solver`?"
+    assert hints[(6, 68)][1] == "A1111's, ComfyUI's or diffusers' `denoise` is `background.strength` in a scene"
+    assert hints[(6, 82)][1] == "`clip_skip` is `model.clip_skip` in a scene"
+    assert hints[(7, 25)][1] == "did you mean `negative`?"
+    assert hints[(7, 45)][1] == "did you mean `strength`?"
+    assert hints[(8, 51)][1] == "did you mean `scale`?"
+    assert hints[(10, 24)][1] == "did you mean `negative`?"
+    assert hints[(10, 44)][1] == "`box` is `shape.box` in an entity: `shape: {box: [x0, y0, x1, y1]}`"
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\n"
+                 "control: [{image: e.png, strength: 0.5, end_percent: 0.6}]\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint.split(":")[0] for d in e.value.diagnostics.sorted()] == [
+        "did you mean `scale`?", "the steps it acts in are `window"]
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\ncfg_scale: 7\ndenoising_strength: 0.5\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    assert [d.hint for d in e.value.diagnostics.sorted()] == [
+        "A1111's, ComfyUI's or diffusers' `cfg_scale` is `sampler.guidance` in a scene",
+        "A1111's, ComfyUI's or diffusers' `denoising_strength` is `background.strength` in a scene"]
+
+
+def test_a1111_escaped_parens_in_double_quotes_hint_single_quotes(tmp_path):
+    """A1111's and ComfyUI's literal parenthesis `\\(` is an unknown escape inside YAML's double quotes."""
+    p = tmp_path / "s.yaml"
+    p.write_text('scenec: 1\ncanvas: {width: 64, height: 64}\nbackground: {prompt: "a \\(literal\\) word"}\n')
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert (d.pos.line, d.pos.col) == (3, 26) and "unknown escape character '('" in d.message
+    assert d.hint == ("in double quotes `\\` starts an escape: write the prompt in single quotes ('a \\(b\\)') "
+                      "or without quotes, or double the backslash (`\\\\(`)")
+
+
+def test_a1111s_random_seed_minus_one_is_told_what_to_do(tmp_path):
+    """A1111's and ComfyUI's seed −1 (a new random seed each run) gets a hint, in a list too."""
+    p = tmp_path / "s.yaml"
+    for seed, col in (("-1", 17), ("[1, -1]", 21)):
+        p.write_text(f"scenec: 1\ncanvas: {{width: 64, height: 64}}\nsampler: {{seed: {seed}}}\n")
+        with pytest.raises(SceneError) as e:
+            load_scene(p)
+        [d] = e.value.diagnostics.errors
+        assert (d.pos.line, d.pos.col) == (3, col), d.format()
+        assert d.hint and d.hint.startswith("A1111's and ComfyUI's seed -1 (a new random seed each run) has no "
+                                            "equivalent: a scene makes the same images at every build"), d.format()
+
+
+def test_a_value_of_the_wrong_shape_is_shown_the_right_one(tmp_path):
+    """A string where a list or a mapping goes (`lora: loras/x.safetensors`, `canvas: 512x512`, `entities` as one
+    mapping) gets the field's example as a hint (the schema's, that editors show)."""
+    p = write(tmp_path, "s.yaml", """
+        scenec: 1
+        model: {id: tiny-sd, lora: loras/x.safetensors, embeddings: [embeddings/bad.safetensors]}
+        canvas: 512x512
+        entities:
+          id: fox
+        """)
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    hints = {(d.pos.line, d.pos.col): d.hint for d in e.value.diagnostics.errors}
+    assert hints[(2, 28)] == "e.g. `lora: [{file: loras/watercolor.safetensors, scale: 0.8}]`", hints
+    assert hints[(2, 62)] == "e.g. `{file: embeddings/badhands.safetensors, token: badhands}` (an item of the list)"
+    assert hints[(3, 9)] == "e.g. `canvas: {width: 1024, height: 768}`"
+    assert hints[(5, 3)].startswith("e.g. `entities: [{id: fox, prompt: a red fox running, shape: ")
+
+
+def test_a_library_without_scenec_is_told_that_alone(tmp_path):
+    """A library (`defs`, no `canvas`) without `scenec: 1`: validated alone it was "missing required keys `scenec`
+    and `canvas`" (as if it were a scene), included "missing required key `scenec`" without a word why."""
+    lib = write(tmp_path, "lib/animals.yaml", """
+        defs:
+          entities:
+            fox: {prompt: a fox}
+        """)
+    scene = write(tmp_path, "s.yaml", BASE + """
+        include: [lib/animals.yaml]
+        entities: [{id: f, use: fox}]
+        """)
+    for path, file in ((lib, lib), (scene, lib)):
+        with pytest.raises(SceneError) as e:
+            load_scene(path)
+        [d] = [x for x in e.value.diagnostics.errors if x.pos.file.endswith("animals.yaml")]
+        assert d.message == "missing required key `scenec`", d.format()
+        assert d.hint == "a library file (`defs`, no `canvas`) starts with `scenec: 1` too", d.format()
+
+
+def test_missing_keys_are_reported_beside_an_unknown_first_key(tmp_path):
+    """An A1111-style file (`prompt:`, `steps:`) lacks `scenec` and `canvas`: that error is at the document's
+    position, 1:1, where the unknown first key's is too, and one error per position dropped it."""
+    p = tmp_path / "s.yaml"
+    p.write_text("prompt: a cat\nsteps: 20\n")
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    got = [(d.pos.line, d.pos.col, d.message) for d in e.value.diagnostics.sorted()]
+    assert got == [(1, 1, "missing required keys `scenec` and `canvas`"), (1, 1, "unknown key `prompt`"),
+                   (2, 1, "unknown key `steps`")], got
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    """Windows' Notepad "Unicode" saves UTF-16: one error saying so, not a byte at every line."""
+    p = tmp_path / "s.yaml"
+    p.write_bytes("scenec: 1\ncanvas: {width: 64, height: 64}\n".encode("utf-16"))
+    with pytest.raises(SceneError) as e:
+        load_scene(p)
+    [d] = e.value.diagnostics.errors
+    assert (d.pos.line, d.pos.col, d.message) == (1, 1, "the file is UTF-16 text (it starts with a UTF-16 byte "
+                                                        "order mark), not UTF-8"), d.format()
+    assert d.hint == "save the file as UTF-8"

@@ -292,3 +292,20 @@ def test_bad_default_model_lora_in_scenec_toml_names_its_line(tmp_path):
     [d] = [d for d in e.value.diagnostics.sorted() if d.severity == "error"]
     assert (d.pos.file.endswith("scenec.toml"), d.pos.line) == (True, 3)
     assert d.message.startswith("`default_model.lora.0.scale`: input should be a valid number") and "`abc`" in d.message
+
+
+def test_explain_shows_the_loras(tmp_path):
+    """`scenec explain`'s IR model line names each LoRA and its scale (the whole image's, then each entity's);
+    without LoRAs the line is as before."""
+    flux_lora(tmp_path / "my style.safetensors")
+    flux_lora(tmp_path / "fur.safetensors")
+    p = scene(tmp_path, "{id: tiny, lora: [{file: my style.safetensors, scale: 0.5}]}",
+              entities="    lora: [{file: fur.safetensors, scale: 0.9}]\n")
+    r = scenec("explain", p, "--after", "check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    model_line = next(x for x in r.stdout.splitlines() if x.startswith("model "))
+    assert model_line.endswith(' lora="my style.safetensors":0.5 lora.fox="fur.safetensors":0.9'), model_line
+    p.write_text(p.read_text().replace("{id: tiny, lora: [{file: my style.safetensors, scale: 0.5}]}", "tiny")
+                 .replace("    lora: [{file: fur.safetensors, scale: 0.9}]\n", ""))
+    r = scenec("explain", p, "--after", "check", cwd=tmp_path)
+    assert "lora" not in r.stdout, r.stdout

@@ -126,8 +126,13 @@ def test_a_failed_include_or_unknown_use_adds_no_missing_prompt(tmp_path):
     r = scenec("validate", f)
     assert r.returncode == 2
     assert "included file `nolib.yaml` not found" in r.stderr and "unknown def `fox`" in r.stderr
-    assert "an include did not load (above), and it may define it" in r.stderr
+    assert "an include did not load (see its error), and it may define it" in r.stderr
     assert "missing required key" not in r.stderr
+    # a library that is there but broken: its error is printed after the scene's (by file name), not "above"
+    write(tmp_path, "zlib.yaml", "defs: {entities: {fox: {prompt: a fox}}}\n")
+    f.write_text(f.read_text().replace("nolib.yaml", "zlib.yaml"))
+    r = scenec("validate", f)
+    assert "(above)" not in r.stderr and "zlib.yaml:1:1: error: missing required key `scenec`" in r.stderr
 
 
 def test_the_concepts_command_table_lists_every_command():

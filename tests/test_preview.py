@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from scenec.compiler.geometry import resolve_regions
-from scenec.compiler.shapes import shape_geometry
 from scenec.compiler.preview import TILE, render_preview, write_mask_pngs
+from scenec.compiler.shapes import shape_geometry
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import load_scene
 
@@ -123,3 +123,15 @@ def test_preview_cli_writes_the_file(tmp_path, monkeypatch):
         assert r.returncode == 0, r.stderr
         with Image.open(out) as im:
             assert im.format == "PNG" and max(im.size) >= TILE
+
+
+def test_preview_to_another_image_type_is_refused(tmp_path):
+    """`-o layout.jpg` wrote PNG bytes under a .jpg name (a viewer or an upload trusting the suffix fails)."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent / "scenes"
+    r = subprocess.run([sys.executable, "-m", "scenec", "preview", str(here / "regional.yaml"), "-o",
+                        str(tmp_path / "layout.jpg")], capture_output=True, text=True)
+    assert r.returncode == 2 and "layout.jpg: preview writes a PNG: name it .png" in r.stderr, r.stderr
+    assert not (tmp_path / "layout.jpg").exists()

@@ -282,7 +282,7 @@ def test_break_on_flux_is_a_warning(tmp_path):
     f = scene(tmp_path, "a cat BREAK a dog", "prompt_syntax: a1111\n")
     f.write_text(f.read_text().replace("tiny-sd", "tiny"))
     out = messages(f)
-    assert [(s, at) for s, at, _, _ in out] == [("warning", "5:11")] and "`BREAK` does nothing on Flux" in out[0][2]
+    assert [(s, at) for s, at, _, _ in out] == [("warning", "5:18")] and "`BREAK` does nothing on Flux" in out[0][2]
 
 
 def test_plain_prompts_that_look_weighted_get_one_warning_with_the_key_to_set(tmp_path):
@@ -455,3 +455,14 @@ def test_a1111_keeps_an_embeddings_vectors_in_one_chunk(sd):
         return [sum(t in emb for t in c.ids) for c in chunks]
 
     assert where(60) == [3] and where(70) == [3, 0] and where(74) == [0, 3]
+
+
+def test_warnings_about_other_uis_syntax_point_at_it(tmp_path):
+    """`<lora:…>`, a `[a:b:when]` that is no prompt editing and ComfyUI's `embedding:NAME` are warned about at their
+    own column, not at the prompt's start (a long prompt pasted from A1111 holds many words); prompt editing that
+    runs is not warned about."""
+    out = messages(scene(tmp_path, "a cat <lora:film:0.8>, [cat:dog:0.5] [a:b:half]", "prompt_syntax: a1111\n"))
+    at = {m.split("`")[1]: pos for s, pos, m, _ in out if s == "warning"}
+    assert at == {"<lora:film:0.8>": "5:18", "[a:b:half]": "5:54"}, out  # at the word that is no number
+    out = messages(scene(tmp_path, "a cat, embedding:bad", "prompt_syntax: comfy\n"))
+    assert [(s, pos) for s, pos, m, _ in out if "embedding:bad" in m] == [("warning", "5:19")], out

@@ -458,3 +458,15 @@ def test_one_checkpoint_named_from_two_directories_loads_once(project, monkeypat
     monkeypatch.setattr(pool, "load_model", lambda model, **kw: loads.append(model) or object())
     backends = pool.BackendPool()
     assert backends.get(models[0]) is backends.get(models[1]) and len(loads) == 1
+
+
+def test_a_checkpoint_on_the_command_line_without_its_configs_says_what_works(project, tmp_path):
+    """`--model sd.safetensors` with no SD 1.5 configs cached: the hint named `model: {id: FILE, config: DIR}`,
+    which --model replaces; it says to name the checkpoint (and its configs) in the scene or scenec.toml instead."""
+    (project / "m2.yaml").write_text(SCENE.format(model="tiny-sd", name="m2").replace("<bad> ", ""))
+    r = subprocess.run([sys.executable, "-m", "scenec", "validate", "m2.yaml", "--model", "sd.safetensors"],
+                       capture_output=True, text=True, cwd=project,
+                       env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "sd.safetensors` loads with the configs of" in r.stderr, r.stderr
+    assert "hint: --model takes no `config`: name the checkpoint with its configs in the scene (`model: {id: FILE, " \
+           "config: DIR}`) or in scenec.toml's `default_model`, and leave --model out" in r.stderr, r.stderr

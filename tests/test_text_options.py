@@ -413,3 +413,17 @@ def test_a_token_inside_a_longer_prompt_word_is_a_warning(tmp_path):
     assert not [d for d in diags if d.severity == "error"]
     assert warns == [(6, "embedding token `bad` is inside the word `Badger`: the tokenizer splits it out of the "
                           "word, so the embedding acts there too")], warns  # the negative's whole word: no warning
+
+
+def test_text_options_in_scenec_toml_are_refused_at_their_line(tmp_path):
+    """`default_model` takes `id`, `config`, `vae` and `lora` (docs/language.md); the error named only `id` and
+    `lora`, at scenec.toml:1:1 whatever line set it."""
+    from scenec.compiler.check import validate_file
+
+    (tmp_path / "scenec.toml").write_text('# my project\n[project]\ndefault_model = {id = "tiny-sd", clip_skip = 1}\n')
+    p = tmp_path / "s.yaml"
+    p.write_text("scenec: 1\ncanvas: {width: 64, height: 64}\n")
+    _, diags = validate_file(p)
+    (err,) = [d for d in diags if d.severity == "error"]
+    assert err.pos.file.endswith("scenec.toml") and err.pos.line == 3, err
+    assert "takes `id`, `config`, `vae` and `lora`" in err.message, err.message

@@ -259,3 +259,11 @@ def test_a_visual_window_ending_before_the_steps_that_run_is_a_warning(tmp_path)
         assert not [d for d in diags if d.severity == "error"] and bool(warns) == warned, (window, warns)
         if warned:
             assert warns[0][0] == 10 and "`background.strength: 0.5` runs the last 2 of 4" in warns[0][1]
+
+
+def test_an_unknown_model_is_one_error_not_a_flux_adapters_too(tmp_path):
+    """A checkpoint path with a typo is one error at `model`; `visual` said it "needs `adapter`" as the stand-in
+    flux-dev would (a Flux adapter, for what may be an SD file)."""
+    p = write(tmp_path, "    visual: {image: obj.png}\n", model="models/typo.safetensors")
+    _, d = validate_file(p)
+    assert [(x.pos.line, x.pos.col) for x in d.errors] == [(2, 8)], [x.format() for x in d.errors]

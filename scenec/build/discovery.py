@@ -58,9 +58,12 @@ def skip_reason(path: Path) -> str | None:
     is skipped; None for a library or YAML that is no scene at all."""
     try:
         with open(path, "rb") as f:
-            text = f.read(1 << 20).decode("utf-8-sig", "replace")  # a BOM is no key
+            raw = f.read(1 << 20)
     except OSError as e:
         return f"cannot be read: {e.strerror or e}"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte order mark (Windows Notepad's "Unicode")
+        return "is UTF-16 text (save it as UTF-8)"
+    text = raw.decode("utf-8-sig", "replace")  # a BOM is no key
     found = set(_SCENE_KEY.findall(text))
     if not found or re.search(r"^defs\s*:", text, re.MULTILINE) and "canvas" not in found:
         return None
@@ -75,7 +78,7 @@ def _walk(d: Path, skipped: list | None = None, libraries: bool = False) -> Iter
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS)
         for f in sorted(files):
-            if f.endswith(SCENE_SUFFIXES) and not f.startswith("."):
+            if f.lower().endswith(SCENE_SUFFIXES) and not f.startswith("."):  # SCENE.YAML too
                 p = Path(root) / f
                 if is_scene_file(p) or libraries and is_library_file(p):
                     yield p
@@ -91,9 +94,7 @@ def discover(targets: Iterable[str | Path], libraries: bool = False) -> tuple[li
     always taken (so that an invalid one is reported). A target that matches nothing is an error.
     ``libraries``: library files too (``scenec validate``).
     """
-    from scenec.spec.diagnostics import Diagnostic, Pos
-
-    from scenec.spec.diagnostics import display_path
+    from scenec.spec.diagnostics import Diagnostic, Pos, display_path
 
     found: dict[Path, Path] = {}
     problems = []
@@ -121,7 +122,7 @@ def discover(targets: Iterable[str | Path], libraries: bool = False) -> tuple[li
                 if mp.is_dir():
                     for f in _walk(mp, skipped, libraries):
                         add(f)
-                elif mp.suffix in SCENE_SUFFIXES and (is_scene_file(mp) or libraries and is_library_file(mp)):
+                elif mp.suffix.lower() in SCENE_SUFFIXES and (is_scene_file(mp) or libraries and is_library_file(mp)):
                     add(mp)
             if len(found) == n:
                 problems.append(Diagnostic(Pos(s), "the pattern matches no scene file", "warning"))

@@ -58,7 +58,8 @@ class Item:
     def info(self) -> dict:
         """What ``--select`` matches."""
         return {"scene": self.plan.json["scene"]["name"], "file": self.display, "group": self.job.get("group"),
-                "variant": self.job.get("variant"), "seed": self.job.get("seed"), "matrix": self.job.get("matrix")}
+                "variant": self.job.get("variant"), "seed": self.job.get("seed"), "matrix": self.job.get("matrix"),
+                "name": self.name}
 
     @property
     def image(self) -> Path:

@@ -117,8 +117,21 @@ class BuildReport:
             self.say(f"scenec: {s['built']} built, {s['cached']} cached, {s['failed']} failed"
                      + (f", {s['invalid']} invalid" if s["invalid"] else "")
                      + (f", {not_selected} not selected" if not_selected else "")
-                     + f" ({s['seconds']:.1f} s)")
+                     + f" ({s['seconds']:.1f} s)" + _where(s["outputs"]))
         return s
+
+
+def _where(outputs: list[dict]) -> str:
+    """``; images in DIR/`` for the directories holding the images built or up to date (a scene without
+    ``output.dir`` or ``-o`` writes beside itself, where a user may not look)."""
+    from scenec.spec.diagnostics import display_path
+
+    dirs = list(dict.fromkeys(str(Path(o["image"]).parent) for o in outputs if o.get("image")
+                              and o.get("status") in ("built", "cached")))
+    if not dirs:
+        return ""
+    shown = [display_path(d).rstrip("/") + "/" for d in dirs[:3]]
+    return "; images in " + ", ".join(shown) + (f" and {len(dirs) - 3} more" if len(dirs) > 3 else "")
 
 
 def status(targets: Iterable[str | Path], options: BuildOptions = BuildOptions()) -> dict:

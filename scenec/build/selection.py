@@ -2,7 +2,7 @@
 
 Whitespace (and repeated options) make a union, a comma an intersection; patterns are shell globs.
 A job is matched through its :attr:`~scenec.build.planning.Item.info`: scene name, file, group,
-variant, seed and matrix values.
+variant, seed, matrix values and its image's name (as ``build`` and ``status`` print it).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _parse_part(raw: str, term: str) -> tuple[str, str]:
         return method, pat
     if "=" in raw:
         return "matrix", raw
-    if raw.endswith(SCENE_SUFFIXES):
+    if raw.lower().endswith(SCENE_SUFFIXES):
         return "path", raw
     if "/" in raw:
         return "variant", raw
@@ -78,7 +78,8 @@ def _match_part(method: str, pat: str, job: dict) -> bool:
     if method == "scene":
         return _glob(pat, job["scene"])
     if method == "name":
-        return _glob(pat, job["scene"]) or _glob(pat, job.get("group")) or _glob(pat, job.get("variant"))
+        return _glob(pat, job["scene"]) or _glob(pat, job.get("group")) or _glob(pat, job.get("variant")) \
+            or _glob(pat, job.get("name"))
     if method in ("group", "variant") and "/" in pat:  # a `variant` term always has its slash
         g, _, v = pat.partition("/")
         return _glob(g, job.get("group")) and _glob(v, job.get("variant"))
@@ -115,7 +116,7 @@ def unmatched(select: list[Selector], jobs: list[dict]) -> list[Selector]:
 
 def candidates(jobs: list[dict], limit: int = 12) -> str:
     """What a selection could have named (as git lists what a pathspec could match): scene names, groups,
-    GROUP/VARIANT, seeds and matrix values."""
+    GROUP/VARIANT, seeds, matrix values and image names."""
     def listed(values) -> str:
         vals = list(dict.fromkeys(str(v) for v in values if v is not None))
         return ", ".join(vals[:limit]) + (f", … ({len(vals) - limit} more)" if len(vals) > limit else "")
@@ -131,4 +132,6 @@ def candidates(jobs: list[dict], limit: int = 12) -> str:
         from scenec.compiler.matrix import slug
 
         parts.append("matrix: " + listed(f"{k}={slug(v)}" for k, v in matrix))
+    if any(j.get("name") for j in jobs):
+        parts.append("images: " + listed(j.get("name") for j in jobs))
     return "; ".join(parts)
