@@ -62,6 +62,28 @@ def foreign(img: Path, side: Path) -> Path | None:
     return there[0]
 
 
+def keep_edited(img: Path, side: Path) -> Path | None:
+    """An image scenec built and someone changed since (its bytes differ from its sidecar's sha256) is moved aside
+    before it is replaced, to ``<name>.edited.png`` (``.edited-2.png``, … when taken): nothing is lost. Its new path,
+    or None (no such image)."""
+    import os
+
+    from scenec.spec.fsio import sha256_file
+
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+        if not (isinstance(doc, dict) and doc.get("sha256") and img.is_file()) or sha256_file(img) == doc["sha256"]:
+            return None
+    except (OSError, ValueError):
+        return None
+    k, dest = 1, img.with_name(img.stem + ".edited.png")
+    while dest.exists():
+        k += 1
+        dest = img.with_name(f"{img.stem}.edited-{k}.png")
+    os.replace(img, dest)
+    return dest
+
+
 def _safe_stem(out_dir: Path, name: str) -> Path:
     """The output path stem for a job name, kept inside ``out_dir`` (names may have subfolders)."""
     if not name or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
@@ -216,6 +238,7 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
                 "away or pick another output.name / -o (scenec never replaces a file it did not make)"}
     try:
         data = png_bytes(r.image, meta)
+        kept = keep_edited(img_path, side_path)  # an image changed since it was built is kept beside
         atomic_write(img_path, data)
         # a `hires` image's masks on its own (larger) grids
         src = plan.hires_stage(job.id) if masks and plan.doc.hires is not None else plan
@@ -235,7 +258,8 @@ def write_result(plan: Plan, job: Job, r, backend, out: Path, masks: bool = Fals
     except OSError as e:
         return {**base, "status": "failed", "error": f"cannot write {path}: {e.strerror or e}"}
     return {**base, "status": "built", "image": str(img_path), "sidecar": str(side_path),
-            "masks": [str(p) for p in mask_paths], "timings": r.timings, "sha256": side["sha256"]}
+            "masks": [str(p) for p in mask_paths], "timings": r.timings, "sha256": side["sha256"],
+            **({"kept": str(kept)} if kept is not None else {})}
 
 
 def execute_batch(entries: list[tuple], backend, masks: bool = False, stamps: list[dict | None] | None = None,

@@ -74,3 +74,26 @@ def test_a_file_scenec_did_not_write_is_never_replaced(backend, tmp_path):
     assert [r["status"] for r in execute(plan, backend, tmp_path)] == ["built", "built"]
     again = make_plan(seeds=[1, 2], prompt="another prompt")
     assert [r["status"] for r in execute(again, backend, tmp_path)] == ["built", "built"]  # ours: replaced
+
+
+def test_an_image_edited_after_it_was_built_is_kept_beside(backend, tmp_path):
+    """Nothing is lost: an image scenec built and someone changed since (its bytes no longer its sidecar's sha256;
+    its scenec metadata kept, as most editors keep PNG text) is moved to `NAME.edited.png` before it is replaced,
+    then `.edited-2.png`; an unchanged image is replaced in place, nothing kept."""
+    from PIL.PngImagePlugin import PngInfo
+
+    plan = make_plan(seeds=[1])
+    out = tmp_path / "test-1.png"
+    first = execute(plan, backend, tmp_path)[0]
+    assert "kept" not in first and "kept" not in execute(plan, backend, tmp_path)[0]  # unchanged: no copy
+    original = out.read_bytes()
+    for k, want in ((1, "test-1.edited.png"), (2, "test-1.edited-2.png")):
+        with Image.open(out) as im:
+            info = PngInfo()
+            for key, v in im.text.items():
+                info.add_text(key, v)
+            im.convert("RGB").point(lambda v, k=k: 255 - v if k == 1 else v // 2).save(out, pnginfo=info)
+        edited = out.read_bytes()
+        r = execute(plan, backend, tmp_path)[0]
+        assert r["status"] == "built" and r["kept"] == str(tmp_path / want)
+        assert (tmp_path / want).read_bytes() == edited and out.read_bytes() == original

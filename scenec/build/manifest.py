@@ -178,7 +178,7 @@ class Manifest:
             return "missing", "sidecar deleted"
         try:
             if sha256_file(img) != e["sha256"]:
-                return "modified", "image differs from the manifest's sha256"
+                return "modified", "image differs from the manifest's sha256; a build keeps it as NAME.edited.png"
         except OSError as err:
             return "missing", f"image unreadable ({err.strerror})"
         return "cached", "up to date"

@@ -87,6 +87,8 @@ class BuildReport:
         if self.lines:
                 self.say(f"  built   {it.name}" + (f"  ({t:.2f} s)" if t is not None else "")
                      + f"  [{it.state}: {it.reason}]")
+        if result.get("kept"):  # runtime/outputs.keep_edited: said even without the per-image lines
+            self.say(f"  kept    {display_path(result['kept'])}: the image as it was edited after it was built")
 
     def masks_written(self, masks: dict[str, list[str]]) -> None:
         """``--masks``: the masks written after the images were reported, into their outputs' entries."""
