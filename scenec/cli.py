@@ -24,6 +24,7 @@ from scenec.cli_options import (
     check_loras,
     local_model,
     overrides,
+    project_targets,
 )
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.cli_train import train_adapter
@@ -49,8 +50,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Compile declarative scene files into attention masks and schedules, and build images."""
 
 @app.command()
-def validate(files: List[str] = typer.Argument(..., help="scene files, directories (searched recursively) or globs; "
-                                                           "a library file (only `defs`) is checked as one"),
+def validate(files: Optional[List[str]] = typer.Argument(
+                 None, help="scene files, directories (searched recursively) or globs; a library file (only `defs`) "
+                 "is checked as one; default: the project"),
              model: Optional[str] = typer.Option(None, "--model", callback=local_model,
                                                  help="model alias, id or directory to check "
                                                  "against (default: the scene's `model`, scenec.toml's "
@@ -71,7 +73,7 @@ def validate(files: List[str] = typer.Argument(..., help="scene files, directori
 
     ovr = overrides(seed, steps, guidance, set_)
     check_loras(lora)
-    found, problems = discover(files, libraries=True)
+    found, problems = discover(project_targets(files, "validate"), libraries=True)
     print_diags(problems)
     bad = sum(d.severity == "error" for d in problems)
     flags: set = set()  # a problem with a flag (--steps abc) is the same for every file: printed once
@@ -245,7 +247,7 @@ def init(directory: Path = typer.Argument(Path("."), help="project directory"),
 
 @app.command()
 def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, directories (searched recursively) "
-                                                                 "or globs"),
+                                                                 "or globs; default: the project"),
           from_: Optional[Path] = typer.Option(None, "--from", help="rebuild this PNG from the scene embedded in it "
                                                "(with -o DIR; its files from the project root)"),
           project: Optional[Path] = typer.Option(None, "--project", help="with --from: the project root holding "
@@ -308,10 +310,11 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
         end(EXIT_INVALID, f"scenec: --dtype must be bf16, fp16 or fp32, not `{dtype}`")
     if device is not None and device not in ("cuda", "cpu") and not device.startswith("cuda:"):
         end(EXIT_INVALID, f"scenec: --device must be cuda or cpu, not `{device}`")
-    if from_ is not None or not files:
-        if from_ is None or files:
-            end(EXIT_INVALID, "scenec: give scene files to build, or --from IMAGE.png"
-                + (" (not both)" if files else ""))
+    if from_ is None:
+        files = project_targets(files, "build")
+    else:
+        if files:
+            end(EXIT_INVALID, "scenec: give scene files to build, or --from IMAGE.png (not both)")
         # --from rebuilds the image as it was made: a flag that would change it (or what is built) is refused
         ignored = [flag for flag, given in (
             ("--model", model), ("--lora", lora), ("--offload", offload != "none"), ("--quantize", quantize != "none"),
@@ -364,7 +367,8 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
 
 
 @app.command()
-def status(files: List[str] = typer.Argument(..., help="scene files, directories or globs"),
+def status(files: Optional[List[str]] = typer.Argument(None, help="scene files, directories or globs; default: the "
+                                                                  "project"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (overrides output.dir)"),
            model: Optional[str] = typer.Option(None, "--model", callback=local_model,
                                                help="model alias, id or local diffusers directory"),
@@ -385,6 +389,7 @@ def status(files: List[str] = typer.Argument(..., help="scene files, directories
     from scenec.build.reporting import status as run_status
 
     check_loras(lora)
+    files = project_targets(files, "check")
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
                                              weights_hash=weights_hash, lora=lora or (), last_out=out is None,

@@ -59,3 +59,22 @@ def check_loras(lora: Optional[List[str]], on_error=None) -> None:
         on_error(message)
     print(message, file=sys.stderr)
     raise typer.Exit(EXIT_INVALID)
+
+
+def project_targets(files: Optional[List[str]], verb: str) -> List[str]:
+    """``files``, or with none the project, as dbt runs its own: the directory of the nearest scenec.toml from
+    here up (its scenes found recursively). Outside a project, one line and exit 2."""
+    from pathlib import Path
+
+    from scenec.spec.paths import PROJECT_FILE
+
+    if files:
+        return files
+    here = Path.cwd()
+    for d in (here, *here.parents):
+        if (d / PROJECT_FILE).is_file():
+            return [str(d)]
+    print(f"scenec: give scene files to {verb}: no {PROJECT_FILE} here or above (not in a project; `scenec init` "
+          "makes one)", file=sys.stderr)
+    raise typer.Exit(EXIT_INVALID)
+

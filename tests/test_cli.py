@@ -140,3 +140,20 @@ def test_a_bad_model_flag_is_reported_at_the_flag_once():
     assert "2 of 2 files invalid" in r.stderr
     r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--steps", "abc")
     assert r.returncode == 2 and r.stderr.count("--steps abc: error:") == 1, r.stderr
+
+
+def test_no_scene_arguments_mean_the_project(tmp_path):
+    """As `dbt run` runs its project: `validate`, `status` and `build` without scene arguments take the directory of
+    the nearest scenec.toml from here up; outside a project they say so (exit 2)."""
+    assert scenec("init", tmp_path / "p").returncode == 0
+    sub = tmp_path / "p" / "deep"
+    sub.mkdir()
+    r = scenec("validate", cwd=sub)
+    assert r.returncode == 0 and "1 file valid" in r.stdout + r.stderr, r.stderr
+    r = scenec("status", cwd=sub)
+    assert r.returncode == 0 and "1 to build" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = scenec("build", "--dry-run", cwd=sub)
+    assert r.returncode == 0 and "scene-1" in r.stdout + r.stderr, r.stdout + r.stderr
+    if not any((d / "scenec.toml").exists() for d in (tmp_path, *tmp_path.parents)):
+        r = scenec("build", cwd=tmp_path)
+        assert r.returncode == 2 and "no scenec.toml here or above" in r.stderr and "Traceback" not in r.stderr
