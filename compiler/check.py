@@ -72,9 +72,9 @@ def check_scene(ls: LoadedScene, info: ModelInfo, diags: Diagnostics, model_over
     from .text_options import check_text_options
     from .vae import check_vae
 
-    check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (compiler/text_options.py)
+    embeddings, _ = check_text_options(ls, info, diags, model_override)  # embeddings, clip_skip (text_options.py)
     check_vae(ls, info, diags, model_override)  # model.vae (compiler/vae.py)
-    check_prompt_syntax(ls, diags, info.family.name, steps)  # A1111/ComfyUI weights (compiler/prompt_check.py)
+    check_prompt_syntax(ls, diags, info.family.name, steps, embeddings)  # A1111/ComfyUI weights (prompt_check.py)
     return check_loras(ls, info.family.name, diags, model_override, cli_lora)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from scenec.spec import models as m
 from scenec.spec.diagnostics import Diagnostics, SceneError
 from scenec.spec.load import LoadedScene
+from scenec.spec.prompt_syntax import comfy_embeddings, embedding_names
 
 from . import schedule as sch
 from .ir import IR, ConditionNode, GroupNode, JobNode, PromptNode, RegionNode, StreamNode
@@ -59,8 +60,11 @@ def p_expand(ir: IR) -> IR:
     prompts: dict[str, str] = {}
     combo: dict = {}
 
+    # ComfyUI's `embedding:NAME` becomes the token of the scene's embedding it names (spec/prompt_syntax.py)
+    names = embedding_names(ir.embeddings) if ir.prompt_syntax == "comfy" else {}
+
     def prompt(text: str) -> str:
-        text = mx.fill(text, combo, bool(sc.matrix))
+        text = comfy_embeddings(mx.fill(text, combo, bool(sc.matrix)), names)
         if text not in prompts:
             prompts[text] = f"p{len(prompts)}"
             out.add(PromptNode(prompts[text], text))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from scenec.spec.diagnostics import Diagnostics
 from scenec.spec.load import LoadedScene
-from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, parse
+from scenec.spec.prompt_syntax import LOOKS_WEIGHTED, comfy_embeddings, embedding_names, parse
 
 from . import matrix as mx
 from .advice import prompt_texts
@@ -43,10 +43,11 @@ def _project_value(ls: LoadedScene):
 
 
 def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None = None,
-                        steps: int | None = None) -> str:
+                        steps: int | None = None, embeddings=()) -> str:
     """Check every prompt under the scene's syntax (see the module docstring); the syntax. ``family``: the model's
     (Flux: a ``BREAK`` does nothing, T5 reads one piece); ``steps``: the sampler's (A1111's prompt editing is
-    checked against them; img2img runs the last ``int(steps·strength)``)."""
+    checked against them; img2img runs the last ``int(steps·strength)``); ``embeddings``: the scene's, which ComfyUI's
+    ``embedding:NAME`` may name (spec/prompt_syntax.py ``comfy_embeddings``)."""
     syntax = prompt_syntax(ls, diags)
     run = steps
     if steps and ls.scene.background.strength is not None:
@@ -69,8 +70,9 @@ def check_prompt_syntax(ls: LoadedScene, diags: Diagnostics, family: str | None 
         variants = [text]
         if syntax == "a1111" and steps:
             variants = check_editing(ls, diags, path, text, steps, run, seen)
+        names = embedding_names(embeddings) if syntax == "comfy" else {}
         for variant in variants:
-            parsed = parse(variant, syntax)
+            parsed = parse(comfy_embeddings(variant, names), syntax)
             after = 0
             for message in parsed.errors:
                 if (path, message) not in seen:

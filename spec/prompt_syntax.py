@@ -80,7 +80,7 @@ _A1111_LEX = re.compile(r"""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _EXTRA = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")  # A1111's extra networks, not text
 _AND = re.compile(r"\bAND\b")  # A1111's composable diffusion: one prompt per part, their predictions summed
-_COMFY_EMBEDDING = re.compile(r"\bembedding:[^\s,()]+")  # ComfyUI loads `embedding:NAME` from models/embeddings
+_COMFY_EMBEDDING = re.compile(r"\bembedding:[^\s,():]+")  # ComfyUI loads `embedding:NAME` from models/embeddings
 
 
 def _a1111(text: str) -> Parsed:
@@ -207,8 +207,8 @@ def _comfy(text: str) -> Parsed:
     errors: list[str] = []
     hidden = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
     if _COMFY_EMBEDDING.search(text):
-        problems.append(f"`{_COMFY_EMBEDDING.search(text)[0]}` is ComfyUI's embedding syntax: read as text; put the "
-                        "file under `model.embeddings` with a token and write the token")
+        problems.append(f"`{_COMFY_EMBEDDING.search(text)[0]}` names no embedding of the scene: read as text; add its "
+                        "file to `model.embeddings` (then `embedding:NAME` or its token names it)")
     pieces = []
     for p in _comfy_pieces(hidden, 1.0, problems, errors):
         t = p.text.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "(")
@@ -224,3 +224,31 @@ def _comfy(text: str) -> Parsed:
 
 # a weight as either UI writes it, in a scene that reads prompts plainly (compile-time hint)
 LOOKS_WEIGHTED = re.compile(r"\([^()]*:\s*[+-]?\d*\.?\d+\s*\)")
+
+
+def embedding_names(embeddings) -> dict[str, str]:
+    """What ComfyUI's `embedding:NAME` may call each of the scene's embeddings (``spec.plan_text.Embedding``: its
+    file as written, with or without folders and extension, or its token) → its token."""
+    from pathlib import PurePosixPath
+
+    out: dict[str, str] = {}
+    for e in embeddings:
+        p = PurePosixPath(str(e.name).replace("\\", "/"))
+        for name in (str(p), p.name, p.stem, e.token):
+            out.setdefault(name, e.token)
+    return out
+
+
+def comfy_embeddings(text: str, names: dict[str, str]) -> str:
+    """ComfyUI's `embedding:NAME` (``comfy`` syntax) → the token of the scene's embedding it names
+    (:func:`embedding_names`; ComfyUI's own lookup in models/embeddings, extension optional); a name that is none of
+    them is left as it is (the compiler warns)."""
+    def token(m: re.Match) -> str:
+        name = m[0][len("embedding:"):]
+        for key in (name, name.rsplit(".", 1)[0] if name.endswith((".pt", ".bin", ".safetensors")) else None):
+            if key is not None and key in names:
+                return names[key]
+        return m[0]
+
+    return _COMFY_EMBEDDING.sub(token, text) if names else text
+

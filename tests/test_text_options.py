@@ -427,3 +427,34 @@ def test_text_options_in_scenec_toml_are_refused_at_their_line(tmp_path):
     (err,) = [d for d in diags if d.severity == "error"]
     assert err.pos.file.endswith("scenec.toml") and err.pos.line == 3, err
     assert "takes `id`, `config`, `vae` and `lora`" in err.message, err.message
+
+
+def test_comfyuis_embedding_name_is_the_scenes_embedding(tmp_path):
+    """Under `prompt_syntax: comfy`, ComfyUI's `embedding:NAME` (its file's name, extension optional, weights
+    around it) is the token of the scene's embedding with that file: the plan holds the token, no warning, the same
+    latents as the scene written with the token; a name of no embedding of the scene stays text, warned."""
+    from scenec.compiler import compile_scene
+    from scenec.compiler.check import validate_file
+    from scenec.runtime.families import load_backend
+    from scenec.runtime.sampler import run_job
+
+    files(tmp_path)
+    text = """scenec: 1
+model: {{id: tiny-sd, embeddings: [{{file: emb/bad.safetensors, token: badtok}}]}}
+prompt_syntax: comfy
+canvas: {{width: 64, height: 64}}
+sampler: {{steps: 2, seed: 1}}
+background: {{prompt: "a meadow", negative: "{negative}"}}
+"""
+    plans = {}
+    for name, negative in (("comfy", "(embedding:bad:1.2), embedding:bad.safetensors, embedding:other"),
+                           ("token", "(badtok:1.2), badtok, embedding:other")):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(text.format(negative=negative))
+        _, diags = validate_file(p)
+        assert [d.message.split("`")[1] for d in diags if d.severity == "warning"] == ["embedding:other"], list(diags)
+        plans[name] = compile_scene(p)
+    assert plans["comfy"].prompts == plans["token"].prompts  # the plan holds the token
+    be = load_backend("tiny-sd", device="cpu", dtype="fp32")
+    a, b = (run_job(be, plans[k], plans[k].jobs[0], decode=False).latents for k in ("comfy", "token"))
+    assert torch.equal(a, b)
