@@ -82,6 +82,7 @@ def describe(png: str | Path, meta: dict[str, str]) -> str:
     where = ", ".join(f"{k} {s[k]}" for k in ("group", "variant") if s.get(k))
     row("job", f"{r.get('job', '?')}" + (f" ({where})" if where else ""))
     row("model", _model_row(r))
+    row("options", _options_row(r))
     row("device", " ".join(x for x in (r.get("device"), r.get("dtype")) if x))
     row("sampler", ", ".join(f"{k} {s[k]}" for k in ("seed", "steps", "guidance", "true_cfg", "kind", "cfg_rescale")
                              if s.get(k) is not None))
@@ -124,6 +125,29 @@ def _model_row(r: dict) -> str | None:
         return loaded
     alias = "/" not in named and not Path(named).suffix
     return f"{named} (loaded from {loaded})" if loaded and (alias or Path(loaded).is_absolute()) else named
+
+
+def _options_row(r: dict) -> str | None:
+    """What else the embedded scene sets that changes every pixel and the sampler line does not show: the model's
+    VAE, clip skip and embeddings, the prompt syntax, tiling (A1111's infotext names them too)."""
+    import yaml
+
+    try:
+        scene = yaml.safe_load(str(r.get("scene.yaml") or ""))
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None
+    if not isinstance(scene, dict):
+        return None
+    model = scene.get("model") if isinstance(scene.get("model"), dict) else {}
+    canvas = scene.get("canvas") if isinstance(scene.get("canvas"), dict) else {}
+    embeddings = [e.get("token") or Path(str(e.get("file", ""))).stem for e in model.get("embeddings") or []
+                  if isinstance(e, dict)]
+    out = [f"vae {model['vae']}" if model.get("vae") else "",
+           f"clip_skip {model['clip_skip']}" if model.get("clip_skip") is not None else "",
+           f"embeddings {', '.join(embeddings)}" if embeddings else "",
+           f"prompt_syntax {scene['prompt_syntax']}" if scene.get("prompt_syntax") not in (None, "plain") else "",
+           f"tiling {canvas['tiling']}" if canvas.get("tiling") not in (None, "none") else ""]
+    return ", ".join(x for x in out if x) or None
 
 
 def project_root(start: Path | None = None) -> Path:

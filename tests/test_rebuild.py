@@ -246,3 +246,18 @@ def test_hub_and_outside_loras_travel_with_the_image(tmp_path):
     r = run("build", "--from", built, "-o", tmp_path / "again")
     assert r.returncode == 0 and "byte-identical" in r.stderr, r.stderr
     assert (tmp_path / "again" / built.name).read_bytes() == built.read_bytes()
+
+
+def test_show_names_the_options_that_change_every_pixel():
+    """`show` names what the embedded scene sets besides the sampler line (A1111's infotext names them too): the
+    VAE, clip skip, embeddings, prompt syntax, tiling; a scene without them gets no such line."""
+    from scenec.rebuild import describe
+
+    scene = ("scenec: 1\nmodel: {id: sd15, vae: vae/ft-mse.safetensors, clip_skip: 1, embeddings: [{file: "
+             "emb/bad.safetensors}, {file: emb/x.safetensors, token: xtok}]}\nprompt_syntax: a1111\n"
+             "canvas: {width: 512, height: 512, tiling: x}\n")
+    text = describe("a.png", {"scenec:scene.yaml": scene, "scenec:job": "a"})
+    assert "\n  options   vae vae/ft-mse.safetensors, clip_skip 1, embeddings bad, xtok, prompt_syntax a1111, " \
+           "tiling x\n" in text, text
+    plain = describe("a.png", {"scenec:scene.yaml": "scenec: 1\nmodel: sd15\ncanvas: {width: 512, height: 512}\n"})
+    assert "options" not in plain
