@@ -22,7 +22,8 @@ _BLOCK = re.compile(r"(<!-- generated:keys (?P<name>[a-z_-]+):[^\n]*-->\n)(?P<bo
 
 # $defs model → the section of docs/language.md that documents it
 ANCHORS = {"Canvas": ("canvas", "#canvas"), "Sampler": ("sampler", "#sampler"), "FreeU": ("freeu", "#sampler"),
-           "Background": ("background", "#background"), "Hires": ("hires", "#hires-a-second-larger-pass"), "Entity": ("entity", "#entities"),
+           "Background": ("background", "#background"), "Entity": ("entity", "#entities"),
+           "Hires": ("hires", "#hires-a-second-larger-pass"),
            "EntityDef": ("entity def", "#defs-use-and-include"), "Lora": ("LoRA", "#lora"),
            "Embedding": ("embedding", "#embeddings-and-clip-skip"),
            "ModelSpec": ("model", "#model"), "Reference": ("reference", "#reference-one-way-diffusion"),

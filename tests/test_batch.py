@@ -515,7 +515,8 @@ def test_text_encodings_are_kept_across_scenes(project, monkeypatch, tiny):
     write_scene(d, "delta", "a meadow")  # the same background prompt as alpha
     calls: list[str] = []
     enc = tiny.pipe.encode_prompt
-    monkeypatch.setattr(tiny.pipe, "encode_prompt", lambda prompt, **kw: calls.append(prompt) or enc(prompt=prompt, **kw))
+    monkeypatch.setattr(tiny.pipe, "encode_prompt",
+                        lambda prompt, **kw: calls.append(prompt) or enc(prompt=prompt, **kw))
     tiny.clear_cache()
     s = run(["."])
     assert s["built"] == 6

@@ -136,7 +136,8 @@ def test_a_bad_model_flag_is_reported_at_the_flag_once():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
     assert lines == ["--model nope: error: `nope` is no alias, local diffusers directory or hub id (ORG/NAME); "
-                     "aliases: flux-dev, flux-schnell, tiny, sd15, sd21, tiny-sd, sdxl, sdxl-turbo, tiny-sdxl"], r.stderr
+                     "aliases: flux-dev, flux-schnell, tiny, sd15, sd21, tiny-sd, sdxl, sdxl-turbo, tiny-sdxl"], \
+        r.stderr
     assert "2 of 2 files invalid" in r.stderr
     r = scenec("validate", SCENES / "regional.yaml", SCENES / "coupled.yaml", "--steps", "abc")
     assert r.returncode == 2 and r.stderr.count("--steps abc: error:") == 1, r.stderr
