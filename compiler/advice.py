@@ -110,18 +110,23 @@ def check_strength(ls: LoadedScene, diags: Diagnostics) -> None:
                         hint="without `strength` only the entities' regions are repainted, from noise")
         return
     pos = ls.pos(("background", "strength"))
-    if sc.background.repaint == "regions" and not sc.entities:
+    outpaints = sc.background.fit != "stretch" or sc.background.box is not None
+    if sc.background.repaint == "regions" and not sc.entities and not outpaints:
         diags.warning(ls.pos(("background", "repaint")), "`repaint: regions` with no entities: nothing is repainted",
                       hint="add entities (the regions to repaint), or use `repaint: all` (img2img)")
+    if outpaints and sc.background.image is not None:
+        diags.warning(pos, "with `strength` the canvas around the placed image starts from neutral grey noised to "
+                      "this level, not from noise: it comes out greyish",
+                      hint="leave `strength` out to outpaint (the image kept, the rest painted from noise)")
     if sc.background.image is None:
         diags.error(pos, "`background.strength` needs `background.image` (the image img2img starts from)")
     if sc.groups:
-        diags.error(ls.key_pos(("groups",)), "`groups` cannot be combined with `background.strength` (img2img)",
-                    hint="remove `strength` to keep the outside of the regions instead (inpainting)")
+        diags.error(ls.key_pos(("groups",)), "`groups` cannot be combined with `background.strength`",
+                    hint="remove `strength`: the regions are then painted from noise and the rest kept (inpainting)")
     for i, e in enumerate(sc.entities):
         if e.reference is not None:
             diags.error(ls.key_pos(("entities", i, "reference")),
-                        "a `reference` cannot be combined with `background.strength` (img2img)")
+                        "a `reference` cannot be combined with `background.strength`")
             break
 
 

@@ -63,6 +63,10 @@ def check_hires(ls: LoadedScene, steps: int, multiple: int, diags: Diagnostics) 
                         hint="the second pass would repaint the reference's region")
             break
     bg = sc.background
+    if hr.upscaler.startswith("latent") and hr.strength < 0.5:
+        diags.warning(ls.pos(("hires", "strength")) if "strength" in hr.model_fields_set else ls.key_pos(("hires",)),
+                      f"`upscaler: {hr.upscaler}` at `strength: {hr.strength:g}`: an enlarged latent is blurred, and "
+                      "a second pass this light leaves it so", hint="use a `strength` of 0.5 or more, or `lanczos`")
     if hr.upscaler.startswith("latent") and bg.image and (bg.strength is None or bg.repaint == "regions"):
         diags.error(ls.pos(("hires", "upscaler")) if "upscaler" in hr.model_fields_set else ls.key_pos(("hires",)),
                     f"`upscaler: {hr.upscaler}` with inpainting: the second pass keeps the outside of the regions as "

@@ -216,7 +216,8 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
                     for r in regs:
                         acc = np.maximum(acc, 1.0 if r is None else tensors[region_masks(r)[gname]])
                     if footprint is not None:  # outpainting: the canvas outside the image is painted too
-                        acc = np.maximum(acc, _outside(footprint, canvas, fam.grids)[gname])
+                        feather = sc.background.feather * min(canvas)
+                        acc = np.maximum(acc, _outside(footprint, feather, canvas, fam.grids)[gname])
                     if repaint:  # img2img repaints everything
                         acc = np.ones_like(acc)
                     tensors[name] = acc
@@ -227,7 +228,7 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
             reg = ir.region_of(s.id)
             conds.append(_lower_condition(ir, c, reg, region_masks(reg), tensors))
         visuals = _lower_visuals(ir, streams, region_masks, tensors)
-        job_controls = _job_controls(ir, controls, streams, region_masks)
+        job_controls = _job_controls(ir, controls, streams, region_masks, tensors)
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line) if provenance else None,
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
@@ -275,16 +276,24 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
     return document.model_dump(by_alias=True, mode="json", exclude={"hires"})
 
 
-def _outside(foot: tuple, canvas, grids) -> dict:
-    """The canvas outside an image's footprint, on every grid (1 = painted; partial cells at its edge)."""
+def _outside(foot: tuple, feather_px: float, canvas, grids) -> dict:
+    """The canvas outside an image's footprint on every grid (1 = painted), blending ``feather_px`` into the image
+    (its coverage ramps inward, as an entity's feather does) on the sides where something is painted: a side on the
+    canvas's own edge is pushed past it, so that no ramp lies there."""
     from shapely.geometry import box
 
     from .raster import rasterize_grids
 
-    return {g: (1.0 - m).astype(np.float32) for g, m in rasterize_grids(box(*foot), 0.0, canvas, grids).items()}
+    w, h = canvas
+    out = feather_px + 1.0
+    x0, y0, x1, y1 = foot
+    grown = (x0 - out if x0 <= 0 else x0, y0 - out if y0 <= 0 else y0, x1 + out if x1 >= w else x1,
+             y1 + out if y1 >= h else y1)
+    cov = rasterize_grids(box(*grown), feather_px, canvas, grids)
+    return {g: (1.0 - m).astype(np.float32) for g, m in cov.items()}
 
 
-def _job_controls(ir: IR, controls: list, streams, region_masks) -> list:
+def _job_controls(ir: IR, controls: list, streams, region_masks, tensors: dict) -> list:
     """The plan's controls as one job has them: a control with a ``region`` takes that entity's region masks in this
     job (occlusion included), and is left out of a job without the entity (a group's variant)."""
     out = []
@@ -295,7 +304,10 @@ def _job_controls(ir: IR, controls: list, streams, region_masks) -> list:
         s = next((s for s in streams[1:] if s.entity == c.region), None)
         reg = ir.region_of(s.id) if s is not None else None
         if s is not None:
-            out.append(c.model_copy(update={"masks": region_masks(reg) if reg is not None else None}))
+            masks = region_masks(reg) if reg is not None else None
+            if masks is not None and all(np.all(tensors[n] == 1.0) for n in masks.values()):
+                masks = None  # a region covering the canvas (no shape): the control everywhere, unmasked
+            out.append(c.model_copy(update={"masks": masks}))
     return out
 
 
@@ -449,7 +461,8 @@ def _stamp_hashes(doc: dict, tensors: dict[str, np.ndarray], directory: str | No
         for c in material.get("controls", ()):  # as an encoder: its files are in the cache key
             c.pop("model", None)
             c.pop("model_spec", None)
-            for k in ("mode", "region", "masks"):  # absent before Union and regional controls: hashes kept
+            c.pop("region", None)  # a name: what it does is its masks, by content
+            for k in ("mode", "masks"):  # absent before Union and regional controls: hashes kept
                 if c.get(k) is None:
                     c.pop(k, None)
         if job["group"]:

@@ -66,22 +66,15 @@ def keep_edited(img: Path, side: Path) -> Path | None:
     """An image scenec built and someone changed since (its bytes differ from its sidecar's sha256) is moved aside
     before it is replaced, to ``<name>.edited.png`` (``.edited-2.png``, … when taken): nothing is lost. Its new path,
     or None (no such image)."""
-    import os
-
-    from scenec.spec.fsio import sha256_file
+    from scenec.spec.fsio import keep_as_edited, sha256_file
 
     try:
         doc = json.loads(side.read_text(encoding="utf-8"))
         if not (isinstance(doc, dict) and doc.get("sha256") and img.is_file()) or sha256_file(img) == doc["sha256"]:
             return None
     except (OSError, ValueError):
-        return None
-    k, dest = 1, img.with_name(img.stem + ".edited.png")
-    while dest.exists():
-        k += 1
-        dest = img.with_name(f"{img.stem}.edited-{k}.png")
-    os.replace(img, dest)
-    return dest
+        return None  # no sidecar to tell: a build compares with its manifest first (scenec/build/driver.py)
+    return keep_as_edited(img)
 
 
 def _safe_stem(out_dir: Path, name: str) -> Path:

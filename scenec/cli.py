@@ -389,7 +389,7 @@ def status(files: Optional[List[str]] = typer.Argument(None, help="scene files, 
     from scenec.build.reporting import status as run_status
 
     check_loras(lora)
-    files = project_targets(files, "check")
+    files = project_targets(files, "show the status of")
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
                                              weights_hash=weights_hash, lora=lora or (), last_out=out is None,

@@ -112,3 +112,16 @@ def set_aside(path: str | Path) -> Path | None:
     except OSError:
         return None
     return dest
+
+
+def keep_as_edited(img: str | Path) -> Path:
+    """Move an image someone changed since it was built to ``NAME.edited.png`` (``NAME.edited-2.png``, … when taken)
+    beside it, atomically: the build that remakes it loses nothing. The new path."""
+    img = Path(img)
+    k, dest = 1, img.with_name(img.stem + ".edited" + img.suffix)
+    while dest.exists():
+        k += 1
+        dest = img.with_name(f"{img.stem}.edited-{k}{img.suffix}")
+    os.replace(img, dest)
+    return dest
+

@@ -671,3 +671,17 @@ def test_discovery_finds_upper_case_suffixes_and_names_utf16_scenes(tmp_path):
     assert [p.name for p in files] == ["UPPER.YAML"]
     assert [(p.pos.file.endswith("wide.yaml"), p.severity, p.message) for p in problems] == [
         (True, "warning", "skipped: is UTF-16 text (save it as UTF-8)")], problems
+
+
+def test_an_edited_image_is_kept_when_its_sidecar_is_gone_too(project, capsys):
+    """Nothing is lost: an image changed since it was built is kept as NAME.edited.png before it is remade, found by
+    its manifest's sha256 when the sidecar that the runtime compares with was deleted too."""
+    d, _ = project
+    run(["alpha.yaml"])
+    img, side = d / "out" / "alpha-1.png", d / "out" / "alpha-1.json"
+    original = img.read_bytes()
+    img.write_bytes(original + b"an edit")
+    side.unlink()
+    s = run(["alpha.yaml"], quiet=False)
+    assert s["built"] == 1 and (d / "out" / "alpha-1.edited.png").read_bytes() == original + b"an edit"
+    assert img.read_bytes() == original and "kept    out/alpha-1.edited.png" in capsys.readouterr().err

@@ -301,3 +301,5 @@ def test_what_validate_says(tmp_path):
     assert "not offered yet" in hints["hires.upscaler"], hints
     got = said(base.format(m="tiny-sd", w=64) + "hires: {upscaler: Latent (nearest-exact)}\n", "a1111")
     assert got[0][4] == "did you mean `latent-nearest-exact`?"
+    got = said(base.format(m="tiny-sd", w=64) + "hires: {upscaler: latent, strength: 0.3}\n", "light")
+    assert [(g[0], g[1], g[2]) for g in got] == [("warning", 4, 37)] and "blurred" in got[0][3], got

@@ -21,7 +21,7 @@ background: {{prompt: "a meadow", image: wide.png{place}}}
 {extra}"""
 
 
-def write(tmp_path, name, model="tiny-sd", place=", fit: contain", extra=""):
+def write(tmp_path, name, model="tiny-sd", place=", fit: contain, feather: 0", extra=""):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
     p = tmp_path / f"{name}.yaml"
     p.write_text(SCENE.format(model=model, place=place, extra=extra))
@@ -47,10 +47,18 @@ def test_the_image_is_kept_and_the_rest_painted(tmp_path, model):
 
 def test_a_box_places_the_image(tmp_path):
     """`box: [0, 0, 0.5, 1]` with `fit: cover`: the image fills the left half (cropped), the right half is painted."""
-    plan = compile_scene(write(tmp_path, "b", place=", fit: cover, box: [0, 0, 0.5, 1]"))
+    plan = compile_scene(write(tmp_path, "b", place=", fit: cover, box: [0, 0, 0.5, 1], feather: 0"))
     m = plan.mask(plan.jobs[0].inpaint_mask, "latent")
     assert (m[:, :4] == 0).all() and (m[:, 4:] == 1).all()
     assert not (plan.tensor(plan.jobs[0].init_image)[:, :32] == 128).all()
+
+
+def test_the_painted_part_blends_into_the_image_not_at_the_canvas_edge(tmp_path):
+    """`feather` (ComfyUI's Pad Image for Outpainting `feathering`): the mask ramps from 1 at the image's edge to 0
+    `feather` into it, on the padded sides only (the image's left and right lie on the canvas's edges: no ramp)."""
+    plan = compile_scene(write(tmp_path, "f", place=", fit: contain, feather: 0.125"))  # 8 px: one latent cell
+    m = plan.mask(plan.jobs[0].inpaint_mask, "latent")
+    assert np.array_equal(m[:, 0], [1, 1, 0.5, 0, 0, 0.5, 1, 1]) and (m == m[:, :1]).all()
 
 
 def test_stretch_over_the_canvas_is_the_plan_as_before(tmp_path):
@@ -75,3 +83,11 @@ def test_errors(tmp_path):
     got = sorted((x.pos.line, x.pos.col, x.message) for x in d.sorted() if x.severity == "error")
     assert [g[:2] for g in got] == [(4, 25), (4, 39), (4, 44)], got
     assert "places `background.image`, which is not given" in got[0][2] and "is empty" in got[2][2]
+
+
+def test_strength_with_a_placed_image_is_warned(tmp_path):
+    p = write(tmp_path, "w", place=", fit: contain, strength: 0.6, repaint: regions")
+    _, d = validate_file(p)
+    warns = [(x.pos.line, x.message) for x in d.sorted() if x.severity == "warning"]
+    assert len(warns) == 1 and warns[0][0] == 5 and "greyish" in warns[0][1], warns  # not "nothing is repainted"
+

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from scenec.spec.diagnostics import display_path
+
 from .executors import Executor, make_executor
 from .manifest import Manifest, clean_temp_files, locked_all
 from .options import BatchError, BuildOptions, check_out_dir
@@ -73,6 +75,7 @@ def _build(todo: list[Item], bp: BatchPlan, executor: Executor, report: BuildRep
             if d not in unwritable:
                 _reopen(d, bp, report)
         todo = _still_to_build([it for it in todo if it.out_dir not in unwritable], bp, report, options)
+        _keep_edits(todo, bp, report)
 
         def done(unit: Unit, results: list[dict] | None, error: str | None = None) -> None:
             man = bp.manifests[unit.out_dir]
@@ -122,6 +125,24 @@ def _reopen(d: Path, bp: BatchPlan, report: BuildReport) -> None:
         except OSError:
             pass  # the units' own saves fail and say why
     bp.manifests[d] = man
+
+
+def _keep_edits(todo: list[Item], bp: BatchPlan, report: BuildReport) -> None:
+    """An image about to be remade whose bytes are not the ones its manifest entry recorded (edited since it was
+    built) is kept as ``NAME.edited.png`` first — also when its sidecar, which the runtime compares with
+    (runtime/outputs.py ``keep_edited``), is gone. Nothing is lost."""
+    from scenec.spec.fsio import keep_as_edited, sha256_file
+
+    for it in todo:
+        e = bp.manifests[it.out_dir].outputs.get(it.name)
+        img = it.out_dir / e["image"] if e else None
+        try:
+            if img is None or not img.is_file() or sha256_file(img) == e.get("sha256"):
+                continue
+            kept = keep_as_edited(img)
+        except OSError:
+            continue  # unreadable or not movable: the runtime's own check (or its write) says so
+        report.say(f"  kept    {display_path(kept)}: the image as it was edited after it was built")
 
 
 def _still_to_build(todo: list[Item], bp: BatchPlan, report: BuildReport, options: BuildOptions) -> list[Item]:
