@@ -141,6 +141,15 @@ def check_background_image(ls: LoadedScene, diags: Diagnostics) -> None:
                         "given", hint="add `image`, or remove the key")
     if bg.box is not None and not (bg.box[0] < bg.box[2] and bg.box[1] < bg.box[3]):
         diags.error(ls.pos(("background", "box")), f"`box` {list(bg.box)} is empty: it needs x0 < x1 and y0 < y1")
+    if bg.overlay and bg.image is None:
+        diags.error(ls.key_pos(("background", "overlay")), "`background.overlay` pastes back `background.image`, "
+                    "which is not given", hint="add `image`, or remove the key")
+    elif bg.overlay and sc.hires is not None:
+        diags.error(ls.key_pos(("background", "overlay")), "`background.overlay` cannot be combined with `hires` yet",
+                    hint="the second pass repaints the enlarged first image, not the image itself")
+    elif bg.overlay and bg.strength is not None and bg.repaint != "regions":
+        diags.warning(ls.key_pos(("background", "overlay")), "`overlay` with img2img (`strength` repainting "
+                      "everything): nothing is kept to paste back", hint="use `repaint: regions`, or remove `overlay`")
     if bg.fit != "stretch" or bg.box is not None:  # outpainting: the canvas outside the image changes
         return
     if bg.image is None or getattr(bg, "strength", None) is not None or sc.hires is not None:

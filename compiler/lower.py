@@ -94,7 +94,8 @@ def lower(ir: IR) -> CompiledPlan:
     tensors: dict[str, np.ndarray] = {}
     init_name, init_level, foot = _init_image(ir, tensors)
     repaint = sc.background.strength is not None and sc.background.repaint != "regions"  # img2img: everything
-    doc = _document(ir, tensors, init_name, init_level, repaint=repaint, footprint=foot)
+    doc = _document(ir, tensors, init_name, init_level, repaint=repaint, footprint=foot,
+                    overlay=sc.background.overlay and not repaint)
     if sc.hires is not None:
         doc["hires"] = _hires(ir, tensors, foot)
     _stamp_hashes(doc, tensors, _directory(ir))
@@ -173,11 +174,12 @@ _NOT_TENSORS = frozenset({"id", "name", "entity", "region", "matrix", "job_hash"
 
 
 def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | None, repaint: bool,
-              provenance: bool = True, footprint: tuple | None = None) -> dict:
+              provenance: bool = True, footprint: tuple | None = None, overlay: bool = False) -> dict:
     """The plan document of ``ir`` (hashes not stamped): every job's streams, regions rasterised on the family's
     grids, init image (``repaint``: the whole image, img2img), references, visual prompts, controls; groups.
     ``provenance``: the resolved scene and each job's source line (the hires pass's nested plan has neither).
-    ``footprint``: where the init image lies when it leaves part of the canvas to paint (outpainting)."""
+    ``footprint``: where the init image lies when it leaves part of the canvas to paint (outpainting). ``overlay``:
+    each job's painted part at canvas size, where the runtime pastes the init image back (``background.overlay``)."""
     sc = ir.scene.scene
     fam = ir.info.family
     canvas = ir.canvas
@@ -222,6 +224,19 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
                         acc = np.ones_like(acc)
                     tensors[name] = acc
                 inpaint[gname] = name
+        painted = None
+        if overlay and init_name is not None:  # the painted part at pixel resolution (runtime/hires.py pastes back)
+            painted = f"overlay/{key}"
+            if painted not in tensors:
+                from .raster import rasterize
+
+                acc = np.zeros((canvas[1], canvas[0]), np.float32)
+                for r in regs:
+                    acc = np.maximum(acc, 1.0 if r is None else rasterize(r.geom, r.feather_px, canvas, 1))
+                if footprint is not None:
+                    feather = sc.background.feather * min(canvas)
+                    acc = np.maximum(acc, _outside(footprint, feather, canvas, [("pixel", 1)])["pixel"])
+                tensors[painted] = acc
         conds = []
         for c in ir.succ(job.id, ConditionNode):
             s = next(s for s in streams if s.entity == c.entity)
@@ -232,12 +247,12 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
         typed = Job(id=job.id, name=job.id, seed=job.seed, index=job.index, group=job.group, variant=job.variant,
                     source=Source(file=scene_file, line=job.line) if provenance else None,
                     global_=GlobalStream(**prompts_of(g.id), gain=g.gain), entities=ents,
-                    init_image=init_name, inpaint_mask=inpaint, conditions=conds, visuals=visuals,
+                    init_image=init_name, inpaint_mask=inpaint, overlay=painted, conditions=conds, visuals=visuals,
                     controls=job_controls, init_level=init_level,
                     program=list(ir.programs.get(job.id, ())),
                     matrix=ir.matrix.get(job.id))  # metadata (selection, manifests): prompts carry its effect
         # the `matrix`, `visuals` and `controls` keys are present only in scenes that have them
-        absent = {k for k in ("matrix", "visuals", "controls") if not getattr(typed, k)}
+        absent = {k for k in ("matrix", "visuals", "controls", "overlay") if not getattr(typed, k)}
         jobs_json.append(typed.model_dump(by_alias=True, mode="json", exclude=absent or None))
 
     groups = []

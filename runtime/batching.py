@@ -23,8 +23,8 @@ def batch_key(plan_json: dict, job: dict) -> str | None:
     model = plan_json.get("model") or {}
     if model.get("family", "flux") not in FAMILIES:
         return None
-    if plan_json.get("hires"):
-        return None  # a second pass per image after the first (runtime/hires.py)
+    if plan_json.get("hires") or job.get("overlay"):
+        return None  # a second pass per image after the first, the init image pasted back (runtime/hires.py)
     if (plan_json.get("sampler") or {}).get("kind") in FRESH_NOISE:
         return None  # each step draws from the job's own noise stream (a batch draws one stream for all rows)
     if job.get("group") or job.get("conditions") or job.get("visuals") or job.get("controls"):

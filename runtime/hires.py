@@ -68,10 +68,27 @@ def decodes(plan: Plan) -> bool:
     return plan.doc.hires is None or plan.doc.hires.upscaler not in LATENT_MODES
 
 
+def overlaid(plan: Plan, job: Job, r: JobResult) -> JobResult:
+    """``background.overlay`` (A1111's overlay after inpainting): the init image's own pixels pasted back over what
+    the model did not paint, ``image·m + init·(1 − m)`` with the job's painted part ``m`` at canvas size (soft at the
+    regions' feathered edges), instead of the init image through the VAE."""
+    from PIL import Image
+
+    m = np.asarray(plan.tensor(job.overlay), np.float32)[..., None]
+    init = np.asarray(plan.tensor(job.init_image), np.float32)
+    out = np.asarray(r.image.convert("RGB"), np.float32)
+    r.image = Image.fromarray(np.clip(np.round(out * m + init * (1.0 - m)), 0, 255).astype(np.uint8))
+    return r
+
+
 def finish(backend, plan: Plan, job: Job, first, progress=None):
-    """A job's output from its first pass's result (or error): the second pass when the plan has one. ``progress``
-    counts on from the first pass's ops."""
-    if plan.doc.hires is None or isinstance(first, Exception):
+    """A job's output from its first pass's result (or error): the second pass when the plan has one, the init
+    image's pixels pasted back with ``background.overlay``. ``progress`` counts on from the first pass's ops."""
+    if isinstance(first, Exception):
+        return first
+    if job.overlay is not None and first.image is not None:
+        first = overlaid(plan, job, first)
+    if plan.doc.hires is None:
         return first
     n = len(job.program)
     return second_pass(backend, plan, job, first, progress=None if progress is None else (lambda k: progress(n + k)))

@@ -86,6 +86,10 @@ class Background(Node):
         None, description="where `image` goes, `[x0, y0, x1, y1]` as fractions of the canvas; the canvas outside "
         "it is painted by the model, as an entity's region is (outpainting); default: the whole canvas",
         examples=[[0.0, 0.0, 0.5, 1.0]])
+    overlay: bool = Field(
+        False, description="inpainting and outpainting: paste the image's own pixels back over everything the model "
+        "did not paint (the regions' feathered edges blended), as A1111 does, instead of the image through the VAE "
+        "(diffusers' and ComfyUI's default)", examples=[True])
     feather: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
         0.03, description="outpainting: how far into the image the painted part blends, as a fraction of min(width, "
         "height) (ComfyUI's Pad Image for Outpainting `feathering`, A1111's mask blur); not on the canvas's own edges",

@@ -111,6 +111,8 @@ class Job(_T):
     entities: list[EntityStream] = []
     init_image: str | None = None
     inpaint_mask: MaskRef | None = None
+    # background.overlay: float [H, W] at canvas size, 1 = painted; the init image's pixels are pasted back where < 1
+    overlay: str | None = None
     # img2img (background.strength): the level the init image is noised to, where the program starts;
     # None: the program starts from noise and inpainting keeps the outside of the regions
     init_level: int | None = None
@@ -417,6 +419,11 @@ class Plan:
         if job.init_image is not None:
             self._check_image(job.init_image, (3,), "init image")
             self._check_masks(job.inpaint_mask, f"{what}: inpaint mask")
+        if job.overlay is not None:
+            t, (w, h) = self.tensor(job.overlay), self.canvas
+            if job.init_image is None or tuple(getattr(t, "shape", ())) != (h, w) or \
+                    getattr(getattr(t, "dtype", None), "kind", None) != "f":
+                raise PlanError(f"{what}: overlay {job.overlay!r} needs an init image and a float [{h}, {w}] mask")
         if job.init_level is not None and (job.init_image is None or not 0 <= job.init_level <= steps):
             raise PlanError(f"{what}: init_level {job.init_level} needs an init image and a level in 0..{steps}")
         for c in job.conditions:

@@ -58,3 +58,28 @@ def test_a_region_covering_the_canvas_is_img2img(tmp_path):
     b = compiled(tmp_path, "tiny-sd", repaint=", repaint: all", shape="", name="img2img")
     assert torch.equal(run_job(be, a, a.jobs[0], decode=False).latents,
                        run_job(be, b, b.jobs[0], decode=False).latents)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny"])
+def test_overlay_pastes_the_images_own_pixels_back(tmp_path, model):
+    """`background.overlay` (A1111's overlay): where the model did not paint, the image written is the input's own
+    pixels, not the input through the VAE; where it painted, the decoded image; between, blended by the feather."""
+    from scenec.runtime.hires import run_image
+
+    be = load_backend(model, device="cpu", dtype="fp32")
+    shape = "    shape: {box: [0.25, 0.5, 0.75, 1.0]}\n    feather: 0.1\n"
+    compiled(tmp_path, model, shape=shape, name="plain")  # writes i.png and the scene; then inpainting from noise:
+    text = (tmp_path / "plain.yaml").read_text().replace(", strength: 0.6, repaint: regions", "")
+    (tmp_path / "plain.yaml").write_text(text)
+    (tmp_path / "over.yaml").write_text(text.replace("image: i.png", "image: i.png, overlay: true"))
+    plain, over = compile_scene(tmp_path / "plain.yaml"), compile_scene(tmp_path / "over.yaml")
+    assert plain.jobs[0].overlay is None and plain.jobs[0].init_level is None
+    job = over.jobs[0]
+    m = over.tensor(job.overlay)
+    assert m.shape == (64, 64) and m.min() == 0 and m.max() == 1 and ((m > 0) & (m < 1)).any()
+    a = np.asarray(run_image(be, plain, plain.jobs[0]).image, np.int16)
+    b = np.asarray(run_image(be, over, job).image, np.int16)
+    init = over.tensor(job.init_image).astype(np.int16)
+    assert np.array_equal(b[m == 0], init[m == 0]) and not np.array_equal(a[m == 0], init[m == 0])
+    assert np.array_equal(b[m == 1], a[m == 1])
+    assert over.jobs[0].job_hash != plain.jobs[0].job_hash and "overlay" not in plain.json["jobs"][0]
