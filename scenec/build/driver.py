@@ -92,6 +92,9 @@ def _build(todo: list[Item], bp: BatchPlan, executor: Executor, report: BuildRep
             before = {it.name: man.outputs.get(it.name) for it, _ in built}
             for it, r in built:
                 man.record(it, r)
+                # reported before the manifest is saved: a signal right after the save (a CI job cancelled) must not
+                # leave an image recorded that the summary does not count
+                report.built(it, r)
             try:
                 man.save()  # manifest last: after the unit's images and sidecars
             except OSError as e:  # a full disk: not recorded, so the next build makes them again
@@ -101,10 +104,9 @@ def _build(todo: list[Item], bp: BatchPlan, executor: Executor, report: BuildRep
                     else:
                         man.outputs[name] = old
                 for it, _ in built:
+                    report.unbuilt(it)
                     report.failed(it, f"built, but {man.path} could not be written: {e.strerror or e}")
                 return
-            for it, r in built:
-                report.built(it, r)
 
         report.start_progress(len(todo))
         try:

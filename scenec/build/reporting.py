@@ -90,6 +90,12 @@ class BuildReport:
         if result.get("kept"):  # runtime/outputs.keep_edited: said even without the per-image lines
             self.say(f"  kept    {display_path(result['kept'])}: the image as it was edited after it was built")
 
+    def unbuilt(self, it: Item) -> None:
+        """Take back :meth:`built` for ``it``: its manifest could not be saved (the caller reports it failed)."""
+        self.data["built"] -= 1
+        self.data["outputs"] = [o for o in self.data["outputs"] if not (o.get("name") == it.name and
+                                                                        o.get("status") == "built")]
+
     def masks_written(self, masks: dict[str, list[str]]) -> None:
         """``--masks``: the masks written after the images were reported, into their outputs' entries."""
         for o in self.data["outputs"]:
