@@ -195,6 +195,11 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
 
     # ControlNets act on the whole image of every job: lowered once per plan (each image read and hashed once)
     controls = lower_controls(ir, tensors) if sc.control else []
+    # outpainting: the canvas outside the image, painted in every job (on the grids, and at pixels for `overlay`)
+    outside = None
+    if footprint is not None:
+        grids = list(fam.grids) + ([("pixel", 1)] if overlay else [])
+        outside = _outside(footprint, sc.background.feather * min(canvas), canvas, grids)
     jobs_json = []
     for job in ir.jobs():
         streams = ir.streams(job.id)
@@ -217,9 +222,8 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
                     acc = np.zeros(grid_size(canvas, px), np.float32)
                     for r in regs:
                         acc = np.maximum(acc, 1.0 if r is None else tensors[region_masks(r)[gname]])
-                    if footprint is not None:  # outpainting: the canvas outside the image is painted too
-                        feather = sc.background.feather * min(canvas)
-                        acc = np.maximum(acc, _outside(footprint, feather, canvas, fam.grids)[gname])
+                    if outside is not None:  # outpainting: the canvas outside the image is painted too
+                        acc = np.maximum(acc, outside[gname])
                     if repaint:  # img2img repaints everything
                         acc = np.ones_like(acc)
                     tensors[name] = acc
@@ -233,9 +237,8 @@ def _document(ir: IR, tensors: dict, init_name: str | None, init_level: int | No
                 acc = np.zeros((canvas[1], canvas[0]), np.float32)
                 for r in regs:
                     acc = np.maximum(acc, 1.0 if r is None else rasterize(r.geom, r.feather_px, canvas, 1))
-                if footprint is not None:
-                    feather = sc.background.feather * min(canvas)
-                    acc = np.maximum(acc, _outside(footprint, feather, canvas, [("pixel", 1)])["pixel"])
+                if outside is not None:
+                    acc = np.maximum(acc, outside["pixel"])
                 tensors[painted] = acc
         conds = []
         for c in ir.succ(job.id, ConditionNode):

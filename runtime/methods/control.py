@@ -156,14 +156,14 @@ class ControlNet(Method):
     def _region(self, c):
         """A regional control's masks (sd-webui-controlnet's "effective region mask"): on Flux the token grid's, a
         ``[1, N, 1]`` weight per image token; on SD each grid's, by its size (the UNet's resolutions)."""
-        plan, be = self.run.plan, self.run.backend
+        plan, be = self.run.plan, self.run.backend  # in the residuals' dtype once, not at every call
         if self.flux:
             m = np.array(plan.mask(c.masks, "token"), np.float32).reshape(1, -1, 1)
-            return torch.from_numpy(m).to(be.device)
+            return torch.from_numpy(m).to(be.device, be.dtype)
         out = {}
         for grid in c.masks:
             m = np.array(plan.mask(c.masks, grid), np.float32)
-            out[m.shape] = torch.from_numpy(m).to(be.device)[None, None]
+            out[m.shape] = torch.from_numpy(m).to(be.device, be.dtype)[None, None]
         return out
 
     def sampled(self) -> None:
