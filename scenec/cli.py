@@ -25,6 +25,7 @@ from scenec.cli_options import (
     local_model,
     overrides,
     project_targets,
+    weights_hash_of,
 )
 from scenec.cli_tools import eval_, show, split, tune
 from scenec.cli_train import train_adapter
@@ -272,8 +273,9 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
           executor: str = typer.Option("local", "--executor", help="local | ray"),
           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray)"),
           workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: 1 per GPU, else CPU)"),
-          weights_hash: str = typer.Option("stat", "--weights-hash",
-                                           help="identity of local model dirs: stat (names, sizes, mtimes) | content"),
+          weights_hash: Optional[str] = typer.Option(
+              None, "--weights-hash", help="identity of local model dirs: stat (names, sizes, mtimes) | content; "
+              "default: scenec.toml's weights_hash, else stat"),
           batch_size: int = typer.Option(1, "--batch-size", "-b",
                                          help="run up to N compatible jobs (any scenes) as one batch on the model "
                                               "(Flux and SD; docs/batch.md)"),
@@ -320,7 +322,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
             ("--model", model), ("--lora", lora), ("--offload", offload != "none"), ("--quantize", quantize != "none"),
             ("--masks", masks), ("--compile", compile_), ("--select", select), ("--exclude", exclude),
             ("--force", force), ("--dry-run", dry_run), ("--executor", executor != "local"), ("--address", address),
-            ("--workers", workers), ("--weights-hash", weights_hash != "stat"), ("--batch-size", batch_size != 1),
+            ("--workers", workers), ("--weights-hash", weights_hash is not None), ("--batch-size", batch_size != 1),
             ("--seed", seed), ("--steps", steps), ("--guidance", guidance), ("--set", set_)) if given]
         if ignored:
             end(EXIT_INVALID, f"scenec: --from rebuilds the image as it was made; {', '.join(ignored)} cannot be "
@@ -329,6 +331,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
 
         return build_from(from_, out, project, device, dtype, quiet, json_)
     ovr = overrides(seed, steps, guidance, set_, on_error=lambda msg: end(EXIT_INVALID, msg))
+    weights = weights_hash_of(weights_hash)  # a bad scenec.toml value: one line, exit 2
     check_loras(lora, on_error=lambda msg: end(EXIT_INVALID, msg))
     from scenec.build.driver import build_batch
     from scenec.runtime.memory import problem
@@ -338,7 +341,7 @@ def build(files: Optional[List[str]] = typer.Argument(None, help="scene files, d
         with sigterm_raises() as sigterm:  # `timeout`, a CI runner's cancel: stopped as Ctrl-C stops it
             summary = build_batch(files, BuildOptions(
                 out=out, model=model, select=select or (), exclude=exclude or (), force=force, masks=masks,
-                weights_hash=weights_hash, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
+                weights_hash=weights, dry_run=dry_run, device=device, dtype=dtype, batch_size=batch_size,
                 compile=compile_, executor=executor, address=address, workers=workers, lora=lora or (),
                 offload=offload, quantize=quantize, overrides=ovr), report=report)
     except BatchError as e:
@@ -374,7 +377,8 @@ def status(files: Optional[List[str]] = typer.Argument(None, help="scene files, 
                                                help="model alias, id or local diffusers directory"),
            select: Optional[List[str]] = typer.Option(None, "--select", "-s", help="only these (docs/batch.md)"),
            exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="not these"),
-           weights_hash: str = typer.Option("stat", "--weights-hash", help="stat | content (local model dirs)"),
+           weights_hash: Optional[str] = typer.Option(None, "--weights-hash", help="stat | content (local model "
+                                                      "dirs); default: scenec.toml's weights_hash, else stat"),
            lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
            seed: Optional[str] = SEED_OPTION, steps: Optional[str] = STEPS_OPTION,
            guidance: Optional[str] = GUIDANCE_OPTION, set_: Optional[List[str]] = SET_OPTION,
@@ -390,9 +394,10 @@ def status(files: Optional[List[str]] = typer.Argument(None, help="scene files, 
 
     check_loras(lora)
     files = project_targets(files, "show the status of")
+    weights = weights_hash_of(weights_hash)  # before the try: a bad scenec.toml value is exit 2, not internal
     try:
         rep = run_status(files, BuildOptions(out=out, model=model, select=select or (), exclude=exclude or (),
-                                             weights_hash=weights_hash, lora=lora or (), last_out=out is None,
+                                             weights_hash=weights, lora=lora or (), last_out=out is None,
                                              overrides=overrides(seed, steps, guidance, set_)))
     except BatchError as e:
         print(f"scenec: {e}", file=sys.stderr)

@@ -78,3 +78,28 @@ def project_targets(files: Optional[List[str]], verb: str) -> List[str]:
           "makes one)", file=sys.stderr)
     raise typer.Exit(EXIT_INVALID)
 
+
+def weights_hash_of(flag: Optional[str]) -> str:
+    """How local model directories are identified: ``--weights-hash``, else ``weights_hash`` in the `[project]` table
+    of the working directory's project (CI on fresh checkouts sets `content`: new files' times would read as new
+    weights under `stat`), else `stat`. A value that is neither is one line at its line of scenec.toml, exit 2."""
+    from pathlib import Path
+
+    from scenec.spec.paths import PROJECT_FILE, ProjectFileError, project_config, project_key_line
+
+    if flag is not None:
+        return flag
+    here = Path.cwd()
+    root = next((d for d in (here, *here.parents) if (d / PROJECT_FILE).is_file()), None)
+    if root is None:
+        return "stat"
+    try:
+        value = project_config(root).get("weights_hash", "stat")
+    except ProjectFileError:
+        return "stat"  # the scenes' checks report the file at its line
+    if value not in ("stat", "content"):
+        print(f"{root / PROJECT_FILE}:{project_key_line(root, 'weights_hash')}:1: error: `weights_hash` must be "
+              f"\"stat\" or \"content\", not {value!r}", file=sys.stderr)
+        raise typer.Exit(EXIT_INVALID)
+    return value
+

@@ -80,7 +80,7 @@ def _has_symlink(p: Path, root: Path) -> bool:
     return False
 
 
-PROJECT_KEYS = ("default_model", "prompt_syntax")  # the keys of the `[project]` table
+PROJECT_KEYS = ("default_model", "prompt_syntax", "weights_hash")  # the keys of the `[project]` table
 
 
 class ProjectFileError(ValueError):

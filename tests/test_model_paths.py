@@ -166,3 +166,22 @@ def test_show_prints_the_model_as_the_embedded_scene_names_it(named, loaded, row
 
     meta = {"scenec:model": loaded, "scenec:scene.yaml": f"scenec: 1\nmodel: {named}\n", "scenec:job": "j"}
     assert f"\n  model     {row}\n" in describe("x.png", meta)
+
+
+def test_the_project_file_sets_the_weights_hash_for_ci(tiny_dir, tmp_path, monkeypatch):
+    """`weights_hash = "content"` in scenec.toml's `[project]` does what `--weights-hash content` does on every build
+    run in the project (a fresh checkout's new modification times do not read as new weights); a bad value is one
+    line at its line of scenec.toml, exit 2."""
+    scene = project(tmp_path / "run1" / "proj", tiny_dir)
+    root = scene.parents[1]
+    (root / "scenec.toml").write_text('[project]\nweights_hash = "content"\n')
+    monkeypatch.chdir(root)
+    r = cli("build", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["built"] == 1, r.output
+    copy = fresh_copy(root, tmp_path / "run2" / "proj")
+    monkeypatch.chdir(copy)
+    summary = json.loads(cli("build", "--json").stdout)
+    assert (summary["built"], summary["cached"]) == (0, 1), summary
+    (copy / "scenec.toml").write_text('[project]\nweights_hash = "contents"\n')
+    r = cli("status")
+    assert r.exit_code == 2 and 'scenec.toml:2:1: error: `weights_hash` must be "stat" or "content"' in r.output
