@@ -79,6 +79,20 @@ def test_no_entities_reproduces_the_controlnet_pipeline(tmp_path, backends, mode
     assert float((ours - plain).abs().max()) > 1e-3  # the control acts
 
 
+def sd_reference(be, net, scheduler, image, guidance: float):
+    """diffusers' StableDiffusionControlNetPipeline on the scenes' prompt, negative, 3 steps, seed 7 and scale 0.7,
+    with ``net`` and ``scheduler``: its final latents, the reference the SD tests compare with."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    p = be.pipe
+    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, net, scheduler, None, None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a lighthouse on a cliff", image=Image.open(image), negative_prompt="blurry", height=128, width=128,
+                num_inference_steps=3, guidance_scale=guidance, controlnet_conditioning_scale=0.7,
+                generator=torch.Generator().manual_seed(7), output_type="latent").images
+
+
 def be_guidance(model):
     from scenec.compiler.caps import ALIASES
 
@@ -185,7 +199,6 @@ def test_a_hub_controlnet_from_the_cache_needs_safetensors(tmp_path, backends, m
 def test_a_pooled_condition_controlnet_runs_as_diffusers_guess_mode(tmp_path, backends):
     """A ControlNet with ``global_pool_conditions`` (e.g. lllyasviel's shuffle): diffusers' pipeline runs it in
     guess mode, on the conditional branch only (zeros on the unconditional one); so do we."""
-    from diffusers import StableDiffusionControlNetPipeline
 
     from scenec.runtime.methods.control import tiny_controlnet
 
@@ -195,14 +208,7 @@ def test_a_pooled_condition_controlnet_runs_as_diffusers_guess_mode(tmp_path, ba
     net.save_pretrained(tmp_path / "pool" / "cn", safe_serialization=True)
     plan, ours = build(tmp_path, backends, "pool", control=control(0.7).replace("edges.png,", "edges.png, model: cn,"))
     net = load_controlnet(be, plan.jobs[0].controls[0].model)
-    p = be.pipe
-    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, net, p.scheduler, None, None,
-                                             requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "pool" / "edges.png"), negative_prompt="blurry",
-               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance("tiny-sd"),
-               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
-               output_type="latent").images
+    ref = sd_reference(be, net, be.pipe.scheduler, tmp_path / "pool" / "edges.png", be_guidance("tiny-sd"))
     assert float((ours - ref).abs().max()) <= 1e-5
 
 
@@ -246,7 +252,7 @@ def test_a_control_with_an_euler_solver_reproduces_the_controlnet_pipeline(tmp_p
     """The ControlNet reads the UNet's input, which Euler scales (``scale_model_input``) in diffusers' pipeline:
     scenec's VP latents are that input, so a control under `solver: euler` equals the pipeline with
     EulerDiscreteScheduler (the bound of tests/test_solvers_euler.py: float rounding of the σ conversion)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+    from diffusers import EulerDiscreteScheduler
 
     be = backends["tiny-sd"]
     d = tmp_path / kind
@@ -256,15 +262,8 @@ def test_a_control_with_an_euler_solver_reproduces_the_controlnet_pipeline(tmp_p
     (d / "s.yaml").write_text(text.replace("seed: 7}", f"seed: 7, solver: {kind}}}"), encoding="utf-8")
     plan = compile_scene(d / "s.yaml")
     ours = run_job(be, plan, plan.jobs[0], decode=False).latents
-    p = be.pipe
-    sched = EulerDiscreteScheduler.from_config(p.scheduler.config, use_karras_sigmas=kind == "euler-karras")
-    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, load_controlnet(be, None),
-                                             sched, None, None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a lighthouse on a cliff", image=Image.open(d / "edges.png"), negative_prompt="blurry", height=128,
-               width=128, num_inference_steps=3, guidance_scale=plan.sampler.guidance,
-               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
-               output_type="latent").images
+    sched = EulerDiscreteScheduler.from_config(be.pipe.scheduler.config, use_karras_sigmas=kind == "euler-karras")
+    ref = sd_reference(be, load_controlnet(be, None), sched, d / "edges.png", plan.sampler.guidance)
     err, top = float((ours - ref).abs().max()), float(ref.abs().max())
     assert err <= 5e-6 * top, (err, top)  # measured max |Δ| 3.1e-5 (euler), 3.6e-5 (karras)
 
@@ -307,7 +306,7 @@ def test_the_default_window_covers_every_karras_step(tmp_path, backends):
     """Karras' σ spacing ends on timestep 0 twice (the last step starts at level 0, as the end does): the default
     window [1, 0] ended at the first of them, so the last step ran without the ControlNet (and img2img's last steps
     were warned about as uncontrolled). Every step is controlled, as in diffusers' pipeline."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     from scenec.runtime.solvers import DPM_PINNED
 
@@ -321,15 +320,8 @@ def test_the_default_window_covers_every_karras_step(tmp_path, backends):
     plan = compile_scene(f)
     ours = run_job(be, plan, plan.jobs[0], decode=False).latents
     assert plan.jobs[0].controls[0].window == (0, 3), plan.jobs[0].controls[0].window
-    p = be.pipe
-    sched = DPMSolverMultistepScheduler.from_config(p.scheduler.config, **DPM_PINNED, use_karras_sigmas=True)
-    pipe = StableDiffusionControlNetPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, load_controlnet(be, None),
-                                             sched, None, None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a lighthouse on a cliff", image=Image.open(tmp_path / "k" / "edges.png"), negative_prompt="blurry",
-               height=128, width=128, num_inference_steps=3, guidance_scale=be_guidance("tiny-sd"),
-               controlnet_conditioning_scale=0.7, generator=torch.Generator().manual_seed(7),
-               output_type="latent").images
+    sched = DPMSolverMultistepScheduler.from_config(be.pipe.scheduler.config, **DPM_PINNED, use_karras_sigmas=True)
+    ref = sd_reference(be, load_controlnet(be, None), sched, tmp_path / "k" / "edges.png", be_guidance("tiny-sd"))
     assert float((ours - ref).abs().max()) <= 1e-5
     # img2img runs the last step only: the default window still controls it
     f.write_text(f.read_text().replace('negative: "blurry"', 'negative: "blurry", image: edges.png, strength: 0.6'))
